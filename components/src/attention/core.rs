@@ -1,0 +1,131 @@
+//! Causal self-attention with grouped key/value heads, RoPE and optional QK-norm: the one
+//! implementation behind every attention component (Mha is the case kv_heads = heads).
+
+use candle_core::{Result, Tensor};
+use registry::{Dims, ParamBuilder, Role, Sublayer};
+
+use crate::nn::{causal_mask, out_proj_std, rms_norm, softmax, Linear, Rope, INIT_STD};
+
+/// The head layout and position options an attention component resolves to.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AttentionShape {
+    pub heads: usize,
+    pub kv_heads: usize,
+    /// RoPE base; `None` disables rotary embeddings (the model then has no position signal
+    /// besides causality).
+    pub rope_theta: Option<f64>,
+    /// RMSNorm on each query and key head before the dot product (no gain).
+    pub qk_norm: bool,
+}
+
+impl AttentionShape {
+    /// The checks every attention shares against the model's width.
+    pub fn check(&self, dims: &Dims) -> std::result::Result<(), String> {
+        if self.heads == 0 || self.kv_heads == 0 {
+            return Err("heads and kv_heads must be at least 1".into());
+        }
+        if dims.d_model % self.heads != 0 {
+            return Err(format!(
+                "heads = {} does not divide d_model = {}",
+                self.heads, dims.d_model
+            ));
+        }
+        if self.heads % self.kv_heads != 0 {
+            return Err(format!(
+                "kv_heads = {} does not divide heads = {}",
+                self.kv_heads, self.heads
+            ));
+        }
+        let head_dim = dims.d_model / self.heads;
+        if self.rope_theta.is_some() && head_dim % 2 != 0 {
+            return Err(format!(
+                "RoPE needs an even head dimension; d_model / heads = {head_dim}"
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The built layer.
+#[derive(Debug)]
+pub struct CausalSelfAttention {
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+    shape: AttentionShape,
+    head_dim: usize,
+    rope: Option<Rope>,
+    mask: Tensor,
+}
+
+impl CausalSelfAttention {
+    pub fn new(shape: AttentionShape, dims: &Dims, p: &ParamBuilder) -> Result<Self> {
+        let c = dims.d_model;
+        let head_dim = c / shape.heads;
+        let kv_dim = shape.kv_heads * head_dim;
+        let rope = match shape.rope_theta {
+            Some(theta) => Some(Rope::new(head_dim, dims.seq_len, theta, p.device())?),
+            None => None,
+        };
+        Ok(Self {
+            q: Linear::new(c, c, INIT_STD, Role::Hidden, &p.pp("q"))?,
+            k: Linear::new(c, kv_dim, INIT_STD, Role::Hidden, &p.pp("k"))?,
+            v: Linear::new(c, kv_dim, INIT_STD, Role::Hidden, &p.pp("v"))?,
+            o: Linear::new(c, c, out_proj_std(dims.n_layers), Role::Hidden, &p.pp("o"))?,
+            mask: causal_mask(dims.seq_len, p.device())?,
+            shape,
+            head_dim,
+            rope,
+        })
+    }
+
+    /// (B, T, C) -> per-head outputs before the output projection, (B, T, C). Gated variants
+    /// multiply this by their gate before calling [`Self::project`].
+    pub fn attend(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, t, c) = x.dims3()?;
+        let (h, kv, hd) = (self.shape.heads, self.shape.kv_heads, self.head_dim);
+        let split = |y: Tensor, n: usize| -> Result<Tensor> {
+            y.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous() // (B, n, T, hd)
+        };
+        let mut q = split(self.q.forward(x)?, h)?;
+        let mut k = split(self.k.forward(x)?, kv)?;
+        let mut v = split(self.v.forward(x)?, kv)?;
+        if self.shape.qk_norm {
+            q = rms_norm(&q)?;
+            k = rms_norm(&k)?;
+        }
+        if let Some(rope) = &self.rope {
+            q = rope.apply(&q)?;
+            k = rope.apply(&k)?;
+        }
+        if kv != h {
+            // Each key/value head serves heads / kv_heads consecutive query heads.
+            let rep = h / kv;
+            let widen = |y: Tensor| -> Result<Tensor> {
+                y.unsqueeze(2)?
+                    .broadcast_as((b, kv, rep, t, hd))?
+                    .reshape((b, h, t, hd))
+            };
+            k = widen(k)?;
+            v = widen(v)?;
+        }
+        let scale = 1.0 / (hd as f64).sqrt();
+        let scores = (q.matmul(&k.t()?.contiguous()?)? * scale)?; // (B, H, T, T)
+        let mask = self.mask.narrow(0, 0, t)?.narrow(1, 0, t)?;
+        let att = softmax(&scores.broadcast_add(&mask.to_dtype(scores.dtype())?)?)?;
+        let y = att.matmul(&v)?; // (B, H, T, hd)
+        y.transpose(1, 2)?.reshape((b, t, c))
+    }
+
+    /// The output projection, (B, T, C) -> (B, T, C).
+    pub fn project(&self, y: &Tensor) -> Result<Tensor> {
+        self.o.forward(y)
+    }
+}
+
+impl Sublayer for CausalSelfAttention {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.project(&self.attend(x)?)
+    }
+}

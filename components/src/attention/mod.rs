@@ -1,0 +1,4 @@
+mod core;
+pub mod mha;
+
+pub use self::core::{AttentionShape, CausalSelfAttention};

@@ -1,0 +1,93 @@
+//! The GPT-2 MLP (Radford et al. 2019): down(gelu(up(x))), exact erf GELU (PyTorch's default).
+
+use candle_core::{Result, Tensor};
+use registry::{Dims, Entry, Ffn, ParamBuilder, ParamDoc, Role, Spec, Sublayer};
+use serde::{Deserialize, Serialize};
+
+use super::{check_mult, hidden_width};
+use crate::nn::{out_proj_std, Linear, INIT_STD};
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Gelu {
+    pub mult: f64,
+}
+
+impl Default for Gelu {
+    fn default() -> Self {
+        Self { mult: 4.0 }
+    }
+}
+
+impl Spec for Gelu {
+    fn validate(&self) -> std::result::Result<(), String> {
+        check_mult(self.mult)
+    }
+}
+
+struct Layer {
+    up: Linear,
+    down: Linear,
+}
+
+impl Sublayer for Layer {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.down.forward(&self.up.forward(x)?.gelu_erf()?)
+    }
+}
+
+impl Ffn for Gelu {
+    fn build(&self, dims: &Dims, p: &ParamBuilder) -> Result<Box<dyn Sublayer>> {
+        let (c, h) = (dims.d_model, hidden_width(self.mult, dims.d_model));
+        Ok(Box::new(Layer {
+            up: Linear::new(c, h, INIT_STD, Role::Hidden, &p.pp("up"))?,
+            down: Linear::new(
+                h,
+                c,
+                out_proj_std(dims.n_layers),
+                Role::Hidden,
+                &p.pp("down"),
+            )?,
+        }))
+    }
+}
+
+inventory::submit! {
+    Entry::ffn::<Gelu>(
+        "Gelu",
+        "GPT-2 MLP: down(gelu(up x))",
+        &[ParamDoc { name: "mult", doc: "hidden width as a multiple of d_model (rounded to 8)" }],
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn gelu_values_match_the_erf_definition() -> Result<()> {
+        // gelu(x) = x * Phi(x); Phi(1) = 0.841345, Phi(-0.5) = 0.308538 (normal tables).
+        let x = Tensor::new(&[1f32, -0.5, 0.0], &Device::Cpu)?;
+        let y = x.gelu_erf()?.to_vec1::<f32>()?;
+        assert!((y[0] - 0.841_345).abs() < 1e-5);
+        assert!((y[1] + 0.5 * 0.308_538).abs() < 1e-5);
+        assert_eq!(y[2], 0.0);
+        Ok(())
+    }
+
+    #[test]
+    fn hidden_width_follows_mult() -> Result<()> {
+        let dims = Dims {
+            d_model: 16,
+            n_layers: 1,
+            vocab: 4,
+            seq_len: 4,
+        };
+        let p = ParamBuilder::new(0, &Device::Cpu);
+        Gelu::default().build(&dims, &p)?;
+        let shapes: Vec<_> = p.params().iter().map(|q| q.var.dims().to_vec()).collect();
+        assert_eq!(shapes, vec![vec![64, 16], vec![16, 64]]);
+        Ok(())
+    }
+}

@@ -1,0 +1,20 @@
+//! The components of `sweep`, one file each. Every file holds a config struct (the RON
+//! parameters and their defaults), the slot trait implementation, an `inventory::submit!`
+//! of its registry entry, and its tests. Nothing outside the file lists it.
+//!
+//! The `sweep` binary must name this crate (`use components as _;`) or the linker drops the
+//! entries; a test in the runner asserts the registry holds them.
+
+pub mod nn;
+
+mod attention;
+mod ffn;
+mod optim;
+mod residual;
+mod schedule;
+
+pub use attention::mha::Mha;
+pub use ffn::{gelu::Gelu, swiglu::SwiGlu};
+pub use optim::adamw::AdamW;
+pub use residual::prenorm::PreNorm;
+pub use schedule::cosine::Cosine;

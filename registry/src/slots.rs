@@ -1,0 +1,149 @@
+//! The slots and the traits a component implements to fill one.
+
+use std::fmt;
+
+use candle_core::backprop::GradStore;
+use candle_core::{Result, Tensor};
+
+use crate::params::{Param, ParamBuilder};
+
+/// Where a component plugs into a model. A closed set: a new component fills one of these;
+/// a new slot is a change to the runner's model assembly, not to the registry alone.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Slot {
+    Attention,
+    Ffn,
+    Residual,
+    Optimizer,
+    Schedule,
+}
+
+impl Slot {
+    pub const ALL: [Slot; 5] = [
+        Slot::Attention,
+        Slot::Ffn,
+        Slot::Residual,
+        Slot::Optimizer,
+        Slot::Schedule,
+    ];
+
+    /// The lower-case name used for the grid axis in a sweep file and on the command line.
+    pub fn key(self) -> &'static str {
+        match self {
+            Slot::Attention => "attention",
+            Slot::Ffn => "ffn",
+            Slot::Residual => "residual",
+            Slot::Optimizer => "optimizer",
+            Slot::Schedule => "schedule",
+        }
+    }
+
+    /// Parses a slot key, case-insensitively (`sweep list Attention` works too).
+    pub fn from_key(key: &str) -> Option<Slot> {
+        Slot::ALL
+            .into_iter()
+            .find(|s| s.key().eq_ignore_ascii_case(key))
+    }
+}
+
+impl fmt::Display for Slot {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.key())
+    }
+}
+
+/// The model's shape, fixed per trial; what a component may check itself against and size
+/// its parameters by.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Dims {
+    /// Width of the residual stream (C).
+    pub d_model: usize,
+    /// Number of blocks; each block has two sublayers (attention, then FFN).
+    pub n_layers: usize,
+    /// Vocabulary size of the embedding and the tied output head.
+    pub vocab: usize,
+    /// Longest sequence the model sees (T).
+    pub seq_len: usize,
+}
+
+impl Dims {
+    /// Sublayers in depth order: attention of block 0, FFN of block 0, attention of block 1...
+    pub fn n_sublayers(&self) -> usize {
+        2 * self.n_layers
+    }
+}
+
+/// What every component config implements: checks of its own values (run when the sweep file
+/// is read, so the error points at the component) and of its fit with the model's shape (run
+/// for every cell before any training).
+pub trait Spec: fmt::Debug + Send + Sync + 'static {
+    /// Rejects values that are wrong on their own, e.g. a non-positive learning rate.
+    fn validate(&self) -> std::result::Result<(), String> {
+        Ok(())
+    }
+
+    /// Rejects a combination with the model's shape, e.g. heads not dividing d_model.
+    fn check(&self, _dims: &Dims) -> std::result::Result<(), String> {
+        Ok(())
+    }
+}
+
+/// A sublayer body: maps the normed input (B, T, C) to an update (B, T, C).
+pub trait Sublayer: Send + Sync {
+    fn forward(&self, x: &Tensor) -> Result<Tensor>;
+}
+
+/// A token mixer (causal self-attention and its variants).
+pub trait Attention: Spec {
+    fn build(&self, dims: &Dims, p: &ParamBuilder) -> Result<Box<dyn Sublayer>>;
+}
+
+/// A channel mixer (the feed-forward network).
+pub trait Ffn: Spec {
+    fn build(&self, dims: &Dims, p: &ParamBuilder) -> Result<Box<dyn Sublayer>>;
+}
+
+/// A residual connection scheme. It owns the stream state between the embedding and the
+/// final norm: a single stream for the plain residual, n streams for Hyper-Connections.
+pub trait Residual: Spec {
+    fn build(&self, dims: &Dims, p: &ParamBuilder) -> Result<Box<dyn Stream>>;
+}
+
+/// The built residual scheme of one model.
+pub trait Stream: Send + Sync {
+    /// Turns the embedding (B, T, C) into the stream state.
+    fn expand(&self, x: &Tensor) -> Result<Tensor>;
+
+    /// Applies sublayer `k` (0-based, in depth order) to the state. `f` is the sublayer with
+    /// its own pre-norm: it takes a (B, T, C) input and returns a (B, T, C) update.
+    fn sublayer(
+        &self,
+        k: usize,
+        state: &Tensor,
+        f: &dyn Fn(&Tensor) -> Result<Tensor>,
+    ) -> Result<Tensor>;
+
+    /// Turns the state back into one (B, T, C) stream for the final norm and the head.
+    fn reduce(&self, state: &Tensor) -> Result<Tensor>;
+}
+
+/// An optimizer: how the parameters move given their gradients.
+pub trait Optimizer: Spec {
+    /// The peak learning rate; the schedule scales it.
+    fn lr(&self) -> f64;
+
+    /// Builds the optimizer state for a model's parameters.
+    fn build(&self, params: &[Param]) -> Result<Box<dyn Stepper>>;
+}
+
+/// The optimizer state of one trial.
+pub trait Stepper: Send {
+    /// One update with learning rate `lr` (already scheduled) from `grads`.
+    fn step(&mut self, grads: &GradStore, lr: f64) -> Result<()>;
+}
+
+/// A learning-rate schedule: a factor in [0, 1] applied to the optimizer's peak rate.
+pub trait Schedule: Spec {
+    /// The factor at `step` (0-based) of a run of `total` steps.
+    fn factor(&self, step: usize, total: usize) -> f64;
+}

@@ -1,0 +1,411 @@
+//! The SQLite schema, writes and the queries the runner needs.
+
+use std::path::Path;
+use std::time::Duration;
+
+use rusqlite::{params, Connection, OptionalExtension};
+
+use crate::{Error, Result, Status};
+
+/// Bumped whenever a table changes shape; a DB of another version is refused.
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// Metric rows are buffered and written in one transaction once this many are pending.
+const FLUSH_ROWS: usize = 512;
+
+pub const SCHEMA: &str = r#"
+CREATE TABLE IF NOT EXISTS meta (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS sweeps (
+    id           INTEGER PRIMARY KEY,
+    name         TEXT NOT NULL UNIQUE,
+    file         TEXT NOT NULL,
+    spec         TEXT NOT NULL,
+    code_version TEXT NOT NULL,
+    created_at   TEXT NOT NULL,
+    updated_at   TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS trials (
+    id           TEXT PRIMARY KEY,
+    sweep_id     INTEGER NOT NULL REFERENCES sweeps(id),
+    seed         INTEGER NOT NULL,
+    label        TEXT NOT NULL,
+    config       TEXT NOT NULL,
+    status       TEXT NOT NULL
+                 CHECK (status IN ('queued', 'running', 'done', 'diverged', 'failed')),
+    error        TEXT,
+    device       TEXT,
+    code_version TEXT,
+    n_params     INTEGER,
+    created_at   TEXT NOT NULL,
+    started_at   TEXT,
+    finished_at  TEXT,
+    wall_s       REAL
+);
+CREATE TABLE IF NOT EXISTS sweep_trials (
+    sweep_id INTEGER NOT NULL REFERENCES sweeps(id),
+    trial_id TEXT NOT NULL REFERENCES trials(id),
+    position INTEGER NOT NULL,
+    PRIMARY KEY (sweep_id, trial_id)
+);
+CREATE TABLE IF NOT EXISTS metrics (
+    trial_id TEXT NOT NULL REFERENCES trials(id),
+    step     INTEGER NOT NULL,
+    name     TEXT NOT NULL,
+    value    REAL,
+    PRIMARY KEY (trial_id, name, step)
+) WITHOUT ROWID;
+"#;
+
+/// SQLite's clock, as RFC 3339 UTC with milliseconds.
+const NOW: &str = "strftime('%Y-%m-%dT%H:%M:%fZ', 'now')";
+
+/// A trial as the runner registers it.
+#[derive(Clone, Debug)]
+pub struct NewTrial<'a> {
+    pub id: &'a str,
+    pub seed: u64,
+    pub label: &'a str,
+    pub config: &'a str,
+}
+
+/// A trial as stored.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TrialRow {
+    pub id: String,
+    pub sweep_id: i64,
+    pub seed: u64,
+    pub label: String,
+    pub config: String,
+    pub status: Status,
+    pub error: Option<String>,
+    pub device: Option<String>,
+    pub n_params: Option<i64>,
+    pub wall_s: Option<f64>,
+}
+
+/// One metric value; `None` stands for NaN (SQLite stores NaN as NULL).
+#[derive(Clone, Debug, PartialEq)]
+pub struct MetricRow {
+    pub step: u64,
+    pub name: String,
+    pub value: Option<f64>,
+}
+
+pub struct Store {
+    conn: Connection,
+    pending: Vec<(String, u64, String, f64)>,
+}
+
+impl Store {
+    /// Opens (creating if needed) the store at `path`.
+    pub fn open(path: &Path) -> Result<Self> {
+        let shown = path.display().to_string();
+        let open_err = |source| Error::Open {
+            path: shown.clone(),
+            source,
+        };
+        let conn = Connection::open(path).map_err(open_err)?;
+        conn.busy_timeout(Duration::from_secs(30))
+            .map_err(open_err)?;
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(open_err)?;
+        conn.pragma_update(None, "synchronous", "NORMAL")
+            .map_err(open_err)?;
+        conn.pragma_update(None, "foreign_keys", "ON")
+            .map_err(open_err)?;
+        conn.execute_batch(SCHEMA).map_err(open_err)?;
+        let found: Option<String> = conn
+            .query_row(
+                "SELECT value FROM meta WHERE key = 'schema_version'",
+                [],
+                |r| r.get(0),
+            )
+            .optional()?;
+        match found {
+            None => {
+                conn.execute(
+                    "INSERT INTO meta (key, value) VALUES ('schema_version', ?1)",
+                    [SCHEMA_VERSION.to_string()],
+                )?;
+            }
+            Some(v) if v == SCHEMA_VERSION.to_string() => {}
+            Some(found) => {
+                return Err(Error::SchemaVersion {
+                    path: shown,
+                    found,
+                    expected: SCHEMA_VERSION,
+                })
+            }
+        }
+        Ok(Self {
+            conn,
+            pending: Vec::new(),
+        })
+    }
+
+    /// The sweep record named `name`, created or updated with the spec as run now.
+    pub fn begin_sweep(
+        &self,
+        name: &str,
+        file: &str,
+        spec: &str,
+        code_version: &str,
+    ) -> Result<i64> {
+        self.conn.execute(
+            &format!(
+                "INSERT INTO sweeps (name, file, spec, code_version, created_at, updated_at)
+                 VALUES (?1, ?2, ?3, ?4, {NOW}, {NOW})
+                 ON CONFLICT (name) DO UPDATE SET
+                   file = excluded.file, spec = excluded.spec,
+                   code_version = excluded.code_version, updated_at = excluded.updated_at"
+            ),
+            params![name, file, spec, code_version],
+        )?;
+        Ok(self
+            .conn
+            .query_row("SELECT id FROM sweeps WHERE name = ?1", [name], |r| {
+                r.get(0)
+            })?)
+    }
+
+    /// Adds a trial to a sweep (as `queued` if it is new) and returns its current status.
+    pub fn register_trial(&self, sweep_id: i64, position: usize, t: &NewTrial) -> Result<Status> {
+        let tx = self.conn.unchecked_transaction()?;
+        tx.execute(
+            &format!(
+                "INSERT INTO trials (id, sweep_id, seed, label, config, status, created_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, 'queued', {NOW})
+                 ON CONFLICT (id) DO NOTHING"
+            ),
+            params![t.id, sweep_id, t.seed as i64, t.label, t.config],
+        )?;
+        tx.execute(
+            "INSERT INTO sweep_trials (sweep_id, trial_id, position) VALUES (?1, ?2, ?3)
+             ON CONFLICT (sweep_id, trial_id) DO UPDATE SET position = excluded.position",
+            params![sweep_id, t.id, position as i64],
+        )?;
+        let status: String =
+            tx.query_row("SELECT status FROM trials WHERE id = ?1", [t.id], |r| {
+                r.get(0)
+            })?;
+        tx.commit()?;
+        status.parse()
+    }
+
+    /// Marks a trial running and clears metrics left by an earlier, unfinished attempt, so
+    /// that no metric of this attempt is mixed with an older one.
+    pub fn start_trial(
+        &self,
+        id: &str,
+        device: &str,
+        code_version: &str,
+        n_params: u64,
+    ) -> Result<()> {
+        let tx = self.conn.unchecked_transaction()?;
+        tx.execute("DELETE FROM metrics WHERE trial_id = ?1", [id])?;
+        tx.execute(
+            &format!(
+                "UPDATE trials SET status = 'running', error = NULL, device = ?2,
+                   code_version = ?3, n_params = ?4, started_at = {NOW},
+                   finished_at = NULL, wall_s = NULL
+                 WHERE id = ?1"
+            ),
+            params![id, device, code_version, n_params as i64],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Buffers one metric value; written at the next flush.
+    pub fn record(&mut self, trial_id: &str, step: u64, name: &str, value: f64) -> Result<()> {
+        self.pending
+            .push((trial_id.to_string(), step, name.to_string(), value));
+        if self.pending.len() >= FLUSH_ROWS {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    /// Writes every buffered metric in one transaction.
+    pub fn flush(&mut self) -> Result<()> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let tx = self.conn.unchecked_transaction()?;
+        {
+            let mut stmt = tx.prepare_cached(
+                "INSERT INTO metrics (trial_id, step, name, value) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (trial_id, name, step) DO UPDATE SET value = excluded.value",
+            )?;
+            for (trial, step, name, value) in &self.pending {
+                stmt.execute(params![trial, *step as i64, name, value])?;
+            }
+        }
+        tx.commit()?;
+        self.pending.clear();
+        Ok(())
+    }
+
+    /// Flushes the trial's metrics and records how it ended.
+    pub fn finish_trial(
+        &mut self,
+        id: &str,
+        status: Status,
+        error: Option<&str>,
+        wall_s: f64,
+    ) -> Result<()> {
+        self.flush()?;
+        self.conn.execute(
+            &format!(
+                "UPDATE trials SET status = ?2, error = ?3, finished_at = {NOW}, wall_s = ?4
+                 WHERE id = ?1"
+            ),
+            params![id, status.as_str(), error, wall_s],
+        )?;
+        Ok(())
+    }
+
+    /// The trials of a sweep in expansion order.
+    pub fn trials(&self, sweep_id: i64) -> Result<Vec<TrialRow>> {
+        let mut stmt = self.conn.prepare(
+            "SELECT t.id, t.sweep_id, t.seed, t.label, t.config, t.status, t.error, t.device,
+                    t.n_params, t.wall_s
+             FROM sweep_trials s JOIN trials t ON t.id = s.trial_id
+             WHERE s.sweep_id = ?1 ORDER BY s.position",
+        )?;
+        let rows = stmt.query_map([sweep_id], |r| {
+            Ok((
+                TrialRow {
+                    id: r.get(0)?,
+                    sweep_id: r.get(1)?,
+                    seed: r.get::<_, i64>(2)? as u64,
+                    label: r.get(3)?,
+                    config: r.get(4)?,
+                    status: Status::Queued,
+                    error: r.get(6)?,
+                    device: r.get(7)?,
+                    n_params: r.get(8)?,
+                    wall_s: r.get(9)?,
+                },
+                r.get::<_, String>(5)?,
+            ))
+        })?;
+        rows.map(|row| {
+            let (mut t, status) = row?;
+            t.status = status.parse()?;
+            Ok(t)
+        })
+        .collect()
+    }
+
+    /// One metric of one trial, by step.
+    pub fn metric(&self, trial_id: &str, name: &str) -> Result<Vec<(u64, Option<f64>)>> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT step, value FROM metrics WHERE trial_id = ?1 AND name = ?2 ORDER BY step",
+        )?;
+        let rows = stmt.query_map(params![trial_id, name], |r| {
+            Ok((r.get::<_, i64>(0)? as u64, r.get(1)?))
+        })?;
+        Ok(rows.collect::<std::result::Result<_, _>>()?)
+    }
+
+    /// The underlying connection, for ad-hoc queries.
+    pub fn conn(&self) -> &Connection {
+        &self.conn
+    }
+}
+
+impl Drop for Store {
+    /// Buffered metrics are written even when the caller returns early with an error.
+    fn drop(&mut self) {
+        let _ = self.flush();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn temp_db(name: &str) -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!("sweep-results-{}-{name}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("t.db");
+        let _ = std::fs::remove_file(&p);
+        p
+    }
+
+    #[test]
+    fn a_trial_goes_through_its_life_and_keeps_its_metrics() -> Result<()> {
+        let path = temp_db("life");
+        let mut s = Store::open(&path)?;
+        let sweep = s.begin_sweep("q", "q.ron", "Sweep()", "v1")?;
+        let t = NewTrial {
+            id: "abc",
+            seed: 3,
+            label: "ffn=Gelu",
+            config: "(seed: 3)",
+        };
+        assert_eq!(s.register_trial(sweep, 0, &t)?, Status::Queued);
+        s.start_trial("abc", "cpu", "v1", 1234)?;
+        s.record("abc", 10, "train/loss", 2.5)?;
+        s.record("abc", 20, "train/loss", 2.0)?;
+        s.record("abc", 20, "val/bpb", f64::NAN)?;
+        s.finish_trial("abc", Status::Done, None, 1.5)?;
+        assert_eq!(s.register_trial(sweep, 0, &t)?, Status::Done);
+        assert_eq!(
+            s.metric("abc", "train/loss")?,
+            vec![(10, Some(2.5)), (20, Some(2.0))]
+        );
+        assert_eq!(s.metric("abc", "val/bpb")?, vec![(20, None)]);
+        let rows = s.trials(sweep)?;
+        assert_eq!(rows.len(), 1);
+        assert_eq!(
+            (rows[0].status, rows[0].n_params),
+            (Status::Done, Some(1234))
+        );
+        let mode: String = s
+            .conn()
+            .query_row("PRAGMA journal_mode", [], |r| r.get(0))?;
+        assert_eq!(mode, "wal");
+        Ok(())
+    }
+
+    #[test]
+    fn restarting_a_trial_clears_its_old_metrics() -> Result<()> {
+        let path = temp_db("restart");
+        let mut s = Store::open(&path)?;
+        let sweep = s.begin_sweep("q", "q.ron", "", "v1")?;
+        let t = NewTrial {
+            id: "t",
+            seed: 0,
+            label: "",
+            config: "",
+        };
+        s.register_trial(sweep, 0, &t)?;
+        s.start_trial("t", "cpu", "v1", 1)?;
+        s.record("t", 5, "train/loss", 9.0)?;
+        s.finish_trial("t", Status::Failed, Some("boom"), 0.1)?;
+        s.start_trial("t", "cpu", "v1", 1)?;
+        assert!(s.metric("t", "train/loss")?.is_empty());
+        assert_eq!(s.trials(sweep)?[0].error, None);
+        Ok(())
+    }
+
+    #[test]
+    fn another_schema_version_is_refused() -> Result<()> {
+        let path = temp_db("version");
+        drop(Store::open(&path)?);
+        let conn = Connection::open(&path)?;
+        conn.execute(
+            "UPDATE meta SET value = '99' WHERE key = 'schema_version'",
+            [],
+        )?;
+        drop(conn);
+        let err = Store::open(&path).err().expect("refused");
+        assert!(matches!(err, Error::SchemaVersion { .. }), "{err}");
+        Ok(())
+    }
+}

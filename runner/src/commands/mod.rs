@@ -1,0 +1,4 @@
+//! One file per subcommand: its `Args` (clap derive; doc comments are the help) and `exec`.
+
+pub mod list;
+pub mod run;

@@ -1,0 +1,312 @@
+//! Training data: where the tokens come from (the `data:` section of a sweep file), how they
+//! are split, and the batches and fixed validation subset the trainer draws.
+
+mod parquet;
+mod shards;
+mod tokenizer;
+mod tokens;
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde::de::{self, Deserializer, SeqAccess, Visitor};
+use serde::{Deserialize, Serialize};
+
+pub use shards::{write_shard, SHARD_MAGIC};
+pub use tokenizer::{Tokenizer, GPT2_EOT};
+pub use tokens::{Split, TokenData};
+
+use crate::error::InputError;
+use crate::spec::Source;
+
+/// The `data:` section.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub enum DataSpec {
+    /// UTF-8 text files; each file's last `val_fraction` of tokens is validation.
+    Text {
+        path: Paths,
+        #[serde(default)]
+        tokenizer: Tokenizer,
+        #[serde(default = "default_val_fraction")]
+        val_fraction: f64,
+    },
+    /// Parquet files with a text column (Hugging Face datasets: FineWeb-Edu, WikiText...);
+    /// documents are joined with the tokenizer's separator.
+    Parquet {
+        path: Paths,
+        #[serde(default = "default_column")]
+        column: String,
+        #[serde(default = "gpt2")]
+        tokenizer: Tokenizer,
+        #[serde(default = "default_val_fraction")]
+        val_fraction: f64,
+    },
+    /// llm.c / modded-nanogpt `.bin` shards of GPT-2 tokens. Without `val`, each train shard's
+    /// last `val_fraction` is validation.
+    Shards {
+        train: Paths,
+        #[serde(default)]
+        val: Option<Paths>,
+        #[serde(default = "default_val_fraction")]
+        val_fraction: f64,
+    },
+}
+
+fn default_val_fraction() -> f64 {
+    0.1
+}
+fn default_column() -> String {
+    "text".into()
+}
+fn gpt2() -> Tokenizer {
+    Tokenizer::Gpt2
+}
+
+/// One path or glob, or a list of them, relative to the sweep file.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Paths(pub Vec<String>);
+
+impl<'de> Deserialize<'de> for Paths {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Paths;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a path or glob string, or a list of them")
+            }
+            fn visit_str<E: de::Error>(self, s: &str) -> Result<Paths, E> {
+                Ok(Paths(vec![s.to_string()]))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Paths, A::Error> {
+                let mut v = Vec::new();
+                while let Some(s) = seq.next_element::<String>()? {
+                    v.push(s);
+                }
+                Ok(Paths(v))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+impl DataSpec {
+    pub fn tokenizer(&self) -> Tokenizer {
+        match self {
+            DataSpec::Text { tokenizer, .. } | DataSpec::Parquet { tokenizer, .. } => *tokenizer,
+            DataSpec::Shards { .. } => Tokenizer::Gpt2,
+        }
+    }
+
+    fn val_fraction(&self) -> f64 {
+        match self {
+            DataSpec::Text { val_fraction, .. }
+            | DataSpec::Parquet { val_fraction, .. }
+            | DataSpec::Shards { val_fraction, .. } => *val_fraction,
+        }
+    }
+
+    /// Cheap checks at read time: the fraction, and that every path resolves to files.
+    pub fn check(&self, source: &Source) -> Result<(), InputError> {
+        let f = self.val_fraction();
+        let needs_split = !matches!(self, DataSpec::Shards { val: Some(_), .. });
+        if needs_split && !(f > 0.0 && f < 1.0) {
+            return Err(source.field_error(
+                "data.val_fraction",
+                format!("must be between 0 and 1 (exclusive), got {f}"),
+            ));
+        }
+        let base = source.base_dir();
+        for (field, paths) in self.path_fields() {
+            resolve(&base, paths).map_err(|e| source.field_error(&format!("data.{field}"), e))?;
+        }
+        Ok(())
+    }
+
+    fn path_fields(&self) -> Vec<(&'static str, &Paths)> {
+        match self {
+            DataSpec::Text { path, .. } | DataSpec::Parquet { path, .. } => vec![("path", path)],
+            DataSpec::Shards { train, val, .. } => {
+                let mut v = vec![("train", train)];
+                if let Some(val) = val {
+                    v.push(("val", val));
+                }
+                v
+            }
+        }
+    }
+}
+
+/// Expands globs relative to `base`; every entry must match at least one file.
+pub fn resolve(base: &Path, paths: &Paths) -> Result<Vec<PathBuf>, String> {
+    if paths.0.is_empty() {
+        return Err("no paths given: name at least one file".into());
+    }
+    let mut out = Vec::new();
+    for p in &paths.0 {
+        let full = base.join(p);
+        let shown = full.display().to_string();
+        if p.contains(['*', '?', '[']) {
+            let matches: Vec<PathBuf> = glob::glob(&shown)
+                .map_err(|e| format!("`{p}` is not a valid glob: {e}"))?
+                .filter_map(Result::ok)
+                .filter(|m| m.is_file())
+                .collect();
+            if matches.is_empty() {
+                return Err(format!("`{p}` matches no file (looked for {shown})"));
+            }
+            out.extend(matches);
+        } else if full.is_file() {
+            out.push(full);
+        } else {
+            return Err(format!("`{p}`: no such file {shown}"));
+        }
+    }
+    Ok(out)
+}
+
+/// The loaded data of a sweep.
+pub struct Dataset {
+    pub tokenizer: Tokenizer,
+    pub train: Split,
+    pub val: Split,
+    /// One line for the log: files, token counts.
+    pub summary: String,
+}
+
+impl Dataset {
+    /// Loads (maps or tokenizes) every file and splits it. Errors are input errors: they name
+    /// the file and the field to change.
+    pub fn load(spec: &DataSpec, source: &Source, seq_len: usize) -> Result<Self, InputError> {
+        let base = source.base_dir();
+        let tok = spec.tokenizer();
+        let frac = spec.val_fraction();
+        let (mut train, mut val) = (Split::default(), Split::default());
+        let field_err = |field: &str, e: String| source.field_error(&format!("data.{field}"), e);
+        let mut files = 0;
+        let split_each = |data: Arc<TokenData>, train: &mut Split, val: &mut Split| {
+            let n = data.len();
+            let cut = n - ((n as f64 * frac).round() as usize).min(n);
+            train.push(data.clone(), 0..cut);
+            val.push(data, cut..n);
+        };
+        match spec {
+            DataSpec::Text { path, .. } => {
+                for file in resolve(&base, path).map_err(|e| field_err("path", e))? {
+                    let data = load_text(&file, tok).map_err(|e| field_err("path", e))?;
+                    split_each(Arc::new(data), &mut train, &mut val);
+                    files += 1;
+                }
+            }
+            DataSpec::Parquet { path, column, .. } => {
+                for file in resolve(&base, path).map_err(|e| field_err("path", e))? {
+                    let data =
+                        parquet::load(&file, column, tok).map_err(|e| field_err("path", e))?;
+                    split_each(Arc::new(data), &mut train, &mut val);
+                    files += 1;
+                }
+            }
+            DataSpec::Shards {
+                train: t, val: v, ..
+            } => {
+                for file in resolve(&base, t).map_err(|e| field_err("train", e))? {
+                    let data = Arc::new(shards::map(&file).map_err(|e| field_err("train", e))?);
+                    if v.is_some() {
+                        train.push(data.clone(), 0..data.len());
+                    } else {
+                        split_each(data, &mut train, &mut val);
+                    }
+                    files += 1;
+                }
+                if let Some(v) = v {
+                    for file in resolve(&base, v).map_err(|e| field_err("val", e))? {
+                        let data = shards::map(&file).map_err(|e| field_err("val", e))?;
+                        let n = data.len();
+                        val.push(Arc::new(data), 0..n);
+                        files += 1;
+                    }
+                }
+            }
+        }
+        for (name, split) in [("train", &train), ("val", &val)] {
+            if split.windows(seq_len + 1) == 0 {
+                return Err(source.field_error(
+                    "data",
+                    format!(
+                        "the {name} split has no stretch of seq_len + 1 = {} tokens within one \
+                         file ({} tokens in all); use more data, a larger val_fraction or a \
+                         smaller train.seq_len",
+                        seq_len + 1,
+                        split.tokens()
+                    ),
+                ));
+            }
+        }
+        let summary = format!(
+            "{files} file(s), {:?} tokens: {} train / {} val",
+            tok,
+            train.tokens(),
+            val.tokens()
+        );
+        Ok(Self {
+            tokenizer: tok,
+            train,
+            val,
+            summary,
+        })
+    }
+}
+
+/// Bytes tokens are the file itself, mapped; BPE tokens are computed once.
+fn load_text(file: &Path, tok: Tokenizer) -> Result<TokenData, String> {
+    let shown = file.display();
+    let map = map_file(file)?;
+    if let Err(e) = std::str::from_utf8(&map) {
+        return Err(format!(
+            "{shown} is not UTF-8 text (invalid byte at offset {})",
+            e.valid_up_to()
+        ));
+    }
+    if map.is_empty() {
+        return Err(format!("{shown} is empty"));
+    }
+    Ok(match tok {
+        Tokenizer::Bytes => TokenData::MappedBytes(map),
+        Tokenizer::Gpt2 => {
+            let text = std::str::from_utf8(&map).expect("checked above");
+            TokenData::Owned(tok.encode(text))
+        }
+    })
+}
+
+/// Maps a file read-only.
+#[allow(unsafe_code)]
+pub(crate) fn map_file(file: &Path) -> Result<memmap2::Mmap, String> {
+    let f = std::fs::File::open(file).map_err(|e| format!("{}: {e}", file.display()))?;
+    // SAFETY: the mapping is read-only; a dataset changed by another process while a sweep
+    // reads it is outside what sweep supports (as for any reader of a mapped file).
+    unsafe { memmap2::Mmap::map(&f) }.map_err(|e| format!("{}: {e}", file.display()))
+}
+
+/// Bits per byte from a sum of cross-entropies in nats over targets totalling `bytes` UTF-8
+/// bytes: nats / (ln 2 * bytes).
+pub fn bits_per_byte(nats: f64, bytes: u64) -> f64 {
+    nats / (std::f64::consts::LN_2 * bytes as f64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bpb_of_a_hand_worked_case() {
+        // Four byte-tokens each predicted with p = 1/2: 4 ln 2 nats over 4 bytes = 1 bit/byte.
+        assert!((bits_per_byte(4.0 * std::f64::consts::LN_2, 4) - 1.0).abs() < 1e-12);
+        // A uniform model over 256 bytes: ln 256 nats per byte = 8 bits per byte.
+        assert!((bits_per_byte(10.0 * 256f64.ln(), 10) - 8.0).abs() < 1e-12);
+        // Two GPT-2 tokens "Hello" + " world" (11 bytes) at 3 nats each: 6 / (ln 2 * 11).
+        let b = Tokenizer::Gpt2.byte_len(15496) + Tokenizer::Gpt2.byte_len(995);
+        assert!((bits_per_byte(6.0, b) - 0.786_966).abs() < 1e-6);
+    }
+}

@@ -1,0 +1,16 @@
+//! The `sweep` command as a library: sweep files, data, model assembly, training and the
+//! subcommands. `main.rs` only parses arguments and maps errors to exit statuses.
+
+// Linking the components crate is what registers them (their `inventory::submit!` entries
+// are dropped by the linker if nothing names the crate).
+use components as _;
+
+pub mod commands;
+pub mod data;
+pub mod error;
+pub mod model;
+pub mod spec;
+pub mod train;
+
+/// `CARGO_PKG_VERSION+git describe`, recorded with every sweep and trial.
+pub const CODE_VERSION: &str = env!("SWEEP_CODE_VERSION");

@@ -1,0 +1,39 @@
+use std::process::ExitCode;
+
+use clap::Parser;
+use runner::commands::{list, run};
+use runner::error::{exit, InputError};
+
+/// Architecture sweeps for language models: list component variants in a RON file, train
+/// every combination, and find the losses and bits per byte in SQLite.
+#[derive(Parser)]
+#[command(name = "sweep", version = runner::CODE_VERSION)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(clap::Subcommand)]
+enum Command {
+    Run(run::Args),
+    List(list::Args),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run(args) => run::exec(args),
+        Command::List(args) => list::exec(args),
+    };
+    match result {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            if e.downcast_ref::<InputError>().is_some() {
+                ExitCode::from(exit::INPUT)
+            } else {
+                ExitCode::from(exit::FAILED)
+            }
+        }
+    }
+}

@@ -1,0 +1,239 @@
+//! The sweep file: its format, `--set` overrides, validation, and expansion into trials.
+//!
+//! ```ron
+//! Sweep(
+//!     name: "quickstart",
+//!     seeds: [0, 1],
+//!     data: Text(path: "../../shared/data/tinyshakespeare/input.txt", tokenizer: Bytes),
+//!     train: (steps: 300, batch: 16, seq_len: 128, eval_every: 50),
+//!     model: (d_model: 64, n_layers: 2),
+//!     grid: (attention: [Mha(heads: 4)], ffn: [SwiGlu, Gelu]),
+//! )
+//! ```
+
+mod expand;
+pub mod raw;
+mod source;
+
+use std::path::Path;
+
+use ron::value::RawValue;
+use serde::{Deserialize, Serialize};
+
+pub use expand::{Cell, Trial, Variant};
+pub use source::Source;
+
+use crate::data::DataSpec;
+use crate::error::InputError;
+
+/// The training budget and loop settings shared by every trial of a sweep.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainSpec {
+    /// Optimizer steps per trial.
+    pub steps: usize,
+    /// Sequences per step.
+    pub batch: usize,
+    /// Tokens per sequence (the model's context length).
+    pub seq_len: usize,
+    /// Steps between evaluations; default: a tenth of the run. The last step always evaluates.
+    #[serde(default)]
+    pub eval_every: Option<usize>,
+    /// Batches in the fixed validation subset.
+    #[serde(default = "default_eval_batches")]
+    pub eval_batches: usize,
+    /// Global gradient-norm clip; 0 disables clipping.
+    #[serde(default = "default_grad_clip")]
+    pub grad_clip: f64,
+    /// Steps between train/loss, lr, grad_norm and tokens_per_s records (each the mean over
+    /// the steps since the last record, except lr and grad_norm: their last value).
+    #[serde(default = "default_log_every")]
+    pub log_every: usize,
+}
+
+fn default_eval_batches() -> usize {
+    8
+}
+fn default_grad_clip() -> f64 {
+    1.0
+}
+fn default_log_every() -> usize {
+    10
+}
+
+impl TrainSpec {
+    pub fn eval_every(&self) -> usize {
+        self.eval_every.unwrap_or((self.steps / 10).max(1))
+    }
+}
+
+/// The model's shape; the components come from the grid.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSpec {
+    pub d_model: usize,
+    pub n_layers: usize,
+}
+
+/// The sweep file as written; component lists stay raw text until the registry parses them.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename = "Sweep")]
+struct SweepFile<'a> {
+    name: String,
+    seeds: Vec<u64>,
+    data: DataSpec,
+    train: TrainSpec,
+    model: ModelSpec,
+    #[serde(borrow)]
+    grid: GridFile<'a>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GridFile<'a> {
+    #[serde(borrow, default)]
+    attention: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    ffn: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    residual: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    optimizer: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    schedule: Option<&'a RawValue>,
+}
+
+/// A validated, expanded sweep.
+#[derive(Debug)]
+pub struct Sweep {
+    pub name: String,
+    pub source: Source,
+    pub seeds: Vec<u64>,
+    pub data: DataSpec,
+    pub train: TrainSpec,
+    pub model: ModelSpec,
+    /// The variants of each slot, in `registry::Slot::ALL` order.
+    pub axes: Vec<Vec<Variant>>,
+    /// Every trial, seed-major: all cells for the first seed, then the next seed.
+    pub trials: Vec<Trial>,
+}
+
+impl Sweep {
+    /// Reads, overrides, validates and expands a sweep file. Nothing is written.
+    pub fn load(path: &Path, sets: &[String]) -> Result<Self, InputError> {
+        let mut source = Source::read(path)?;
+        for s in sets {
+            source.apply_set(s)?;
+        }
+        Self::from_source(source)
+    }
+
+    pub fn from_source(source: Source) -> Result<Self, InputError> {
+        // `eval_every: 50` rather than `eval_every: Some(50)`.
+        let options = ron::Options::default()
+            .with_default_extension(ron::extensions::Extensions::IMPLICIT_SOME);
+        let file: SweepFile = options
+            .from_str(&source.text)
+            .map_err(|e| source.ron_error(&e))?;
+        let name = file.name.clone();
+        if name.trim().is_empty() {
+            return Err(source.field_error("name", "must not be empty"));
+        }
+        if file.seeds.is_empty() {
+            return Err(source.field_error("seeds", "is empty: list at least one seed"));
+        }
+        if let Some(d) = file
+            .seeds
+            .iter()
+            .enumerate()
+            .find_map(|(i, s)| file.seeds[..i].contains(s).then_some(s))
+        {
+            return Err(source.field_error("seeds", format!("lists seed {d} twice")));
+        }
+        let mut train = file.train.clone();
+        check_train(&source, &train)?;
+        train.eval_every = Some(train.eval_every());
+        check_model(&source, &file.model)?;
+        file.data.check(&source)?;
+
+        let g = &file.grid;
+        let axes = expand::parse_axes(
+            &source,
+            [g.attention, g.ffn, g.residual, g.optimizer, g.schedule],
+        )?;
+        let dims = registry::Dims {
+            d_model: file.model.d_model,
+            n_layers: file.model.n_layers,
+            vocab: file.data.tokenizer().model_vocab(),
+            seq_len: train.seq_len,
+        };
+        let trials = expand::trials(
+            &source,
+            &axes,
+            &file.seeds,
+            &dims,
+            &expand::Shared {
+                data: &file.data,
+                train: &train,
+                model: &file.model,
+            },
+        )?;
+        Ok(Self {
+            name,
+            seeds: file.seeds,
+            data: file.data,
+            train,
+            model: file.model,
+            axes,
+            trials,
+            source,
+        })
+    }
+
+    /// The model shape every trial of this sweep shares.
+    pub fn dims(&self) -> registry::Dims {
+        registry::Dims {
+            d_model: self.model.d_model,
+            n_layers: self.model.n_layers,
+            vocab: self.data.tokenizer().model_vocab(),
+            seq_len: self.train.seq_len,
+        }
+    }
+}
+
+fn check_train(source: &Source, t: &TrainSpec) -> Result<(), InputError> {
+    let positive = [
+        ("train.steps", t.steps),
+        ("train.batch", t.batch),
+        ("train.seq_len", t.seq_len),
+        ("train.eval_batches", t.eval_batches),
+        ("train.log_every", t.log_every),
+    ];
+    for (path, v) in positive {
+        if v == 0 {
+            return Err(source.field_error(path, "must be at least 1, got 0"));
+        }
+    }
+    if t.eval_every == Some(0) {
+        return Err(source.field_error(
+            "train.eval_every",
+            "must be at least 1, got 0 (leave it out for a tenth of the run)",
+        ));
+    }
+    if !(t.grad_clip.is_finite() && t.grad_clip >= 0.0) {
+        return Err(source.field_error(
+            "train.grad_clip",
+            format!("must be >= 0 (0 disables clipping), got {}", t.grad_clip),
+        ));
+    }
+    Ok(())
+}
+
+fn check_model(source: &Source, m: &ModelSpec) -> Result<(), InputError> {
+    for (path, v) in [("model.d_model", m.d_model), ("model.n_layers", m.n_layers)] {
+        if v == 0 {
+            return Err(source.field_error(path, "must be at least 1, got 0"));
+        }
+    }
+    Ok(())
+}
