@@ -1,1 +1,332 @@
+//! End-to-end tests of the `sweep` binary: real processes, real files, real SQLite.
 
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn shakespeare() -> String {
+    let p =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/tinyshakespeare/input.txt");
+    p.canonicalize()
+        .expect("../shared/data is beside the repository")
+        .display()
+        .to_string()
+}
+
+/// A fresh directory per test.
+fn workdir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("sweep-cli-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// A small valid sweep file; `edit` rewrites parts of it for the bad-input cases.
+fn sweep_text(grid: &str) -> String {
+    format!(
+        "Sweep(\n    name: \"tiny\",\n    seeds: [0],\n    data: Text(path: {:?}, val_fraction: 0.05),\n    \
+         train: (steps: 6, batch: 2, seq_len: 16, eval_every: 3, eval_batches: 2, log_every: 3),\n    \
+         model: (d_model: 16, n_layers: 1),\n    grid: {grid},\n)\n",
+        shakespeare()
+    )
+}
+
+const GRID: &str = "(attention: [Mha(heads: 2)], ffn: [SwiGlu, Gelu])";
+
+fn sweep(dir: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_sweep"))
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("the sweep binary runs")
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Runs `text` as a sweep file and expects exit 2, an error containing every `needles`,
+/// and no database.
+fn refused(name: &str, text: &str, extra: &[&str], needles: &[&str]) {
+    let dir = workdir(name);
+    std::fs::write(dir.join("s.ron"), text).unwrap();
+    let mut args = vec!["run", "s.ron"];
+    args.extend_from_slice(extra);
+    let out = sweep(&dir, &args);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(2), "{name}: {err}");
+    assert!(err.starts_with("error: "), "{name}: {err}");
+    for n in needles {
+        assert!(err.contains(n), "{name}: `{n}` not in: {err}");
+    }
+    assert!(
+        !dir.join("sweep.db").exists(),
+        "{name}: a database was written"
+    );
+}
+
+#[test]
+fn malformed_ron_names_file_line_and_column() {
+    let text = sweep_text(GRID).replace("seeds: [0],", "seeds: [0,,");
+    refused("syntax", &text, &[], &["s.ron:3:15: Expected integer"]);
+}
+
+#[test]
+fn unknown_component_lists_the_slot_and_the_nearest() {
+    let text = sweep_text("(attention: [Mha(heads: 2)], ffn: [SwiGLU])");
+    refused(
+        "unknown-component",
+        &text,
+        &[],
+        &["s.ron:7:46: unknown ffn component `SwiGLU`; registered: Gelu, SwiGlu. Did you mean `SwiGlu`?"],
+    );
+}
+
+#[test]
+fn unknown_parameter_is_named_with_its_place() {
+    let text = sweep_text("(attention: [Mha(heads: 2, head: 3)], ffn: [Gelu])");
+    refused(
+        "unknown-param",
+        &text,
+        &[],
+        &[
+            "s.ron:7:38: Mha has no parameter `head`",
+            "Did you mean `heads`?",
+        ],
+    );
+}
+
+#[test]
+fn ill_typed_parameter_is_named_with_its_place() {
+    let text = sweep_text("(attention: [Mha(heads: \"two\")], ffn: [Gelu])");
+    refused(
+        "ill-typed",
+        &text,
+        &[],
+        &["s.ron:7:35: Mha.heads: Expected integer"],
+    );
+}
+
+#[test]
+fn invalid_combination_names_the_cell() {
+    let text = sweep_text("(attention: [Mha(heads: [2, 3])], ffn: [Gelu])");
+    refused(
+        "combination",
+        &text,
+        &[],
+        &[
+            "cell 1 (attention.heads=3)",
+            "heads = 3 does not divide d_model = 16",
+        ],
+    );
+}
+
+#[test]
+fn missing_data_file_names_the_resolved_path() {
+    let text = sweep_text(GRID).replace(&shakespeare(), "no/such.txt");
+    let out_dir = std::env::temp_dir().join(format!("sweep-cli-{}-missing", std::process::id()));
+    refused(
+        "missing",
+        &text,
+        &[],
+        &[
+            "data.path: `no/such.txt`: no such file",
+            &format!("{}", out_dir.join("no/such.txt").display()),
+        ],
+    );
+}
+
+#[test]
+fn empty_axis_says_so() {
+    let text = sweep_text("(attention: [Mha(heads: 2)], ffn: [])");
+    refused("empty-axis", &text, &[], &["s.ron:7:45: grid.ffn is empty"]);
+}
+
+#[test]
+fn zero_steps_says_so() {
+    let text = sweep_text(GRID).replace("steps: 6,", "steps: 0,");
+    refused(
+        "zero-steps",
+        &text,
+        &[],
+        &["s.ron:5:20: train.steps: must be at least 1, got 0"],
+    );
+}
+
+#[test]
+fn non_positive_lr_says_so() {
+    let text = sweep_text(
+        "(attention: [Mha(heads: 2)], ffn: [Gelu], optimizer: [AdamW(lr: [1e-3, -1e-3])])",
+    );
+    refused(
+        "lr",
+        &text,
+        &[],
+        &["AdamW.lr: lr must be positive, got -0.001"],
+    );
+}
+
+#[test]
+fn bad_overrides_name_the_flag() {
+    let text = sweep_text(GRID);
+    refused(
+        "set-zero",
+        &text,
+        &["--set", "train.steps=0"],
+        &["--set train.steps=0: train.steps: must be at least 1"],
+    );
+    refused(
+        "set-syntax",
+        &text,
+        &["--set", "seeds=[0"],
+        &["--set seeds=[0: `[0` is not a RON value"],
+    );
+    refused(
+        "set-type",
+        &text,
+        &["--set", "train.batch=\"x\""],
+        &["--set train.batch=\"x\": "],
+    );
+}
+
+#[test]
+fn non_utf8_and_empty_files_are_refused() {
+    refused(
+        "empty-file",
+        "  \n",
+        &[],
+        &["s.ron: the sweep file is empty"],
+    );
+    let dir = workdir("non-utf8");
+    std::fs::write(dir.join("s.ron"), b"Sweep(\n  name: \"\xff\"").unwrap();
+    let out = sweep(&dir, &["run", "s.ron"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains("s.ron:2:10: the sweep file is not valid UTF-8"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn dry_run_prints_the_trials_and_writes_nothing() {
+    let dir = workdir("dry");
+    std::fs::write(dir.join("s.ron"), sweep_text(GRID)).unwrap();
+    let out = sweep(
+        &dir,
+        &["run", "s.ron", "--dry-run", "--set", "seeds=[3, 4]"],
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("4 trials = 2 cells x 2 seeds"), "{stdout}");
+    assert_eq!(stdout.matches("ffn=Gelu").count(), 2, "{stdout}");
+    assert!(!dir.join("sweep.db").exists());
+}
+
+#[test]
+fn list_shows_components_with_their_defaults() {
+    let out = sweep(Path::new("."), &["list", "optimizer"]);
+    assert_eq!(out.status.code(), Some(0));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("AdamW"), "{stdout}");
+    assert!(stdout.contains("lr: 0.001"), "{stdout}");
+    assert!(!stdout.contains("Mha"), "only the optimizer slot: {stdout}");
+    let out = sweep(Path::new("."), &["list", "attn"]);
+    assert_eq!(out.status.code(), Some(2));
+}
+
+fn count(db: &rusqlite::Connection, sql: &str) -> i64 {
+    db.query_row(sql, [], |r| r.get(0)).unwrap()
+}
+
+#[test]
+fn a_tiny_sweep_writes_the_expected_rows_and_a_rerun_skips_them() {
+    let dir = workdir("tiny");
+    std::fs::write(dir.join("s.ron"), sweep_text(GRID)).unwrap();
+    let out = sweep(&dir, &["run", "s.ron"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("best val/bpb"), "{stdout}");
+
+    let db = rusqlite::Connection::open(dir.join("sweep.db")).unwrap();
+    assert_eq!(
+        count(&db, "SELECT COUNT(*) FROM sweeps WHERE name = 'tiny'"),
+        1
+    );
+    assert_eq!(
+        count(&db, "SELECT COUNT(*) FROM trials WHERE status = 'done'"),
+        2
+    );
+    assert_eq!(
+        count(
+            &db,
+            "SELECT COUNT(*) FROM trials WHERE n_params > 0 AND device = 'cpu'"
+        ),
+        2
+    );
+    // Per trial: train/loss, lr, grad_norm, tokens_per_s at steps 3 and 6 (log_every 3),
+    // val/loss and val/bpb at steps 3 and 6 (eval_every 3): 12 rows.
+    assert_eq!(count(&db, "SELECT COUNT(*) FROM metrics"), 24);
+    for name in [
+        "train/loss",
+        "val/loss",
+        "val/bpb",
+        "lr",
+        "grad_norm",
+        "tokens_per_s",
+    ] {
+        let n = count(
+            &db,
+            &format!("SELECT COUNT(*) FROM metrics WHERE name = '{name}' AND step IN (3, 6)"),
+        );
+        assert_eq!(n, 4, "{name}");
+    }
+    // Bytes tokenizer: bits per byte = loss / ln 2, exactly.
+    let (loss, bpb): (f64, f64) = db
+        .query_row(
+            "SELECT l.value, b.value FROM metrics l JOIN metrics b
+             ON b.trial_id = l.trial_id AND b.step = l.step
+             WHERE l.name = 'val/loss' AND b.name = 'val/bpb' LIMIT 1",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    assert!((bpb - loss / std::f64::consts::LN_2).abs() < 1e-9);
+    assert!(bpb > 0.0 && bpb < 9.0, "{bpb}");
+    let config: String = db
+        .query_row("SELECT config FROM trials LIMIT 1", [], |r| r.get(0))
+        .unwrap();
+    assert!(config.contains("ffn: "), "{config}");
+
+    let again = sweep(&dir, &["run", "s.ron"]);
+    assert_eq!(again.status.code(), Some(0));
+    assert!(
+        stderr(&again).contains("0 to run (2 finished before)"),
+        "{}",
+        stderr(&again)
+    );
+    assert_eq!(count(&db, "SELECT COUNT(*) FROM metrics"), 24);
+}
+
+#[test]
+fn a_diverging_trial_is_recorded_and_the_sweep_goes_on() {
+    let dir = workdir("diverge");
+    let grid = "(attention: [Mha(heads: 2)], ffn: [Gelu], \
+                optimizer: [AdamW(lr: [1e-3, 1e30], weight_decay: 0.0)])";
+    std::fs::write(dir.join("s.ron"), sweep_text(grid)).unwrap();
+    let out = sweep(&dir, &["run", "s.ron", "--db", "out.db"]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "diverged is not failed: {}",
+        stderr(&out)
+    );
+    let db = rusqlite::Connection::open(dir.join("out.db")).unwrap();
+    assert_eq!(
+        count(&db, "SELECT COUNT(*) FROM trials WHERE status = 'done'"),
+        1
+    );
+    assert_eq!(
+        count(&db, "SELECT COUNT(*) FROM trials WHERE status = 'diverged' AND error LIKE 'diverged at step%'"),
+        1
+    );
+}

@@ -14,3 +14,6 @@ pub mod train;
 
 /// `CARGO_PKG_VERSION+git describe`, recorded with every sweep and trial.
 pub const CODE_VERSION: &str = env!("SWEEP_CODE_VERSION");
+
+#[cfg(test)]
+mod registry_test;

@@ -115,3 +115,82 @@ mod tests {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod grad_tests {
+    use super::*;
+    use crate::spec::Cell;
+    use candle_core::Device;
+    use registry::{Component, Slot};
+    use std::sync::Arc;
+
+    /// Every registered component of `slot`, with default parameters.
+    fn all(slot: Slot) -> Vec<Component> {
+        registry::entries()
+            .unwrap()
+            .into_iter()
+            .filter(|e| e.slot == slot)
+            .map(|e| e.parse("").unwrap().component)
+            .collect()
+    }
+
+    #[test]
+    fn every_parameter_of_every_combination_gets_a_finite_nonzero_gradient() -> Result<()> {
+        let dims = Dims {
+            d_model: 16,
+            n_layers: 2,
+            vocab: 32,
+            seq_len: 8,
+        };
+        let optimizer = match &all(Slot::Optimizer)[0] {
+            Component::Optimizer(o) => o.clone(),
+            _ => unreachable!(),
+        };
+        let schedule = match &all(Slot::Schedule)[0] {
+            Component::Schedule(s) => s.clone(),
+            _ => unreachable!(),
+        };
+        let ids: Vec<u32> = (0..2 * 9).map(|i| (i * 7 + 3) % 32).collect();
+        let batch = Tensor::from_vec(ids, (2, 9), &Device::Cpu)?;
+        let (x, y) = (batch.narrow(1, 0, 8)?, batch.narrow(1, 1, 8)?);
+        let mut checked = 0;
+        for attention in all(Slot::Attention) {
+            for ffn in all(Slot::Ffn) {
+                for residual in all(Slot::Residual) {
+                    let (Component::Attention(a), Component::Ffn(f), Component::Residual(r)) =
+                        (&attention, &ffn, &residual)
+                    else {
+                        unreachable!()
+                    };
+                    let cell = Cell {
+                        attention: Arc::clone(a),
+                        ffn: Arc::clone(f),
+                        residual: Arc::clone(r),
+                        optimizer: optimizer.clone(),
+                        schedule: schedule.clone(),
+                    };
+                    let model = Gpt::new(&cell, &dims, &ParamBuilder::new(0, &Device::Cpu))?;
+                    // One step first, so parameters that start at zero by design (gates,
+                    // low-rank branches) have moved and every path carries gradient.
+                    let mut opt = optimizer.build(model.params())?;
+                    opt.step(&loss(&model.forward(&x)?, &y)?.backward()?, 1e-2)?;
+                    let grads = loss(&model.forward(&x)?, &y)?.backward()?;
+                    for p in model.params() {
+                        let g = grads
+                            .get(p.var.as_tensor())
+                            .unwrap_or_else(|| panic!("{cell:?}: no gradient for {}", p.name));
+                        let n = g.sqr()?.sum_all()?.to_scalar::<f32>()?;
+                        assert!(
+                            n.is_finite() && n > 0.0,
+                            "{cell:?}: {} has |g|^2 = {n}",
+                            p.name
+                        );
+                    }
+                    checked += 1;
+                }
+            }
+        }
+        assert!(checked >= 2, "only {checked} combinations");
+        Ok(())
+    }
+}

@@ -24,20 +24,20 @@ impl AttentionShape {
         if self.heads == 0 || self.kv_heads == 0 {
             return Err("heads and kv_heads must be at least 1".into());
         }
-        if dims.d_model % self.heads != 0 {
+        if !dims.d_model.is_multiple_of(self.heads) {
             return Err(format!(
                 "heads = {} does not divide d_model = {}",
                 self.heads, dims.d_model
             ));
         }
-        if self.heads % self.kv_heads != 0 {
+        if !self.heads.is_multiple_of(self.kv_heads) {
             return Err(format!(
                 "kv_heads = {} does not divide heads = {}",
                 self.kv_heads, self.heads
             ));
         }
         let head_dim = dims.d_model / self.heads;
-        if self.rope_theta.is_some() && head_dim % 2 != 0 {
+        if self.rope_theta.is_some() && !head_dim.is_multiple_of(2) {
             return Err(format!(
                 "RoPE needs an even head dimension; d_model / heads = {head_dim}"
             ));

@@ -52,10 +52,10 @@ pub(crate) fn check_adam(
             return Err(format!("{name} must be in [0, 1), got {b}"));
         }
     }
-    if !(eps > 0.0) {
+    if !(eps.is_finite() && eps > 0.0) {
         return Err(format!("eps must be positive, got {eps}"));
     }
-    if !(weight_decay >= 0.0) {
+    if !(weight_decay.is_finite() && weight_decay >= 0.0) {
         return Err(format!("weight_decay must be >= 0, got {weight_decay}"));
     }
     Ok(())

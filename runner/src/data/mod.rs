@@ -145,7 +145,7 @@ pub fn resolve(base: &Path, paths: &Paths) -> Result<Vec<PathBuf>, String> {
     }
     let mut out = Vec::new();
     for p in &paths.0 {
-        let full = base.join(p);
+        let full = std::path::absolute(base.join(p)).unwrap_or_else(|_| base.join(p));
         let shown = full.display().to_string();
         if p.contains(['*', '?', '[']) {
             let matches: Vec<PathBuf> = glob::glob(&shown)
@@ -307,6 +307,6 @@ mod tests {
         assert!((bits_per_byte(10.0 * 256f64.ln(), 10) - 8.0).abs() < 1e-12);
         // Two GPT-2 tokens "Hello" + " world" (11 bytes) at 3 nats each: 6 / (ln 2 * 11).
         let b = Tokenizer::Gpt2.byte_len(15496) + Tokenizer::Gpt2.byte_len(995);
-        assert!((bits_per_byte(6.0, b) - 0.786_966).abs() < 1e-6);
+        assert!((bits_per_byte(6.0, b) - 0.786_924_6).abs() < 1e-6);
     }
 }

@@ -43,7 +43,7 @@ pub fn load(file: &Path, column: &str, tok: Tokenizer) -> Result<TokenData, Stri
 #[cfg(test)]
 mod tests {
     use super::*;
-    use polars::prelude::{df, NamedFrom, ParquetWriter};
+    use polars::prelude::{df, ParquetWriter};
 
     #[test]
     fn reads_the_text_column_and_joins_documents() {

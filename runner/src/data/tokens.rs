@@ -30,6 +30,10 @@ impl TokenData {
         }
     }
 
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
     /// Copies tokens `range` into `out`.
     pub fn extend(&self, range: Range<usize>, out: &mut Vec<u32>) {
         match self {

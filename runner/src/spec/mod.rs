@@ -237,3 +237,6 @@ fn check_model(source: &Source, m: &ModelSpec) -> Result<(), InputError> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests;

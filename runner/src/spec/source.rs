@@ -173,8 +173,16 @@ impl Source {
     /// A RON error of [`Self::text`] (or of a slice of it starting at `base`).
     pub fn ron_error_in(&self, base: usize, e: &SpannedError) -> InputError {
         let sub = &self.text[base..];
-        let offset = base + offset_of(sub, e.span.start.line, e.span.start.col);
-        InputError::new(format!("{}: {}", self.locate(offset), e.code))
+        let start = base + offset_of(sub, e.span.start.line, e.span.start.col);
+        let end = base + offset_of(sub, e.span.end.line, e.span.end.col);
+        // ron's span may start on the whitespace before a bad value; if the span reaches
+        // into a `--set` value, the flag is the place to fix.
+        let next = start + raw::skip_trivia(&self.text[start..]);
+        let at = [next, end.saturating_sub(1).max(start)]
+            .into_iter()
+            .find(|&o| matches!(self.place(o), Place::Flag(_)))
+            .unwrap_or(start);
+        InputError::new(format!("{}: {}", self.locate(at), e.code))
     }
 
     pub fn ron_error(&self, e: &SpannedError) -> InputError {

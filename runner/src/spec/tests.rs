@@ -1,0 +1,130 @@
+use std::path::{Path, PathBuf};
+
+use super::*;
+
+/// The shared corpus, as an absolute path so the test does not depend on the cwd.
+fn shakespeare() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/tinyshakespeare/input.txt")
+}
+
+fn sweep(grid: &str, extra_sets: &[&str]) -> Result<Sweep, InputError> {
+    let text = format!(
+        "Sweep(\n    name: \"t\",\n    seeds: [0, 1],\n    data: Text(path: {:?}),\n    \
+         train: (steps: 10, batch: 2, seq_len: 16),\n    model: (d_model: 16, n_layers: 1),\n    \
+         grid: {grid},\n)",
+        shakespeare().display().to_string()
+    );
+    let mut source = Source::from_text(Path::new("t.ron"), text);
+    for s in extra_sets {
+        source.apply_set(s)?;
+    }
+    Sweep::from_source(source)
+}
+
+#[test]
+fn expansion_is_the_product_times_seeds_in_a_fixed_order() {
+    let s = sweep(
+        "(attention: [Mha(heads: [2, 4])], ffn: [SwiGlu, Gelu], \
+          optimizer: [AdamW(lr: [1e-3, 3e-3, 1e-2])])",
+        &[],
+    )
+    .unwrap();
+    // 2 head counts x 2 FFNs x 3 learning rates = 12 cells, x 2 seeds.
+    assert_eq!(s.trials.len(), 24);
+    let labels: Vec<&str> = s.trials[..4].iter().map(|t| t.label.as_str()).collect();
+    assert_eq!(
+        labels,
+        [
+            "attention.heads=2 ffn=SwiGlu optimizer.lr=0.001",
+            "attention.heads=2 ffn=SwiGlu optimizer.lr=0.003",
+            "attention.heads=2 ffn=SwiGlu optimizer.lr=0.01",
+            "attention.heads=2 ffn=Gelu optimizer.lr=0.001",
+        ]
+    );
+    assert_eq!(
+        s.trials[11].label,
+        "attention.heads=4 ffn=Gelu optimizer.lr=0.01"
+    );
+    // Seed-major: the second seed repeats the cells in the same order.
+    assert!(s.trials[..12].iter().all(|t| t.seed == 0));
+    for i in 0..12 {
+        assert_eq!(s.trials[i + 12].cell_index, s.trials[i].cell_index);
+        assert_eq!(s.trials[i + 12].seed, 1);
+    }
+    let mut ids: Vec<&str> = s.trials.iter().map(|t| t.id.as_str()).collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), 24, "trial ids are unique");
+}
+
+#[test]
+fn trial_ids_depend_on_the_resolved_config_only() {
+    let a = sweep("(attention: [Mha], ffn: [Gelu])", &[]).unwrap();
+    // Writing a default explicitly, or in another spelling, is the same trial.
+    let b = sweep(
+        "(attention: [Mha(heads: 4)], ffn: [Gelu(mult: 4)], residual: [PreNorm])",
+        &[],
+    )
+    .unwrap();
+    assert_eq!(a.trials[0].id, b.trials[0].id);
+    assert_eq!(a.trials[1].id, b.trials[1].id);
+    assert_ne!(a.trials[0].id, a.trials[1].id, "the seed is part of the id");
+    let c = sweep("(attention: [Mha], ffn: [Gelu])", &["train.steps=11"]).unwrap();
+    assert_ne!(a.trials[0].id, c.trials[0].id);
+    // The id is SHA-256 of the stored config, so anyone can recompute it.
+    assert_eq!(a.trials[0].id, expand_trial_id(&a.trials[0].config));
+}
+
+fn expand_trial_id(config: &str) -> String {
+    use sha2::{Digest, Sha256};
+    Sha256::digest(config.as_bytes())[..8]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+#[test]
+fn the_resolved_config_is_complete_ron() {
+    let s = sweep("(attention: [Mha], ffn: [SwiGlu(mult: 2)])", &[]).unwrap();
+    let config = &s.trials[1].config;
+    for part in [
+        "seed: 1,",
+        "train: (steps:10,batch:2,seq_len:16,eval_every:Some(1),eval_batches:8,grad_clip:1.0,log_every:10)",
+        "model: (d_model:16,n_layers:1)",
+        "attention: Mha(heads:4,rope:true,rope_theta:10000.0,qk_norm:false)",
+        "ffn: SwiGlu(mult:2.0)",
+        "residual: PreNorm",
+        "optimizer: AdamW(lr:0.001,beta1:0.9,beta2:0.95,eps:1e-8,weight_decay:0.1)",
+        "schedule: Cosine(warmup:0.05,final_frac:0.1)",
+    ] {
+        assert!(config.contains(part), "{part} not in\n{config}");
+    }
+    // It parses back as RON.
+    raw::fields(config).unwrap();
+}
+
+#[test]
+fn errors_point_into_the_file_or_the_flag() {
+    let e = sweep("(attention: [Mhaa], ffn: [Gelu])", &[]).unwrap_err();
+    assert!(
+        e.0.starts_with("t.ron:7:24: unknown attention component `Mhaa`"),
+        "{e}"
+    );
+    assert!(e.0.contains("Did you mean `Mha`?"), "{e}");
+    let e = sweep("(attention: [Mha], ffn: [Gelu(mlt: 2)])", &[]).unwrap_err();
+    assert!(
+        e.0.starts_with("t.ron:7:41: Gelu has no parameter `mlt`"),
+        "{e}"
+    );
+    assert!(e.0.contains("Did you mean `mult`?"), "{e}");
+    let e = sweep("(attention: [Mha], ffn: [Gelu])", &["train.steps=0"]).unwrap_err();
+    assert_eq!(
+        e.0,
+        "--set train.steps=0: train.steps: must be at least 1, got 0"
+    );
+    let e = sweep("(attention: [Mha(heads: 3)], ffn: [Gelu])", &[]).unwrap_err();
+    assert!(
+        e.0.contains("cell 0 (the only cell): attention Mha: heads = 3"),
+        "{e}"
+    );
+}
