@@ -388,7 +388,7 @@ mod tests {
         let bad = A.parse("(lr: -1.0)").unwrap_err();
         assert_eq!(bad.message, "lr must be >= 0, got -1");
         let typo = A.parse("(\n  lrr: 1.0)").unwrap_err();
-        assert_eq!(typo.at, Some((2, 6)));
+        assert_eq!(typo.at, Some((2, 3))); // the start of `lrr`
         assert!(typo.message.contains("lrr"), "{}", typo.message);
         let _ = Dims {
             d_model: 1,
