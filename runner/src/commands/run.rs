@@ -92,11 +92,7 @@ pub fn exec(args: Args) -> anyhow::Result<u8> {
             "trial {}/{} {} seed={}",
             k + 1,
             todo.len(),
-            if trial.label.is_empty() {
-                "-"
-            } else {
-                &trial.label
-            },
+            shown(&trial.label),
             trial.seed
         ));
         let started = Instant::now();
@@ -109,11 +105,7 @@ pub fn exec(args: Args) -> anyhow::Result<u8> {
             "[{}/{}] {status:<8} {} seed={} {summary} ({wall:.1} s)",
             k + 1,
             todo.len(),
-            if trial.label.is_empty() {
-                "-"
-            } else {
-                &trial.label
-            },
+            shown(&trial.label),
             trial.seed
         ));
     }
@@ -186,6 +178,15 @@ fn run_trial(
             (Status::Failed, Some(msg.clone()), msg)
         }
     })
+}
+
+/// A trial's label for tables: `-` when nothing varies.
+fn shown(label: &str) -> &str {
+    if label.is_empty() {
+        "-"
+    } else {
+        label
+    }
 }
 
 fn panic_message(p: &Box<dyn std::any::Any + Send>) -> String {
@@ -353,7 +354,7 @@ pub fn plan(sweep: &Sweep) -> String {
             t.id,
             t.seed,
             t.cell_index,
-            if t.label.is_empty() { "-" } else { &t.label }
+            shown(&t.label)
         );
     }
     s += "\ncells:\n";
@@ -396,7 +397,7 @@ fn summary_table(store: &Store, rows: &[results::TrialRow]) -> anyhow::Result<St
             fmt(loss),
             r.n_params.map_or("-".into(), |n| n.to_string()),
             r.wall_s.map_or("-".into(), |w| format!("{w:.1}s")),
-            if r.label.is_empty() { "-" } else { &r.label }
+            shown(&r.label)
         );
         if let (Some(b), Status::Done) = (bpb, r.status) {
             if best.is_none_or(|(bb, _)| b < bb) {
@@ -410,7 +411,7 @@ fn summary_table(store: &Store, rows: &[results::TrialRow]) -> anyhow::Result<St
     if let Some((b, r)) = best {
         s += &format!(
             "\nbest val/bpb {b:.4}: {} seed={} ({})\n",
-            if r.label.is_empty() { "-" } else { &r.label },
+            shown(&r.label),
             r.seed,
             r.id
         );
