@@ -330,3 +330,39 @@ fn a_diverging_trial_is_recorded_and_the_sweep_goes_on() {
         1
     );
 }
+
+#[test]
+fn gpt2_token_shards_train_and_bpb_counts_bytes_not_tokens() {
+    let dir = workdir("shards");
+    let text = std::fs::read_to_string(shakespeare()).unwrap();
+    let tokens = runner::data::Tokenizer::Gpt2.encode(&text[..40_000]);
+    let tokens: Vec<u16> = tokens.into_iter().map(|t| t as u16).collect();
+    let (train, val) = tokens.split_at(tokens.len() * 9 / 10);
+    runner::data::write_shard(&dir.join("tiny_train_000.bin"), train).unwrap();
+    runner::data::write_shard(&dir.join("tiny_val_000.bin"), val).unwrap();
+    let sweep_file = sweep_text("(attention: [Mha(heads: 2)], ffn: [Gelu])").replace(
+        &format!("Text(path: {:?}, val_fraction: 0.05)", shakespeare()),
+        "Shards(train: \"tiny_train_*.bin\", val: \"tiny_val_000.bin\")",
+    );
+    std::fs::write(dir.join("s.ron"), sweep_file).unwrap();
+    let out = sweep(&dir, &["run", "s.ron"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let db = rusqlite::Connection::open(dir.join("sweep.db")).unwrap();
+    let (loss, bpb): (f64, f64) = db
+        .query_row(
+            "SELECT l.value, b.value FROM metrics l JOIN metrics b
+             ON b.trial_id = l.trial_id AND b.step = l.step
+             WHERE l.name = 'val/loss' AND b.name = 'val/bpb' AND l.step = 6",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    // An untrained model over 50304 rows scores about ln(50304) = 10.8 nats per token; a GPT-2
+    // token of this text is several bytes, so bits per byte is well below loss / ln 2.
+    assert!(loss > 9.0 && loss < 11.5, "{loss}");
+    let bytes_per_token = loss / std::f64::consts::LN_2 / bpb;
+    assert!(
+        bytes_per_token > 2.5 && bytes_per_token < 6.0,
+        "{bytes_per_token}"
+    );
+}
