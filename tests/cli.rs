@@ -234,6 +234,20 @@ fn list_shows_components_with_their_defaults() {
     assert_eq!(out.status.code(), Some(2));
 }
 
+/// A (val/loss, val/bpb) pair of one evaluation; `filter` narrows it (e.g. `AND l.step = 6`).
+fn val_loss_and_bpb(db: &rusqlite::Connection, filter: &str) -> (f64, f64) {
+    db.query_row(
+        &format!(
+            "SELECT l.value, b.value FROM metrics l JOIN metrics b
+             ON b.trial_id = l.trial_id AND b.step = l.step
+             WHERE l.name = 'val/loss' AND b.name = 'val/bpb' {filter} LIMIT 1"
+        ),
+        [],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )
+    .unwrap()
+}
+
 fn count(db: &rusqlite::Connection, sql: &str) -> i64 {
     db.query_row(sql, [], |r| r.get(0)).unwrap()
 }
@@ -281,15 +295,7 @@ fn a_tiny_sweep_writes_the_expected_rows_and_a_rerun_skips_them() {
         assert_eq!(n, 4, "{name}");
     }
     // Bytes tokenizer: bits per byte = loss / ln 2, exactly.
-    let (loss, bpb): (f64, f64) = db
-        .query_row(
-            "SELECT l.value, b.value FROM metrics l JOIN metrics b
-             ON b.trial_id = l.trial_id AND b.step = l.step
-             WHERE l.name = 'val/loss' AND b.name = 'val/bpb' LIMIT 1",
-            [],
-            |r| Ok((r.get(0)?, r.get(1)?)),
-        )
-        .unwrap();
+    let (loss, bpb) = val_loss_and_bpb(&db, "");
     assert!((bpb - loss / std::f64::consts::LN_2).abs() < 1e-9);
     assert!(bpb > 0.0 && bpb < 9.0, "{bpb}");
     let config: String = db
@@ -348,15 +354,7 @@ fn gpt2_token_shards_train_and_bpb_counts_bytes_not_tokens() {
     let out = sweep(&dir, &["run", "s.ron"]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     let db = rusqlite::Connection::open(dir.join("sweep.db")).unwrap();
-    let (loss, bpb): (f64, f64) = db
-        .query_row(
-            "SELECT l.value, b.value FROM metrics l JOIN metrics b
-             ON b.trial_id = l.trial_id AND b.step = l.step
-             WHERE l.name = 'val/loss' AND b.name = 'val/bpb' AND l.step = 6",
-            [],
-            |r| Ok((r.get(0)?, r.get(1)?)),
-        )
-        .unwrap();
+    let (loss, bpb) = val_loss_and_bpb(&db, "AND l.step = 6");
     // An untrained model over 50304 rows scores about ln(50304) = 10.8 nats per token; a GPT-2
     // token of this text is several bytes, so bits per byte is well below loss / ln 2.
     assert!(loss > 9.0 && loss < 11.5, "{loss}");

@@ -161,12 +161,7 @@ impl Sweep {
             &source,
             [g.attention, g.ffn, g.residual, g.optimizer, g.schedule],
         )?;
-        let dims = registry::Dims {
-            d_model: file.model.d_model,
-            n_layers: file.model.n_layers,
-            vocab: file.data.tokenizer().model_vocab(),
-            seq_len: train.seq_len,
-        };
+        let dims = dims_of(&file.model, &file.data, &train);
         let trials = expand::trials(
             &source,
             &axes,
@@ -192,12 +187,16 @@ impl Sweep {
 
     /// The model shape every trial of this sweep shares.
     pub fn dims(&self) -> registry::Dims {
-        registry::Dims {
-            d_model: self.model.d_model,
-            n_layers: self.model.n_layers,
-            vocab: self.data.tokenizer().model_vocab(),
-            seq_len: self.train.seq_len,
-        }
+        dims_of(&self.model, &self.data, &self.train)
+    }
+}
+
+fn dims_of(model: &ModelSpec, data: &DataSpec, train: &TrainSpec) -> registry::Dims {
+    registry::Dims {
+        d_model: model.d_model,
+        n_layers: model.n_layers,
+        vocab: data.tokenizer().model_vocab(),
+        seq_len: train.seq_len,
     }
 }
 
