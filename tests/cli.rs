@@ -278,8 +278,18 @@ fn a_tiny_sweep_writes_the_expected_rows_and_a_rerun_skips_them() {
         2
     );
     // Per trial: train/loss, lr, grad_norm, tokens_per_s at steps 3 and 6 (log_every 3),
-    // val/loss and val/bpb at steps 3 and 6 (eval_every 3): 12 rows.
-    assert_eq!(count(&db, "SELECT COUNT(*) FROM metrics"), 24);
+    // val/loss and val/bpb at steps 3 and 6 (eval_every 3): 12 rows. With every evaluation,
+    // the amplification metrics of the one block (two sublayers): amax/fwd, amax/bwd, and per
+    // sublayer four gains and stream_rms: 2 x 12 rows more.
+    assert_eq!(count(&db, "SELECT COUNT(*) FROM metrics"), 2 * (12 + 24));
+    assert_eq!(
+        count(
+            &db,
+            "SELECT COUNT(*) FROM metrics WHERE name LIKE 'amax/%' AND value = 1.0"
+        ),
+        2 * 2 * 10,
+        "the plain residual's gains are 1"
+    );
     for name in [
         "train/loss",
         "val/loss",
@@ -310,7 +320,7 @@ fn a_tiny_sweep_writes_the_expected_rows_and_a_rerun_skips_them() {
         "{}",
         stderr(&again)
     );
-    assert_eq!(count(&db, "SELECT COUNT(*) FROM metrics"), 24);
+    assert_eq!(count(&db, "SELECT COUNT(*) FROM metrics"), 2 * (12 + 24));
 }
 
 #[test]

@@ -16,5 +16,5 @@ mod schedule;
 pub use attention::mha::Mha;
 pub use ffn::{gelu::Gelu, swiglu::SwiGlu};
 pub use optim::adamw::AdamW;
-pub use residual::prenorm::PreNorm;
+pub use residual::{hc::Hc, laurel::Laurel, mhc::Mhc, prenorm::PreNorm, sinkhorn};
 pub use schedule::cosine::Cosine;

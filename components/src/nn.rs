@@ -5,6 +5,15 @@
 use candle_core::{DType, Device, Result, Tensor, D};
 use registry::{Init, ParamBuilder, Role};
 
+/// Seeded standard-normal values times `std`, for tests: candle's CPU RNG cannot be seeded,
+/// and tests must be deterministic.
+#[cfg(test)]
+pub(crate) fn randn(seed: u64, shape: impl Into<candle_core::Shape>, std: f64) -> Result<Tensor> {
+    ParamBuilder::new(seed, &Device::Cpu)
+        .tensor("x", shape, Init::Normal { std }, Role::Hidden)
+        .map(|t| t.detach())
+}
+
 /// Epsilon of every RMSNorm in the model.
 pub const NORM_EPS: f64 = 1e-6;
 

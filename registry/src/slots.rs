@@ -125,6 +125,25 @@ pub trait Stream: Send + Sync {
 
     /// Turns the state back into one (B, T, C) stream for the final norm and the head.
     fn reduce(&self, state: &Tensor) -> Result<Tensor>;
+
+    /// What sublayer `k` does to the stream state, for the amplification metrics; `state` is
+    /// the state it is applied to. The default is the plain residual's identity.
+    fn probe(&self, _k: usize, _state: &Tensor) -> Result<Probe> {
+        Ok(Probe::default())
+    }
+}
+
+/// A residual scheme's report on one sublayer (see [`Stream::probe`]).
+#[derive(Debug, Default)]
+pub struct Probe {
+    /// The linear map M of the residual path, averaged over the tokens: the state after the
+    /// sublayer is M applied to the state before it, plus the sublayer's own term. Square,
+    /// applied from the left to the stream axis (n x n for n streams; C x C where the scheme
+    /// maps channels, as LAuReL does). `None` when the path is the identity.
+    pub mixing: Option<Tensor>,
+    /// Scheme-specific diagnostics, by metric name; the runner records the largest value over
+    /// the sublayers.
+    pub extra: Vec<(&'static str, f64)>,
 }
 
 /// An optimizer: how the parameters move given their gradients.

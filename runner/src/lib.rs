@@ -5,6 +5,7 @@
 // are dropped by the linker if nothing names the crate).
 use components as _;
 
+pub mod amplification;
 pub mod commands;
 pub mod data;
 pub mod error;

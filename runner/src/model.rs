@@ -6,6 +6,7 @@ use candle_core::{DType, Result, Tensor, D};
 use components::nn::RmsNorm;
 use registry::{Dims, Init, Param, ParamBuilder, Role, Stream, Sublayer};
 
+use crate::amplification::{rms, Amplification};
 use crate::spec::Cell;
 
 struct Block {
@@ -55,6 +56,36 @@ impl Gpt {
 
     /// Token ids (B, T) -> logits (B, T, V).
     pub fn forward(&self, idx: &Tensor) -> Result<Tensor> {
+        let (_, state) = self.trunk(idx, &mut |_, _, _| Ok(()))?;
+        let x = self.norm_f.forward(&self.stream.reduce(&state)?)?;
+        let (b, t, c) = x.dims3()?;
+        let logits = x.reshape((b * t, c))?.matmul(&self.wte.t()?)?;
+        logits.reshape((b, t, ()))
+    }
+
+    /// The stream amplification of the residual path on a batch (see [`Amplification`]).
+    pub fn amplification(&self, idx: &Tensor) -> Result<Amplification> {
+        let mut amp = Amplification::default();
+        let (x, _) = self.trunk(idx, &mut |k, before, after| {
+            let probe = self.stream.probe(k, before)?;
+            amp.push(probe.mixing.as_ref(), rms(after)?)?;
+            for (name, v) in probe.extra {
+                amp.note(name, v);
+            }
+            Ok(())
+        })?;
+        let base = rms(&x)?;
+        amp.stream_rms.iter_mut().for_each(|r| *r /= base);
+        Ok(amp)
+    }
+
+    /// Embedding and blocks: returns the embedding (B, T, C) and the final stream state.
+    /// `hook(k, before, after)` sees the state around every sublayer k.
+    fn trunk(
+        &self,
+        idx: &Tensor,
+        hook: &mut dyn FnMut(usize, &Tensor, &Tensor) -> Result<()>,
+    ) -> Result<(Tensor, Tensor)> {
         let (b, t) = idx.dims2()?;
         let c = self.wte.dim(1)?;
         let x = self
@@ -64,13 +95,17 @@ impl Gpt {
         let mut state = self.stream.expand(&x)?;
         for (l, block) in self.blocks.iter().enumerate() {
             let attn = |h: &Tensor| block.attn.forward(&block.attn_norm.forward(h)?);
-            state = self.stream.sublayer(2 * l, &state, &attn)?;
             let ffn = |h: &Tensor| block.ffn.forward(&block.ffn_norm.forward(h)?);
-            state = self.stream.sublayer(2 * l + 1, &state, &ffn)?;
+            for (k, f) in [
+                (2 * l, &attn as &dyn Fn(&Tensor) -> Result<Tensor>),
+                (2 * l + 1, &ffn),
+            ] {
+                let next = self.stream.sublayer(k, &state, f)?;
+                hook(k, &state, &next)?;
+                state = next;
+            }
         }
-        let x = self.norm_f.forward(&self.stream.reduce(&state)?)?;
-        let logits = x.reshape((b * t, c))?.matmul(&self.wte.t()?)?;
-        logits.reshape((b, t, ()))
+        Ok((x, state))
     }
 
     pub fn params(&self) -> &[Param] {
@@ -191,6 +226,136 @@ mod grad_tests {
             }
         }
         assert!(checked >= 2, "only {checked} combinations");
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod amplification_tests {
+    use super::*;
+    use crate::spec::Cell;
+    use candle_core::Device;
+    use registry::{Component, Slot};
+
+    fn cell(residual: &str, params: &str) -> Cell {
+        let get = |slot: Slot, name: &str, params: &str| {
+            registry::lookup(slot, name)
+                .unwrap()
+                .parse(params)
+                .unwrap()
+                .component
+        };
+        let (
+            Component::Attention(attention),
+            Component::Ffn(ffn),
+            Component::Residual(residual),
+            Component::Optimizer(optimizer),
+            Component::Schedule(schedule),
+        ) = (
+            get(Slot::Attention, "Mha", ""),
+            get(Slot::Ffn, "Gelu", ""),
+            get(Slot::Residual, residual, params),
+            get(Slot::Optimizer, "AdamW", ""),
+            get(Slot::Schedule, "Cosine", ""),
+        )
+        else {
+            unreachable!()
+        };
+        Cell {
+            attention,
+            ffn,
+            residual,
+            optimizer,
+            schedule,
+        }
+    }
+
+    fn dims() -> Dims {
+        Dims {
+            d_model: 16,
+            n_layers: 4,
+            vocab: 32,
+            seq_len: 8,
+        }
+    }
+
+    /// Sets every parameter whose name ends with `suffix` to `value`.
+    fn set_all(model: &Gpt, suffix: &str, value: &Tensor) -> Result<usize> {
+        let mut n = 0;
+        for p in model.params().iter().filter(|p| p.name.ends_with(suffix)) {
+            p.var.set(value)?;
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    fn batch() -> Result<Tensor> {
+        let ids: Vec<u32> = (0..16).map(|i| (i * 5 + 1) % 32).collect();
+        Tensor::from_vec(ids, (2, 8), &Device::Cpu)
+    }
+
+    #[test]
+    fn the_plain_residual_has_gain_one_and_unit_stream_rms_at_the_embedding() -> Result<()> {
+        let model = Gpt::new(
+            &cell("PreNorm", ""),
+            &dims(),
+            &ParamBuilder::new(0, &Device::Cpu),
+        )?;
+        let amp = model.amplification(&batch()?)?;
+        assert_eq!(amp.composite.len(), 8);
+        assert!(amp
+            .sublayer
+            .iter()
+            .chain(&amp.composite)
+            .all(|g| *g == (1.0, 1.0)));
+        // Output projections start at 0.02 / sqrt(2L): the stream barely moves at init.
+        assert!(
+            amp.stream_rms.iter().all(|r| (r - 1.0).abs() < 0.5),
+            "{:?}",
+            amp.stream_rms
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn unstable_hc_amplifies_where_mhc_stays_at_one() -> Result<()> {
+        // A_r = 1.5 I + 0.1 (all entries): every row sums to 1.9, spectral radius 1.9. Eight
+        // sublayers compose to 1.9^8 = 169.8 in both directions (the matrix is symmetric).
+        let r: Vec<f32> = (0..16)
+            .map(|i| if i / 4 == i % 4 { 1.6 } else { 0.1 })
+            .collect();
+        let r = Tensor::from_vec(r, (4, 4), &Device::Cpu)?;
+        let hc = Gpt::new(
+            &cell("Hc", "(streams: 4)"),
+            &dims(),
+            &ParamBuilder::new(0, &Device::Cpu),
+        )?;
+        assert_eq!(set_all(&hc, ".a_r", &r)?, 8);
+        let amp = hc.amplification(&batch()?)?;
+        let (f, b) = *amp.composite.last().unwrap();
+        assert!((f - 1.9f64.powi(8)).abs() < 0.01 * f, "forward {f}");
+        assert!((b - 1.9f64.powi(8)).abs() < 0.01 * b, "backward {b}");
+        assert!(amp.stream_rms[7] > 50.0, "{:?}", amp.stream_rms);
+
+        // The same matrix as mHC's residual logits: Sinkhorn projects it onto the doubly
+        // stochastic matrices, whose products stay doubly stochastic.
+        let mhc = Gpt::new(
+            &cell("Mhc", "(streams: 4)"),
+            &dims(),
+            &ParamBuilder::new(0, &Device::Cpu),
+        )?;
+        assert_eq!(set_all(&mhc, ".b_res", &r)?, 8);
+        let amp = mhc.amplification(&batch()?)?;
+        for (f, b) in amp.sublayer.iter().chain(&amp.composite) {
+            assert!((f - 1.0).abs() < 1e-5, "forward {f}");
+            assert!((b - 1.0).abs() < 1e-4, "backward {b}");
+        }
+        assert!(amp.extra["mhc/sum_err"] < 1e-5, "{:?}", amp.extra);
+        assert!(
+            amp.stream_rms.iter().all(|r| *r < 2.0),
+            "{:?}",
+            amp.stream_rms
+        );
         Ok(())
     }
 }

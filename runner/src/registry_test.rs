@@ -14,6 +14,9 @@ fn the_registry_holds_every_component() {
         (Slot::Ffn, "Gelu"),
         (Slot::Ffn, "SwiGlu"),
         (Slot::Residual, "PreNorm"),
+        (Slot::Residual, "Hc"),
+        (Slot::Residual, "Mhc"),
+        (Slot::Residual, "Laurel"),
         (Slot::Optimizer, "AdamW"),
         (Slot::Schedule, "Cosine"),
     ] {

@@ -75,6 +75,11 @@ impl ValSet {
         }
         Ok((nats / self.targets as f64, bits_per_byte(nats, self.bytes)))
     }
+
+    /// The batch the amplification metrics are measured on: always the first.
+    pub fn probe_batch(&self) -> &Tensor {
+        &self.batches[0].0
+    }
 }
 
 /// Splits `batch` windows of t + 1 tokens into inputs and next-token targets.
@@ -182,6 +187,9 @@ pub fn train(
             let (vl, bpb) = val.evaluate(model)?;
             obs.record(step + 1, "val/loss", vl)?;
             obs.record(step + 1, "val/bpb", bpb)?;
+            for (name, v) in model.amplification(val.probe_batch())?.metrics() {
+                obs.record(step + 1, &name, v)?;
+            }
             obs.eval(step + 1, vl, bpb);
             if !vl.is_finite() {
                 return Ok(Outcome::Diverged {

@@ -1,0 +1,164 @@
+//! Hyper-Connections (Zhu et al. 2024, arXiv 2409.19606), unconstrained: n streams H (n x C)
+//! around every sublayer, with the sublayer input h = A_m^T H (width connections) and the new
+//! state H' = A_r^T H + B^T F(h) (depth connections). Static: A_m, A_r, B are learned. Dynamic:
+//! each also gets s * tanh(norm(H) W), W zero-initialized and s starting at 0.01.
+//!
+//! Initialization for sublayer k: A_r = I, A_m = e_(k mod n), B = 1. With the n streams
+//! starting as copies of the embedding, every stream then equals the pre-norm residual stream,
+//! so the network is exactly the pre-norm one until training moves the coefficients. Nothing
+//! bounds A_r: that is what mHC's constraint fixes, and the amplification metrics show.
+
+use candle_core::{Result, Tensor, D};
+use registry::{Dims, Entry, Init, ParamBuilder, ParamDoc, Probe, Residual, Role, Spec, Stream};
+use serde::{Deserialize, Serialize};
+
+use super::{check_streams, identity, merge, replicate};
+use crate::nn::rms_norm;
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Hc {
+    pub streams: usize,
+    pub dynamic: bool,
+}
+
+impl Default for Hc {
+    fn default() -> Self {
+        Self {
+            streams: 4,
+            dynamic: false,
+        }
+    }
+}
+
+impl Spec for Hc {
+    fn validate(&self) -> std::result::Result<(), String> {
+        check_streams(self.streams)
+    }
+}
+
+/// The input-dependent part of dynamic HC for one sublayer.
+struct Dynamic {
+    /// (C, n + 2): columns 0 -> A_m, 1 -> B, 2.. -> the n columns of A_r, per stream row.
+    w: Tensor,
+    s_alpha: Tensor,
+    s_beta: Tensor,
+}
+
+struct Connection {
+    a_m: Tensor, // (n, 1)
+    a_r: Tensor, // (n, n)
+    b: Tensor,   // (n, 1)
+    dynamic: Option<Dynamic>,
+}
+
+/// The coefficients for one state: a_m (.., n, 1), a_r (.., n, n), b (.., n, 1), with leading
+/// (B, T) dimensions when dynamic and (1, 1) when static.
+struct Coefficients {
+    a_m: Tensor,
+    a_r: Tensor,
+    b: Tensor,
+}
+
+impl Connection {
+    fn new(k: usize, n: usize, dims: &Dims, dynamic: bool, p: &ParamBuilder) -> Result<Self> {
+        let home: Vec<f32> = (0..n).map(|i| if i == k % n { 1.0 } else { 0.0 }).collect();
+        let dynamic = if dynamic {
+            Some(Dynamic {
+                w: p.tensor("w", (dims.d_model, n + 2), Init::Const(0.0), Role::Mixing)?,
+                s_alpha: p.tensor("s_alpha", 1, Init::Const(0.01), Role::Mixing)?,
+                s_beta: p.tensor("s_beta", 1, Init::Const(0.01), Role::Mixing)?,
+            })
+        } else {
+            None
+        };
+        Ok(Self {
+            a_m: p.tensor("a_m", (n, 1), Init::Values(home), Role::Mixing)?,
+            a_r: p.tensor("a_r", (n, n), Init::Values(identity(n)), Role::Mixing)?,
+            b: p.tensor("b", (n, 1), Init::Const(1.0), Role::Mixing)?,
+            dynamic,
+        })
+    }
+
+    fn coefficients(&self, state: &Tensor) -> Result<Coefficients> {
+        let lift = |t: &Tensor| t.unsqueeze(0)?.unsqueeze(0);
+        let (a_m, a_r, b) = (lift(&self.a_m)?, lift(&self.a_r)?, lift(&self.b)?);
+        let Some(d) = &self.dynamic else {
+            return Ok(Coefficients { a_m, a_r, b });
+        };
+        let (bs, t, n, c) = state.dims4()?;
+        let z = rms_norm(state)?
+            .reshape((bs * t * n, c))?
+            .matmul(&d.w)?
+            .tanh()?
+            .reshape((bs, t, n, n + 2))?;
+        let alpha = |x: Tensor| x.broadcast_mul(&d.s_alpha);
+        Ok(Coefficients {
+            a_m: alpha(z.narrow(D::Minus1, 0, 1)?)?.broadcast_add(&a_m)?,
+            b: z.narrow(D::Minus1, 1, 1)?
+                .broadcast_mul(&d.s_beta)?
+                .broadcast_add(&b)?,
+            a_r: alpha(z.narrow(D::Minus1, 2, n)?)?.broadcast_add(&a_r)?,
+        })
+    }
+}
+
+struct HcStream {
+    n: usize,
+    connections: Vec<Connection>,
+}
+
+impl Stream for HcStream {
+    fn expand(&self, x: &Tensor) -> Result<Tensor> {
+        replicate(x, self.n)
+    }
+
+    fn sublayer(
+        &self,
+        k: usize,
+        state: &Tensor,
+        f: &dyn Fn(&Tensor) -> Result<Tensor>,
+    ) -> Result<Tensor> {
+        let co = self.connections[k].coefficients(state)?;
+        let h = state.broadcast_mul(&co.a_m)?.sum(2)?; // A_m^T H: (B, T, C)
+        let out = f(&h)?.unsqueeze(2)?; // (B, T, 1, C)
+        let carried = co.a_r.transpose(2, 3)?.broadcast_matmul(state)?; // A_r^T H
+        carried + co.b.broadcast_mul(&out)?
+    }
+
+    fn reduce(&self, state: &Tensor) -> Result<Tensor> {
+        merge(state)
+    }
+
+    fn probe(&self, k: usize, state: &Tensor) -> Result<Probe> {
+        let a_r = self.connections[k].coefficients(state)?.a_r;
+        let mean = a_r.reshape(((), self.n, self.n))?.mean(0)?;
+        Ok(Probe {
+            mixing: Some(mean.t()?.contiguous()?),
+            extra: Vec::new(),
+        })
+    }
+}
+
+impl Residual for Hc {
+    fn build(&self, dims: &Dims, p: &ParamBuilder) -> Result<Box<dyn Stream>> {
+        let connections = (0..dims.n_sublayers())
+            .map(|k| Connection::new(k, self.streams, dims, self.dynamic, &p.pp(k)))
+            .collect::<Result<_>>()?;
+        Ok(Box::new(HcStream {
+            n: self.streams,
+            connections,
+        }))
+    }
+}
+
+inventory::submit! {
+    Entry::residual::<Hc>(
+        "Hc",
+        "Hyper-Connections: n streams, learned unconstrained width/depth mixing",
+        &[
+            ParamDoc { name: "streams", doc: "number of residual streams n (1 = plain residual)" },
+            ParamDoc { name: "dynamic", doc: "add input-dependent coefficients s * tanh(norm(H) W)" },
+        ],
+    )
+}

@@ -1,0 +1,182 @@
+//! Manifold-constrained Hyper-Connections (Xie et al., arXiv 2512.24880):
+//! x_{l+1} = H_res x_l + H_post^T F(H_pre x_l) on n streams x_l (n x C), with coefficients
+//! computed per token from x' = RMSNorm(vec(x_l)) over all nC values:
+//!   H_pre = sigmoid(a_pre x' phi_pre + b_pre), H_post = 2 sigmoid(a_post x' phi_post + b_post),
+//!   H_res = Sinkhorn-Knopp(a_res mat(x' phi_res) + b_res).
+//! H_res is doubly stochastic, so its products over depth stay doubly stochastic: the stream
+//! can neither blow up nor vanish through the residual path, unlike unconstrained HC.
+//!
+//! Convention: H_res multiplies the state from the left, stream i of the new state is
+//! sum_j H_res[i, j] x_j. Sinkhorn ends on a row normalization, so rows sum to 1 exactly and
+//! the forward gain (max row sum) is exactly 1; columns, and so the backward gain, are 1 to
+//! the Sinkhorn iteration's convergence.
+//!
+//! Init: phi = 0 (a_* = 0.01 so phi still gets gradient), b_pre = -3 except +3 on the
+//! sublayer's home stream k mod n, b_post = 0 (H_post = 1), b_res = 6 I - 3 (H_res diagonal
+//! ~0.993). With identical streams, H_res x = x and the block is the plain residual; the pre
+//! weights only scale F's input, which its own RMSNorm removes. Coefficients and Sinkhorn
+//! are computed in f32 whatever the activations' dtype.
+
+use candle_core::{DType, Result, Tensor, D};
+use registry::{Dims, Entry, Init, ParamBuilder, ParamDoc, Probe, Residual, Role, Spec, Stream};
+use serde::{Deserialize, Serialize};
+
+use super::{check_streams, identity, merge, replicate, sigmoid, sinkhorn};
+use crate::nn::rms_norm;
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Mhc {
+    pub streams: usize,
+    pub sinkhorn_iters: usize,
+}
+
+impl Default for Mhc {
+    fn default() -> Self {
+        Self {
+            streams: 4,
+            sinkhorn_iters: 20,
+        }
+    }
+}
+
+impl Spec for Mhc {
+    fn validate(&self) -> std::result::Result<(), String> {
+        check_streams(self.streams)?;
+        if self.sinkhorn_iters == 0 {
+            return Err("sinkhorn_iters must be at least 1".into());
+        }
+        Ok(())
+    }
+}
+
+struct Connection {
+    /// (nC, n + n + n^2): the pre, post and res projections side by side.
+    phi: Tensor,
+    /// (3,): a_pre, a_post, a_res.
+    a: Tensor,
+    b_pre: Tensor,  // (n,)
+    b_post: Tensor, // (n,)
+    b_res: Tensor,  // (n, n)
+}
+
+/// Per-token coefficients: pre and post (B, T, n, 1), res (B, T, n, n); all f32.
+struct Coefficients {
+    pre: Tensor,
+    post: Tensor,
+    res: Tensor,
+}
+
+struct MhcStream {
+    n: usize,
+    iters: usize,
+    connections: Vec<Connection>,
+}
+
+impl MhcStream {
+    fn coefficients(&self, k: usize, state: &Tensor) -> Result<Coefficients> {
+        let c = &self.connections[k];
+        let n = self.n;
+        let (b, t, _, width) = state.dims4()?;
+        let x = rms_norm(&state.to_dtype(DType::F32)?.reshape((b * t, n * width))?)?;
+        let z = x.matmul(&c.phi)?; // (BT, 2n + n^2)
+        let a = |i: usize| c.a.narrow(0, i, 1);
+        let part = |start: usize, len: usize, i: usize, bias: &Tensor| -> Result<Tensor> {
+            z.narrow(D::Minus1, start, len)?
+                .broadcast_mul(&a(i)?)?
+                .broadcast_add(bias)
+        };
+        let pre = sigmoid(&part(0, n, 0, &c.b_pre)?)?;
+        let post = (sigmoid(&part(n, n, 1, &c.b_post)?)? * 2.0)?;
+        let res_logits = part(2 * n, n * n, 2, &c.b_res.flatten_all()?)?;
+        let res = sinkhorn(&res_logits.reshape((b * t, n, n))?, self.iters)?;
+        Ok(Coefficients {
+            pre: pre.reshape((b, t, n, 1))?,
+            post: post.reshape((b, t, n, 1))?,
+            res: res.reshape((b, t, n, n))?,
+        })
+    }
+}
+
+impl Stream for MhcStream {
+    fn expand(&self, x: &Tensor) -> Result<Tensor> {
+        replicate(x, self.n)
+    }
+
+    fn sublayer(
+        &self,
+        k: usize,
+        state: &Tensor,
+        f: &dyn Fn(&Tensor) -> Result<Tensor>,
+    ) -> Result<Tensor> {
+        let dtype = state.dtype();
+        let co = self.coefficients(k, state)?;
+        let h = state.broadcast_mul(&co.pre.to_dtype(dtype)?)?.sum(2)?; // H_pre x: (B, T, C)
+        let out = f(&h)?.unsqueeze(2)?; // (B, T, 1, C)
+        let carried = co.res.to_dtype(dtype)?.matmul(state)?; // H_res x
+        carried + co.post.to_dtype(dtype)?.broadcast_mul(&out)?
+    }
+
+    fn reduce(&self, state: &Tensor) -> Result<Tensor> {
+        merge(state)
+    }
+
+    fn probe(&self, k: usize, state: &Tensor) -> Result<Probe> {
+        let res = self.coefficients(k, state)?.res;
+        let err = |dim: D| -> Result<f32> {
+            (res.sum(dim)? - 1.0)?
+                .abs()?
+                .flatten_all()?
+                .max(0)?
+                .to_scalar::<f32>()
+        };
+        let sum_err = err(D::Minus1)?.max(err(D::Minus2)?);
+        Ok(Probe {
+            mixing: Some(res.reshape(((), self.n, self.n))?.mean(0)?),
+            extra: vec![("mhc/sum_err", sum_err as f64)],
+        })
+    }
+}
+
+impl Residual for Mhc {
+    fn build(&self, dims: &Dims, p: &ParamBuilder) -> Result<Box<dyn Stream>> {
+        let n = self.streams;
+        let connections = (0..dims.n_sublayers())
+            .map(|k| {
+                let p = p.pp(k);
+                let b_pre = (0..n)
+                    .map(|i| if i == k % n { 3.0 } else { -3.0 })
+                    .collect();
+                let b_res = identity(n).into_iter().map(|d| 6.0 * d - 3.0).collect();
+                Ok(Connection {
+                    phi: p.tensor(
+                        "phi",
+                        (n * dims.d_model, 2 * n + n * n),
+                        Init::Const(0.0),
+                        Role::Mixing,
+                    )?,
+                    a: p.tensor("a", 3, Init::Const(0.01), Role::Mixing)?,
+                    b_pre: p.tensor("b_pre", n, Init::Values(b_pre), Role::Mixing)?,
+                    b_post: p.tensor("b_post", n, Init::Const(0.0), Role::Mixing)?,
+                    b_res: p.tensor("b_res", (n, n), Init::Values(b_res), Role::Mixing)?,
+                })
+            })
+            .collect::<Result<_>>()?;
+        Ok(Box::new(MhcStream {
+            n,
+            iters: self.sinkhorn_iters,
+            connections,
+        }))
+    }
+}
+
+inventory::submit! {
+    Entry::residual::<Mhc>(
+        "Mhc",
+        "manifold-constrained Hyper-Connections: doubly stochastic stream mixing (Sinkhorn)",
+        &[
+            ParamDoc { name: "streams", doc: "number of residual streams n (1 = plain residual)" },
+            ParamDoc { name: "sinkhorn_iters", doc: "Sinkhorn-Knopp rounds (columns, then rows)" },
+        ],
+    )
+}
