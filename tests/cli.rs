@@ -77,7 +77,7 @@ fn unknown_component_lists_the_slot_and_the_nearest() {
         "unknown-component",
         &text,
         &[],
-        &["s.ron:7:46: unknown ffn component `SwiGLU`; registered: Gelu, SwiGlu. Did you mean `SwiGlu`?"],
+        &["s.ron:7:46: unknown ffn component `SwiGLU`; registered: Gelu, Relu2, SwiGlu. Did you mean `SwiGlu`?"],
     );
 }
 

@@ -13,8 +13,16 @@ mod optim;
 mod residual;
 mod schedule;
 
-pub use attention::mha::Mha;
-pub use ffn::{gelu::Gelu, swiglu::SwiGlu};
-pub use optim::adamw::AdamW;
+pub use attention::{
+    gated_gqa::{Gate, GatedGqa},
+    gqa::Gqa,
+    mha::Mha,
+};
+pub use ffn::{gelu::Gelu, relu2::Relu2, swiglu::SwiGlu};
+pub use optim::{
+    adamw::AdamW,
+    muon::{newton_schulz, Muon},
+    normuon::NorMuon,
+};
 pub use residual::{hc::Hc, laurel::Laurel, mhc::Mhc, prenorm::PreNorm, sinkhorn};
-pub use schedule::cosine::Cosine;
+pub use schedule::{cosine::Cosine, trapezoid::Trapezoid};

@@ -84,6 +84,12 @@ pub fn softmax(x: &Tensor) -> Result<Tensor> {
     e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
 }
 
+/// The logistic function as 0.5 (1 + tanh(x / 2)): tanh saturates where exp(-x) would
+/// overflow, so neither the value nor its gradient becomes NaN for large |x|.
+pub fn sigmoid(x: &Tensor) -> Result<Tensor> {
+    ((x * 0.5)?.tanh()? + 1.0)? * 0.5
+}
+
 /// Additive causal mask (T, T): 0 on and below the diagonal, -inf above.
 pub fn causal_mask(t: usize, device: &Device) -> Result<Tensor> {
     let mask: Vec<f32> = (0..t)
@@ -210,6 +216,48 @@ mod tests {
         let w = p.params()[0].var.as_tensor().sum(1)?.to_vec1::<f32>()?;
         let y0 = y.get(0)?.get(0)?.to_vec1::<f32>()?;
         assert!((y0[0] - w[0]).abs() < 1e-6 && (y0[1] - w[1]).abs() < 1e-6);
+        Ok(())
+    }
+
+    #[test]
+    fn rope_scores_depend_only_on_the_offset() -> Result<()> {
+        // The same query and key vectors at every position: after rotation the score
+        // q_m . k_n is a function of m - n alone (the rotations compose: R_m^T R_n = R_(n-m)).
+        let (t, d) = (12, 8);
+        let rope = Rope::new(d, t, 100.0, &Device::Cpu)?;
+        let at_all = |v: &[f32]| -> Result<Tensor> {
+            Tensor::new(v, &Device::Cpu)?
+                .reshape((1, 1, 1, d))?
+                .repeat((1, 1, t, 1))
+        };
+        let q = rope.apply(&at_all(&[0.3, -1.0, 0.5, 2.0, 1.0, 0.1, -0.7, 0.4])?)?;
+        let k = rope.apply(&at_all(&[1.5, 0.2, -0.3, 0.8, -1.1, 0.6, 0.9, -0.2])?)?;
+        let s = q
+            .reshape((t, d))?
+            .matmul(&k.reshape((t, d))?.t()?)?
+            .to_vec2::<f32>()?;
+        for m in 0..t {
+            for n in 0..t {
+                let (m0, n0) = if m >= n { (m - n, 0) } else { (0, n - m) };
+                assert!(
+                    (s[m][n] - s[m0][n0]).abs() < 1e-4,
+                    "({m},{n}) vs ({m0},{n0})"
+                );
+            }
+        }
+        // ... and it does depend on the offset.
+        assert!((s[1][0] - s[0][0]).abs() > 1e-3);
+        Ok(())
+    }
+
+    #[test]
+    fn sigmoid_matches_its_definition_and_saturates() -> Result<()> {
+        let x = Tensor::new(&[0f32, 3.0, -3.0, 200.0, -200.0], &Device::Cpu)?;
+        let y = sigmoid(&x)?.to_vec1::<f32>()?;
+        let want = [0.5, 0.952_574_1, 0.047_425_87, 1.0, 0.0];
+        for (a, b) in y.iter().zip(want) {
+            assert!((a - b).abs() < 1e-6, "{y:?}");
+        }
         Ok(())
     }
 }

@@ -148,7 +148,8 @@ pub struct Probe {
 
 /// An optimizer: how the parameters move given their gradients.
 pub trait Optimizer: Spec {
-    /// The peak learning rate; the schedule scales it.
+    /// The peak learning rate of the main parameter group (the one recorded as `lr`); the
+    /// schedule scales it and every other group's rate alike.
     fn lr(&self) -> f64;
 
     /// Builds the optimizer state for a model's parameters.
@@ -157,8 +158,9 @@ pub trait Optimizer: Spec {
 
 /// The optimizer state of one trial.
 pub trait Stepper: Send {
-    /// One update with learning rate `lr` (already scheduled) from `grads`.
-    fn step(&mut self, grads: &GradStore, lr: f64) -> Result<()>;
+    /// One update from `grads`, each parameter group at its peak rate times `factor` (the
+    /// schedule's value at this step). The gradients carry no autograd graph.
+    fn step(&mut self, grads: &GradStore, factor: f64) -> Result<()>;
 }
 
 /// A learning-rate schedule: a factor in [0, 1] applied to the optimizer's peak rate.

@@ -7,8 +7,15 @@ use rusqlite::{params, Connection, OptionalExtension};
 
 use crate::{Error, Result, Status};
 
-/// Bumped whenever a table changes shape; a DB of another version is refused.
-pub const SCHEMA_VERSION: u32 = 1;
+/// Bumped whenever a table changes shape. An older DB is migrated in place when opened (see
+/// [`MIGRATIONS`]); a newer one is refused.
+pub const SCHEMA_VERSION: u32 = 2;
+
+/// The statements that take a DB from version i + 1 to i + 2, in order.
+const MIGRATIONS: &[&str] = &[
+    // 1 -> 2: the parameter count split into embedding and the rest.
+    "ALTER TABLE trials ADD COLUMN n_params_embedding INTEGER;",
+];
 
 /// Metric rows are buffered and written in one transaction once this many are pending.
 const FLUSH_ROWS: usize = 512;
@@ -39,6 +46,7 @@ CREATE TABLE IF NOT EXISTS trials (
     device       TEXT,
     code_version TEXT,
     n_params     INTEGER,
+    n_params_embedding INTEGER,
     created_at   TEXT NOT NULL,
     started_at   TEXT,
     finished_at  TEXT,
@@ -83,7 +91,17 @@ pub struct TrialRow {
     pub error: Option<String>,
     pub device: Option<String>,
     pub n_params: Option<i64>,
+    /// Of `n_params`, those of the token embedding (tied with the output head).
+    pub n_params_embedding: Option<i64>,
     pub wall_s: Option<f64>,
+}
+
+/// A model's parameter count.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ParamCount {
+    pub total: u64,
+    /// Of `total`, those of the token embedding (tied with the output head).
+    pub embedding: u64,
 }
 
 /// One metric value; `None` stands for NaN (SQLite stores NaN as NULL).
@@ -124,21 +142,35 @@ impl Store {
                 |r| r.get(0),
             )
             .optional()?;
-        match found {
+        let version = match found {
             None => {
                 conn.execute(
                     "INSERT INTO meta (key, value) VALUES ('schema_version', ?1)",
                     [SCHEMA_VERSION.to_string()],
                 )?;
+                SCHEMA_VERSION
             }
-            Some(v) if v == SCHEMA_VERSION.to_string() => {}
-            Some(found) => {
-                return Err(Error::SchemaVersion {
-                    path: shown,
-                    found,
-                    expected: SCHEMA_VERSION,
-                })
+            Some(v) => match v.parse::<u32>() {
+                Ok(n) if (1..=SCHEMA_VERSION).contains(&n) => n,
+                _ => {
+                    return Err(Error::SchemaVersion {
+                        path: shown,
+                        found: v,
+                        expected: SCHEMA_VERSION,
+                    })
+                }
+            },
+        };
+        if version < SCHEMA_VERSION {
+            let tx = conn.unchecked_transaction()?;
+            for step in &MIGRATIONS[version as usize - 1..] {
+                tx.execute_batch(step)?;
             }
+            tx.execute(
+                "UPDATE meta SET value = ?1 WHERE key = 'schema_version'",
+                [SCHEMA_VERSION.to_string()],
+            )?;
+            tx.commit()?;
         }
         Ok(Self {
             conn,
@@ -197,23 +229,30 @@ impl Store {
 
     /// Marks a trial running and clears metrics left by an earlier, unfinished attempt, so
     /// that no metric of this attempt is mixed with an older one.
+    /// `params` is `None` when the model could not be built.
     pub fn start_trial(
         &self,
         id: &str,
         device: &str,
         code_version: &str,
-        n_params: u64,
+        params: Option<ParamCount>,
     ) -> Result<()> {
         let tx = self.conn.unchecked_transaction()?;
         tx.execute("DELETE FROM metrics WHERE trial_id = ?1", [id])?;
         tx.execute(
             &format!(
                 "UPDATE trials SET status = 'running', error = NULL, device = ?2,
-                   code_version = ?3, n_params = ?4, started_at = {NOW},
-                   finished_at = NULL, wall_s = NULL
+                   code_version = ?3, n_params = ?4, n_params_embedding = ?5,
+                   started_at = {NOW}, finished_at = NULL, wall_s = NULL
                  WHERE id = ?1"
             ),
-            params![id, device, code_version, n_params as i64],
+            params![
+                id,
+                device,
+                code_version,
+                params.map(|p| p.total as i64),
+                params.map(|p| p.embedding as i64)
+            ],
         )?;
         tx.commit()?;
         Ok(())
@@ -272,7 +311,7 @@ impl Store {
     pub fn trials(&self, sweep_id: i64) -> Result<Vec<TrialRow>> {
         let mut stmt = self.conn.prepare(
             "SELECT t.id, t.sweep_id, t.seed, t.label, t.config, t.status, t.error, t.device,
-                    t.n_params, t.wall_s
+                    t.n_params, t.wall_s, t.n_params_embedding
              FROM sweep_trials s JOIN trials t ON t.id = s.trial_id
              WHERE s.sweep_id = ?1 ORDER BY s.position",
         )?;
@@ -288,6 +327,7 @@ impl Store {
                     error: r.get(6)?,
                     device: r.get(7)?,
                     n_params: r.get(8)?,
+                    n_params_embedding: r.get(10)?,
                     wall_s: r.get(9)?,
                 },
                 r.get::<_, String>(5)?,
@@ -349,7 +389,15 @@ mod tests {
             config: "(seed: 3)",
         };
         assert_eq!(s.register_trial(sweep, 0, &t)?, Status::Queued);
-        s.start_trial("abc", "cpu", "v1", 1234)?;
+        s.start_trial(
+            "abc",
+            "cpu",
+            "v1",
+            Some(ParamCount {
+                total: 1234,
+                embedding: 234,
+            }),
+        )?;
         s.record("abc", 10, "train/loss", 2.5)?;
         s.record("abc", 20, "train/loss", 2.0)?;
         s.record("abc", 20, "val/bpb", f64::NAN)?;
@@ -363,8 +411,8 @@ mod tests {
         let rows = s.trials(sweep)?;
         assert_eq!(rows.len(), 1);
         assert_eq!(
-            (rows[0].status, rows[0].n_params),
-            (Status::Done, Some(1234))
+            (rows[0].status, rows[0].n_params, rows[0].n_params_embedding),
+            (Status::Done, Some(1234), Some(234))
         );
         let mode: String = s
             .conn()
@@ -385,12 +433,42 @@ mod tests {
             config: "",
         };
         s.register_trial(sweep, 0, &t)?;
-        s.start_trial("t", "cpu", "v1", 1)?;
+        s.start_trial("t", "cpu", "v1", None)?;
         s.record("t", 5, "train/loss", 9.0)?;
         s.finish_trial("t", Status::Failed, Some("boom"), 0.1)?;
-        s.start_trial("t", "cpu", "v1", 1)?;
+        s.start_trial("t", "cpu", "v1", None)?;
         assert!(s.metric("t", "train/loss")?.is_empty());
         assert_eq!(s.trials(sweep)?[0].error, None);
+        Ok(())
+    }
+
+    #[test]
+    fn a_version_1_db_is_migrated_and_keeps_its_rows() -> Result<()> {
+        let path = temp_db("migrate");
+        {
+            // The version 1 layout: trials without n_params_embedding.
+            let conn = Connection::open(&path)?;
+            conn.execute_batch(&SCHEMA.replace("    n_params_embedding INTEGER,\n", ""))?;
+            conn.execute_batch(
+                "INSERT INTO meta VALUES ('schema_version', '1');
+                 INSERT INTO sweeps VALUES (1, 's', 'f', 'spec', 'v', 'now', 'now');
+                 INSERT INTO trials (id, sweep_id, seed, label, config, status, n_params,
+                                     created_at)
+                 VALUES ('t', 1, 0, '', 'cfg', 'done', 77, 'now');
+                 INSERT INTO sweep_trials VALUES (1, 't', 0);",
+            )?;
+        }
+        let s = Store::open(&path)?;
+        let t = &s.trials(1)?[0];
+        assert_eq!((t.n_params, t.n_params_embedding), (Some(77), None));
+        let v: String = s.conn().query_row(
+            "SELECT value FROM meta WHERE key = 'schema_version'",
+            [],
+            |r| r.get(0),
+        )?;
+        assert_eq!(v, SCHEMA_VERSION.to_string());
+        drop(s);
+        Store::open(&path)?; // and opens again as the current version
         Ok(())
     }
 

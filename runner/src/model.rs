@@ -8,6 +8,7 @@ use registry::{Dims, Init, Param, ParamBuilder, Role, Stream, Sublayer};
 
 use crate::amplification::{rms, Amplification};
 use crate::spec::Cell;
+use results::ParamCount;
 
 struct Block {
     attn_norm: RmsNorm,
@@ -112,8 +113,18 @@ impl Gpt {
         &self.params
     }
 
-    pub fn n_params(&self) -> usize {
-        self.params.iter().map(|p| p.var.elem_count()).sum()
+    /// Parameters in all, and those of the token embedding (which is also the head).
+    pub fn param_count(&self) -> ParamCount {
+        let size = |p: &Param| p.var.elem_count() as u64;
+        ParamCount {
+            total: self.params.iter().map(size).sum(),
+            embedding: self
+                .params
+                .iter()
+                .filter(|p| p.role == Role::Embedding)
+                .map(size)
+                .sum(),
+        }
     }
 }
 
@@ -208,7 +219,7 @@ mod grad_tests {
                     // One step first, so parameters that start at zero by design (gates,
                     // low-rank branches) have moved and every path carries gradient.
                     let mut opt = optimizer.build(model.params())?;
-                    opt.step(&loss(&model.forward(&x)?, &y)?.backward()?, 1e-2)?;
+                    opt.step(&loss(&model.forward(&x)?, &y)?.backward()?, 10.0)?;
                     let grads = loss(&model.forward(&x)?, &y)?.backward()?;
                     for p in model.params() {
                         let g = grads
@@ -226,6 +237,82 @@ mod grad_tests {
             }
         }
         assert!(checked >= 2, "only {checked} combinations");
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod optimizer_tests {
+    use super::*;
+    use crate::spec::Cell;
+    use crate::train::backward;
+    use candle_core::Device;
+    use registry::{Component, Slot};
+
+    fn pick(slot: Slot, name: &str) -> Component {
+        registry::lookup(slot, name)
+            .unwrap()
+            .parse("")
+            .unwrap()
+            .component
+    }
+
+    #[test]
+    fn every_optimizer_fits_a_fixed_batch_and_counts_split() -> Result<()> {
+        let dims = Dims {
+            d_model: 16,
+            n_layers: 2,
+            vocab: 32,
+            seq_len: 8,
+        };
+        let ids: Vec<u32> = (0..2 * 9).map(|i| (i * 11 + 5) % 32).collect();
+        let batch = Tensor::from_vec(ids, (2, 9), &Device::Cpu)?;
+        let (x, y) = (batch.narrow(1, 0, 8)?, batch.narrow(1, 1, 8)?);
+        let names: Vec<&str> = registry::entries()
+            .unwrap()
+            .into_iter()
+            .filter(|e| e.slot == Slot::Optimizer)
+            .map(|e| e.name)
+            .collect();
+        assert!(names.len() >= 3, "{names:?}");
+        for name in names {
+            let (
+                Component::Attention(attention),
+                Component::Ffn(ffn),
+                Component::Residual(residual),
+                Component::Optimizer(optimizer),
+                Component::Schedule(schedule),
+            ) = (
+                pick(Slot::Attention, "GatedGqa"),
+                pick(Slot::Ffn, "Relu2"),
+                pick(Slot::Residual, "Mhc"),
+                pick(Slot::Optimizer, name),
+                pick(Slot::Schedule, "Trapezoid"),
+            )
+            else {
+                unreachable!()
+            };
+            let cell = Cell {
+                attention,
+                ffn,
+                residual,
+                optimizer: optimizer.clone(),
+                schedule,
+            };
+            let model = Gpt::new(&cell, &dims, &ParamBuilder::new(0, &Device::Cpu))?;
+            let count = model.param_count();
+            assert_eq!(count.embedding, 32 * 16);
+            assert!(count.total > count.embedding);
+            let mut opt = optimizer.build(model.params())?;
+            let loss_now = || -> Result<f32> { loss(&model.forward(&x)?, &y)?.to_scalar::<f32>() };
+            let first = loss_now()?;
+            for _ in 0..30 {
+                let l = loss(&model.forward(&x)?, &y)?;
+                opt.step(&backward(&l, model.params())?, 3.0)?;
+            }
+            let last = loss_now()?;
+            assert!(last < 0.7 * first, "{name}: loss {first} -> {last}");
+        }
         Ok(())
     }
 }

@@ -11,6 +11,12 @@ fn the_registry_holds_every_component() {
         .collect();
     for expected in [
         (Slot::Attention, "Mha"),
+        (Slot::Attention, "Gqa"),
+        (Slot::Attention, "GatedGqa"),
+        (Slot::Ffn, "Relu2"),
+        (Slot::Optimizer, "Muon"),
+        (Slot::Optimizer, "NorMuon"),
+        (Slot::Schedule, "Trapezoid"),
         (Slot::Ffn, "Gelu"),
         (Slot::Ffn, "SwiGlu"),
         (Slot::Residual, "PreNorm"),

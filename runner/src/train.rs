@@ -98,6 +98,21 @@ pub fn build(trial: &Trial, dims: &Dims, device: &Device) -> Result<Gpt> {
     Gpt::new(&trial.cell, dims, &ParamBuilder::new(trial.seed, device))
 }
 
+/// The gradients of `loss` for `params`, cut from the autograd graph. candle detaches the
+/// gradients of intermediate nodes but not those of variables: theirs still reference the
+/// step's forward graph, and optimizer state computed from them (m = b m + (1 - b) g) would
+/// chain every step's graph to the next, growing memory by the graph's size per step.
+pub fn backward(loss: &Tensor, params: &[Param]) -> Result<GradStore> {
+    let mut grads = loss.backward()?;
+    for p in params {
+        if let Some(g) = grads.get(p.var.as_tensor()) {
+            let g = g.detach();
+            grads.insert(p.var.as_tensor(), g);
+        }
+    }
+    Ok(grads)
+}
+
 /// The L2 norm of all gradients together.
 pub fn grad_norm(grads: &GradStore, params: &[Param]) -> Result<f64> {
     let mut sq = 0.0;
@@ -141,7 +156,8 @@ pub fn train(
     let (mut loss_sum, mut loss_n, mut train_time) = (0.0, 0usize, 0.0);
     for step in 0..spec.steps {
         let started = Instant::now();
-        let lr = peak * trial.cell.schedule.factor(step, spec.steps);
+        let factor = trial.cell.schedule.factor(step, spec.steps);
+        let lr = peak * factor;
         let (x, y) = split_xy(&data.train.sample(&mut rng, b, t + 1), b, t);
         let x = Tensor::from_vec(x, (b, t), device)?;
         let y = Tensor::from_vec(y, (b, t), device)?;
@@ -153,7 +169,7 @@ pub fn train(
                 what: format!("train/loss is {lv}"),
             });
         }
-        let mut grads = l.backward()?;
+        let mut grads = backward(&l, params)?;
         let gn = grad_norm(&grads, params)?;
         if !gn.is_finite() {
             return Ok(Outcome::Diverged {
@@ -164,7 +180,7 @@ pub fn train(
         if spec.grad_clip > 0.0 && gn > spec.grad_clip {
             scale_grads(&mut grads, params, spec.grad_clip / gn)?;
         }
-        opt.step(&grads, lr)?;
+        opt.step(&grads, factor)?;
         train_time += started.elapsed().as_secs_f64();
         loss_sum += lv;
         loss_n += 1;
@@ -206,4 +222,34 @@ pub fn train(
         }
     }
     unreachable!("the last step always evaluates")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Var;
+    use registry::Role;
+
+    #[test]
+    fn gradients_handed_to_the_optimizer_carry_no_graph() -> Result<()> {
+        // w * x with x derived from w: d/dw = x + w, built from tracked tensors.
+        let var = Var::new(&[1f32, 2.0], &Device::Cpu)?;
+        let x = (var.as_tensor() * 3.0)?;
+        let loss = (var.as_tensor() * &x)?.sum_all()?;
+        let raw = loss.backward()?;
+        assert!(
+            raw.get(var.as_tensor()).unwrap().track_op(),
+            "candle now detaches variable gradients itself; backward() can go"
+        );
+        let p = Param {
+            name: "w".into(),
+            var: var.clone(),
+            role: Role::Hidden,
+        };
+        let g = backward(&loss, &[p])?;
+        let g = g.get(var.as_tensor()).unwrap();
+        assert!(!g.track_op());
+        assert_eq!(g.to_vec1::<f32>()?, vec![6.0, 12.0]);
+        Ok(())
+    }
 }

@@ -19,6 +19,29 @@ pub struct AttentionShape {
 }
 
 impl AttentionShape {
+    /// The shape from a component's RON fields (`rope: false` drops `rope_theta`).
+    pub fn new(heads: usize, kv_heads: usize, rope: bool, rope_theta: f64, qk_norm: bool) -> Self {
+        Self {
+            heads,
+            kv_heads,
+            rope_theta: rope.then_some(rope_theta),
+            qk_norm,
+        }
+    }
+
+    /// The value checks every attention shares (run when the sweep file is read).
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        if self.heads == 0 || self.kv_heads == 0 {
+            return Err("heads and kv_heads must be at least 1".into());
+        }
+        if let Some(theta) = self.rope_theta {
+            if !(theta.is_finite() && theta > 0.0) {
+                return Err(format!("rope_theta must be positive, got {theta}"));
+            }
+        }
+        Ok(())
+    }
+
     /// The checks every attention shares against the model's width.
     pub fn check(&self, dims: &Dims) -> std::result::Result<(), String> {
         if self.heads == 0 || self.kv_heads == 0 {
@@ -127,5 +150,48 @@ impl CausalSelfAttention {
 impl Sublayer for CausalSelfAttention {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         self.project(&self.attend(x)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nn::randn;
+    use candle_core::{Device, IndexOp};
+
+    #[test]
+    fn the_first_position_attends_only_to_itself() -> Result<()> {
+        // With one visible key, attention returns that key's value: y_0 = o(v(x_0)).
+        let dims = Dims {
+            d_model: 16,
+            n_layers: 2,
+            vocab: 32,
+            seq_len: 8,
+        };
+        let p = ParamBuilder::new(5, &Device::Cpu);
+        let attn = CausalSelfAttention::new(AttentionShape::new(4, 2, true, 1e4, true), &dims, &p)?;
+        let x = randn(1, (1, 4, 16), 1.0)?;
+        let y0 = attn.forward(&x)?.i((0, 0))?;
+        let weight = |name: &str| {
+            let ps = p.params();
+            ps.iter()
+                .find(|q| q.name == name)
+                .unwrap()
+                .var
+                .as_tensor()
+                .clone()
+        };
+        let (wv, wo) = (weight("v.weight"), weight("o.weight"));
+        // kv_heads = 2: value head j serves query heads 2j and 2j + 1.
+        let v = x
+            .i((0, 0))?
+            .unsqueeze(0)?
+            .matmul(&wv.t()?)?
+            .reshape((2, 1, 4))?;
+        let v = v.repeat((1, 2, 1))?.reshape((1, 16))?;
+        let expect = v.matmul(&wo.t()?)?.squeeze(0)?;
+        let diff = (y0 - expect)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(diff < 1e-6, "{diff}");
+        Ok(())
     }
 }

@@ -1,11 +1,10 @@
 //! The GPT-2 MLP (Radford et al. 2019): down(gelu(up(x))), exact erf GELU (PyTorch's default).
 
 use candle_core::{Result, Tensor};
-use registry::{Dims, Entry, Ffn, ParamBuilder, ParamDoc, Role, Spec, Sublayer};
+use registry::{Dims, Entry, Ffn, ParamBuilder, ParamDoc, Spec, Sublayer};
 use serde::{Deserialize, Serialize};
 
-use super::{check_mult, hidden_width};
-use crate::nn::{out_proj_std, Linear, INIT_STD};
+use super::{check_mult, Mlp};
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -25,30 +24,9 @@ impl Spec for Gelu {
     }
 }
 
-struct Layer {
-    up: Linear,
-    down: Linear,
-}
-
-impl Sublayer for Layer {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.down.forward(&self.up.forward(x)?.gelu_erf()?)
-    }
-}
-
 impl Ffn for Gelu {
     fn build(&self, dims: &Dims, p: &ParamBuilder) -> Result<Box<dyn Sublayer>> {
-        let (c, h) = (dims.d_model, hidden_width(self.mult, dims.d_model));
-        Ok(Box::new(Layer {
-            up: Linear::new(c, h, INIT_STD, Role::Hidden, &p.pp("up"))?,
-            down: Linear::new(
-                h,
-                c,
-                out_proj_std(dims.n_layers),
-                Role::Hidden,
-                &p.pp("down"),
-            )?,
-        }))
+        Ok(Box::new(Mlp::new(self.mult, Tensor::gelu_erf, dims, p)?))
     }
 }
 

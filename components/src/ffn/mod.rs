@@ -1,5 +1,41 @@
 pub mod gelu;
+pub mod relu2;
 pub mod swiglu;
+
+use candle_core::{Result, Tensor};
+use registry::{Dims, ParamBuilder, Role, Sublayer};
+
+use crate::nn::{out_proj_std, Linear, INIT_STD};
+
+/// The two-matrix MLP down(act(up x)) that Gelu and Relu2 differ in the activation of.
+pub(crate) struct Mlp {
+    up: Linear,
+    down: Linear,
+    act: fn(&Tensor) -> Result<Tensor>,
+}
+
+impl Mlp {
+    pub(crate) fn new(
+        mult: f64,
+        act: fn(&Tensor) -> Result<Tensor>,
+        dims: &Dims,
+        p: &ParamBuilder,
+    ) -> Result<Self> {
+        let (c, h) = (dims.d_model, hidden_width(mult, dims.d_model));
+        let down_std = out_proj_std(dims.n_layers);
+        Ok(Self {
+            up: Linear::new(c, h, INIT_STD, Role::Hidden, &p.pp("up"))?,
+            down: Linear::new(h, c, down_std, Role::Hidden, &p.pp("down"))?,
+            act,
+        })
+    }
+}
+
+impl Sublayer for Mlp {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.down.forward(&(self.act)(&self.up.forward(x)?)?)
+    }
+}
 
 /// Hidden width for a multiplier of d_model, rounded to a multiple of 8 (kernel-friendly)
 /// and never below 8.
@@ -7,7 +43,7 @@ pub(crate) fn hidden_width(mult: f64, d_model: usize) -> usize {
     (((mult * d_model as f64) / 8.0).round() as usize).max(1) * 8
 }
 
-pub(crate) fn check_mult(mult: f64) -> Result<(), String> {
+pub(crate) fn check_mult(mult: f64) -> std::result::Result<(), String> {
     if mult.is_finite() && mult > 0.0 {
         Ok(())
     } else {

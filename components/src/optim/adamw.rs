@@ -94,9 +94,10 @@ impl AdamWState {
 }
 
 impl Stepper for AdamWState {
-    fn step(&mut self, grads: &GradStore, lr: f64) -> Result<()> {
+    fn step(&mut self, grads: &GradStore, factor: f64) -> Result<()> {
         self.t += 1;
         let c = &self.cfg;
+        let lr = c.lr * factor;
         let bias1 = 1.0 - c.beta1.powi(self.t);
         let bias2 = 1.0 - c.beta2.powi(self.t);
         for s in &mut self.slots {
@@ -179,13 +180,13 @@ mod tests {
                 .sum_all()?
                 .backward()
         };
-        opt.step(&grad_of([0.5, -1.0])?, 0.1)?;
+        opt.step(&grad_of([0.5, -1.0])?, 1.0)?;
         let w1 = var.as_tensor().to_vec1::<f32>()?;
         assert!(
             (w1[0] - 0.85).abs() < 1e-6 && (w1[1] + 1.8).abs() < 1e-6,
             "{w1:?}"
         );
-        opt.step(&grad_of([0.1, -1.0])?, 0.1)?;
+        opt.step(&grad_of([0.1, -1.0])?, 1.0)?;
         let w2 = var.as_tensor().to_vec1::<f32>()?;
         assert!((w2[0] - 0.726_247).abs() < 1e-5, "{w2:?}");
         // Element 1 sees the same gradient twice: update stays -1, w = -1.8*0.95 + 0.1 = -1.61
@@ -208,7 +209,7 @@ mod tests {
         let mut opt = cfg.build(&[p])?;
         // A zero gradient: Adam's update is 0/(0+eps) = 0, so only decay could move w.
         let grads = (var.as_tensor() * 0.0)?.sum_all()?.backward()?;
-        opt.step(&grads, 0.1)?;
+        opt.step(&grads, 1.0)?;
         assert_eq!(var.as_tensor().to_vec1::<f32>()?, vec![2.0]);
         Ok(())
     }

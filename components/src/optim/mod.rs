@@ -1,1 +1,3 @@
 pub mod adamw;
+pub mod muon;
+pub mod normuon;

@@ -120,10 +120,12 @@ impl Stream for HcStream {
         f: &dyn Fn(&Tensor) -> Result<Tensor>,
     ) -> Result<Tensor> {
         let co = self.connections[k].coefficients(state)?;
-        let h = state.broadcast_mul(&co.a_m)?.sum(2)?; // A_m^T H: (B, T, C)
-        let out = f(&h)?.unsqueeze(2)?; // (B, T, 1, C)
+        // Products with the small coefficient matrices, not broadcast multiply-and-sum:
+        // candle's CPU reductions over a size-n axis are far slower than these matmuls.
+        let h = co.a_m.transpose(2, 3)?.broadcast_matmul(state)?; // A_m^T H: (B, T, 1, C)
+        let out = f(&h.squeeze(2)?)?.unsqueeze(2)?;
         let carried = co.a_r.transpose(2, 3)?.broadcast_matmul(state)?; // A_r^T H
-        carried + co.b.broadcast_mul(&out)?
+        carried + co.b.broadcast_matmul(&out)?
     }
 
     fn reduce(&self, state: &Tensor) -> Result<Tensor> {

@@ -21,8 +21,8 @@ use candle_core::{DType, Result, Tensor, D};
 use registry::{Dims, Entry, Init, ParamBuilder, ParamDoc, Probe, Residual, Role, Spec, Stream};
 use serde::{Deserialize, Serialize};
 
-use super::{check_streams, identity, merge, replicate, sigmoid, sinkhorn};
-use crate::nn::rms_norm;
+use super::{check_streams, identity, merge, replicate, sinkhorn};
+use crate::nn::{rms_norm, sigmoid};
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -111,10 +111,12 @@ impl Stream for MhcStream {
     ) -> Result<Tensor> {
         let dtype = state.dtype();
         let co = self.coefficients(k, state)?;
-        let h = state.broadcast_mul(&co.pre.to_dtype(dtype)?)?.sum(2)?; // H_pre x: (B, T, C)
-        let out = f(&h)?.unsqueeze(2)?; // (B, T, 1, C)
+        // Matmuls rather than broadcast multiply-and-sum (see Hc): H_pre x as (1 x n)(n x C),
+        // H_post^T F as the outer product (n x 1)(1 x C).
+        let h = co.pre.to_dtype(dtype)?.transpose(2, 3)?.matmul(state)?; // (B, T, 1, C)
+        let out = f(&h.squeeze(2)?)?.unsqueeze(2)?;
         let carried = co.res.to_dtype(dtype)?.matmul(state)?; // H_res x
-        carried + co.post.to_dtype(dtype)?.broadcast_mul(&out)?
+        carried + co.post.to_dtype(dtype)?.matmul(&out)?
     }
 
     fn reduce(&self, state: &Tensor) -> Result<Tensor> {

@@ -1,1 +1,2 @@
 pub mod cosine;
+pub mod trapezoid;

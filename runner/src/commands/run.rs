@@ -133,12 +133,12 @@ fn run_trial(
     let model = match built {
         Ok(Ok(m)) => m,
         Ok(Err(e)) => {
-            store.start_trial(&trial.id, &device_name(device), CODE_VERSION, 0)?;
+            store.start_trial(&trial.id, &device_name(device), CODE_VERSION, None)?;
             let msg = format!("building the model: {e}");
             return Ok((Status::Failed, Some(msg.clone()), msg));
         }
         Err(p) => {
-            store.start_trial(&trial.id, &device_name(device), CODE_VERSION, 0)?;
+            store.start_trial(&trial.id, &device_name(device), CODE_VERSION, None)?;
             let msg = format!("panic while building the model: {}", panic_message(&p));
             return Ok((Status::Failed, Some(msg.clone()), msg));
         }
@@ -147,7 +147,7 @@ fn run_trial(
         &trial.id,
         &device_name(device),
         CODE_VERSION,
-        model.n_params() as u64,
+        Some(model.param_count()),
     )?;
     let mut obs = Recorder {
         store,

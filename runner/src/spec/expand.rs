@@ -245,17 +245,17 @@ pub fn product(lens: &[usize]) -> Vec<Vec<usize>> {
     out
 }
 
-/// Expands the axes into cells, checks every cell against the model's shape, and returns
-/// the trials seed-major.
+/// Checks every cell (indices into the axes) against the model's shape and returns the
+/// trials seed-major.
 pub fn trials(
     source: &Source,
     axes: &[Vec<Variant>],
+    cells: &[Vec<usize>],
     seeds: &[u64],
     dims: &Dims,
     shared: &Shared,
 ) -> Result<Vec<Trial>, InputError> {
-    let cells = product(&axes.iter().map(Vec::len).collect::<Vec<_>>());
-    let labels = labels(axes, &cells);
+    let labels = labels(axes, cells);
 
     let mut problems = Vec::new();
     for (ci, combo) in cells.iter().enumerate() {

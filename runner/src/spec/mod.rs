@@ -84,8 +84,9 @@ struct SweepFile<'a> {
     data: DataSpec,
     train: TrainSpec,
     model: ModelSpec,
+    /// One grid `( attention: [...], ... )`, or a list of grids whose cells are joined.
     #[serde(borrow)]
-    grid: GridFile<'a>,
+    grid: &'a RawValue,
 }
 
 #[derive(Deserialize)]
@@ -156,15 +157,12 @@ impl Sweep {
         check_model(&source, &file.model)?;
         file.data.check(&source)?;
 
-        let g = &file.grid;
-        let axes = expand::parse_axes(
-            &source,
-            [g.attention, g.ffn, g.residual, g.optimizer, g.schedule],
-        )?;
+        let (axes, cells) = parse_grids(&source, file.grid.trim().get_ron(), &options)?;
         let dims = dims_of(&file.model, &file.data, &train);
         let trials = expand::trials(
             &source,
             &axes,
+            &cells,
             &file.seeds,
             &dims,
             &expand::Shared {
@@ -189,6 +187,68 @@ impl Sweep {
     pub fn dims(&self) -> registry::Dims {
         dims_of(&self.model, &self.data, &self.train)
     }
+}
+
+/// A grid cell as the index of its variant in each slot's axis.
+type CellIndex = Vec<usize>;
+
+/// The grid section: one grid, or a list of grids whose cells are joined in order (a cell
+/// that an earlier grid already holds is not repeated). Returns the variants of each slot
+/// over all grids and the cells as indices into them.
+fn parse_grids(
+    source: &Source,
+    text: &str,
+    options: &ron::Options,
+) -> Result<(Vec<Vec<Variant>>, Vec<CellIndex>), InputError> {
+    let grids = if text.starts_with('[') {
+        let base = raw::offset_in(&source.text, text);
+        let items = raw::items(text).map_err(|e| source.ron_error_in(base, &e))?;
+        if items.is_empty() {
+            return Err(source.error_at(text, "grid is an empty list: give at least one grid"));
+        }
+        items
+    } else {
+        vec![text]
+    };
+    let mut axes: Vec<Vec<Variant>> = vec![Vec::new(); registry::Slot::ALL.len()];
+    let mut cells: Vec<CellIndex> = Vec::new();
+    for text in grids {
+        let base = raw::offset_in(&source.text, text);
+        let g: GridFile = options
+            .from_str(text)
+            .map_err(|e| source.ron_error_in(base, &e))?;
+        let local = expand::parse_axes(
+            source,
+            [g.attention, g.ffn, g.residual, g.optimizer, g.schedule],
+        )?;
+        // Where each of this grid's variants sits among all grids' variants of its slot.
+        let index: Vec<Vec<usize>> = local
+            .into_iter()
+            .zip(axes.iter_mut())
+            .map(|(variants, all)| {
+                variants
+                    .into_iter()
+                    .map(
+                        |v| match all.iter().position(|a| a.canonical == v.canonical) {
+                            Some(i) => i,
+                            None => {
+                                all.push(v);
+                                all.len() - 1
+                            }
+                        },
+                    )
+                    .collect()
+            })
+            .collect();
+        let lens: Vec<usize> = index.iter().map(Vec::len).collect();
+        for combo in expand::product(&lens) {
+            let cell: Vec<usize> = combo.iter().zip(&index).map(|(&i, ix)| ix[i]).collect();
+            if !cells.contains(&cell) {
+                cells.push(cell);
+            }
+        }
+    }
+    Ok((axes, cells))
 }
 
 fn dims_of(model: &ModelSpec, data: &DataSpec, train: &TrainSpec) -> registry::Dims {

@@ -128,3 +128,61 @@ fn errors_point_into_the_file_or_the_flag() {
         "{e}"
     );
 }
+
+#[test]
+fn a_list_of_grids_joins_their_cells_without_repeats() {
+    let s = sweep(
+        "[(attention: [Mha], ffn: [Gelu, SwiGlu]), \
+          (attention: [Gqa(heads: 2, kv_heads: 1)], ffn: [Relu2], residual: [Mhc]), \
+          (attention: [Mha], ffn: [Gelu])]",
+        &[],
+    )
+    .unwrap();
+    // 2 + 1 cells (the third grid's only cell is the first grid's first), x 2 seeds.
+    assert_eq!(s.trials.len(), 6);
+    let labels: Vec<&str> = s.trials[..3].iter().map(|t| t.label.as_str()).collect();
+    assert_eq!(
+        labels,
+        [
+            "attention=Mha ffn=Gelu residual=PreNorm",
+            "attention=Mha ffn=SwiGlu residual=PreNorm",
+            "attention=Gqa ffn=Relu2 residual=Mhc",
+        ]
+    );
+    // A single grid written as a one-element list is the same sweep, the same trial ids.
+    let one = sweep("(attention: [Mha], ffn: [Gelu, SwiGlu])", &[]).unwrap();
+    let listed = sweep("[(attention: [Mha], ffn: [Gelu, SwiGlu])]", &[]).unwrap();
+    let ids = |s: &Sweep| s.trials.iter().map(|t| t.id.clone()).collect::<Vec<_>>();
+    assert_eq!(ids(&one), ids(&listed));
+    assert_eq!(ids(&one)[..2], ids(&s)[..2]);
+}
+
+#[test]
+fn errors_inside_a_listed_grid_point_into_it() {
+    let err = sweep(
+        "[(attention: [Mha], ffn: [Gelu]), (attention: [Mha], ffn: [Gleu])]",
+        &[],
+    )
+    .unwrap_err()
+    .to_string();
+    // Line 7 holds the grid, which starts at column 11; `Gleu` at column 70.
+    assert!(err.starts_with("t.ron:7:70:"), "{err}");
+    assert!(err.contains("Did you mean `Gelu`?"), "{err}");
+    let err = sweep("[]", &[]).unwrap_err().to_string();
+    assert!(err.contains("grid is an empty list"), "{err}");
+}
+
+#[test]
+fn every_sweep_file_shipped_in_sweeps_loads() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../sweeps");
+    let mut n = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "ron") {
+            let s = Sweep::load(&path, &[]).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            assert!(!s.trials.is_empty());
+            n += 1;
+        }
+    }
+    assert!(n >= 4, "only {n} sweep files");
+}
