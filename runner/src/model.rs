@@ -241,21 +241,43 @@ mod grad_tests {
     }
 }
 
+/// A cell from (name, RON params) per slot, in `Slot::ALL` order.
+#[cfg(test)]
+pub(crate) fn cell_of(parts: [(&str, &str); 5]) -> Cell {
+    use registry::{Component, Slot};
+    let mut c: Vec<Component> = Slot::ALL
+        .into_iter()
+        .zip(parts)
+        .map(|(slot, (name, params))| {
+            let entry = registry::lookup(slot, name).unwrap();
+            entry.parse(params).unwrap().component
+        })
+        .collect();
+    let (
+        Some(Component::Schedule(schedule)),
+        Some(Component::Optimizer(optimizer)),
+        Some(Component::Residual(residual)),
+        Some(Component::Ffn(ffn)),
+        Some(Component::Attention(attention)),
+    ) = (c.pop(), c.pop(), c.pop(), c.pop(), c.pop())
+    else {
+        unreachable!("Slot::ALL order")
+    };
+    Cell {
+        attention,
+        ffn,
+        residual,
+        optimizer,
+        schedule,
+    }
+}
+
 #[cfg(test)]
 mod optimizer_tests {
     use super::*;
-    use crate::spec::Cell;
     use crate::train::backward;
     use candle_core::Device;
-    use registry::{Component, Slot};
-
-    fn pick(slot: Slot, name: &str) -> Component {
-        registry::lookup(slot, name)
-            .unwrap()
-            .parse("")
-            .unwrap()
-            .component
-    }
+    use registry::Slot;
 
     #[test]
     fn every_optimizer_fits_a_fixed_batch_and_counts_split() -> Result<()> {
@@ -276,29 +298,14 @@ mod optimizer_tests {
             .collect();
         assert!(names.len() >= 3, "{names:?}");
         for name in names {
-            let (
-                Component::Attention(attention),
-                Component::Ffn(ffn),
-                Component::Residual(residual),
-                Component::Optimizer(optimizer),
-                Component::Schedule(schedule),
-            ) = (
-                pick(Slot::Attention, "GatedGqa"),
-                pick(Slot::Ffn, "Relu2"),
-                pick(Slot::Residual, "Mhc"),
-                pick(Slot::Optimizer, name),
-                pick(Slot::Schedule, "Trapezoid"),
-            )
-            else {
-                unreachable!()
-            };
-            let cell = Cell {
-                attention,
-                ffn,
-                residual,
-                optimizer: optimizer.clone(),
-                schedule,
-            };
+            let cell = cell_of([
+                ("GatedGqa", ""),
+                ("Relu2", ""),
+                ("Mhc", ""),
+                (name, ""),
+                ("Trapezoid", ""),
+            ]);
+            let optimizer = cell.optimizer.clone();
             let model = Gpt::new(&cell, &dims, &ParamBuilder::new(0, &Device::Cpu))?;
             let count = model.param_count();
             assert_eq!(count.embedding, 32 * 16);
@@ -320,41 +327,16 @@ mod optimizer_tests {
 #[cfg(test)]
 mod amplification_tests {
     use super::*;
-    use crate::spec::Cell;
     use candle_core::Device;
-    use registry::{Component, Slot};
 
     fn cell(residual: &str, params: &str) -> Cell {
-        let get = |slot: Slot, name: &str, params: &str| {
-            registry::lookup(slot, name)
-                .unwrap()
-                .parse(params)
-                .unwrap()
-                .component
-        };
-        let (
-            Component::Attention(attention),
-            Component::Ffn(ffn),
-            Component::Residual(residual),
-            Component::Optimizer(optimizer),
-            Component::Schedule(schedule),
-        ) = (
-            get(Slot::Attention, "Mha", ""),
-            get(Slot::Ffn, "Gelu", ""),
-            get(Slot::Residual, residual, params),
-            get(Slot::Optimizer, "AdamW", ""),
-            get(Slot::Schedule, "Cosine", ""),
-        )
-        else {
-            unreachable!()
-        };
-        Cell {
-            attention,
-            ffn,
-            residual,
-            optimizer,
-            schedule,
-        }
+        cell_of([
+            ("Mha", ""),
+            ("Gelu", ""),
+            (residual, params),
+            ("AdamW", ""),
+            ("Cosine", ""),
+        ])
     }
 
     fn dims() -> Dims {

@@ -53,19 +53,4 @@ mod tests {
         assert_eq!(y[2], 0.0);
         Ok(())
     }
-
-    #[test]
-    fn hidden_width_follows_mult() -> Result<()> {
-        let dims = Dims {
-            d_model: 16,
-            n_layers: 1,
-            vocab: 4,
-            seq_len: 4,
-        };
-        let p = ParamBuilder::new(0, &Device::Cpu);
-        Gelu::default().build(&dims, &p)?;
-        let shapes: Vec<_> = p.params().iter().map(|q| q.var.dims().to_vec()).collect();
-        assert_eq!(shapes, vec![vec![64, 16], vec![16, 64]]);
-        Ok(())
-    }
 }

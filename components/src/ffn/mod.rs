@@ -53,6 +53,29 @@ pub(crate) fn check_mult(mult: f64) -> std::result::Result<(), String> {
 
 #[cfg(test)]
 mod tests {
+    use candle_core::Device;
+    use registry::{Dims, Ffn, ParamBuilder};
+
+    #[test]
+    fn the_two_matrix_mlps_size_their_hidden_layer_by_mult() {
+        let dims = Dims {
+            d_model: 16,
+            n_layers: 1,
+            vocab: 4,
+            seq_len: 4,
+        };
+        let ffns: [Box<dyn Ffn>; 2] = [
+            Box::new(super::gelu::Gelu { mult: 4.0 }),
+            Box::new(super::relu2::Relu2 { mult: 2.0 }),
+        ];
+        for (ffn, hidden) in ffns.iter().zip([64, 32]) {
+            let p = ParamBuilder::new(0, &Device::Cpu);
+            ffn.build(&dims, &p).unwrap();
+            let shapes: Vec<_> = p.params().iter().map(|q| q.var.dims().to_vec()).collect();
+            assert_eq!(shapes, vec![vec![hidden, 16], vec![16, hidden]], "{ffn:?}");
+        }
+    }
+
     #[test]
     fn hidden_width_rounds_to_multiples_of_eight() {
         assert_eq!(super::hidden_width(8.0 / 3.0, 64), 168); // 170.7 -> 21.3 x 8

@@ -62,19 +62,4 @@ mod tests {
         );
         Ok(())
     }
-
-    #[test]
-    fn hidden_width_follows_mult() -> Result<()> {
-        let dims = Dims {
-            d_model: 16,
-            n_layers: 1,
-            vocab: 4,
-            seq_len: 4,
-        };
-        let p = ParamBuilder::new(0, &Device::Cpu);
-        Relu2 { mult: 2.0 }.build(&dims, &p)?;
-        let shapes: Vec<_> = p.params().iter().map(|q| q.var.dims().to_vec()).collect();
-        assert_eq!(shapes, vec![vec![32, 16], vec![16, 32]]);
-        Ok(())
-    }
 }
