@@ -46,18 +46,6 @@ impl Default for GatedGqa {
     }
 }
 
-impl GatedGqa {
-    fn ungated(&self) -> Gqa {
-        Gqa {
-            heads: self.heads,
-            kv_heads: self.kv_heads,
-            rope: self.rope,
-            rope_theta: self.rope_theta,
-            qk_norm: self.qk_norm,
-        }
-    }
-}
-
 impl Spec for GatedGqa {
     fn validate(&self) -> std::result::Result<(), String> {
         self.ungated().validate()
@@ -103,6 +91,17 @@ impl Attention for GatedGqa {
 }
 
 impl GatedGqa {
+    fn ungated(&self) -> Gqa {
+        Gqa {
+            heads: self.heads,
+            kv_heads: self.kv_heads,
+            rope: self.rope,
+            rope_theta: self.rope_theta,
+            qk_norm: self.qk_norm,
+        }
+    }
+
+    /// The built layer as its own type, so tests can set its gate.
     pub(crate) fn build_gated(&self, dims: &Dims, p: &ParamBuilder) -> Result<GatedAttention> {
         let width = match self.gate {
             Gate::Elementwise => dims.d_model,

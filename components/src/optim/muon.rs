@@ -106,8 +106,7 @@ pub fn newton_schulz(g: &Tensor, steps: usize) -> Result<Tensor> {
     if tall {
         x = x.t()?.contiguous()?;
     }
-    let norm = x.sqr()?.sum_all()?.sqrt()?.to_scalar::<f32>()? as f64;
-    x = (x / (norm + 1e-7))?;
+    x = (&x / (frobenius(&x)? + 1e-7))?;
     for _ in 0..steps {
         let gram = x.matmul(&x.t()?)?;
         let poly = ((&gram * b)? + (gram.matmul(&gram)? * c)?)?;

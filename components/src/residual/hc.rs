@@ -12,7 +12,7 @@ use candle_core::{Result, Tensor, D};
 use registry::{Dims, Entry, Init, ParamBuilder, ParamDoc, Probe, Residual, Role, Spec, Stream};
 use serde::{Deserialize, Serialize};
 
-use super::{check_streams, identity, merge, replicate};
+use super::{check_streams, connect, identity, merge, replicate, token_mean};
 use crate::nn::rms_norm;
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -120,12 +120,8 @@ impl Stream for HcStream {
         f: &dyn Fn(&Tensor) -> Result<Tensor>,
     ) -> Result<Tensor> {
         let co = self.connections[k].coefficients(state)?;
-        // Products with the small coefficient matrices, not broadcast multiply-and-sum:
-        // candle's CPU reductions over a size-n axis are far slower than these matmuls.
-        let h = co.a_m.transpose(2, 3)?.broadcast_matmul(state)?; // A_m^T H: (B, T, 1, C)
-        let out = f(&h.squeeze(2)?)?.unsqueeze(2)?;
-        let carried = co.a_r.transpose(2, 3)?.broadcast_matmul(state)?; // A_r^T H
-        carried + co.b.broadcast_matmul(&out)?
+        // h = A_m^T H, H' = A_r^T H + B^T F(h).
+        connect(state, &co.a_m, &co.a_r.transpose(2, 3)?, &co.b, f)
     }
 
     fn reduce(&self, state: &Tensor) -> Result<Tensor> {
@@ -134,9 +130,8 @@ impl Stream for HcStream {
 
     fn probe(&self, k: usize, state: &Tensor) -> Result<Probe> {
         let a_r = self.connections[k].coefficients(state)?.a_r;
-        let mean = a_r.reshape(((), self.n, self.n))?.mean(0)?;
         Ok(Probe {
-            mixing: Some(mean.t()?.contiguous()?),
+            mixing: Some(token_mean(&a_r, self.n)?.t()?.contiguous()?),
             extra: Vec::new(),
         })
     }

@@ -21,7 +21,7 @@ use candle_core::{DType, Result, Tensor, D};
 use registry::{Dims, Entry, Init, ParamBuilder, ParamDoc, Probe, Residual, Role, Spec, Stream};
 use serde::{Deserialize, Serialize};
 
-use super::{check_streams, identity, merge, replicate, sinkhorn};
+use super::{check_streams, connect, identity, merge, replicate, sinkhorn, token_mean};
 use crate::nn::{rms_norm, sigmoid};
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -109,14 +109,8 @@ impl Stream for MhcStream {
         state: &Tensor,
         f: &dyn Fn(&Tensor) -> Result<Tensor>,
     ) -> Result<Tensor> {
-        let dtype = state.dtype();
         let co = self.coefficients(k, state)?;
-        // Matmuls rather than broadcast multiply-and-sum (see Hc): H_pre x as (1 x n)(n x C),
-        // H_post^T F as the outer product (n x 1)(1 x C).
-        let h = co.pre.to_dtype(dtype)?.transpose(2, 3)?.matmul(state)?; // (B, T, 1, C)
-        let out = f(&h.squeeze(2)?)?.unsqueeze(2)?;
-        let carried = co.res.to_dtype(dtype)?.matmul(state)?; // H_res x
-        carried + co.post.to_dtype(dtype)?.matmul(&out)?
+        connect(state, &co.pre, &co.res, &co.post, f)
     }
 
     fn reduce(&self, state: &Tensor) -> Result<Tensor> {
@@ -134,7 +128,7 @@ impl Stream for MhcStream {
         };
         let sum_err = err(D::Minus1)?.max(err(D::Minus2)?);
         Ok(Probe {
-            mixing: Some(res.reshape(((), self.n, self.n))?.mean(0)?),
+            mixing: Some(token_mean(&res, self.n)?),
             extra: vec![("mhc/sum_err", sum_err as f64)],
         })
     }

@@ -21,6 +21,33 @@ pub(crate) fn merge(state: &Tensor) -> Result<Tensor> {
     state.mean(2)
 }
 
+/// One hyper-connection around sublayer `f`, the step HC and mHC share:
+/// x' = res x + post F(pre^T x) on the stream axis of x (B, T, n, C), with pre and post
+/// (.., n, 1) and res (.., n, n) whose leading dimensions are (B, T) or broadcast from (1, 1).
+/// Matmuls, not broadcast multiply-and-sum: candle's CPU reductions over a size-n axis are
+/// far slower. The coefficients are cast to the state's dtype.
+pub(crate) fn connect(
+    state: &Tensor,
+    pre: &Tensor,
+    res: &Tensor,
+    post: &Tensor,
+    f: &dyn Fn(&Tensor) -> Result<Tensor>,
+) -> Result<Tensor> {
+    let dtype = state.dtype();
+    let h = pre
+        .to_dtype(dtype)?
+        .transpose(2, 3)?
+        .broadcast_matmul(state)?; // (B, T, 1, C)
+    let out = f(&h.squeeze(2)?)?.unsqueeze(2)?;
+    let carried = res.to_dtype(dtype)?.broadcast_matmul(state)?;
+    carried + post.to_dtype(dtype)?.broadcast_matmul(&out)?
+}
+
+/// Per-token n x n maps (.., n, n) averaged over the tokens: (n, n).
+pub(crate) fn token_mean(maps: &Tensor, n: usize) -> Result<Tensor> {
+    maps.reshape(((), n, n))?.mean(0)
+}
+
 /// The number of streams must be at least 1.
 pub(crate) fn check_streams(n: usize) -> std::result::Result<(), String> {
     if n == 0 {
