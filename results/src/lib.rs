@@ -3,6 +3,7 @@
 //! and `metrics`, plus `sweep_trials` (which trials a sweep consists of) and `meta` (the
 //! schema version). The schema is documented in the README; [`SCHEMA`] is its source.
 
+pub mod report;
 mod status;
 mod store;
 
@@ -30,6 +31,24 @@ pub enum Error {
     Sql(#[from] rusqlite::Error),
     #[error("unknown trial status `{0}` in the results database")]
     BadStatus(String),
+    /// The DB to read does not exist.
+    #[error("{path}: no such results database; `sweep run FILE` writes sweep.db beside FILE, or give --db PATH")]
+    Missing { path: String },
+    /// A file that is not a results database (no `meta` table).
+    #[error("{path} is not a sweep results database (it has no meta table); give the --db that `sweep run` wrote")]
+    NotResults { path: String },
+    /// A request the data cannot answer: unknown sweep, bad baseline, nothing to plot.
+    #[error("{0}")]
+    Input(String),
+    #[error("{0}")]
+    Report(String),
+    #[error("drawing {0}")]
+    Plot(String),
+    #[error("{path}: {source}")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
 }
 
 pub type Result<T> = std::result::Result<T, Error>;

@@ -3,7 +3,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use rusqlite::{params, Connection, OptionalExtension};
+use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 
 use crate::{Error, Result, Status};
 
@@ -120,12 +120,51 @@ pub struct Store {
 impl Store {
     /// Opens (creating if needed) the store at `path`.
     pub fn open(path: &Path) -> Result<Self> {
+        Self::open_with(path, OpenFlags::default())
+    }
+
+    /// Opens a store that must already exist, for reading while a sweep may be writing it
+    /// (WAL: readers and the one writer do not block each other). Nothing is created.
+    pub fn open_existing(path: &Path) -> Result<Self> {
+        let shown = path.display().to_string();
+        if !path.is_file() {
+            return Err(Error::Missing { path: shown });
+        }
+        {
+            let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY)
+                .map_err(|source| Error::Open {
+                    path: shown.clone(),
+                    source,
+                })?;
+            let has_meta: bool = conn
+                .query_row(
+                    "SELECT count(*) > 0 FROM sqlite_master WHERE type = 'table' AND name = 'meta'",
+                    [],
+                    |r| r.get(0),
+                )
+                .map_err(|_| Error::NotResults {
+                    path: shown.clone(),
+                })?;
+            if !has_meta {
+                return Err(Error::NotResults { path: shown });
+            }
+        }
+        // Read-write without CREATE, so that an older schema is migrated like any opening.
+        Self::open_with(
+            path,
+            OpenFlags::SQLITE_OPEN_READ_WRITE
+                | OpenFlags::SQLITE_OPEN_NO_MUTEX
+                | OpenFlags::SQLITE_OPEN_URI,
+        )
+    }
+
+    fn open_with(path: &Path, flags: OpenFlags) -> Result<Self> {
         let shown = path.display().to_string();
         let open_err = |source| Error::Open {
             path: shown.clone(),
             source,
         };
-        let conn = Connection::open(path).map_err(open_err)?;
+        let conn = Connection::open_with_flags(path, flags).map_err(open_err)?;
         conn.busy_timeout(Duration::from_secs(30))
             .map_err(open_err)?;
         conn.pragma_update(None, "journal_mode", "WAL")

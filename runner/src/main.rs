@@ -1,7 +1,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use runner::commands::{list, run};
+use runner::commands::{list, report, run};
 use runner::error::{exit, InputError};
 
 /// Architecture sweeps for language models: list component variants in a RON file, train
@@ -16,6 +16,7 @@ struct Cli {
 #[derive(clap::Subcommand)]
 enum Command {
     Run(run::Args),
+    Report(report::Args),
     List(list::Args),
 }
 
@@ -23,6 +24,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(args) => run::exec(args),
+        Command::Report(args) => report::exec(args),
         Command::List(args) => list::exec(args),
     };
     match result {

@@ -12,6 +12,7 @@
 //! ```
 
 mod expand;
+mod factors;
 pub mod raw;
 mod source;
 
@@ -21,6 +22,7 @@ use ron::value::RawValue;
 use serde::{Deserialize, Serialize};
 
 pub use expand::{Cell, Trial, Variant};
+pub use factors::factors;
 pub use source::Source;
 
 use crate::data::DataSpec;

@@ -1,0 +1,402 @@
+//! The report as text: an aligned table for the terminal, Markdown for notes and pull
+//! requests, CSV and JSON with full precision for other tools.
+
+use serde_json::{json, Value};
+
+use super::{Report, Row, VsBaseline};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    Table,
+    Csv,
+    Json,
+    Markdown,
+}
+
+impl Report {
+    pub fn render(&self, format: Format, source: &str) -> String {
+        match format {
+            Format::Table => self.aligned(source, false),
+            Format::Markdown => self.aligned(source, true),
+            Format::Csv => self.csv(),
+            Format::Json => {
+                serde_json::to_string_pretty(&self.json()).expect("JSON values serialize") + "\n"
+            }
+        }
+    }
+
+    /// One line about the whole sweep.
+    pub fn headline(&self, source: &str) -> String {
+        let c = self.counts();
+        let n: usize = self.rows.iter().map(|r| r.trials.len()).sum();
+        let states: Vec<String> = [
+            (c.done, "done"),
+            (c.diverged, "diverged"),
+            (c.failed, "failed"),
+            (c.running, "running"),
+            (c.queued, "queued"),
+        ]
+        .iter()
+        .filter(|(k, _)| *k > 0)
+        .map(|(k, s)| format!("{k} {s}"))
+        .collect();
+        format!(
+            "sweep {}: {n} trials in {} configurations ({}); {source}",
+            self.sweep,
+            self.rows.len(),
+            states.join(", ")
+        )
+    }
+
+    fn header(&self) -> Vec<String> {
+        let mut h: Vec<String> = self.columns.clone();
+        h.extend(["val/bpb", "std", "95% CI"].map(String::from));
+        if self.baseline.is_some() {
+            h.extend(["Δ bpb", "Δ 95% CI", "p"].map(String::from));
+        }
+        h.push("best val/loss".into());
+        if self.has_amplification() {
+            h.extend(["amax fwd", "amax bwd"].map(String::from));
+        }
+        h.extend(["params", "tok/s", "seeds"].map(String::from));
+        h
+    }
+
+    fn cells(&self, r: &Row) -> Vec<String> {
+        let mut c = r.values.clone();
+        let bpb = r.bpb.as_ref();
+        c.push(opt(bpb.map(|s| s.mean), |v| format!("{v:.4}")));
+        c.push(opt(bpb.and_then(|s| s.std), |v| format!("{v:.4}")));
+        c.push(opt(bpb.and_then(|s| s.ci95), interval));
+        if self.baseline.is_some() {
+            match &r.vs_baseline {
+                Some(VsBaseline::IsBaseline) => {
+                    c.extend(["baseline", "", ""].map(String::from));
+                }
+                Some(VsBaseline::Diff { diff, test, .. }) => {
+                    c.push(format!("{diff:+.4}"));
+                    c.push(opt(test.map(|t| t.ci95), interval));
+                    c.push(opt(test.map(|t| t.p), p_value));
+                }
+                _ => c.extend(["-", "-", "-"].map(String::from)),
+            }
+        }
+        c.push(opt(r.best_val_loss, |v| format!("{v:.4}")));
+        if self.has_amplification() {
+            c.push(opt(r.amax_fwd, gain));
+            c.push(opt(r.amax_bwd, gain));
+        }
+        c.push(opt(r.n_params, |n| thousands(n as f64)));
+        c.push(opt(r.tokens_per_s, thousands));
+        c.push(seeds(r));
+        c
+    }
+
+    fn aligned(&self, source: &str, markdown: bool) -> String {
+        let header = self.header();
+        let rows: Vec<Vec<String>> = self.rows.iter().map(|r| self.cells(r)).collect();
+        let text_cols = self.columns.len();
+        let width = |i: usize| {
+            rows.iter()
+                .map(|r| r[i].chars().count())
+                .chain([header[i].chars().count()])
+                .max()
+                .unwrap_or(0)
+        };
+        let widths: Vec<usize> = (0..header.len()).map(width).collect();
+        // Configuration values and the seed states read left to right; numbers line up right.
+        let left = |i: usize| i < text_cols || i + 1 == header.len();
+        let line = |cells: &[String]| -> String {
+            let parts: Vec<String> = cells
+                .iter()
+                .enumerate()
+                .map(|(i, s)| {
+                    if left(i) {
+                        format!("{s:<w$}", w = widths[i])
+                    } else {
+                        format!("{s:>w$}", w = widths[i])
+                    }
+                })
+                .collect();
+            if markdown {
+                format!("| {} |", parts.join(" | "))
+            } else {
+                parts.join("  ").trim_end().to_string()
+            }
+        };
+        let mut out = if markdown {
+            format!("**{}**\n\n", self.headline(source))
+        } else {
+            format!("{}\n\n", self.headline(source))
+        };
+        out += &line(&header);
+        out.push('\n');
+        if markdown {
+            let rule: Vec<String> = widths
+                .iter()
+                .enumerate()
+                .map(|(i, &w)| {
+                    let dashes = "-".repeat(w.max(3));
+                    if left(i) {
+                        dashes
+                    } else {
+                        format!("{}:", &dashes[1..])
+                    }
+                })
+                .collect();
+            out += &format!("| {} |\n", rule.join(" | "));
+        } else {
+            let total = widths.iter().sum::<usize>() + 2 * (widths.len() - 1);
+            out += &"-".repeat(total);
+            out.push('\n');
+        }
+        for r in &rows {
+            out += &line(r);
+            out.push('\n');
+        }
+        out.push('\n');
+        out += &self.notes();
+        out
+    }
+
+    fn notes(&self) -> String {
+        let mut s = String::from(
+            "val/bpb: last evaluation, mean over done seeds; std and 95% CI (Student t) over \
+             seeds.\n",
+        );
+        if let Some(b) = &self.baseline {
+            s += &format!(
+                "Δ bpb: minus the matching {b} configuration (negative is better); 95% CI and \
+                 two-sided p from Welch's t-test over seeds.\n"
+            );
+        }
+        if self.has_amplification() {
+            s += "amax fwd / bwd: composite Amax gain over the whole depth at the last \
+                  evaluation (1 = plain residual).\n";
+        }
+        if self.counts().running > 0 {
+            s += "Running seeds are counted under seeds; their results join the statistics \
+                  once they finish.\n";
+        }
+        s
+    }
+
+    fn csv(&self) -> String {
+        let mut header: Vec<String> = self.columns.clone();
+        header.extend(
+            [
+                "name",
+                "val_bpb_mean",
+                "val_bpb_std",
+                "val_bpb_ci95_lo",
+                "val_bpb_ci95_hi",
+            ]
+            .map(String::from),
+        );
+        if self.baseline.is_some() {
+            header.extend(
+                [
+                    "is_baseline",
+                    "diff_bpb",
+                    "diff_ci95_lo",
+                    "diff_ci95_hi",
+                    "p_welch",
+                ]
+                .map(String::from),
+            );
+        }
+        header.extend(
+            [
+                "best_val_loss",
+                "amax_fwd",
+                "amax_bwd",
+                "n_params",
+                "tokens_per_s",
+                "done",
+                "diverged",
+                "failed",
+                "running",
+                "queued",
+            ]
+            .map(String::from),
+        );
+        let mut out = csv_line(&header);
+        for r in &self.rows {
+            let bpb = r.bpb.as_ref();
+            let mut c = r.values.clone();
+            c.push(r.name.clone());
+            c.push(num(bpb.map(|s| s.mean)));
+            c.push(num(bpb.and_then(|s| s.std)));
+            c.push(num(bpb.and_then(|s| s.ci95).map(|c| c.0)));
+            c.push(num(bpb.and_then(|s| s.ci95).map(|c| c.1)));
+            if self.baseline.is_some() {
+                let (is, diff, test) = match &r.vs_baseline {
+                    Some(VsBaseline::IsBaseline) => (true, None, None),
+                    Some(VsBaseline::Diff { diff, test, .. }) => (false, Some(*diff), *test),
+                    _ => (false, None, None),
+                };
+                c.push(is.to_string());
+                c.push(num(diff));
+                c.push(num(test.map(|t| t.ci95.0)));
+                c.push(num(test.map(|t| t.ci95.1)));
+                c.push(num(test.map(|t| t.p)));
+            }
+            c.push(num(r.best_val_loss));
+            c.push(num(r.amax_fwd));
+            c.push(num(r.amax_bwd));
+            c.push(r.n_params.map_or(String::new(), |n| n.to_string()));
+            c.push(num(r.tokens_per_s));
+            let k = r.counts;
+            for n in [k.done, k.diverged, k.failed, k.running, k.queued] {
+                c.push(n.to_string());
+            }
+            out += &csv_line(&c);
+        }
+        out
+    }
+
+    fn json(&self) -> Value {
+        let rows: Vec<Value> = self
+            .rows
+            .iter()
+            .map(|r| {
+                let config: serde_json::Map<String, Value> = self
+                    .columns
+                    .iter()
+                    .zip(&r.values)
+                    .map(|(k, v)| (k.clone(), Value::String(v.clone())))
+                    .collect();
+                let vs = match &r.vs_baseline {
+                    None => Value::Null,
+                    Some(VsBaseline::IsBaseline) => json!("baseline"),
+                    Some(VsBaseline::NoMatch) => json!("no match"),
+                    Some(VsBaseline::Diff {
+                        baseline,
+                        diff,
+                        test,
+                    }) => json!({
+                        "baseline": self.rows[*baseline].name,
+                        "diff": diff,
+                        "ci95": test.map(|t| [t.ci95.0, t.ci95.1]),
+                        "p": test.map(|t| t.p),
+                        "df": test.map(|t| t.df),
+                    }),
+                };
+                let k = r.counts;
+                json!({
+                    "name": r.name,
+                    "config": config,
+                    "factors": r.factors.iter()
+                        .map(|(k, v)| (k.clone(), Value::String(v.clone())))
+                        .collect::<serde_json::Map<_, _>>(),
+                    "val_bpb": r.bpb.map(|s| json!({
+                        "mean": s.mean,
+                        "std": s.std,
+                        "ci95": s.ci95.map(|c| [c.0, c.1]),
+                        "n": s.n,
+                    })),
+                    "val_bpb_seeds": r.bpb_seeds.iter()
+                        .map(|(seed, v)| json!({"seed": seed, "value": v})).collect::<Vec<_>>(),
+                    "vs_baseline": vs,
+                    "best_val_loss": r.best_val_loss,
+                    "amax_fwd": r.amax_fwd,
+                    "amax_bwd": r.amax_bwd,
+                    "n_params": r.n_params,
+                    "tokens_per_s": r.tokens_per_s,
+                    "seeds": {
+                        "done": k.done, "diverged": k.diverged, "failed": k.failed,
+                        "running": k.running, "queued": k.queued,
+                    },
+                    "trials": r.trials.iter().map(|t| json!({
+                        "id": t.row.id, "seed": t.row.seed, "status": t.row.status.as_str(),
+                        "val_bpb": t.final_bpb, "error": t.row.error,
+                    })).collect::<Vec<_>>(),
+                })
+            })
+            .collect();
+        json!({
+            "sweep": self.sweep,
+            "columns": self.columns,
+            "baseline": self.baseline,
+            "rows": rows,
+        })
+    }
+}
+
+fn opt<T>(v: Option<T>, f: impl Fn(T) -> String) -> String {
+    v.map_or_else(|| "-".to_string(), f)
+}
+
+fn interval((lo, hi): (f64, f64)) -> String {
+    format!("[{lo:.4}, {hi:.4}]")
+}
+
+fn p_value(p: f64) -> String {
+    if p < 0.001 {
+        format!("{p:.1e}")
+    } else {
+        format!("{p:.3}")
+    }
+}
+
+/// Three significant digits: gains run from 1.000 to the thousands.
+fn gain(g: f64) -> String {
+    if g < 10.0 {
+        format!("{g:.3}")
+    } else if g < 100.0 {
+        format!("{g:.1}")
+    } else {
+        format!("{g:.0}")
+    }
+}
+
+fn thousands(v: f64) -> String {
+    let digits = format!("{:.0}", v.round().abs());
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    if v < 0.0 {
+        out.insert(0, '-');
+    }
+    out
+}
+
+fn seeds(r: &Row) -> String {
+    let k = r.counts;
+    let parts: Vec<String> = [
+        (k.done, "done"),
+        (k.diverged, "diverged"),
+        (k.failed, "failed"),
+        (k.running, "running"),
+        (k.queued, "queued"),
+    ]
+    .iter()
+    .filter(|(n, _)| *n > 0)
+    .map(|(n, s)| format!("{n} {s}"))
+    .collect();
+    parts.join(", ")
+}
+
+/// Full precision (Rust's shortest round-trip form); empty when missing.
+fn num(v: Option<f64>) -> String {
+    v.map_or(String::new(), |v| v.to_string())
+}
+
+/// RFC 4180: fields with commas, quotes or line breaks are quoted, quotes doubled.
+fn csv_line(fields: &[String]) -> String {
+    let quoted: Vec<String> = fields
+        .iter()
+        .map(|f| {
+            if f.contains([',', '"', '\n', '\r']) {
+                format!("\"{}\"", f.replace('"', "\"\""))
+            } else {
+                f.clone()
+            }
+        })
+        .collect();
+    quoted.join(",") + "\n"
+}

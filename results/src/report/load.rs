@@ -1,0 +1,86 @@
+//! Reading a sweep's trials and the metrics the report needs out of the store.
+
+use std::collections::BTreeMap;
+
+use rusqlite::params;
+
+use super::TrialData;
+use crate::{Result, Store};
+
+/// Every trial of the sweep with its final metrics; `flatten` turns a trial's resolved
+/// configuration into factors.
+pub fn load(
+    store: &Store,
+    sweep_id: i64,
+    flatten: &dyn Fn(&str) -> Vec<(String, String)>,
+) -> Result<Vec<TrialData>> {
+    let mut out = Vec::new();
+    for row in store.trials(sweep_id)? {
+        let values = |name: &str| -> Result<Vec<f64>> {
+            Ok(store
+                .metric(&row.id, name)?
+                .into_iter()
+                .filter_map(|(_, v)| v)
+                .collect())
+        };
+        // The last evaluation counts even when it is NaN (a diverged trial has no final BPB).
+        let last = |name: &str| -> Result<Option<f64>> {
+            Ok(store.metric(&row.id, name)?.last().and_then(|(_, v)| *v))
+        };
+        let mut tps = values("tokens_per_s")?;
+        tps.sort_by(f64::total_cmp);
+        let last_step: Option<i64> = store.conn().query_row(
+            "SELECT max(step) FROM metrics WHERE trial_id = ?1",
+            [&row.id],
+            |r| r.get(0),
+        )?;
+        out.push(TrialData {
+            factors: flatten(&row.config),
+            final_bpb: last("val/bpb")?,
+            best_val_loss: values("val/loss")?.into_iter().reduce(f64::min),
+            amax_fwd: last("amax/fwd")?,
+            amax_bwd: last("amax/bwd")?,
+            tokens_per_s: (!tps.is_empty()).then(|| tps[tps.len() / 2]),
+            last_step: last_step.map(|s| s as u64),
+            row,
+        });
+    }
+    Ok(out)
+}
+
+/// Metric curves of one trial, for plots.
+#[derive(Clone, Debug, Default)]
+pub struct Curves {
+    /// (step, value) of each named metric, NaN steps left out.
+    pub series: BTreeMap<String, Vec<(u64, f64)>>,
+}
+
+impl Curves {
+    /// The curves of `names` (exact names) and of every metric whose name starts with one of
+    /// `prefixes`.
+    pub fn read(store: &Store, trial_id: &str, names: &[&str], prefixes: &[&str]) -> Result<Self> {
+        let mut stmt = store.conn().prepare_cached(
+            "SELECT name, step, value FROM metrics WHERE trial_id = ?1 AND value IS NOT NULL
+             ORDER BY name, step",
+        )?;
+        let mut series: BTreeMap<String, Vec<(u64, f64)>> = BTreeMap::new();
+        let rows = stmt.query_map(params![trial_id], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, i64>(1)?,
+                r.get::<_, f64>(2)?,
+            ))
+        })?;
+        for row in rows {
+            let (name, step, value) = row?;
+            if names.contains(&name.as_str()) || prefixes.iter().any(|p| name.starts_with(p)) {
+                series.entry(name).or_default().push((step as u64, value));
+            }
+        }
+        Ok(Self { series })
+    }
+
+    pub fn get(&self, name: &str) -> &[(u64, f64)] {
+        self.series.get(name).map_or(&[], Vec::as_slice)
+    }
+}

@@ -1,0 +1,137 @@
+//! The report: a sweep's trials read back from the store, seeds collapsed into
+//! configurations (polars groups and aggregates them), compared with a baseline, printed as a
+//! table, CSV, JSON or Markdown, and drawn as PNG and SVG charts (plotters).
+//!
+//! The store does not parse sweep files, so the caller hands each trial's resolved
+//! configuration over already flattened into `key -> value` factors (`residual` -> `Mhc`,
+//! `residual.streams` -> `4`, `train.steps` -> `300`).
+
+mod baseline;
+mod format;
+mod load;
+pub mod plot;
+pub mod stats;
+mod summary;
+
+pub use baseline::Selector;
+pub use format::Format;
+pub use load::{load, Curves};
+pub use stats::{Comparison, Summary};
+pub use summary::summarize;
+
+use crate::TrialRow;
+
+/// One trial as the report reads it.
+#[derive(Clone, Debug)]
+pub struct TrialData {
+    pub row: TrialRow,
+    /// The resolved configuration without the seed, flattened, in a fixed order.
+    pub factors: Vec<(String, String)>,
+    /// val/bpb at the last evaluation.
+    pub final_bpb: Option<f64>,
+    /// The lowest val/loss over the evaluations.
+    pub best_val_loss: Option<f64>,
+    /// Composite forward and backward Amax gain over the whole depth, last evaluation.
+    pub amax_fwd: Option<f64>,
+    pub amax_bwd: Option<f64>,
+    /// Median of the logged training throughputs.
+    pub tokens_per_s: Option<f64>,
+    /// The last step with any metric.
+    pub last_step: Option<u64>,
+}
+
+/// How many seeds of a configuration are in each state.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counts {
+    pub done: usize,
+    pub diverged: usize,
+    pub failed: usize,
+    pub running: usize,
+    pub queued: usize,
+}
+
+/// A configuration compared with its baseline.
+#[derive(Clone, Debug, PartialEq)]
+pub enum VsBaseline {
+    /// This row is (one of) the baseline configuration(s).
+    IsBaseline,
+    /// No configuration matches the selector with this row's other components, or either
+    /// side has no finished seed.
+    NoMatch,
+    /// Difference of the mean val/bpb (this minus the baseline); the test needs at least two
+    /// seeds with some spread on each side.
+    Diff {
+        baseline: usize,
+        diff: f64,
+        test: Option<Comparison>,
+    },
+}
+
+/// One configuration: the seeds of one cell.
+#[derive(Clone, Debug)]
+pub struct Row {
+    /// The values of the report's varying columns, `-` where the configuration has no such
+    /// key.
+    pub values: Vec<String>,
+    /// Every factor of the configuration.
+    pub factors: Vec<(String, String)>,
+    /// Short name for legends: the varying values, `param=value` for parameters.
+    pub name: String,
+    pub counts: Counts,
+    /// Final val/bpb over the done seeds.
+    pub bpb: Option<Summary>,
+    /// (seed, final val/bpb) of each done seed.
+    pub bpb_seeds: Vec<(u64, f64)>,
+    /// Means over the seeds that recorded them.
+    pub best_val_loss: Option<f64>,
+    pub amax_fwd: Option<f64>,
+    pub amax_bwd: Option<f64>,
+    pub tokens_per_s: Option<f64>,
+    pub n_params: Option<i64>,
+    pub vs_baseline: Option<VsBaseline>,
+    /// The trials, in the sweep's order.
+    pub trials: Vec<TrialData>,
+}
+
+impl Row {
+    /// The value of one factor, if the configuration has it.
+    pub fn factor(&self, key: &str) -> Option<&str> {
+        factor(&self.factors, key)
+    }
+}
+
+fn factor<'a>(factors: &'a [(String, String)], key: &str) -> Option<&'a str> {
+    factors
+        .iter()
+        .find(|(k, _)| k == key)
+        .map(|(_, v)| v.as_str())
+}
+
+/// A sweep's configurations, best val/bpb first.
+#[derive(Clone, Debug)]
+pub struct Report {
+    pub sweep: String,
+    /// The factor keys whose value differs between configurations.
+    pub columns: Vec<String>,
+    pub rows: Vec<Row>,
+    /// The `--baseline` selector as given.
+    pub baseline: Option<String>,
+}
+
+impl Report {
+    pub fn counts(&self) -> Counts {
+        let mut c = Counts::default();
+        for r in &self.rows {
+            c.done += r.counts.done;
+            c.diverged += r.counts.diverged;
+            c.failed += r.counts.failed;
+            c.running += r.counts.running;
+            c.queued += r.counts.queued;
+        }
+        c
+    }
+
+    pub fn has_amplification(&self) -> bool {
+        self.rows.iter().any(|r| r.amax_fwd.is_some())
+    }
+}

@@ -1,0 +1,192 @@
+//! `sweep report`: a sweep's results as a table (seeds collapsed into configurations), a
+//! comparison with a baseline, and charts. Reads the DB while a sweep may still write it.
+
+use std::path::{Path, PathBuf};
+
+use results::report::{self, plot, Format, Selector};
+use results::Store;
+
+use crate::error::{exit, InputError};
+use crate::spec;
+
+/// Summarize a sweep: one row per configuration with val/bpb mean, std and 95% CI over
+/// seeds; optionally compared with a baseline and drawn as PNG and SVG charts.
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// Results database (`sweep run FILE` writes sweep.db beside FILE).
+    #[arg(long, default_value = "sweep.db")]
+    pub db: PathBuf,
+    /// The sweep to report [default: the one run most recently].
+    #[arg(long)]
+    pub sweep: Option<String>,
+    /// Output format.
+    #[arg(long, value_enum, default_value = "table")]
+    pub format: FormatArg,
+    /// Compare each configuration with the one that has these values instead, e.g.
+    /// `residual=PreNorm` or `"residual=Hc, residual.dynamic=false"` (any slot, parameter or
+    /// train/model setting): difference in val/bpb, its 95% CI and Welch's p over seeds.
+    #[arg(long, value_name = "KEY=VALUE")]
+    pub baseline: Option<String>,
+    /// Draw charts as PNG and SVG: bpb, loss, amplification or all (repeatable, or
+    /// comma-separated).
+    #[arg(long, value_enum, value_delimiter = ',')]
+    pub plot: Vec<PlotArg>,
+    /// Folder for the charts [default: the DB's folder].
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// The x axis of the loss chart.
+    #[arg(long = "x", value_enum, default_value = "step")]
+    pub x_axis: XArg,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+pub enum FormatArg {
+    Table,
+    Csv,
+    Json,
+    Markdown,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq)]
+pub enum PlotArg {
+    Bpb,
+    Loss,
+    Amplification,
+    All,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+pub enum XArg {
+    Step,
+    Tokens,
+}
+
+pub fn exec(args: Args) -> anyhow::Result<u8> {
+    let baseline = args
+        .baseline
+        .as_deref()
+        .map(Selector::parse)
+        .transpose()
+        .map_err(input)?;
+    let store = Store::open_existing(&args.db).map_err(input)?;
+    let (sweep_id, name) = pick_sweep(&store, &args.db, args.sweep.as_deref())?;
+    let trials = report::load(&store, sweep_id, &spec::factors)?;
+    if trials.is_empty() {
+        return Err(InputError::new(format!(
+            "{}: sweep {name} has no trials yet; `sweep run` registers them when it starts",
+            args.db.display()
+        ))
+        .into());
+    }
+    let summary = report::summarize(&name, trials, baseline.as_ref()).map_err(input)?;
+
+    // Every chart's data is read before anything is printed or written.
+    let x = match args.x_axis {
+        XArg::Step => plot::XAxis::Step,
+        XArg::Tokens => plot::XAxis::Tokens,
+    };
+    let charts = kinds(&args.plot)
+        .into_iter()
+        .map(|k| plot::prepare(k, &summary, &store, x))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(input)?;
+
+    let format = match args.format {
+        FormatArg::Table => Format::Table,
+        FormatArg::Csv => Format::Csv,
+        FormatArg::Json => Format::Json,
+        FormatArg::Markdown => Format::Markdown,
+    };
+    print!("{}", summary.render(format, &args.db.display().to_string()));
+
+    let dir = args.out.clone().unwrap_or_else(|| db_dir(&args.db));
+    for chart in &charts {
+        let w = chart.save(&dir)?;
+        eprintln!("wrote {} and {}", w.png.display(), w.svg.display());
+    }
+    Ok(exit::OK)
+}
+
+/// Bad requests to the store (no such DB, unknown sweep, nothing to plot) are input errors.
+fn input(e: results::Error) -> anyhow::Error {
+    match e {
+        results::Error::Missing { .. }
+        | results::Error::NotResults { .. }
+        | results::Error::SchemaVersion { .. }
+        | results::Error::Input(_) => InputError::new(e.to_string()).into(),
+        other => other.into(),
+    }
+}
+
+/// The named sweep, or the most recently run one (with a note when the DB holds several).
+fn pick_sweep(store: &Store, db: &Path, name: Option<&str>) -> anyhow::Result<(i64, String)> {
+    let mut stmt = store
+        .conn()
+        .prepare("SELECT id, name FROM sweeps ORDER BY updated_at DESC, id DESC")?;
+    let sweeps: Vec<(i64, String)> = stmt
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect::<Result<_, _>>()?;
+    let names: Vec<&str> = sweeps.iter().map(|(_, n)| n.as_str()).collect();
+    if sweeps.is_empty() {
+        return Err(InputError::new(format!(
+            "{}: the results database holds no sweeps yet; run `sweep run FILE --db {}` first",
+            db.display(),
+            db.display()
+        ))
+        .into());
+    }
+    match name {
+        Some(want) => sweeps
+            .iter()
+            .find(|(_, n)| n == want)
+            .cloned()
+            .ok_or_else(|| {
+                let hint = registry::nearest(want, &names)
+                    .map(|s| format!(" Did you mean `{s}`?"))
+                    .unwrap_or_default();
+                InputError::new(format!(
+                    "--sweep {want}: {} holds no such sweep; its sweeps: {}.{hint}",
+                    db.display(),
+                    names.join(", ")
+                ))
+                .into()
+            }),
+        None => {
+            if sweeps.len() > 1 {
+                eprintln!(
+                    "{} holds {} sweeps ({}); reporting {}, the latest run (choose with --sweep)",
+                    db.display(),
+                    sweeps.len(),
+                    names.join(", "),
+                    names[0]
+                );
+            }
+            Ok(sweeps[0].clone())
+        }
+    }
+}
+
+fn kinds(args: &[PlotArg]) -> Vec<plot::Kind> {
+    let mut out = Vec::new();
+    for a in args {
+        let add: &[plot::Kind] = match a {
+            PlotArg::Bpb => &[plot::Kind::Bpb],
+            PlotArg::Loss => &[plot::Kind::Loss],
+            PlotArg::Amplification => &[plot::Kind::Amplification],
+            PlotArg::All => &[plot::Kind::Bpb, plot::Kind::Loss, plot::Kind::Amplification],
+        };
+        for k in add {
+            if !out.contains(k) {
+                out.push(*k);
+            }
+        }
+    }
+    out
+}
+
+fn db_dir(db: &Path) -> PathBuf {
+    match db.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    }
+}
