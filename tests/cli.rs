@@ -374,3 +374,183 @@ fn gpt2_token_shards_train_and_bpb_counts_bytes_not_tokens() {
         "{bytes_per_token}"
     );
 }
+
+#[test]
+fn report_collapses_seeds_compares_with_a_baseline_and_draws_every_chart() {
+    let dir = workdir("report");
+    let text = sweep_text(GRID).replace("seeds: [0],", "seeds: [0, 1],");
+    std::fs::write(dir.join("s.ron"), text).unwrap();
+    let out = sweep(&dir, &["run", "s.ron"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+
+    let out = sweep(
+        &dir,
+        &[
+            "report",
+            "--db",
+            "sweep.db",
+            "--format",
+            "json",
+            "--baseline",
+            "ffn=Gelu",
+            "--plot",
+            "all",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["sweep"], "tiny");
+    assert_eq!(json["columns"], serde_json::json!(["ffn"]));
+    let rows = json["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 2);
+    // Each row's mean is the mean of its seeds' last val/bpb, read here with SQL.
+    let db = rusqlite::Connection::open(dir.join("sweep.db")).unwrap();
+    for row in rows {
+        let ffn = row["config"]["ffn"].as_str().unwrap();
+        let mean: f64 = db
+            .query_row(
+                "SELECT avg(m.value) FROM metrics m JOIN trials t ON t.id = m.trial_id
+                 WHERE m.name = 'val/bpb' AND m.step = 6 AND t.config LIKE ?1",
+                [format!("%ffn: {ffn}%")],
+                |r| r.get(0),
+            )
+            .unwrap();
+        let got = row["val_bpb"]["mean"].as_f64().unwrap();
+        assert!((got - mean).abs() < 1e-12, "{ffn}: {got} vs {mean}");
+        assert_eq!(row["val_bpb"]["n"], 2);
+        assert_eq!(row["seeds"]["done"], 2);
+        if ffn == "Gelu" {
+            assert_eq!(row["vs_baseline"], "baseline");
+        } else {
+            assert!(row["vs_baseline"]["p"].as_f64().is_some(), "{row}");
+        }
+    }
+    let err = stderr(&out);
+    for kind in ["bpb", "loss", "amplification"] {
+        for ext in ["png", "svg"] {
+            // Beside the DB, printed as the DB path was given (relative here).
+            let name = format!("tiny-{kind}.{ext}");
+            assert!(err.contains(&format!("./{name}")), "{err}");
+            let path = dir.join(name);
+            let bytes = std::fs::read(&path).unwrap();
+            let magic: &[u8] = if ext == "png" {
+                b"\x89PNG\r\n\x1a\n"
+            } else {
+                b"<svg"
+            };
+            assert!(bytes.starts_with(magic), "{}", path.display());
+        }
+    }
+
+    // The default table names the varying column and both configurations.
+    let out = sweep(&dir, &["report", "--db", "sweep.db"]);
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        table.starts_with("sweep tiny: 4 trials in 2 configurations (4 done)"),
+        "{table}"
+    );
+    assert!(
+        table.lines().any(|l| l.starts_with("SwiGlu"))
+            && table.lines().any(|l| l.starts_with("Gelu"))
+    );
+}
+
+/// A results DB made by hand: one done and one running trial of sweep `res`.
+fn hand_made_db(dir: &Path, metrics: bool) -> PathBuf {
+    let path = dir.join("r.db");
+    let mut s = results::Store::open(&path).unwrap();
+    let sweep = s.begin_sweep("res", "res.ron", "Sweep()", "test").unwrap();
+    for (i, (id, ffn)) in [("a", "Gelu"), ("b", "SwiGlu")].iter().enumerate() {
+        let config = format!("(seed: 0, attention: Mha(heads:2), ffn: {ffn}, residual: PreNorm)");
+        let t = results::NewTrial {
+            id,
+            seed: 0,
+            label: "",
+            config: &config,
+        };
+        s.register_trial(sweep, i, &t).unwrap();
+        s.start_trial(id, "cpu", "test", None).unwrap();
+        if metrics {
+            s.record(id, 10, "val/bpb", 3.0 + i as f64).unwrap();
+            s.record(id, 10, "val/loss", 2.0).unwrap();
+        }
+    }
+    s.finish_trial("a", results::Status::Done, None, 1.0)
+        .unwrap();
+    s.flush().unwrap();
+    path
+}
+
+#[test]
+fn report_reads_while_a_sweep_holds_the_write_lock() {
+    let dir = workdir("report-live");
+    let path = hand_made_db(&dir, true);
+    // A writer in the middle of a transaction, as `sweep run` is while it flushes metrics.
+    let writer = rusqlite::Connection::open(&path).unwrap();
+    writer
+        .execute_batch("BEGIN IMMEDIATE; INSERT INTO metrics VALUES ('b', 20, 'val/bpb', 1.0);")
+        .unwrap();
+    let out = sweep(&dir, &["report", "--db", "r.db"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(table.contains("(1 done, 1 running)"), "{table}");
+    let swiglu = table.lines().find(|l| l.starts_with("SwiGlu")).unwrap();
+    assert!(
+        swiglu.contains("1 running") && swiglu.contains(" - "),
+        "{swiglu}"
+    );
+    assert!(table.contains("Running seeds are counted"), "{table}");
+    writer.execute_batch("COMMIT").unwrap();
+}
+
+#[test]
+fn report_refuses_what_it_cannot_answer_with_exit_2() {
+    let dir = workdir("report-errors");
+    let report = |args: &[&str], needles: &[&str]| {
+        let mut all = vec!["report"];
+        all.extend_from_slice(args);
+        let out = sweep(&dir, &all);
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(out.stdout.is_empty(), "{args:?} printed a report");
+        for n in needles {
+            assert!(err.contains(n), "{args:?}: `{n}` not in: {err}");
+        }
+    };
+    report(&["--db", "none.db"], &["none.db: no such results database"]);
+    assert!(!dir.join("none.db").exists(), "a database was created");
+    std::fs::write(dir.join("notes.txt"), "not a database").unwrap();
+    report(
+        &["--db", "notes.txt"],
+        &["notes.txt is not a sweep results database"],
+    );
+    drop(results::Store::open(&dir.join("empty.db")).unwrap());
+    report(&["--db", "empty.db"], &["holds no sweeps yet"]);
+
+    hand_made_db(&dir, false);
+    report(
+        &["--db", "r.db", "--sweep", "ress"],
+        &["--sweep ress", "its sweeps: res", "Did you mean `res`?"],
+    );
+    report(
+        &["--db", "r.db", "--baseline", "ffn=Relu2"],
+        &["no configuration has ffn=Relu2; ffn takes: Gelu, SwiGlu"],
+    );
+    report(
+        &["--db", "r.db", "--baseline", "ffn"],
+        &["`ffn` is not KEY=VALUE"],
+    );
+    report(&["--db", "r.db", "--format", "xml"], &["xml"]);
+    for kind in ["bpb", "loss", "amplification"] {
+        report(
+            &["--db", "r.db", "--plot", kind],
+            &[&format!("--plot {kind}: no ")],
+        );
+    }
+    let written: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n.ends_with(".png") || n.ends_with(".svg"))
+        .collect();
+    assert!(written.is_empty(), "{written:?}");
+}

@@ -12,6 +12,8 @@ mod load;
 pub mod plot;
 pub mod stats;
 mod summary;
+#[cfg(test)]
+mod tests;
 
 pub use baseline::Selector;
 pub use format::Format;

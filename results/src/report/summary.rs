@@ -129,11 +129,18 @@ fn aggregate(group: &DataFrame, trials: &[TrialData]) -> PolarsResult<Row> {
 /// a column only when they differ among the configurations of one residual kind, as the
 /// trial labels of a sweep do, and `train.steps` (no parent value) whenever it differs.
 fn varying(rows: &[Row]) -> Vec<String> {
+    // Each configuration's keys in its order; a key first seen in a later one goes right
+    // after the key that precedes it there (`residual.dynamic` after `residual`).
     let mut keys: Vec<&str> = Vec::new();
     for r in rows {
+        let mut at = 0;
         for (k, _) in &r.factors {
-            if !keys.contains(&k.as_str()) {
-                keys.push(k);
+            match keys.iter().position(|have| have == k) {
+                Some(i) => at = i + 1,
+                None => {
+                    keys.insert(at, k);
+                    at += 1;
+                }
             }
         }
     }

@@ -113,6 +113,12 @@ pub fn exec(args: Args) -> anyhow::Result<u8> {
 
     let rows = store.trials(sweep_id)?;
     print!("{}", summary_table(&store, &rows)?);
+    eprintln!(
+        "seeds collapsed, against a baseline, with charts: sweep report --db {} --sweep {} \
+         [--baseline KEY=VALUE] [--plot all]",
+        db.display(),
+        sweep.name
+    );
     let failed = rows.iter().filter(|r| r.status == Status::Failed).count();
     Ok(if failed > 0 { exit::FAILED } else { exit::OK })
 }
