@@ -27,24 +27,12 @@ impl Report {
 
     /// One line about the whole sweep.
     pub fn headline(&self, source: &str) -> String {
-        let c = self.counts();
         let n: usize = self.rows.iter().map(|r| r.trials.len()).sum();
-        let states: Vec<String> = [
-            (c.done, "done"),
-            (c.diverged, "diverged"),
-            (c.failed, "failed"),
-            (c.running, "running"),
-            (c.queued, "queued"),
-        ]
-        .iter()
-        .filter(|(k, _)| *k > 0)
-        .map(|(k, s)| format!("{k} {s}"))
-        .collect();
         format!(
             "sweep {}: {n} trials in {} configurations ({}); {source}",
             self.sweep,
             self.rows.len(),
-            states.join(", ")
+            self.counts().describe()
         )
     }
 
@@ -88,7 +76,7 @@ impl Report {
         }
         c.push(opt(r.n_params, |n| thousands(n as f64)));
         c.push(opt(r.tokens_per_s, thousands));
-        c.push(seeds(r));
+        c.push(r.counts.describe());
         c
     }
 
@@ -246,8 +234,7 @@ impl Report {
             c.push(num(r.amax_bwd));
             c.push(r.n_params.map_or(String::new(), |n| n.to_string()));
             c.push(num(r.tokens_per_s));
-            let k = r.counts;
-            for n in [k.done, k.diverged, k.failed, k.running, k.queued] {
+            for (_, n) in r.counts.entries() {
                 c.push(n.to_string());
             }
             out += &csv_line(&c);
@@ -282,7 +269,12 @@ impl Report {
                         "df": test.map(|t| t.df),
                     }),
                 };
-                let k = r.counts;
+                let seeds: serde_json::Map<String, Value> = r
+                    .counts
+                    .entries()
+                    .iter()
+                    .map(|(s, n)| (s.to_string(), json!(n)))
+                    .collect();
                 json!({
                     "name": r.name,
                     "config": config,
@@ -303,10 +295,7 @@ impl Report {
                     "amax_bwd": r.amax_bwd,
                     "n_params": r.n_params,
                     "tokens_per_s": r.tokens_per_s,
-                    "seeds": {
-                        "done": k.done, "diverged": k.diverged, "failed": k.failed,
-                        "running": k.running, "queued": k.queued,
-                    },
+                    "seeds": seeds,
                     "trials": r.trials.iter().map(|t| json!({
                         "id": t.row.id, "seed": t.row.seed, "status": t.row.status.as_str(),
                         "val_bpb": t.final_bpb, "error": t.row.error,
@@ -363,22 +352,6 @@ fn thousands(v: f64) -> String {
         out.insert(0, '-');
     }
     out
-}
-
-fn seeds(r: &Row) -> String {
-    let k = r.counts;
-    let parts: Vec<String> = [
-        (k.done, "done"),
-        (k.diverged, "diverged"),
-        (k.failed, "failed"),
-        (k.running, "running"),
-        (k.queued, "queued"),
-    ]
-    .iter()
-    .filter(|(n, _)| *n > 0)
-    .map(|(n, s)| format!("{n} {s}"))
-    .collect();
-    parts.join(", ")
 }
 
 /// Full precision (Rust's shortest round-trip form); empty when missing.

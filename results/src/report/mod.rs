@@ -52,6 +52,30 @@ pub struct Counts {
     pub queued: usize,
 }
 
+impl Counts {
+    /// Each state with its count, in the order trials move through them.
+    pub fn entries(&self) -> [(&'static str, usize); 5] {
+        [
+            ("done", self.done),
+            ("diverged", self.diverged),
+            ("failed", self.failed),
+            ("running", self.running),
+            ("queued", self.queued),
+        ]
+    }
+
+    /// `2 done, 1 running`: the states that occur.
+    pub fn describe(&self) -> String {
+        let parts: Vec<String> = self
+            .entries()
+            .iter()
+            .filter(|(_, n)| *n > 0)
+            .map(|(s, n)| format!("{n} {s}"))
+            .collect();
+        parts.join(", ")
+    }
+}
+
 /// A configuration compared with its baseline.
 #[derive(Clone, Debug, PartialEq)]
 pub enum VsBaseline {

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use plotters::coord::Shift;
 use plotters::prelude::*;
 
-use super::{chart_backends, color, label_font, tick_font, title_font, Chart, DrawResult};
+use super::{chart_backends, color, label_font, tick_font, titled, Chart, DrawResult};
 use crate::report::{Curves, Report};
 use crate::{Error, Result, Status, Store};
 
@@ -89,13 +89,12 @@ impl AmpChart {
     where
         DB::ErrorType: 'static,
     {
-        let (title, body) = root.split_vertically(50);
-        title.titled(
+        let body = titled(
+            &root,
             &format!(
                 "{}: stream amplification over depth (last evaluation, mean over seeds)",
                 self.sweep
             ),
-            title_font(),
         )?;
         let all = self
             .lines

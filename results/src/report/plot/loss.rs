@@ -7,7 +7,7 @@ use plotters::coord::Shift;
 use plotters::prelude::*;
 
 use super::{
-    chart_backends, color, label_font, padded, tick_font, title_font, Chart, DrawResult, XAxis,
+    chart_backends, color, label_font, padded, tick_font, titled, Chart, DrawResult, XAxis,
 };
 use crate::report::{Curves, Report};
 use crate::{Error, Result, Store};
@@ -88,13 +88,12 @@ impl LossChart {
     where
         DB::ErrorType: 'static,
     {
-        let (title, body) = root.split_vertically(50);
-        title.titled(
+        let body = titled(
+            &root,
             &format!(
                 "{}: loss, mean over seeds (band: lowest to highest seed)",
                 self.sweep
             ),
-            title_font(),
         )?;
         let areas = body.split_evenly((1, self.panels.len()));
         for ((area, lines), (_, desc)) in areas.iter().zip(&self.panels).zip(METRICS) {

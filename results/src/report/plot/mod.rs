@@ -215,6 +215,19 @@ fn fonts() {
     });
 }
 
+/// Splits a title band off the top of `root` and writes `title` in it; the rest is returned.
+fn titled<DB: DrawingBackend>(
+    root: &DrawingArea<DB, Shift>,
+    title: &str,
+) -> std::result::Result<DrawingArea<DB, Shift>, Box<dyn StdError>>
+where
+    DB::ErrorType: 'static,
+{
+    let (band, body) = root.split_vertically(50);
+    band.titled(title, title_font())?;
+    Ok(body)
+}
+
 fn title_font() -> FontDesc<'static> {
     (FONT, 24, FontStyle::Bold).into_font()
 }
