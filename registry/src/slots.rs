@@ -1,5 +1,6 @@
 //! The slots and the traits a component implements to fill one.
 
+use std::collections::HashMap;
 use std::fmt;
 
 use candle_core::backprop::GradStore;
@@ -161,6 +162,30 @@ pub trait Stepper: Send {
     /// One update from `grads`, each parameter group at its peak rate times `factor` (the
     /// schedule's value at this step). The gradients carry no autograd graph.
     fn step(&mut self, grads: &GradStore, factor: f64) -> Result<()>;
+
+    /// Everything a checkpoint needs to continue exactly as if never stopped: per-parameter
+    /// tensors named `<parameter>.<what>` (`blocks.0.ffn.up.m`) and counters as one-element
+    /// tensors (`adamw.t`).
+    fn state(&self) -> Result<Vec<(String, Tensor)>>;
+
+    /// Restores what [`Stepper::state`] returned; a missing name or a wrong shape is an error.
+    fn load_state(&mut self, state: &HashMap<String, Tensor>) -> Result<()>;
+}
+
+/// The tensor `name` of a saved optimizer state, checked against the shape it replaces and
+/// moved to its device and dtype.
+pub fn restored(state: &HashMap<String, Tensor>, name: &str, like: &Tensor) -> Result<Tensor> {
+    let t = state.get(name).ok_or_else(|| {
+        candle_core::Error::Msg(format!("checkpoint has no optimizer tensor `{name}`"))
+    })?;
+    if t.dims() != like.dims() {
+        candle_core::bail!(
+            "checkpoint tensor `{name}` has shape {:?}, the optimizer expects {:?}",
+            t.dims(),
+            like.dims()
+        );
+    }
+    t.to_device(like.device())?.to_dtype(like.dtype())
 }
 
 /// A learning-rate schedule: a factor in [0, 1] applied to the optimizer's peak rate.

@@ -8,7 +8,7 @@ mod status;
 mod store;
 
 pub use status::Status;
-pub use store::{MetricRow, NewTrial, ParamCount, Store, TrialRow, SCHEMA, SCHEMA_VERSION};
+pub use store::{Claim, MetricRow, NewTrial, ParamCount, Store, TrialRow, SCHEMA, SCHEMA_VERSION};
 
 /// What the store can fail with.
 #[derive(Debug, thiserror::Error)]

@@ -9,12 +9,17 @@ use crate::{Error, Result, Status};
 
 /// Bumped whenever a table changes shape. An older DB is migrated in place when opened (see
 /// [`MIGRATIONS`]); a newer one is refused.
-pub const SCHEMA_VERSION: u32 = 2;
+pub const SCHEMA_VERSION: u32 = 3;
 
 /// The statements that take a DB from version i + 1 to i + 2, in order.
 const MIGRATIONS: &[&str] = &[
     // 1 -> 2: the parameter count split into embedding and the rest.
     "ALTER TABLE trials ADD COLUMN n_params_embedding INTEGER;",
+    // 2 -> 3: which process runs a trial, so that two runners never run one trial; sweep
+    // generations for `--fresh`.
+    "ALTER TABLE trials ADD COLUMN owner TEXT;
+     ALTER TABLE trials ADD COLUMN heartbeat_at TEXT;
+     ALTER TABLE sweeps ADD COLUMN generation INTEGER NOT NULL DEFAULT 0;",
 ];
 
 /// Metric rows are buffered and written in one transaction once this many are pending.
@@ -32,7 +37,8 @@ CREATE TABLE IF NOT EXISTS sweeps (
     spec         TEXT NOT NULL,
     code_version TEXT NOT NULL,
     created_at   TEXT NOT NULL,
-    updated_at   TEXT NOT NULL
+    updated_at   TEXT NOT NULL,
+    generation   INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS trials (
     id           TEXT PRIMARY KEY,
@@ -50,7 +56,9 @@ CREATE TABLE IF NOT EXISTS trials (
     created_at   TEXT NOT NULL,
     started_at   TEXT,
     finished_at  TEXT,
-    wall_s       REAL
+    wall_s       REAL,
+    owner        TEXT,
+    heartbeat_at TEXT
 );
 CREATE TABLE IF NOT EXISTS sweep_trials (
     sweep_id INTEGER NOT NULL REFERENCES sweeps(id),
@@ -69,6 +77,17 @@ CREATE TABLE IF NOT EXISTS metrics (
 
 /// SQLite's clock, as RFC 3339 UTC with milliseconds.
 const NOW: &str = "strftime('%Y-%m-%dT%H:%M:%fZ', 'now')";
+
+/// What [`Store::claim`] found.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Claim {
+    /// The trial is now this process's; it was in this state.
+    Claimed(Status),
+    /// Finished (or failed, without a retry): nothing to do.
+    Skipped(Status),
+    /// Running under this live owner.
+    Busy(String),
+}
 
 /// A trial as the runner registers it.
 #[derive(Clone, Debug)]
@@ -242,6 +261,141 @@ impl Store {
             })?)
     }
 
+    /// The generation of the sweep record (0 for the first; `--fresh` starts the next).
+    pub fn generation(&self, sweep_id: i64) -> Result<u32> {
+        Ok(self.conn.query_row(
+            "SELECT generation FROM sweeps WHERE id = ?1",
+            [sweep_id],
+            |r| r.get(0),
+        )?)
+    }
+
+    /// Moves the sweep record `name` aside as `name@<generation>` (its trials and metrics stay
+    /// with it) and returns the generation the next record of that name gets; 0 when there is
+    /// none.
+    pub fn archive_sweep(&self, name: &str) -> Result<u32> {
+        let tx = self.conn.unchecked_transaction()?;
+        let found: Option<(i64, u32)> = tx
+            .query_row(
+                "SELECT id, generation FROM sweeps WHERE name = ?1",
+                [name],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?;
+        let next = match found {
+            None => 0,
+            Some((id, generation)) => {
+                tx.execute(
+                    "UPDATE sweeps SET name = ?2 WHERE id = ?1",
+                    params![id, format!("{name}@{generation}")],
+                )?;
+                tx.execute(
+                    &format!(
+                        "INSERT INTO sweeps (name, file, spec, code_version, created_at,
+                                             updated_at, generation)
+                         SELECT ?1, file, spec, code_version, {NOW}, {NOW}, ?2
+                         FROM sweeps WHERE id = ?3"
+                    ),
+                    params![name, generation + 1, id],
+                )?;
+                generation + 1
+            }
+        };
+        tx.commit()?;
+        Ok(next)
+    }
+
+    /// Makes `ids` the sweep's trials: a trial of an earlier version of the sweep file that
+    /// is no longer in it stays in the DB but leaves the sweep (and its report).
+    pub fn keep_only(&self, sweep_id: i64, ids: &[&str]) -> Result<usize> {
+        let tx = self.conn.unchecked_transaction()?;
+        let linked: Vec<String> = {
+            let mut stmt = tx.prepare("SELECT trial_id FROM sweep_trials WHERE sweep_id = ?1")?;
+            let rows = stmt.query_map([sweep_id], |r| r.get(0))?;
+            rows.collect::<std::result::Result<_, _>>()?
+        };
+        let mut removed = 0;
+        for id in linked.iter().filter(|l| !ids.contains(&l.as_str())) {
+            removed += tx.execute(
+                "DELETE FROM sweep_trials WHERE sweep_id = ?1 AND trial_id = ?2",
+                params![sweep_id, id],
+            )?;
+        }
+        tx.commit()?;
+        Ok(removed)
+    }
+
+    /// Takes trial `id` for process `owner` if it is free: queued, failed (with
+    /// `retry_failed`), or running under an owner that `dead` says has died. The check and the
+    /// take are one write transaction, so two processes never take the same trial.
+    pub fn claim(
+        &self,
+        id: &str,
+        owner: &str,
+        retry_failed: bool,
+        dead: &dyn Fn(&str, Option<&str>) -> bool,
+    ) -> Result<Claim> {
+        self.conn.execute_batch("BEGIN IMMEDIATE")?;
+        let result = (|| -> Result<Claim> {
+            let (status, current, heartbeat): (String, Option<String>, Option<String>) =
+                self.conn.query_row(
+                    "SELECT status, owner, heartbeat_at FROM trials WHERE id = ?1",
+                    [id],
+                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+                )?;
+            let status: Status = status.parse()?;
+            let free = match status {
+                Status::Queued => true,
+                Status::Failed => retry_failed,
+                Status::Running => current
+                    .as_deref()
+                    .is_none_or(|o| dead(o, heartbeat.as_deref())),
+                Status::Done | Status::Diverged => false,
+            };
+            if !free {
+                return Ok(match (status, current) {
+                    (Status::Running, Some(o)) => Claim::Busy(o),
+                    _ => Claim::Skipped(status),
+                });
+            }
+            self.conn.execute(
+                &format!(
+                    "UPDATE trials SET status = 'running', owner = ?2, heartbeat_at = {NOW}
+                     WHERE id = ?1"
+                ),
+                params![id, owner],
+            )?;
+            Ok(Claim::Claimed(status))
+        })();
+        match &result {
+            Ok(_) => self.conn.execute_batch("COMMIT")?,
+            Err(_) => {
+                let _ = self.conn.execute_batch("ROLLBACK");
+            }
+        }
+        result
+    }
+
+    /// Notes that the owner of a running trial is alive.
+    pub fn heartbeat(&self, id: &str) -> Result<()> {
+        self.conn.execute(
+            &format!("UPDATE trials SET heartbeat_at = {NOW} WHERE id = ?1"),
+            [id],
+        )?;
+        Ok(())
+    }
+
+    /// Gives an unfinished trial back (an interrupted run): queued again, its checkpoint and
+    /// the metrics up to it kept for whoever takes it next.
+    pub fn release(&mut self, id: &str) -> Result<()> {
+        self.flush()?;
+        self.conn.execute(
+            "UPDATE trials SET status = 'queued', owner = NULL WHERE id = ?1 AND status = 'running'",
+            [id],
+        )?;
+        Ok(())
+    }
+
     /// Adds a trial to a sweep (as `queued` if it is new) and returns its current status.
     pub fn register_trial(&self, sweep_id: i64, position: usize, t: &NewTrial) -> Result<Status> {
         let tx = self.conn.unchecked_transaction()?;
@@ -297,6 +451,40 @@ impl Store {
         Ok(())
     }
 
+    /// Marks a trial running again from a checkpoint after `step`: the metrics it recorded
+    /// up to that step stay, later ones (from the attempt that died) go.
+    pub fn resume_trial(
+        &self,
+        id: &str,
+        step: u64,
+        device: &str,
+        code_version: &str,
+        params: Option<ParamCount>,
+    ) -> Result<()> {
+        let tx = self.conn.unchecked_transaction()?;
+        tx.execute(
+            "DELETE FROM metrics WHERE trial_id = ?1 AND step > ?2",
+            params![id, step as i64],
+        )?;
+        tx.execute(
+            &format!(
+                "UPDATE trials SET status = 'running', error = NULL, device = ?2,
+                   code_version = ?3, n_params = ?4, n_params_embedding = ?5,
+                   started_at = coalesce(started_at, {NOW}), finished_at = NULL, wall_s = NULL
+                 WHERE id = ?1"
+            ),
+            params![
+                id,
+                device,
+                code_version,
+                params.map(|p| p.total as i64),
+                params.map(|p| p.embedding as i64)
+            ],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
     /// Buffers one metric value; written at the next flush.
     pub fn record(&mut self, trial_id: &str, step: u64, name: &str, value: f64) -> Result<()> {
         self.pending
@@ -338,7 +526,8 @@ impl Store {
         self.flush()?;
         self.conn.execute(
             &format!(
-                "UPDATE trials SET status = ?2, error = ?3, finished_at = {NOW}, wall_s = ?4
+                "UPDATE trials SET status = ?2, error = ?3, finished_at = {NOW}, wall_s = ?4,
+                   owner = NULL
                  WHERE id = ?1"
             ),
             params![id, status.as_str(), error, wall_s],
@@ -487,7 +676,12 @@ mod tests {
         {
             // The version 1 layout: trials without n_params_embedding.
             let conn = Connection::open(&path)?;
-            conn.execute_batch(&SCHEMA.replace("    n_params_embedding INTEGER,\n", ""))?;
+            let v1 = SCHEMA
+                .replace("    n_params_embedding INTEGER,\n", "")
+                .replace(",\n    owner        TEXT,\n    heartbeat_at TEXT\n", "\n")
+                .replace(",\n    generation   INTEGER NOT NULL DEFAULT 0\n", "\n");
+            assert!(!v1.contains("owner") && !v1.contains("generation"));
+            conn.execute_batch(&v1)?;
             conn.execute_batch(
                 "INSERT INTO meta VALUES ('schema_version', '1');
                  INSERT INTO sweeps VALUES (1, 's', 'f', 'spec', 'v', 'now', 'now');

@@ -6,10 +6,12 @@
 use components as _;
 
 pub mod amplification;
+pub mod checkpoint;
 pub mod commands;
 pub mod data;
 pub mod error;
 pub mod model;
+pub mod owner;
 pub mod spec;
 pub mod train;
 

@@ -2,9 +2,11 @@
 //! decay decoupled from the gradient. Decay applies to matrices only (`Role::decays`), not to
 //! norm gains, biases or mixing coefficients. Moments are kept in f32 beside f32 weights.
 
+use std::collections::HashMap;
+
 use candle_core::backprop::GradStore;
-use candle_core::{DType, Result, Tensor};
-use registry::{Entry, Optimizer, Param, ParamDoc, Spec, Stepper};
+use candle_core::{DType, Device, Result, Tensor};
+use registry::{restored, Entry, Optimizer, Param, ParamDoc, Spec, Stepper};
 use serde::{Deserialize, Serialize};
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -116,6 +118,34 @@ impl Stepper for AdamWState {
             let update = (m_hat / (v_hat.sqrt()? + c.eps)?)?;
             let w = (w - (update * lr)?)?;
             s.param.var.set(&w.to_dtype(s.param.var.dtype())?)?;
+        }
+        Ok(())
+    }
+
+    fn state(&self) -> Result<Vec<(String, Tensor)>> {
+        let device = self
+            .slots
+            .first()
+            .map_or(Device::Cpu, |s| s.m.device().clone());
+        let mut out = vec![(
+            "adamw.t".to_string(),
+            Tensor::new(&[self.t as i64], &device)?,
+        )];
+        for s in &self.slots {
+            out.push((format!("{}.m", s.param.name), s.m.clone()));
+            out.push((format!("{}.v", s.param.name), s.v.clone()));
+        }
+        Ok(out)
+    }
+
+    fn load_state(&mut self, state: &HashMap<String, Tensor>) -> Result<()> {
+        let t = state
+            .get("adamw.t")
+            .ok_or_else(|| candle_core::Error::Msg("checkpoint has no `adamw.t`".into()))?;
+        self.t = t.flatten_all()?.to_vec1::<i64>()?[0] as i32;
+        for s in &mut self.slots {
+            s.m = restored(state, &format!("{}.m", s.param.name), &s.m)?;
+            s.v = restored(state, &format!("{}.v", s.param.name), &s.v)?;
         }
         Ok(())
     }

@@ -5,9 +5,11 @@
 //! gains, gates, biases and residual mixing parameters are not hidden matrices: they go to an
 //! AdamW group with its own rate and decay. One optimizer entry, two parameter groups.
 
+use std::collections::HashMap;
+
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Result, Tensor};
-use registry::{Entry, Optimizer, Param, ParamDoc, Role, Spec, Stepper};
+use registry::{restored, Entry, Optimizer, Param, ParamDoc, Role, Spec, Stepper};
 use serde::{Deserialize, Serialize};
 
 use super::adamw::{check_adam, AdamW, AdamWState};
@@ -217,6 +219,28 @@ impl Stepper for MuonState {
             s.param.var.set(&w.to_dtype(s.param.var.dtype())?)?;
         }
         self.adam.step(grads, factor)
+    }
+
+    fn state(&self) -> Result<Vec<(String, Tensor)>> {
+        let mut out = self.adam.state()?;
+        for s in &self.matrices {
+            out.push((format!("{}.momentum", s.param.name), s.momentum.clone()));
+            if let Some(v) = &s.row_v {
+                out.push((format!("{}.row_v", s.param.name), v.clone()));
+            }
+        }
+        Ok(out)
+    }
+
+    fn load_state(&mut self, state: &HashMap<String, Tensor>) -> Result<()> {
+        self.adam.load_state(state)?;
+        for s in &mut self.matrices {
+            s.momentum = restored(state, &format!("{}.momentum", s.param.name), &s.momentum)?;
+            if let Some(v) = s.row_v.as_mut() {
+                *v = restored(state, &format!("{}.row_v", s.param.name), v)?;
+            }
+        }
+        Ok(())
     }
 }
 

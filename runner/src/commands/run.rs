@@ -4,16 +4,19 @@
 use std::io::IsTerminal;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use anyhow::Context;
 use candle_core::Device;
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
-use results::{NewTrial, Status, Store};
+use results::{Claim, NewTrial, Status, Store};
 
+use crate::checkpoint::Checkpoints;
 use crate::data::Dataset;
 use crate::error::{exit, InputError};
-use crate::spec::{Sweep, Trial};
+use crate::owner;
+use crate::spec::{self, Sweep, Trial};
 use crate::train::{self, Observer, Outcome, ValSet};
 use crate::CODE_VERSION;
 
@@ -35,6 +38,34 @@ pub struct Args {
     /// `--set seeds=[0]`, `--set 'grid.ffn=[Gelu]'`. Repeatable.
     #[arg(long = "set", value_name = "PATH=RON")]
     pub sets: Vec<String>,
+    /// Run failed trials again (a rerun skips them otherwise, as it skips done and diverged
+    /// ones).
+    #[arg(long, value_enum, value_name = "STATUS")]
+    pub retry: Option<Retry>,
+    /// Start a new record of this sweep and train every trial again; the old record stays in
+    /// the DB as NAME@N (`sweep report --sweep NAME@N`).
+    #[arg(long)]
+    pub fresh: bool,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq)]
+pub enum Retry {
+    Failed,
+}
+
+/// Set by Ctrl-C: the current step finishes, its writes complete, the trial goes back to
+/// the queue (its checkpoint kept) and the run exits 130.
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+/// The exit status after Ctrl-C (128 + SIGINT), as shells report it.
+const INTERRUPTED_EXIT: u8 = 130;
+
+fn on_ctrl_c() {
+    // A second Ctrl-C does not wait for the step: SQLite's transactions keep the DB whole.
+    if INTERRUPTED.swap(true, Ordering::SeqCst) {
+        std::process::exit(i32::from(INTERRUPTED_EXIT));
+    }
+    eprintln!("\ninterrupted: finishing the current step (Ctrl-C again to stop at once)");
 }
 
 pub fn exec(args: Args) -> anyhow::Result<u8> {
@@ -52,14 +83,26 @@ pub fn exec(args: Args) -> anyhow::Result<u8> {
         .unwrap_or_else(|| sweep.source.base_dir().join("sweep.db"));
 
     let mut store = Store::open(&db)?;
+    if args.fresh {
+        store.archive_sweep(&sweep.name)?;
+    }
     let sweep_id = store.begin_sweep(
         &sweep.name,
         &args.file.display().to_string(),
         &sweep.source.text,
         CODE_VERSION,
     )?;
-    let mut todo = Vec::new();
-    for (i, t) in sweep.trials.iter().enumerate() {
+    // A fresh record's trials are new trials: their ids are salted with its generation.
+    let generation = store.generation(sweep_id)?;
+    let mut trials = sweep.trials.clone();
+    if generation > 0 {
+        for t in &mut trials {
+            t.id = spec::trial_id(&format!("{}\n// generation {generation}", t.config));
+        }
+    }
+    let retry_failed = args.retry == Some(Retry::Failed);
+    let (mut todo, mut finished, mut failed_before) = (Vec::new(), 0, 0);
+    for (i, t) in trials.iter().enumerate() {
         let status = store.register_trial(
             sweep_id,
             i,
@@ -70,24 +113,55 @@ pub fn exec(args: Args) -> anyhow::Result<u8> {
                 config: &t.config,
             },
         )?;
-        if !status.is_final() {
-            todo.push(i);
+        match status {
+            Status::Done | Status::Diverged => finished += 1,
+            Status::Failed if !retry_failed => failed_before += 1,
+            _ => todo.push(i),
         }
     }
-    let n = sweep.trials.len();
+    let ids: Vec<&str> = trials.iter().map(|t| t.id.as_str()).collect();
+    let dropped = store.keep_only(sweep_id, &ids)?;
+    let failed_note = if failed_before > 0 {
+        format!(", {failed_before} failed before: rerun them with --retry failed")
+    } else {
+        String::new()
+    };
     eprintln!(
-        "sweep {}: {n} trials, {} to run ({} finished before); data: {}; results: {}",
+        "sweep {}: {} trials, {} to run ({finished} finished before{failed_note}); data: {}; \
+         results: {}",
         sweep.name,
+        trials.len(),
         todo.len(),
-        n - todo.len(),
         data.summary,
         db.display()
     );
+    if dropped > 0 {
+        eprintln!(
+            "{dropped} trial(s) of an earlier version of {} are no longer in it: kept in the \
+             DB, left out of this sweep and its report",
+            args.file.display()
+        );
+    }
 
+    ctrlc::set_handler(on_ctrl_c).context("installing the Ctrl-C handler")?;
+    let me = owner::me();
     let progress = Progress::new(todo.len() * sweep.train.steps, sweep.train.steps);
     let dims = sweep.dims();
+    let mut busy = 0;
     for (k, &i) in todo.iter().enumerate() {
-        let trial = &sweep.trials[i];
+        if INTERRUPTED.load(Ordering::SeqCst) {
+            break;
+        }
+        let trial = &trials[i];
+        // Another `sweep run` on this DB may have taken or finished it meanwhile.
+        match store.claim(&trial.id, &me, retry_failed, &owner::dead)? {
+            Claim::Claimed(_) => {}
+            Claim::Busy(_) => {
+                busy += 1;
+                continue;
+            }
+            Claim::Skipped(_) => continue,
+        }
         progress.start(&format!(
             "trial {}/{} {} seed={}",
             k + 1,
@@ -96,9 +170,22 @@ pub fn exec(args: Args) -> anyhow::Result<u8> {
             trial.seed
         ));
         let started = Instant::now();
+        let ckpt = Checkpoints::new(&db, &trial.id, sweep.train.checkpoint_every());
         let (status, error, summary) = run_trial(
-            &mut store, trial, &sweep, &data, &val, &device, &dims, &progress,
+            &mut store, trial, &sweep, &data, &val, &device, &dims, &progress, &ckpt,
         )?;
+        if INTERRUPTED.load(Ordering::SeqCst) && status != Status::Done {
+            store.release(&trial.id)?;
+            progress.println(format!(
+                "[{}/{}] stopped  {} seed={}: back in the queue, resumes from its last \
+                 checkpoint",
+                k + 1,
+                todo.len(),
+                shown(&trial.label),
+                trial.seed
+            ));
+            break;
+        }
         let wall = started.elapsed().as_secs_f64();
         store.finish_trial(&trial.id, status, error.as_deref(), wall)?;
         progress.println(format!(
@@ -119,6 +206,16 @@ pub fn exec(args: Args) -> anyhow::Result<u8> {
         db.display(),
         sweep.name
     );
+    if busy > 0 {
+        eprintln!("{busy} trial(s) were running in another `sweep run` on this DB");
+    }
+    if INTERRUPTED.load(Ordering::SeqCst) {
+        eprintln!(
+            "interrupted; `sweep run {}` continues the sweep",
+            args.file.display()
+        );
+        return Ok(INTERRUPTED_EXIT);
+    }
     let failed = rows.iter().filter(|r| r.status == Status::Failed).count();
     Ok(if failed > 0 { exit::FAILED } else { exit::OK })
 }
@@ -134,6 +231,7 @@ fn run_trial(
     device: &Device,
     dims: &registry::Dims,
     progress: &Progress,
+    ckpt: &Checkpoints,
 ) -> anyhow::Result<(Status, Option<String>, String)> {
     let built = catch_unwind(AssertUnwindSafe(|| train::build(trial, dims, device)));
     let model = match built {
@@ -149,12 +247,29 @@ fn run_trial(
             return Ok((Status::Failed, Some(msg.clone()), msg));
         }
     };
-    store.start_trial(
-        &trial.id,
-        &device_name(device),
-        CODE_VERSION,
-        Some(model.param_count()),
-    )?;
+    // A trial with a checkpoint (left by a run that died) continues from it, keeping the
+    // metrics recorded up to it.
+    match ckpt.latest_step(&trial.id) {
+        Some(step) => {
+            progress.println(format!(
+                "resuming {} from its checkpoint at step {step}",
+                trial.id
+            ));
+            store.resume_trial(
+                &trial.id,
+                step as u64,
+                &device_name(device),
+                CODE_VERSION,
+                Some(model.param_count()),
+            )?
+        }
+        None => store.start_trial(
+            &trial.id,
+            &device_name(device),
+            CODE_VERSION,
+            Some(model.param_count()),
+        )?,
+    }
     let mut obs = Recorder {
         store,
         trial: &trial.id,
@@ -163,10 +278,27 @@ fn run_trial(
         db_error: None,
     };
     let result = catch_unwind(AssertUnwindSafe(|| {
-        train::train(trial, &model, &sweep.train, data, val, device, &mut obs)
+        let setting = train::Setting {
+            spec: &sweep.train,
+            data,
+            val,
+            device,
+        };
+        train::train(trial, &model, setting, &mut obs, Some(ckpt))
     }));
     if let Some(e) = obs.db_error.take() {
         return Err(e).context("writing metrics to the results database");
+    }
+    // Done: keep the final weights. Diverged: nothing to continue from. Failed: the
+    // checkpoint stays for a retry.
+    let kept = match &result {
+        Ok(Ok(Outcome::Done { .. })) => ckpt.finish(&model),
+        Ok(Ok(Outcome::Diverged { .. })) => ckpt.discard(),
+        _ => Ok(()),
+    };
+    if let Err(e) = kept {
+        let msg = format!("saving the final weights in {}: {e}", ckpt.dir().display());
+        return Ok((Status::Failed, Some(msg.clone()), msg));
     }
     Ok(match result {
         Ok(Ok(Outcome::Done { val_loss, val_bpb })) => (
@@ -240,12 +372,27 @@ impl Observer for Recorder<'_> {
         Ok(())
     }
 
-    fn step(&mut self, step: usize, loss: f64) {
+    fn step(&mut self, step: usize, loss: f64) -> candle_core::Result<()> {
         self.progress.step(step, loss, self.last_bpb);
+        if INTERRUPTED.load(Ordering::SeqCst) {
+            candle_core::bail!("interrupted at step {step}");
+        }
+        Ok(())
+    }
+
+    fn checkpoint(&mut self, _step: usize) -> candle_core::Result<()> {
+        if let Err(e) = self.store.flush() {
+            let msg = e.to_string();
+            self.db_error = Some(e);
+            candle_core::bail!("results database: {msg}");
+        }
+        Ok(())
     }
 
     fn eval(&mut self, step: usize, val_loss: f64, val_bpb: f64) {
         self.last_bpb = Some(val_bpb);
+        // Liveness for runners on other hosts; a failure here shows at the next flush.
+        let _ = self.store.heartbeat(self.trial);
         self.progress.note(format!(
             "step {step}: val/loss {val_loss:.4} val/bpb {val_bpb:.4}"
         ));

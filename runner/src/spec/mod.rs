@@ -21,7 +21,7 @@ use std::path::Path;
 use ron::value::RawValue;
 use serde::{Deserialize, Serialize};
 
-pub use expand::{Cell, Trial, Variant};
+pub use expand::{trial_id, Cell, Trial, Variant};
 pub use factors::factors;
 pub use source::Source;
 
@@ -51,6 +51,11 @@ pub struct TrainSpec {
     /// the steps since the last record, except lr and grad_norm: their last value).
     #[serde(default = "default_log_every")]
     pub log_every: usize,
+    /// Steps between checkpoints (model, optimizer, data position); default: every
+    /// evaluation; 0: none (the final weights are kept either way). How often a trial is
+    /// saved does not change what it computes, so it is left out of the trial's config and id.
+    #[serde(default, skip_serializing)]
+    pub checkpoint_every: Option<usize>,
 }
 
 fn default_eval_batches() -> usize {
@@ -66,6 +71,10 @@ fn default_log_every() -> usize {
 impl TrainSpec {
     pub fn eval_every(&self) -> usize {
         self.eval_every.unwrap_or((self.steps / 10).max(1))
+    }
+
+    pub fn checkpoint_every(&self) -> usize {
+        self.checkpoint_every.unwrap_or_else(|| self.eval_every())
     }
 }
 

@@ -1,0 +1,297 @@
+//! Sweeps that survive: killed and resumed runs, Ctrl-C, two runners on one DB, reruns of an
+//! edited file. Real processes, real signals.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// 2 FFNs x 2 seeds, 200 steps each with a checkpoint every 20 (about 3 s in all on the
+/// 2-core machine): long enough to be killed in the middle of a trial many times.
+fn long_sweep() -> String {
+    sweep_text(GRID)
+        .replace("seeds: [0],", "seeds: [0, 1],")
+        .replace(
+            "train: (steps: 6, batch: 2, seq_len: 16, eval_every: 3, eval_batches: 2, log_every: 3)",
+            "train: (steps: 200, batch: 2, seq_len: 16, eval_every: 50, eval_batches: 2, \
+             log_every: 25, checkpoint_every: 20)",
+        )
+        .replace("model: (d_model: 16, n_layers: 1)", "model: (d_model: 32, n_layers: 2)")
+}
+
+fn spawn(dir: &Path, args: &[&str]) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_sweep"))
+        .args(args)
+        .current_dir(dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("the sweep binary starts")
+}
+
+fn open(dir: &Path, db: &str) -> rusqlite::Connection {
+    rusqlite::Connection::open(dir.join(db)).unwrap()
+}
+
+/// (trial label, seed) -> final val/bpb, over the done trials of a DB.
+fn finals(db: &rusqlite::Connection) -> Vec<(String, i64, f64)> {
+    let mut stmt = db
+        .prepare(
+            "SELECT t.label, t.seed, m.value FROM trials t JOIN metrics m ON m.trial_id = t.id
+             WHERE t.status = 'done' AND m.name = 'val/bpb' AND m.step = 200
+             ORDER BY t.label, t.seed",
+        )
+        .unwrap();
+    stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap()
+}
+
+/// Every trial done once with exactly the metric rows an uninterrupted trial writes.
+fn assert_complete(db: &rusqlite::Connection) {
+    let ok: String = db
+        .query_row("PRAGMA integrity_check", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(ok, "ok");
+    assert_eq!(
+        count(db, "SELECT COUNT(*) FROM trials WHERE status = 'done'"),
+        4
+    );
+    assert_eq!(count(db, "SELECT COUNT(*) FROM trials"), 4);
+    // Per trial: 4 values (train/loss, lr, grad_norm, tokens_per_s) at 8 log steps, val/loss
+    // and val/bpb at 4 evaluations, and 2 + 5 per sublayer (4) amplification values at each.
+    let per_trial = 4 * 8 + 2 * 4 + (2 + 5 * 4) * 4;
+    let mut stmt = db
+        .prepare("SELECT COUNT(*) FROM metrics GROUP BY trial_id")
+        .unwrap();
+    let counts: Vec<i64> = stmt
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(counts, vec![per_trial; 4]);
+    let steps = count(
+        db,
+        "SELECT COUNT(*) FROM (SELECT DISTINCT trial_id, step FROM metrics WHERE name = 'train/loss')",
+    );
+    assert_eq!(steps, 4 * 8);
+}
+
+#[test]
+fn a_sweep_killed_at_random_moments_resumes_to_the_uninterrupted_result() {
+    let dir = workdir("killed");
+    std::fs::write(dir.join("s.ron"), long_sweep()).unwrap();
+    let reference = sweep(&dir, &["run", "s.ron", "--db", "whole.db"]);
+    assert_eq!(reference.status.code(), Some(0), "{}", stderr(&reference));
+
+    // A fixed pseudo-random sequence of kill times (xorshift), spread over 50 to 300 ms: a
+    // dozen of them add up to less than the sweep, so most land in the middle of a trial.
+    let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+    let mut kills = 0;
+    let mut resumed = 0;
+    for _ in 0..12 {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let wait = Duration::from_millis(50 + x % 250);
+        let mut child = spawn(&dir, &["run", "s.ron", "--db", "killed.db"]);
+        let started = Instant::now();
+        while started.elapsed() < wait {
+            if child.try_wait().unwrap().is_some() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        if child.try_wait().unwrap().is_none() {
+            child.kill().unwrap(); // SIGKILL
+            kills += 1;
+        }
+        let out = child.wait_with_output().unwrap();
+        resumed += String::from_utf8_lossy(&out.stderr)
+            .matches("resuming")
+            .count();
+    }
+    let last = sweep(&dir, &["run", "s.ron", "--db", "killed.db"]);
+    assert_eq!(last.status.code(), Some(0), "{}", stderr(&last));
+    resumed += stderr(&last).matches("resuming").count();
+    assert!(kills >= 10, "only {kills} runs were killed mid-way");
+    assert!(resumed >= 1, "no run resumed from a checkpoint");
+
+    let (killed, whole) = (open(&dir, "killed.db"), open(&dir, "whole.db"));
+    assert_complete(&killed);
+    let (a, b) = (finals(&killed), finals(&whole));
+    assert_eq!(a.len(), 4);
+    for ((l1, s1, v1), (l2, s2, v2)) in a.iter().zip(&b) {
+        assert_eq!((l1, s1), (l2, s2));
+        assert!(
+            (v1 - v2).abs() < 1e-6,
+            "{l1} seed {s1}: {v1} after kills, {v2} whole"
+        );
+    }
+    // Every done trial keeps its final weights; no intermediate checkpoint is left.
+    for id in ids(&killed) {
+        let folder = dir.join("killed.checkpoints").join(&id);
+        assert!(folder.join("final.safetensors").is_file(), "{id}");
+        assert!(!folder.join("manifest.json").exists(), "{id}");
+    }
+}
+
+fn ids(db: &rusqlite::Connection) -> Vec<String> {
+    let mut stmt = db.prepare("SELECT id FROM trials ORDER BY id").unwrap();
+    stmt.query_map([], |r| r.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap()
+}
+
+#[test]
+fn two_runners_on_one_db_finish_the_grid_without_running_a_trial_twice() {
+    let dir = workdir("two-runners");
+    std::fs::write(dir.join("s.ron"), long_sweep()).unwrap();
+    let a = spawn(&dir, &["run", "s.ron"]);
+    let b = spawn(&dir, &["run", "s.ron"]);
+    let (a, b) = (a.wait_with_output().unwrap(), b.wait_with_output().unwrap());
+    assert_eq!(a.status.code(), Some(0), "{}", stderr(&a));
+    assert_eq!(b.status.code(), Some(0), "{}", stderr(&b));
+    // Each trial was trained by one of them: the finished lines add up to the grid.
+    let trained = |o: &std::process::Output| stderr(o).matches("] done").count();
+    assert_eq!(
+        trained(&a) + trained(&b),
+        4,
+        "{}\n{}",
+        stderr(&a),
+        stderr(&b)
+    );
+    assert_complete(&open(&dir, "sweep.db"));
+}
+
+#[test]
+fn ctrl_c_exits_130_and_leaves_the_trial_to_resume() {
+    let dir = workdir("ctrl-c");
+    std::fs::write(dir.join("s.ron"), long_sweep()).unwrap();
+    let child = spawn(&dir, &["run", "s.ron"]);
+    // Wait for the first checkpoint, then interrupt.
+    let first = dir.join("sweep.checkpoints");
+    let started = Instant::now();
+    while !first.exists() && started.elapsed() < Duration::from_secs(60) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(50));
+    let status = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(130), "{}", stderr(&out));
+    assert!(stderr(&out).contains("interrupted"), "{}", stderr(&out));
+    let db = open(&dir, "sweep.db");
+    let ok: String = db
+        .query_row("PRAGMA integrity_check", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(ok, "ok");
+    assert_eq!(
+        count(&db, "SELECT COUNT(*) FROM trials WHERE status = 'running'"),
+        0
+    );
+
+    let again = sweep(&dir, &["run", "s.ron"]);
+    assert_eq!(again.status.code(), Some(0), "{}", stderr(&again));
+    assert_complete(&db);
+}
+
+#[test]
+fn failed_trials_wait_for_retry_and_fresh_starts_a_new_record() {
+    let dir = workdir("retry-fresh");
+    std::fs::write(dir.join("s.ron"), sweep_text(GRID)).unwrap();
+    assert_eq!(sweep(&dir, &["run", "s.ron"]).status.code(), Some(0));
+    let db = open(&dir, "sweep.db");
+    db.execute_batch(
+        "UPDATE trials SET status = 'failed', error = 'boom' WHERE label = 'ffn=Gelu'",
+    )
+    .unwrap();
+
+    let skip = sweep(&dir, &["run", "s.ron"]);
+    assert_eq!(
+        skip.status.code(),
+        Some(1),
+        "a failed trial remains: {}",
+        stderr(&skip)
+    );
+    assert!(
+        stderr(&skip).contains(
+            "0 to run (1 finished before, 1 failed before: rerun them with --retry failed)"
+        ),
+        "{}",
+        stderr(&skip)
+    );
+    let retry = sweep(&dir, &["run", "s.ron", "--retry", "failed"]);
+    assert_eq!(retry.status.code(), Some(0), "{}", stderr(&retry));
+    assert!(stderr(&retry).contains("1 to run"), "{}", stderr(&retry));
+    assert_eq!(
+        count(&db, "SELECT COUNT(*) FROM trials WHERE status = 'done'"),
+        2
+    );
+
+    let fresh = sweep(&dir, &["run", "s.ron", "--fresh"]);
+    assert_eq!(fresh.status.code(), Some(0), "{}", stderr(&fresh));
+    assert!(
+        stderr(&fresh).contains("2 to run (0 finished before)"),
+        "{}",
+        stderr(&fresh)
+    );
+    assert_eq!(
+        count(&db, "SELECT COUNT(*) FROM trials WHERE status = 'done'"),
+        4
+    );
+    assert_eq!(
+        count(
+            &db,
+            "SELECT COUNT(*) FROM sweeps WHERE name IN ('tiny', 'tiny@0')"
+        ),
+        2
+    );
+    let old = sweep(&dir, &["report", "--sweep", "tiny@0"]);
+    assert_eq!(old.status.code(), Some(0), "{}", stderr(&old));
+    assert!(String::from_utf8_lossy(&old.stdout).contains("2 trials in 2 configurations"));
+}
+
+#[test]
+fn an_edited_sweep_reuses_unchanged_cells_and_drops_removed_ones_from_its_report() {
+    let dir = workdir("edited");
+    std::fs::write(dir.join("s.ron"), sweep_text(GRID)).unwrap();
+    assert_eq!(sweep(&dir, &["run", "s.ron"]).status.code(), Some(0));
+    let edited = sweep_text("(attention: [Mha(heads: 2)], ffn: [Gelu, Relu2])");
+    std::fs::write(dir.join("s.ron"), edited).unwrap();
+    let out = sweep(&dir, &["run", "s.ron"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains("2 trials, 1 to run (1 finished before)"),
+        "{err}"
+    );
+    assert!(
+        err.contains("1 trial(s) of an earlier version of s.ron are no longer in it"),
+        "{err}"
+    );
+    let db = open(&dir, "sweep.db");
+    assert_eq!(
+        count(&db, "SELECT COUNT(*) FROM trials"),
+        3,
+        "the SwiGlu trial stays"
+    );
+    let report = sweep(&dir, &["report", "--format", "csv"]);
+    let csv = String::from_utf8_lossy(&report.stdout);
+    let configs: Vec<&str> = csv
+        .lines()
+        .skip(1)
+        .map(|l| l.split(',').next().unwrap())
+        .collect();
+    let mut configs = configs;
+    configs.sort();
+    assert_eq!(configs, ["Gelu", "Relu2"]);
+}
