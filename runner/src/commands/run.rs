@@ -15,6 +15,7 @@ use results::{Claim, NewTrial, Status, Store};
 use crate::checkpoint::Checkpoints;
 use crate::data::Dataset;
 use crate::error::{exit, InputError};
+use crate::memory;
 use crate::owner;
 use crate::spec::{self, Sweep, Trial};
 use crate::train::{self, Observer, Outcome, ValSet};
@@ -74,6 +75,9 @@ pub fn exec(args: Args) -> anyhow::Result<u8> {
     if args.dry_run {
         print!("{}", plan(&sweep));
         return Ok(exit::OK);
+    }
+    if let (Device::Cpu, Some(limit)) = (&device, memory::available()) {
+        memory::check(&sweep, limit, "this machine")?;
     }
     let data = Dataset::load(&sweep.data, &sweep.source, sweep.train.seq_len)?;
     let val = ValSet::new(&data.val, data.tokenizer, &sweep.train, &device)?;
