@@ -295,3 +295,131 @@ fn an_edited_sweep_reuses_unchanged_cells_and_drops_removed_ones_from_its_report
     configs.sort();
     assert_eq!(configs, ["Gelu", "Relu2"]);
 }
+
+#[test]
+fn an_allocation_failure_fails_its_trial_and_the_sweep_goes_on() {
+    let dir = workdir("alloc");
+    // 16 heads of 2048 x 2048 scores take 512 MiB per tensor, beyond a 1.5 GB address space;
+    // one head takes 32 MiB. The memory estimate (against the machine's RAM) lets both pass.
+    let text = sweep_text("(attention: [Mha(heads: [16, 1])], ffn: [Gelu])")
+        .replace("batch: 2, seq_len: 16", "batch: 2, seq_len: 2048")
+        .replace("d_model: 16", "d_model: 32")
+        .replace("steps: 6,", "steps: 2,")
+        .replace("eval_every: 3", "eval_every: 2")
+        .replace("log_every: 3", "log_every: 1");
+    std::fs::write(dir.join("s.ron"), text).unwrap();
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "ulimit -v 1500000 && exec {} run s.ron",
+            env!("CARGO_BIN_EXE_sweep")
+        ))
+        .current_dir(&dir)
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "a trial failed: {}",
+        stderr(&out)
+    );
+    let db = open(&dir, "sweep.db");
+    let error: String = db
+        .query_row(
+            "SELECT error FROM trials WHERE label = 'attention.heads=16' AND status = 'failed'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert!(
+        error.contains("SIGABRT") && error.contains("memory allocation of"),
+        "{error}"
+    );
+    assert!(!error.contains("stack backtrace"), "{error}");
+    assert_eq!(
+        count(
+            &db,
+            "SELECT COUNT(*) FROM trials WHERE label = 'attention.heads=1' AND status = 'done'"
+        ),
+        1
+    );
+}
+
+/// Whether a complete checkpoint exists under a checkpoints folder.
+fn has_manifest(folder: &Path) -> bool {
+    std::fs::read_dir(folder)
+        .map(|entries| {
+            entries
+                .flatten()
+                .any(|e| e.path().join("manifest.json").is_file())
+        })
+        .unwrap_or(false)
+}
+
+/// The pid of the worker process training in `dir`, once one runs.
+fn worker_in(dir: &Path) -> Option<i32> {
+    let needle = dir.display().to_string();
+    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        let args: Vec<String> = cmdline
+            .split(|b| *b == 0)
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        if args.iter().any(|a| a == "worker") && args.iter().any(|a| a.contains(&needle)) {
+            return Some(pid);
+        }
+    }
+    None
+}
+
+#[test]
+fn a_worker_killed_by_the_oom_killer_fails_its_trial_and_the_sweep_goes_on() {
+    let dir = workdir("oom-killed");
+    std::fs::write(dir.join("s.ron"), long_sweep()).unwrap();
+    let db_path = dir.join("sweep.db").display().to_string();
+    let child = spawn(&dir, &["run", "s.ron", "--db", &db_path]);
+    // SIGKILL the first worker after its first checkpoint, as the kernel's OOM killer would.
+    let started = Instant::now();
+    let pid = loop {
+        if let (Some(pid), true) = (
+            worker_in(&dir),
+            has_manifest(&dir.join("sweep.checkpoints")),
+        ) {
+            break pid;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "no worker started"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert!(Command::new("kill")
+        .args(["-KILL", &pid.to_string()])
+        .status()
+        .unwrap()
+        .success());
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let db = open(&dir, "sweep.db");
+    let error: String = db
+        .query_row(
+            "SELECT error FROM trials WHERE status = 'failed'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert!(error.contains("SIGKILL"), "{error}");
+    assert_eq!(
+        count(&db, "SELECT COUNT(*) FROM trials WHERE status = 'done'"),
+        3
+    );
+
+    // Retried, it continues from its checkpoint and the grid completes as if never killed.
+    let retry = sweep(&dir, &["run", "s.ron", "--retry", "failed"]);
+    assert_eq!(retry.status.code(), Some(0), "{}", stderr(&retry));
+    assert!(stderr(&retry).contains("resuming"), "{}", stderr(&retry));
+    assert_complete(&db);
+}

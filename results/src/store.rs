@@ -3,7 +3,9 @@
 use std::path::Path;
 use std::time::Duration;
 
-use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
+use rusqlite::{
+    params, Connection, OpenFlags, OptionalExtension, Transaction, TransactionBehavior,
+};
 
 use crate::{Error, Result, Status};
 
@@ -186,49 +188,28 @@ impl Store {
         let conn = Connection::open_with_flags(path, flags).map_err(open_err)?;
         conn.busy_timeout(Duration::from_secs(30))
             .map_err(open_err)?;
-        conn.pragma_update(None, "journal_mode", "WAL")
+        let mode: String = conn
+            .query_row("PRAGMA journal_mode", [], |r| r.get(0))
             .map_err(open_err)?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            // Switching needs the file alone for a moment, and SQLite does not wait for
+            // that through the busy handler: two processes creating one DB retry here.
+            let started = std::time::Instant::now();
+            while let Err(e) = conn.pragma_update(None, "journal_mode", "WAL") {
+                if !is_busy(&e) || started.elapsed() > Duration::from_secs(30) {
+                    return Err(open_err(e));
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
         conn.pragma_update(None, "synchronous", "NORMAL")
             .map_err(open_err)?;
         conn.pragma_update(None, "foreign_keys", "ON")
             .map_err(open_err)?;
-        conn.execute_batch(SCHEMA).map_err(open_err)?;
-        let found: Option<String> = conn
-            .query_row(
-                "SELECT value FROM meta WHERE key = 'schema_version'",
-                [],
-                |r| r.get(0),
-            )
-            .optional()?;
-        let version = match found {
-            None => {
-                conn.execute(
-                    "INSERT INTO meta (key, value) VALUES ('schema_version', ?1)",
-                    [SCHEMA_VERSION.to_string()],
-                )?;
-                SCHEMA_VERSION
-            }
-            Some(v) => match v.parse::<u32>() {
-                Ok(n) if (1..=SCHEMA_VERSION).contains(&n) => n,
-                _ => {
-                    return Err(Error::SchemaVersion {
-                        path: shown,
-                        found: v,
-                        expected: SCHEMA_VERSION,
-                    })
-                }
-            },
-        };
-        if version < SCHEMA_VERSION {
-            let tx = conn.unchecked_transaction()?;
-            for step in &MIGRATIONS[version as usize - 1..] {
-                tx.execute_batch(step)?;
-            }
-            tx.execute(
-                "UPDATE meta SET value = ?1 WHERE key = 'schema_version'",
-                [SCHEMA_VERSION.to_string()],
-            )?;
-            tx.commit()?;
+        // A DB of this version needs no write to open, so a reader (`sweep report`) never
+        // waits for a running sweep's transaction.
+        if schema_version(&conn)?.as_deref() != Some(SCHEMA_VERSION.to_string().as_str()) {
+            init(&conn, &shown)?;
         }
         Ok(Self {
             conn,
@@ -261,6 +242,28 @@ impl Store {
             })?)
     }
 
+    /// The generation of the sweep record named `name`, if there is one.
+    pub fn sweep_generation(&self, name: &str) -> Result<Option<u32>> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT generation FROM sweeps WHERE name = ?1",
+                [name],
+                |r| r.get(0),
+            )
+            .optional()?)
+    }
+
+    /// A trial's current status.
+    pub fn status(&self, id: &str) -> Result<Status> {
+        let s: String =
+            self.conn
+                .query_row("SELECT status FROM trials WHERE id = ?1", [id], |r| {
+                    r.get(0)
+                })?;
+        s.parse()
+    }
+
     /// The generation of the sweep record (0 for the first; `--fresh` starts the next).
     pub fn generation(&self, sweep_id: i64) -> Result<u32> {
         Ok(self.conn.query_row(
@@ -274,7 +277,7 @@ impl Store {
     /// with it) and returns the generation the next record of that name gets; 0 when there is
     /// none.
     pub fn archive_sweep(&self, name: &str) -> Result<u32> {
-        let tx = self.conn.unchecked_transaction()?;
+        let tx = self.write()?;
         let found: Option<(i64, u32)> = tx
             .query_row(
                 "SELECT id, generation FROM sweeps WHERE name = ?1",
@@ -308,7 +311,7 @@ impl Store {
     /// Makes `ids` the sweep's trials: a trial of an earlier version of the sweep file that
     /// is no longer in it stays in the DB but leaves the sweep (and its report).
     pub fn keep_only(&self, sweep_id: i64, ids: &[&str]) -> Result<usize> {
-        let tx = self.conn.unchecked_transaction()?;
+        let tx = self.write()?;
         let linked: Vec<String> = {
             let mut stmt = tx.prepare("SELECT trial_id FROM sweep_trials WHERE sweep_id = ?1")?;
             let rows = stmt.query_map([sweep_id], |r| r.get(0))?;
@@ -398,7 +401,7 @@ impl Store {
 
     /// Adds a trial to a sweep (as `queued` if it is new) and returns its current status.
     pub fn register_trial(&self, sweep_id: i64, position: usize, t: &NewTrial) -> Result<Status> {
-        let tx = self.conn.unchecked_transaction()?;
+        let tx = self.write()?;
         tx.execute(
             &format!(
                 "INSERT INTO trials (id, sweep_id, seed, label, config, status, created_at)
@@ -430,7 +433,7 @@ impl Store {
         code_version: &str,
         params: Option<ParamCount>,
     ) -> Result<()> {
-        let tx = self.conn.unchecked_transaction()?;
+        let tx = self.write()?;
         tx.execute("DELETE FROM metrics WHERE trial_id = ?1", [id])?;
         tx.execute(
             &format!(
@@ -461,7 +464,7 @@ impl Store {
         code_version: &str,
         params: Option<ParamCount>,
     ) -> Result<()> {
-        let tx = self.conn.unchecked_transaction()?;
+        let tx = self.write()?;
         tx.execute(
             "DELETE FROM metrics WHERE trial_id = ?1 AND step > ?2",
             params![id, step as i64],
@@ -500,7 +503,7 @@ impl Store {
         if self.pending.is_empty() {
             return Ok(());
         }
-        let tx = self.conn.unchecked_transaction()?;
+        let tx = self.write()?;
         {
             let mut stmt = tx.prepare_cached(
                 "INSERT INTO metrics (trial_id, step, name, value) VALUES (?1, ?2, ?3, ?4)
@@ -580,10 +583,83 @@ impl Store {
         Ok(rows.collect::<std::result::Result<_, _>>()?)
     }
 
+    /// A transaction that takes the write lock at once (waiting for another writer through the
+    /// busy timeout): one that read first and wrote later could fail outright when another
+    /// process wrote in between.
+    fn write(&self) -> Result<Transaction<'_>> {
+        Ok(Transaction::new_unchecked(
+            &self.conn,
+            TransactionBehavior::Immediate,
+        )?)
+    }
+
     /// The underlying connection, for ad-hoc queries.
     pub fn conn(&self) -> &Connection {
         &self.conn
     }
+}
+
+fn is_busy(e: &rusqlite::Error) -> bool {
+    matches!(
+        e.sqlite_error_code(),
+        Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked)
+    )
+}
+
+/// The recorded schema version; `None` for a DB without one (new, or not ours).
+fn schema_version(conn: &Connection) -> Result<Option<String>> {
+    let has_meta: bool = conn.query_row(
+        "SELECT count(*) > 0 FROM sqlite_master WHERE type = 'table' AND name = 'meta'",
+        [],
+        |r| r.get(0),
+    )?;
+    if !has_meta {
+        return Ok(None);
+    }
+    Ok(conn
+        .query_row(
+            "SELECT value FROM meta WHERE key = 'schema_version'",
+            [],
+            |r| r.get(0),
+        )
+        .optional()?)
+}
+
+/// Creates the tables, or migrates an older DB, in one immediate transaction: a second
+/// process opening the same DB waits for it rather than seeing half a schema.
+fn init(conn: &Connection, shown: &str) -> Result<()> {
+    let tx = Transaction::new_unchecked(conn, TransactionBehavior::Immediate)?;
+    tx.execute_batch(SCHEMA)?;
+    let version = match schema_version(&tx)? {
+        None => {
+            tx.execute(
+                "INSERT INTO meta (key, value) VALUES ('schema_version', ?1)",
+                [SCHEMA_VERSION.to_string()],
+            )?;
+            SCHEMA_VERSION
+        }
+        Some(v) => match v.parse::<u32>() {
+            Ok(n) if (1..=SCHEMA_VERSION).contains(&n) => n,
+            _ => {
+                return Err(Error::SchemaVersion {
+                    path: shown.to_string(),
+                    found: v,
+                    expected: SCHEMA_VERSION,
+                })
+            }
+        },
+    };
+    if version < SCHEMA_VERSION {
+        for step in &MIGRATIONS[version as usize - 1..] {
+            tx.execute_batch(step)?;
+        }
+        tx.execute(
+            "UPDATE meta SET value = ?1 WHERE key = 'schema_version'",
+            [SCHEMA_VERSION.to_string()],
+        )?;
+    }
+    tx.commit()?;
+    Ok(())
 }
 
 impl Drop for Store {

@@ -1,7 +1,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use runner::commands::{list, report, run};
+use runner::commands::{list, report, run, worker};
 use runner::error::{exit, InputError};
 
 /// Architecture sweeps for language models: list component variants in a RON file, train
@@ -18,6 +18,8 @@ enum Command {
     Run(run::Args),
     Report(report::Args),
     List(list::Args),
+    #[command(hide = true)]
+    Worker(worker::Args),
 }
 
 fn main() -> ExitCode {
@@ -25,6 +27,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run(args) => run::exec(args),
         Command::Report(args) => report::exec(args),
+        Command::Worker(args) => worker::exec(args),
         Command::List(args) => list::exec(args),
     };
     match result {

@@ -3,3 +3,4 @@
 pub mod list;
 pub mod report;
 pub mod run;
+pub mod worker;

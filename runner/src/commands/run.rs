@@ -1,10 +1,10 @@
 //! `sweep run FILE`: validate and expand the sweep, train every trial not yet finished, and
 //! record everything in the results store.
 
-use std::io::IsTerminal;
-use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::io::{BufRead, BufReader, IsTerminal};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::Instant;
 
 use anyhow::Context;
@@ -12,13 +12,12 @@ use candle_core::Device;
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use results::{Claim, NewTrial, Status, Store};
 
-use crate::checkpoint::Checkpoints;
 use crate::data::Dataset;
 use crate::error::{exit, InputError};
 use crate::memory;
 use crate::owner;
 use crate::spec::{self, Sweep, Trial};
-use crate::train::{self, Observer, Outcome, ValSet};
+use crate::train::ValSet;
 use crate::CODE_VERSION;
 
 /// Train every trial of a sweep file and record the results in SQLite.
@@ -59,14 +58,157 @@ pub enum Retry {
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
 /// The exit status after Ctrl-C (128 + SIGINT), as shells report it.
-const INTERRUPTED_EXIT: u8 = 130;
+pub(crate) const INTERRUPTED_EXIT: u8 = 130;
+
+/// The running worker's pid (0: none), for forwarding Ctrl-C to it.
+static WORKER: AtomicU32 = AtomicU32::new(0);
 
 fn on_ctrl_c() {
-    // A second Ctrl-C does not wait for the step: SQLite's transactions keep the DB whole.
+    // A second Ctrl-C does not wait for the step: SQLite's transactions keep the DB whole,
+    // and the worker dies with this process; the next run resumes its trial.
     if INTERRUPTED.swap(true, Ordering::SeqCst) {
         std::process::exit(i32::from(INTERRUPTED_EXIT));
     }
     eprintln!("\ninterrupted: finishing the current step (Ctrl-C again to stop at once)");
+    forward_interrupt();
+}
+
+/// A signal sent to `sweep run` alone (`kill -INT`, a scheduler) reaches its worker too.
+fn forward_interrupt() {
+    #[cfg(unix)]
+    if let Some(pid) = std::num::NonZeroU32::new(WORKER.load(Ordering::SeqCst)) {
+        use nix::sys::signal::{kill, Signal};
+        let _ = kill(nix::unistd::Pid::from_raw(pid.get() as i32), Signal::SIGINT);
+    }
+}
+
+/// How a worker ended.
+enum Ended {
+    /// It recorded the trial's outcome; the summary line it sent.
+    Finished(String),
+    /// Stopped by Ctrl-C or SIGTERM, its trial given back.
+    Interrupted,
+    /// Killed or crashed before recording an outcome: why, for the trial's error.
+    Died(String),
+}
+
+/// Runs one claimed trial in a `sweep worker` process, turning its progress lines into the
+/// bars and its death into a cause.
+fn supervise(
+    args: &Args,
+    db: &std::path::Path,
+    trial: &Trial,
+    progress: &Progress,
+) -> anyhow::Result<Ended> {
+    let exe = std::env::current_exe().context("locating the sweep binary for its worker")?;
+    let mut cmd = Command::new(exe);
+    cmd.arg("worker")
+        .arg(&args.file)
+        .arg("--db")
+        .arg(db)
+        .args(["--device", &args.device, "--trial", &trial.id])
+        .args(["--parent", &std::process::id().to_string()]);
+    for set in &args.sets {
+        cmd.args(["--set", set]);
+    }
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("starting a worker process")?;
+    WORKER.store(child.id(), Ordering::SeqCst);
+    if INTERRUPTED.load(Ordering::SeqCst) {
+        forward_interrupt();
+    }
+    // The worker's stderr is shown as it comes and its end kept for a crash report.
+    let stderr = child.stderr.take().expect("piped");
+    let tail = std::thread::spawn(move || {
+        let mut tail: Vec<String> = Vec::new();
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            eprintln!("{line}");
+            tail.push(line);
+            if tail.len() > 12 {
+                tail.remove(0);
+            }
+        }
+        tail
+    });
+    let mut summary = String::new();
+    let mut last_bpb = None;
+    for line in BufReader::new(child.stdout.take().expect("piped"))
+        .lines()
+        .map_while(Result::ok)
+    {
+        let (kind, rest) = line.split_once(' ').unwrap_or((line.as_str(), ""));
+        let nums: Vec<f64> = rest.split(' ').filter_map(|x| x.parse().ok()).collect();
+        match (kind, nums.as_slice()) {
+            ("step", [step, loss]) => progress.step(*step as usize, *loss, last_bpb),
+            ("eval", [step, loss, bpb]) => {
+                last_bpb = Some(*bpb);
+                progress.note(format!("step {step}: val/loss {loss:.4} val/bpb {bpb:.4}"));
+            }
+            ("line", _) => progress.println(rest.to_string()),
+            ("result", _) => summary = rest.to_string(),
+            _ => progress.println(line.clone()),
+        }
+    }
+    let status = child.wait().context("waiting for the worker")?;
+    WORKER.store(0, Ordering::SeqCst);
+    let tail = tail.join().unwrap_or_default();
+    Ok(match status.code() {
+        Some(0) => Ended::Finished(summary),
+        Some(c) if c == i32::from(INTERRUPTED_EXIT) => Ended::Interrupted,
+        _ if INTERRUPTED.load(Ordering::SeqCst) => Ended::Interrupted,
+        code => Ended::Died(death(code, &status, &tail)),
+    })
+}
+
+/// Why a worker died, from its exit status and the last lines it wrote.
+fn death(code: Option<i32>, status: &std::process::ExitStatus, tail: &[String]) -> String {
+    let how = match code {
+        Some(c) => format!("exited with status {c}"),
+        None => {
+            #[cfg(unix)]
+            {
+                use std::os::unix::process::ExitStatusExt;
+                match status.signal() {
+                    Some(6) => "was aborted (SIGABRT; a failed memory allocation aborts so)".into(),
+                    Some(9) => {
+                        "was killed (SIGKILL; the kernel's out-of-memory killer sends it)".into()
+                    }
+                    Some(11) => "crashed (SIGSEGV)".into(),
+                    Some(s) => format!("was killed by signal {s}"),
+                    None => "ended without a status".into(),
+                }
+            }
+            #[cfg(not(unix))]
+            {
+                let _ = status;
+                "ended without a status".to_string()
+            }
+        }
+    };
+    // The last lines it wrote, without the backtrace that RUST_BACKTRACE adds.
+    let said: Vec<&str> = tail
+        .iter()
+        .map(String::as_str)
+        .filter(|l| {
+            !(l.is_empty()
+                || l.starts_with(char::is_whitespace)
+                || l.starts_with("stack backtrace")
+                || l.starts_with("note: "))
+        })
+        .collect();
+    let last = &said[said.len().saturating_sub(3)..];
+    if last.is_empty() {
+        format!("the worker process training this trial {how}")
+    } else {
+        format!(
+            "the worker process training this trial {how}: {}",
+            last.join(" | ")
+        )
+    }
 }
 
 pub fn exec(args: Args) -> anyhow::Result<u8> {
@@ -79,8 +221,12 @@ pub fn exec(args: Args) -> anyhow::Result<u8> {
     if let (Device::Cpu, Some(limit)) = (&device, memory::available()) {
         memory::check(&sweep, limit, "this machine")?;
     }
+    // The parent reads the data once to refuse a bad corpus before anything is written;
+    // each worker loads its own copy.
     let data = Dataset::load(&sweep.data, &sweep.source, sweep.train.seq_len)?;
-    let val = ValSet::new(&data.val, data.tokenizer, &sweep.train, &device)?;
+    ValSet::new(&data.val, data.tokenizer, &sweep.train, &device)?;
+    let data_summary = data.summary.clone();
+    drop(data);
     let db = args
         .db
         .clone()
@@ -98,12 +244,7 @@ pub fn exec(args: Args) -> anyhow::Result<u8> {
     )?;
     // A fresh record's trials are new trials: their ids are salted with its generation.
     let generation = store.generation(sweep_id)?;
-    let mut trials = sweep.trials.clone();
-    if generation > 0 {
-        for t in &mut trials {
-            t.id = spec::trial_id(&format!("{}\n// generation {generation}", t.config));
-        }
-    }
+    let trials = spec::salted(sweep.trials.clone(), generation);
     let retry_failed = args.retry == Some(Retry::Failed);
     let (mut todo, mut finished, mut failed_before) = (Vec::new(), 0, 0);
     for (i, t) in trials.iter().enumerate() {
@@ -136,7 +277,7 @@ pub fn exec(args: Args) -> anyhow::Result<u8> {
         sweep.name,
         trials.len(),
         todo.len(),
-        data.summary,
+        data_summary,
         db.display()
     );
     if dropped > 0 {
@@ -150,7 +291,6 @@ pub fn exec(args: Args) -> anyhow::Result<u8> {
     ctrlc::set_handler(on_ctrl_c).context("installing the Ctrl-C handler")?;
     let me = owner::me();
     let progress = Progress::new(todo.len() * sweep.train.steps, sweep.train.steps);
-    let dims = sweep.dims();
     let mut busy = 0;
     for (k, &i) in todo.iter().enumerate() {
         if INTERRUPTED.load(Ordering::SeqCst) {
@@ -174,24 +314,28 @@ pub fn exec(args: Args) -> anyhow::Result<u8> {
             trial.seed
         ));
         let started = Instant::now();
-        let ckpt = Checkpoints::new(&db, &trial.id, sweep.train.checkpoint_every());
-        let (status, error, summary) = run_trial(
-            &mut store, trial, &sweep, &data, &val, &device, &dims, &progress, &ckpt,
-        )?;
-        if INTERRUPTED.load(Ordering::SeqCst) && status != Status::Done {
-            store.release(&trial.id)?;
-            progress.println(format!(
-                "[{}/{}] stopped  {} seed={}: back in the queue, resumes from its last \
-                 checkpoint",
-                k + 1,
-                todo.len(),
-                shown(&trial.label),
-                trial.seed
-            ));
-            break;
-        }
+        let ended = supervise(&args, &db, trial, &progress)?;
         let wall = started.elapsed().as_secs_f64();
-        store.finish_trial(&trial.id, status, error.as_deref(), wall)?;
+        let (status, summary) = match ended {
+            Ended::Finished(summary) => (store.status(&trial.id)?, summary),
+            Ended::Interrupted => {
+                // The worker gives its trial back; if it could not, do it here.
+                store.release(&trial.id)?;
+                progress.println(format!(
+                    "[{}/{}] stopped  {} seed={}: back in the queue, resumes from its last \
+                     checkpoint",
+                    k + 1,
+                    todo.len(),
+                    shown(&trial.label),
+                    trial.seed
+                ));
+                break;
+            }
+            Ended::Died(cause) => {
+                store.finish_trial(&trial.id, Status::Failed, Some(&cause), wall)?;
+                (Status::Failed, cause)
+            }
+        };
         progress.println(format!(
             "[{}/{}] {status:<8} {} seed={} {summary} ({wall:.1} s)",
             k + 1,
@@ -224,104 +368,6 @@ pub fn exec(args: Args) -> anyhow::Result<u8> {
     Ok(if failed > 0 { exit::FAILED } else { exit::OK })
 }
 
-/// Builds and trains one trial, turning errors and panics into a `failed` status.
-#[allow(clippy::too_many_arguments)]
-fn run_trial(
-    store: &mut Store,
-    trial: &Trial,
-    sweep: &Sweep,
-    data: &Dataset,
-    val: &ValSet,
-    device: &Device,
-    dims: &registry::Dims,
-    progress: &Progress,
-    ckpt: &Checkpoints,
-) -> anyhow::Result<(Status, Option<String>, String)> {
-    let built = catch_unwind(AssertUnwindSafe(|| train::build(trial, dims, device)));
-    let model = match built {
-        Ok(Ok(m)) => m,
-        Ok(Err(e)) => {
-            store.start_trial(&trial.id, &device_name(device), CODE_VERSION, None)?;
-            let msg = format!("building the model: {e}");
-            return Ok((Status::Failed, Some(msg.clone()), msg));
-        }
-        Err(p) => {
-            store.start_trial(&trial.id, &device_name(device), CODE_VERSION, None)?;
-            let msg = format!("panic while building the model: {}", panic_message(&p));
-            return Ok((Status::Failed, Some(msg.clone()), msg));
-        }
-    };
-    // A trial with a checkpoint (left by a run that died) continues from it, keeping the
-    // metrics recorded up to it.
-    match ckpt.latest_step(&trial.id) {
-        Some(step) => {
-            progress.println(format!(
-                "resuming {} from its checkpoint at step {step}",
-                trial.id
-            ));
-            store.resume_trial(
-                &trial.id,
-                step as u64,
-                &device_name(device),
-                CODE_VERSION,
-                Some(model.param_count()),
-            )?
-        }
-        None => store.start_trial(
-            &trial.id,
-            &device_name(device),
-            CODE_VERSION,
-            Some(model.param_count()),
-        )?,
-    }
-    let mut obs = Recorder {
-        store,
-        trial: &trial.id,
-        progress,
-        last_bpb: None,
-        db_error: None,
-    };
-    let result = catch_unwind(AssertUnwindSafe(|| {
-        let setting = train::Setting {
-            spec: &sweep.train,
-            data,
-            val,
-            device,
-        };
-        train::train(trial, &model, setting, &mut obs, Some(ckpt))
-    }));
-    if let Some(e) = obs.db_error.take() {
-        return Err(e).context("writing metrics to the results database");
-    }
-    // Done: keep the final weights. Diverged: nothing to continue from. Failed: the
-    // checkpoint stays for a retry.
-    let kept = match &result {
-        Ok(Ok(Outcome::Done { .. })) => ckpt.finish(&model),
-        Ok(Ok(Outcome::Diverged { .. })) => ckpt.discard(),
-        _ => Ok(()),
-    };
-    if let Err(e) = kept {
-        let msg = format!("saving the final weights in {}: {e}", ckpt.dir().display());
-        return Ok((Status::Failed, Some(msg.clone()), msg));
-    }
-    Ok(match result {
-        Ok(Ok(Outcome::Done { val_loss, val_bpb })) => (
-            Status::Done,
-            None,
-            format!("val/loss {val_loss:.4} val/bpb {val_bpb:.4}"),
-        ),
-        Ok(Ok(Outcome::Diverged { step, what })) => {
-            let msg = format!("diverged at step {step}: {what}");
-            (Status::Diverged, Some(msg.clone()), msg)
-        }
-        Ok(Err(e)) => (Status::Failed, Some(e.to_string()), format!("error: {e}")),
-        Err(p) => {
-            let msg = format!("panic: {}", panic_message(&p));
-            (Status::Failed, Some(msg.clone()), msg)
-        }
-    })
-}
-
 /// A trial's label for tables: `-` when nothing varies.
 fn shown(label: &str) -> &str {
     if label.is_empty() {
@@ -329,13 +375,6 @@ fn shown(label: &str) -> &str {
     } else {
         label
     }
-}
-
-fn panic_message(p: &Box<dyn std::any::Any + Send>) -> String {
-    p.downcast_ref::<&str>()
-        .map(|s| s.to_string())
-        .or_else(|| p.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "(no message)".into())
 }
 
 pub fn parse_device(spec: &str) -> Result<Device, InputError> {
@@ -347,59 +386,6 @@ pub fn parse_device(spec: &str) -> Result<Device, InputError> {
         s => Err(InputError::new(format!(
             "--device {s}: unknown device; use --device cpu"
         ))),
-    }
-}
-
-fn device_name(d: &Device) -> String {
-    match d {
-        Device::Cpu => "cpu".into(),
-        other => format!("{other:?}"),
-    }
-}
-
-/// Sends metrics to the store and progress to the bars.
-struct Recorder<'a> {
-    store: &'a mut Store,
-    trial: &'a str,
-    progress: &'a Progress,
-    last_bpb: Option<f64>,
-    db_error: Option<results::Error>,
-}
-
-impl Observer for Recorder<'_> {
-    fn record(&mut self, step: usize, name: &str, value: f64) -> candle_core::Result<()> {
-        if let Err(e) = self.store.record(self.trial, step as u64, name, value) {
-            let msg = e.to_string();
-            self.db_error = Some(e);
-            candle_core::bail!("results database: {msg}");
-        }
-        Ok(())
-    }
-
-    fn step(&mut self, step: usize, loss: f64) -> candle_core::Result<()> {
-        self.progress.step(step, loss, self.last_bpb);
-        if INTERRUPTED.load(Ordering::SeqCst) {
-            candle_core::bail!("interrupted at step {step}");
-        }
-        Ok(())
-    }
-
-    fn checkpoint(&mut self, _step: usize) -> candle_core::Result<()> {
-        if let Err(e) = self.store.flush() {
-            let msg = e.to_string();
-            self.db_error = Some(e);
-            candle_core::bail!("results database: {msg}");
-        }
-        Ok(())
-    }
-
-    fn eval(&mut self, step: usize, val_loss: f64, val_bpb: f64) {
-        self.last_bpb = Some(val_bpb);
-        // Liveness for runners on other hosts; a failure here shows at the next flush.
-        let _ = self.store.heartbeat(self.trial);
-        self.progress.note(format!(
-            "step {step}: val/loss {val_loss:.4} val/bpb {val_bpb:.4}"
-        ));
     }
 }
 

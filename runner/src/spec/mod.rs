@@ -130,6 +130,17 @@ pub struct Sweep {
     pub trials: Vec<Trial>,
 }
 
+/// The trials of a sweep record of generation `generation`: the first (0) keeps the ids as
+/// expanded; each `--fresh` record salts them, so its trials are new rows.
+pub fn salted(mut trials: Vec<Trial>, generation: u32) -> Vec<Trial> {
+    if generation > 0 {
+        for t in &mut trials {
+            t.id = trial_id(&format!("{}\n// generation {generation}", t.config));
+        }
+    }
+    trials
+}
+
 impl Sweep {
     /// Reads, overrides, validates and expands a sweep file. Nothing is written.
     pub fn load(path: &Path, sets: &[String]) -> Result<Self, InputError> {

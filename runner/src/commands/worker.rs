@@ -1,0 +1,276 @@
+//! `sweep worker` (hidden): trains one trial of a sweep in a process of its own, so that
+//! whatever kills it (an allocation failure aborts, the kernel's OOM killer sends SIGKILL, a
+//! CUDA fault) takes down that trial only. `sweep run` claims the trial, starts the worker,
+//! and reads its progress from the worker's stdout, one line per event:
+//! `step N LOSS`, `eval N VAL_LOSS VAL_BPB`, `line TEXT` (to show), `result TEXT` (the summary).
+//! The worker records metrics and the trial's outcome in the DB itself; if it dies first,
+//! `sweep run` marks the trial failed with the cause.
+
+use std::io::Write;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use anyhow::Context;
+use candle_core::Device;
+use results::{Status, Store};
+
+use crate::checkpoint::Checkpoints;
+use crate::commands::run::{parse_device, INTERRUPTED_EXIT};
+use crate::data::Dataset;
+use crate::error::{exit, InputError};
+use crate::spec::{Sweep, Trial};
+use crate::train::{self, Observer, Outcome, ValSet};
+use crate::CODE_VERSION;
+
+/// Train one claimed trial (started by `sweep run`; not for direct use).
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    pub file: PathBuf,
+    #[arg(long)]
+    pub db: PathBuf,
+    #[arg(long)]
+    pub device: String,
+    #[arg(long = "set")]
+    pub sets: Vec<String>,
+    /// The trial's id (after any `--fresh` salting).
+    #[arg(long)]
+    pub trial: String,
+    /// The `sweep run` process; the worker ends when it does.
+    #[arg(long)]
+    pub parent: u32,
+}
+
+/// Set by SIGINT/SIGTERM (from the terminal, or forwarded by `sweep run`): training stops at
+/// the end of the step and the trial goes back to the queue.
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+pub fn exec(args: Args) -> anyhow::Result<u8> {
+    die_with_parent(args.parent);
+    ctrlc::set_handler(|| INTERRUPTED.store(true, Ordering::SeqCst))
+        .context("installing the signal handler")?;
+    let sweep = Sweep::load(&args.file, &args.sets)?;
+    let device = parse_device(&args.device)?;
+    let mut store = Store::open(&args.db)?;
+    let generation = store.sweep_generation(&sweep.name)?.ok_or_else(|| {
+        InputError::new(format!("{}: no sweep {}", args.db.display(), sweep.name))
+    })?;
+    let trials = crate::spec::salted(sweep.trials.clone(), generation);
+    let trial = trials.iter().find(|t| t.id == args.trial).ok_or_else(|| {
+        InputError::new(format!("{}: no trial {}", args.file.display(), args.trial))
+    })?;
+    let data = Dataset::load(&sweep.data, &sweep.source, sweep.train.seq_len)?;
+    let val = ValSet::new(&data.val, data.tokenizer, &sweep.train, &device)?;
+    let ckpt = Checkpoints::new(&args.db, &trial.id, sweep.train.checkpoint_every());
+    let pipe = Pipe;
+
+    let started = Instant::now();
+    let (status, error, summary) = run_trial(
+        &mut store,
+        trial,
+        &sweep,
+        &data,
+        &val,
+        &device,
+        &sweep.dims(),
+        &pipe,
+        &ckpt,
+    )?;
+    if INTERRUPTED.load(Ordering::SeqCst) && status != Status::Done {
+        store.release(&trial.id)?;
+        return Ok(INTERRUPTED_EXIT);
+    }
+    store.finish_trial(
+        &trial.id,
+        status,
+        error.as_deref(),
+        started.elapsed().as_secs_f64(),
+    )?;
+    pipe.send(&format!("result {summary}"));
+    Ok(exit::OK)
+}
+
+/// A worker whose `sweep run` is gone (killed) stops too: its trial is then free for the
+/// next run, which resumes it from its checkpoint.
+fn die_with_parent(parent: u32) {
+    #[cfg(target_os = "linux")]
+    {
+        use nix::sys::signal::Signal;
+        let _ = nix::sys::prctl::set_pdeathsig(Signal::SIGKILL);
+        // The parent may have died before the line above.
+        if nix::unistd::getppid().as_raw() as u32 != parent {
+            std::process::exit(1);
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = parent;
+}
+
+/// The worker's stdout, line by line, to `sweep run`.
+struct Pipe;
+
+impl Pipe {
+    fn send(&self, line: &str) {
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "{line}");
+        let _ = out.flush();
+    }
+
+    fn line(&self, text: &str) {
+        self.send(&format!("line {text}"));
+    }
+}
+
+/// Builds and trains one trial, turning errors and panics into a `failed` status.
+#[allow(clippy::too_many_arguments)]
+fn run_trial(
+    store: &mut Store,
+    trial: &Trial,
+    sweep: &Sweep,
+    data: &Dataset,
+    val: &ValSet,
+    device: &Device,
+    dims: &registry::Dims,
+    pipe: &Pipe,
+    ckpt: &Checkpoints,
+) -> anyhow::Result<(Status, Option<String>, String)> {
+    let built = catch_unwind(AssertUnwindSafe(|| train::build(trial, dims, device)));
+    let model = match built {
+        Ok(Ok(m)) => m,
+        Ok(Err(e)) => {
+            store.start_trial(&trial.id, &device_name(device), CODE_VERSION, None)?;
+            let msg = format!("building the model: {e}");
+            return Ok((Status::Failed, Some(msg.clone()), msg));
+        }
+        Err(p) => {
+            store.start_trial(&trial.id, &device_name(device), CODE_VERSION, None)?;
+            let msg = format!("panic while building the model: {}", panic_message(&p));
+            return Ok((Status::Failed, Some(msg.clone()), msg));
+        }
+    };
+    // A trial with a checkpoint (left by a run that died) continues from it, keeping the
+    // metrics recorded up to it.
+    match ckpt.latest_step(&trial.id) {
+        Some(step) => {
+            pipe.line(&format!(
+                "resuming {} from its checkpoint at step {step}",
+                trial.id
+            ));
+            store.resume_trial(
+                &trial.id,
+                step as u64,
+                &device_name(device),
+                CODE_VERSION,
+                Some(model.param_count()),
+            )?
+        }
+        None => store.start_trial(
+            &trial.id,
+            &device_name(device),
+            CODE_VERSION,
+            Some(model.param_count()),
+        )?,
+    }
+    let mut obs = Recorder {
+        store,
+        trial: &trial.id,
+        pipe,
+        db_error: None,
+    };
+    let result = catch_unwind(AssertUnwindSafe(|| {
+        let setting = train::Setting {
+            spec: &sweep.train,
+            data,
+            val,
+            device,
+        };
+        train::train(trial, &model, setting, &mut obs, Some(ckpt))
+    }));
+    if let Some(e) = obs.db_error.take() {
+        return Err(e).context("writing metrics to the results database");
+    }
+    // Done: keep the final weights. Diverged: nothing to continue from. Failed: the
+    // checkpoint stays for a retry.
+    let kept = match &result {
+        Ok(Ok(Outcome::Done { .. })) => ckpt.finish(&model),
+        Ok(Ok(Outcome::Diverged { .. })) => ckpt.discard(),
+        _ => Ok(()),
+    };
+    if let Err(e) = kept {
+        let msg = format!("saving the final weights in {}: {e}", ckpt.dir().display());
+        return Ok((Status::Failed, Some(msg.clone()), msg));
+    }
+    Ok(match result {
+        Ok(Ok(Outcome::Done { val_loss, val_bpb })) => (
+            Status::Done,
+            None,
+            format!("val/loss {val_loss:.4} val/bpb {val_bpb:.4}"),
+        ),
+        Ok(Ok(Outcome::Diverged { step, what })) => {
+            let msg = format!("diverged at step {step}: {what}");
+            (Status::Diverged, Some(msg.clone()), msg)
+        }
+        Ok(Err(e)) => (Status::Failed, Some(e.to_string()), format!("error: {e}")),
+        Err(p) => {
+            let msg = format!("panic: {}", panic_message(&p));
+            (Status::Failed, Some(msg.clone()), msg)
+        }
+    })
+}
+
+fn panic_message(p: &Box<dyn std::any::Any + Send>) -> String {
+    p.downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "(no message)".into())
+}
+
+pub(crate) fn device_name(d: &Device) -> String {
+    match d {
+        Device::Cpu => "cpu".into(),
+        other => format!("{other:?}"),
+    }
+}
+
+/// Sends metrics to the store and progress to the parent.
+struct Recorder<'a> {
+    store: &'a mut Store,
+    trial: &'a str,
+    pipe: &'a Pipe,
+    db_error: Option<results::Error>,
+}
+
+impl Observer for Recorder<'_> {
+    fn record(&mut self, step: usize, name: &str, value: f64) -> candle_core::Result<()> {
+        if let Err(e) = self.store.record(self.trial, step as u64, name, value) {
+            let msg = e.to_string();
+            self.db_error = Some(e);
+            candle_core::bail!("results database: {msg}");
+        }
+        Ok(())
+    }
+
+    fn step(&mut self, step: usize, loss: f64) -> candle_core::Result<()> {
+        self.pipe.send(&format!("step {step} {loss}"));
+        if INTERRUPTED.load(Ordering::SeqCst) {
+            candle_core::bail!("interrupted at step {step}");
+        }
+        Ok(())
+    }
+
+    fn checkpoint(&mut self, _step: usize) -> candle_core::Result<()> {
+        if let Err(e) = self.store.flush() {
+            let msg = e.to_string();
+            self.db_error = Some(e);
+            candle_core::bail!("results database: {msg}");
+        }
+        Ok(())
+    }
+
+    fn eval(&mut self, step: usize, val_loss: f64, val_bpb: f64) {
+        // Liveness for runners on other hosts; a failure here shows at the next flush.
+        let _ = self.store.heartbeat(self.trial);
+        self.pipe.send(&format!("eval {step} {val_loss} {val_bpb}"));
+    }
+}
