@@ -433,25 +433,7 @@ impl Store {
         code_version: &str,
         params: Option<ParamCount>,
     ) -> Result<()> {
-        let tx = self.write()?;
-        tx.execute("DELETE FROM metrics WHERE trial_id = ?1", [id])?;
-        tx.execute(
-            &format!(
-                "UPDATE trials SET status = 'running', error = NULL, device = ?2,
-                   code_version = ?3, n_params = ?4, n_params_embedding = ?5,
-                   started_at = {NOW}, finished_at = NULL, wall_s = NULL
-                 WHERE id = ?1"
-            ),
-            params![
-                id,
-                device,
-                code_version,
-                params.map(|p| p.total as i64),
-                params.map(|p| p.embedding as i64)
-            ],
-        )?;
-        tx.commit()?;
-        Ok(())
+        self.attempt(id, None, device, code_version, params)
     }
 
     /// Marks a trial running again from a checkpoint after `step`: the metrics it recorded
@@ -464,16 +446,34 @@ impl Store {
         code_version: &str,
         params: Option<ParamCount>,
     ) -> Result<()> {
+        self.attempt(id, Some(step), device, code_version, params)
+    }
+
+    /// A new attempt at a trial that keeps the metrics through step `keep` (none: none).
+    fn attempt(
+        &self,
+        id: &str,
+        keep: Option<u64>,
+        device: &str,
+        code_version: &str,
+        params: Option<ParamCount>,
+    ) -> Result<()> {
         let tx = self.write()?;
         tx.execute(
             "DELETE FROM metrics WHERE trial_id = ?1 AND step > ?2",
-            params![id, step as i64],
+            params![id, keep.map_or(-1, |s| s as i64)],
         )?;
+        // A resumed trial started when its first attempt did.
+        let started = if keep.is_some() {
+            format!("coalesce(started_at, {NOW})")
+        } else {
+            NOW.to_string()
+        };
         tx.execute(
             &format!(
                 "UPDATE trials SET status = 'running', error = NULL, device = ?2,
                    code_version = ?3, n_params = ?4, n_params_embedding = ?5,
-                   started_at = coalesce(started_at, {NOW}), finished_at = NULL, wall_s = NULL
+                   started_at = {started}, finished_at = NULL, wall_s = NULL
                  WHERE id = ?1"
             ),
             params![
@@ -778,6 +778,67 @@ mod tests {
         assert_eq!(v, SCHEMA_VERSION.to_string());
         drop(s);
         Store::open(&path)?; // and opens again as the current version
+        Ok(())
+    }
+
+    #[test]
+    fn claims_take_free_trials_only() -> Result<()> {
+        let path = temp_db("claims");
+        let mut s = Store::open(&path)?;
+        let sweep = s.begin_sweep("q", "q.ron", "", "v1")?;
+        for (i, id) in ["a", "b", "c"].iter().enumerate() {
+            let t = NewTrial {
+                id,
+                seed: 0,
+                label: "",
+                config: "",
+            };
+            s.register_trial(sweep, i, &t)?;
+        }
+        let alive = |_: &str, _: Option<&str>| false;
+        let gone = |_: &str, _: Option<&str>| true;
+        assert_eq!(
+            s.claim("a", "me", false, &alive)?,
+            Claim::Claimed(Status::Queued)
+        );
+        // Running under a live owner: busy; under a dead one: taken over.
+        assert_eq!(
+            s.claim("a", "other", false, &alive)?,
+            Claim::Busy("me".into())
+        );
+        assert_eq!(
+            s.claim("a", "other", false, &gone)?,
+            Claim::Claimed(Status::Running)
+        );
+        s.finish_trial("a", Status::Failed, Some("boom"), 1.0)?;
+        assert_eq!(
+            s.claim("a", "me", false, &gone)?,
+            Claim::Skipped(Status::Failed)
+        );
+        assert_eq!(
+            s.claim("a", "me", true, &gone)?,
+            Claim::Claimed(Status::Failed)
+        );
+        s.finish_trial("a", Status::Done, None, 1.0)?;
+        assert_eq!(
+            s.claim("a", "me", true, &gone)?,
+            Claim::Skipped(Status::Done)
+        );
+        // Released trials are queued again, with no owner.
+        s.claim("b", "me", false, &alive)?;
+        s.release("b")?;
+        assert_eq!(s.status("b")?, Status::Queued);
+        // A sweep keeps only the trials it lists.
+        assert_eq!(s.keep_only(sweep, &["a", "b"])?, 1);
+        assert_eq!(s.trials(sweep)?.len(), 2);
+        // --fresh: the old record moves aside with its trials, a new one takes the name.
+        assert_eq!(s.archive_sweep("q")?, 1);
+        let fresh = s.begin_sweep("q", "q.ron", "", "v1")?;
+        assert_ne!(fresh, sweep);
+        assert_eq!(s.generation(fresh)?, 1);
+        assert_eq!(s.sweep_generation("q@0")?, Some(0));
+        assert_eq!(s.trials(sweep)?.len(), 2);
+        assert_eq!(s.archive_sweep("none")?, 0);
         Ok(())
     }
 
