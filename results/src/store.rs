@@ -277,7 +277,7 @@ impl Store {
     /// with it) and returns the generation the next record of that name gets; 0 when there is
     /// none.
     pub fn archive_sweep(&self, name: &str) -> Result<u32> {
-        let tx = self.write()?;
+        let tx = self.write_tx()?;
         let found: Option<(i64, u32)> = tx
             .query_row(
                 "SELECT id, generation FROM sweeps WHERE name = ?1",
@@ -308,17 +308,26 @@ impl Store {
         Ok(next)
     }
 
-    /// Makes `ids` the sweep's trials: a trial of an earlier version of the sweep file that
-    /// is no longer in it stays in the DB but leaves the sweep (and its report).
-    pub fn keep_only(&self, sweep_id: i64, ids: &[&str]) -> Result<usize> {
-        let tx = self.write()?;
+    /// Makes `ids` the sweep's trials among those `in_scope` (a shard's, or all): a trial of
+    /// an earlier version of the sweep file that is no longer in it stays in the DB but leaves
+    /// the sweep (and its report).
+    pub fn keep_only(
+        &self,
+        sweep_id: i64,
+        ids: &[&str],
+        in_scope: &dyn Fn(&str) -> bool,
+    ) -> Result<usize> {
+        let tx = self.write_tx()?;
         let linked: Vec<String> = {
             let mut stmt = tx.prepare("SELECT trial_id FROM sweep_trials WHERE sweep_id = ?1")?;
             let rows = stmt.query_map([sweep_id], |r| r.get(0))?;
             rows.collect::<std::result::Result<_, _>>()?
         };
         let mut removed = 0;
-        for id in linked.iter().filter(|l| !ids.contains(&l.as_str())) {
+        for id in linked
+            .iter()
+            .filter(|l| in_scope(l) && !ids.contains(&l.as_str()))
+        {
             removed += tx.execute(
                 "DELETE FROM sweep_trials WHERE sweep_id = ?1 AND trial_id = ?2",
                 params![sweep_id, id],
@@ -401,7 +410,7 @@ impl Store {
 
     /// Adds a trial to a sweep (as `queued` if it is new) and returns its current status.
     pub fn register_trial(&self, sweep_id: i64, position: usize, t: &NewTrial) -> Result<Status> {
-        let tx = self.write()?;
+        let tx = self.write_tx()?;
         tx.execute(
             &format!(
                 "INSERT INTO trials (id, sweep_id, seed, label, config, status, created_at)
@@ -458,7 +467,7 @@ impl Store {
         code_version: &str,
         params: Option<ParamCount>,
     ) -> Result<()> {
-        let tx = self.write()?;
+        let tx = self.write_tx()?;
         tx.execute(
             "DELETE FROM metrics WHERE trial_id = ?1 AND step > ?2",
             params![id, keep.map_or(-1, |s| s as i64)],
@@ -503,7 +512,7 @@ impl Store {
         if self.pending.is_empty() {
             return Ok(());
         }
-        let tx = self.write()?;
+        let tx = self.write_tx()?;
         {
             let mut stmt = tx.prepare_cached(
                 "INSERT INTO metrics (trial_id, step, name, value) VALUES (?1, ?2, ?3, ?4)
@@ -586,7 +595,7 @@ impl Store {
     /// A transaction that takes the write lock at once (waiting for another writer through the
     /// busy timeout): one that read first and wrote later could fail outright when another
     /// process wrote in between.
-    fn write(&self) -> Result<Transaction<'_>> {
+    pub(crate) fn write_tx(&self) -> Result<Transaction<'_>> {
         Ok(Transaction::new_unchecked(
             &self.conn,
             TransactionBehavior::Immediate,
@@ -829,7 +838,7 @@ mod tests {
         s.release("b")?;
         assert_eq!(s.status("b")?, Status::Queued);
         // A sweep keeps only the trials it lists.
-        assert_eq!(s.keep_only(sweep, &["a", "b"])?, 1);
+        assert_eq!(s.keep_only(sweep, &["a"], &|id| id != "b")?, 1);
         assert_eq!(s.trials(sweep)?.len(), 2);
         // --fresh: the old record moves aside with its trials, a new one takes the name.
         assert_eq!(s.archive_sweep("q")?, 1);

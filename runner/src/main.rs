@@ -1,7 +1,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use runner::commands::{list, report, run, worker};
+use runner::commands::{list, merge, report, run, slurm, worker};
 use runner::error::{exit, InputError};
 
 /// Architecture sweeps for language models: list component variants in a RON file, train
@@ -17,6 +17,8 @@ struct Cli {
 enum Command {
     Run(run::Args),
     Report(report::Args),
+    Merge(merge::Args),
+    Slurm(slurm::Args),
     List(list::Args),
     #[command(hide = true)]
     Worker(worker::Args),
@@ -27,6 +29,8 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run(args) => run::exec(args),
         Command::Report(args) => report::exec(args),
+        Command::Merge(args) => merge::exec(args),
+        Command::Slurm(args) => slurm::exec(args),
         Command::Worker(args) => worker::exec(args),
         Command::List(args) => list::exec(args),
     };

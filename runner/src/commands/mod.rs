@@ -1,6 +1,8 @@
 //! One file per subcommand: its `Args` (clap derive; doc comments are the help) and `exec`.
 
 pub mod list;
+pub mod merge;
 pub mod report;
 pub mod run;
+pub mod slurm;
 pub mod worker;

@@ -46,6 +46,25 @@ pub struct Args {
     /// the DB as NAME@N (`sweep report --sweep NAME@N`).
     #[arg(long)]
     pub fresh: bool,
+    /// Run only shard K of N (K from 0): a fixed partition of the trial ids, so that N jobs
+    /// (a Slurm array) run the whole sweep between them, each into its own --db; `sweep merge`
+    /// joins their DBs.
+    #[arg(long, value_name = "K/N", value_parser = parse_shard)]
+    pub shard: Option<(u64, u64)>,
+}
+
+/// `K/N` with 0 <= K < N.
+fn parse_shard(s: &str) -> Result<(u64, u64), String> {
+    let bad = || format!("`{s}` is not K/N with 0 <= K < N, e.g. --shard 0/4");
+    let (k, n) = s.split_once('/').ok_or_else(bad)?;
+    let (k, n): (u64, u64) = (
+        k.trim().parse().map_err(|_| bad())?,
+        n.trim().parse().map_err(|_| bad())?,
+    );
+    if n == 0 || k >= n {
+        return Err(bad());
+    }
+    Ok((k, n))
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq)]
@@ -245,9 +264,11 @@ pub fn exec(args: Args) -> anyhow::Result<u8> {
     // A fresh record's trials are new trials: their ids are salted with its generation.
     let generation = store.generation(sweep_id)?;
     let trials = spec::salted(sweep.trials.clone(), generation);
+    let in_shard = |id: &str| args.shard.is_none_or(|(k, n)| spec::shard_of(id, n) == k);
     let retry_failed = args.retry == Some(Retry::Failed);
     let (mut todo, mut finished, mut failed_before) = (Vec::new(), 0, 0);
-    for (i, t) in trials.iter().enumerate() {
+    // Positions are the trial's place in the whole sweep, so that merged shards keep order.
+    for (i, t) in trials.iter().enumerate().filter(|(_, t)| in_shard(&t.id)) {
         let status = store.register_trial(
             sweep_id,
             i,
@@ -265,17 +286,24 @@ pub fn exec(args: Args) -> anyhow::Result<u8> {
         }
     }
     let ids: Vec<&str> = trials.iter().map(|t| t.id.as_str()).collect();
-    let dropped = store.keep_only(sweep_id, &ids)?;
+    let dropped = store.keep_only(sweep_id, &ids, &in_shard)?;
     let failed_note = if failed_before > 0 {
         format!(", {failed_before} failed before: rerun them with --retry failed")
     } else {
         String::new()
     };
+    let scope = match args.shard {
+        Some((k, n)) => format!(
+            "shard {k}/{n}: {} of {} trials",
+            trials.iter().filter(|t| in_shard(&t.id)).count(),
+            trials.len()
+        ),
+        None => format!("{} trials", trials.len()),
+    };
     eprintln!(
-        "sweep {}: {} trials, {} to run ({finished} finished before{failed_note}); data: {}; \
+        "sweep {}: {scope}, {} to run ({finished} finished before{failed_note}); data: {}; \
          results: {}",
         sweep.name,
-        trials.len(),
         todo.len(),
         data_summary,
         db.display()

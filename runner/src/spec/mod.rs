@@ -130,6 +130,12 @@ pub struct Sweep {
     pub trials: Vec<Trial>,
 }
 
+/// The shard (of `n`) a trial belongs to: its id (hex of a SHA-256 prefix) modulo `n`, so the
+/// partition is fixed by the trials themselves, whatever their order or the file's edits.
+pub fn shard_of(id: &str, n: u64) -> u64 {
+    u64::from_str_radix(id.get(..16).unwrap_or(id), 16).unwrap_or(0) % n
+}
+
 /// The trials of a sweep record of generation `generation`: the first (0) keeps the ids as
 /// expanded; each `--fresh` record salts them, so its trials are new rows.
 pub fn salted(mut trials: Vec<Trial>, generation: u32) -> Vec<Trial> {

@@ -186,3 +186,31 @@ fn every_sweep_file_shipped_in_sweeps_loads() {
     }
     assert!(n >= 4, "only {n} sweep files");
 }
+
+#[test]
+fn shards_are_disjoint_and_together_the_whole_sweep() {
+    // Ids as the sweep makes them: SHA-256 prefixes of configurations.
+    let ids: Vec<String> = (0..500).map(|i| trial_id(&format!("config {i}"))).collect();
+    for n in [1u64, 2, 3, 4, 7, 16] {
+        let shards: Vec<Vec<&String>> = (0..n)
+            .map(|k| ids.iter().filter(|id| shard_of(id, n) == k).collect())
+            .collect();
+        // Complete and disjoint: every id in exactly one shard.
+        for id in &ids {
+            let homes = shards.iter().filter(|s| s.contains(&id)).count();
+            assert_eq!(homes, 1, "{id} in {homes} of {n} shards");
+        }
+        assert_eq!(shards.iter().map(Vec::len).sum::<usize>(), ids.len());
+        // And balanced enough that no array task idles: within 40% of the mean.
+        let mean = ids.len() as f64 / n as f64;
+        for s in &shards {
+            assert!(
+                (s.len() as f64 - mean).abs() <= 0.4 * mean,
+                "n {n}: {} vs {mean}",
+                s.len()
+            );
+        }
+    }
+    // An id's shard does not depend on anything but the id.
+    assert_eq!(shard_of("ba7816bf8f01cfea", 4), 0xba7816bf8f01cfea % 4);
+}
