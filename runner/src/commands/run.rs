@@ -28,7 +28,7 @@ pub struct Args {
     /// Results database [default: sweep.db beside the sweep file].
     #[arg(long)]
     pub db: Option<PathBuf>,
-    /// Where to train: cpu.
+    /// Where to train: cpu, or cuda / cuda:N in a build with the `cuda` feature.
     #[arg(long, default_value = "cpu")]
     pub device: String,
     /// Print the trial table and exit: nothing is trained or written.
@@ -408,6 +408,14 @@ fn shown(label: &str) -> &str {
 pub fn parse_device(spec: &str) -> Result<Device, InputError> {
     match spec {
         "cpu" => Ok(Device::Cpu),
+        #[cfg(feature = "cuda")]
+        s if s == "cuda" || s.starts_with("cuda:") => {
+            let ordinal = s.strip_prefix("cuda:").unwrap_or("0");
+            let n: usize = ordinal
+                .parse()
+                .map_err(|_| InputError::new(format!("--device {s}: expected cuda or cuda:N")))?;
+            Device::new_cuda(n).map_err(|e| InputError::new(format!("--device {s}: {e}")))
+        }
         s if s.starts_with("cuda") => Err(InputError::new(format!(
             "--device {s}: this build of sweep has no CUDA support; use --device cpu"
         ))),
