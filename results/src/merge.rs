@@ -7,7 +7,7 @@
 
 use std::path::Path;
 
-use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
+use rusqlite::{params, OptionalExtension};
 
 use crate::{Error, Result, Status, Store, SCHEMA_VERSION};
 
@@ -42,23 +42,7 @@ pub fn check_input(path: &Path) -> Result<()> {
     if !path.is_file() {
         return Err(Error::Missing { path: shown });
     }
-    let conn =
-        Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY).map_err(|source| {
-            Error::Open {
-                path: shown.clone(),
-                source,
-            }
-        })?;
-    let version: Option<String> = conn
-        .query_row(
-            "SELECT value FROM meta WHERE key = 'schema_version'",
-            [],
-            |r| r.get(0),
-        )
-        .optional()
-        .map_err(|_| Error::NotResults {
-            path: shown.clone(),
-        })?;
+    let version = crate::store::stored_version(path)?;
     match version {
         Some(v) if v == SCHEMA_VERSION.to_string() => Ok(()),
         Some(v) => Err(Error::Input(format!(

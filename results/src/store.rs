@@ -151,24 +151,8 @@ impl Store {
         if !path.is_file() {
             return Err(Error::Missing { path: shown });
         }
-        {
-            let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY)
-                .map_err(|source| Error::Open {
-                    path: shown.clone(),
-                    source,
-                })?;
-            let has_meta: bool = conn
-                .query_row(
-                    "SELECT count(*) > 0 FROM sqlite_master WHERE type = 'table' AND name = 'meta'",
-                    [],
-                    |r| r.get(0),
-                )
-                .map_err(|_| Error::NotResults {
-                    path: shown.clone(),
-                })?;
-            if !has_meta {
-                return Err(Error::NotResults { path: shown });
-            }
+        if stored_version(path)?.is_none() {
+            return Err(Error::NotResults { path: shown });
         }
         // Read-write without CREATE, so that an older schema is migrated like any opening.
         Self::open_with(
@@ -338,20 +322,23 @@ impl Store {
     }
 
     /// Takes trial `id` for process `owner` if it is free: queued, failed (with
-    /// `retry_failed`), or running under an owner that `dead` says has died. The check and the
+    /// `retry_failed`), or running under an owner that `dead` says has died (given the owner
+    /// and the age of its last heartbeat in seconds). The check and the
     /// take are one write transaction, so two processes never take the same trial.
     pub fn claim(
         &self,
         id: &str,
         owner: &str,
         retry_failed: bool,
-        dead: &dyn Fn(&str, Option<&str>) -> bool,
+        dead: &dyn Fn(&str, Option<f64>) -> bool,
     ) -> Result<Claim> {
         self.conn.execute_batch("BEGIN IMMEDIATE")?;
         let result = (|| -> Result<Claim> {
-            let (status, current, heartbeat): (String, Option<String>, Option<String>) =
+            let (status, current, heartbeat): (String, Option<String>, Option<f64>) =
                 self.conn.query_row(
-                    "SELECT status, owner, heartbeat_at FROM trials WHERE id = ?1",
+                    "SELECT status, owner,
+                            (julianday('now') - julianday(heartbeat_at)) * 86400.0
+                     FROM trials WHERE id = ?1",
                     [id],
                     |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
                 )?;
@@ -359,9 +346,7 @@ impl Store {
             let free = match status {
                 Status::Queued => true,
                 Status::Failed => retry_failed,
-                Status::Running => current
-                    .as_deref()
-                    .is_none_or(|o| dead(o, heartbeat.as_deref())),
+                Status::Running => current.as_deref().is_none_or(|o| dead(o, heartbeat)),
                 Status::Done | Status::Diverged => false,
             };
             if !free {
@@ -615,6 +600,21 @@ fn is_busy(e: &rusqlite::Error) -> bool {
     )
 }
 
+/// The schema version recorded in the file at `path`, read without writing or creating
+/// anything; `None` for an SQLite file that is not a results DB, an error for a file that is
+/// not SQLite at all.
+pub(crate) fn stored_version(path: &Path) -> Result<Option<String>> {
+    let shown = path.display().to_string();
+    let conn =
+        Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY).map_err(|source| {
+            Error::Open {
+                path: shown.clone(),
+                source,
+            }
+        })?;
+    schema_version(&conn).map_err(|_| Error::NotResults { path: shown })
+}
+
 /// The recorded schema version; `None` for a DB without one (new, or not ours).
 fn schema_version(conn: &Connection) -> Result<Option<String>> {
     let has_meta: bool = conn.query_row(
@@ -804,8 +804,12 @@ mod tests {
             };
             s.register_trial(sweep, i, &t)?;
         }
-        let alive = |_: &str, _: Option<&str>| false;
-        let gone = |_: &str, _: Option<&str>| true;
+        let alive = |_: &str, age: Option<f64>| {
+            // The heartbeat written by the claim is seconds old, as SQLite computes it.
+            assert!(age.is_some_and(|a| (0.0..60.0).contains(&a)) || age.is_none());
+            false
+        };
+        let gone = |_: &str, _: Option<f64>| true;
         assert_eq!(
             s.claim("a", "me", false, &alive)?,
             Claim::Claimed(Status::Queued)
@@ -815,6 +819,19 @@ mod tests {
             s.claim("a", "other", false, &alive)?,
             Claim::Busy("me".into())
         );
+        // An old heartbeat reaches `dead` as its age in seconds.
+        s.conn().execute(
+            "UPDATE trials SET heartbeat_at = '2000-01-01T00:00:00.000Z' WHERE id = 'a'",
+            [],
+        )?;
+        let seen = std::cell::Cell::new(None);
+        let record = |_: &str, age: Option<f64>| {
+            seen.set(age);
+            false
+        };
+        s.claim("a", "other", false, &record)?;
+        let age = seen.get();
+        assert!(age.is_some_and(|a| a > 20.0 * 365.0 * 86400.0), "{age:?}");
         assert_eq!(
             s.claim("a", "other", false, &gone)?,
             Claim::Claimed(Status::Running)

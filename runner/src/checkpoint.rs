@@ -66,30 +66,27 @@ impl Checkpoints {
         &self.dir
     }
 
-    /// The step of the last complete checkpoint of `trial`, from its manifest alone.
-    pub fn latest_step(&self, trial: &str) -> Option<usize> {
+    /// The manifest of the last complete checkpoint, if there is one of this format.
+    fn manifest(&self) -> Option<Manifest> {
         let text = std::fs::read_to_string(self.dir.join("manifest.json")).ok()?;
         let m: Manifest = serde_json::from_str(&text).ok()?;
-        (m.format == FORMAT && m.trial == trial && self.dir.join(&m.tensors).is_file())
-            .then_some(m.step)
+        (m.format == FORMAT).then_some(m)
     }
 
-    /// The last complete checkpoint, if any (one of another format is ignored).
+    /// The step of the last complete checkpoint of `trial`, from its manifest alone.
+    pub fn latest_step(&self, trial: &str) -> Option<usize> {
+        let m = self.manifest()?;
+        (m.trial == trial && self.dir.join(&m.tensors).is_file()).then_some(m.step)
+    }
+
+    /// The last complete checkpoint, if any.
     pub fn latest(
         &self,
         device: &Device,
     ) -> candle_core::Result<Option<(Manifest, HashMap<String, Tensor>)>> {
-        let path = self.dir.join("manifest.json");
-        let Ok(text) = std::fs::read_to_string(&path) else {
+        let Some(manifest) = self.manifest() else {
             return Ok(None);
         };
-        let manifest: Manifest = match serde_json::from_str(&text) {
-            Ok(m) => m,
-            Err(_) => return Ok(None),
-        };
-        if manifest.format != FORMAT {
-            return Ok(None);
-        }
         let tensors = candle_core::safetensors::load(self.dir.join(&manifest.tensors), device)?;
         Ok(Some((manifest, tensors)))
     }
@@ -114,7 +111,7 @@ impl Checkpoints {
         candle_core::safetensors::save(&tensors, &tmp)?;
         sync_and_rename(&tmp, &self.dir.join(&file))?;
 
-        let previous = self.current_tensor_file();
+        let previous = self.manifest().map(|m| m.tensors);
         manifest.format = FORMAT;
         manifest.tensors = file.clone();
         let json = serde_json::to_vec_pretty(&manifest).map_err(candle_core::Error::wrap)?;
@@ -146,18 +143,11 @@ impl Checkpoints {
 
     /// Removes the intermediate checkpoint (not the final weights).
     pub fn discard(&self) -> candle_core::Result<()> {
-        if let Some(file) = self.current_tensor_file() {
+        if let Some(file) = self.manifest().map(|m| m.tensors) {
             let _ = std::fs::remove_file(self.dir.join("manifest.json"));
             let _ = std::fs::remove_file(self.dir.join(file));
         }
         Ok(())
-    }
-
-    fn current_tensor_file(&self) -> Option<String> {
-        let text = std::fs::read_to_string(self.dir.join("manifest.json")).ok()?;
-        serde_json::from_str::<Manifest>(&text)
-            .ok()
-            .map(|m| m.tensors)
     }
 }
 

@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 
-use rusqlite::params;
+use rusqlite::params_from_iter;
 
 use super::TrialData;
 use crate::{Result, Store};
@@ -29,11 +29,6 @@ pub fn load(
         };
         let mut tps = values("tokens_per_s")?;
         tps.sort_by(f64::total_cmp);
-        let last_step: Option<i64> = store.conn().query_row(
-            "SELECT max(step) FROM metrics WHERE trial_id = ?1",
-            [&row.id],
-            |r| r.get(0),
-        )?;
         out.push(TrialData {
             factors: flatten(&row.config),
             final_bpb: last("val/bpb")?,
@@ -41,7 +36,6 @@ pub fn load(
             amax_fwd: last("amax/fwd")?,
             amax_bwd: last("amax/bwd")?,
             tokens_per_s: (!tps.is_empty()).then(|| tps[tps.len() / 2]),
-            last_step: last_step.map(|s| s as u64),
             row,
         });
     }
@@ -57,25 +51,43 @@ pub struct Curves {
 
 impl Curves {
     /// The curves of `names` (exact names) and of every metric whose name starts with one of
-    /// `prefixes`.
+    /// `prefixes`; only those rows are read.
     pub fn read(store: &Store, trial_id: &str, names: &[&str], prefixes: &[&str]) -> Result<Self> {
-        let mut stmt = store.conn().prepare_cached(
-            "SELECT name, step, value FROM metrics WHERE trial_id = ?1 AND value IS NOT NULL
+        let wanted: Vec<String> = names
+            .iter()
+            .map(|_| "name = ?".to_string())
+            .chain(
+                prefixes
+                    .iter()
+                    .map(|_| "substr(name, 1, length(?)) = ?".into()),
+            )
+            .collect();
+        if wanted.is_empty() {
+            return Ok(Self::default());
+        }
+        let sql = format!(
+            "SELECT name, step, value FROM metrics
+             WHERE trial_id = ? AND value IS NOT NULL AND ({})
              ORDER BY name, step",
-        )?;
-        let mut series: BTreeMap<String, Vec<(u64, f64)>> = BTreeMap::new();
-        let rows = stmt.query_map(params![trial_id], |r| {
+            wanted.join(" OR ")
+        );
+        let mut args: Vec<&str> = vec![trial_id];
+        args.extend(names);
+        for p in prefixes {
+            args.extend([p, p]);
+        }
+        let mut stmt = store.conn().prepare_cached(&sql)?;
+        let rows = stmt.query_map(params_from_iter(args), |r| {
             Ok((
                 r.get::<_, String>(0)?,
                 r.get::<_, i64>(1)?,
                 r.get::<_, f64>(2)?,
             ))
         })?;
+        let mut series: BTreeMap<String, Vec<(u64, f64)>> = BTreeMap::new();
         for row in rows {
             let (name, step, value) = row?;
-            if names.contains(&name.as_str()) || prefixes.iter().any(|p| name.starts_with(p)) {
-                series.entry(name).or_default().push((step as u64, value));
-            }
+            series.entry(name).or_default().push((step as u64, value));
         }
         Ok(Self { series })
     }

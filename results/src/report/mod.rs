@@ -38,8 +38,6 @@ pub struct TrialData {
     pub amax_bwd: Option<f64>,
     /// Median of the logged training throughputs.
     pub tokens_per_s: Option<f64>,
-    /// The last step with any metric.
-    pub last_step: Option<u64>,
 }
 
 /// How many seeds of a configuration are in each state.

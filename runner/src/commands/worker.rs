@@ -66,17 +66,14 @@ pub fn exec(args: Args) -> anyhow::Result<u8> {
     let pipe = Pipe;
 
     let started = Instant::now();
-    let (status, error, summary) = run_trial(
-        &mut store,
-        trial,
-        &sweep,
-        &data,
-        &val,
-        &device,
-        &sweep.dims(),
-        &pipe,
-        &ckpt,
-    )?;
+    let setting = train::Setting {
+        spec: &sweep.train,
+        data: &data,
+        val: &val,
+        device: &device,
+    };
+    let (status, error, summary) =
+        run_trial(&mut store, trial, setting, &sweep.dims(), &pipe, &ckpt)?;
     if INTERRUPTED.load(Ordering::SeqCst) && status != Status::Done {
         store.release(&trial.id)?;
         return Ok(INTERRUPTED_EXIT);
@@ -123,18 +120,15 @@ impl Pipe {
 }
 
 /// Builds and trains one trial, turning errors and panics into a `failed` status.
-#[allow(clippy::too_many_arguments)]
 fn run_trial(
     store: &mut Store,
     trial: &Trial,
-    sweep: &Sweep,
-    data: &Dataset,
-    val: &ValSet,
-    device: &Device,
+    setting: train::Setting,
     dims: &registry::Dims,
     pipe: &Pipe,
     ckpt: &Checkpoints,
 ) -> anyhow::Result<(Status, Option<String>, String)> {
+    let device = setting.device;
     let built = catch_unwind(AssertUnwindSafe(|| train::build(trial, dims, device)));
     let model = match built {
         Ok(Ok(m)) => m,
@@ -179,12 +173,6 @@ fn run_trial(
         db_error: None,
     };
     let result = catch_unwind(AssertUnwindSafe(|| {
-        let setting = train::Setting {
-            spec: &sweep.train,
-            data,
-            val,
-            device,
-        };
         train::train(trial, &model, setting, &mut obs, Some(ckpt))
     }));
     if let Some(e) = obs.db_error.take() {
