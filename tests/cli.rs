@@ -512,3 +512,27 @@ fn report_refuses_what_it_cannot_answer_with_exit_2() {
         .collect();
     assert!(written.is_empty(), "{written:?}");
 }
+
+#[test]
+fn a_device_list_runs_one_trial_per_device_at_a_time() {
+    let dir = workdir("two-devices");
+    let text = sweep_text(GRID).replace("seeds: [0],", "seeds: [0, 1],");
+    std::fs::write(dir.join("s.ron"), text).unwrap();
+    let out = sweep(&dir, &["run", "s.ron", "--device", "cpu,cpu"]);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    let db = rusqlite::Connection::open(dir.join("sweep.db")).unwrap();
+    assert_eq!(
+        count(
+            &db,
+            "SELECT COUNT(*) FROM trials WHERE status = 'done' AND device = 'cpu'"
+        ),
+        4
+    );
+    // Both devices take a trial before the first one ends: the second trial's start line
+    // comes before any result line.
+    let second = err.find("cpu 2/4").expect("the second trial starts");
+    let first_result = err.find("] done").expect("a trial ends");
+    assert!(second < first_result, "{err}");
+    assert_eq!(err.matches("] done").count(), 4, "{err}");
+}

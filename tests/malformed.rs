@@ -294,6 +294,16 @@ const FLAGS: &[(&str, &[&str], &str)] = &[
         "--device tpu: unknown device",
     ),
     (
+        "GPU listed twice",
+        &["--device", "cuda:0,1,0"],
+        "--device cuda:0,1,0: cuda:0 is listed twice",
+    ),
+    (
+        "bad device list",
+        &["--device", "cpu,gpu"],
+        "--device cpu,gpu: unknown device `gpu`",
+    ),
+    (
         "missing file",
         &["--db", "sweep.db", "nothere.ron"],
         "nothere.ron: cannot read the sweep file",

@@ -14,6 +14,13 @@ pub(crate) fn randn(seed: u64, shape: impl Into<candle_core::Shape>, std: f64) -
         .map(|t| t.detach())
 }
 
+/// `param` in the dtype of the activations `x`: parameters are f32 masters, and under mixed
+/// precision the activations are bf16. The cast is part of the graph, so the gradient reaches
+/// the f32 variable.
+pub fn cast_like(param: &Tensor, x: &Tensor) -> Result<Tensor> {
+    param.to_dtype(x.dtype())
+}
+
 /// Epsilon of every RMSNorm in the model.
 pub const NORM_EPS: f64 = 1e-6;
 
@@ -39,7 +46,7 @@ impl RmsNorm {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        rms_norm(x)?.broadcast_mul(&self.gain)
+        rms_norm(x)?.broadcast_mul(&cast_like(&self.gain, x)?)
     }
 }
 
@@ -60,7 +67,8 @@ impl Linear {
         let dims = x.dims();
         let d_in = dims[dims.len() - 1];
         let rows = x.elem_count() / d_in;
-        let y = x.reshape((rows, d_in))?.matmul(&self.weight.t()?)?;
+        let w = cast_like(&self.weight, x)?;
+        let y = x.reshape((rows, d_in))?.matmul(&w.t()?)?;
         let mut out = dims.to_vec();
         *out.last_mut().expect("non-scalar input") = self.weight.dim(0)?;
         y.reshape(out)
@@ -76,12 +84,14 @@ pub fn out_proj_std(n_layers: usize) -> f64 {
     INIT_STD / (2.0 * n_layers as f64).sqrt()
 }
 
-/// Softmax over the last dimension. The max is detached: subtracting it does not change the
-/// result, so it needs no gradient.
+/// Softmax over the last dimension, computed in f32 and returned in the input's dtype. The
+/// max is detached: subtracting it does not change the result, so it needs no gradient.
 pub fn softmax(x: &Tensor) -> Result<Tensor> {
+    let dtype = x.dtype();
+    let x = x.to_dtype(DType::F32)?;
     let max = x.max_keepdim(D::Minus1)?.detach();
     let e = x.broadcast_sub(&max)?.exp()?;
-    e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
+    e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?.to_dtype(dtype)
 }
 
 /// The logistic function as 0.5 (1 + tanh(x / 2)): tanh saturates where exp(-x) would

@@ -10,6 +10,7 @@ pub mod checkpoint;
 pub mod commands;
 pub mod data;
 pub mod error;
+pub mod gpu;
 pub mod memory;
 pub mod model;
 pub mod owner;

@@ -23,6 +23,8 @@ pub struct Gpt {
     blocks: Vec<Block>,
     norm_f: RmsNorm,
     params: Vec<Param>,
+    /// The dtype of matmuls and activations; parameters stay f32 and are cast where used.
+    compute: DType,
 }
 
 impl Gpt {
@@ -52,7 +54,15 @@ impl Gpt {
             blocks,
             norm_f,
             params: p.params(),
+            compute: DType::F32,
         })
+    }
+
+    /// Computes in `dtype` (bf16 for mixed precision) from the embedding on; the logits are
+    /// returned in it too, and the loss takes them to f32.
+    pub fn computing_in(mut self, dtype: DType) -> Self {
+        self.compute = dtype;
+        self
     }
 
     /// Token ids (B, T) -> logits (B, T, V).
@@ -60,7 +70,8 @@ impl Gpt {
         let (_, state) = self.trunk(idx, &mut |_, _, _| Ok(()))?;
         let x = self.norm_f.forward(&self.stream.reduce(&state)?)?;
         let (b, t, c) = x.dims3()?;
-        let logits = x.reshape((b * t, c))?.matmul(&self.wte.t()?)?;
+        let head = self.wte.to_dtype(self.compute)?;
+        let logits = x.reshape((b * t, c))?.matmul(&head.t()?)?;
         logits.reshape((b, t, ()))
     }
 
@@ -92,7 +103,8 @@ impl Gpt {
         let x = self
             .wte
             .embedding(&idx.flatten_all()?)?
-            .reshape((b, t, c))?;
+            .reshape((b, t, c))?
+            .to_dtype(self.compute)?;
         let mut state = self.stream.expand(&x)?;
         for (l, block) in self.blocks.iter().enumerate() {
             let attn = |h: &Tensor| block.attn.forward(&block.attn_norm.forward(h)?);
@@ -220,7 +232,8 @@ mod grad_tests {
                     // low-rank branches) have moved and every path carries gradient.
                     let mut opt = optimizer.build(model.params())?;
                     opt.step(&loss(&model.forward(&x)?, &y)?.backward()?, 10.0)?;
-                    let grads = loss(&model.forward(&x)?, &y)?.backward()?;
+                    let l32 = loss(&model.forward(&x)?, &y)?;
+                    let grads = l32.backward()?;
                     for p in model.params() {
                         let g = grads
                             .get(p.var.as_tensor())
@@ -230,6 +243,46 @@ mod grad_tests {
                             n.is_finite() && n > 0.0,
                             "{cell:?}: {} has |g|^2 = {n}",
                             p.name
+                        );
+                    }
+
+                    // The same weights computing in bf16: the loss agrees to bf16 rounding,
+                    // and every f32 master weight gets an f32 gradient pointing the same way.
+                    let half = Gpt::new(&cell, &dims, &ParamBuilder::new(0, &Device::Cpu))?
+                        .computing_in(DType::BF16);
+                    for (h, p) in half.params().iter().zip(model.params()) {
+                        h.var.set(p.var.as_tensor())?;
+                    }
+                    let l16 = loss(&half.forward(&x)?, &y)?;
+                    assert_eq!(l16.dtype(), DType::F32);
+                    let (a, b) = (l32.to_scalar::<f32>()?, l16.to_scalar::<f32>()?);
+                    assert!((a - b).abs() < 0.02 * a, "{cell:?}: f32 {a} vs bf16 {b}");
+                    let g16 = l16.backward()?;
+                    let norm = |g: &Tensor| -> Result<f32> {
+                        Ok(g.sqr()?.sum_all()?.to_scalar::<f32>()?.sqrt())
+                    };
+                    let mut largest = 0f32;
+                    for p in model.params() {
+                        largest = largest.max(norm(grads.get(p.var.as_tensor()).unwrap())?);
+                    }
+                    for (h, p) in half.params().iter().zip(model.params()) {
+                        let g = g16.get(h.var.as_tensor()).unwrap_or_else(|| {
+                            panic!("{cell:?}: bf16, no gradient for {}", h.name)
+                        });
+                        assert_eq!(g.dtype(), DType::F32, "{}", h.name);
+                        let reference = grads.get(p.var.as_tensor()).unwrap();
+                        // Some gradients are zero in exact arithmetic (a scale in front of
+                        // an RMSNorm): in either precision they are rounding noise.
+                        if norm(reference)? < 1e-3 * largest {
+                            continue;
+                        }
+                        let dot = (g * reference)?.sum_all()?.to_scalar::<f32>()?;
+                        let norms = norm(g)? * norm(reference)?;
+                        assert!(
+                            dot / norms > 0.9,
+                            "{cell:?}: bf16 gradient of {} has cosine {} to f32's",
+                            h.name,
+                            dot / norms
                         );
                     }
                     checked += 1;

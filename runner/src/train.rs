@@ -14,7 +14,7 @@ use crate::checkpoint::{Checkpoints, Manifest};
 
 use crate::data::{bits_per_byte, Dataset, Split, Tokenizer};
 use crate::model::{cross_entropy_sum, loss, Gpt};
-use crate::spec::{TrainSpec, Trial};
+use crate::spec::{Precision, TrainSpec, Trial};
 
 /// Where a trial's metrics and progress go (the results store and the progress bar).
 pub trait Observer {
@@ -104,9 +104,12 @@ fn split_xy(windows: &[u32], batch: usize, t: usize) -> (Vec<u32>, Vec<u32>) {
     (x, y)
 }
 
-/// A trial's model, built from its cell with its seed.
-pub fn build(trial: &Trial, dims: &Dims, device: &Device) -> Result<Gpt> {
-    Gpt::new(&trial.cell, dims, &ParamBuilder::new(trial.seed, device))
+/// A trial's model, built from its cell with its seed, computing in `precision`.
+pub fn build(trial: &Trial, dims: &Dims, precision: Precision, device: &Device) -> Result<Gpt> {
+    Ok(
+        Gpt::new(&trial.cell, dims, &ParamBuilder::new(trial.seed, device))?
+            .computing_in(precision.dtype()),
+    )
 }
 
 /// The gradients of `loss` for `params`, cut from the autograd graph. candle detaches the
@@ -333,7 +336,7 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
         let ckpt = Checkpoints::new(&dir.join("r.db"), &trial.id, 4);
         let run = |crash_at, ckpt: Option<&Checkpoints>| -> (Result<Outcome>, Vec<_>) {
-            let model = build(trial, &sweep.dims(), &device).unwrap();
+            let model = build(trial, &sweep.dims(), sweep.train.precision, &device).unwrap();
             let mut log = Log {
                 rows: Vec::new(),
                 crash_at,

@@ -8,7 +8,7 @@
 //! so the network is exactly the pre-norm one until training moves the coefficients. Nothing
 //! bounds A_r: that is what mHC's constraint fixes, and the amplification metrics show.
 
-use candle_core::{Result, Tensor, D};
+use candle_core::{DType, Result, Tensor, D};
 use registry::{Dims, Entry, Init, ParamBuilder, ParamDoc, Probe, Residual, Role, Spec, Stream};
 use serde::{Deserialize, Serialize};
 
@@ -87,7 +87,8 @@ impl Connection {
             return Ok(Coefficients { a_m, a_r, b });
         };
         let (bs, t, n, c) = state.dims4()?;
-        let z = rms_norm(state)?
+        // Coefficients in f32 whatever the activations' dtype; `connect` casts them.
+        let z = rms_norm(&state.to_dtype(DType::F32)?)?
             .reshape((bs * t * n, c))?
             .matmul(&d.w)?
             .tanh()?

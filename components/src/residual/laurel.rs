@@ -11,7 +11,7 @@ use candle_core::{Result, Tensor};
 use registry::{Dims, Entry, Init, ParamBuilder, ParamDoc, Probe, Residual, Role, Spec, Stream};
 use serde::{Deserialize, Serialize};
 
-use crate::nn::INIT_STD;
+use crate::nn::{cast_like, INIT_STD};
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -61,10 +61,11 @@ impl Connection {
     fn skip(&self, x: &Tensor) -> Result<Tensor> {
         let mut s = x.clone();
         if let Some((a, b)) = &self.low_rank {
+            let (a, b) = (cast_like(a, x)?, cast_like(b, x)?);
             s = (s + x.broadcast_matmul(&a.t()?)?.broadcast_matmul(&b.t()?)?)?;
         }
         match &self.weights {
-            Some((_, beta)) => s.broadcast_mul(beta),
+            Some((_, beta)) => s.broadcast_mul(&cast_like(beta, x)?),
             None => Ok(s),
         }
     }
@@ -87,7 +88,7 @@ impl Stream for LaurelStream {
     ) -> Result<Tensor> {
         let c = &self.connections[k];
         let out = match &c.weights {
-            Some((alpha, _)) => f(state)?.broadcast_mul(alpha)?,
+            Some((alpha, _)) => f(state)?.broadcast_mul(&cast_like(alpha, state)?)?,
             None => f(state)?,
         };
         c.skip(state)? + out

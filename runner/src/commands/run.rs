@@ -4,7 +4,8 @@
 use std::io::{BufRead, BufReader, IsTerminal};
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Mutex};
 use std::time::Instant;
 
 use anyhow::Context;
@@ -14,6 +15,7 @@ use results::{Claim, NewTrial, Status, Store};
 
 use crate::data::Dataset;
 use crate::error::{exit, InputError};
+use crate::gpu;
 use crate::memory;
 use crate::owner;
 use crate::spec::{self, Sweep, Trial};
@@ -28,7 +30,9 @@ pub struct Args {
     /// Results database [default: sweep.db beside the sweep file].
     #[arg(long)]
     pub db: Option<PathBuf>,
-    /// Where to train: cpu, or cuda / cuda:N in a build with the `cuda` feature.
+    /// Where to train: cpu, or cuda / cuda:N in a build with the `cuda` feature. A list
+    /// (cuda:0,1,2,3) runs one trial on each listed device at a time, each in its own worker;
+    /// `cpu,cpu` runs two at once on the CPU.
     #[arg(long, default_value = "cpu")]
     pub device: String,
     /// Print the trial table and exit: nothing is trained or written.
@@ -79,8 +83,13 @@ static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 /// The exit status after Ctrl-C (128 + SIGINT), as shells report it.
 pub(crate) const INTERRUPTED_EXIT: u8 = 130;
 
-/// The running worker's pid (0: none), for forwarding Ctrl-C to it.
-static WORKER: AtomicU32 = AtomicU32::new(0);
+/// The running workers' pids, for forwarding Ctrl-C to them.
+static WORKERS: Mutex<Vec<u32>> = Mutex::new(Vec::new());
+
+fn workers() -> std::sync::MutexGuard<'static, Vec<u32>> {
+    // A panic while holding the list cannot leave it inconsistent: recover it.
+    WORKERS.lock().unwrap_or_else(|e| e.into_inner())
+}
 
 fn on_ctrl_c() {
     // A second Ctrl-C does not wait for the step: SQLite's transactions keep the DB whole,
@@ -95,9 +104,9 @@ fn on_ctrl_c() {
 /// A signal sent to `sweep run` alone (`kill -INT`, a scheduler) reaches its worker too.
 fn forward_interrupt() {
     #[cfg(unix)]
-    if let Some(pid) = std::num::NonZeroU32::new(WORKER.load(Ordering::SeqCst)) {
+    for &pid in workers().iter() {
         use nix::sys::signal::{kill, Signal};
-        let _ = kill(nix::unistd::Pid::from_raw(pid.get() as i32), Signal::SIGINT);
+        let _ = kill(nix::unistd::Pid::from_raw(pid as i32), Signal::SIGINT);
     }
 }
 
@@ -111,13 +120,15 @@ enum Ended {
     Died(String),
 }
 
-/// Runs one claimed trial in a `sweep worker` process, turning its progress lines into the
-/// bars and its death into a cause.
+/// Runs one claimed trial on `device` in a `sweep worker` process, turning its progress lines
+/// into the bar of `slot` and its death into a cause.
 fn supervise(
     args: &Args,
     db: &std::path::Path,
     trial: &Trial,
+    device: &str,
     progress: &Progress,
+    slot: usize,
 ) -> anyhow::Result<Ended> {
     let exe = std::env::current_exe().context("locating the sweep binary for its worker")?;
     let mut cmd = Command::new(exe);
@@ -125,7 +136,7 @@ fn supervise(
         .arg(&args.file)
         .arg("--db")
         .arg(db)
-        .args(["--device", &args.device, "--trial", &trial.id])
+        .args(["--device", device, "--trial", &trial.id])
         .args(["--parent", &std::process::id().to_string()]);
     for set in &args.sets {
         cmd.args(["--set", set]);
@@ -136,7 +147,8 @@ fn supervise(
         .stderr(Stdio::piped())
         .spawn()
         .context("starting a worker process")?;
-    WORKER.store(child.id(), Ordering::SeqCst);
+    let pid = child.id();
+    workers().push(pid);
     if INTERRUPTED.load(Ordering::SeqCst) {
         forward_interrupt();
     }
@@ -162,7 +174,7 @@ fn supervise(
         let (kind, rest) = line.split_once(' ').unwrap_or((line.as_str(), ""));
         let nums: Vec<f64> = rest.split(' ').filter_map(|x| x.parse().ok()).collect();
         match (kind, nums.as_slice()) {
-            ("step", [step, loss]) => progress.step(*step as usize, *loss, last_bpb),
+            ("step", [step, loss]) => progress.step(slot, *step as usize, *loss, last_bpb),
             ("eval", [step, loss, bpb]) => {
                 last_bpb = Some(*bpb);
                 progress.note(format!("step {step}: val/loss {loss:.4} val/bpb {bpb:.4}"));
@@ -173,7 +185,7 @@ fn supervise(
         }
     }
     let status = child.wait().context("waiting for the worker")?;
-    WORKER.store(0, Ordering::SeqCst);
+    workers().retain(|&p| p != pid);
     let tail = tail.join().unwrap_or_default();
     Ok(match status.code() {
         Some(0) => Ended::Finished(summary),
@@ -232,18 +244,20 @@ fn death(code: Option<i32>, status: &std::process::ExitStatus, tail: &[String]) 
 
 pub fn exec(args: Args) -> anyhow::Result<u8> {
     let sweep = Sweep::load(&args.file, &args.sets)?;
-    let device = parse_device(&args.device)?;
+    let devices = parse_devices(&args.device)?;
     if args.dry_run {
         print!("{}", plan(&sweep));
         return Ok(exit::OK);
     }
-    if let (Device::Cpu, Some(limit)) = (&device, memory::available()) {
-        memory::check(&sweep, limit, "this machine")?;
+    let on_cpu = devices.iter().filter(|d| *d == "cpu").count() as f64;
+    if let (true, Some(limit)) = (on_cpu > 0.0, memory::available()) {
+        // Trials side by side on the CPU share its memory.
+        memory::check(&sweep, limit / on_cpu, "this machine")?;
     }
     // The parent reads the data once to refuse a bad corpus before anything is written;
-    // each worker loads its own copy.
+    // each worker loads its own copy (and is the only process to touch a GPU).
     let data = Dataset::load(&sweep.data, &sweep.source, sweep.train.seq_len)?;
-    ValSet::new(&data.val, data.tokenizer, &sweep.train, &device)?;
+    ValSet::new(&data.val, data.tokenizer, &sweep.train, &Device::Cpu)?;
     let data_summary = data.summary.clone();
     drop(data);
     let db = args
@@ -318,60 +332,96 @@ pub fn exec(args: Args) -> anyhow::Result<u8> {
 
     ctrlc::set_handler(on_ctrl_c).context("installing the Ctrl-C handler")?;
     let me = owner::me();
-    let progress = Progress::new(todo.len() * sweep.train.steps, sweep.train.steps);
+    let progress = Progress::new(todo.len() * sweep.train.steps, sweep.train.steps, &devices);
     let mut busy = 0;
-    for (k, &i) in todo.iter().enumerate() {
-        if INTERRUPTED.load(Ordering::SeqCst) {
-            break;
-        }
-        let trial = &trials[i];
-        // Another `sweep run` on this DB may have taken or finished it meanwhile.
-        match store.claim(&trial.id, &me, retry_failed, &owner::dead)? {
-            Claim::Claimed(_) => {}
-            Claim::Busy(_) => {
-                busy += 1;
-                continue;
-            }
-            Claim::Skipped(_) => continue,
-        }
-        progress.start(&format!(
-            "trial {}/{} {} seed={}",
-            k + 1,
-            todo.len(),
-            shown(&trial.label),
-            trial.seed
-        ));
-        let started = Instant::now();
-        let ended = supervise(&args, &db, trial, &progress)?;
-        let wall = started.elapsed().as_secs_f64();
-        let (status, summary) = match ended {
-            Ended::Finished(summary) => (store.status(&trial.id)?, summary),
-            Ended::Interrupted => {
-                // The worker gives its trial back; if it could not, do it here.
-                store.release(&trial.id)?;
-                progress.println(format!(
-                    "[{}/{}] stopped  {} seed={}: back in the queue, resumes from its last \
-                     checkpoint",
+    // One worker per device at a time: a device takes the next trial it can claim as soon
+    // as its last one ends. Only this thread touches the store; workers report over `done`.
+    let (done, ended) = mpsc::channel();
+    let mut free: Vec<usize> = (0..devices.len()).rev().collect();
+    let mut queue = todo.iter().enumerate();
+    let mut running = 0;
+    std::thread::scope(|scope| -> anyhow::Result<()> {
+        loop {
+            while !INTERRUPTED.load(Ordering::SeqCst) && !free.is_empty() {
+                let Some((k, &i)) = queue.next() else { break };
+                let trial = &trials[i];
+                // Another `sweep run` on this DB may have taken or finished it meanwhile.
+                match store.claim(&trial.id, &me, retry_failed, &owner::dead)? {
+                    Claim::Claimed(_) => {}
+                    Claim::Busy(_) => {
+                        busy += 1;
+                        continue;
+                    }
+                    Claim::Skipped(_) => continue,
+                }
+                let slot = free.pop().expect("a free device");
+                let name = format!(
+                    "{} {}/{} {} seed={}",
+                    if devices.len() > 1 {
+                        &devices[slot]
+                    } else {
+                        "trial"
+                    },
                     k + 1,
                     todo.len(),
                     shown(&trial.label),
                     trial.seed
-                ));
-                break;
+                );
+                progress.start(slot, &name);
+                let (args, db, device, progress, done) =
+                    (&args, &db, &devices[slot], &progress, done.clone());
+                scope.spawn(move || {
+                    let started = Instant::now();
+                    let ended = supervise(args, db, trial, device, progress, slot);
+                    let _ = done.send((slot, k, i, ended, started.elapsed().as_secs_f64()));
+                });
+                running += 1;
             }
-            Ended::Died(cause) => {
-                store.finish_trial(&trial.id, Status::Failed, Some(&cause), wall)?;
-                (Status::Failed, cause)
+            if running == 0 {
+                return Ok(());
             }
-        };
-        progress.println(format!(
-            "[{}/{}] {status:<8} {} seed={} {summary} ({wall:.1} s)",
-            k + 1,
-            todo.len(),
-            shown(&trial.label),
-            trial.seed
-        ));
-    }
+            let (slot, k, i, ended, wall) = ended.recv().expect("a worker thread reports");
+            running -= 1;
+            free.push(slot);
+            let trial = &trials[i];
+            let (status, summary) = match ended? {
+                Ended::Finished(summary) => (store.status(&trial.id)?, summary),
+                Ended::Interrupted => {
+                    // The worker gives its trial back; if it could not, do it here. A worker
+                    // stopped by a signal of its own stops the run as Ctrl-C does.
+                    store.release(&trial.id)?;
+                    if !INTERRUPTED.swap(true, Ordering::SeqCst) {
+                        forward_interrupt();
+                    }
+                    progress.println(format!(
+                        "[{}/{}] stopped  {} seed={}: back in the queue, resumes from its \
+                         last checkpoint",
+                        k + 1,
+                        todo.len(),
+                        shown(&trial.label),
+                        trial.seed
+                    ));
+                    continue;
+                }
+                Ended::Died(cause) => {
+                    store.finish_trial(&trial.id, Status::Failed, Some(&cause), wall)?;
+                    (Status::Failed, cause)
+                }
+            };
+            let on = if devices.len() > 1 {
+                format!(" on {}", devices[slot])
+            } else {
+                String::new()
+            };
+            progress.println(format!(
+                "[{}/{}] {status:<8} {} seed={} {summary} ({wall:.1} s{on})",
+                k + 1,
+                todo.len(),
+                shown(&trial.label),
+                trial.seed
+            ));
+        }
+    })?;
     progress.finish();
 
     let rows = store.trials(sweep_id)?;
@@ -405,6 +455,72 @@ fn shown(label: &str) -> &str {
     }
 }
 
+/// `--device` as the list of devices to run trials on, one worker each: `cpu`, `cuda`
+/// (= cuda:0), `cuda:N`, or a comma-separated list of these where a bare number continues a
+/// cuda list (`cuda:0,1,2,3`). A GPU listed twice is refused; `cpu` may repeat (trials side by
+/// side on the CPU).
+pub fn parse_devices(spec: &str) -> Result<Vec<String>, InputError> {
+    let mut devices: Vec<String> = Vec::new();
+    for part in spec.split(',').map(str::trim) {
+        let after_cuda = devices.last().is_some_and(|d| d.starts_with("cuda"));
+        let device = match part {
+            "cpu" => "cpu".to_string(),
+            "cuda" => "cuda:0".to_string(),
+            n if after_cuda && n.parse::<usize>().is_ok() => format!("cuda:{n}"),
+            p => p.to_string(),
+        };
+        if device != "cpu" && devices.contains(&device) {
+            return Err(InputError::new(format!(
+                "--device {spec}: {device} is listed twice; a GPU runs one trial at a time"
+            )));
+        }
+        devices.push(device);
+    }
+    let mut gpus = Vec::new();
+    for d in &devices {
+        if let Some(n) = gpu_ordinal(d, spec)? {
+            gpus.push(n);
+        }
+    }
+    if let Some(&n) = gpus.iter().max() {
+        if !cfg!(feature = "cuda") {
+            return Err(InputError::new(format!(
+                "--device {spec}: this build of sweep has no CUDA support; use --device cpu \
+                 or build with --features cuda"
+            )));
+        }
+        let count = gpu::count();
+        if n >= count {
+            return Err(InputError::new(format!(
+                "--device {spec}: there is no cuda:{n}: this machine has {count} CUDA \
+                 device(s) visible"
+            )));
+        }
+    }
+    Ok(devices)
+}
+
+/// The GPU number of one device of a `--device` list (`None` for the CPU), without starting
+/// it: the parent process keeps off the GPUs, as a CUDA context costs each of them memory.
+fn gpu_ordinal(device: &str, spec: &str) -> Result<Option<usize>, InputError> {
+    if device == "cpu" {
+        return Ok(None);
+    }
+    let Some(ordinal) = device.strip_prefix("cuda:") else {
+        return Err(InputError::new(format!(
+            "--device {spec}: unknown device `{device}`; use cpu, cuda, cuda:N or a list \
+             such as cuda:0,1"
+        )));
+    };
+    match ordinal.parse::<usize>() {
+        Ok(n) => Ok(Some(n)),
+        Err(_) => Err(InputError::new(format!(
+            "--device {spec}: `{device}` is not cuda:N with N a GPU number"
+        ))),
+    }
+}
+
+/// One device, for a worker: `cpu` or `cuda:N`.
 pub fn parse_device(spec: &str) -> Result<Device, InputError> {
     match spec {
         "cpu" => Ok(Device::Cpu),
@@ -425,17 +541,17 @@ pub fn parse_device(spec: &str) -> Result<Device, InputError> {
     }
 }
 
-/// Two bars on a terminal (the sweep's steps with ETA, the current trial); plain lines
-/// otherwise, for logs.
+/// Bars on a terminal (the sweep's steps with ETA, one per device for its current trial);
+/// plain lines otherwise, for logs.
 struct Progress {
     multi: MultiProgress,
     total: ProgressBar,
-    trial: ProgressBar,
+    trials: Vec<ProgressBar>,
     tty: bool,
 }
 
 impl Progress {
-    fn new(total_steps: usize, steps: usize) -> Self {
+    fn new(total_steps: usize, steps: usize, devices: &[String]) -> Self {
         let tty = std::io::stderr().is_terminal();
         let target = if tty {
             ProgressDrawTarget::stderr()
@@ -450,35 +566,43 @@ impl Progress {
             )
             .expect("valid template"),
         );
-        let trial = multi.add(ProgressBar::new(steps as u64));
-        trial.set_style(
-            ProgressStyle::with_template("{prefix} step {pos}/{len} {msg}")
-                .expect("valid template"),
-        );
+        let trials = devices
+            .iter()
+            .map(|_| {
+                let bar = multi.add(ProgressBar::new(steps as u64));
+                bar.set_style(
+                    ProgressStyle::with_template("{prefix} step {pos}/{len} {msg}")
+                        .expect("valid template"),
+                );
+                bar
+            })
+            .collect();
         Self {
             multi,
             total,
-            trial,
+            trials,
             tty,
         }
     }
 
-    fn start(&self, prefix: &str) {
-        self.trial.reset();
-        self.trial.set_prefix(prefix.to_string());
-        self.trial.set_message("");
+    fn start(&self, slot: usize, prefix: &str) {
+        let bar = &self.trials[slot];
+        bar.reset();
+        bar.set_prefix(prefix.to_string());
+        bar.set_message("");
         if !self.tty {
             eprintln!("{prefix}");
         }
     }
 
-    fn step(&self, step: usize, loss: f64, bpb: Option<f64>) {
-        self.trial.set_position(step as u64);
+    fn step(&self, slot: usize, step: usize, loss: f64, bpb: Option<f64>) {
+        let bar = &self.trials[slot];
+        bar.set_position(step as u64);
         self.total.inc(1);
         let bpb = bpb
             .map(|b| format!(" | val/bpb {b:.3}"))
             .unwrap_or_default();
-        self.trial.set_message(format!("| loss {loss:.4}{bpb}"));
+        bar.set_message(format!("| loss {loss:.4}{bpb}"));
     }
 
     fn note(&self, line: String) {
@@ -496,7 +620,7 @@ impl Progress {
     }
 
     fn finish(&self) {
-        self.trial.finish_and_clear();
+        self.trials.iter().for_each(ProgressBar::finish_and_clear);
         self.total.finish_and_clear();
     }
 }

@@ -13,13 +13,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use anyhow::Context;
-use candle_core::Device;
 use results::{Status, Store};
 
 use crate::checkpoint::Checkpoints;
 use crate::commands::run::{parse_device, INTERRUPTED_EXIT};
 use crate::data::Dataset;
 use crate::error::{exit, InputError};
+use crate::gpu;
 use crate::spec::{Sweep, Trial};
 use crate::train::{self, Observer, Outcome, ValSet};
 use crate::CODE_VERSION;
@@ -52,6 +52,7 @@ pub fn exec(args: Args) -> anyhow::Result<u8> {
         .context("installing the signal handler")?;
     let sweep = Sweep::load(&args.file, &args.sets)?;
     let device = parse_device(&args.device)?;
+    gpu::prepare(&device)?;
     let mut store = Store::open(&args.db)?;
     let generation = store.sweep_generation(&sweep.name)?.ok_or_else(|| {
         InputError::new(format!("{}: no sweep {}", args.db.display(), sweep.name))
@@ -129,16 +130,18 @@ fn run_trial(
     ckpt: &Checkpoints,
 ) -> anyhow::Result<(Status, Option<String>, String)> {
     let device = setting.device;
-    let built = catch_unwind(AssertUnwindSafe(|| train::build(trial, dims, device)));
+    let built = catch_unwind(AssertUnwindSafe(|| {
+        train::build(trial, dims, setting.spec.precision, device)
+    }));
     let model = match built {
         Ok(Ok(m)) => m,
         Ok(Err(e)) => {
-            store.start_trial(&trial.id, &device_name(device), CODE_VERSION, None)?;
+            store.start_trial(&trial.id, &gpu::describe(device), CODE_VERSION, None)?;
             let msg = format!("building the model: {e}");
             return Ok((Status::Failed, Some(msg.clone()), msg));
         }
         Err(p) => {
-            store.start_trial(&trial.id, &device_name(device), CODE_VERSION, None)?;
+            store.start_trial(&trial.id, &gpu::describe(device), CODE_VERSION, None)?;
             let msg = format!("panic while building the model: {}", panic_message(&p));
             return Ok((Status::Failed, Some(msg.clone()), msg));
         }
@@ -154,14 +157,14 @@ fn run_trial(
             store.resume_trial(
                 &trial.id,
                 step as u64,
-                &device_name(device),
+                &gpu::describe(device),
                 CODE_VERSION,
                 Some(model.param_count()),
             )?
         }
         None => store.start_trial(
             &trial.id,
-            &device_name(device),
+            &gpu::describe(device),
             CODE_VERSION,
             Some(model.param_count()),
         )?,
@@ -212,13 +215,6 @@ fn panic_message(p: &Box<dyn std::any::Any + Send>) -> String {
         .map(|s| s.to_string())
         .or_else(|| p.downcast_ref::<String>().cloned())
         .unwrap_or_else(|| "(no message)".into())
-}
-
-pub(crate) fn device_name(d: &Device) -> String {
-    match d {
-        Device::Cpu => "cpu".into(),
-        other => format!("{other:?}"),
-    }
 }
 
 /// Sends metrics to the store and progress to the parent.

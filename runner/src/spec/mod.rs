@@ -56,6 +56,32 @@ pub struct TrainSpec {
     /// saved does not change what it computes, so it is left out of the trial's config and id.
     #[serde(default, skip_serializing)]
     pub checkpoint_every: Option<usize>,
+    /// The dtype of matmuls and activations. Left out of the stored config (and so of the
+    /// trial id) when it is the default, so that sweeps recorded before it existed resume.
+    #[serde(default, skip_serializing_if = "Precision::is_f32")]
+    pub precision: Precision,
+}
+
+/// `Bf16`: bf16 matmuls and activations over f32 master weights; the optimizer state, norm
+/// statistics, softmax, the loss and the mHC coefficients and Sinkhorn stay f32 either way.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Precision {
+    #[default]
+    F32,
+    Bf16,
+}
+
+impl Precision {
+    pub fn is_f32(&self) -> bool {
+        *self == Precision::F32
+    }
+
+    pub fn dtype(self) -> candle_core::DType {
+        match self {
+            Precision::F32 => candle_core::DType::F32,
+            Precision::Bf16 => candle_core::DType::BF16,
+        }
+    }
 }
 
 fn default_eval_batches() -> usize {

@@ -1,0 +1,127 @@
+//! What training on a CUDA device needs beyond candle: allocator settings, the device's name
+//! for the trial record, and its peak memory for `sweep bench`. Without the `cuda` feature
+//! every device is the CPU and these answer accordingly.
+
+use candle_core::{Device, Result};
+
+/// Sets a CUDA device up for training; a no-op on the CPU. Call before any tensor is made.
+///
+/// - Event tracking off: candle records two CUDA events on every allocation so that tensors
+///   can be shared between streams. A trial uses one stream, where the stream's order already
+///   serializes every use, so the events are pure overhead on each of thousands of ops a step.
+/// - The stream-ordered memory pool keeps what it has: by default it returns freed memory to
+///   the driver at every synchronization (each step reads its loss), and the next step
+///   allocates it again. PyTorch's caching allocator keeps it the same way.
+pub fn prepare(device: &Device) -> Result<()> {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(d) = device {
+        cuda::prepare(d)?;
+    }
+    let _ = device;
+    Ok(())
+}
+
+/// How the trial record names the device: `cpu`, or `cuda:N NAME`, with the physical GPU when
+/// CUDA_VISIBLE_DEVICES renumbers them (under Slurm, say).
+pub fn describe(device: &Device) -> String {
+    match device {
+        Device::Cpu => "cpu".into(),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(d) => cuda::describe(d),
+        other => format!("{other:?}"),
+    }
+}
+
+/// The most device memory in use at once since the last [`reset_peak`], in bytes; `None`
+/// on the CPU.
+pub fn peak_bytes(device: &Device) -> Option<u64> {
+    match device {
+        #[cfg(feature = "cuda")]
+        Device::Cuda(d) => cuda::pool_attribute(d, cuda::USED_HIGH).ok(),
+        _ => None,
+    }
+}
+
+/// Starts a new peak (see [`peak_bytes`]).
+pub fn reset_peak(device: &Device) -> Result<()> {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(d) = device {
+        cuda::set_pool_attribute(d, cuda::USED_HIGH, 0)?;
+    }
+    let _ = device;
+    Ok(())
+}
+
+/// The number of CUDA devices this process can see (0 without the `cuda` feature or a driver).
+pub fn count() -> usize {
+    #[cfg(feature = "cuda")]
+    {
+        use candle_core::cuda_backend::cudarc::driver::CudaContext;
+        CudaContext::device_count().map_or(0, |n| n.max(0) as usize)
+    }
+    #[cfg(not(feature = "cuda"))]
+    0
+}
+
+#[cfg(feature = "cuda")]
+#[allow(unsafe_code)]
+mod cuda {
+    use candle_core::cuda_backend::cudarc::driver::sys;
+    use candle_core::{CudaDevice, Result};
+
+    use sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD as RELEASE_THRESHOLD;
+    pub use sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH as USED_HIGH;
+
+    pub fn prepare(d: &CudaDevice) -> Result<()> {
+        // SAFETY: one stream per process (candle's default); see `super::prepare`.
+        unsafe { d.disable_event_tracking() };
+        set_pool_attribute(d, RELEASE_THRESHOLD, u64::MAX)
+    }
+
+    pub fn describe(d: &CudaDevice) -> String {
+        let ctx = d.cuda_stream().context().clone();
+        let ordinal = ctx.ordinal();
+        let name = ctx.name().unwrap_or_else(|_| "unknown GPU".into());
+        match std::env::var("CUDA_VISIBLE_DEVICES") {
+            Ok(v) if !v.is_empty() => {
+                let physical = v.split(',').nth(ordinal).unwrap_or("?");
+                format!("cuda:{ordinal} {name} (CUDA_VISIBLE_DEVICES={v}: GPU {physical})")
+            }
+            _ => format!("cuda:{ordinal} {name}"),
+        }
+    }
+
+    fn pool(d: &CudaDevice) -> Result<sys::CUmemoryPool> {
+        let ctx = d.cuda_stream().context().clone();
+        ctx.bind_to_thread().map_err(candle_core::Error::wrap)?;
+        let mut pool = std::ptr::null_mut();
+        // SAFETY: a valid device handle and an out-pointer to a pool handle.
+        check(unsafe { sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device()) })?;
+        Ok(pool)
+    }
+
+    pub fn pool_attribute(d: &CudaDevice, attr: sys::CUmemPool_attribute) -> Result<u64> {
+        let pool = pool(d)?;
+        let mut value = 0u64;
+        // SAFETY: the memory attributes read here are cuuint64_t.
+        check(unsafe { sys::cuMemPoolGetAttribute(pool, attr, (&mut value as *mut u64).cast()) })?;
+        Ok(value)
+    }
+
+    pub fn set_pool_attribute(
+        d: &CudaDevice,
+        attr: sys::CUmemPool_attribute,
+        mut value: u64,
+    ) -> Result<()> {
+        let pool = pool(d)?;
+        // SAFETY: the memory attributes written here are cuuint64_t.
+        check(unsafe { sys::cuMemPoolSetAttribute(pool, attr, (&mut value as *mut u64).cast()) })
+    }
+
+    fn check(r: sys::CUresult) -> Result<()> {
+        match r {
+            sys::CUresult::CUDA_SUCCESS => Ok(()),
+            e => candle_core::bail!("CUDA memory pool: {e:?}"),
+        }
+    }
+}
