@@ -5,6 +5,7 @@
 //! The `sweep` binary must name this crate (`use components as _;`) or the linker drops the
 //! entries; a test in the runner asserts the registry holds them.
 
+pub mod fused;
 pub mod nn;
 
 mod attention;

@@ -1,7 +1,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use runner::commands::{list, merge, report, run, slurm, worker};
+use runner::commands::{bench, list, merge, report, run, slurm, worker};
 use runner::error::{exit, InputError};
 
 /// Architecture sweeps for language models: list component variants in a RON file, train
@@ -20,6 +20,7 @@ enum Command {
     Merge(merge::Args),
     Slurm(slurm::Args),
     List(list::Args),
+    Bench(bench::Args),
     #[command(hide = true)]
     Worker(worker::Args),
 }
@@ -33,6 +34,7 @@ fn main() -> ExitCode {
         Command::Slurm(args) => slurm::exec(args),
         Command::Worker(args) => worker::exec(args),
         Command::List(args) => list::exec(args),
+        Command::Bench(args) => bench::exec(args),
     };
     match result {
         Ok(code) => ExitCode::from(code),

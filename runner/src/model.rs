@@ -2,7 +2,8 @@
 //! residual scheme's stream, n_layers blocks of (attention, FFN) each behind its own
 //! RMSNorm, a final RMSNorm and the tied output head.
 
-use candle_core::{DType, Result, Tensor, D};
+use candle_core::{DType, Result, Tensor};
+use components::fused::cross_entropy_rows;
 use components::nn::RmsNorm;
 use registry::{Dims, Init, Param, ParamBuilder, Role, Stream, Sublayer};
 
@@ -142,12 +143,7 @@ impl Gpt {
 
 /// Sum over rows of -log softmax(logits)[target], in f32: logits (N, V), targets (N,) u32.
 pub fn cross_entropy_sum(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
-    let logits = logits.to_dtype(DType::F32)?;
-    let max = logits.max_keepdim(D::Minus1)?.detach();
-    let shifted = logits.broadcast_sub(&max)?;
-    let log_z = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
-    let picked = shifted.gather(&targets.unsqueeze(1)?, 1)?;
-    (log_z - picked)?.sum_all()
+    cross_entropy_rows(logits, targets)?.sum_all()
 }
 
 /// Mean cross-entropy in nats per token; logits (B, T, V), targets (B, T).

@@ -8,7 +8,7 @@ use candle_core::backprop::GradStore;
 use candle_core::{Device, Result, Tensor};
 use rand::SeedableRng;
 use rand_chacha::ChaCha12Rng;
-use registry::{restored, Dims, Param, ParamBuilder};
+use registry::{restored, Dims, Param, ParamBuilder, Stepper};
 
 use crate::checkpoint::{Checkpoints, Manifest};
 
@@ -104,6 +104,28 @@ fn split_xy(windows: &[u32], batch: usize, t: usize) -> (Vec<u32>, Vec<u32>) {
     (x, y)
 }
 
+/// The data sampler of a trial of `seed`. The data order depends on the seed only, not on
+/// the cell: cells of one seed see the same batches, so their differences are the
+/// components'. ChaCha12 is what rand's StdRng is, with a position a checkpoint can save.
+pub fn sampler(seed: u64) -> ChaCha12Rng {
+    ChaCha12Rng::seed_from_u64(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ 0xda7a)
+}
+
+/// A random training batch of `b` windows: inputs and next-token targets, (b, t) each.
+pub fn batch(
+    data: &Dataset,
+    rng: &mut ChaCha12Rng,
+    b: usize,
+    t: usize,
+    device: &Device,
+) -> Result<(Tensor, Tensor)> {
+    let (x, y) = split_xy(&data.train.sample(rng, b, t + 1), b, t);
+    Ok((
+        Tensor::from_vec(x, (b, t), device)?,
+        Tensor::from_vec(y, (b, t), device)?,
+    ))
+}
+
 /// A trial's model, built from its cell with its seed, computing in `precision`.
 pub fn build(trial: &Trial, dims: &Dims, precision: Precision, device: &Device) -> Result<Gpt> {
     Ok(
@@ -148,6 +170,86 @@ fn scale_grads(grads: &mut GradStore, params: &[Param], factor: f64) -> Result<(
     Ok(())
 }
 
+/// One optimizer step on the batch (x, y): forward, backward, the gradient norm, clipping to
+/// `clip` (0: none) and the update at `factor` times the peak learning rate. Returns the
+/// loss and the gradient norm before clipping, or, when either is not finite, what was not
+/// (and the weights are left as they were).
+#[allow(clippy::too_many_arguments)]
+pub fn step_on(
+    model: &Gpt,
+    opt: &mut dyn Stepper,
+    x: &Tensor,
+    y: &Tensor,
+    clip: f64,
+    factor: f64,
+    mut phases: Option<&mut Phases>,
+) -> Result<std::result::Result<(f64, f64), String>> {
+    let mut mark = |name: &'static str| match phases.as_deref_mut() {
+        Some(p) => p.mark(name),
+        None => Ok(()),
+    };
+    let params = model.params();
+    let logits = model.forward(x)?;
+    mark("forward")?;
+    let l = loss(&logits, y)?;
+    let lv = l.to_scalar::<f32>()? as f64;
+    mark("loss")?;
+    if !lv.is_finite() {
+        return Ok(Err(format!("train/loss is {lv}")));
+    }
+    let mut grads = backward(&l, params)?;
+    mark("backward")?;
+    let gn = grad_norm(&grads, params)?;
+    if !gn.is_finite() {
+        return Ok(Err(format!("grad_norm is {gn}")));
+    }
+    if clip > 0.0 && gn > clip {
+        scale_grads(&mut grads, params, clip / gn)?;
+    }
+    mark("grad norm and clip")?;
+    opt.step(&grads, factor)?;
+    mark("optimizer")?;
+    Ok(Ok((lv, gn)))
+}
+
+/// Where a step's time goes, for `sweep bench --phases`: the device is synchronized at every
+/// mark, so each phase is charged with its own kernels (which costs the step a little).
+pub struct Phases<'a> {
+    device: &'a Device,
+    last: Instant,
+    /// Seconds per phase, summed over the steps timed, in the order first seen.
+    pub spent: Vec<(&'static str, f64)>,
+}
+
+impl<'a> Phases<'a> {
+    pub fn new(device: &'a Device) -> Self {
+        Self {
+            device,
+            last: Instant::now(),
+            spent: Vec::new(),
+        }
+    }
+
+    /// Starts timing a step (after anything done since the last mark that is not its own).
+    pub fn start(&mut self) -> Result<()> {
+        self.device.synchronize()?;
+        self.last = Instant::now();
+        Ok(())
+    }
+
+    fn mark(&mut self, name: &'static str) -> Result<()> {
+        self.device.synchronize()?;
+        let now = Instant::now();
+        let dt = (now - self.last).as_secs_f64();
+        self.last = now;
+        match self.spent.iter_mut().find(|(n, _)| *n == name) {
+            Some((_, total)) => *total += dt,
+            None => self.spent.push((name, dt)),
+        }
+        Ok(())
+    }
+}
+
 /// What every trial of a sweep trains with.
 #[derive(Clone, Copy)]
 pub struct Setting<'a> {
@@ -173,11 +275,7 @@ pub fn train(
         device,
     } = setting;
     let (b, t) = (spec.batch, spec.seq_len);
-    // The data order depends on the seed only, not on the cell: cells of one seed see the
-    // same batches, so their differences are the components'. ChaCha12 is what rand's StdRng
-    // is, with a position that a checkpoint can save.
-    let mut rng =
-        ChaCha12Rng::seed_from_u64(trial.seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ 0xda7a);
+    let mut rng = sampler(trial.seed);
     let params = model.params();
     let mut opt = trial.cell.optimizer.build(params)?;
     let peak = trial.cell.optimizer.lr();
@@ -206,29 +304,16 @@ pub fn train(
         let started = Instant::now();
         let factor = trial.cell.schedule.factor(step, spec.steps);
         let lr = peak * factor;
-        let (x, y) = split_xy(&data.train.sample(&mut rng, b, t + 1), b, t);
-        let x = Tensor::from_vec(x, (b, t), device)?;
-        let y = Tensor::from_vec(y, (b, t), device)?;
-        let l = loss(&model.forward(&x)?, &y)?;
-        let lv = l.to_scalar::<f32>()? as f64;
-        if !lv.is_finite() {
-            return Ok(Outcome::Diverged {
-                step: step + 1,
-                what: format!("train/loss is {lv}"),
-            });
-        }
-        let mut grads = backward(&l, params)?;
-        let gn = grad_norm(&grads, params)?;
-        if !gn.is_finite() {
-            return Ok(Outcome::Diverged {
-                step: step + 1,
-                what: format!("grad_norm is {gn}"),
-            });
-        }
-        if spec.grad_clip > 0.0 && gn > spec.grad_clip {
-            scale_grads(&mut grads, params, spec.grad_clip / gn)?;
-        }
-        opt.step(&grads, factor)?;
+        let (x, y) = batch(data, &mut rng, b, t, device)?;
+        let (lv, gn) = match step_on(model, opt.as_mut(), &x, &y, spec.grad_clip, factor, None)? {
+            Ok(values) => values,
+            Err(what) => {
+                return Ok(Outcome::Diverged {
+                    step: step + 1,
+                    what,
+                })
+            }
+        };
         train_time += started.elapsed().as_secs_f64();
         loss_sum += lv;
         loss_n += 1;

@@ -4,7 +4,8 @@
 use candle_core::{Result, Tensor};
 use registry::{Dims, ParamBuilder, Role, Sublayer};
 
-use crate::nn::{causal_mask, out_proj_std, rms_norm, softmax, Linear, Rope, INIT_STD};
+use crate::fused::causal_softmax;
+use crate::nn::{out_proj_std, rms_norm, Linear, Rope, INIT_STD};
 
 /// The head layout and position options an attention component resolves to.
 #[derive(Clone, Debug, PartialEq)]
@@ -79,7 +80,6 @@ pub struct CausalSelfAttention {
     shape: AttentionShape,
     head_dim: usize,
     rope: Option<Rope>,
-    mask: Tensor,
 }
 
 impl CausalSelfAttention {
@@ -96,7 +96,6 @@ impl CausalSelfAttention {
             k: Linear::new(c, kv_dim, INIT_STD, Role::Hidden, &p.pp("k"))?,
             v: Linear::new(c, kv_dim, INIT_STD, Role::Hidden, &p.pp("v"))?,
             o: Linear::new(c, c, out_proj_std(dims.n_layers), Role::Hidden, &p.pp("o"))?,
-            mask: causal_mask(dims.seq_len, p.device())?,
             shape,
             head_dim,
             rope,
@@ -133,10 +132,8 @@ impl CausalSelfAttention {
             k = widen(k)?;
             v = widen(v)?;
         }
-        let scale = 1.0 / (hd as f64).sqrt();
-        let scores = (q.matmul(&k.t()?.contiguous()?)? * scale)?; // (B, H, T, T)
-        let mask = self.mask.narrow(0, 0, t)?.narrow(1, 0, t)?;
-        let att = softmax(&scores.broadcast_add(&mask.to_dtype(scores.dtype())?)?)?;
+        let scores = q.matmul(&k.t()?.contiguous()?)?; // (B, H, T, T)
+        let att = causal_softmax(&scores, 1.0 / (hd as f64).sqrt())?;
         let y = att.matmul(&v)?; // (B, H, T, hd)
         y.transpose(1, 2)?.reshape((b, t, c))
     }

@@ -1,5 +1,6 @@
 //! One file per subcommand: its `Args` (clap derive; doc comments are the help) and `exec`.
 
+pub mod bench;
 pub mod list;
 pub mod merge;
 pub mod report;

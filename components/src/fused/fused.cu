@@ -1,0 +1,143 @@
+// Fused kernels for the two memory-bound hot spots of a training step on the GPU (see
+// fused/mod.rs): the causal softmax of attention scores and the cross-entropy over the
+// vocabulary. One thread block per row; values are read in their storage dtype (f32 or
+// bf16) and every sum, max and exp is taken in f32.
+//
+// Compiled to PTX by components/build.rs under the `cuda` feature.
+
+#include <cuda_bf16.h>
+#include <stdint.h>
+
+__device__ __forceinline__ float to_f(float x) { return x; }
+__device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
+template <typename T> __device__ __forceinline__ T from_f(float x);
+template <> __device__ __forceinline__ float from_f<float>(float x) { return x; }
+template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) {
+    return __float2bfloat16(x);
+}
+
+// Block-wide reductions; blockDim.x is a multiple of 32. `scratch` holds 32 floats. The
+// result is returned to every thread.
+__device__ float block_max(float v, float* scratch) {
+    for (int o = 16; o > 0; o /= 2) v = fmaxf(v, __shfl_xor_sync(0xffffffff, v, o));
+    int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    __syncthreads();  // scratch may still be read by a previous reduction
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    int warps = blockDim.x / 32;
+    v = lane < warps ? scratch[lane] : -INFINITY;
+    for (int o = 16; o > 0; o /= 2) v = fmaxf(v, __shfl_xor_sync(0xffffffff, v, o));
+    return v;
+}
+
+__device__ float block_sum(float v, float* scratch) {
+    for (int o = 16; o > 0; o /= 2) v += __shfl_xor_sync(0xffffffff, v, o);
+    int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    __syncthreads();
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    int warps = blockDim.x / 32;
+    v = lane < warps ? scratch[lane] : 0.0f;
+    for (int o = 16; o > 0; o /= 2) v += __shfl_xor_sync(0xffffffff, v, o);
+    return v;
+}
+
+// Scores (rows, tk) -> probabilities softmax(scale * s) over the keys a query may see. Row r
+// is query (r mod tq), which sees keys 0 ..= (r mod tq) + tk - tq; the rest get 0.
+template <typename T>
+__device__ void causal_softmax_fwd(const T* s, T* p, int tq, int tk, float scale) {
+    __shared__ float scratch[32];
+    size_t row = blockIdx.x;
+    int last = (int)(row % tq) + tk - tq;
+    const T* x = s + row * tk;
+    T* y = p + row * tk;
+    float m = -INFINITY;
+    for (int j = threadIdx.x; j <= last; j += blockDim.x) m = fmaxf(m, scale * to_f(x[j]));
+    m = block_max(m, scratch);
+    float sum = 0.0f;
+    for (int j = threadIdx.x; j <= last; j += blockDim.x) sum += __expf(scale * to_f(x[j]) - m);
+    float inv = 1.0f / block_sum(sum, scratch);
+    for (int j = threadIdx.x; j < tk; j += blockDim.x)
+        y[j] = from_f<T>(j <= last ? __expf(scale * to_f(x[j]) - m) * inv : 0.0f);
+}
+
+// Given P and dL/dP, dL/ds = scale * P * (dP - sum_k P_k dP_k); masked entries get 0.
+template <typename T>
+__device__ void causal_softmax_bwd(const T* p, const T* dp, T* ds, int tq, int tk, float scale) {
+    __shared__ float scratch[32];
+    size_t row = blockIdx.x;
+    int last = (int)(row % tq) + tk - tq;
+    const T* pr = p + row * tk;
+    const T* dpr = dp + row * tk;
+    T* out = ds + row * tk;
+    float dot = 0.0f;
+    for (int j = threadIdx.x; j <= last; j += blockDim.x) dot += to_f(pr[j]) * to_f(dpr[j]);
+    dot = block_sum(dot, scratch);
+    for (int j = threadIdx.x; j < tk; j += blockDim.x)
+        out[j] = from_f<T>(j <= last ? scale * to_f(pr[j]) * (to_f(dpr[j]) - dot) : 0.0f);
+}
+
+// The row's max and sum of exp(x - max), for the cross-entropy.
+template <typename T>
+__device__ void row_log_sum_exp(const T* x, int v, float* scratch, float* m_out, float* s_out) {
+    float m = -INFINITY;
+    for (int j = threadIdx.x; j < v; j += blockDim.x) m = fmaxf(m, to_f(x[j]));
+    m = block_max(m, scratch);
+    float sum = 0.0f;
+    for (int j = threadIdx.x; j < v; j += blockDim.x) sum += __expf(to_f(x[j]) - m);
+    *m_out = m;
+    *s_out = block_sum(sum, scratch);
+}
+
+// Logits (rows, v) and targets (rows) -> loss (rows) = logsumexp(x) - x[target], in f32.
+template <typename T>
+__device__ void cross_entropy_fwd(const T* logits, const uint32_t* targets, float* loss, int v) {
+    __shared__ float scratch[32];
+    size_t row = blockIdx.x;
+    const T* x = logits + row * v;
+    float m, sum;
+    row_log_sum_exp(x, v, scratch, &m, &sum);
+    if (threadIdx.x == 0) loss[row] = logf(sum) + m - to_f(x[targets[row]]);
+}
+
+// dL/dx = g_row * (softmax(x) - onehot(target)), with g = dL/dloss per row.
+template <typename T>
+__device__ void cross_entropy_bwd(const T* logits, const uint32_t* targets, const float* g,
+                                  T* grad, int v) {
+    __shared__ float scratch[32];
+    size_t row = blockIdx.x;
+    const T* x = logits + row * v;
+    T* out = grad + row * v;
+    float m, sum;
+    row_log_sum_exp(x, v, scratch, &m, &sum);
+    float scale = g[row] / sum;
+    uint32_t t = targets[row];
+    for (int j = threadIdx.x; j < v; j += blockDim.x) {
+        float d = __expf(to_f(x[j]) - m) * scale - (j == (int)t ? g[row] : 0.0f);
+        out[j] = from_f<T>(d);
+    }
+}
+
+#define FOR_DTYPES(F) F(f32, float) F(bf16, __nv_bfloat16)
+
+#define KERNELS(NAME, T)                                                                   \
+    extern "C" __global__ void causal_softmax_fwd_##NAME(const T* s, T* p, int tq, int tk, \
+                                                         float scale) {                    \
+        causal_softmax_fwd<T>(s, p, tq, tk, scale);                                        \
+    }                                                                                      \
+    extern "C" __global__ void causal_softmax_bwd_##NAME(const T* p, const T* dp, T* ds,   \
+                                                         int tq, int tk, float scale) {    \
+        causal_softmax_bwd<T>(p, dp, ds, tq, tk, scale);                                   \
+    }                                                                                      \
+    extern "C" __global__ void cross_entropy_fwd_##NAME(const T* logits,                   \
+                                                        const uint32_t* targets,           \
+                                                        float* loss, int v) {              \
+        cross_entropy_fwd<T>(logits, targets, loss, v);                                    \
+    }                                                                                      \
+    extern "C" __global__ void cross_entropy_bwd_##NAME(const T* logits,                   \
+                                                        const uint32_t* targets,           \
+                                                        const float* g, T* grad, int v) {  \
+        cross_entropy_bwd<T>(logits, targets, g, grad, v);                                 \
+    }
+
+FOR_DTYPES(KERNELS)

@@ -1,0 +1,327 @@
+//! Fused operations with their own backward pass, for the two places where a composite of
+//! candle ops streams the largest tensors of a step through memory several times:
+//!
+//! - the causal softmax of attention scores, (B, H, T, T): scale, mask, max, exp, sum and
+//!   divide are one kernel forward and one backward, in place of about ten passes each way;
+//! - the cross-entropy over the vocabulary, (B T, V): one kernel each way instead of casting
+//!   the logits to f32 and taking max, exp, sum, log and gather over them.
+//!
+//! Each is a candle CustomOp with `bwd`, so autograd runs through it. The CUDA kernels
+//! (fused.cu, compiled to PTX by build.rs under the `cuda` feature) do the work on the GPU;
+//! `cpu_fwd` implements the same arithmetic, which the tests hold against the composite ops.
+//! Models call [`causal_softmax`] and [`cross_entropy_rows`], which take the fused path on CUDA
+//! and the composite one on the CPU, whose results the README's measurements come from.
+
+#[cfg(feature = "cuda")]
+mod cuda;
+
+use candle_core::{
+    backend::BackendStorage, bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout,
+    Result, Shape, Tensor, WithDType, D,
+};
+
+use crate::nn::{causal_mask, softmax};
+
+/// softmax(scale * scores) over the last axis with the causal mask, for scores (.., Tq, Tk)
+/// whose row i may see keys 0 ..= i + Tk - Tq. Computed in f32, returned in the input dtype.
+pub fn causal_softmax(scores: &Tensor, scale: f64) -> Result<Tensor> {
+    if scores.device().is_cuda() {
+        return scores.contiguous()?.apply_op1(CausalSoftmax { scale });
+    }
+    let dims = scores.dims();
+    let (tq, tk) = (dims[dims.len() - 2], dims[dims.len() - 1]);
+    let mask = causal_mask(tk, scores.device())?
+        .narrow(0, tk - tq, tq)?
+        .to_dtype(scores.dtype())?;
+    softmax(&(scores * scale)?.broadcast_add(&mask)?)
+}
+
+/// -log softmax(logits)[target] per row, in f32: logits (N, V) in any float dtype, targets
+/// (N,) u32.
+pub fn cross_entropy_rows(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    if logits.device().is_cuda() {
+        return logits
+            .contiguous()?
+            .apply_op2(&targets.contiguous()?, CrossEntropy);
+    }
+    let logits = logits.to_dtype(DType::F32)?;
+    let max = logits.max_keepdim(D::Minus1)?.detach();
+    let shifted = logits.broadcast_sub(&max)?;
+    let log_z = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
+    let picked = shifted.gather(&targets.unsqueeze(1)?, 1)?;
+    (log_z - picked)?.squeeze(1)
+}
+
+/// The fused causal softmax (forward); its backward is [`CausalSoftmaxBwd`].
+#[derive(Clone, Copy, Debug)]
+pub struct CausalSoftmax {
+    pub scale: f64,
+}
+
+/// (P, dL/dP) -> dL/dscores for [`CausalSoftmax`].
+#[derive(Clone, Copy, Debug)]
+pub struct CausalSoftmaxBwd {
+    pub scale: f64,
+}
+
+/// The fused cross-entropy per row (forward); its backward is [`CrossEntropyBwd`].
+#[derive(Clone, Copy, Debug)]
+pub struct CrossEntropy;
+
+/// (logits, targets, dL/dloss per row) -> dL/dlogits for [`CrossEntropy`].
+#[derive(Clone, Copy, Debug)]
+pub struct CrossEntropyBwd;
+
+/// The contiguous data of a CPU tensor as f32 values (the arithmetic is done in f32, as on the
+/// GPU), with its element type to write results back in.
+fn cpu_values(s: &CpuStorage, l: &Layout, op: &str) -> Result<(Vec<f32>, DType)> {
+    let Some((start, end)) = l.contiguous_offsets() else {
+        bail!("{op}: the input must be contiguous");
+    };
+    fn conv<T: WithDType>(v: &[T]) -> Vec<f32> {
+        v.iter().map(|x| x.to_f64() as f32).collect()
+    }
+    Ok(match s {
+        CpuStorage::F32(v) => (v[start..end].to_vec(), DType::F32),
+        CpuStorage::BF16(v) => (conv(&v[start..end]), DType::BF16),
+        other => bail!("{op}: unsupported dtype {:?}", other.dtype()),
+    })
+}
+
+fn cpu_storage(values: Vec<f32>, dtype: DType) -> CpuStorage {
+    match dtype {
+        DType::BF16 => CpuStorage::BF16(
+            values
+                .into_iter()
+                .map(|x| half::bf16::from_f32(x))
+                .collect(),
+        ),
+        _ => CpuStorage::F32(values),
+    }
+}
+
+/// (rows, tq, tk) of a (.., Tq, Tk) layout.
+fn rows_of(l: &Layout) -> Result<(usize, usize, usize)> {
+    let dims = l.dims();
+    if dims.len() < 2 {
+        bail!("causal softmax: scores need at least 2 dimensions, got {dims:?}");
+    }
+    let (tq, tk) = (dims[dims.len() - 2], dims[dims.len() - 1]);
+    if tq > tk {
+        bail!("causal softmax: more queries ({tq}) than keys ({tk})");
+    }
+    Ok((l.shape().elem_count() / tk.max(1), tq, tk))
+}
+
+impl CustomOp1 for CausalSoftmax {
+    fn name(&self) -> &'static str {
+        "causal-softmax"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (x, dtype) = cpu_values(s, l, self.name())?;
+        let (rows, tq, tk) = rows_of(l)?;
+        let scale = self.scale as f32;
+        let mut y = vec![0f32; x.len()];
+        for r in 0..rows {
+            let last = r % tq + tk - tq;
+            let (xr, yr) = (&x[r * tk..][..=last], &mut y[r * tk..][..=last]);
+            let m = xr.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(scale * v));
+            let sum: f32 = xr.iter().map(|&v| (scale * v - m).exp()).sum();
+            for (o, &v) in yr.iter_mut().zip(xr) {
+                *o = (scale * v - m).exp() / sum;
+            }
+        }
+        Ok((cpu_storage(y, dtype), l.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (rows, tq, tk) = rows_of(l)?;
+        let out = cuda::causal_softmax_fwd(s, l, rows, tq, tk, self.scale as f32)?;
+        Ok((out, l.shape().clone()))
+    }
+
+    fn bwd(&self, _arg: &Tensor, res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
+        let grad = res.apply_op2_no_bwd(
+            &grad_res.contiguous()?,
+            &CausalSoftmaxBwd { scale: self.scale },
+        )?;
+        Ok(Some(grad))
+    }
+}
+
+impl CustomOp2 for CausalSoftmaxBwd {
+    fn name(&self) -> &'static str {
+        "causal-softmax-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (p, dtype) = cpu_values(s1, l1, self.name())?;
+        let (dp, _) = cpu_values(s2, l2, self.name())?;
+        let (rows, tq, tk) = rows_of(l1)?;
+        let scale = self.scale as f32;
+        let mut ds = vec![0f32; p.len()];
+        for r in 0..rows {
+            let last = r % tq + tk - tq;
+            let (pr, dpr) = (&p[r * tk..][..=last], &dp[r * tk..][..=last]);
+            let dot: f32 = pr.iter().zip(dpr).map(|(a, b)| a * b).sum();
+            for ((o, &a), &b) in ds[r * tk..][..=last].iter_mut().zip(pr).zip(dpr) {
+                *o = scale * a * (b - dot);
+            }
+        }
+        Ok((cpu_storage(ds, dtype), l1.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (rows, tq, tk) = rows_of(l1)?;
+        let out = cuda::causal_softmax_bwd(s1, l1, s2, l2, rows, tq, tk, self.scale as f32)?;
+        Ok((out, l1.shape().clone()))
+    }
+}
+
+/// (rows, v) of the logits and a check of the targets.
+fn logits_rows(l1: &Layout, l2: &Layout) -> Result<(usize, usize)> {
+    let (rows, v) = l1.shape().dims2()?;
+    if l2.dims() != [rows] {
+        bail!(
+            "cross-entropy: {rows} rows of logits but targets of shape {:?}",
+            l2.dims()
+        );
+    }
+    Ok((rows, v))
+}
+
+fn cpu_targets(s: &CpuStorage, l: &Layout) -> Result<Vec<u32>> {
+    let (CpuStorage::U32(t), Some((start, end))) = (s, l.contiguous_offsets()) else {
+        bail!("cross-entropy: targets must be contiguous u32");
+    };
+    Ok(t[start..end].to_vec())
+}
+
+/// The max and the sum of exp(x - max) of a row.
+fn log_sum_exp_parts(x: &[f32]) -> (f32, f32) {
+    let m = x.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+    (m, x.iter().map(|&v| (v - m).exp()).sum())
+}
+
+impl CustomOp2 for CrossEntropy {
+    fn name(&self) -> &'static str {
+        "cross-entropy"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (rows, v) = logits_rows(l1, l2)?;
+        let (x, _) = cpu_values(s1, l1, self.name())?;
+        let t = cpu_targets(s2, l2)?;
+        let loss = (0..rows)
+            .map(|r| {
+                let row = &x[r * v..][..v];
+                let (m, sum) = log_sum_exp_parts(row);
+                sum.ln() + m - row[t[r] as usize]
+            })
+            .collect();
+        Ok((CpuStorage::F32(loss), Shape::from(rows)))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (rows, v) = logits_rows(l1, l2)?;
+        Ok((
+            cuda::cross_entropy_fwd(s1, l1, s2, l2, rows, v)?,
+            Shape::from(rows),
+        ))
+    }
+
+    fn bwd(
+        &self,
+        logits: &Tensor,
+        targets: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let g = grad_res.to_dtype(DType::F32)?.contiguous()?;
+        let grad = logits.apply_op3_no_bwd(targets, &g, &CrossEntropyBwd)?;
+        Ok((Some(grad), None))
+    }
+}
+
+impl CustomOp3 for CrossEntropyBwd {
+    fn name(&self) -> &'static str {
+        "cross-entropy-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (rows, v) = logits_rows(l1, l2)?;
+        let (x, dtype) = cpu_values(s1, l1, self.name())?;
+        let t = cpu_targets(s2, l2)?;
+        let (g, _) = cpu_values(s3, l3, self.name())?;
+        let mut out = vec![0f32; x.len()];
+        for r in 0..rows {
+            let row = &x[r * v..][..v];
+            let (m, sum) = log_sum_exp_parts(row);
+            for (j, (o, &xv)) in out[r * v..][..v].iter_mut().zip(row).enumerate() {
+                let hit = if j == t[r] as usize { 1.0 } else { 0.0 };
+                *o = g[r] * ((xv - m).exp() / sum - hit);
+            }
+        }
+        Ok((cpu_storage(out, dtype), l1.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (rows, v) = logits_rows(l1, l2)?;
+        Ok((
+            cuda::cross_entropy_bwd(s1, l1, s2, l2, s3, l3, rows, v)?,
+            l1.shape().clone(),
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,159 @@
+use super::*;
+use crate::nn::randn;
+use candle_core::{Device, Var};
+
+fn max_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
+    let a = a.to_dtype(DType::F32)?;
+    let b = b.to_dtype(DType::F32)?;
+    (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()
+}
+
+/// The fused op's value and gradient next to the composite one's, for loss = sum(W * f(x)).
+fn both_ways(
+    x: &Tensor,
+    fused: &dyn Fn(&Tensor) -> Result<Tensor>,
+    composite: &dyn Fn(&Tensor) -> Result<Tensor>,
+    seed: u64,
+) -> Result<[(Tensor, Tensor); 2]> {
+    let mut out = Vec::new();
+    for f in [fused, composite] {
+        let v = Var::from_tensor(x)?;
+        let y = f(v.as_tensor())?;
+        let w = randn(seed, y.shape(), 1.0)?.to_dtype(y.dtype())?;
+        let g = (y.to_dtype(DType::F32)? * w.to_dtype(DType::F32)?)?
+            .sum_all()?
+            .backward()?;
+        let grad = g.get(v.as_tensor()).expect("a gradient").clone();
+        out.push((y, grad));
+    }
+    let b = out.pop().unwrap();
+    let a = out.pop().unwrap();
+    Ok([a, b])
+}
+
+#[test]
+fn causal_softmax_op_matches_the_composite_forward_and_backward() -> Result<()> {
+    // Square (self-attention) and more keys than queries; 7 keys leave a partial warp.
+    for (shape, seed) in [((2, 3, 7, 7), 1), ((1, 2, 3, 7), 2)] {
+        let x = (randn(seed, shape, 1.0)? * 3.0)?;
+        let scale = 0.37;
+        let [(y1, g1), (y2, g2)] = both_ways(
+            &x,
+            &|x| x.apply_op1(CausalSoftmax { scale }),
+            &|x| causal_softmax(x, scale),
+            seed + 10,
+        )?;
+        assert!(max_diff(&y1, &y2)? < 1e-6, "{shape:?}");
+        assert!(max_diff(&g1, &g2)? < 1e-6, "{shape:?}");
+    }
+    Ok(())
+}
+
+#[test]
+fn causal_softmax_sees_only_earlier_keys() -> Result<()> {
+    // Equal scores: query i spreads evenly over keys 0..=i, nothing after.
+    let x = Tensor::zeros((1, 1, 3, 3), DType::F32, &Device::Cpu)?;
+    let p = x.apply_op1(CausalSoftmax { scale: 1.0 })?;
+    let rows = p.reshape((3, 3))?.to_vec2::<f32>()?;
+    let third = 1.0 / 3.0;
+    let want = [[1.0, 0.0, 0.0], [0.5, 0.5, 0.0], [third, third, third]];
+    for (r, w) in rows.iter().zip(want) {
+        for (a, b) in r.iter().zip(w) {
+            assert!((a - b).abs() < 1e-7, "{rows:?}");
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn causal_softmax_op_in_bf16_agrees_with_f32_to_its_rounding() -> Result<()> {
+    let x = randn(4, (2, 2, 9, 9), 2.0)?;
+    let f32_p = x.apply_op1(CausalSoftmax { scale: 0.5 })?;
+    let bf16_p = x
+        .to_dtype(DType::BF16)?
+        .apply_op1(CausalSoftmax { scale: 0.5 })?;
+    assert_eq!(bf16_p.dtype(), DType::BF16);
+    // bf16 keeps 8 significant bits: probabilities <= 1 are off by at most 2^-8 (plus the
+    // inputs' own rounding, amplified a little by exp).
+    assert!(max_diff(&f32_p, &bf16_p)? < 1.5e-2);
+    Ok(())
+}
+
+#[test]
+fn cross_entropy_op_matches_the_composite_forward_and_backward() -> Result<()> {
+    let logits = (randn(5, (6, 11), 1.0)? * 4.0)?;
+    let targets = Tensor::new(&[0u32, 10, 3, 3, 7, 1], &Device::Cpu)?;
+    let [(l1, g1), (l2, g2)] = both_ways(
+        &logits,
+        &|x| x.apply_op2(&targets, CrossEntropy),
+        &|x| cross_entropy_rows(x, &targets),
+        6,
+    )?;
+    assert_eq!(l1.dims(), &[6]);
+    assert!(max_diff(&l1, &l2)? < 1e-5);
+    assert!(max_diff(&g1, &g2)? < 1e-6);
+    Ok(())
+}
+
+#[test]
+fn cross_entropy_op_matches_a_hand_worked_case() -> Result<()> {
+    // Row 1: logits (0, ln 3), target 1: -ln(3/4) = 0.287682; row 2: (5, 5): ln 2.
+    // d/dx of row 1 = softmax - onehot = (1/4, 3/4 - 1).
+    let x = Var::new(&[[0f32, 3f32.ln()], [5.0, 5.0]], &Device::Cpu)?;
+    let t = Tensor::new(&[1u32, 0], &Device::Cpu)?;
+    let l = x.as_tensor().apply_op2(&t, CrossEntropy)?;
+    let v = l.to_vec1::<f32>()?;
+    assert!((v[0] - 0.287_682).abs() < 1e-6 && (v[1] - std::f32::consts::LN_2).abs() < 1e-6);
+    let g = l.sum_all()?.backward()?;
+    let g = g.get(x.as_tensor()).unwrap().to_vec2::<f32>()?;
+    assert!((g[0][0] - 0.25).abs() < 1e-6 && (g[0][1] + 0.25).abs() < 1e-6);
+    assert!((g[1][0] + 0.5).abs() < 1e-6 && (g[1][1] - 0.5).abs() < 1e-6);
+    Ok(())
+}
+
+/// On a GPU (a build with `cuda`, run where one is): the CUDA kernels against the CPU ops at
+/// the sizes training uses, f32 and bf16.
+#[cfg(feature = "cuda")]
+#[test]
+fn cuda_kernels_match_the_cpu_ops() -> Result<()> {
+    let Ok(gpu) = Device::new_cuda(0) else {
+        eprintln!("skipped: no CUDA device");
+        return Ok(());
+    };
+    for dtype in [DType::F32, DType::BF16] {
+        let tol = if dtype == DType::F32 { 1e-5 } else { 2e-2 };
+        // Attention scores: 1024 keys (several elements per thread), and 77 (a partial warp).
+        for (shape, seed) in [((2, 3, 1024, 1024), 1), ((2, 2, 77, 77), 2)] {
+            let x = (randn(seed, shape, 1.0)? * 3.0)?.to_dtype(dtype)?;
+            let w = randn(seed + 1, shape, 1.0)?.to_dtype(dtype)?;
+            let run = |d: &Device| -> Result<(Tensor, Tensor)> {
+                let v = Var::from_tensor(&x.to_device(d)?)?;
+                let p = v.as_tensor().apply_op1(CausalSoftmax { scale: 0.125 })?;
+                let l = (p.to_dtype(DType::F32)? * w.to_device(d)?.to_dtype(DType::F32)?)?
+                    .sum_all()?;
+                let g = l.backward()?.get(v.as_tensor()).unwrap().clone();
+                Ok((p.to_device(&Device::Cpu)?, g.to_device(&Device::Cpu)?))
+            };
+            let ((p1, g1), (p2, g2)) = (run(&Device::Cpu)?, run(&gpu)?);
+            assert!(max_diff(&p1, &p2)? < tol, "{dtype:?} {shape:?} softmax");
+            assert!(max_diff(&g1, &g2)? < tol, "{dtype:?} {shape:?} softmax grad");
+        }
+        // The GPT-2 vocabulary: 50304 logits a row.
+        let (rows, v) = (64, 50304);
+        let logits = (randn(3, (rows, v), 1.0)? * 2.0)?.to_dtype(dtype)?;
+        let targets: Vec<u32> = (0..rows as u32).map(|i| (i * 7919) % v as u32).collect();
+        let t = Tensor::new(targets.as_slice(), &Device::Cpu)?;
+        let run = |d: &Device| -> Result<(Tensor, Tensor)> {
+            let x = Var::from_tensor(&logits.to_device(d)?)?;
+            let l = x.as_tensor().apply_op2(&t.to_device(d)?, CrossEntropy)?;
+            let g = l.sum_all()?.backward()?.get(x.as_tensor()).unwrap().clone();
+            Ok((l.to_device(&Device::Cpu)?, g.to_device(&Device::Cpu)?))
+        };
+        let ((l1, g1), (l2, g2)) = (run(&Device::Cpu)?, run(&gpu)?);
+        assert!(max_diff(&l1, &l2)? < 1e-3, "{dtype:?} cross-entropy");
+        // The target's entry is p - 1, near -1: bf16 keeps it to 2^-8.
+        let gtol = if dtype == DType::F32 { 1e-5 } else { 1e-2 };
+        assert!(max_diff(&g1, &g2)? < gtol, "{dtype:?} cross-entropy grad");
+    }
+    Ok(())
+}
