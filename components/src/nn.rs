@@ -27,10 +27,7 @@ pub const NORM_EPS: f64 = 1e-6;
 /// RMSNorm over the last dimension without a gain: x / sqrt(mean(x^2) + eps).
 /// Statistics are taken in f32 whatever the input dtype.
 pub fn rms_norm(x: &Tensor) -> Result<Tensor> {
-    let dtype = x.dtype();
-    let x = x.to_dtype(DType::F32)?;
-    let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
-    x.broadcast_div(&(ms + NORM_EPS)?.sqrt()?)?.to_dtype(dtype)
+    crate::fused::rms_norm(x, None, NORM_EPS)
 }
 
 /// RMSNorm with a learned per-channel gain (initialized to 1).
@@ -46,7 +43,7 @@ impl RmsNorm {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        rms_norm(x)?.broadcast_mul(&cast_like(&self.gain, x)?)
+        crate::fused::rms_norm(x, Some(&self.gain), NORM_EPS)
     }
 }
 

@@ -3,7 +3,7 @@
 //! RMSNorm, a final RMSNorm and the tied output head.
 
 use candle_core::{DType, Result, Tensor};
-use components::fused::cross_entropy_rows;
+use components::fused::{cross_entropy_rows, embedding};
 use components::nn::RmsNorm;
 use registry::{Dims, Init, Param, ParamBuilder, Role, Stream, Sublayer};
 
@@ -68,12 +68,24 @@ impl Gpt {
 
     /// Token ids (B, T) -> logits (B, T, V).
     pub fn forward(&self, idx: &Tensor) -> Result<Tensor> {
+        let (b, t) = idx.dims2()?;
+        self.logits_2d(idx)?.reshape((b, t, ()))
+    }
+
+    /// Token ids (B, T) -> logits (B T, V): the loss takes them in this shape, and every
+    /// reshape of them would cost the backward pass a copy of the largest tensor of the step.
+    pub fn logits_2d(&self, idx: &Tensor) -> Result<Tensor> {
         let (_, state) = self.trunk(idx, &mut |_, _, _| Ok(()))?;
         let x = self.norm_f.forward(&self.stream.reduce(&state)?)?;
         let (b, t, c) = x.dims3()?;
         let head = self.wte.to_dtype(self.compute)?;
-        let logits = x.reshape((b * t, c))?.matmul(&head.t()?)?;
-        logits.reshape((b, t, ()))
+        x.reshape((b * t, c))?.matmul(&head.t()?)
+    }
+
+    /// Mean cross-entropy in nats per token of next tokens `targets` (B, T) given `idx`.
+    pub fn loss(&self, idx: &Tensor, targets: &Tensor) -> Result<Tensor> {
+        let sum = cross_entropy_sum(&self.logits_2d(idx)?, &targets.flatten_all()?)?;
+        sum / targets.elem_count() as f64
     }
 
     /// The stream amplification of the residual path on a batch (see [`Amplification`]).
@@ -101,9 +113,7 @@ impl Gpt {
     ) -> Result<(Tensor, Tensor)> {
         let (b, t) = idx.dims2()?;
         let c = self.wte.dim(1)?;
-        let x = self
-            .wte
-            .embedding(&idx.flatten_all()?)?
+        let x = embedding(&self.wte, &idx.flatten_all()?)?
             .reshape((b, t, c))?
             .to_dtype(self.compute)?;
         let mut state = self.stream.expand(&x)?;

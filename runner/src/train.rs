@@ -13,7 +13,7 @@ use registry::{restored, Dims, Param, ParamBuilder, Stepper};
 use crate::checkpoint::{Checkpoints, Manifest};
 
 use crate::data::{bits_per_byte, Dataset, Split, Tokenizer};
-use crate::model::{cross_entropy_sum, loss, Gpt};
+use crate::model::{cross_entropy_sum, Gpt};
 use crate::spec::{Precision, TrainSpec, Trial};
 
 /// Where a trial's metrics and progress go (the results store and the progress bar).
@@ -79,9 +79,7 @@ impl ValSet {
     pub fn evaluate(&self, model: &Gpt) -> Result<(f64, f64)> {
         let mut nats = 0.0;
         for (x, y) in &self.batches {
-            let logits = model.forward(x)?;
-            let (b, t, v) = logits.dims3()?;
-            let s = cross_entropy_sum(&logits.reshape((b * t, v))?, &y.flatten_all()?)?;
+            let s = cross_entropy_sum(&model.logits_2d(x)?, &y.flatten_all()?)?;
             nats += s.to_scalar::<f32>()? as f64;
         }
         Ok((nats / self.targets as f64, bits_per_byte(nats, self.bytes)))
@@ -151,12 +149,24 @@ pub fn backward(loss: &Tensor, params: &[Param]) -> Result<GradStore> {
 
 /// The L2 norm of all gradients together.
 pub fn grad_norm(grads: &GradStore, params: &[Param]) -> Result<f64> {
-    let mut sq = 0.0;
+    // Summed on the device and read once: a read per parameter would wait for the device
+    // as many times. Rows first, so that the big matrices are reduced in parallel (a
+    // whole-tensor sum runs in one thread block).
+    let mut sums = Vec::new();
     for p in params {
         if let Some(g) = grads.get(p.var.as_tensor()) {
-            sq += g.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
+            let sq = g.to_dtype(candle_core::DType::F32)?.sqr()?;
+            let sq = match sq.rank() {
+                0 | 1 => sq.sum_all()?,
+                _ => sq.sum(candle_core::D::Minus1)?.sum_all()?,
+            };
+            sums.push(sq);
         }
     }
+    if sums.is_empty() {
+        return Ok(0.0);
+    }
+    let sq = Tensor::stack(&sums, 0)?.sum_all()?.to_scalar::<f32>()? as f64;
     Ok(sq.sqrt())
 }
 
@@ -189,11 +199,9 @@ pub fn step_on(
         None => Ok(()),
     };
     let params = model.params();
-    let logits = model.forward(x)?;
-    mark("forward")?;
-    let l = loss(&logits, y)?;
+    let l = model.loss(x, y)?;
+    mark("forward and loss")?;
     let lv = l.to_scalar::<f32>()? as f64;
-    mark("loss")?;
     if !lv.is_finite() {
         return Ok(Err(format!("train/loss is {lv}")));
     }

@@ -88,7 +88,11 @@ pub fn causal_softmax_bwd(
 ) -> Result<CudaStorage> {
     let dev = p.device();
     if dp.dtype() != p.dtype() {
-        bail!("causal softmax backward: P is {:?}, dP {:?}", p.dtype(), dp.dtype());
+        bail!(
+            "causal softmax backward: P is {:?}, dP {:?}",
+            p.dtype(),
+            dp.dtype()
+        );
     }
     let name = format!("causal_softmax_bwd_{}", suffix(p.dtype())?);
     let func = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
@@ -172,4 +176,184 @@ pub fn cross_entropy_bwd(
         DType::BF16 => run!(bf16),
         _ => run!(f32),
     })
+}
+
+/// Rows per block of the one-warp-per-row kernels.
+const WARPS: usize = 8;
+
+fn row_config(rows: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (rows.div_ceil(WARPS) as u32, 1, 1),
+        block_dim: (32 * WARPS as u32, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// The f32 gain's device pointer, or null for none.
+fn gain_ptr<'a>(gain: Option<(&'a CudaStorage, &Layout)>) -> Result<Option<CudaView<'a, f32>>> {
+    gain.map(|(s, l)| {
+        if s.dtype() != DType::F32 {
+            bail!("rms norm: the gain must be f32, got {:?}", s.dtype());
+        }
+        view::<f32>(s, l)
+    })
+    .transpose()
+}
+
+pub fn rms_norm_fwd(
+    s: &CudaStorage,
+    l: &Layout,
+    gain: Option<(&CudaStorage, &Layout)>,
+    eps: f32,
+) -> Result<CudaStorage> {
+    let dev = s.device();
+    let (rows, c) = super::norm::rows_cols(l)?;
+    let name = format!("rms_norm_fwd_{}", suffix(s.dtype())?);
+    let func = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
+    let g = gain_ptr(gain)?;
+    let null = 0u64;
+    let (rows32, c32) = (rows as i32, c as i32);
+    macro_rules! run {
+        ($t:ty) => {{
+            let x = view::<$t>(s, l)?;
+            let y = out::<$t>(dev, rows * c)?;
+            let mut b = func.builder();
+            b.arg(&x);
+            match &g {
+                Some(g) => b.arg(g),
+                None => b.arg(&null),
+            };
+            b.arg(&y).arg(&rows32).arg(&c32).arg(&eps);
+            // SAFETY: reads rows * c inputs and c gains, writes rows * c outputs.
+            unsafe { b.launch(row_config(rows)) }.w()?;
+            CudaStorage::wrap_cuda_slice(y, dev.clone())
+        }};
+    }
+    Ok(match s.dtype() {
+        DType::BF16 => run!(bf16),
+        _ => run!(f32),
+    })
+}
+
+pub fn rms_norm_bwd_x(
+    x: &CudaStorage,
+    lx: &Layout,
+    gain: Option<(&CudaStorage, &Layout)>,
+    dy: &CudaStorage,
+    ldy: &Layout,
+    eps: f32,
+) -> Result<CudaStorage> {
+    let dev = x.device();
+    let (rows, c) = super::norm::rows_cols(lx)?;
+    let name = format!("rms_norm_bwd_x_{}", suffix(x.dtype())?);
+    let func = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
+    let g = gain_ptr(gain)?;
+    let null = 0u64;
+    let (rows32, c32) = (rows as i32, c as i32);
+    macro_rules! run {
+        ($t:ty) => {{
+            let (xv, dyv) = (view::<$t>(x, lx)?, view::<$t>(dy, ldy)?);
+            let dx = out::<$t>(dev, rows * c)?;
+            let mut b = func.builder();
+            b.arg(&xv);
+            match &g {
+                Some(g) => b.arg(g),
+                None => b.arg(&null),
+            };
+            b.arg(&dyv).arg(&dx).arg(&rows32).arg(&c32).arg(&eps);
+            // SAFETY: reads rows * c of x and dy and c gains, writes rows * c.
+            unsafe { b.launch(row_config(rows)) }.w()?;
+            CudaStorage::wrap_cuda_slice(dx, dev.clone())
+        }};
+    }
+    Ok(match x.dtype() {
+        DType::BF16 => run!(bf16),
+        _ => run!(f32),
+    })
+}
+
+pub fn rms_norm_bwd_g(
+    x: &CudaStorage,
+    lx: &Layout,
+    dy: &CudaStorage,
+    ldy: &Layout,
+    eps: f32,
+) -> Result<CudaStorage> {
+    let dev = x.device();
+    let (rows, c) = super::norm::rows_cols(lx)?;
+    let name = format!("rms_norm_bwd_g_{}", suffix(x.dtype())?);
+    let func = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
+    let dg = dev.alloc_zeros::<f32>(c)?;
+    let (rows32, c32) = (rows as i32, c as i32);
+    // A few blocks per multiprocessor, each summing many rows in shared memory first, so
+    // that the global atomic adds are blocks x c, not rows x c.
+    let cfg = LaunchConfig {
+        grid_dim: (rows.div_ceil(64).min(528) as u32, 1, 1),
+        block_dim: (32 * WARPS as u32, 1, 1),
+        shared_mem_bytes: (4 * c) as u32,
+    };
+    macro_rules! run {
+        ($t:ty) => {{
+            let (xv, dyv) = (view::<$t>(x, lx)?, view::<$t>(dy, ldy)?);
+            let mut b = func.builder();
+            b.arg(&xv)
+                .arg(&dyv)
+                .arg(&dg)
+                .arg(&rows32)
+                .arg(&c32)
+                .arg(&eps);
+            // SAFETY: reads rows * c of x and dy, adds into c zeroed outputs.
+            unsafe { b.launch(cfg) }.w()?;
+        }};
+    }
+    match x.dtype() {
+        DType::BF16 => run!(bf16),
+        _ => run!(f32),
+    }
+    Ok(CudaStorage::wrap_cuda_slice(dg, dev.clone()))
+}
+
+fn flat_config(n: usize) -> LaunchConfig {
+    LaunchConfig::for_num_elems(n as u32)
+}
+
+pub fn embedding_fwd(
+    w: &CudaStorage,
+    lw: &Layout,
+    ids: &CudaStorage,
+    lids: &Layout,
+    n: usize,
+    c: usize,
+) -> Result<CudaStorage> {
+    let dev = w.device();
+    let func = dev.get_or_load_custom_func("embedding_fwd", MODULE, PTX)?;
+    let (wv, iv) = (view::<f32>(w, lw)?, view::<u32>(ids, lids)?);
+    let y = out::<f32>(dev, n * c)?;
+    let (n32, c32) = (n as i32, c as i32);
+    let mut b = func.builder();
+    b.arg(&wv).arg(&iv).arg(&y).arg(&n32).arg(&c32);
+    // SAFETY: ids are below the vocabulary (the model's tokenizer guarantees it); n * c out.
+    unsafe { b.launch(flat_config(n * c)) }.w()?;
+    Ok(CudaStorage::wrap_cuda_slice(y, dev.clone()))
+}
+
+pub fn embedding_bwd(
+    dout: &CudaStorage,
+    l: &Layout,
+    ids: &CudaStorage,
+    lids: &Layout,
+    n: usize,
+    c: usize,
+    vocab: usize,
+) -> Result<CudaStorage> {
+    let dev = dout.device();
+    let func = dev.get_or_load_custom_func("embedding_bwd", MODULE, PTX)?;
+    let (dv, iv) = (view::<f32>(dout, l)?, view::<u32>(ids, lids)?);
+    let dw = dev.alloc_zeros::<f32>(vocab * c)?;
+    let (n32, c32) = (n as i32, c as i32);
+    let mut b = func.builder();
+    b.arg(&dv).arg(&iv).arg(&dw).arg(&n32).arg(&c32);
+    // SAFETY: ids below `vocab`; adds into vocab * c zeroed outputs.
+    unsafe { b.launch(flat_config(n * c)) }.w()?;
+    Ok(CudaStorage::wrap_cuda_slice(dw, dev.clone()))
 }

@@ -141,3 +141,99 @@ __device__ void cross_entropy_bwd(const T* logits, const uint32_t* targets, cons
     }
 
 FOR_DTYPES(KERNELS)
+
+// RMSNorm over rows of length c: y = x / sqrt(mean(x^2) + eps) * g (g in f32, or none). One
+// warp per row; each lane strides over the row.
+template <typename T>
+__device__ float row_rstd(const T* x, int c, float eps) {
+    float ss = 0.0f;
+    for (int j = threadIdx.x % 32; j < c; j += 32) {
+        float v = to_f(x[j]);
+        ss += v * v;
+    }
+    for (int o = 16; o > 0; o /= 2) ss += __shfl_xor_sync(0xffffffff, ss, o);
+    return rsqrtf(ss / c + eps);
+}
+
+template <typename T>
+__device__ void rms_norm_fwd(const T* x, const float* g, T* y, int rows, int c, float eps) {
+    int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+    if (row >= rows) return;
+    const T* xr = x + (size_t)row * c;
+    T* yr = y + (size_t)row * c;
+    float r = row_rstd(xr, c, eps);
+    for (int j = threadIdx.x % 32; j < c; j += 32)
+        yr[j] = from_f<T>(to_f(xr[j]) * r * (g ? g[j] : 1.0f));
+}
+
+// dx = r (dxh - xh mean(dxh xh)), with xh = x r and dxh = dy g.
+template <typename T>
+__device__ void rms_norm_bwd_x(const T* x, const float* g, const T* dy, T* dx, int rows, int c,
+                               float eps) {
+    int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+    if (row >= rows) return;
+    const T* xr = x + (size_t)row * c;
+    const T* dyr = dy + (size_t)row * c;
+    T* dxr = dx + (size_t)row * c;
+    float r = row_rstd(xr, c, eps);
+    float dot = 0.0f;
+    for (int j = threadIdx.x % 32; j < c; j += 32)
+        dot += to_f(dyr[j]) * (g ? g[j] : 1.0f) * to_f(xr[j]) * r;
+    for (int o = 16; o > 0; o /= 2) dot += __shfl_xor_sync(0xffffffff, dot, o);
+    dot /= c;
+    for (int j = threadIdx.x % 32; j < c; j += 32) {
+        float xh = to_f(xr[j]) * r;
+        dxr[j] = from_f<T>(r * (to_f(dyr[j]) * (g ? g[j] : 1.0f) - xh * dot));
+    }
+}
+
+// dg[j] = sum over rows of dy[., j] xh[., j]. Each warp takes rows in turn and keeps its
+// columns' sums in shared memory; the block adds them to dg (zeroed by the caller) once.
+template <typename T>
+__device__ void rms_norm_bwd_g(const T* x, const T* dy, float* dg, int rows, int c, float eps) {
+    extern __shared__ float acc[];  // c floats
+    for (int j = threadIdx.x; j < c; j += blockDim.x) acc[j] = 0.0f;
+    __syncthreads();
+    int warps = blockDim.x / 32;
+    for (int row = blockIdx.x * warps + threadIdx.x / 32; row < rows; row += gridDim.x * warps) {
+        const T* xr = x + (size_t)row * c;
+        const T* dyr = dy + (size_t)row * c;
+        float r = row_rstd(xr, c, eps);
+        for (int j = threadIdx.x % 32; j < c; j += 32)
+            atomicAdd(&acc[j], to_f(dyr[j]) * to_f(xr[j]) * r);
+    }
+    __syncthreads();
+    for (int j = threadIdx.x; j < c; j += blockDim.x) atomicAdd(&dg[j], acc[j]);
+}
+
+// Embedding: out[i, :] = w[ids[i], :] and its backward dw[ids[i], :] += dout[i, :] (dw
+// zeroed by the caller). f32 weights: the master copy.
+extern "C" __global__ void embedding_fwd(const float* w, const uint32_t* ids, float* out, int n,
+                                         int c) {
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (size_t)n * c) return;
+    out[i] = w[(size_t)ids[i / c] * c + i % c];
+}
+
+extern "C" __global__ void embedding_bwd(const float* dout, const uint32_t* ids, float* dw, int n,
+                                         int c) {
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (size_t)n * c) return;
+    atomicAdd(&dw[(size_t)ids[i / c] * c + i % c], dout[i]);
+}
+
+#define NORM_KERNELS(NAME, T)                                                                  \
+    extern "C" __global__ void rms_norm_fwd_##NAME(const T* x, const float* g, T* y, int rows,  \
+                                                   int c, float eps) {                         \
+        rms_norm_fwd<T>(x, g, y, rows, c, eps);                                                \
+    }                                                                                          \
+    extern "C" __global__ void rms_norm_bwd_x_##NAME(const T* x, const float* g, const T* dy,   \
+                                                     T* dx, int rows, int c, float eps) {      \
+        rms_norm_bwd_x<T>(x, g, dy, dx, rows, c, eps);                                         \
+    }                                                                                          \
+    extern "C" __global__ void rms_norm_bwd_g_##NAME(const T* x, const T* dy, float* dg,        \
+                                                     int rows, int c, float eps) {             \
+        rms_norm_bwd_g<T>(x, dy, dg, rows, c, eps);                                            \
+    }
+
+FOR_DTYPES(NORM_KERNELS)

@@ -4,7 +4,9 @@
 //! - the causal softmax of attention scores, (B, H, T, T): scale, mask, max, exp, sum and
 //!   divide are one kernel forward and one backward, in place of about ten passes each way;
 //! - the cross-entropy over the vocabulary, (B T, V): one kernel each way instead of casting
-//!   the logits to f32 and taking max, exp, sum, log and gather over them.
+//!   the logits to f32 and taking max, exp, sum, log and gather over them;
+//! - RMSNorm (norm.rs), four a layer, each eight kernels forward as a composite;
+//! - the embedding's backward (embedding.rs), which candle runs in a single thread block.
 //!
 //! Each is a candle CustomOp with `bwd`, so autograd runs through it. The CUDA kernels
 //! (fused.cu, compiled to PTX by build.rs under the `cuda` feature) do the work on the GPU;
@@ -14,6 +16,11 @@
 
 #[cfg(feature = "cuda")]
 mod cuda;
+mod embedding;
+mod norm;
+
+pub use embedding::{Embedding, EmbeddingBwd};
+pub use norm::{RmsNormBwdG, RmsNormBwdX, RmsNormGain, RmsNormPlain};
 
 use candle_core::{
     backend::BackendStorage, bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout,
@@ -21,6 +28,35 @@ use candle_core::{
 };
 
 use crate::nn::{causal_mask, softmax};
+
+/// RMSNorm over the last axis with an optional f32 gain: x / sqrt(mean(x^2) + eps) * g, the
+/// statistics in f32 whatever x's dtype, the result in x's dtype.
+pub fn rms_norm(x: &Tensor, gain: Option<&Tensor>, eps: f64) -> Result<Tensor> {
+    if x.device().is_cuda() {
+        let x = x.contiguous()?;
+        let eps = eps as f32;
+        return match gain {
+            Some(g) => x.apply_op2(&g.to_dtype(DType::F32)?, RmsNormGain { eps }),
+            None => x.apply_op1(RmsNormPlain { eps }),
+        };
+    }
+    let dtype = x.dtype();
+    let x32 = x.to_dtype(DType::F32)?;
+    let ms = x32.sqr()?.mean_keepdim(D::Minus1)?;
+    let y = x32.broadcast_div(&(ms + eps)?.sqrt()?)?.to_dtype(dtype)?;
+    match gain {
+        Some(g) => y.broadcast_mul(&g.to_dtype(dtype)?),
+        None => Ok(y),
+    }
+}
+
+/// Rows `ids` (N,) u32 of the f32 table `w` (V, C): (N, C) f32.
+pub fn embedding(w: &Tensor, ids: &Tensor) -> Result<Tensor> {
+    if w.device().is_cuda() {
+        return w.contiguous()?.apply_op2(&ids.contiguous()?, Embedding);
+    }
+    w.embedding(ids)
+}
 
 /// softmax(scale * scores) over the last axis with the causal mask, for scores (.., Tq, Tk)
 /// whose row i may see keys 0 ..= i + Tk - Tq. Computed in f32, returned in the input dtype.
@@ -74,7 +110,7 @@ pub struct CrossEntropyBwd;
 
 /// The contiguous data of a CPU tensor as f32 values (the arithmetic is done in f32, as on the
 /// GPU), with its element type to write results back in.
-fn cpu_values(s: &CpuStorage, l: &Layout, op: &str) -> Result<(Vec<f32>, DType)> {
+pub(crate) fn cpu_values(s: &CpuStorage, l: &Layout, op: &str) -> Result<(Vec<f32>, DType)> {
     let Some((start, end)) = l.contiguous_offsets() else {
         bail!("{op}: the input must be contiguous");
     };
@@ -88,7 +124,7 @@ fn cpu_values(s: &CpuStorage, l: &Layout, op: &str) -> Result<(Vec<f32>, DType)>
     })
 }
 
-fn cpu_storage(values: Vec<f32>, dtype: DType) -> CpuStorage {
+pub(crate) fn cpu_storage(values: Vec<f32>, dtype: DType) -> CpuStorage {
     match dtype {
         DType::BF16 => CpuStorage::BF16(
             values
@@ -209,9 +245,9 @@ fn logits_rows(l1: &Layout, l2: &Layout) -> Result<(usize, usize)> {
     Ok((rows, v))
 }
 
-fn cpu_targets(s: &CpuStorage, l: &Layout) -> Result<Vec<u32>> {
+pub(crate) fn cpu_targets(s: &CpuStorage, l: &Layout) -> Result<Vec<u32>> {
     let (CpuStorage::U32(t), Some((start, end))) = (s, l.contiguous_offsets()) else {
-        bail!("cross-entropy: targets must be contiguous u32");
+        bail!("token ids and targets must be contiguous u32");
     };
     Ok(t[start..end].to_vec())
 }

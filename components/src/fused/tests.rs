@@ -129,14 +129,17 @@ fn cuda_kernels_match_the_cpu_ops() -> Result<()> {
             let run = |d: &Device| -> Result<(Tensor, Tensor)> {
                 let v = Var::from_tensor(&x.to_device(d)?)?;
                 let p = v.as_tensor().apply_op1(CausalSoftmax { scale: 0.125 })?;
-                let l = (p.to_dtype(DType::F32)? * w.to_device(d)?.to_dtype(DType::F32)?)?
-                    .sum_all()?;
+                let l =
+                    (p.to_dtype(DType::F32)? * w.to_device(d)?.to_dtype(DType::F32)?)?.sum_all()?;
                 let g = l.backward()?.get(v.as_tensor()).unwrap().clone();
                 Ok((p.to_device(&Device::Cpu)?, g.to_device(&Device::Cpu)?))
             };
             let ((p1, g1), (p2, g2)) = (run(&Device::Cpu)?, run(&gpu)?);
             assert!(max_diff(&p1, &p2)? < tol, "{dtype:?} {shape:?} softmax");
-            assert!(max_diff(&g1, &g2)? < tol, "{dtype:?} {shape:?} softmax grad");
+            assert!(
+                max_diff(&g1, &g2)? < tol,
+                "{dtype:?} {shape:?} softmax grad"
+            );
         }
         // The GPT-2 vocabulary: 50304 logits a row.
         let (rows, v) = (64, 50304);
@@ -154,6 +157,110 @@ fn cuda_kernels_match_the_cpu_ops() -> Result<()> {
         // The target's entry is p - 1, near -1: bf16 keeps it to 2^-8.
         let gtol = if dtype == DType::F32 { 1e-5 } else { 1e-2 };
         assert!(max_diff(&g1, &g2)? < gtol, "{dtype:?} cross-entropy grad");
+        // RMSNorm: model rows (768) with a gain, and head rows (64) without.
+        for (shape, gained) in [((512, 768), true), ((4096, 64), false)] {
+            let x = randn(4, shape, 1.0)?.to_dtype(dtype)?;
+            let gain = randn(5, shape.1, 1.0)?;
+            let w = randn(6, shape, 1.0)?;
+            let run = |d: &Device| -> Result<Vec<Tensor>> {
+                let v = Var::from_tensor(&x.to_device(d)?)?;
+                let g = Var::from_tensor(&gain.to_device(d)?)?;
+                let y = if gained {
+                    v.as_tensor()
+                        .apply_op2(g.as_tensor(), RmsNormGain { eps: 1e-6 })?
+                } else {
+                    v.as_tensor().apply_op1(RmsNormPlain { eps: 1e-6 })?
+                };
+                let l = (y.to_dtype(DType::F32)? * w.to_device(d)?)?.sum_all()?;
+                let grads = l.backward()?;
+                let mut out = vec![y, grads.get(v.as_tensor()).unwrap().clone()];
+                if gained {
+                    out.push(grads.get(g.as_tensor()).unwrap().clone());
+                }
+                out.into_iter().map(|t| t.to_device(&Device::Cpu)).collect()
+            };
+            for (i, (a, b)) in run(&Device::Cpu)?.iter().zip(run(&gpu)?).enumerate() {
+                // The gain's gradient sums 512 rows: bf16 inputs, f32 sums in another order.
+                let scale = if i == 2 { 32.0 } else { 1.0 };
+                assert!(
+                    max_diff(a, &b)? < tol * scale,
+                    "{dtype:?} {shape:?} rms norm #{i}"
+                );
+            }
+        }
+        // Embedding rows and their scattered gradient, with ids repeating.
+        let table = randn(7, (1000, 768), 1.0)?;
+        let ids: Vec<u32> = (0..4096u32).map(|i| (i * 37) % 1000).collect();
+        let ids = Tensor::new(ids.as_slice(), &Device::Cpu)?;
+        let w = randn(8, (4096, 768), 1.0)?;
+        let run = |d: &Device| -> Result<(Tensor, Tensor)> {
+            let v = Var::from_tensor(&table.to_device(d)?)?;
+            let y = v.as_tensor().apply_op2(&ids.to_device(d)?, Embedding)?;
+            let g = (&y * w.to_device(d)?)?.sum_all()?.backward()?;
+            let g = g.get(v.as_tensor()).unwrap().to_device(&Device::Cpu)?;
+            Ok((y.to_device(&Device::Cpu)?, g))
+        };
+        let ((y1, g1), (y2, g2)) = (run(&Device::Cpu)?, run(&gpu)?);
+        assert!(
+            max_diff(&y1, &y2)? == 0.0 && max_diff(&g1, &g2)? < 1e-4,
+            "embedding"
+        );
     }
+    Ok(())
+}
+
+#[test]
+fn rms_norm_ops_match_the_composite_forward_and_backward() -> Result<()> {
+    let x = (randn(7, (3, 4, 10), 1.0)? * 2.0)?;
+    let g = randn(8, 10, 1.0)?;
+    let eps = 1e-6;
+    // Without a gain.
+    let [(y1, g1), (y2, g2)] = both_ways(
+        &x,
+        &|x| x.apply_op1(RmsNormPlain { eps: eps as f32 }),
+        &|x| rms_norm(x, None, eps),
+        9,
+    )?;
+    assert!(max_diff(&y1, &y2)? < 1e-6 && max_diff(&g1, &g2)? < 1e-5);
+    // With one: the gradients of x and of the gain.
+    let gain = Var::from_tensor(&g)?;
+    let [(y1, g1), (y2, g2)] = both_ways(
+        &x,
+        &|x| x.apply_op2(gain.as_tensor(), RmsNormGain { eps: eps as f32 }),
+        &|x| rms_norm(x, Some(gain.as_tensor()), eps),
+        10,
+    )?;
+    assert!(max_diff(&y1, &y2)? < 1e-6 && max_diff(&g1, &g2)? < 1e-5);
+    let w = randn(11, (3, 4, 10), 1.0)?;
+    let dgain = |fused: bool| -> Result<Tensor> {
+        let y = if fused {
+            x.apply_op2(gain.as_tensor(), RmsNormGain { eps: eps as f32 })?
+        } else {
+            rms_norm(&x, Some(gain.as_tensor()), eps)?
+        };
+        let grads = (y * &w)?.sum_all()?.backward()?;
+        Ok(grads
+            .get(gain.as_tensor())
+            .expect("a gain gradient")
+            .clone())
+    };
+    assert!(max_diff(&dgain(true)?, &dgain(false)?)? < 1e-5);
+    Ok(())
+}
+
+#[test]
+fn embedding_op_gathers_rows_and_scatters_their_gradients() -> Result<()> {
+    // Rows 2, 0, 2 of a 3 x 2 table; row 2 is used twice, so its gradient is the sum of two.
+    let w = Var::new(&[[1f32, 2.0], [3.0, 4.0], [5.0, 6.0]], &Device::Cpu)?;
+    let ids = Tensor::new(&[2u32, 0, 2], &Device::Cpu)?;
+    let y = w.as_tensor().apply_op2(&ids, Embedding)?;
+    assert_eq!(y.to_vec2::<f32>()?, [[5.0, 6.0], [1.0, 2.0], [5.0, 6.0]]);
+    let dy = Tensor::new(&[[1f32, 10.0], [100.0, 1000.0], [2.0, 20.0]], &Device::Cpu)?;
+    let g = (y * dy)?.sum_all()?.backward()?;
+    let g = g.get(w.as_tensor()).unwrap().to_vec2::<f32>()?;
+    assert_eq!(g, [[100.0, 1000.0], [0.0, 0.0], [3.0, 30.0]]);
+    // An id outside the table is an error, not a read out of bounds.
+    let bad = Tensor::new(&[3u32], &Device::Cpu)?;
+    assert!(w.as_tensor().apply_op2(&bad, Embedding).is_err());
     Ok(())
 }

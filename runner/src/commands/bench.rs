@@ -154,8 +154,7 @@ fn time(
     let (b, t) = (spec.batch, spec.seq_len);
     let mut step = |phases: Option<&mut Phases>| -> anyhow::Result<f64> {
         let (x, y) = train::batch(data, &mut rng, b, t, device)?;
-        match train::step_on(&model, opt.as_mut(), &x, &y, spec.grad_clip, 1.0, phases)?
-        {
+        match train::step_on(&model, opt.as_mut(), &x, &y, spec.grad_clip, 1.0, phases)? {
             Ok((loss, _)) => Ok(loss),
             Err(what) => anyhow::bail!("diverged: {what}"),
         }
