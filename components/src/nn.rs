@@ -132,6 +132,11 @@ impl Rope {
         })
     }
 
+    /// cos and sin of the first `t` positions stacked: (2, t, D) f32, the fused head op's table.
+    pub fn table(&self, t: usize) -> Result<Tensor> {
+        Tensor::stack(&[self.cos.narrow(0, 0, t)?, self.sin.narrow(0, 0, t)?], 0)
+    }
+
     /// Rotates (B, H, T, D) queries or keys by position.
     pub fn apply(&self, x: &Tensor) -> Result<Tensor> {
         let (_, _, t, d) = x.dims4()?;

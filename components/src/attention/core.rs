@@ -1,11 +1,11 @@
 //! Causal self-attention with grouped key/value heads, RoPE and optional QK-norm: the one
 //! implementation behind every attention component (Mha is the case kv_heads = heads).
 
-use candle_core::{Result, Tensor};
+use candle_core::{DType, Result, Tensor};
 use registry::{Dims, ParamBuilder, Role, Sublayer};
 
-use crate::fused::causal_softmax;
-use crate::nn::{out_proj_std, rms_norm, Linear, Rope, INIT_STD};
+use crate::fused::{causal_softmax, HeadPrep};
+use crate::nn::{out_proj_std, rms_norm, Linear, Rope, INIT_STD, NORM_EPS};
 
 /// The head layout and position options an attention component resolves to.
 #[derive(Clone, Debug, PartialEq)]
@@ -110,17 +110,9 @@ impl CausalSelfAttention {
         let split = |y: Tensor, n: usize| -> Result<Tensor> {
             y.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous() // (B, n, T, hd)
         };
-        let mut q = split(self.q.forward(x)?, h)?;
-        let mut k = split(self.k.forward(x)?, kv)?;
+        let q = self.heads(&self.q.forward(x)?, h)?;
+        let mut k = self.heads(&self.k.forward(x)?, kv)?;
         let mut v = split(self.v.forward(x)?, kv)?;
-        if self.shape.qk_norm {
-            q = rms_norm(&q)?;
-            k = rms_norm(&k)?;
-        }
-        if let Some(rope) = &self.rope {
-            q = rope.apply(&q)?;
-            k = rope.apply(&k)?;
-        }
         if kv != h {
             // Each key/value head serves heads / kv_heads consecutive query heads.
             let rep = h / kv;
@@ -136,6 +128,39 @@ impl CausalSelfAttention {
         let att = causal_softmax(&scores, 1.0 / (hd as f64).sqrt())?;
         let y = att.matmul(&v)?; // (B, H, T, hd)
         y.transpose(1, 2)?.reshape((b, t, c))
+    }
+
+    /// A query or key projection (B, T, n hd) as n heads (B, n, T, hd), QK-normed and
+    /// rotated as the shape says: one fused op on CUDA (fused/head.rs), composites on the CPU.
+    fn heads(&self, y: &Tensor, n: usize) -> Result<Tensor> {
+        let (b, t, _) = y.dims3()?;
+        let hd = self.head_dim;
+        if y.device().is_cuda() {
+            let table = match &self.rope {
+                Some(rope) => rope.table(t)?,
+                None => Tensor::cat(
+                    &[
+                        Tensor::ones((1, t, hd), DType::F32, y.device())?,
+                        Tensor::zeros((1, t, hd), DType::F32, y.device())?,
+                    ],
+                    0,
+                )?,
+            };
+            let op = HeadPrep {
+                heads: n,
+                norm: self.shape.qk_norm,
+                eps: NORM_EPS as f32,
+            };
+            return y.contiguous()?.apply_op2(&table, op);
+        }
+        let mut heads = y.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()?;
+        if self.shape.qk_norm {
+            heads = rms_norm(&heads)?;
+        }
+        match &self.rope {
+            Some(rope) => rope.apply(&heads),
+            None => Ok(heads),
+        }
     }
 
     /// The output projection, (B, T, C) -> (B, T, C).

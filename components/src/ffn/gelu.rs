@@ -5,6 +5,7 @@ use registry::{Dims, Entry, Ffn, ParamBuilder, ParamDoc, Spec, Sublayer};
 use serde::{Deserialize, Serialize};
 
 use super::{check_mult, Mlp};
+use crate::fused::{activation, Kind};
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -24,9 +25,13 @@ impl Spec for Gelu {
     }
 }
 
+fn gelu_erf(x: &Tensor) -> Result<Tensor> {
+    activation(x, Kind::GeluErf)
+}
+
 impl Ffn for Gelu {
     fn build(&self, dims: &Dims, p: &ParamBuilder) -> Result<Box<dyn Sublayer>> {
-        Ok(Box::new(Mlp::new(self.mult, Tensor::gelu_erf, dims, p)?))
+        Ok(Box::new(Mlp::new(self.mult, gelu_erf, dims, p)?))
     }
 }
 

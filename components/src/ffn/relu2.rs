@@ -7,6 +7,7 @@ use registry::{Dims, Entry, Ffn, ParamBuilder, ParamDoc, Spec, Sublayer};
 use serde::{Deserialize, Serialize};
 
 use super::{check_mult, Mlp};
+use crate::fused::{activation, Kind};
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -27,7 +28,7 @@ impl Spec for Relu2 {
 }
 
 fn relu_squared(x: &Tensor) -> Result<Tensor> {
-    x.relu()?.sqr()
+    activation(x, Kind::Relu2)
 }
 
 impl Ffn for Relu2 {

@@ -357,3 +357,90 @@ pub fn embedding_bwd(
     unsafe { b.launch(flat_config(n * c)) }.w()?;
     Ok(CudaStorage::wrap_cuda_slice(dw, dev.clone()))
 }
+
+/// act(x) (`dy` none) or dy * act'(x) over all elements.
+pub fn activation(
+    x: &CudaStorage,
+    lx: &Layout,
+    dy: Option<(&CudaStorage, &Layout)>,
+    kind: i32,
+) -> Result<CudaStorage> {
+    let dev = x.device();
+    let n = lx.shape().elem_count();
+    let which = if dy.is_some() { "bwd" } else { "fwd" };
+    let name = format!("act_{which}_{}", suffix(x.dtype())?);
+    let func = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
+    let n64 = n as u64;
+    // A grid-stride loop: enough blocks to fill the GPU, each thread several elements.
+    let cfg = LaunchConfig {
+        grid_dim: (n.div_ceil(1024).min(65535) as u32, 1, 1),
+        block_dim: (1024, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    macro_rules! run {
+        ($t:ty) => {{
+            let xv = view::<$t>(x, lx)?;
+            let y = out::<$t>(dev, n)?;
+            let mut b = func.builder();
+            b.arg(&xv);
+            let dyv = dy.map(|(s, l)| view::<$t>(s, l)).transpose()?;
+            if let Some(d) = &dyv {
+                b.arg(d);
+            }
+            b.arg(&y).arg(&n64).arg(&kind);
+            // SAFETY: reads n of x (and dy), writes n.
+            unsafe { b.launch(cfg) }.w()?;
+            CudaStorage::wrap_cuda_slice(y, dev.clone())
+        }};
+    }
+    Ok(match x.dtype() {
+        DType::BF16 => run!(bf16),
+        _ => run!(f32),
+    })
+}
+
+/// Head preparation forward (`dout` none) or backward; see head.rs.
+#[allow(clippy::too_many_arguments)]
+pub fn head_prep(
+    y: &CudaStorage,
+    ly: &Layout,
+    rot: &CudaStorage,
+    lrot: &Layout,
+    dout: Option<(&CudaStorage, &Layout)>,
+    (b, t, n, hd): (usize, usize, usize, usize),
+    norm: bool,
+    eps: f32,
+) -> Result<CudaStorage> {
+    let dev = y.device();
+    let which = if dout.is_some() { "bwd" } else { "fwd" };
+    let name = format!("head_prep_{which}_{}", suffix(y.dtype())?);
+    let func = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
+    let rotv = view::<f32>(rot, lrot)?;
+    let args: [i32; 5] = [b as i32, t as i32, n as i32, hd as i32, norm as i32];
+    let rows = b * t * n;
+    macro_rules! run {
+        ($t:ty) => {{
+            let yv = view::<$t>(y, ly)?;
+            let o = out::<$t>(dev, rows * hd)?;
+            let dv = dout.map(|(s, l)| view::<$t>(s, l)).transpose()?;
+            let mut builder = func.builder();
+            builder.arg(&yv).arg(&rotv);
+            if let Some(d) = &dv {
+                builder.arg(d);
+            }
+            builder.arg(&o);
+            for a in &args {
+                builder.arg(a);
+            }
+            builder.arg(&eps);
+            // SAFETY: reads rows * hd of y (and of dout) and 2 t hd table values, writes
+            // rows * hd.
+            unsafe { builder.launch(row_config(rows)) }.w()?;
+            CudaStorage::wrap_cuda_slice(o, dev.clone())
+        }};
+    }
+    Ok(match y.dtype() {
+        DType::BF16 => run!(bf16),
+        _ => run!(f32),
+    })
+}

@@ -237,3 +237,130 @@ extern "C" __global__ void embedding_bwd(const float* dout, const uint32_t* ids,
     }
 
 FOR_DTYPES(NORM_KERNELS)
+
+// Elementwise activations and their derivatives: kind 0 is GELU with erf (PyTorch's exact
+// GELU), kind 1 is ReLU squared.
+__device__ __forceinline__ float act_f(float x, int kind) {
+    if (kind == 0) return 0.5f * x * (1.0f + erff(x * 0.70710678118654752f));
+    float r = fmaxf(x, 0.0f);
+    return r * r;
+}
+
+__device__ __forceinline__ float act_df(float x, int kind) {
+    if (kind == 0)
+        return 0.5f * (1.0f + erff(x * 0.70710678118654752f)) +
+               x * 0.39894228040143268f * __expf(-0.5f * x * x);
+    return 2.0f * fmaxf(x, 0.0f);
+}
+
+template <typename T>
+__device__ void act_fwd(const T* x, T* y, size_t n, int kind) {
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (size_t)gridDim.x * blockDim.x)
+        y[i] = from_f<T>(act_f(to_f(x[i]), kind));
+}
+
+template <typename T>
+__device__ void act_bwd(const T* x, const T* dy, T* dx, size_t n, int kind) {
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (size_t)gridDim.x * blockDim.x)
+        dx[i] = from_f<T>(to_f(dy[i]) * act_df(to_f(x[i]), kind));
+}
+
+#define ACT_KERNELS(NAME, T)                                                                  \
+    extern "C" __global__ void act_fwd_##NAME(const T* x, T* y, size_t n, int kind) {          \
+        act_fwd<T>(x, y, n, kind);                                                            \
+    }                                                                                         \
+    extern "C" __global__ void act_bwd_##NAME(const T* x, const T* dy, T* dx, size_t n,        \
+                                              int kind) {                                     \
+        act_bwd<T>(x, dy, dx, n, kind);                                                       \
+    }
+
+FOR_DTYPES(ACT_KERNELS)
+
+// Attention head preparation: a projection's output (B, T, n hd) becomes heads (B, n, T, hd),
+// each RMS-normalized (when `norm`) and rotated by RoPE with the tables rot = (cos, sin), each
+// (T, hd) f32 (identity tables when a model has no RoPE). Rotate-half pairs channel i with
+// i + hd/2: out_i = a cos_i - b sin_i, out_{i+h} = b cos_{i+h} + a sin_{i+h}. One warp per
+// (b, t, head); lanes take channel pairs.
+template <typename T>
+__device__ void head_prep_fwd(const T* y, const float* rot, T* out, int b, int t, int n,
+                              int hd, int norm, float eps) {
+    int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+    if (row >= b * t * n) return;
+    int h = row % n, tok = (row / n) % t, bi = row / (n * t);
+    const T* x = y + (size_t)row * hd;  // (b, tok, h) in (B, T, n, hd)
+    T* o = out + (((size_t)bi * n + h) * t + tok) * hd;
+    const float* cs = rot + (size_t)tok * hd;
+    const float* sn = rot + (size_t)t * hd + (size_t)tok * hd;
+    int half = hd / 2, lane = threadIdx.x % 32;
+    float r = 1.0f;
+    if (norm) {
+        float ss = 0.0f;
+        for (int i = lane; i < hd; i += 32) ss += to_f(x[i]) * to_f(x[i]);
+        for (int k = 16; k > 0; k /= 2) ss += __shfl_xor_sync(0xffffffff, ss, k);
+        r = rsqrtf(ss / hd + eps);
+    }
+    for (int i = lane; i < half; i += 32) {
+        float a = to_f(x[i]) * r, c = to_f(x[i + half]) * r;
+        o[i] = from_f<T>(a * cs[i] - c * sn[i]);
+        o[i + half] = from_f<T>(c * cs[i + half] + a * sn[i + half]);
+    }
+}
+
+template <typename T>
+__device__ void head_prep_bwd(const T* y, const float* rot, const T* dout, T* dy, int b, int t,
+                              int n, int hd, int norm, float eps) {
+    int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+    if (row >= b * t * n) return;
+    int h = row % n, tok = (row / n) % t, bi = row / (n * t);
+    const T* x = y + (size_t)row * hd;
+    T* dx = dy + (size_t)row * hd;
+    const T* g = dout + (((size_t)bi * n + h) * t + tok) * hd;
+    const float* cs = rot + (size_t)tok * hd;
+    const float* sn = rot + (size_t)t * hd + (size_t)tok * hd;
+    int half = hd / 2, lane = threadIdx.x % 32;
+    float r = 1.0f;
+    if (norm) {
+        float ss = 0.0f;
+        for (int i = lane; i < hd; i += 32) ss += to_f(x[i]) * to_f(x[i]);
+        for (int k = 16; k > 0; k /= 2) ss += __shfl_xor_sync(0xffffffff, ss, k);
+        r = rsqrtf(ss / hd + eps);
+    }
+    // The rotation's transpose gives dL/d(normalized x); then the norm's backward.
+    float dot = 0.0f;
+    for (int i = lane; i < half; i += 32) {
+        float g1 = to_f(g[i]), g2 = to_f(g[i + half]);
+        float da = g1 * cs[i] + g2 * sn[i + half];
+        float dc = -g1 * sn[i] + g2 * cs[i + half];
+        dot += da * to_f(x[i]) * r + dc * to_f(x[i + half]) * r;
+    }
+    for (int k = 16; k > 0; k /= 2) dot += __shfl_xor_sync(0xffffffff, dot, k);
+    dot /= hd;
+    for (int i = lane; i < half; i += 32) {
+        float g1 = to_f(g[i]), g2 = to_f(g[i + half]);
+        float da = g1 * cs[i] + g2 * sn[i + half];
+        float dc = -g1 * sn[i] + g2 * cs[i + half];
+        if (norm) {
+            dx[i] = from_f<T>(r * (da - to_f(x[i]) * r * dot));
+            dx[i + half] = from_f<T>(r * (dc - to_f(x[i + half]) * r * dot));
+        } else {
+            dx[i] = from_f<T>(da);
+            dx[i + half] = from_f<T>(dc);
+        }
+    }
+}
+
+#define HEAD_KERNELS(NAME, T)                                                                 \
+    extern "C" __global__ void head_prep_fwd_##NAME(const T* y, const float* rot, T* out,      \
+                                                    int b, int t, int n, int hd, int norm,    \
+                                                    float eps) {                              \
+        head_prep_fwd<T>(y, rot, out, b, t, n, hd, norm, eps);                                \
+    }                                                                                         \
+    extern "C" __global__ void head_prep_bwd_##NAME(const T* y, const float* rot,              \
+                                                    const T* dout, T* dy, int b, int t,       \
+                                                    int n, int hd, int norm, float eps) {     \
+        head_prep_bwd<T>(y, rot, dout, dy, b, t, n, hd, norm, eps);                           \
+    }
+
+FOR_DTYPES(HEAD_KERNELS)

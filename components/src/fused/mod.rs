@@ -6,7 +6,9 @@
 //! - the cross-entropy over the vocabulary, (B T, V): one kernel each way instead of casting
 //!   the logits to f32 and taking max, exp, sum, log and gather over them;
 //! - RMSNorm (norm.rs), four a layer, each eight kernels forward as a composite;
-//! - the embedding's backward (embedding.rs), which candle runs in a single thread block.
+//! - the embedding's backward (embedding.rs), which candle runs in a single thread block;
+//! - the MLP activations (activation.rs), GELU's backward ten kernels as a composite;
+//! - attention heads' layout, QK-norm and RoPE (head.rs), some twenty kernels as composites.
 //!
 //! Each is a candle CustomOp with `bwd`, so autograd runs through it. The CUDA kernels
 //! (fused.cu, compiled to PTX by build.rs under the `cuda` feature) do the work on the GPU;
@@ -14,12 +16,16 @@
 //! Models call [`causal_softmax`] and [`cross_entropy_rows`], which take the fused path on CUDA
 //! and the composite one on the CPU, whose results the README's measurements come from.
 
+mod activation;
 #[cfg(feature = "cuda")]
 mod cuda;
 mod embedding;
+mod head;
 mod norm;
 
+pub use activation::{Activation, ActivationBwd, Kind};
 pub use embedding::{Embedding, EmbeddingBwd};
+pub use head::{HeadPrep, HeadPrepBwd};
 pub use norm::{RmsNormBwdG, RmsNormBwdX, RmsNormGain, RmsNormPlain};
 
 use candle_core::{
@@ -47,6 +53,17 @@ pub fn rms_norm(x: &Tensor, gain: Option<&Tensor>, eps: f64) -> Result<Tensor> {
     match gain {
         Some(g) => y.broadcast_mul(&g.to_dtype(dtype)?),
         None => Ok(y),
+    }
+}
+
+/// An MLP activation: one kernel each way on CUDA, candle's ops on the CPU.
+pub fn activation(x: &Tensor, kind: Kind) -> Result<Tensor> {
+    if x.device().is_cuda() {
+        return x.contiguous()?.apply_op1(Activation(kind));
+    }
+    match kind {
+        Kind::GeluErf => x.gelu_erf(),
+        Kind::Relu2 => x.relu()?.sqr(),
     }
 }
 

@@ -188,6 +188,58 @@ fn cuda_kernels_match_the_cpu_ops() -> Result<()> {
                 );
             }
         }
+        // Activations over an MLP's hidden width.
+        for kind in [Kind::GeluErf, Kind::Relu2] {
+            let x = (randn(9, (512, 3072), 1.0)? * 2.0)?.to_dtype(dtype)?;
+            let w = randn(10, (512, 3072), 1.0)?;
+            let run = |d: &Device| -> Result<(Tensor, Tensor)> {
+                let v = Var::from_tensor(&x.to_device(d)?)?;
+                let y = v.as_tensor().apply_op1(Activation(kind))?;
+                let l = (y.to_dtype(DType::F32)? * w.to_device(d)?)?.sum_all()?;
+                let g = l
+                    .backward()?
+                    .get(v.as_tensor())
+                    .unwrap()
+                    .to_device(&Device::Cpu)?;
+                Ok((y.to_device(&Device::Cpu)?, g))
+            };
+            let ((y1, g1), (y2, g2)) = (run(&Device::Cpu)?, run(&gpu)?);
+            // Values up to ~16 (relu2 of 4): bf16's 2^-8 relative is 0.06 there.
+            let atol = if dtype == DType::F32 { 1e-4 } else { 0.1 };
+            assert!(max_diff(&y1, &y2)? < atol, "{dtype:?} {kind:?}");
+            assert!(max_diff(&g1, &g2)? < atol, "{dtype:?} {kind:?} grad");
+        }
+        // Attention heads at the benchmark's shape per sequence: 12 heads of 64, 1024 positions.
+        let rope = crate::nn::Rope::new(64, 1024, 10_000.0, &Device::Cpu)?;
+        let y = randn(11, (2, 1024, 768), 1.0)?.to_dtype(dtype)?;
+        let w = randn(12, (2, 12, 1024, 64), 1.0)?;
+        for norm in [true, false] {
+            let op = HeadPrep {
+                heads: 12,
+                norm,
+                eps: 1e-6,
+            };
+            let run = |d: &Device| -> Result<(Tensor, Tensor)> {
+                let v = Var::from_tensor(&y.to_device(d)?)?;
+                let h = v
+                    .as_tensor()
+                    .apply_op2(&rope.table(1024)?.to_device(d)?, op)?;
+                let l = (h.to_dtype(DType::F32)? * w.to_device(d)?)?.sum_all()?;
+                let g = l
+                    .backward()?
+                    .get(v.as_tensor())
+                    .unwrap()
+                    .to_device(&Device::Cpu)?;
+                Ok((h.to_device(&Device::Cpu)?, g))
+            };
+            let ((h1, g1), (h2, g2)) = (run(&Device::Cpu)?, run(&gpu)?);
+            let atol = if dtype == DType::F32 { 1e-4 } else { 5e-2 };
+            assert!(max_diff(&h1, &h2)? < atol, "{dtype:?} heads norm {norm}");
+            assert!(
+                max_diff(&g1, &g2)? < atol,
+                "{dtype:?} heads grad norm {norm}"
+            );
+        }
         // Embedding rows and their scattered gradient, with ids repeating.
         let table = randn(7, (1000, 768), 1.0)?;
         let ids: Vec<u32> = (0..4096u32).map(|i| (i * 37) % 1000).collect();
@@ -262,5 +314,56 @@ fn embedding_op_gathers_rows_and_scatters_their_gradients() -> Result<()> {
     // An id outside the table is an error, not a read out of bounds.
     let bad = Tensor::new(&[3u32], &Device::Cpu)?;
     assert!(w.as_tensor().apply_op2(&bad, Embedding).is_err());
+    Ok(())
+}
+
+#[test]
+fn activation_ops_match_the_composite_forward_and_backward() -> Result<()> {
+    let x = (randn(12, (4, 33), 1.0)? * 3.0)?;
+    for kind in [Kind::GeluErf, Kind::Relu2] {
+        let [(y1, g1), (y2, g2)] = both_ways(
+            &x,
+            &|x| x.apply_op1(Activation(kind)),
+            &|x| activation(x, kind),
+            13,
+        )?;
+        assert!(max_diff(&y1, &y2)? < 1e-5, "{kind:?}");
+        assert!(max_diff(&g1, &g2)? < 1e-5, "{kind:?}");
+    }
+    Ok(())
+}
+
+/// The composite the head op replaces: split into heads, QK-norm, RoPE.
+fn heads_composite(y: &Tensor, n: usize, norm: bool, rope: &crate::nn::Rope) -> Result<Tensor> {
+    let (b, t, w) = y.dims3()?;
+    let mut h = y.reshape((b, t, n, w / n))?.transpose(1, 2)?.contiguous()?;
+    if norm {
+        h = rms_norm(&h, None, crate::nn::NORM_EPS)?;
+    }
+    rope.apply(&h)
+}
+
+#[test]
+fn head_prep_op_matches_split_norm_and_rope() -> Result<()> {
+    let (b, t, n, hd) = (2, 5, 3, 8);
+    let rope = crate::nn::Rope::new(hd, 16, 100.0, &Device::Cpu)?;
+    let y = (randn(14, (b, t, n * hd), 1.0)? * 2.0)?;
+    for norm in [true, false] {
+        let op = HeadPrep {
+            heads: n,
+            norm,
+            eps: crate::nn::NORM_EPS as f32,
+        };
+        let table = rope.table(t)?;
+        let [(h1, g1), (h2, g2)] = both_ways(
+            &y,
+            &|y| y.apply_op2(&table, op),
+            &|y| heads_composite(y, n, norm, &rope),
+            15,
+        )?;
+        assert_eq!(h1.dims(), &[b, n, t, hd]);
+        assert!(max_diff(&h1, &h2)? < 1e-5, "norm {norm}");
+        assert!(max_diff(&g1, &g2)? < 1e-5, "norm {norm}");
+    }
     Ok(())
 }
