@@ -61,15 +61,32 @@ impl Linear {
 
     /// (..., in) -> (..., out)
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let w = cast_like(&self.weight, x)?;
+        if x.rank() == 2 {
+            return x.matmul(&w.t()?);
+        }
         let dims = x.dims();
         let d_in = dims[dims.len() - 1];
         let rows = x.elem_count() / d_in;
-        let w = cast_like(&self.weight, x)?;
         let y = x.reshape((rows, d_in))?.matmul(&w.t()?)?;
         let mut out = dims.to_vec();
         *out.last_mut().expect("non-scalar input") = self.weight.dim(0)?;
         y.reshape(out)
     }
+}
+
+/// (..., C) as rows (N, C). Sublayers flatten once and apply their linear layers to the rows:
+/// every reshape is a node whose gradient candle's backward pass allocates and adds anew.
+pub fn rows(x: &Tensor) -> Result<Tensor> {
+    let c = x.dim(candle_core::D::Minus1)?;
+    x.reshape(((), c))
+}
+
+/// Rows (N, C') back to the leading dimensions of `like` (..., C).
+pub fn unrows(y: &Tensor, like: &Tensor) -> Result<Tensor> {
+    let mut dims = like.dims().to_vec();
+    *dims.last_mut().expect("non-scalar") = y.dim(1)?;
+    y.reshape(dims)
 }
 
 /// Standard deviation of hidden weights: GPT-2's 0.02.

@@ -4,8 +4,8 @@
 use candle_core::{DType, Result, Tensor};
 use registry::{Dims, ParamBuilder, Role, Sublayer};
 
-use crate::fused::{causal_softmax, HeadPrep};
-use crate::nn::{out_proj_std, rms_norm, Linear, Rope, INIT_STD, NORM_EPS};
+use crate::fused::{causal_softmax, CausalAttention, HeadPrep};
+use crate::nn::{out_proj_std, rms_norm, rows, Linear, Rope, INIT_STD, NORM_EPS};
 
 /// The head layout and position options an attention component resolves to.
 #[derive(Clone, Debug, PartialEq)]
@@ -107,12 +107,16 @@ impl CausalSelfAttention {
     pub fn attend(&self, x: &Tensor) -> Result<Tensor> {
         let (b, t, c) = x.dims3()?;
         let (h, kv, hd) = (self.shape.heads, self.shape.kv_heads, self.head_dim);
-        let split = |y: Tensor, n: usize| -> Result<Tensor> {
-            y.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous() // (B, n, T, hd)
-        };
-        let q = self.heads(&self.q.forward(x)?, h)?;
-        let mut k = self.heads(&self.k.forward(x)?, kv)?;
-        let mut v = split(self.v.forward(x)?, kv)?;
+        // The projections act on rows (B T, C), flattened once (see `rows`).
+        let r = rows(x)?;
+        let q = self.heads(&self.q.forward(&r)?, b, t, h)?;
+        let mut k = self.heads(&self.k.forward(&r)?, b, t, kv)?;
+        let mut v = self
+            .v
+            .forward(&r)?
+            .reshape((b, t, kv, hd))?
+            .transpose(1, 2)?
+            .contiguous()?; // (B, kv, T, hd)
         if kv != h {
             // Each key/value head serves heads / kv_heads consecutive query heads.
             let rep = h / kv;
@@ -124,16 +128,19 @@ impl CausalSelfAttention {
             k = widen(k)?;
             v = widen(v)?;
         }
-        let scores = q.matmul(&k.t()?.contiguous()?)?; // (B, H, T, T)
-        let att = causal_softmax(&scores, 1.0 / (hd as f64).sqrt())?;
-        let y = att.matmul(&v)?; // (B, H, T, hd)
+        let scale = 1.0 / (hd as f64).sqrt();
+        let y = if x.device().is_cuda() {
+            q.apply_op3(&k, &v, CausalAttention { scale })?
+        } else {
+            let scores = q.matmul(&k.t()?.contiguous()?)?; // (B, H, T, T)
+            causal_softmax(&scores, scale)?.matmul(&v)?
+        }; // (B, H, T, hd)
         y.transpose(1, 2)?.reshape((b, t, c))
     }
 
-    /// A query or key projection (B, T, n hd) as n heads (B, n, T, hd), QK-normed and
+    /// A query or key projection, rows (B T, n hd), as n heads (B, n, T, hd), QK-normed and
     /// rotated as the shape says: one fused op on CUDA (fused/head.rs), composites on the CPU.
-    fn heads(&self, y: &Tensor, n: usize) -> Result<Tensor> {
-        let (b, t, _) = y.dims3()?;
+    fn heads(&self, y: &Tensor, b: usize, t: usize, n: usize) -> Result<Tensor> {
         let hd = self.head_dim;
         if y.device().is_cuda() {
             let table = match &self.rope {
@@ -147,6 +154,7 @@ impl CausalSelfAttention {
                 )?,
             };
             let op = HeadPrep {
+                seq: t,
                 heads: n,
                 norm: self.shape.qk_norm,
                 eps: NORM_EPS as f32,

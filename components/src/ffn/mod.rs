@@ -5,7 +5,7 @@ pub mod swiglu;
 use candle_core::{Result, Tensor};
 use registry::{Dims, ParamBuilder, Role, Sublayer};
 
-use crate::nn::{out_proj_std, Linear, INIT_STD};
+use crate::nn::{out_proj_std, rows, unrows, Linear, INIT_STD};
 
 /// The two-matrix MLP down(act(up x)) that Gelu and Relu2 differ in the activation of.
 pub(crate) struct Mlp {
@@ -33,7 +33,8 @@ impl Mlp {
 
 impl Sublayer for Mlp {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.down.forward(&(self.act)(&self.up.forward(x)?)?)
+        let h = (self.act)(&self.up.forward(&rows(x)?)?)?;
+        unrows(&self.down.forward(&h)?, x)
     }
 }
 

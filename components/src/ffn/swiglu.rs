@@ -5,7 +5,7 @@ use registry::{Dims, Entry, Ffn, ParamBuilder, ParamDoc, Role, Spec, Sublayer};
 use serde::{Deserialize, Serialize};
 
 use super::{check_mult, hidden_width};
-use crate::nn::{out_proj_std, Linear, INIT_STD};
+use crate::nn::{out_proj_std, rows, unrows, Linear, INIT_STD};
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -34,8 +34,9 @@ struct Layer {
 
 impl Sublayer for Layer {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let h = (self.gate.forward(x)?.silu()? * self.up.forward(x)?)?;
-        self.down.forward(&h)
+        let r = rows(x)?;
+        let h = (self.gate.forward(&r)?.silu()? * self.up.forward(&r)?)?;
+        unrows(&self.down.forward(&h)?, x)
     }
 }
 

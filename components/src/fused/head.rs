@@ -7,9 +7,12 @@ use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape,
 
 use super::{cpu_storage, cpu_values};
 
-/// (y (B, T, n hd), rot (2, T, hd) f32 = cos and sin) -> heads (B, n, T, hd).
+/// (y (B, T, n hd) or rows (B T, n hd), rot (2, T, hd) f32 = cos and sin) -> heads
+/// (B, n, T, hd).
 #[derive(Clone, Copy, Debug)]
 pub struct HeadPrep {
+    /// T, the sequence length.
+    pub seq: usize,
     pub heads: usize,
     pub norm: bool,
     pub eps: f32,
@@ -21,8 +24,13 @@ pub struct HeadPrepBwd(pub HeadPrep);
 
 /// (b, t, n, hd), checked against the tables.
 fn dims(op: &HeadPrep, ly: &Layout, lrot: &Layout) -> Result<(usize, usize, usize, usize)> {
-    let (b, t, width) = ly.shape().dims3()?;
-    let n = op.heads;
+    let width = *ly.dims().last().unwrap_or(&0);
+    let (t, n) = (op.seq, op.heads);
+    let tokens = ly.shape().elem_count() / width.max(1);
+    if t == 0 || tokens % t != 0 {
+        bail!("head prep: {tokens} tokens are not sequences of {t}");
+    }
+    let b = tokens / t;
     if n == 0 || width % n != 0 || (width / n) % 2 != 0 {
         bail!("head prep: width {width} is not {n} heads of an even size");
     }

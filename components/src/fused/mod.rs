@@ -8,7 +8,9 @@
 //! - RMSNorm (norm.rs), four a layer, each eight kernels forward as a composite;
 //! - the embedding's backward (embedding.rs), which candle runs in a single thread block;
 //! - the MLP activations (activation.rs), GELU's backward ten kernels as a composite;
-//! - attention heads' layout, QK-norm and RoPE (head.rs), some twenty kernels as composites.
+//! - attention heads' layout, QK-norm and RoPE (head.rs), some twenty kernels as composites;
+//! - the attention core (attention.rs), whose (B, H, T, T) temporaries it keeps out of the
+//!   gradient store and out of memory between the passes.
 //!
 //! Each is a candle CustomOp with `bwd`, so autograd runs through it. The CUDA kernels
 //! (fused.cu, compiled to PTX by build.rs under the `cuda` feature) do the work on the GPU;
@@ -17,6 +19,7 @@
 //! and the composite one on the CPU, whose results the README's measurements come from.
 
 mod activation;
+mod attention;
 #[cfg(feature = "cuda")]
 mod cuda;
 mod embedding;
@@ -24,6 +27,7 @@ mod head;
 mod norm;
 
 pub use activation::{Activation, ActivationBwd, Kind};
+pub use attention::CausalAttention;
 pub use embedding::{Embedding, EmbeddingBwd};
 pub use head::{HeadPrep, HeadPrepBwd};
 pub use norm::{RmsNormBwdG, RmsNormBwdX, RmsNormGain, RmsNormPlain};

@@ -215,6 +215,7 @@ fn cuda_kernels_match_the_cpu_ops() -> Result<()> {
         let w = randn(12, (2, 12, 1024, 64), 1.0)?;
         for norm in [true, false] {
             let op = HeadPrep {
+                seq: 1024,
                 heads: 12,
                 norm,
                 eps: 1e-6,
@@ -239,6 +240,26 @@ fn cuda_kernels_match_the_cpu_ops() -> Result<()> {
                 max_diff(&g1, &g2)? < atol,
                 "{dtype:?} heads grad norm {norm}"
             );
+        }
+        // The attention core at 1024 positions.
+        let qkv: Vec<Tensor> = (0..3)
+            .map(|i| Ok((randn(30 + i, (2, 4, 1024, 64), 1.0)? * 0.5)?.to_dtype(dtype)?))
+            .collect::<Result<_>>()?;
+        let w = randn(33, (2, 4, 1024, 64), 1.0)?;
+        let run = |d: &Device| -> Result<Vec<Tensor>> {
+            let vars: Vec<Var> = qkv
+                .iter()
+                .map(|x| Var::from_tensor(&x.to_device(d)?))
+                .collect::<Result<_>>()?;
+            let [q, k, v] = [0, 1, 2].map(|i| vars[i].as_tensor());
+            let y = q.apply_op3(k, v, CausalAttention { scale: 0.125 })?;
+            let grads = (y.to_dtype(DType::F32)? * w.to_device(d)?)?.sum_all()?.backward()?;
+            let mut out = vec![y];
+            out.extend([q, k, v].map(|x| grads.get(x).unwrap().clone()));
+            out.into_iter().map(|t| t.to_device(&Device::Cpu)).collect()
+        };
+        for (i, (a, b)) in run(&Device::Cpu)?.iter().zip(run(&gpu)?).enumerate() {
+            assert!(max_diff(a, &b)? < 10.0 * tol, "{dtype:?} attention #{i}");
         }
         // Embedding rows and their scattered gradient, with ids repeating.
         let table = randn(7, (1000, 768), 1.0)?;
@@ -350,6 +371,7 @@ fn head_prep_op_matches_split_norm_and_rope() -> Result<()> {
     let y = (randn(14, (b, t, n * hd), 1.0)? * 2.0)?;
     for norm in [true, false] {
         let op = HeadPrep {
+            seq: t,
             heads: n,
             norm,
             eps: crate::nn::NORM_EPS as f32,
@@ -364,6 +386,34 @@ fn head_prep_op_matches_split_norm_and_rope() -> Result<()> {
         assert_eq!(h1.dims(), &[b, n, t, hd]);
         assert!(max_diff(&h1, &h2)? < 1e-5, "norm {norm}");
         assert!(max_diff(&g1, &g2)? < 1e-5, "norm {norm}");
+    }
+    Ok(())
+}
+
+#[test]
+fn attention_op_matches_the_composite_forward_and_backward() -> Result<()> {
+    let shape = (2, 3, 6, 4);
+    let scale = 0.5;
+    let inputs: Vec<Var> = (0..3)
+        .map(|i| Var::from_tensor(&randn(20 + i, shape, 1.0)?))
+        .collect::<Result<_>>()?;
+    let w = randn(23, shape, 1.0)?;
+    let run = |fused: bool| -> Result<Vec<Tensor>> {
+        let [q, k, v] = [0, 1, 2].map(|i| inputs[i].as_tensor());
+        let y = if fused {
+            q.apply_op3(k, v, CausalAttention { scale })?
+        } else {
+            causal_softmax(&q.matmul(&k.t()?)?, scale)?.matmul(v)?
+        };
+        let grads = (&y * &w)?.sum_all()?.backward()?;
+        let mut out = vec![y];
+        for x in [q, k, v] {
+            out.push(grads.get(x).expect("a gradient").clone());
+        }
+        Ok(out)
+    };
+    for (i, (a, b)) in run(true)?.iter().zip(run(false)?).enumerate() {
+        assert!(max_diff(a, &b)? < 1e-5, "output {i}");
     }
     Ok(())
 }
