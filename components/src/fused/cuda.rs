@@ -444,3 +444,87 @@ pub fn head_prep(
         _ => run!(f32),
     })
 }
+
+/// An input of a stream-mixing kernel: in the compute dtype, or f32 (coefficients).
+pub enum MixArg<'a> {
+    T(&'a CudaStorage, &'a Layout),
+    F32(&'a CudaStorage, &'a Layout),
+}
+
+/// Launches `kernel`_{dtype}(inputs..., output, n, c) over `tokens` (one block each); the
+/// output has `len` elements, f32 or the compute dtype.
+#[allow(clippy::too_many_arguments)]
+pub fn mix(
+    kernel: &str,
+    dtype: DType,
+    args: &[MixArg],
+    tokens: usize,
+    len: usize,
+    out_f32: bool,
+    n: usize,
+    c: usize,
+) -> Result<CudaStorage> {
+    let first = match &args[0] {
+        MixArg::T(s, _) | MixArg::F32(s, _) => *s,
+    };
+    let dev = first.device();
+    let name = format!("{kernel}_{}", suffix(dtype)?);
+    let func = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
+    let cfg = LaunchConfig {
+        grid_dim: (tokens as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let (n32, c32) = (n as i32, c as i32);
+    macro_rules! run {
+        ($t:ty) => {{
+            let f32s: Vec<CudaView<f32>> = args
+                .iter()
+                .filter_map(|a| match a {
+                    MixArg::F32(s, l) => Some(view::<f32>(s, l)),
+                    MixArg::T(..) => None,
+                })
+                .collect::<Result<_>>()?;
+            let ts: Vec<CudaView<$t>> = args
+                .iter()
+                .filter_map(|a| match a {
+                    MixArg::T(s, l) => Some(view::<$t>(s, l)),
+                    MixArg::F32(..) => None,
+                })
+                .collect::<Result<_>>()?;
+            let mut b = func.builder();
+            let (mut fi, mut ti) = (0, 0);
+            for a in args {
+                match a {
+                    MixArg::F32(..) => {
+                        b.arg(&f32s[fi]);
+                        fi += 1;
+                    }
+                    MixArg::T(..) => {
+                        b.arg(&ts[ti]);
+                        ti += 1;
+                    }
+                }
+            }
+            let result = if out_f32 {
+                let o = out::<f32>(dev, len)?;
+                b.arg(&o).arg(&n32).arg(&c32);
+                // SAFETY: one block per token reads its inputs and writes its `len / tokens`
+                // outputs.
+                unsafe { b.launch(cfg) }.w()?;
+                CudaStorage::wrap_cuda_slice(o, dev.clone())
+            } else {
+                let o = out::<$t>(dev, len)?;
+                b.arg(&o).arg(&n32).arg(&c32);
+                // SAFETY: as above.
+                unsafe { b.launch(cfg) }.w()?;
+                CudaStorage::wrap_cuda_slice(o, dev.clone())
+            };
+            result
+        }};
+    }
+    Ok(match dtype {
+        DType::BF16 => run!(bf16),
+        _ => run!(f32),
+    })
+}

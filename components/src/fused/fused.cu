@@ -364,3 +364,148 @@ __device__ void head_prep_bwd(const T* y, const float* rot, const T* dout, T* dy
     }
 
 FOR_DTYPES(HEAD_KERNELS)
+
+// Multi-stream residual mixing (HC, mHC), per token: the state s is (n, c), coefficients f32.
+//   pre-mix:  h[c] = sum_i pre[i] s[i][c]
+//   post-mix: y[j][c] = sum_i res[j][i] s[i][c] + post[j] out[c], coef = [res | post] (n, n+1)
+// One block per token; threads stride over the channels; per-token sums over the channels
+// (the coefficients' gradients) are reduced across the block.
+#define MAXN 8
+
+// Sums k values of every thread over the block; the results land in out[0..k].
+__device__ void block_sums(float* v, int k, float* scratch /* 32 * k */, float* out) {
+    int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
+    for (int q = 0; q < k; q++) {
+        float x = v[q];
+        for (int o = 16; o > 0; o /= 2) x += __shfl_xor_sync(0xffffffff, x, o);
+        if (lane == 0) scratch[warp * k + q] = x;
+    }
+    __syncthreads();
+    for (int q = threadIdx.x; q < k; q += blockDim.x) {
+        float x = 0.0f;
+        for (int w = 0; w < warps; w++) x += scratch[w * k + q];
+        out[q] = x;
+    }
+}
+
+template <typename T>
+__device__ void premix_fwd(const T* s, const float* pre, T* h, int n, int c) {
+    size_t tok = blockIdx.x;
+    const T* st = s + tok * n * c;
+    const float* p = pre + tok * n;
+    for (int ch = threadIdx.x; ch < c; ch += blockDim.x) {
+        float acc = 0.0f;
+        for (int i = 0; i < n; i++) acc += p[i] * to_f(st[i * c + ch]);
+        h[tok * c + ch] = from_f<T>(acc);
+    }
+}
+
+// ds[i][c] = pre[i] dh[c].
+template <typename T>
+__device__ void premix_bwd_s(const float* pre, const T* dh, T* ds, int n, int c) {
+    size_t tok = blockIdx.x;
+    const float* p = pre + tok * n;
+    for (int ch = threadIdx.x; ch < c; ch += blockDim.x) {
+        float g = to_f(dh[tok * c + ch]);
+        for (int i = 0; i < n; i++) ds[(tok * n + i) * c + ch] = from_f<T>(p[i] * g);
+    }
+}
+
+// dpre[i] = sum_c s[i][c] dh[c] (f32).
+template <typename T>
+__device__ void premix_bwd_pre(const T* s, const T* dh, float* dpre, int n, int c) {
+    __shared__ float scratch[32 * MAXN];
+    size_t tok = blockIdx.x;
+    const T* st = s + tok * n * c;
+    float acc[MAXN];
+    for (int i = 0; i < n; i++) acc[i] = 0.0f;
+    for (int ch = threadIdx.x; ch < c; ch += blockDim.x) {
+        float g = to_f(dh[tok * c + ch]);
+        for (int i = 0; i < n; i++) acc[i] += to_f(st[i * c + ch]) * g;
+    }
+    block_sums(acc, n, scratch, dpre + tok * n);
+}
+
+template <typename T>
+__device__ void postmix_fwd(const T* s, const float* coef, const T* out, T* y, int n, int c) {
+    size_t tok = blockIdx.x;
+    const T* st = s + tok * n * c;
+    const float* k = coef + tok * n * (n + 1);
+    for (int ch = threadIdx.x; ch < c; ch += blockDim.x) {
+        float x[MAXN];
+        for (int i = 0; i < n; i++) x[i] = to_f(st[i * c + ch]);
+        float o = to_f(out[tok * c + ch]);
+        for (int j = 0; j < n; j++) {
+            float acc = k[j * (n + 1) + n] * o;
+            for (int i = 0; i < n; i++) acc += k[j * (n + 1) + i] * x[i];
+            y[(tok * n + j) * c + ch] = from_f<T>(acc);
+        }
+    }
+}
+
+// From dy (n, c): ds[i][c] = sum_j res[j][i] dy[j][c] and dout[c] = sum_j post[j] dy[j][c],
+// written as rows 0..n and n of g (n + 1, c).
+template <typename T>
+__device__ void postmix_bwd_g(const float* coef, const T* dy, T* g, int n, int c) {
+    size_t tok = blockIdx.x;
+    const float* k = coef + tok * n * (n + 1);
+    for (int ch = threadIdx.x; ch < c; ch += blockDim.x) {
+        float d[MAXN];
+        for (int j = 0; j < n; j++) d[j] = to_f(dy[(tok * n + j) * c + ch]);
+        for (int i = 0; i <= n; i++) {
+            float acc = 0.0f;
+            for (int j = 0; j < n; j++) acc += k[j * (n + 1) + i] * d[j];
+            g[(tok * (n + 1) + i) * c + ch] = from_f<T>(acc);
+        }
+    }
+}
+
+// dcoef[j][i] = sum_c dy[j][c] s[i][c], dcoef[j][n] = sum_c dy[j][c] out[c] (f32).
+template <typename T>
+__device__ void postmix_bwd_coef(const T* s, const T* out, const T* dy, float* dcoef, int n,
+                                 int c) {
+    __shared__ float scratch[32 * MAXN * (MAXN + 1)];
+    size_t tok = blockIdx.x;
+    const T* st = s + tok * n * c;
+    int m = n * (n + 1);
+    float acc[MAXN * (MAXN + 1)];
+    for (int q = 0; q < m; q++) acc[q] = 0.0f;
+    for (int ch = threadIdx.x; ch < c; ch += blockDim.x) {
+        float x[MAXN + 1];
+        for (int i = 0; i < n; i++) x[i] = to_f(st[i * c + ch]);
+        x[n] = to_f(out[tok * c + ch]);
+        for (int j = 0; j < n; j++) {
+            float d = to_f(dy[(tok * n + j) * c + ch]);
+            for (int i = 0; i <= n; i++) acc[j * (n + 1) + i] += d * x[i];
+        }
+    }
+    block_sums(acc, m, scratch, dcoef + tok * m);
+}
+
+#define MIX_KERNELS(NAME, T)                                                                  \
+    extern "C" __global__ void premix_fwd_##NAME(const T* s, const float* pre, T* h, int n,    \
+                                                 int c) {                                     \
+        premix_fwd<T>(s, pre, h, n, c);                                                       \
+    }                                                                                         \
+    extern "C" __global__ void premix_bwd_s_##NAME(const float* pre, const T* dh, T* ds,       \
+                                                   int n, int c) {                            \
+        premix_bwd_s<T>(pre, dh, ds, n, c);                                                   \
+    }                                                                                         \
+    extern "C" __global__ void premix_bwd_pre_##NAME(const T* s, const T* dh, float* dpre,     \
+                                                     int n, int c) {                          \
+        premix_bwd_pre<T>(s, dh, dpre, n, c);                                                 \
+    }                                                                                         \
+    extern "C" __global__ void postmix_fwd_##NAME(const T* s, const float* coef, const T* out, \
+                                                  T* y, int n, int c) {                       \
+        postmix_fwd<T>(s, coef, out, y, n, c);                                                \
+    }                                                                                         \
+    extern "C" __global__ void postmix_bwd_g_##NAME(const float* coef, const T* dy, T* g,      \
+                                                    int n, int c) {                           \
+        postmix_bwd_g<T>(coef, dy, g, n, c);                                                  \
+    }                                                                                         \
+    extern "C" __global__ void postmix_bwd_coef_##NAME(const T* s, const T* out, const T* dy,  \
+                                                       float* dcoef, int n, int c) {          \
+        postmix_bwd_coef<T>(s, out, dy, dcoef, n, c);                                         \
+    }
+
+FOR_DTYPES(MIX_KERNELS)

@@ -24,12 +24,14 @@ mod attention;
 mod cuda;
 mod embedding;
 mod head;
+mod mix;
 mod norm;
 
 pub use activation::{Activation, ActivationBwd, Kind};
 pub use attention::CausalAttention;
 pub use embedding::{Embedding, EmbeddingBwd};
 pub use head::{HeadPrep, HeadPrepBwd};
+pub use mix::{MixBwd, PostMix, PreMix, MAX_STREAMS};
 pub use norm::{RmsNormBwdG, RmsNormBwdX, RmsNormGain, RmsNormPlain};
 
 use candle_core::{

@@ -261,6 +261,29 @@ fn cuda_kernels_match_the_cpu_ops() -> Result<()> {
         for (i, (a, b)) in run(&Device::Cpu)?.iter().zip(run(&gpu)?).enumerate() {
             assert!(max_diff(a, &b)? < 10.0 * tol, "{dtype:?} attention #{i}");
         }
+        // Four-stream mixing at the model's width.
+        let st = randn(50, (2, 256, 4, 768), 1.0)?.to_dtype(dtype)?;
+        let pre = randn(51, (2, 256, 4), 1.0)?;
+        let coef = randn(52, (2, 256, 4, 5), 1.0)?;
+        let w = randn(53, (2, 256, 4, 768), 1.0)?;
+        let run = |d: &Device| -> Result<Vec<Tensor>> {
+            let vs: Vec<Var> = [&st, &pre, &coef]
+                .iter()
+                .map(|x| Var::from_tensor(&x.to_device(d)?))
+                .collect::<Result<_>>()?;
+            let h = vs[0].as_tensor().apply_op2(vs[1].as_tensor(), PreMix)?;
+            let y = vs[0].as_tensor().apply_op3(vs[2].as_tensor(), &h, PostMix)?;
+            let grads = (y.to_dtype(DType::F32)? * w.to_device(d)?)?.sum_all()?.backward()?;
+            let mut out = vec![y];
+            out.extend(vs.iter().map(|v| grads.get(v.as_tensor()).unwrap().clone()));
+            out.into_iter().map(|t| t.to_device(&Device::Cpu)).collect()
+        };
+        for (i, (a, b)) in run(&Device::Cpu)?.iter().zip(run(&gpu)?).enumerate() {
+            // Coefficient gradients sum 768 products: scale the tolerance with them.
+            let scale = if i >= 2 { 100.0 } else { 10.0 };
+            let rel = max_diff(a, &b)? / (1.0 + a.abs()?.max_all()?.to_dtype(DType::F32)?.to_scalar::<f32>()?);
+            assert!(rel < tol * scale, "{dtype:?} mixing #{i}: {rel}");
+        }
         // Embedding rows and their scattered gradient, with ids repeating.
         let table = randn(7, (1000, 768), 1.0)?;
         let ids: Vec<u32> = (0..4096u32).map(|i| (i * 37) % 1000).collect();
@@ -414,6 +437,45 @@ fn attention_op_matches_the_composite_forward_and_backward() -> Result<()> {
     };
     for (i, (a, b)) in run(true)?.iter().zip(run(false)?).enumerate() {
         assert!(max_diff(a, &b)? < 1e-5, "output {i}");
+    }
+    Ok(())
+}
+
+#[test]
+fn stream_mixing_ops_match_the_matrix_products() -> Result<()> {
+    // Per token (2 x 3 tokens), n = 3 streams of 5 channels: h = pre^T s, y = res s + post out.
+    let (b, t, n, c) = (2, 3, 3, 5);
+    let s = Var::from_tensor(&randn(40, (b, t, n, c), 1.0)?)?;
+    let pre = Var::from_tensor(&randn(41, (b, t, n), 1.0)?)?;
+    let res = Var::from_tensor(&randn(42, (b, t, n, n), 1.0)?)?;
+    let post = Var::from_tensor(&randn(43, (b, t, n), 1.0)?)?;
+    let w = randn(44, (b, t, n, c), 1.0)?;
+    // The sublayer in between: any differentiable map, here out = h * h.
+    let run = |fused: bool| -> Result<Vec<Tensor>> {
+        let st = s.as_tensor();
+        let h = if fused {
+            st.apply_op2(pre.as_tensor(), PreMix)?
+        } else {
+            pre.as_tensor().unsqueeze(2)?.matmul(st)?.squeeze(2)?
+        };
+        let out = h.sqr()?;
+        let y = if fused {
+            let coef = Tensor::cat(&[res.as_tensor(), &post.as_tensor().unsqueeze(3)?], 3)?;
+            st.apply_op3(&coef, &out, PostMix)?
+        } else {
+            let carried = res.as_tensor().matmul(st)?;
+            (carried + post.as_tensor().unsqueeze(3)?.matmul(&out.unsqueeze(2)?)?)?
+        };
+        let grads = (&y * &w)?.sum_all()?.backward()?;
+        let mut all = vec![y];
+        for v in [&s, &pre, &res, &post] {
+            all.push(grads.get(v.as_tensor()).expect("a gradient").clone());
+        }
+        Ok(all)
+    };
+    for (i, (a, b)) in run(true)?.iter().zip(run(false)?).enumerate() {
+        assert_eq!(a.dims(), b.dims(), "#{i}");
+        assert!(max_diff(a, &b)? < 1e-5, "#{i}: {}", max_diff(a, &b)?);
     }
     Ok(())
 }

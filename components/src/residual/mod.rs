@@ -8,6 +8,8 @@ pub mod prenorm;
 
 use candle_core::{DType, Result, Tensor, D};
 
+use crate::fused::{PostMix, PreMix, MAX_STREAMS};
+
 /// Embedding (B, T, C) -> n identical streams (B, T, n, C), as both HC papers start.
 pub(crate) fn replicate(x: &Tensor, n: usize) -> Result<Tensor> {
     let (b, t, c) = x.dims3()?;
@@ -33,6 +35,18 @@ pub(crate) fn connect(
     post: &Tensor,
     f: &dyn Fn(&Tensor) -> Result<Tensor>,
 ) -> Result<Tensor> {
+    let (b, t, n, _) = state.dims4()?;
+    if state.device().is_cuda() && n <= MAX_STREAMS {
+        // Fused on the GPU (fused/mix.rs): coefficients per token in f32, [res | post].
+        let per_token = |x: &Tensor, cols: usize| -> Result<Tensor> {
+            x.to_dtype(DType::F32)?.broadcast_as((b, t, n, cols))?.contiguous()
+        };
+        let pre = per_token(pre, 1)?.squeeze(3)?;
+        let h = state.contiguous()?.apply_op2(&pre, PreMix)?;
+        let out = f(&h)?.contiguous()?;
+        let coef = Tensor::cat(&[per_token(res, n)?, per_token(post, 1)?], 3)?;
+        return state.contiguous()?.apply_op3(&coef, &out, PostMix);
+    }
     let dtype = state.dtype();
     let h = pre
         .to_dtype(dtype)?

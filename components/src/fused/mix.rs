@@ -1,0 +1,355 @@
+//! The multi-stream residual's mixing around a sublayer (residual/mod.rs `connect`), per token
+//! with n streams of C channels: h = sum_i pre_i s_i before the sublayer, and
+//! y_j = sum_i res_ji s_i + post_j out after it. As batched n x n matrix products these are
+//! B T tiny GEMMs each (and their gradients as many more); here one pass over the state each.
+//! Coefficients are f32; the state and the sublayer's output are in the compute dtype.
+
+#[cfg(feature = "cuda")]
+use candle_core::backend::BackendStorage;
+use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
+
+use super::{cpu_storage, cpu_values};
+
+/// Most streams the kernels take (they keep a token's n values in registers).
+pub const MAX_STREAMS: usize = 8;
+
+/// (state (.., n, C), pre (.., n) f32) -> h (.., C).
+#[derive(Clone, Copy, Debug)]
+pub struct PreMix;
+
+/// (state (.., n, C), coef (.., n, n + 1) f32 = [res | post], out (.., C)) -> (.., n, C).
+#[derive(Clone, Copy, Debug)]
+pub struct PostMix;
+
+/// The backward pieces, each one output: see `bwd` of the two ops.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MixBwd {
+    /// (pre, dh) -> dstate.
+    PreState,
+    /// (state, dh) -> dpre (f32).
+    PrePre,
+    /// (coef, dy) -> [dstate ; dout] (.., n + 1, C).
+    PostStateOut,
+    /// (state, out, dy) -> dcoef (.., n, n + 1) f32.
+    PostCoef,
+}
+
+/// (tokens, n, c) of a state layout.
+pub(super) fn state_dims(l: &Layout) -> Result<(usize, usize, usize)> {
+    let d = l.dims();
+    if d.len() < 2 {
+        bail!("stream mixing: the state needs (.., n, C), got {d:?}");
+    }
+    let (n, c) = (d[d.len() - 2], d[d.len() - 1]);
+    if n == 0 || n > MAX_STREAMS || c == 0 {
+        bail!("stream mixing: {n} streams of {c} channels (at most {MAX_STREAMS} streams)");
+    }
+    Ok((l.shape().elem_count() / (n * c), n, c))
+}
+
+fn with_last(l: &Layout, drop: usize, add: &[usize]) -> Shape {
+    let d = l.dims();
+    let mut v = d[..d.len() - drop].to_vec();
+    v.extend_from_slice(add);
+    Shape::from(v)
+}
+
+impl CustomOp2 for PreMix {
+    fn name(&self) -> &'static str {
+        "pre-mix"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (tokens, n, c) = state_dims(l1)?;
+        let (s, dtype) = cpu_values(s1, l1, self.name())?;
+        let (pre, _) = cpu_values(s2, l2, self.name())?;
+        let mut h = vec![0f32; tokens * c];
+        for t in 0..tokens {
+            for i in 0..n {
+                for ch in 0..c {
+                    h[t * c + ch] += pre[t * n + i] * s[(t * n + i) * c + ch];
+                }
+            }
+        }
+        Ok((cpu_storage(h, dtype), with_last(l1, 2, &[c])))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use super::cuda::MixArg::{F32, T};
+        let (tokens, n, c) = state_dims(l1)?;
+        let out = super::cuda::mix("premix_fwd", s1.dtype(), &[T(s1, l1), F32(s2, l2)], tokens, tokens * c, false, n, c)?;
+        Ok((out, with_last(l1, 2, &[c])))
+    }
+
+    fn bwd(
+        &self,
+        s: &Tensor,
+        pre: &Tensor,
+        _res: &Tensor,
+        dh: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let dh = dh.contiguous()?;
+        let ds = pre.apply_op2_no_bwd(&dh, &MixBwd::PreState)?;
+        let dpre = s.apply_op2_no_bwd(&dh, &MixBwd::PrePre)?;
+        Ok((Some(ds), Some(dpre)))
+    }
+}
+
+impl CustomOp3 for PostMix {
+    fn name(&self) -> &'static str {
+        "post-mix"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (tokens, n, c) = state_dims(l1)?;
+        let (s, dtype) = cpu_values(s1, l1, self.name())?;
+        let (k, _) = cpu_values(s2, l2, self.name())?;
+        let (out, _) = cpu_values(s3, l3, self.name())?;
+        let m = n + 1;
+        let mut y = vec![0f32; s.len()];
+        for t in 0..tokens {
+            for j in 0..n {
+                for ch in 0..c {
+                    let mut acc = k[(t * n + j) * m + n] * out[t * c + ch];
+                    for i in 0..n {
+                        acc += k[(t * n + j) * m + i] * s[(t * n + i) * c + ch];
+                    }
+                    y[(t * n + j) * c + ch] = acc;
+                }
+            }
+        }
+        Ok((cpu_storage(y, dtype), l1.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use super::cuda::MixArg::{F32, T};
+        let (tokens, n, c) = state_dims(l1)?;
+        let args = [T(s1, l1), F32(s2, l2), T(s3, l3)];
+        let out = super::cuda::mix("postmix_fwd", s1.dtype(), &args, tokens, tokens * n * c, false, n, c)?;
+        Ok((out, l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        s: &Tensor,
+        coef: &Tensor,
+        out: &Tensor,
+        _res: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let dy = dy.contiguous()?;
+        let n = coef.dim(candle_core::D::Minus2)?;
+        let g = coef.apply_op2_no_bwd(&dy, &MixBwd::PostStateOut)?;
+        let ds = g.narrow(candle_core::D::Minus2, 0, n)?;
+        let dout = g.narrow(candle_core::D::Minus2, n, 1)?.squeeze(candle_core::D::Minus2)?;
+        let dcoef = s.apply_op3_no_bwd(out, &dy, &MixBwd::PostCoef)?;
+        Ok((Some(ds), Some(dcoef), Some(dout)))
+    }
+}
+
+impl MixBwd {
+    fn inputs(self) -> &'static str {
+        match self {
+            MixBwd::PreState => "premix_bwd_s",
+            MixBwd::PrePre => "premix_bwd_pre",
+            MixBwd::PostStateOut => "postmix_bwd_g",
+            MixBwd::PostCoef => "postmix_bwd_coef",
+        }
+    }
+}
+
+/// (tokens, n, c) from the shapes of the backward's first two inputs.
+fn bwd_dims(op: MixBwd, l1: &Layout, l2: &Layout) -> Result<(usize, usize, usize)> {
+    match op {
+        // (pre (.., n), dh (.., C)) and (coef (.., n, n+1), dy (.., n, C)).
+        MixBwd::PreState => {
+            let n = *l1.dims().last().unwrap_or(&0);
+            let c = *l2.dims().last().unwrap_or(&0);
+            Ok((l2.shape().elem_count() / c.max(1), n, c))
+        }
+        MixBwd::PostStateOut => state_dims(l2),
+        // (state (.., n, C), ..).
+        MixBwd::PrePre | MixBwd::PostCoef => state_dims(l1),
+    }
+}
+
+impl CustomOp2 for MixBwd {
+    fn name(&self) -> &'static str {
+        self.inputs()
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (tokens, n, c) = bwd_dims(*self, l1, l2)?;
+        let (a, _) = cpu_values(s1, l1, self.inputs())?;
+        let (d, dtype) = cpu_values(s2, l2, self.inputs())?;
+        Ok(match self {
+            MixBwd::PreState => {
+                let mut ds = vec![0f32; tokens * n * c];
+                for t in 0..tokens {
+                    for i in 0..n {
+                        for ch in 0..c {
+                            ds[(t * n + i) * c + ch] = a[t * n + i] * d[t * c + ch];
+                        }
+                    }
+                }
+                let mut shape = l2.dims().to_vec();
+                shape.insert(shape.len() - 1, n);
+                (cpu_storage(ds, dtype), Shape::from(shape))
+            }
+            MixBwd::PrePre => {
+                let mut dpre = vec![0f32; tokens * n];
+                for t in 0..tokens {
+                    for i in 0..n {
+                        for ch in 0..c {
+                            dpre[t * n + i] += a[(t * n + i) * c + ch] * d[t * c + ch];
+                        }
+                    }
+                }
+                (CpuStorage::F32(dpre), with_last(l1, 1, &[]))
+            }
+            MixBwd::PostStateOut => {
+                let m = n + 1;
+                let mut g = vec![0f32; tokens * m * c];
+                for t in 0..tokens {
+                    for i in 0..m {
+                        for j in 0..n {
+                            for ch in 0..c {
+                                g[(t * m + i) * c + ch] += a[(t * n + j) * m + i] * d[(t * n + j) * c + ch];
+                            }
+                        }
+                    }
+                }
+                (cpu_storage(g, dtype), with_last(l2, 2, &[m, c]))
+            }
+            MixBwd::PostCoef => bail!("post-mix coefficients' gradient takes three inputs"),
+        })
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use super::cuda::MixArg::{F32, T};
+        let (tokens, n, c) = bwd_dims(*self, l1, l2)?;
+        let name = self.inputs();
+        Ok(match self {
+            MixBwd::PreState => {
+                let mut shape = l2.dims().to_vec();
+                shape.insert(shape.len() - 1, n);
+                let args = [F32(s1, l1), T(s2, l2)];
+                let out = super::cuda::mix(name, s2.dtype(), &args, tokens, tokens * n * c, false, n, c)?;
+                (out, Shape::from(shape))
+            }
+            MixBwd::PrePre => {
+                let args = [T(s1, l1), T(s2, l2)];
+                let out = super::cuda::mix(name, s1.dtype(), &args, tokens, tokens * n, true, n, c)?;
+                (out, with_last(l1, 1, &[]))
+            }
+            MixBwd::PostStateOut => {
+                let args = [F32(s1, l1), T(s2, l2)];
+                let out =
+                    super::cuda::mix(name, s2.dtype(), &args, tokens, tokens * (n + 1) * c, false, n, c)?;
+                (out, with_last(l2, 2, &[n + 1, c]))
+            }
+            MixBwd::PostCoef => bail!("post-mix coefficients' gradient takes three inputs"),
+        })
+    }
+}
+
+impl CustomOp3 for MixBwd {
+    fn name(&self) -> &'static str {
+        self.inputs()
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        if *self != MixBwd::PostCoef {
+            bail!("{} takes two inputs", self.inputs());
+        }
+        let (tokens, n, c) = state_dims(l1)?;
+        let (s, _) = cpu_values(s1, l1, self.inputs())?;
+        let (out, _) = cpu_values(s2, l2, self.inputs())?;
+        let (dy, _) = cpu_values(s3, l3, self.inputs())?;
+        let m = n + 1;
+        let mut dk = vec![0f32; tokens * n * m];
+        for t in 0..tokens {
+            for j in 0..n {
+                for ch in 0..c {
+                    let d = dy[(t * n + j) * c + ch];
+                    for i in 0..n {
+                        dk[(t * n + j) * m + i] += d * s[(t * n + i) * c + ch];
+                    }
+                    dk[(t * n + j) * m + n] += d * out[t * c + ch];
+                }
+            }
+        }
+        Ok((CpuStorage::F32(dk), with_last(l1, 1, &[m])))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use super::cuda::MixArg::T;
+        if *self != MixBwd::PostCoef {
+            bail!("{} takes two inputs", self.inputs());
+        }
+        let (tokens, n, c) = state_dims(l1)?;
+        let args = [T(s1, l1), T(s2, l2), T(s3, l3)];
+        let out = super::cuda::mix(self.inputs(), s1.dtype(), &args, tokens, tokens * n * (n + 1), true, n, c)?;
+        Ok((out, with_last(l1, 1, &[n + 1])))
+    }
+}
