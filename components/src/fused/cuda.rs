@@ -528,3 +528,38 @@ pub fn mix(
         _ => run!(f32),
     })
 }
+
+/// Sinkhorn forward (`dout` none) or backward, one thread per token.
+pub fn sinkhorn(
+    logits: &CudaStorage,
+    l: &Layout,
+    dout: Option<(&CudaStorage, &Layout)>,
+    tokens: usize,
+    n: usize,
+    iters: usize,
+) -> Result<CudaStorage> {
+    let dev = logits.device();
+    let name = if dout.is_some() { "sinkhorn_bwd" } else { "sinkhorn_fwd" };
+    let func = dev.get_or_load_custom_func(name, MODULE, PTX)?;
+    let x = view::<f32>(logits, l)?;
+    let d = dout.map(|(s, l)| view::<f32>(s, l)).transpose()?;
+    let y = out::<f32>(dev, tokens * n * n)?;
+    let args = [tokens as i32, n as i32, iters as i32];
+    let mut b = func.builder();
+    b.arg(&x);
+    if let Some(d) = &d {
+        b.arg(d);
+    }
+    b.arg(&y);
+    for a in &args {
+        b.arg(a);
+    }
+    let cfg = LaunchConfig {
+        grid_dim: (tokens.div_ceil(128) as u32, 1, 1),
+        block_dim: (128, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: each thread reads its token's n * n logits (and gradients), writes as many.
+    unsafe { b.launch(cfg) }.w()?;
+    Ok(CudaStorage::wrap_cuda_slice(y, dev.clone()))
+}

@@ -509,3 +509,107 @@ __device__ void postmix_bwd_coef(const T* s, const T* out, const T* dy, float* d
     }
 
 FOR_DTYPES(MIX_KERNELS)
+
+// Sinkhorn-Knopp for mHC (residual/mod.rs `sinkhorn`), one thread per token's n x n logits:
+// a log-domain column then row normalization, exp, then iters - 1 rounds of dividing columns
+// by their sums and rows by theirs. The backward pass recomputes the rounds, keeping each
+// round's matrices and sums, and runs them in reverse. At most 4 streams and 32 rounds.
+#define SK_N 4
+#define SK_IT 32
+
+struct SkRound {
+    float c[SK_N * SK_N], colsum[SK_N], m[SK_N * SK_N], rowsum[SK_N];
+};
+
+// Forward from logits l into m0 (after exp) and the rounds; returns nothing, fills `out`.
+__device__ void sk_forward(const float* l, int n, int iters, float* a_exp, float* m0,
+                           SkRound* rounds, float* out) {
+    float a[SK_N * SK_N];
+    for (int j = 0; j < n; j++) {  // columns: subtract log-sum-exp
+        float mx = -INFINITY, s = 0.0f;
+        for (int i = 0; i < n; i++) mx = fmaxf(mx, l[i * n + j]);
+        for (int i = 0; i < n; i++) s += expf(l[i * n + j] - mx);
+        float lse = mx + logf(s);
+        for (int i = 0; i < n; i++) {
+            a[i * n + j] = l[i * n + j] - lse;
+            a_exp[i * n + j] = expf(a[i * n + j]);
+        }
+    }
+    for (int i = 0; i < n; i++) {  // rows
+        float mx = -INFINITY, s = 0.0f;
+        for (int j = 0; j < n; j++) mx = fmaxf(mx, a[i * n + j]);
+        for (int j = 0; j < n; j++) s += expf(a[i * n + j] - mx);
+        float lse = mx + logf(s);
+        for (int j = 0; j < n; j++) m0[i * n + j] = expf(a[i * n + j] - lse);
+    }
+    const float* prev = m0;
+    for (int k = 0; k + 1 < iters; k++) {
+        SkRound* r = &rounds[k];
+        for (int j = 0; j < n; j++) {
+            float s = 0.0f;
+            for (int i = 0; i < n; i++) s += prev[i * n + j];
+            r->colsum[j] = s;
+            for (int i = 0; i < n; i++) r->c[i * n + j] = prev[i * n + j] / s;
+        }
+        for (int i = 0; i < n; i++) {
+            float s = 0.0f;
+            for (int j = 0; j < n; j++) s += r->c[i * n + j];
+            r->rowsum[i] = s;
+            for (int j = 0; j < n; j++) r->m[i * n + j] = r->c[i * n + j] / s;
+        }
+        prev = r->m;
+    }
+    for (int q = 0; q < n * n; q++) out[q] = prev[q];
+}
+
+extern "C" __global__ void sinkhorn_fwd(const float* logits, float* out, int tokens, int n,
+                                        int iters) {
+    int tok = blockIdx.x * blockDim.x + threadIdx.x;
+    if (tok >= tokens) return;
+    float a_exp[SK_N * SK_N], m0[SK_N * SK_N];
+    SkRound rounds[SK_IT];
+    sk_forward(logits + (size_t)tok * n * n, n, iters, a_exp, m0, rounds, out + (size_t)tok * n * n);
+}
+
+extern "C" __global__ void sinkhorn_bwd(const float* logits, const float* dout, float* dl,
+                                        int tokens, int n, int iters) {
+    int tok = blockIdx.x * blockDim.x + threadIdx.x;
+    if (tok >= tokens) return;
+    float a_exp[SK_N * SK_N], m0[SK_N * SK_N], y[SK_N * SK_N];
+    SkRound rounds[SK_IT];
+    const float* l = logits + (size_t)tok * n * n;
+    sk_forward(l, n, iters, a_exp, m0, rounds, y);
+    float g[SK_N * SK_N];
+    for (int q = 0; q < n * n; q++) g[q] = dout[(size_t)tok * n * n + q];
+    // y = x / s along an axis: dx = (dy - sum(dy y)) / s along it.
+    for (int k = iters - 2; k >= 0; k--) {
+        SkRound* r = &rounds[k];
+        for (int i = 0; i < n; i++) {  // rows of m = c / rowsum
+            float d = 0.0f;
+            for (int j = 0; j < n; j++) d += g[i * n + j] * r->m[i * n + j];
+            for (int j = 0; j < n; j++) g[i * n + j] = (g[i * n + j] - d) / r->rowsum[i];
+        }
+        for (int j = 0; j < n; j++) {  // columns of c = prev / colsum
+            float d = 0.0f;
+            for (int i = 0; i < n; i++) d += g[i * n + j] * r->c[i * n + j];
+            for (int i = 0; i < n; i++) g[i * n + j] = (g[i * n + j] - d) / r->colsum[j];
+        }
+    }
+    // m0 = exp(b), b = a - lse_row(a): db = dm0 m0; da = db - m0 sum_row(db) (m0 is the
+    // rows' softmax of a).
+    for (int i = 0; i < n; i++) {
+        float s = 0.0f;
+        for (int j = 0; j < n; j++) {
+            g[i * n + j] *= m0[i * n + j];
+            s += g[i * n + j];
+        }
+        for (int j = 0; j < n; j++) g[i * n + j] -= m0[i * n + j] * s;
+    }
+    // a = l - lse_col(l): dl = da - exp(a) sum_col(da) (exp(a) is the columns' softmax of l).
+    for (int j = 0; j < n; j++) {
+        float s = 0.0f;
+        for (int i = 0; i < n; i++) s += g[i * n + j];
+        for (int i = 0; i < n; i++)
+            dl[(size_t)tok * n * n + i * n + j] = g[i * n + j] - a_exp[i * n + j] * s;
+    }
+}

@@ -10,7 +10,9 @@
 //! - the MLP activations (activation.rs), GELU's backward ten kernels as a composite;
 //! - attention heads' layout, QK-norm and RoPE (head.rs), some twenty kernels as composites;
 //! - the attention core (attention.rs), whose (B, H, T, T) temporaries it keeps out of the
-//!   gradient store and out of memory between the passes.
+//!   gradient store and out of memory between the passes;
+//! - mHC's stream mixing (mix.rs) and Sinkhorn rounds (sinkhorn.rs), tiny per-token matrix
+//!   work that composites spread over hundreds of launches a layer.
 //!
 //! Each is a candle CustomOp with `bwd`, so autograd runs through it. The CUDA kernels
 //! (fused.cu, compiled to PTX by build.rs under the `cuda` feature) do the work on the GPU;
@@ -26,12 +28,14 @@ mod embedding;
 mod head;
 mod mix;
 mod norm;
+mod sinkhorn;
 
 pub use activation::{Activation, ActivationBwd, Kind};
 pub use attention::CausalAttention;
 pub use embedding::{Embedding, EmbeddingBwd};
 pub use head::{HeadPrep, HeadPrepBwd};
 pub use mix::{MixBwd, PostMix, PreMix, MAX_STREAMS};
+pub use sinkhorn::{Sinkhorn, SinkhornBwd, SINKHORN_MAX_ITERS, SINKHORN_MAX_STREAMS};
 pub use norm::{RmsNormBwdG, RmsNormBwdX, RmsNormGain, RmsNormPlain};
 
 use candle_core::{

@@ -284,6 +284,18 @@ fn cuda_kernels_match_the_cpu_ops() -> Result<()> {
             let rel = max_diff(a, &b)? / (1.0 + a.abs()?.max_all()?.to_dtype(DType::F32)?.to_scalar::<f32>()?);
             assert!(rel < tol * scale, "{dtype:?} mixing #{i}: {rel}");
         }
+        // Sinkhorn over a batch of tokens' 4 x 4 logits (always f32).
+        let logits = (randn(70, (16384, 4, 4), 1.0)? * 3.0)?;
+        let w = randn(71, (16384, 4, 4), 1.0)?;
+        let run = |d: &Device| -> Result<(Tensor, Tensor)> {
+            let v = Var::from_tensor(&logits.to_device(d)?)?;
+            let y = v.as_tensor().apply_op1(Sinkhorn { iters: 20 })?;
+            let g = (&y * w.to_device(d)?)?.sum_all()?.backward()?;
+            let g = g.get(v.as_tensor()).unwrap().to_device(&Device::Cpu)?;
+            Ok((y.to_device(&Device::Cpu)?, g))
+        };
+        let ((y1, g1), (y2, g2)) = (run(&Device::Cpu)?, run(&gpu)?);
+        assert!(max_diff(&y1, &y2)? < 1e-5 && max_diff(&g1, &g2)? < 1e-4, "sinkhorn");
         // Embedding rows and their scattered gradient, with ids repeating.
         let table = randn(7, (1000, 768), 1.0)?;
         let ids: Vec<u32> = (0..4096u32).map(|i| (i * 37) % 1000).collect();
@@ -476,6 +488,23 @@ fn stream_mixing_ops_match_the_matrix_products() -> Result<()> {
     for (i, (a, b)) in run(true)?.iter().zip(run(false)?).enumerate() {
         assert_eq!(a.dims(), b.dims(), "#{i}");
         assert!(max_diff(a, &b)? < 1e-5, "#{i}: {}", max_diff(a, &b)?);
+    }
+    Ok(())
+}
+
+#[test]
+fn sinkhorn_op_matches_the_composite_forward_and_backward() -> Result<()> {
+    // Spread logits (the log-domain first round matters) and 1, 2 and 20 rounds.
+    let x = (randn(60, (3, 2, 4, 4), 1.0)? * 4.0)?;
+    for iters in [1, 2, 20] {
+        let [(y1, g1), (y2, g2)] = both_ways(
+            &x,
+            &|x| x.apply_op1(Sinkhorn { iters }),
+            &|x| crate::residual::sinkhorn(x, iters),
+            61,
+        )?;
+        assert!(max_diff(&y1, &y2)? < 1e-5, "iters {iters}");
+        assert!(max_diff(&g1, &g2)? < 1e-4, "iters {iters}: {}", max_diff(&g1, &g2)?);
     }
     Ok(())
 }

@@ -8,7 +8,9 @@ pub mod prenorm;
 
 use candle_core::{DType, Result, Tensor, D};
 
-use crate::fused::{PostMix, PreMix, MAX_STREAMS};
+use crate::fused::{
+    PostMix, PreMix, Sinkhorn, MAX_STREAMS, SINKHORN_MAX_ITERS, SINKHORN_MAX_STREAMS,
+};
 
 /// Embedding (B, T, C) -> n identical streams (B, T, n, C), as both HC papers start.
 pub(crate) fn replicate(x: &Tensor, n: usize) -> Result<Tensor> {
@@ -92,6 +94,11 @@ pub(crate) fn identity(n: usize) -> Vec<f32> {
 pub fn sinkhorn(logits: &Tensor, iters: usize) -> Result<Tensor> {
     let dims = logits.dims().to_vec();
     let n = dims[dims.len() - 1];
+    if logits.device().is_cuda() && n <= SINKHORN_MAX_STREAMS && iters <= SINKHORN_MAX_ITERS {
+        // One thread per token on the GPU (fused/sinkhorn.rs), the same arithmetic.
+        let l = logits.to_dtype(DType::F32)?.contiguous()?;
+        return l.apply_op1(Sinkhorn { iters });
+    }
     let l = logits.to_dtype(DType::F32)?.reshape(((), n, n))?;
     let l = l.broadcast_sub(&log_sum_exp(&l, D::Minus2)?)?;
     let l = l.broadcast_sub(&log_sum_exp(&l, D::Minus1)?)?;
