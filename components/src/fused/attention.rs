@@ -27,7 +27,10 @@ fn attend<S: BackendStorage>(
     let scores = q.matmul(k, (b * h, tq, tk, hd), lq, &lk.transpose(2, 3)?)?;
     let ls = Layout::contiguous((b, h, tq, tk));
     let p = softmax(&scores, &ls)?;
-    Ok((p.matmul(v, (b * h, tq, hd, tk), &ls, lv)?, lq.shape().clone()))
+    Ok((
+        p.matmul(v, (b * h, tq, hd, tk), &ls, lv)?,
+        lq.shape().clone(),
+    ))
 }
 
 impl CustomOp3 for CausalAttention {

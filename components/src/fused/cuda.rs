@@ -46,6 +46,19 @@ fn out<T: DeviceRepr>(dev: &CudaDevice, n: usize) -> Result<CudaSlice<T>> {
     unsafe { dev.alloc::<T>(n) }
 }
 
+/// Threads for a softmax row of `tk`: each keeps SM_E = 8 values in registers.
+fn softmax_config(rows: usize, tk: usize) -> Result<LaunchConfig> {
+    let threads = tk.div_ceil(8).next_power_of_two().max(32);
+    if threads > 1024 {
+        bail!("causal softmax: rows of at most 8192 keys, got {tk}");
+    }
+    Ok(LaunchConfig {
+        grid_dim: (rows as u32, 1, 1),
+        block_dim: (threads as u32, 1, 1),
+        shared_mem_bytes: 0,
+    })
+}
+
 pub fn causal_softmax_fwd(
     s: &CudaStorage,
     l: &Layout,
@@ -65,7 +78,7 @@ pub fn causal_softmax_fwd(
             let mut b = func.builder();
             b.arg(&x).arg(&y).arg(&tq).arg(&tk32).arg(&scale);
             // SAFETY: the kernel reads rows * tk inputs and writes as many outputs.
-            unsafe { b.launch(config(rows, tk)) }.w()?;
+            unsafe { b.launch(softmax_config(rows, tk)?) }.w()?;
             CudaStorage::wrap_cuda_slice(y, dev.clone())
         }};
     }
@@ -104,7 +117,7 @@ pub fn causal_softmax_bwd(
             let mut b = func.builder();
             b.arg(&pv).arg(&dpv).arg(&y).arg(&tq).arg(&tk32).arg(&scale);
             // SAFETY: reads rows * tk of P and dP, writes as many outputs.
-            unsafe { b.launch(config(rows, tk)) }.w()?;
+            unsafe { b.launch(softmax_config(rows, tk)?) }.w()?;
             CudaStorage::wrap_cuda_slice(y, dev.clone())
         }};
     }
@@ -539,7 +552,11 @@ pub fn sinkhorn(
     iters: usize,
 ) -> Result<CudaStorage> {
     let dev = logits.device();
-    let name = if dout.is_some() { "sinkhorn_bwd" } else { "sinkhorn_fwd" };
+    let name = if dout.is_some() {
+        "sinkhorn_bwd"
+    } else {
+        "sinkhorn_fwd"
+    };
     let func = dev.get_or_load_custom_func(name, MODULE, PTX)?;
     let x = view::<f32>(logits, l)?;
     let d = dout.map(|(s, l)| view::<f32>(s, l)).transpose()?;
@@ -562,4 +579,44 @@ pub fn sinkhorn(
     // SAFETY: each thread reads its token's n * n logits (and gradients), writes as many.
     unsafe { b.launch(cfg) }.w()?;
     Ok(CudaStorage::wrap_cuda_slice(y, dev.clone()))
+}
+
+/// One in-place AdamW update of an f32 tensor; see adam.rs.
+pub fn adam_update(
+    dst: &mut CudaStorage,
+    ldst: &Layout,
+    a: (&CudaStorage, &Layout),
+    b: Option<(&CudaStorage, &Layout)>,
+    mode: i32,
+    p: [f32; 5],
+) -> Result<()> {
+    let dev = dst.device().clone();
+    let func = dev.get_or_load_custom_func("adam_update", MODULE, PTX)?;
+    let n = ldst.shape().elem_count();
+    let av = view::<f32>(a.0, a.1)?;
+    let bv = b.map(|(s, l)| view::<f32>(s, l)).transpose()?;
+    let Some((start, end)) = ldst.contiguous_offsets() else {
+        bail!("adam update: the tensor updated must be contiguous");
+    };
+    let mut d = dst.as_cuda_slice_mut::<f32>()?.slice_mut(start..end);
+    let n64 = n as u64;
+    let null = 0u64;
+    let mut builder = func.builder();
+    builder.arg(&mut d).arg(&av);
+    match &bv {
+        Some(b) => builder.arg(b),
+        None => builder.arg(&null),
+    };
+    builder.arg(&n64).arg(&mode);
+    for x in &p {
+        builder.arg(x);
+    }
+    let cfg = LaunchConfig {
+        grid_dim: (n.div_ceil(1024).min(4096) as u32, 1, 1),
+        block_dim: (1024, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: reads n of a (and b), updates n of dst in place.
+    unsafe { builder.launch(cfg) }.w()?;
+    Ok(())
 }

@@ -43,7 +43,11 @@ __device__ float block_sum(float v, float* scratch) {
 }
 
 // Scores (rows, tk) -> probabilities softmax(scale * s) over the keys a query may see. Row r
-// is query (r mod tq), which sees keys 0 ..= (r mod tq) + tk - tq; the rest get 0.
+// is query (r mod tq), which sees keys 0 ..= (r mod tq) + tk - tq; the rest get 0 and are
+// not read. A row lives in registers, SM_E values a thread (blockDim.x * SM_E >= tk), so it
+// is read once.
+#define SM_E 8
+
 template <typename T>
 __device__ void causal_softmax_fwd(const T* s, T* p, int tq, int tk, float scale) {
     __shared__ float scratch[32];
@@ -51,14 +55,28 @@ __device__ void causal_softmax_fwd(const T* s, T* p, int tq, int tk, float scale
     int last = (int)(row % tq) + tk - tq;
     const T* x = s + row * tk;
     T* y = p + row * tk;
+    float v[SM_E];
     float m = -INFINITY;
-    for (int j = threadIdx.x; j <= last; j += blockDim.x) m = fmaxf(m, scale * to_f(x[j]));
+#pragma unroll
+    for (int e = 0; e < SM_E; e++) {
+        int j = threadIdx.x + e * blockDim.x;
+        v[e] = j <= last ? scale * to_f(x[j]) : -INFINITY;
+        m = fmaxf(m, v[e]);
+    }
     m = block_max(m, scratch);
     float sum = 0.0f;
-    for (int j = threadIdx.x; j <= last; j += blockDim.x) sum += __expf(scale * to_f(x[j]) - m);
+#pragma unroll
+    for (int e = 0; e < SM_E; e++) {
+        int j = threadIdx.x + e * blockDim.x;
+        v[e] = j <= last ? __expf(v[e] - m) : 0.0f;
+        sum += v[e];
+    }
     float inv = 1.0f / block_sum(sum, scratch);
-    for (int j = threadIdx.x; j < tk; j += blockDim.x)
-        y[j] = from_f<T>(j <= last ? __expf(scale * to_f(x[j]) - m) * inv : 0.0f);
+#pragma unroll
+    for (int e = 0; e < SM_E; e++) {
+        int j = threadIdx.x + e * blockDim.x;
+        if (j < tk) y[j] = from_f<T>(v[e] * inv);
+    }
 }
 
 // Given P and dL/dP, dL/ds = scale * P * (dP - sum_k P_k dP_k); masked entries get 0.
@@ -70,11 +88,21 @@ __device__ void causal_softmax_bwd(const T* p, const T* dp, T* ds, int tq, int t
     const T* pr = p + row * tk;
     const T* dpr = dp + row * tk;
     T* out = ds + row * tk;
+    float pv[SM_E], gv[SM_E];
     float dot = 0.0f;
-    for (int j = threadIdx.x; j <= last; j += blockDim.x) dot += to_f(pr[j]) * to_f(dpr[j]);
+#pragma unroll
+    for (int e = 0; e < SM_E; e++) {
+        int j = threadIdx.x + e * blockDim.x;
+        pv[e] = j <= last ? to_f(pr[j]) : 0.0f;
+        gv[e] = j <= last ? to_f(dpr[j]) : 0.0f;
+        dot += pv[e] * gv[e];
+    }
     dot = block_sum(dot, scratch);
-    for (int j = threadIdx.x; j < tk; j += blockDim.x)
-        out[j] = from_f<T>(j <= last ? scale * to_f(pr[j]) * (to_f(dpr[j]) - dot) : 0.0f);
+#pragma unroll
+    for (int e = 0; e < SM_E; e++) {
+        int j = threadIdx.x + e * blockDim.x;
+        if (j < tk) out[j] = from_f<T>(scale * pv[e] * (gv[e] - dot));
+    }
 }
 
 // The row's max and sum of exp(x - max), for the cross-entropy.
@@ -611,5 +639,20 @@ extern "C" __global__ void sinkhorn_bwd(const float* logits, const float* dout, 
         for (int i = 0; i < n; i++) s += g[i * n + j];
         for (int i = 0; i < n; i++)
             dl[(size_t)tok * n * n + i * n + j] = g[i * n + j] - a_exp[i * n + j] * s;
+    }
+}
+
+// AdamW's update in place, f32, one kernel per tensor:
+//   mode 0: m = p0 m + p1 g          (a = g)
+//   mode 1: v = p0 v + p1 g^2        (a = g)
+//   mode 2: w = p0 w - p1 (m / p2) / (sqrt(v / p3) + p4)   (a = m, b = v)
+extern "C" __global__ void adam_update(float* dst, const float* a, const float* b, size_t n,
+                                       int mode, float p0, float p1, float p2, float p3,
+                                       float p4) {
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (size_t)gridDim.x * blockDim.x) {
+        if (mode == 0) dst[i] = p0 * dst[i] + p1 * a[i];
+        else if (mode == 1) dst[i] = p0 * dst[i] + p1 * a[i] * a[i];
+        else dst[i] = p0 * dst[i] - p1 * (a[i] / p2) / (sqrtf(b[i] / p3) + p4);
     }
 }

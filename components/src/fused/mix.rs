@@ -90,7 +90,16 @@ impl CustomOp2 for PreMix {
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         use super::cuda::MixArg::{F32, T};
         let (tokens, n, c) = state_dims(l1)?;
-        let out = super::cuda::mix("premix_fwd", s1.dtype(), &[T(s1, l1), F32(s2, l2)], tokens, tokens * c, false, n, c)?;
+        let out = super::cuda::mix(
+            "premix_fwd",
+            s1.dtype(),
+            &[T(s1, l1), F32(s2, l2)],
+            tokens,
+            tokens * c,
+            false,
+            n,
+            c,
+        )?;
         Ok((out, with_last(l1, 2, &[c])))
     }
 
@@ -155,7 +164,16 @@ impl CustomOp3 for PostMix {
         use super::cuda::MixArg::{F32, T};
         let (tokens, n, c) = state_dims(l1)?;
         let args = [T(s1, l1), F32(s2, l2), T(s3, l3)];
-        let out = super::cuda::mix("postmix_fwd", s1.dtype(), &args, tokens, tokens * n * c, false, n, c)?;
+        let out = super::cuda::mix(
+            "postmix_fwd",
+            s1.dtype(),
+            &args,
+            tokens,
+            tokens * n * c,
+            false,
+            n,
+            c,
+        )?;
         Ok((out, l1.shape().clone()))
     }
 
@@ -171,7 +189,9 @@ impl CustomOp3 for PostMix {
         let n = coef.dim(candle_core::D::Minus2)?;
         let g = coef.apply_op2_no_bwd(&dy, &MixBwd::PostStateOut)?;
         let ds = g.narrow(candle_core::D::Minus2, 0, n)?;
-        let dout = g.narrow(candle_core::D::Minus2, n, 1)?.squeeze(candle_core::D::Minus2)?;
+        let dout = g
+            .narrow(candle_core::D::Minus2, n, 1)?
+            .squeeze(candle_core::D::Minus2)?;
         let dcoef = s.apply_op3_no_bwd(out, &dy, &MixBwd::PostCoef)?;
         Ok((Some(ds), Some(dcoef), Some(dout)))
     }
@@ -250,7 +270,8 @@ impl CustomOp2 for MixBwd {
                     for i in 0..m {
                         for j in 0..n {
                             for ch in 0..c {
-                                g[(t * m + i) * c + ch] += a[(t * n + j) * m + i] * d[(t * n + j) * c + ch];
+                                g[(t * m + i) * c + ch] +=
+                                    a[(t * n + j) * m + i] * d[(t * n + j) * c + ch];
                             }
                         }
                     }
@@ -277,18 +298,28 @@ impl CustomOp2 for MixBwd {
                 let mut shape = l2.dims().to_vec();
                 shape.insert(shape.len() - 1, n);
                 let args = [F32(s1, l1), T(s2, l2)];
-                let out = super::cuda::mix(name, s2.dtype(), &args, tokens, tokens * n * c, false, n, c)?;
+                let out =
+                    super::cuda::mix(name, s2.dtype(), &args, tokens, tokens * n * c, false, n, c)?;
                 (out, Shape::from(shape))
             }
             MixBwd::PrePre => {
                 let args = [T(s1, l1), T(s2, l2)];
-                let out = super::cuda::mix(name, s1.dtype(), &args, tokens, tokens * n, true, n, c)?;
+                let out =
+                    super::cuda::mix(name, s1.dtype(), &args, tokens, tokens * n, true, n, c)?;
                 (out, with_last(l1, 1, &[]))
             }
             MixBwd::PostStateOut => {
                 let args = [F32(s1, l1), T(s2, l2)];
-                let out =
-                    super::cuda::mix(name, s2.dtype(), &args, tokens, tokens * (n + 1) * c, false, n, c)?;
+                let out = super::cuda::mix(
+                    name,
+                    s2.dtype(),
+                    &args,
+                    tokens,
+                    tokens * (n + 1) * c,
+                    false,
+                    n,
+                    c,
+                )?;
                 (out, with_last(l2, 2, &[n + 1, c]))
             }
             MixBwd::PostCoef => bail!("post-mix coefficients' gradient takes three inputs"),
@@ -349,7 +380,16 @@ impl CustomOp3 for MixBwd {
         }
         let (tokens, n, c) = state_dims(l1)?;
         let args = [T(s1, l1), T(s2, l2), T(s3, l3)];
-        let out = super::cuda::mix(self.inputs(), s1.dtype(), &args, tokens, tokens * n * (n + 1), true, n, c)?;
+        let out = super::cuda::mix(
+            self.inputs(),
+            s1.dtype(),
+            &args,
+            tokens,
+            tokens * n * (n + 1),
+            true,
+            n,
+            c,
+        )?;
         Ok((out, with_last(l1, 1, &[n + 1])))
     }
 }

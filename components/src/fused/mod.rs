@@ -12,7 +12,8 @@
 //! - the attention core (attention.rs), whose (B, H, T, T) temporaries it keeps out of the
 //!   gradient store and out of memory between the passes;
 //! - mHC's stream mixing (mix.rs) and Sinkhorn rounds (sinkhorn.rs), tiny per-token matrix
-//!   work that composites spread over hundreds of launches a layer.
+//!   work that composites spread over hundreds of launches a layer;
+//! - AdamW's update (adam.rs), in place.
 //!
 //! Each is a candle CustomOp with `bwd`, so autograd runs through it. The CUDA kernels
 //! (fused.cu, compiled to PTX by build.rs under the `cuda` feature) do the work on the GPU;
@@ -21,6 +22,7 @@
 //! and the composite one on the CPU, whose results the README's measurements come from.
 
 mod activation;
+mod adam;
 mod attention;
 #[cfg(feature = "cuda")]
 mod cuda;
@@ -31,12 +33,13 @@ mod norm;
 mod sinkhorn;
 
 pub use activation::{Activation, ActivationBwd, Kind};
+pub use adam::{AdamPart, AdamUpdate};
 pub use attention::CausalAttention;
 pub use embedding::{Embedding, EmbeddingBwd};
 pub use head::{HeadPrep, HeadPrepBwd};
 pub use mix::{MixBwd, PostMix, PreMix, MAX_STREAMS};
-pub use sinkhorn::{Sinkhorn, SinkhornBwd, SINKHORN_MAX_ITERS, SINKHORN_MAX_STREAMS};
 pub use norm::{RmsNormBwdG, RmsNormBwdX, RmsNormGain, RmsNormPlain};
+pub use sinkhorn::{Sinkhorn, SinkhornBwd, SINKHORN_MAX_ITERS, SINKHORN_MAX_STREAMS};
 
 use candle_core::{
     backend::BackendStorage, bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout,
@@ -88,7 +91,8 @@ pub fn embedding(w: &Tensor, ids: &Tensor) -> Result<Tensor> {
 /// softmax(scale * scores) over the last axis with the causal mask, for scores (.., Tq, Tk)
 /// whose row i may see keys 0 ..= i + Tk - Tq. Computed in f32, returned in the input dtype.
 pub fn causal_softmax(scores: &Tensor, scale: f64) -> Result<Tensor> {
-    if scores.device().is_cuda() {
+    // The kernel keeps a row in registers: up to 8192 keys.
+    if scores.device().is_cuda() && scores.dim(D::Minus1)? <= 8192 {
         return scores.contiguous()?.apply_op1(CausalSoftmax { scale });
     }
     let dims = scores.dims();

@@ -70,12 +70,19 @@ fn forward(l: &[f32], n: usize, iters: usize) -> (Vec<f32>, Vec<f32>, Vec<Round>
     let mut rounds: Vec<Round> = Vec::with_capacity(iters.saturating_sub(1));
     let mut prev = m0.clone();
     for _ in 1..iters {
-        let colsum: Vec<f32> = (0..n).map(|j| (0..n).map(|i| prev[i * n + j]).sum()).collect();
+        let colsum: Vec<f32> = (0..n)
+            .map(|j| (0..n).map(|i| prev[i * n + j]).sum())
+            .collect();
         let c: Vec<f32> = (0..n * n).map(|q| prev[q] / colsum[q % n]).collect();
         let rowsum: Vec<f32> = (0..n).map(|i| c[i * n..][..n].iter().sum()).collect();
         let m: Vec<f32> = (0..n * n).map(|q| c[q] / rowsum[q / n]).collect();
         prev = m.clone();
-        rounds.push(Round { c, colsum, m, rowsum });
+        rounds.push(Round {
+            c,
+            colsum,
+            m,
+            rowsum,
+        });
     }
     (a_exp, m0, rounds, prev)
 }

@@ -253,7 +253,9 @@ fn cuda_kernels_match_the_cpu_ops() -> Result<()> {
                 .collect::<Result<_>>()?;
             let [q, k, v] = [0, 1, 2].map(|i| vars[i].as_tensor());
             let y = q.apply_op3(k, v, CausalAttention { scale: 0.125 })?;
-            let grads = (y.to_dtype(DType::F32)? * w.to_device(d)?)?.sum_all()?.backward()?;
+            let grads = (y.to_dtype(DType::F32)? * w.to_device(d)?)?
+                .sum_all()?
+                .backward()?;
             let mut out = vec![y];
             out.extend([q, k, v].map(|x| grads.get(x).unwrap().clone()));
             out.into_iter().map(|t| t.to_device(&Device::Cpu)).collect()
@@ -272,8 +274,12 @@ fn cuda_kernels_match_the_cpu_ops() -> Result<()> {
                 .map(|x| Var::from_tensor(&x.to_device(d)?))
                 .collect::<Result<_>>()?;
             let h = vs[0].as_tensor().apply_op2(vs[1].as_tensor(), PreMix)?;
-            let y = vs[0].as_tensor().apply_op3(vs[2].as_tensor(), &h, PostMix)?;
-            let grads = (y.to_dtype(DType::F32)? * w.to_device(d)?)?.sum_all()?.backward()?;
+            let y = vs[0]
+                .as_tensor()
+                .apply_op3(vs[2].as_tensor(), &h, PostMix)?;
+            let grads = (y.to_dtype(DType::F32)? * w.to_device(d)?)?
+                .sum_all()?
+                .backward()?;
             let mut out = vec![y];
             out.extend(vs.iter().map(|v| grads.get(v.as_tensor()).unwrap().clone()));
             out.into_iter().map(|t| t.to_device(&Device::Cpu)).collect()
@@ -281,7 +287,12 @@ fn cuda_kernels_match_the_cpu_ops() -> Result<()> {
         for (i, (a, b)) in run(&Device::Cpu)?.iter().zip(run(&gpu)?).enumerate() {
             // Coefficient gradients sum 768 products: scale the tolerance with them.
             let scale = if i >= 2 { 100.0 } else { 10.0 };
-            let rel = max_diff(a, &b)? / (1.0 + a.abs()?.max_all()?.to_dtype(DType::F32)?.to_scalar::<f32>()?);
+            let rel = max_diff(a, &b)?
+                / (1.0
+                    + a.abs()?
+                        .max_all()?
+                        .to_dtype(DType::F32)?
+                        .to_scalar::<f32>()?);
             assert!(rel < tol * scale, "{dtype:?} mixing #{i}: {rel}");
         }
         // Sinkhorn over a batch of tokens' 4 x 4 logits (always f32).
@@ -295,7 +306,30 @@ fn cuda_kernels_match_the_cpu_ops() -> Result<()> {
             Ok((y.to_device(&Device::Cpu)?, g))
         };
         let ((y1, g1), (y2, g2)) = (run(&Device::Cpu)?, run(&gpu)?);
-        assert!(max_diff(&y1, &y2)? < 1e-5 && max_diff(&g1, &g2)? < 1e-4, "sinkhorn");
+        assert!(
+            max_diff(&y1, &y2)? < 1e-5 && max_diff(&g1, &g2)? < 1e-4,
+            "sinkhorn"
+        );
+        // AdamW's in-place update, two steps.
+        let run = |d: &Device| -> Result<Vec<Tensor>> {
+            let g = randn(80, 100_000, 1.0)?.to_device(d)?;
+            let w = randn(81, 100_000, 1.0)?.to_device(d)?;
+            let (m, v) = (w.zeros_like()?, w.zeros_like()?);
+            let op = |what, p| AdamUpdate { what, p };
+            for t in 1..=2 {
+                let (b1, b2) = (1.0 - 0.9f32.powi(t), 1.0 - 0.95f32.powi(t));
+                m.inplace_op2(&g, &op(AdamPart::FirstMoment, [0.9, 0.1, 0.0, 0.0, 0.0]))?;
+                v.inplace_op2(&g, &op(AdamPart::SecondMoment, [0.95, 0.05, 0.0, 0.0, 0.0]))?;
+                w.inplace_op3(&m, &v, &op(AdamPart::Weight, [0.999, 1e-3, b1, b2, 1e-8]))?;
+            }
+            [m, v, w]
+                .iter()
+                .map(|t| t.to_device(&Device::Cpu))
+                .collect()
+        };
+        for (i, (a, b)) in run(&Device::Cpu)?.iter().zip(run(&gpu)?).enumerate() {
+            assert!(max_diff(a, &b)? < 1e-6, "adam #{i}");
+        }
         // Embedding rows and their scattered gradient, with ids repeating.
         let table = randn(7, (1000, 768), 1.0)?;
         let ids: Vec<u32> = (0..4096u32).map(|i| (i * 37) % 1000).collect();
@@ -504,7 +538,41 @@ fn sinkhorn_op_matches_the_composite_forward_and_backward() -> Result<()> {
             61,
         )?;
         assert!(max_diff(&y1, &y2)? < 1e-5, "iters {iters}");
-        assert!(max_diff(&g1, &g2)? < 1e-4, "iters {iters}: {}", max_diff(&g1, &g2)?);
+        assert!(
+            max_diff(&g1, &g2)? < 1e-4,
+            "iters {iters}: {}",
+            max_diff(&g1, &g2)?
+        );
     }
+    Ok(())
+}
+
+#[test]
+fn adam_update_in_place_follows_adamw_by_hand() -> Result<()> {
+    // One step from m = v = 0 with g = (1, -2), w = (0.5, 0.5), lr 0.1, decay 0.99, eps 1e-8,
+    // beta 0.9 / 0.999 at t = 1 (bias corrections 0.1 and 0.001): m = (0.1, -0.2),
+    // v = (0.001, 0.004), m^ = g, v^ = g^2, w = 0.99 w - 0.1 sign(g) (to eps).
+    let g = Tensor::new(&[1f32, -2.0], &Device::Cpu)?;
+    let m = Tensor::zeros(2, DType::F32, &Device::Cpu)?;
+    let v = Tensor::zeros(2, DType::F32, &Device::Cpu)?;
+    let w = Tensor::new(&[0.5f32, 0.5], &Device::Cpu)?;
+    let op = |what, p| AdamUpdate { what, p };
+    m.inplace_op2(&g, &op(AdamPart::FirstMoment, [0.9, 0.1, 0.0, 0.0, 0.0]))?;
+    v.inplace_op2(
+        &g,
+        &op(AdamPart::SecondMoment, [0.999, 0.001, 0.0, 0.0, 0.0]),
+    )?;
+    w.inplace_op3(&m, &v, &op(AdamPart::Weight, [0.99, 0.1, 0.1, 0.001, 1e-8]))?;
+    let close = |t: &Tensor, want: [f32; 2]| -> Result<()> {
+        let got = t.to_vec1::<f32>()?;
+        assert!(
+            (got[0] - want[0]).abs() < 1e-6 && (got[1] - want[1]).abs() < 1e-6,
+            "{got:?}"
+        );
+        Ok(())
+    };
+    close(&m, [0.1, -0.2])?;
+    close(&v, [0.001, 0.004])?;
+    close(&w, [0.395, 0.595])?;
     Ok(())
 }

@@ -9,6 +9,8 @@ use candle_core::{DType, Device, Result, Tensor};
 use registry::{restored, Entry, Optimizer, Param, ParamDoc, Spec, Stepper};
 use serde::{Deserialize, Serialize};
 
+use crate::fused::{AdamPart, AdamUpdate};
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AdamW {
@@ -83,11 +85,12 @@ impl AdamWState {
         let slots = params
             .iter()
             .map(|p| {
-                let zeros = p.var.as_tensor().zeros_like()?.to_dtype(DType::F32)?;
+                // Two tensors, not one shared: the GPU path updates them in place.
+                let zeros = || p.var.as_tensor().zeros_like()?.to_dtype(DType::F32);
                 Ok(Slot {
                     param: p.clone(),
-                    m: zeros.clone(),
-                    v: zeros,
+                    m: zeros()?,
+                    v: zeros()?,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -107,12 +110,38 @@ impl Stepper for AdamWState {
                 continue;
             };
             let g = g.to_dtype(DType::F32)?;
+            let decays = s.param.role.decays() && c.weight_decay > 0.0;
+            if s.m.device().is_cuda() && s.param.var.dtype() == DType::F32 {
+                // In place, three kernels (fused/adam.rs); the same arithmetic as below.
+                let g = g.contiguous()?;
+                let (b1, b2) = (c.beta1 as f32, c.beta2 as f32);
+                let part = |what, p| AdamUpdate { what, p };
+                s.m.inplace_op2(
+                    &g,
+                    &part(AdamPart::FirstMoment, [b1, 1.0 - b1, 0.0, 0.0, 0.0]),
+                )?;
+                s.v.inplace_op2(
+                    &g,
+                    &part(AdamPart::SecondMoment, [b2, 1.0 - b2, 0.0, 0.0, 0.0]),
+                )?;
+                let decay = if decays {
+                    1.0 - lr * c.weight_decay
+                } else {
+                    1.0
+                };
+                let p = [decay, lr, bias1, bias2, c.eps].map(|x| x as f32);
+                s.param
+                    .var
+                    .as_tensor()
+                    .inplace_op3(&s.m, &s.v, &part(AdamPart::Weight, p))?;
+                continue;
+            }
             s.m = ((&s.m * c.beta1)? + (&g * (1.0 - c.beta1))?)?;
             s.v = ((&s.v * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
             let m_hat = (&s.m / bias1)?;
             let v_hat = (&s.v / bias2)?;
             let mut w = s.param.var.as_tensor().to_dtype(DType::F32)?;
-            if s.param.role.decays() && c.weight_decay > 0.0 {
+            if decays {
                 w = (w * (1.0 - lr * c.weight_decay))?;
             }
             let update = (m_hat / (v_hat.sqrt()? + c.eps)?)?;

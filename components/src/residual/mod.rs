@@ -41,7 +41,9 @@ pub(crate) fn connect(
     if state.device().is_cuda() && n <= MAX_STREAMS {
         // Fused on the GPU (fused/mix.rs): coefficients per token in f32, [res | post].
         let per_token = |x: &Tensor, cols: usize| -> Result<Tensor> {
-            x.to_dtype(DType::F32)?.broadcast_as((b, t, n, cols))?.contiguous()
+            x.to_dtype(DType::F32)?
+                .broadcast_as((b, t, n, cols))?
+                .contiguous()
         };
         let pre = per_token(pre, 1)?.squeeze(3)?;
         let h = state.contiguous()?.apply_op2(&pre, PreMix)?;
