@@ -105,6 +105,12 @@ const EDITS: &[(&str, &str, &str, &str)] = &[
         "s.ron:5:89: train.log_every: must be at least 1",
     ),
     (
+        "unknown precision",
+        "log_every: 3",
+        "log_every: 3, precision: Fp16",
+        "s.ron:5:",
+    ),
+    (
         "negative grad_clip",
         "log_every: 3",
         "log_every: 3, grad_clip: -1.0",

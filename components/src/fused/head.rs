@@ -27,11 +27,11 @@ fn dims(op: &HeadPrep, ly: &Layout, lrot: &Layout) -> Result<(usize, usize, usiz
     let width = *ly.dims().last().unwrap_or(&0);
     let (t, n) = (op.seq, op.heads);
     let tokens = ly.shape().elem_count() / width.max(1);
-    if t == 0 || tokens % t != 0 {
+    if t == 0 || !tokens.is_multiple_of(t) {
         bail!("head prep: {tokens} tokens are not sequences of {t}");
     }
     let b = tokens / t;
-    if n == 0 || width % n != 0 || (width / n) % 2 != 0 {
+    if n == 0 || !width.is_multiple_of(n) || !(width / n).is_multiple_of(2) {
         bail!("head prep: width {width} is not {n} heads of an even size");
     }
     let hd = width / n;

@@ -157,12 +157,7 @@ pub(crate) fn cpu_values(s: &CpuStorage, l: &Layout, op: &str) -> Result<(Vec<f3
 
 pub(crate) fn cpu_storage(values: Vec<f32>, dtype: DType) -> CpuStorage {
     match dtype {
-        DType::BF16 => CpuStorage::BF16(
-            values
-                .into_iter()
-                .map(|x| half::bf16::from_f32(x))
-                .collect(),
-        ),
+        DType::BF16 => CpuStorage::BF16(values.into_iter().map(half::bf16::from_f32).collect()),
         _ => CpuStorage::F32(values),
     }
 }

@@ -73,6 +73,18 @@ fn trial_ids_depend_on_the_resolved_config_only() {
     assert_ne!(a.trials[0].id, c.trials[0].id);
     // The id is SHA-256 of the stored config, so anyone can recompute it.
     assert_eq!(a.trials[0].id, expand_trial_id(&a.trials[0].config));
+    // f32 is the default precision and stays out of the config, so sweeps recorded before
+    // the field existed keep their ids; bf16 is another trial.
+    let f32 = sweep("(attention: [Mha], ffn: [Gelu])", &["train.precision=F32"]).unwrap();
+    assert_eq!(a.trials[0].id, f32.trials[0].id);
+    assert!(!a.trials[0].config.contains("precision"));
+    let bf16 = sweep("(attention: [Mha], ffn: [Gelu])", &["train.precision=Bf16"]).unwrap();
+    assert_ne!(a.trials[0].id, bf16.trials[0].id);
+    assert!(
+        bf16.trials[0].config.contains("precision:Bf16"),
+        "{}",
+        bf16.trials[0].config
+    );
 }
 
 fn expand_trial_id(config: &str) -> String {
