@@ -5,7 +5,7 @@ use candle_core::{DType, Result, Tensor};
 use registry::{Dims, ParamBuilder, Role, Sublayer};
 
 use crate::fused::{causal_softmax, CausalAttention, HeadPrep};
-use crate::nn::{out_proj_std, rms_norm, rows, Linear, Rope, INIT_STD, NORM_EPS};
+use crate::nn::{out_proj_std, rms_norm, rows, unrows, Linear, Rope, INIT_STD, NORM_EPS};
 
 /// The head layout and position options an attention component resolves to.
 #[derive(Clone, Debug, PartialEq)]
@@ -105,18 +105,25 @@ impl CausalSelfAttention {
     /// (B, T, C) -> per-head outputs before the output projection, (B, T, C). Gated variants
     /// multiply this by their gate before calling [`Self::project`].
     pub fn attend(&self, x: &Tensor) -> Result<Tensor> {
+        unrows(&self.attend_rows(x)?, x)
+    }
+
+    /// (B, T, C) -> per-head outputs as rows (B T, C).
+    fn attend_rows(&self, x: &Tensor) -> Result<Tensor> {
         let (b, t, c) = x.dims3()?;
         let (h, kv, hd) = (self.shape.heads, self.shape.kv_heads, self.head_dim);
         // The projections act on rows (B T, C), flattened once (see `rows`).
         let r = rows(x)?;
         let q = self.heads(&self.q.forward(&r)?, b, t, h)?;
         let mut k = self.heads(&self.k.forward(&r)?, b, t, kv)?;
-        let mut v = self
-            .v
-            .forward(&r)?
-            .reshape((b, t, kv, hd))?
-            .transpose(1, 2)?
-            .contiguous()?; // (B, kv, T, hd)
+        let v = self.v.forward(&r)?;
+        let scale = 1.0 / (hd as f64).sqrt();
+        // The fused op's softmax keeps a row of scores in registers: up to 8192 keys.
+        let fused = x.device().is_cuda() && t <= 8192;
+        if fused && kv == h {
+            return q.apply_op3(&k, &v, CausalAttention { scale, rows: true });
+        }
+        let mut v = v.reshape((b, t, kv, hd))?.transpose(1, 2)?.contiguous()?; // (B, kv, T, hd)
         if kv != h {
             // Each key/value head serves heads / kv_heads consecutive query heads.
             let rep = h / kv;
@@ -128,15 +135,13 @@ impl CausalSelfAttention {
             k = widen(k)?;
             v = widen(v)?;
         }
-        let scale = 1.0 / (hd as f64).sqrt();
-        // The fused op's softmax keeps a row of scores in registers: up to 8192 keys.
-        let y = if x.device().is_cuda() && t <= 8192 {
-            q.apply_op3(&k, &v, CausalAttention { scale })?
+        let y = if fused {
+            q.apply_op3(&k, &v, CausalAttention { scale, rows: false })?
         } else {
             let scores = q.matmul(&k.t()?.contiguous()?)?; // (B, H, T, T)
             causal_softmax(&scores, scale)?.matmul(&v)?
         }; // (B, H, T, hd)
-        y.transpose(1, 2)?.reshape((b, t, c))
+        y.transpose(1, 2)?.reshape((b * t, c))
     }
 
     /// A query or key projection, rows (B T, n hd), as n heads (B, n, T, hd), QK-normed and
@@ -180,7 +185,7 @@ impl CausalSelfAttention {
 
 impl Sublayer for CausalSelfAttention {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.project(&self.attend(x)?)
+        unrows(&self.o.forward(&self.attend_rows(x)?)?, x)
     }
 }
 

@@ -252,7 +252,7 @@ fn cuda_kernels_match_the_cpu_ops() -> Result<()> {
                 .map(|x| Var::from_tensor(&x.to_device(d)?))
                 .collect::<Result<_>>()?;
             let [q, k, v] = [0, 1, 2].map(|i| vars[i].as_tensor());
-            let y = q.apply_op3(k, v, CausalAttention { scale: 0.125 })?;
+            let y = q.apply_op3(k, v, CausalAttention { scale: 0.125, rows: false })?;
             let grads = (y.to_dtype(DType::F32)? * w.to_device(d)?)?
                 .sum_all()?
                 .backward()?;
@@ -262,6 +262,25 @@ fn cuda_kernels_match_the_cpu_ops() -> Result<()> {
         };
         for (i, (a, b)) in run(&Device::Cpu)?.iter().zip(run(&gpu)?).enumerate() {
             assert!(max_diff(a, &b)? < 10.0 * tol, "{dtype:?} attention #{i}");
+        }
+        // The same with V and the output as rows (B T, H hd).
+        let v_rows = qkv[2].transpose(1, 2)?.contiguous()?.reshape((2 * 1024, 4 * 64))?;
+        let w_rows = w.transpose(1, 2)?.contiguous()?.reshape((2 * 1024, 4 * 64))?;
+        let run = |d: &Device| -> Result<Vec<Tensor>> {
+            let vars: Vec<Var> = [&qkv[0], &qkv[1], &v_rows]
+                .iter()
+                .map(|x| Var::from_tensor(&x.to_device(d)?))
+                .collect::<Result<_>>()?;
+            let [q, k, v] = [0, 1, 2].map(|i| vars[i].as_tensor());
+            let y = q.apply_op3(k, v, CausalAttention { scale: 0.125, rows: true })?;
+            let l = (y.to_dtype(DType::F32)? * w_rows.to_device(d)?)?.sum_all()?;
+            let grads = l.backward()?;
+            let mut out = vec![y];
+            out.extend([q, k, v].map(|x| grads.get(x).unwrap().clone()));
+            out.into_iter().map(|t| t.to_device(&Device::Cpu)).collect()
+        };
+        for (i, (a, b)) in run(&Device::Cpu)?.iter().zip(run(&gpu)?).enumerate() {
+            assert!(max_diff(a, &b)? < 10.0 * tol, "{dtype:?} attention on rows #{i}");
         }
         // Four-stream mixing at the model's width.
         let st = randn(50, (2, 256, 4, 768), 1.0)?.to_dtype(dtype)?;
@@ -470,7 +489,7 @@ fn attention_op_matches_the_composite_forward_and_backward() -> Result<()> {
     let run = |fused: bool| -> Result<Vec<Tensor>> {
         let [q, k, v] = [0, 1, 2].map(|i| inputs[i].as_tensor());
         let y = if fused {
-            q.apply_op3(k, v, CausalAttention { scale })?
+            q.apply_op3(k, v, CausalAttention { scale, rows: false })?
         } else {
             causal_softmax(&q.matmul(&k.t()?)?, scale)?.matmul(v)?
         };
@@ -574,5 +593,41 @@ fn adam_update_in_place_follows_adamw_by_hand() -> Result<()> {
     close(&m, [0.1, -0.2])?;
     close(&v, [0.001, 0.004])?;
     close(&w, [0.395, 0.595])?;
+    Ok(())
+}
+
+#[test]
+fn attention_op_on_rows_matches_the_one_on_heads() -> Result<()> {
+    // V given as rows (B T, H hd) and the output returned as rows: the same numbers as the
+    // op on heads, transposed, and the same gradients.
+    let (b, h, t, hd) = (2, 3, 5, 4);
+    let q = Var::from_tensor(&randn(90, (b, h, t, hd), 1.0)?)?;
+    let k = Var::from_tensor(&randn(91, (b, h, t, hd), 1.0)?)?;
+    let v_rows = Var::from_tensor(&randn(92, (b * t, h * hd), 1.0)?)?;
+    let w = randn(93, (b * t, h * hd), 1.0)?;
+    let to_rows = |y: &Tensor| -> Result<Tensor> { y.transpose(1, 2)?.reshape((b * t, h * hd)) };
+    let run = |rows: bool| -> Result<Vec<Tensor>> {
+        let op = CausalAttention { scale: 0.5, rows };
+        let y = if rows {
+            q.as_tensor().apply_op3(k.as_tensor(), v_rows.as_tensor(), op)?
+        } else {
+            let v = v_rows
+                .as_tensor()
+                .reshape((b, t, h, hd))?
+                .transpose(1, 2)?
+                .contiguous()?;
+            to_rows(&q.as_tensor().apply_op3(k.as_tensor(), &v, op)?)?
+        };
+        let grads = (&y * &w)?.sum_all()?.backward()?;
+        let mut out = vec![y];
+        for x in [&q, &k, &v_rows] {
+            out.push(grads.get(x.as_tensor()).expect("a gradient").clone());
+        }
+        Ok(out)
+    };
+    for (i, (a, b)) in run(true)?.iter().zip(run(false)?).enumerate() {
+        assert_eq!(a.dims(), b.dims(), "#{i}");
+        assert!(max_diff(a, &b)? < 1e-6, "#{i}");
+    }
     Ok(())
 }
