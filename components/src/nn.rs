@@ -59,6 +59,11 @@ impl Linear {
         Ok(Self { weight })
     }
 
+    /// The (out, in) f32 weight.
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
     /// (..., in) -> (..., out)
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let w = cast_like(&self.weight, x)?;

@@ -1,11 +1,11 @@
 //! The GPT-2 MLP (Radford et al. 2019): down(gelu(up(x))), exact erf GELU (PyTorch's default).
 
-use candle_core::{Result, Tensor};
+use candle_core::Result;
 use registry::{Dims, Entry, Ffn, ParamBuilder, ParamDoc, Spec, Sublayer};
 use serde::{Deserialize, Serialize};
 
 use super::{check_mult, Mlp};
-use crate::fused::{activation, Kind};
+use crate::fused::Kind;
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -25,13 +25,9 @@ impl Spec for Gelu {
     }
 }
 
-fn gelu_erf(x: &Tensor) -> Result<Tensor> {
-    activation(x, Kind::GeluErf)
-}
-
 impl Ffn for Gelu {
     fn build(&self, dims: &Dims, p: &ParamBuilder) -> Result<Box<dyn Sublayer>> {
-        Ok(Box::new(Mlp::new(self.mult, gelu_erf, dims, p)?))
+        Ok(Box::new(Mlp::new(self.mult, Kind::GeluErf, dims, p)?))
     }
 }
 
@@ -46,7 +42,7 @@ inventory::submit! {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::Device;
+    use candle_core::{Device, Tensor};
 
     #[test]
     fn gelu_values_match_the_erf_definition() -> Result<()> {

@@ -5,22 +5,18 @@ pub mod swiglu;
 use candle_core::{Result, Tensor};
 use registry::{Dims, ParamBuilder, Role, Sublayer};
 
-use crate::nn::{out_proj_std, rows, unrows, Linear, INIT_STD};
+use crate::fused::{activation, FusedMlp, Kind};
+use crate::nn::{cast_like, out_proj_std, rows, unrows, Linear, INIT_STD};
 
 /// The two-matrix MLP down(act(up x)) that Gelu and Relu2 differ in the activation of.
 pub(crate) struct Mlp {
     up: Linear,
     down: Linear,
-    act: fn(&Tensor) -> Result<Tensor>,
+    act: Kind,
 }
 
 impl Mlp {
-    pub(crate) fn new(
-        mult: f64,
-        act: fn(&Tensor) -> Result<Tensor>,
-        dims: &Dims,
-        p: &ParamBuilder,
-    ) -> Result<Self> {
+    pub(crate) fn new(mult: f64, act: Kind, dims: &Dims, p: &ParamBuilder) -> Result<Self> {
         let (c, h) = (dims.d_model, hidden_width(mult, dims.d_model));
         let down_std = out_proj_std(dims.n_layers);
         Ok(Self {
@@ -33,7 +29,13 @@ impl Mlp {
 
 impl Sublayer for Mlp {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let h = (self.act)(&self.up.forward(&rows(x)?)?)?;
+        if x.device().is_cuda() {
+            // One op on the GPU (fused/mlp.rs), the bf16 (or f32) weights as the input's.
+            let up = cast_like(self.up.weight(), x)?;
+            let down = cast_like(self.down.weight(), x)?;
+            return x.contiguous()?.apply_op3(&up, &down, FusedMlp(self.act));
+        }
+        let h = activation(&self.up.forward(&rows(x)?)?, self.act)?;
         unrows(&self.down.forward(&h)?, x)
     }
 }

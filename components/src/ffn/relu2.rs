@@ -2,12 +2,12 @@
 //! Goedel-mHC-1B): down(relu(up x)^2). Sparse like ReLU, smooth at the origin's right side,
 //! and cheaper than a gated unit at equal width.
 
-use candle_core::{Result, Tensor};
+use candle_core::Result;
 use registry::{Dims, Entry, Ffn, ParamBuilder, ParamDoc, Spec, Sublayer};
 use serde::{Deserialize, Serialize};
 
 use super::{check_mult, Mlp};
-use crate::fused::{activation, Kind};
+use crate::fused::Kind;
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -27,13 +27,9 @@ impl Spec for Relu2 {
     }
 }
 
-fn relu_squared(x: &Tensor) -> Result<Tensor> {
-    activation(x, Kind::Relu2)
-}
-
 impl Ffn for Relu2 {
     fn build(&self, dims: &Dims, p: &ParamBuilder) -> Result<Box<dyn Sublayer>> {
-        Ok(Box::new(Mlp::new(self.mult, relu_squared, dims, p)?))
+        Ok(Box::new(Mlp::new(self.mult, Kind::Relu2, dims, p)?))
     }
 }
 
@@ -48,13 +44,14 @@ inventory::submit! {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::fused::activation;
     use candle_core::{Device, Var};
 
     #[test]
     fn values_and_gradient_by_hand() -> Result<()> {
         // relu(x)^2 at (-2, 0.5, 3) = (0, 0.25, 9); derivative 2 relu(x) = (0, 1, 6).
         let x = Var::new(&[-2f32, 0.5, 3.0], &Device::Cpu)?;
-        let y = relu_squared(x.as_tensor())?;
+        let y = activation(x.as_tensor(), Kind::Relu2)?;
         assert_eq!(y.to_vec1::<f32>()?, vec![0.0, 0.25, 9.0]);
         let g = y.sum_all()?.backward()?;
         assert_eq!(

@@ -37,15 +37,28 @@ where
     let ls = Layout::contiguous((b, h, tq, tk));
     let p = softmax(&scores, &ls)?;
     if !rows {
-        return Ok((p.matmul(v, (b * h, tq, hd, tk), &ls, lv)?, lq.shape().clone()));
+        return Ok((
+            p.matmul(v, (b * h, tq, hd, tk), &ls, lv)?,
+            lq.shape().clone(),
+        ));
     }
     // Rows (B Tk, H hd) seen as (B, H, Tk, hd), copied contiguous for the batched GEMM.
-    let heads = Layout::contiguous_with_offset((b, tk, h, hd), lv.start_offset()).transpose(1, 2)?;
-    let mut vc = v.device().zeros_impl(&Shape::from((b, h, tk, hd)), v.dtype())?;
+    let heads =
+        Layout::contiguous_with_offset((b, tk, h, hd), lv.start_offset()).transpose(1, 2)?;
+    let mut vc = v
+        .device()
+        .zeros_impl(&Shape::from((b, h, tk, hd)), v.dtype())?;
     v.copy_strided_src(&mut vc, 0, &heads)?;
-    let y = p.matmul(&vc, (b * h, tq, hd, tk), &ls, &Layout::contiguous((b, h, tk, hd)))?;
+    let y = p.matmul(
+        &vc,
+        (b * h, tq, hd, tk),
+        &ls,
+        &Layout::contiguous((b, h, tk, hd)),
+    )?;
     let back = Layout::contiguous((b, h, tq, hd)).transpose(1, 2)?;
-    let mut out = y.device().zeros_impl(&Shape::from((b, tq, h, hd)), y.dtype())?;
+    let mut out = y
+        .device()
+        .zeros_impl(&Shape::from((b, tq, h, hd)), y.dtype())?;
     y.copy_strided_src(&mut out, 0, &back)?;
     Ok((out, Shape::from((b * tq, h * hd))))
 }
@@ -65,7 +78,9 @@ impl CustomOp3 for CausalAttention {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let op = CausalSoftmax { scale: self.scale };
-        attend((s1, l1), (s2, l2), (s3, l3), self.rows, |s, l| Ok(op.cpu_fwd(s, l)?.0))
+        attend((s1, l1), (s2, l2), (s3, l3), self.rows, |s, l| {
+            Ok(op.cpu_fwd(s, l)?.0)
+        })
     }
 
     #[cfg(feature = "cuda")]
@@ -113,7 +128,10 @@ impl CustomOp3 for CausalAttention {
         let dq = ds.matmul(&k)?;
         let dk = ds.t()?.matmul(&q)?;
         if self.rows {
-            dv = dv.transpose(1, 2)?.contiguous()?.reshape((b * tk, h * hd))?;
+            dv = dv
+                .transpose(1, 2)?
+                .contiguous()?
+                .reshape((b * tk, h * hd))?;
         }
         Ok((Some(dq), Some(dk), Some(dv)))
     }

@@ -7,7 +7,8 @@
 //!   the logits to f32 and taking max, exp, sum, log and gather over them;
 //! - RMSNorm (norm.rs), four a layer, each eight kernels forward as a composite;
 //! - the embedding's backward (embedding.rs), which candle runs in a single thread block;
-//! - the MLP activations (activation.rs), GELU's backward ten kernels as a composite;
+//! - the MLP activations (activation.rs), GELU's backward ten kernels as a composite, and
+//!   the whole two-matrix MLP (mlp.rs), its hidden activations recomputed in backward;
 //! - attention heads' layout, QK-norm and RoPE (head.rs), some twenty kernels as composites;
 //! - the attention core (attention.rs), whose (B, H, T, T) temporaries it keeps out of the
 //!   gradient store and out of memory between the passes;
@@ -29,6 +30,7 @@ mod cuda;
 mod embedding;
 mod head;
 mod mix;
+mod mlp;
 mod norm;
 mod sinkhorn;
 
@@ -38,6 +40,7 @@ pub use attention::CausalAttention;
 pub use embedding::{Embedding, EmbeddingBwd};
 pub use head::{HeadPrep, HeadPrepBwd};
 pub use mix::{MixBwd, PostMix, PreMix, MAX_STREAMS};
+pub use mlp::FusedMlp;
 pub use norm::{RmsNormBwdG, RmsNormBwdX, RmsNormGain, RmsNormPlain};
 pub use sinkhorn::{Sinkhorn, SinkhornBwd, SINKHORN_MAX_ITERS, SINKHORN_MAX_STREAMS};
 

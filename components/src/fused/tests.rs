@@ -252,7 +252,14 @@ fn cuda_kernels_match_the_cpu_ops() -> Result<()> {
                 .map(|x| Var::from_tensor(&x.to_device(d)?))
                 .collect::<Result<_>>()?;
             let [q, k, v] = [0, 1, 2].map(|i| vars[i].as_tensor());
-            let y = q.apply_op3(k, v, CausalAttention { scale: 0.125, rows: false })?;
+            let y = q.apply_op3(
+                k,
+                v,
+                CausalAttention {
+                    scale: 0.125,
+                    rows: false,
+                },
+            )?;
             let grads = (y.to_dtype(DType::F32)? * w.to_device(d)?)?
                 .sum_all()?
                 .backward()?;
@@ -264,15 +271,28 @@ fn cuda_kernels_match_the_cpu_ops() -> Result<()> {
             assert!(max_diff(a, &b)? < 10.0 * tol, "{dtype:?} attention #{i}");
         }
         // The same with V and the output as rows (B T, H hd).
-        let v_rows = qkv[2].transpose(1, 2)?.contiguous()?.reshape((2 * 1024, 4 * 64))?;
-        let w_rows = w.transpose(1, 2)?.contiguous()?.reshape((2 * 1024, 4 * 64))?;
+        let v_rows = qkv[2]
+            .transpose(1, 2)?
+            .contiguous()?
+            .reshape((2 * 1024, 4 * 64))?;
+        let w_rows = w
+            .transpose(1, 2)?
+            .contiguous()?
+            .reshape((2 * 1024, 4 * 64))?;
         let run = |d: &Device| -> Result<Vec<Tensor>> {
             let vars: Vec<Var> = [&qkv[0], &qkv[1], &v_rows]
                 .iter()
                 .map(|x| Var::from_tensor(&x.to_device(d)?))
                 .collect::<Result<_>>()?;
             let [q, k, v] = [0, 1, 2].map(|i| vars[i].as_tensor());
-            let y = q.apply_op3(k, v, CausalAttention { scale: 0.125, rows: true })?;
+            let y = q.apply_op3(
+                k,
+                v,
+                CausalAttention {
+                    scale: 0.125,
+                    rows: true,
+                },
+            )?;
             let l = (y.to_dtype(DType::F32)? * w_rows.to_device(d)?)?.sum_all()?;
             let grads = l.backward()?;
             let mut out = vec![y];
@@ -280,7 +300,10 @@ fn cuda_kernels_match_the_cpu_ops() -> Result<()> {
             out.into_iter().map(|t| t.to_device(&Device::Cpu)).collect()
         };
         for (i, (a, b)) in run(&Device::Cpu)?.iter().zip(run(&gpu)?).enumerate() {
-            assert!(max_diff(a, &b)? < 10.0 * tol, "{dtype:?} attention on rows #{i}");
+            assert!(
+                max_diff(a, &b)? < 10.0 * tol,
+                "{dtype:?} attention on rows #{i}"
+            );
         }
         // Four-stream mixing at the model's width.
         let st = randn(50, (2, 256, 4, 768), 1.0)?.to_dtype(dtype)?;
@@ -348,6 +371,37 @@ fn cuda_kernels_match_the_cpu_ops() -> Result<()> {
         };
         for (i, (a, b)) in run(&Device::Cpu)?.iter().zip(run(&gpu)?).enumerate() {
             assert!(max_diff(a, &b)? < 1e-6, "adam #{i}");
+        }
+        // The whole MLP at the model's width.
+        let x = randn(110, (2, 512, 768), 1.0)?.to_dtype(dtype)?;
+        let up = randn(111, (3072, 768), 0.02)?.to_dtype(dtype)?;
+        let down = randn(112, (768, 3072), 0.02)?.to_dtype(dtype)?;
+        let w = randn(113, (2, 512, 768), 1.0)?;
+        let run = |d: &Device| -> Result<Vec<Tensor>> {
+            let vs: Vec<Var> = [&x, &up, &down]
+                .iter()
+                .map(|t| Var::from_tensor(&t.to_device(d)?))
+                .collect::<Result<_>>()?;
+            let y = vs[0].as_tensor().apply_op3(
+                vs[1].as_tensor(),
+                vs[2].as_tensor(),
+                FusedMlp(Kind::GeluErf),
+            )?;
+            let grads = (y.to_dtype(DType::F32)? * w.to_device(d)?)?
+                .sum_all()?
+                .backward()?;
+            let mut out = vec![y];
+            out.extend(vs.iter().map(|v| grads.get(v.as_tensor()).unwrap().clone()));
+            out.into_iter().map(|t| t.to_device(&Device::Cpu)).collect()
+        };
+        for (i, (a, b)) in run(&Device::Cpu)?.iter().zip(run(&gpu)?).enumerate() {
+            let rel = max_diff(a, &b)?
+                / (1.0
+                    + a.abs()?
+                        .max_all()?
+                        .to_dtype(DType::F32)?
+                        .to_scalar::<f32>()?);
+            assert!(rel < 10.0 * tol, "{dtype:?} mlp #{i}: {rel}");
         }
         // Embedding rows and their scattered gradient, with ids repeating.
         let table = randn(7, (1000, 768), 1.0)?;
@@ -609,7 +663,8 @@ fn attention_op_on_rows_matches_the_one_on_heads() -> Result<()> {
     let run = |rows: bool| -> Result<Vec<Tensor>> {
         let op = CausalAttention { scale: 0.5, rows };
         let y = if rows {
-            q.as_tensor().apply_op3(k.as_tensor(), v_rows.as_tensor(), op)?
+            q.as_tensor()
+                .apply_op3(k.as_tensor(), v_rows.as_tensor(), op)?
         } else {
             let v = v_rows
                 .as_tensor()
@@ -628,6 +683,42 @@ fn attention_op_on_rows_matches_the_one_on_heads() -> Result<()> {
     for (i, (a, b)) in run(true)?.iter().zip(run(false)?).enumerate() {
         assert_eq!(a.dims(), b.dims(), "#{i}");
         assert!(max_diff(a, &b)? < 1e-6, "#{i}");
+    }
+    Ok(())
+}
+
+#[test]
+fn mlp_op_matches_the_composite_forward_and_backward() -> Result<()> {
+    let (b, t, c, hidden) = (2, 3, 6, 16);
+    let x = Var::from_tensor(&randn(100, (b, t, c), 1.0)?)?;
+    let up = Var::from_tensor(&randn(101, (hidden, c), 0.5)?)?;
+    let down = Var::from_tensor(&randn(102, (c, hidden), 0.5)?)?;
+    let w = randn(103, (b, t, c), 1.0)?;
+    for kind in [Kind::GeluErf, Kind::Relu2] {
+        let run = |fused: bool| -> Result<Vec<Tensor>> {
+            let y = if fused {
+                x.as_tensor()
+                    .apply_op3(up.as_tensor(), down.as_tensor(), FusedMlp(kind))?
+            } else {
+                let r = x.as_tensor().reshape((b * t, c))?;
+                let h = activation(&r.matmul(&up.as_tensor().t()?)?, kind)?;
+                h.matmul(&down.as_tensor().t()?)?.reshape((b, t, c))?
+            };
+            let grads = (&y * &w)?.sum_all()?.backward()?;
+            let mut out = vec![y];
+            for v in [&x, &up, &down] {
+                out.push(grads.get(v.as_tensor()).expect("a gradient").clone());
+            }
+            Ok(out)
+        };
+        for (i, (a, b)) in run(true)?.iter().zip(run(false)?).enumerate() {
+            assert_eq!(a.dims(), b.dims(), "{kind:?} #{i}");
+            assert!(
+                max_diff(a, &b)? < 1e-5,
+                "{kind:?} #{i}: {}",
+                max_diff(a, &b)?
+            );
+        }
     }
     Ok(())
 }

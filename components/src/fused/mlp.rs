@@ -1,0 +1,105 @@
+//! The two-matrix MLP down(act(up x)) as one op. Its hidden activations, four times the
+//! width of the model, are temporaries of the op: the backward pass recomputes them (one
+//! GEMM and the activation) instead of keeping them, and neither they nor the rows around them
+//! become nodes of candle's autograd graph, whose every gradient is zero-filled and added.
+
+use candle_core::backend::BackendStorage;
+use candle_core::{bail, CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tensor};
+
+use super::{Activation, ActivationBwd, Kind};
+
+/// (x (.., C), w_up (H, C), w_down (C, H)), all in the compute dtype -> (.., C).
+#[derive(Clone, Copy, Debug)]
+pub struct FusedMlp(pub Kind);
+
+/// (rows, c, hidden), checked.
+fn dims(lx: &Layout, lu: &Layout, ld: &Layout) -> Result<(usize, usize, usize)> {
+    let c = *lx.dims().last().unwrap_or(&0);
+    let (hidden, cu) = lu.shape().dims2()?;
+    if c == 0 || cu != c || ld.dims() != [c, hidden] {
+        bail!(
+            "fused MLP: x {:?}, up {:?}, down {:?} do not fit",
+            lx.dims(),
+            lu.dims(),
+            ld.dims()
+        );
+    }
+    Ok((lx.shape().elem_count() / c, c, hidden))
+}
+
+/// up, activation, down on either backend's storage.
+fn forward<S: BackendStorage>(
+    (x, lx): (&S, &Layout),
+    (up, lu): (&S, &Layout),
+    (down, ld): (&S, &Layout),
+    act: impl Fn(&S, &Layout) -> Result<S>,
+) -> Result<S> {
+    let (rows, c, hidden) = dims(lx, lu, ld)?;
+    let lx2 = Layout::contiguous_with_offset((rows, c), lx.start_offset());
+    let h = x.matmul(up, (1, rows, hidden, c), &lx2, &lu.transpose(0, 1)?)?;
+    let lh = Layout::contiguous((rows, hidden));
+    let a = act(&h, &lh)?;
+    a.matmul(down, (1, rows, c, hidden), &lh, &ld.transpose(0, 1)?)
+}
+
+impl CustomOp3 for FusedMlp {
+    fn name(&self) -> &'static str {
+        "mlp"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let act = Activation(self.0);
+        let y = forward((s1, l1), (s2, l2), (s3, l3), |s, l| {
+            Ok(act.cpu_fwd(s, l)?.0)
+        })?;
+        Ok((y, l1.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let kind = self.0 as i32;
+        let y = forward((s1, l1), (s2, l2), (s3, l3), |s, l| {
+            super::cuda::activation(s, l, None, kind)
+        })?;
+        Ok((y, l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        up: &Tensor,
+        down: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        // Detached: nothing computed here joins the autograd graph.
+        let (up, down) = (up.detach(), down.detach());
+        let c = up.dim(1)?;
+        let x2 = x.detach().reshape(((), c))?;
+        let dy = grad.detach().reshape(((), c))?;
+        let h = x2.matmul(&up.t()?)?;
+        let a = h.apply_op1_no_bwd(&Activation(self.0))?;
+        let d_down = dy.t()?.matmul(&a)?;
+        let da = dy.matmul(&down)?;
+        let dh = h.apply_op2_no_bwd(&da, &ActivationBwd(self.0))?;
+        let d_up = dh.t()?.matmul(&x2)?;
+        let dx = dh.matmul(&up)?.reshape(x.shape())?;
+        Ok((Some(dx), Some(d_up), Some(d_down)))
+    }
+}
