@@ -243,7 +243,7 @@ fn cuda_kernels_match_the_cpu_ops() -> Result<()> {
         }
         // The attention core at 1024 positions.
         let qkv: Vec<Tensor> = (0..3)
-            .map(|i| Ok((randn(30 + i, (2, 4, 1024, 64), 1.0)? * 0.5)?.to_dtype(dtype)?))
+            .map(|i| (randn(30 + i, (2, 4, 1024, 64), 1.0)? * 0.5)?.to_dtype(dtype))
             .collect::<Result<_>>()?;
         let w = randn(33, (2, 4, 1024, 64), 1.0)?;
         let run = |d: &Device| -> Result<Vec<Tensor>> {
