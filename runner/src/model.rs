@@ -66,15 +66,9 @@ impl Gpt {
         self
     }
 
-    /// Token ids (B, T) -> logits (B, T, V).
-    pub fn forward(&self, idx: &Tensor) -> Result<Tensor> {
-        let (b, t) = idx.dims2()?;
-        self.logits_2d(idx)?.reshape((b, t, ()))
-    }
-
     /// Token ids (B, T) -> logits (B T, V): the loss takes them in this shape, and every
     /// reshape of them would cost the backward pass a copy of the largest tensor of the step.
-    pub fn logits_2d(&self, idx: &Tensor) -> Result<Tensor> {
+    pub fn logits(&self, idx: &Tensor) -> Result<Tensor> {
         let (_, state) = self.trunk(idx, &mut |_, _, _| Ok(()))?;
         let x = self.norm_f.forward(&self.stream.reduce(&state)?)?;
         let (b, t, c) = x.dims3()?;
@@ -84,7 +78,7 @@ impl Gpt {
 
     /// Mean cross-entropy in nats per token of next tokens `targets` (B, T) given `idx`.
     pub fn loss(&self, idx: &Tensor, targets: &Tensor) -> Result<Tensor> {
-        let sum = cross_entropy_sum(&self.logits_2d(idx)?, &targets.flatten_all()?)?;
+        let sum = cross_entropy_sum(&self.logits(idx)?, &targets.flatten_all()?)?;
         sum / targets.elem_count() as f64
     }
 
@@ -154,13 +148,6 @@ impl Gpt {
 /// Sum over rows of -log softmax(logits)[target], in f32: logits (N, V), targets (N,) u32.
 pub fn cross_entropy_sum(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
     cross_entropy_rows(logits, targets)?.sum_all()
-}
-
-/// Mean cross-entropy in nats per token; logits (B, T, V), targets (B, T).
-pub fn loss(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
-    let (b, t, v) = logits.dims3()?;
-    let sum = cross_entropy_sum(&logits.reshape((b * t, v))?, &targets.flatten_all()?)?;
-    sum / (b * t) as f64
 }
 
 #[cfg(test)]
@@ -237,8 +224,8 @@ mod grad_tests {
                     // One step first, so parameters that start at zero by design (gates,
                     // low-rank branches) have moved and every path carries gradient.
                     let mut opt = optimizer.build(model.params())?;
-                    opt.step(&loss(&model.forward(&x)?, &y)?.backward()?, 10.0)?;
-                    let l32 = loss(&model.forward(&x)?, &y)?;
+                    opt.step(&model.loss(&x, &y)?.backward()?, 10.0)?;
+                    let l32 = model.loss(&x, &y)?;
                     let grads = l32.backward()?;
                     for p in model.params() {
                         let g = grads
@@ -259,7 +246,7 @@ mod grad_tests {
                     for (h, p) in half.params().iter().zip(model.params()) {
                         h.var.set(p.var.as_tensor())?;
                     }
-                    let l16 = loss(&half.forward(&x)?, &y)?;
+                    let l16 = half.loss(&x, &y)?;
                     assert_eq!(l16.dtype(), DType::F32);
                     let (a, b) = (l32.to_scalar::<f32>()?, l16.to_scalar::<f32>()?);
                     assert!((a - b).abs() < 0.02 * a, "{cell:?}: f32 {a} vs bf16 {b}");
@@ -370,10 +357,10 @@ mod optimizer_tests {
             assert_eq!(count.embedding, 32 * 16);
             assert!(count.total > count.embedding);
             let mut opt = optimizer.build(model.params())?;
-            let loss_now = || -> Result<f32> { loss(&model.forward(&x)?, &y)?.to_scalar::<f32>() };
+            let loss_now = || -> Result<f32> { model.loss(&x, &y)?.to_scalar::<f32>() };
             let first = loss_now()?;
             for _ in 0..30 {
-                let l = loss(&model.forward(&x)?, &y)?;
+                let l = model.loss(&x, &y)?;
                 opt.step(&backward(&l, model.params())?, 3.0)?;
             }
             let last = loss_now()?;

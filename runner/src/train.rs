@@ -79,7 +79,7 @@ impl ValSet {
     pub fn evaluate(&self, model: &Gpt) -> Result<(f64, f64)> {
         let mut nats = 0.0;
         for (x, y) in &self.batches {
-            let s = cross_entropy_sum(&model.logits_2d(x)?, &y.flatten_all()?)?;
+            let s = cross_entropy_sum(&model.logits(x)?, &y.flatten_all()?)?;
             nats += s.to_scalar::<f32>()? as f64;
         }
         Ok((nats / self.targets as f64, bits_per_byte(nats, self.bytes)))

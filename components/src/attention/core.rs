@@ -80,6 +80,9 @@ pub struct CausalSelfAttention {
     shape: AttentionShape,
     head_dim: usize,
     rope: Option<Rope>,
+    /// cos and sin of every position (2, seq_len, head_dim), the fused head op's table;
+    /// cos 1 and sin 0 without RoPE. Built once: the op reads it for q and k of every layer.
+    table: Tensor,
 }
 
 impl CausalSelfAttention {
@@ -91,6 +94,14 @@ impl CausalSelfAttention {
             Some(theta) => Some(Rope::new(head_dim, dims.seq_len, theta, p.device())?),
             None => None,
         };
+        let table = match &rope {
+            Some(rope) => rope.table(dims.seq_len)?,
+            None => {
+                let (t, hd) = (dims.seq_len, head_dim);
+                let ones = Tensor::ones((1, t, hd), DType::F32, p.device())?;
+                Tensor::cat(&[ones.clone(), ones.zeros_like()?], 0)?
+            }
+        };
         Ok(Self {
             q: Linear::new(c, c, INIT_STD, Role::Hidden, &p.pp("q"))?,
             k: Linear::new(c, kv_dim, INIT_STD, Role::Hidden, &p.pp("k"))?,
@@ -99,6 +110,7 @@ impl CausalSelfAttention {
             shape,
             head_dim,
             rope,
+            table,
         })
     }
 
@@ -149,15 +161,9 @@ impl CausalSelfAttention {
     fn heads(&self, y: &Tensor, b: usize, t: usize, n: usize) -> Result<Tensor> {
         let hd = self.head_dim;
         if y.device().is_cuda() {
-            let table = match &self.rope {
-                Some(rope) => rope.table(t)?,
-                None => Tensor::cat(
-                    &[
-                        Tensor::ones((1, t, hd), DType::F32, y.device())?,
-                        Tensor::zeros((1, t, hd), DType::F32, y.device())?,
-                    ],
-                    0,
-                )?,
+            let table = match self.table.dim(1)? {
+                full if full == t => self.table.clone(),
+                _ => self.table.narrow(1, 0, t)?.contiguous()?,
             };
             let op = HeadPrep {
                 seq: t,

@@ -9,6 +9,17 @@ use candle_core::cuda_backend::{CudaDType, WrapErr};
 use candle_core::{bail, CudaDevice, CudaStorage, DType, Layout, Result};
 use half::bf16;
 
+/// Runs the launcher macro `$run` with the element type of `$dtype`: bf16, or f32 (the kernels
+/// take nothing else; `suffix` refused any other dtype before).
+macro_rules! by_dtype {
+    ($dtype:expr, $run:ident) => {
+        match $dtype {
+            DType::BF16 => $run!(bf16),
+            _ => $run!(f32),
+        }
+    };
+}
+
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/fused.ptx"));
 const MODULE: &str = "sweep_fused";
 
@@ -82,10 +93,7 @@ pub fn causal_softmax_fwd(
             CudaStorage::wrap_cuda_slice(y, dev.clone())
         }};
     }
-    Ok(match s.dtype() {
-        DType::BF16 => run!(bf16),
-        _ => run!(f32),
-    })
+    Ok(by_dtype!(s.dtype(), run))
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -121,10 +129,7 @@ pub fn causal_softmax_bwd(
             CudaStorage::wrap_cuda_slice(y, dev.clone())
         }};
     }
-    Ok(match p.dtype() {
-        DType::BF16 => run!(bf16),
-        _ => run!(f32),
-    })
+    Ok(by_dtype!(p.dtype(), run))
 }
 
 pub fn cross_entropy_fwd(
@@ -150,10 +155,7 @@ pub fn cross_entropy_fwd(
             unsafe { b.launch(config(rows, v)) }.w()?;
         }};
     }
-    match logits.dtype() {
-        DType::BF16 => run!(bf16),
-        _ => run!(f32),
-    }
+    by_dtype!(logits.dtype(), run);
     Ok(CudaStorage::wrap_cuda_slice(loss, dev.clone()))
 }
 
@@ -185,10 +187,7 @@ pub fn cross_entropy_bwd(
             CudaStorage::wrap_cuda_slice(y, dev.clone())
         }};
     }
-    Ok(match logits.dtype() {
-        DType::BF16 => run!(bf16),
-        _ => run!(f32),
-    })
+    Ok(by_dtype!(logits.dtype(), run))
 }
 
 /// Rows per block of the one-warp-per-row kernels.
@@ -242,10 +241,7 @@ pub fn rms_norm_fwd(
             CudaStorage::wrap_cuda_slice(y, dev.clone())
         }};
     }
-    Ok(match s.dtype() {
-        DType::BF16 => run!(bf16),
-        _ => run!(f32),
-    })
+    Ok(by_dtype!(s.dtype(), run))
 }
 
 pub fn rms_norm_bwd_x(
@@ -279,10 +275,7 @@ pub fn rms_norm_bwd_x(
             CudaStorage::wrap_cuda_slice(dx, dev.clone())
         }};
     }
-    Ok(match x.dtype() {
-        DType::BF16 => run!(bf16),
-        _ => run!(f32),
-    })
+    Ok(by_dtype!(x.dtype(), run))
 }
 
 pub fn rms_norm_bwd_g(
@@ -319,10 +312,7 @@ pub fn rms_norm_bwd_g(
             unsafe { b.launch(cfg) }.w()?;
         }};
     }
-    match x.dtype() {
-        DType::BF16 => run!(bf16),
-        _ => run!(f32),
-    }
+    by_dtype!(x.dtype(), run);
     Ok(CudaStorage::wrap_cuda_slice(dg, dev.clone()))
 }
 
@@ -406,10 +396,7 @@ pub fn activation(
             CudaStorage::wrap_cuda_slice(y, dev.clone())
         }};
     }
-    Ok(match x.dtype() {
-        DType::BF16 => run!(bf16),
-        _ => run!(f32),
-    })
+    Ok(by_dtype!(x.dtype(), run))
 }
 
 /// Head preparation forward (`dout` none) or backward; see head.rs.
@@ -452,10 +439,7 @@ pub fn head_prep(
             CudaStorage::wrap_cuda_slice(o, dev.clone())
         }};
     }
-    Ok(match y.dtype() {
-        DType::BF16 => run!(bf16),
-        _ => run!(f32),
-    })
+    Ok(by_dtype!(y.dtype(), run))
 }
 
 /// An input of a stream-mixing kernel: in the compute dtype, or f32 (coefficients).
@@ -536,10 +520,7 @@ pub fn mix(
             result
         }};
     }
-    Ok(match dtype {
-        DType::BF16 => run!(bf16),
-        _ => run!(f32),
-    })
+    Ok(by_dtype!(dtype, run))
 }
 
 /// Sinkhorn forward (`dout` none) or backward, one thread per token.

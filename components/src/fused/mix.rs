@@ -198,7 +198,8 @@ impl CustomOp3 for PostMix {
 }
 
 impl MixBwd {
-    fn inputs(self) -> &'static str {
+    /// The kernel's name (fused.cu), also the op's.
+    fn kernel(self) -> &'static str {
         match self {
             MixBwd::PreState => "premix_bwd_s",
             MixBwd::PrePre => "premix_bwd_pre",
@@ -225,7 +226,7 @@ fn bwd_dims(op: MixBwd, l1: &Layout, l2: &Layout) -> Result<(usize, usize, usize
 
 impl CustomOp2 for MixBwd {
     fn name(&self) -> &'static str {
-        self.inputs()
+        self.kernel()
     }
 
     fn cpu_fwd(
@@ -236,8 +237,8 @@ impl CustomOp2 for MixBwd {
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (tokens, n, c) = bwd_dims(*self, l1, l2)?;
-        let (a, _) = cpu_values(s1, l1, self.inputs())?;
-        let (d, dtype) = cpu_values(s2, l2, self.inputs())?;
+        let (a, _) = cpu_values(s1, l1, self.kernel())?;
+        let (d, dtype) = cpu_values(s2, l2, self.kernel())?;
         Ok(match self {
             MixBwd::PreState => {
                 let mut ds = vec![0f32; tokens * n * c];
@@ -292,7 +293,7 @@ impl CustomOp2 for MixBwd {
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         use super::cuda::MixArg::{F32, T};
         let (tokens, n, c) = bwd_dims(*self, l1, l2)?;
-        let name = self.inputs();
+        let name = self.kernel();
         Ok(match self {
             MixBwd::PreState => {
                 let mut shape = l2.dims().to_vec();
@@ -329,7 +330,7 @@ impl CustomOp2 for MixBwd {
 
 impl CustomOp3 for MixBwd {
     fn name(&self) -> &'static str {
-        self.inputs()
+        self.kernel()
     }
 
     fn cpu_fwd(
@@ -342,12 +343,12 @@ impl CustomOp3 for MixBwd {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         if *self != MixBwd::PostCoef {
-            bail!("{} takes two inputs", self.inputs());
+            bail!("{} takes two inputs", self.kernel());
         }
         let (tokens, n, c) = state_dims(l1)?;
-        let (s, _) = cpu_values(s1, l1, self.inputs())?;
-        let (out, _) = cpu_values(s2, l2, self.inputs())?;
-        let (dy, _) = cpu_values(s3, l3, self.inputs())?;
+        let (s, _) = cpu_values(s1, l1, self.kernel())?;
+        let (out, _) = cpu_values(s2, l2, self.kernel())?;
+        let (dy, _) = cpu_values(s3, l3, self.kernel())?;
         let m = n + 1;
         let mut dk = vec![0f32; tokens * n * m];
         for t in 0..tokens {
@@ -376,12 +377,12 @@ impl CustomOp3 for MixBwd {
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         use super::cuda::MixArg::T;
         if *self != MixBwd::PostCoef {
-            bail!("{} takes two inputs", self.inputs());
+            bail!("{} takes two inputs", self.kernel());
         }
         let (tokens, n, c) = state_dims(l1)?;
         let args = [T(s1, l1), T(s2, l2), T(s3, l3)];
         let out = super::cuda::mix(
-            self.inputs(),
+            self.kernel(),
             s1.dtype(),
             &args,
             tokens,

@@ -19,8 +19,9 @@
 //! Each is a candle CustomOp with `bwd`, so autograd runs through it. The CUDA kernels
 //! (fused.cu, compiled to PTX by build.rs under the `cuda` feature) do the work on the GPU;
 //! `cpu_fwd` implements the same arithmetic, which the tests hold against the composite ops.
-//! Models call [`causal_softmax`] and [`cross_entropy_rows`], which take the fused path on CUDA
-//! and the composite one on the CPU, whose results the README's measurements come from.
+//! Models call the dispatching functions here ([`rms_norm`], [`cross_entropy_rows`], ...) or
+//! apply an op on CUDA tensors only; the CPU keeps candle's composites, whose results the
+//! README's measurements come from.
 
 mod activation;
 mod adam;
@@ -93,11 +94,9 @@ pub fn embedding(w: &Tensor, ids: &Tensor) -> Result<Tensor> {
 
 /// softmax(scale * scores) over the last axis with the causal mask, for scores (.., Tq, Tk)
 /// whose row i may see keys 0 ..= i + Tk - Tq. Computed in f32, returned in the input dtype.
+/// The composite: on CUDA, attention runs [`CausalAttention`], whose kernels are
+/// [`CausalSoftmax`] and its backward; this is the CPU's path and the ops' reference.
 pub fn causal_softmax(scores: &Tensor, scale: f64) -> Result<Tensor> {
-    // The kernel keeps a row in registers: up to 8192 keys.
-    if scores.device().is_cuda() && scores.dim(D::Minus1)? <= 8192 {
-        return scores.contiguous()?.apply_op1(CausalSoftmax { scale });
-    }
     let dims = scores.dims();
     let (tq, tk) = (dims[dims.len() - 2], dims[dims.len() - 1]);
     let mask = causal_mask(tk, scores.device())?

@@ -45,11 +45,12 @@ pub(crate) fn connect(
                 .broadcast_as((b, t, n, cols))?
                 .contiguous()
         };
+        let state = state.contiguous()?;
         let pre = per_token(pre, 1)?.squeeze(3)?;
-        let h = state.contiguous()?.apply_op2(&pre, PreMix)?;
+        let h = state.apply_op2(&pre, PreMix)?;
         let out = f(&h)?.contiguous()?;
         let coef = Tensor::cat(&[per_token(res, n)?, per_token(post, 1)?], 3)?;
-        return state.contiguous()?.apply_op3(&coef, &out, PostMix);
+        return state.apply_op3(&coef, &out, PostMix);
     }
     let dtype = state.dtype();
     let h = pre

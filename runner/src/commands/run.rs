@@ -520,24 +520,20 @@ fn gpu_ordinal(device: &str, spec: &str) -> Result<Option<usize>, InputError> {
     }
 }
 
-/// One device, for a worker: `cpu` or `cuda:N`.
+/// One device, for a worker or `sweep bench`: `cpu`, `cuda` or `cuda:N`, checked as
+/// [`parse_devices`] checks each of a list.
 pub fn parse_device(spec: &str) -> Result<Device, InputError> {
-    match spec {
-        "cpu" => Ok(Device::Cpu),
-        #[cfg(feature = "cuda")]
-        s if s == "cuda" || s.starts_with("cuda:") => {
-            let ordinal = s.strip_prefix("cuda:").unwrap_or("0");
-            let n: usize = ordinal
-                .parse()
-                .map_err(|_| InputError::new(format!("--device {s}: expected cuda or cuda:N")))?;
-            Device::new_cuda(n).map_err(|e| InputError::new(format!("--device {s}: {e}")))
+    let devices = parse_devices(spec)?;
+    let [one] = devices.as_slice() else {
+        return Err(InputError::new(format!(
+            "--device {spec}: one device here, e.g. --device cuda:0"
+        )));
+    };
+    match gpu_ordinal(one, spec)? {
+        None => Ok(Device::Cpu),
+        Some(n) => {
+            Device::new_cuda(n).map_err(|e| InputError::new(format!("--device {spec}: {e}")))
         }
-        s if s.starts_with("cuda") => Err(InputError::new(format!(
-            "--device {s}: this build of sweep has no CUDA support; use --device cpu"
-        ))),
-        s => Err(InputError::new(format!(
-            "--device {s}: unknown device; use --device cpu"
-        ))),
     }
 }
 
