@@ -212,67 +212,40 @@ fn gain_ptr<'a>(gain: Option<(&'a CudaStorage, &Layout)>) -> Result<Option<CudaV
     .transpose()
 }
 
-pub fn rms_norm_fwd(
-    s: &CudaStorage,
-    l: &Layout,
-    gain: Option<(&CudaStorage, &Layout)>,
-    eps: f32,
-) -> Result<CudaStorage> {
-    let dev = s.device();
-    let (rows, c) = super::norm::rows_cols(l)?;
-    let name = format!("rms_norm_fwd_{}", suffix(s.dtype())?);
-    let func = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
-    let g = gain_ptr(gain)?;
-    let null = 0u64;
-    let (rows32, c32) = (rows as i32, c as i32);
-    macro_rules! run {
-        ($t:ty) => {{
-            let x = view::<$t>(s, l)?;
-            let y = out::<$t>(dev, rows * c)?;
-            let mut b = func.builder();
-            b.arg(&x);
-            match &g {
-                Some(g) => b.arg(g),
-                None => b.arg(&null),
-            };
-            b.arg(&y).arg(&rows32).arg(&c32).arg(&eps);
-            // SAFETY: reads rows * c inputs and c gains, writes rows * c outputs.
-            unsafe { b.launch(row_config(rows)) }.w()?;
-            CudaStorage::wrap_cuda_slice(y, dev.clone())
-        }};
-    }
-    Ok(by_dtype!(s.dtype(), run))
-}
-
-pub fn rms_norm_bwd_x(
+/// RMSNorm forward (`dy` none) or its input gradient, with an optional f32 gain; see norm.rs.
+pub fn rms_norm(
     x: &CudaStorage,
     lx: &Layout,
     gain: Option<(&CudaStorage, &Layout)>,
-    dy: &CudaStorage,
-    ldy: &Layout,
+    dy: Option<(&CudaStorage, &Layout)>,
     eps: f32,
 ) -> Result<CudaStorage> {
     let dev = x.device();
     let (rows, c) = super::norm::rows_cols(lx)?;
-    let name = format!("rms_norm_bwd_x_{}", suffix(x.dtype())?);
+    let which = if dy.is_some() { "bwd_x" } else { "fwd" };
+    let name = format!("rms_norm_{which}_{}", suffix(x.dtype())?);
     let func = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
     let g = gain_ptr(gain)?;
     let null = 0u64;
     let (rows32, c32) = (rows as i32, c as i32);
     macro_rules! run {
         ($t:ty) => {{
-            let (xv, dyv) = (view::<$t>(x, lx)?, view::<$t>(dy, ldy)?);
-            let dx = out::<$t>(dev, rows * c)?;
+            let xv = view::<$t>(x, lx)?;
+            let dyv = dy.map(|(s, l)| view::<$t>(s, l)).transpose()?;
+            let y = out::<$t>(dev, rows * c)?;
             let mut b = func.builder();
             b.arg(&xv);
             match &g {
                 Some(g) => b.arg(g),
                 None => b.arg(&null),
             };
-            b.arg(&dyv).arg(&dx).arg(&rows32).arg(&c32).arg(&eps);
-            // SAFETY: reads rows * c of x and dy and c gains, writes rows * c.
+            if let Some(d) = &dyv {
+                b.arg(d);
+            }
+            b.arg(&y).arg(&rows32).arg(&c32).arg(&eps);
+            // SAFETY: reads rows * c of x (and dy) and c gains, writes rows * c outputs.
             unsafe { b.launch(row_config(rows)) }.w()?;
-            CudaStorage::wrap_cuda_slice(dx, dev.clone())
+            CudaStorage::wrap_cuda_slice(y, dev.clone())
         }};
     }
     Ok(by_dtype!(x.dtype(), run))

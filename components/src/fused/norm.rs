@@ -90,7 +90,7 @@ impl CustomOp1 for RmsNormPlain {
         s: &candle_core::CudaStorage,
         l: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let out = super::cuda::rms_norm_fwd(s, l, None, self.eps)?;
+        let out = super::cuda::rms_norm(s, l, None, None, self.eps)?;
         Ok((out, l.shape().clone()))
     }
 
@@ -127,7 +127,7 @@ impl CustomOp2 for RmsNormGain {
         s2: &candle_core::CudaStorage,
         l2: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let out = super::cuda::rms_norm_fwd(s1, l1, Some((s2, l2)), self.eps)?;
+        let out = super::cuda::rms_norm(s1, l1, Some((s2, l2)), None, self.eps)?;
         Ok((out, l1.shape().clone()))
     }
 
@@ -173,7 +173,7 @@ impl CustomOp2 for RmsNormBwdX {
         s2: &candle_core::CudaStorage,
         l2: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let out = super::cuda::rms_norm_bwd_x(s1, l1, None, s2, l2, self.eps)?;
+        let out = super::cuda::rms_norm(s1, l1, None, Some((s2, l2)), self.eps)?;
         Ok((out, l1.shape().clone()))
     }
 }
@@ -211,7 +211,7 @@ impl CustomOp3 for RmsNormBwdX {
         s3: &candle_core::CudaStorage,
         l3: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let out = super::cuda::rms_norm_bwd_x(s1, l1, Some((s2, l2)), s3, l3, self.eps)?;
+        let out = super::cuda::rms_norm(s1, l1, Some((s2, l2)), Some((s3, l3)), self.eps)?;
         Ok((out, l1.shape().clone()))
     }
 }
