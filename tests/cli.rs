@@ -536,3 +536,152 @@ fn a_device_list_runs_one_trial_per_device_at_a_time() {
     assert!(second < first_result, "{err}");
     assert_eq!(err.matches("] done").count(), 4, "{err}");
 }
+
+/// `sweep` with environment variables set (the parallel tests' faults and timeouts).
+fn sweep_env(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_sweep"))
+        .args(args)
+        .envs(env.iter().copied())
+        .current_dir(dir)
+        .output()
+        .expect("the sweep binary runs")
+}
+
+fn errors(db: &rusqlite::Connection) -> Vec<(String, Option<String>)> {
+    let mut q = db
+        .prepare("SELECT status, error FROM trials ORDER BY id")
+        .unwrap();
+    q.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect()
+}
+
+#[test]
+fn data_parallel_trials_run_two_at_once_on_two_ranks_each_and_rank_0_records() {
+    let dir = workdir("dp-two-by-two");
+    std::fs::write(dir.join("s.ron"), sweep_text(GRID)).unwrap();
+    let args = [
+        "run",
+        "s.ron",
+        "--device",
+        "cpu,cpu,cpu,cpu",
+        "--gpus-per-trial",
+        "2",
+    ];
+    let out = sweep(&dir, &args);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    let db = rusqlite::Connection::open(dir.join("sweep.db")).unwrap();
+    let sql = "SELECT COUNT(*) FROM trials WHERE status = 'done' \
+               AND device = 'cpu (2 ranks: cpu,cpu)' AND config LIKE '%gpus_per_trial:2%'";
+    assert_eq!(count(&db, sql), 2, "{err}");
+    // 6 steps logged every 3: two train/loss rows per trial, not one per rank.
+    let sql = "SELECT COUNT(*) FROM metrics WHERE name = 'train/loss'";
+    assert_eq!(count(&db, sql), 4);
+    // Both slots took a trial before the first ended.
+    let second = err.find("cpu,cpu 2/2").expect("the second trial starts");
+    assert!(second < err.find("] done").expect("a trial ends"), "{err}");
+}
+
+#[test]
+fn a_failing_rank_fails_its_trial_with_the_reason_and_the_sweep_goes_on() {
+    let dir = workdir("dp-rank-panics");
+    std::fs::write(dir.join("s.ron"), sweep_text(GRID)).unwrap();
+    let args = [
+        "run",
+        "s.ron",
+        "--device",
+        "cpu,cpu",
+        "--gpus-per-trial",
+        "2",
+    ];
+    let out = sweep_env(&dir, &args, &[("SWEEP_INJECT_FAULT", "1:2:panic")]);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    let db = rusqlite::Connection::open(dir.join("sweep.db")).unwrap();
+    let rows = errors(&db);
+    assert_eq!(rows.len(), 2, "{err}");
+    for (status, error) in rows {
+        assert_eq!(status, "failed");
+        let error = error.unwrap();
+        assert!(
+            error.contains("rank 1 (cpu): panic: injected panic at step 2"),
+            "{error}"
+        );
+    }
+}
+
+#[test]
+fn a_hung_rank_times_out_instead_of_hanging_the_sweep() {
+    let dir = workdir("dp-rank-hangs");
+    let text = sweep_text("(attention: [Mha(heads: 2)], ffn: [Gelu])");
+    std::fs::write(dir.join("s.ron"), text).unwrap();
+    let args = [
+        "run",
+        "s.ron",
+        "--device",
+        "cpu,cpu",
+        "--gpus-per-trial",
+        "2",
+    ];
+    let env = [
+        ("SWEEP_INJECT_FAULT", "1:2:hang"),
+        ("SWEEP_COLLECTIVE_TIMEOUT_S", "1"),
+    ];
+    let started = std::time::Instant::now();
+    let out = sweep_env(&dir, &args, &env);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(started.elapsed().as_secs() < 60, "{err}");
+    let db = rusqlite::Connection::open(dir.join("sweep.db")).unwrap();
+    let (status, error) = errors(&db).remove(0);
+    assert_eq!(status, "failed");
+    let error = error.unwrap();
+    assert!(
+        error.contains("rank 0 waited 1 s at a collective") && error.contains("were stopped"),
+        "{error}"
+    );
+}
+
+#[test]
+fn a_nan_on_one_rank_diverges_the_whole_trial() {
+    let dir = workdir("dp-rank-nan");
+    let text = sweep_text("(attention: [Mha(heads: 2)], ffn: [Gelu])");
+    std::fs::write(dir.join("s.ron"), text).unwrap();
+    let args = [
+        "run",
+        "s.ron",
+        "--device",
+        "cpu,cpu",
+        "--gpus-per-trial",
+        "2",
+    ];
+    let out = sweep_env(&dir, &args, &[("SWEEP_INJECT_FAULT", "1:2:nan")]);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    let db = rusqlite::Connection::open(dir.join("sweep.db")).unwrap();
+    assert_eq!(
+        errors(&db),
+        vec![(
+            "diverged".to_string(),
+            Some("diverged at step 2: train/loss is NaN".to_string())
+        )]
+    );
+}
+
+#[test]
+fn ranks_that_do_not_fit_the_device_list_are_refused() {
+    refused(
+        "dp-one-device",
+        &sweep_text(GRID),
+        &["--gpus-per-trial", "2"],
+        &["--device cpu: 1 device(s) do not split into groups of train.gpus_per_trial = 2"],
+    );
+    refused(
+        "dp-zero",
+        &sweep_text(GRID).replace("log_every: 3)", "log_every: 3, grad_accum: 0)"),
+        &[],
+        &["s.ron:5:", "train.grad_accum: must be at least 1, got 0"],
+    );
+}

@@ -14,6 +14,7 @@ pub mod gpu;
 pub mod memory;
 pub mod model;
 pub mod owner;
+pub mod parallel;
 pub mod spec;
 pub mod train;
 

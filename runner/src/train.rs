@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::time::Instant;
 
 use candle_core::backprop::GradStore;
-use candle_core::{Device, Result, Tensor};
+use candle_core::{DType, Device, Result, Tensor};
 use rand::SeedableRng;
 use rand_chacha::ChaCha12Rng;
 use registry::{restored, Dims, Param, ParamBuilder, Stepper};
@@ -14,15 +14,20 @@ use crate::checkpoint::{Checkpoints, Manifest};
 
 use crate::data::{bits_per_byte, Dataset, Split, Tokenizer};
 use crate::model::{cross_entropy_sum, Gpt};
+use crate::parallel::{self, Group};
 use crate::spec::{Precision, TrainSpec, Trial};
 
 /// Where a trial's metrics and progress go (the results store and the progress bar).
 pub trait Observer {
     fn record(&mut self, step: usize, name: &str, value: f64) -> Result<()>;
-    /// Called after every step with the step's training loss; an error stops training
-    /// there (Ctrl-C).
+    /// Called after every step with the step's training loss.
     fn step(&mut self, _step: usize, _loss: f64) -> Result<()> {
         Ok(())
+    }
+    /// Whether training should stop after the step under way (Ctrl-C). The ranks of a trial
+    /// agree on it within the step, so that all stop after the same one.
+    fn interrupted(&self) -> bool {
+        false
     }
     /// Called after every evaluation.
     fn eval(&mut self, _step: usize, _val_loss: f64, _val_bpb: f64) {}
@@ -56,8 +61,10 @@ pub struct ValSet {
 
 impl ValSet {
     pub fn new(val: &Split, tok: Tokenizer, train: &TrainSpec, device: &Device) -> Result<Self> {
+        // `eval_batches` global batches, in batches of `batch` that the ranks share: the
+        // same windows however a trial's batch is split over ranks and micro-batches.
         let (b, t) = (train.batch, train.seq_len);
-        let windows = val.spread(train.eval_batches * b, t + 1);
+        let windows = val.spread(train.eval_batches * train.global_batch(), t + 1);
         let mut batches = Vec::new();
         let mut bytes = 0;
         for chunk in windows.chunks(b * (t + 1)) {
@@ -75,12 +82,22 @@ impl ValSet {
         })
     }
 
-    /// Mean loss in nats per token and bits per byte of the subset.
-    pub fn evaluate(&self, model: &Gpt) -> Result<(f64, f64)> {
+    /// Mean loss in nats per token and bits per byte of the subset. The ranks of a trial
+    /// share the batches (rank r takes every world-th from r) and add up their losses.
+    pub fn evaluate(&self, model: &Gpt, group: &dyn Group) -> Result<(f64, f64)> {
+        let mine = self
+            .batches
+            .iter()
+            .skip(group.rank())
+            .step_by(group.world());
         let mut nats = 0.0;
-        for (x, y) in &self.batches {
+        for (x, y) in mine {
             let s = cross_entropy_sum(&model.logits(x)?, &y.flatten_all()?)?;
             nats += s.to_scalar::<f32>()? as f64;
+        }
+        if group.world() > 1 {
+            let all = Tensor::new(&[nats as f32], self.batches[0].0.device())?;
+            nats = group.sum(&all)?.to_vec1::<f32>()?[0] as f64;
         }
         Ok((nats / self.targets as f64, bits_per_byte(nats, self.bytes)))
     }
@@ -109,19 +126,31 @@ pub fn sampler(seed: u64) -> ChaCha12Rng {
     ChaCha12Rng::seed_from_u64(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ 0xda7a)
 }
 
-/// A random training batch of `b` windows: inputs and next-token targets, (b, t) each.
-pub fn batch(
+/// This rank's part of the next global batch: `spec.grad_accum` micro-batches of `spec.batch`
+/// windows, inputs and next-token targets, (batch, seq_len) each. Every rank draws the whole
+/// global batch, so that the ranks' samplers stay at one position, and micro-batch k of rank
+/// r is its (k world + r)-th slice: one rank of batch B, two of B/2, and one of B/2 with two
+/// micro-batches all train on the same windows.
+pub fn micro_batches(
     data: &Dataset,
     rng: &mut ChaCha12Rng,
-    b: usize,
-    t: usize,
+    spec: &TrainSpec,
+    group: &dyn Group,
     device: &Device,
-) -> Result<(Tensor, Tensor)> {
-    let (x, y) = split_xy(&data.train.sample(rng, b, t + 1), b, t);
-    Ok((
-        Tensor::from_vec(x, (b, t), device)?,
-        Tensor::from_vec(y, (b, t), device)?,
-    ))
+) -> Result<Vec<(Tensor, Tensor)>> {
+    let (b, t, world) = (spec.batch, spec.seq_len, group.world());
+    let windows = data.train.sample(rng, b * world * spec.grad_accum, t + 1);
+    let slice = b * (t + 1);
+    (0..spec.grad_accum)
+        .map(|k| {
+            let at = (k * world + group.rank()) * slice;
+            let (x, y) = split_xy(&windows[at..at + slice], b, t);
+            Ok((
+                Tensor::from_vec(x, (b, t), device)?,
+                Tensor::from_vec(y, (b, t), device)?,
+            ))
+        })
+        .collect()
 }
 
 /// A trial's model, built from its cell with its seed, computing in `precision`.
@@ -180,33 +209,91 @@ fn scale_grads(grads: &mut GradStore, params: &[Param], factor: f64) -> Result<(
     Ok(())
 }
 
-/// One optimizer step on the batch (x, y): forward, backward, the gradient norm, clipping to
-/// `clip` (0: none) and the update at `factor` times the peak learning rate. Returns the
-/// loss and the gradient norm before clipping, or, when either is not finite, what was not
-/// (and the weights are left as they were).
-#[allow(clippy::too_many_arguments)]
+/// One optimizer step: what it trains on and how.
+pub struct Step<'a> {
+    /// This rank's micro-batches (x, y) of the global batch ([`micro_batches`]).
+    pub micro: &'a [(Tensor, Tensor)],
+    /// Clip the gradient norm to this (0: no clipping).
+    pub clip: f64,
+    /// The schedule's factor of the peak learning rate.
+    pub factor: f64,
+    /// Whether this rank wants to stop after the step (see [`Observer::interrupted`]); asked
+    /// as late in the step as the ranks can still agree on it.
+    pub stop: &'a dyn Fn() -> bool,
+}
+
+/// What a step measured, the same on every rank.
+#[derive(Debug)]
+pub struct Stepped {
+    /// Mean loss over the global batch.
+    pub loss: f64,
+    /// Norm of the mean gradient, before clipping.
+    pub grad_norm: f64,
+    /// A rank asked to stop after this step.
+    pub stop: bool,
+}
+
+/// One optimizer step: forward and backward on each micro-batch with their gradients summed,
+/// the mean gradient over micro-batches and ranks, its norm, clipping and the update at
+/// `factor` times the peak learning rate. Returns what was measured or, when the loss or the
+/// gradient norm is not finite, what was not (and the weights are left as they were). Every
+/// rank of `group` takes the same step.
 pub fn step_on(
     model: &Gpt,
     opt: &mut dyn Stepper,
-    x: &Tensor,
-    y: &Tensor,
-    clip: f64,
-    factor: f64,
+    group: &dyn Group,
+    step: Step,
     mut phases: Option<&mut Phases>,
-) -> Result<std::result::Result<(f64, f64), String>> {
+) -> Result<std::result::Result<Stepped, String>> {
     let mut mark = |name: &'static str| match phases.as_deref_mut() {
         Some(p) => p.mark(name),
         None => Ok(()),
     };
     let params = model.params();
-    let l = model.loss(x, y)?;
-    mark("forward and loss")?;
-    let lv = l.to_scalar::<f32>()? as f64;
+    let mut sum: Option<(Tensor, GradStore)> = None;
+    for (x, y) in step.micro {
+        let l = model.loss(x, y)?;
+        mark("forward and loss")?;
+        let g = backward(&l, params)?;
+        sum = Some(match sum {
+            None => (l, g),
+            Some((total, mut grads)) => {
+                for p in params {
+                    if let (Some(a), Some(b)) =
+                        (grads.get(p.var.as_tensor()), g.get(p.var.as_tensor()))
+                    {
+                        let added = (a + b)?;
+                        grads.insert(p.var.as_tensor(), added);
+                    }
+                }
+                ((total + l)?, grads)
+            }
+        });
+        mark("backward")?;
+    }
+    let (loss, mut grads) = sum.expect("at least one micro-batch");
+    let n = (step.micro.len() * group.world()) as f64;
+    parallel::average_gradients(&mut grads, params, group, 1.0 / n, parallel::BUCKET_ELEMS)?;
+    // The loss and the wish to stop travel together; reading them is the step's one wait
+    // for the device before the gradient norm.
+    let status = Tensor::cat(
+        &[
+            loss.to_dtype(DType::F32)?.reshape(1)?,
+            Tensor::new(&[f32::from(u8::from((step.stop)()))], loss.device())?,
+        ],
+        0,
+    )?;
+    let status = match group.world() {
+        1 => status,
+        _ => group.sum(&status)?,
+    }
+    .to_vec1::<f32>()?;
+    mark("all-reduce")?;
+    let (lv, stop) = (status[0] as f64 / n, status[1] > 0.0);
     if !lv.is_finite() {
         return Ok(Err(format!("train/loss is {lv}")));
     }
-    let mut grads = backward(&l, params)?;
-    mark("backward")?;
+    let (clip, factor) = (step.clip, step.factor);
     let gn = grad_norm(&grads, params)?;
     if !gn.is_finite() {
         return Ok(Err(format!("grad_norm is {gn}")));
@@ -217,7 +304,11 @@ pub fn step_on(
     mark("grad norm and clip")?;
     opt.step(&grads, factor)?;
     mark("optimizer")?;
-    Ok(Ok((lv, gn)))
+    Ok(Ok(Stepped {
+        loss: lv,
+        grad_norm: gn,
+        stop,
+    }))
 }
 
 /// Where a step's time goes, for `sweep bench --phases`: the device is synchronized at every
@@ -265,6 +356,8 @@ pub struct Setting<'a> {
     pub data: &'a Dataset,
     pub val: &'a ValSet,
     pub device: &'a Device,
+    /// The trial's ranks; metrics, evaluations' side metrics and checkpoints come from rank 0.
+    pub group: &'a dyn Group,
 }
 
 /// Trains `model` for `spec.steps` steps, from the last checkpoint in `ckpt` if there is one
@@ -281,10 +374,13 @@ pub fn train(
         data,
         val,
         device,
+        group,
     } = setting;
-    let (b, t) = (spec.batch, spec.seq_len);
+    let lead = group.rank() == 0;
+    let tokens_per_step = spec.global_batch() * spec.seq_len;
     let mut rng = sampler(trial.seed);
     let params = model.params();
+    parallel::share_weights(params, group)?;
     let mut opt = trial.cell.optimizer.build(params)?;
     let peak = trial.cell.optimizer.lr();
     let eval_every = spec.eval_every();
@@ -312,9 +408,16 @@ pub fn train(
         let started = Instant::now();
         let factor = trial.cell.schedule.factor(step, spec.steps);
         let lr = peak * factor;
-        let (x, y) = batch(data, &mut rng, b, t, device)?;
-        let (lv, gn) = match step_on(model, opt.as_mut(), &x, &y, spec.grad_clip, factor, None)? {
-            Ok(values) => values,
+        inject_fault(model, group.rank(), step + 1)?;
+        let micro = micro_batches(data, &mut rng, spec, group, device)?;
+        let this = Step {
+            micro: &micro,
+            clip: spec.grad_clip,
+            factor,
+            stop: &|| obs.interrupted(),
+        };
+        let done = match step_on(model, opt.as_mut(), group, this, None)? {
+            Ok(done) => done,
             Err(what) => {
                 return Ok(Outcome::Diverged {
                     step: step + 1,
@@ -322,10 +425,14 @@ pub fn train(
                 })
             }
         };
+        let (lv, gn) = (done.loss, done.grad_norm);
         train_time += started.elapsed().as_secs_f64();
         loss_sum += lv;
         loss_n += 1;
         obs.step(step + 1, lv)?;
+        if done.stop {
+            candle_core::bail!("interrupted at step {}", step + 1);
+        }
 
         let last = step + 1 == spec.steps;
         if (step + 1) % spec.log_every == 0 || last {
@@ -336,16 +443,18 @@ pub fn train(
             obs.record(
                 s,
                 "tokens_per_s",
-                (loss_n * b * t) as f64 / train_time.max(1e-9),
+                (loss_n * tokens_per_step) as f64 / train_time.max(1e-9),
             )?;
             (loss_sum, loss_n, train_time) = (0.0, 0, 0.0);
         }
         if (step + 1) % eval_every == 0 || last {
-            let (vl, bpb) = val.evaluate(model)?;
+            let (vl, bpb) = val.evaluate(model, group)?;
             obs.record(step + 1, "val/loss", vl)?;
             obs.record(step + 1, "val/bpb", bpb)?;
-            for (name, v) in model.amplification(val.probe_batch())?.metrics() {
-                obs.record(step + 1, &name, v)?;
+            if lead {
+                for (name, v) in model.amplification(val.probe_batch())?.metrics() {
+                    obs.record(step + 1, &name, v)?;
+                }
             }
             obs.eval(step + 1, vl, bpb);
             if !vl.is_finite() {
@@ -361,7 +470,8 @@ pub fn train(
                 });
             }
         }
-        if let Some(c) = ckpt.filter(|c| c.every > 0 && (step + 1) % c.every == 0 && !last) {
+        let saving = |c: &&Checkpoints| lead && c.every > 0 && (step + 1) % c.every == 0 && !last;
+        if let Some(c) = ckpt.filter(saving) {
             obs.checkpoint(step + 1)?;
             c.save(
                 model,
@@ -381,6 +491,25 @@ pub fn train(
         }
     }
     unreachable!("the last step always evaluates")
+}
+
+/// A fault asked for by SWEEP_INJECT_FAULT (tests of failing ranks), at the start of `step`.
+fn inject_fault(model: &Gpt, rank: usize, step: usize) -> Result<()> {
+    match parallel::injected_fault(rank, step) {
+        None => Ok(()),
+        Some("error") => candle_core::bail!("injected fault at step {step}"),
+        Some("panic") => panic!("injected panic at step {step}"),
+        Some("hang") => loop {
+            std::thread::sleep(std::time::Duration::from_secs(3600));
+        },
+        Some("nan") => {
+            // A weight of this rank only goes bad, as a corrupted update would leave it.
+            let p = &model.params()[0];
+            let bad = (p.var.as_tensor().ones_like()? * f64::NAN)?;
+            p.var.set(&bad)
+        }
+        Some(other) => candle_core::bail!("SWEEP_INJECT_FAULT: unknown kind `{other}`"),
+    }
 }
 
 #[cfg(test)]
@@ -439,6 +568,7 @@ mod tests {
                 data: &data,
                 val: &val,
                 device: &device,
+                group: &parallel::Solo,
             };
             let out = train(trial, &model, setting, &mut log, ckpt);
             (out, log.rows)

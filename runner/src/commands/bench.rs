@@ -1,29 +1,34 @@
 //! `sweep bench FILE`: how fast each configuration of a sweep file trains on a device:
 //! tokens/s, model FLOPs utilization, median step time and peak device memory. Every cell of
 //! the grid is timed once (its first seed) with the file's train settings; nothing is
-//! recorded in a results DB.
+//! recorded in a results DB. With `--gpus-per-trial N` each configuration trains
+//! data-parallel on the N devices of `--device`, and tokens/s counts all of them.
 
 use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::Context;
-use candle_core::Device;
 
-use crate::commands::run::parse_device;
+use crate::commands::run::parse_devices;
 use crate::data::Dataset;
 use crate::error::{exit, InputError};
 use crate::gpu;
+use crate::parallel::{self, Rank};
 use crate::spec::{Sweep, Trial};
-use crate::train::{self, Phases};
+use crate::train::{self, Phases, Step};
 
 /// Time training steps of each configuration of a sweep file.
 #[derive(clap::Args, Debug)]
 pub struct Args {
     /// The sweep file (RON): its model, train settings (batch, seq_len, precision) and grid.
     pub file: PathBuf,
-    /// Where to train: cpu, or cuda / cuda:N in a build with the `cuda` feature.
+    /// Where to train: cpu, or cuda / cuda:N in a build with the `cuda` feature; a list
+    /// (cuda:0,1) with --gpus-per-trial.
     #[arg(long, default_value = "cpu")]
     pub device: String,
+    /// Train data-parallel on N devices (sets train.gpus_per_trial; --device lists N).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
+    pub gpus_per_trial: Option<u16>,
     /// Steps timed per configuration.
     #[arg(long, default_value_t = 20)]
     pub steps: usize,
@@ -44,6 +49,8 @@ pub struct Args {
 
 /// One configuration's measurements.
 struct Timing {
+    /// Rank 0's device, as the trial record names it.
+    device: String,
     params: u64,
     step_s: f64,
     tokens_per_s: f64,
@@ -53,22 +60,86 @@ struct Timing {
     phases: Vec<(&'static str, f64)>,
 }
 
-pub fn exec(args: Args) -> anyhow::Result<u8> {
+pub fn exec(mut args: Args) -> anyhow::Result<u8> {
     if args.steps == 0 {
         return Err(InputError::new("--steps must be at least 1").into());
     }
+    if let Some(n) = args.gpus_per_trial {
+        args.sets.push(format!("train.gpus_per_trial={n}"));
+    }
     let sweep = Sweep::load(&args.file, &args.sets)?;
-    let device = parse_device(&args.device)?;
-    gpu::prepare(&device)?;
-    let data = Dataset::load(&sweep.data, &sweep.source, sweep.train.seq_len)?;
-    let name = gpu::describe(&device);
-    let peak = args.peak_tflops.or_else(|| dense_bf16_peak(&name));
-    let dims = sweep.dims();
+    let devices = parse_devices(&args.device)?;
     let spec = &sweep.train;
-    let tokens = spec.batch * spec.seq_len;
+    if devices.len() != spec.gpus_per_trial {
+        return Err(InputError::new(format!(
+            "--device {}: lists {} device(s) for train.gpus_per_trial = {}; list one per rank \
+             (e.g. --device cuda:0,1 --gpus-per-trial 2)",
+            args.device,
+            devices.len(),
+            spec.gpus_per_trial
+        ))
+        .into());
+    }
+    let timeout = parallel::collective_timeout()?;
+    let data = Dataset::load(&sweep.data, &sweep.source, sweep.train.seq_len)?;
+    let dims = sweep.dims();
+    let tokens = spec.global_batch() * spec.seq_len;
+    let mut header = None;
+    let mut failed = 0;
+    let cells = sweep.trials.iter().filter(|t| t.seed == sweep.seeds[0]);
+    for trial in cells {
+        let label = if trial.label.is_empty() {
+            "-"
+        } else {
+            &trial.label
+        };
+        let body = |rank: Rank| time(&args, &sweep, trial, &data, rank);
+        let abandon = |why: &str| -> std::convert::Infallible {
+            println!("| {label} | failed: {why} ||||||");
+            std::process::exit(i32::from(exit::FAILED))
+        };
+        let timed = match parallel::run_ranks(&devices, timeout, &body, &abandon) {
+            Ok(Ok(mut by_rank)) => Ok(by_rank.swap_remove(0)),
+            Ok(Err(why)) => Err(anyhow::anyhow!(why)),
+            Err(e) => Err(e),
+        };
+        let name = match &timed {
+            Ok(t) => t.device.clone(),
+            Err(_) => devices.join(","),
+        };
+        let peak = args.peak_tflops.or_else(|| dense_bf16_peak(&name));
+        if header.is_none() {
+            header = Some(print_header(&args, &sweep, &name, tokens, peak));
+        }
+        match timed {
+            Ok(mut t) => {
+                let flops = flops_per_token(t.params, &dims, spec.seq_len);
+                t.mfu = peak.map(|p| flops * t.tokens_per_s / (p * 1e12 * devices.len() as f64));
+                print_row(label, &t, args.steps);
+            }
+            Err(e) => {
+                failed += 1;
+                println!("| {label} | failed: {e:#} ||||||");
+            }
+        }
+    }
+    Ok(if failed > 0 { exit::FAILED } else { exit::OK })
+}
+
+/// The table's title line and head.
+fn print_header(args: &Args, sweep: &Sweep, name: &str, tokens: usize, peak: Option<f64>) {
+    let (dims, spec) = (sweep.dims(), &sweep.train);
+    let ranks = match spec.gpus_per_trial {
+        1 => String::new(),
+        n => format!(" x {n} ranks"),
+    };
+    let accum = match spec.grad_accum {
+        1 => String::new(),
+        k => format!(" x {k} micro-batches"),
+    };
     println!(
-        "sweep bench {}: {name}; d_model {}, n_layers {}, vocab {}, batch {} x seq {} = {tokens} \
-         tokens/step, {:?}; {} warm-up + {} timed steps{}",
+        "sweep bench {}: {name}; d_model {}, n_layers {}, vocab {}, batch {}{accum}{ranks} x seq \
+         {} = {tokens} tokens/step, {:?}; {} warm-up + {} timed steps{}",
         args.file.display(),
         dims.d_model,
         dims.n_layers,
@@ -88,74 +159,74 @@ pub fn exec(args: Args) -> anyhow::Result<u8> {
         "| configuration | params | tokens/s | MFU | step (median) | peak memory | loss first -> last |"
     );
     println!("|---|---|---|---|---|---|---|");
-    let mut failed = 0;
-    let cells = sweep.trials.iter().filter(|t| t.seed == sweep.seeds[0]);
-    for trial in cells {
-        let label = if trial.label.is_empty() {
-            "-"
-        } else {
-            &trial.label
-        };
-        match time(&args, &sweep, trial, &data, &device, peak) {
-            Ok(t) => {
-                println!(
-                    "| {label} | {:.1}M | {:.0} | {} | {:.1} ms | {} | {:.3} -> {:.3} |",
-                    t.params as f64 / 1e6,
-                    t.tokens_per_s,
-                    t.mfu.map_or("-".into(), |m| format!("{:.1}%", 100.0 * m)),
-                    1e3 * t.step_s,
-                    t.peak_bytes.map_or("-".into(), |b| format!(
-                        "{:.1} GiB",
-                        b as f64 / (1u64 << 30) as f64
-                    )),
-                    t.loss.0,
-                    t.loss.1,
-                );
-                if !t.phases.is_empty() {
-                    let total: f64 = t.phases.iter().map(|(_, s)| s).sum();
-                    let parts: Vec<String> = t
-                        .phases
-                        .iter()
-                        .map(|(n, s)| {
-                            format!(
-                                "{n} {:.1} ms ({:.0}%)",
-                                1e3 * s / args.steps as f64,
-                                100.0 * s / total
-                            )
-                        })
-                        .collect();
-                    println!("|   phases per step | {} |||||", parts.join(", "));
-                }
-            }
-            Err(e) => {
-                failed += 1;
-                println!("| {label} | failed: {e:#} ||||||");
-            }
-        }
-    }
-    Ok(if failed > 0 { exit::FAILED } else { exit::OK })
 }
 
-/// Trains `trial` for warm-up and timed steps; each step ends with a synchronization, so the
-/// median is the step's wall time on the device.
+/// One configuration's row (and its phases).
+fn print_row(label: &str, t: &Timing, steps: usize) {
+    println!(
+        "| {label} | {:.1}M | {:.0} | {} | {:.1} ms | {} | {:.3} -> {:.3} |",
+        t.params as f64 / 1e6,
+        t.tokens_per_s,
+        t.mfu.map_or("-".into(), |m| format!("{:.1}%", 100.0 * m)),
+        1e3 * t.step_s,
+        t.peak_bytes.map_or("-".into(), |b| format!(
+            "{:.1} GiB",
+            b as f64 / (1u64 << 30) as f64
+        )),
+        t.loss.0,
+        t.loss.1,
+    );
+    if !t.phases.is_empty() {
+        let total: f64 = t.phases.iter().map(|(_, s)| s).sum();
+        let parts: Vec<String> = t
+            .phases
+            .iter()
+            .map(|(n, s)| {
+                format!(
+                    "{n} {:.1} ms ({:.0}%)",
+                    1e3 * s / steps as f64,
+                    100.0 * s / total
+                )
+            })
+            .collect();
+        println!("|   phases per step | {} |||||", parts.join(", "));
+    }
+}
+
+/// FLOPs per token as DESIGN.md counts them: 6 N for the weights' matmuls (forward and
+/// backward) plus 12 L d T for the attention scores and their use.
+fn flops_per_token(params: u64, dims: &registry::Dims, seq_len: usize) -> f64 {
+    6.0 * params as f64 + 12.0 * (dims.n_layers * dims.d_model * seq_len) as f64
+}
+
+/// Trains `trial` on one rank for warm-up and timed steps; each step ends with a
+/// synchronization, so the median is the step's wall time on the device (every rank takes
+/// part in every step; rank 0's times and memory are reported). MFU is left to the caller.
 fn time(
     args: &Args,
     sweep: &Sweep,
     trial: &Trial,
     data: &Dataset,
-    device: &Device,
-    peak: Option<f64>,
+    rank: Rank,
 ) -> anyhow::Result<Timing> {
-    let spec = &sweep.train;
+    let (spec, device, group) = (&sweep.train, &rank.device, rank.group.as_ref());
     let dims = sweep.dims();
+    // The device's memory pool outlives a configuration: its peak starts again with each.
+    gpu::reset_peak(device)?;
     let model = train::build(trial, &dims, spec.precision, device).context("building")?;
+    parallel::share_weights(model.params(), group)?;
     let mut opt = trial.cell.optimizer.build(model.params())?;
     let mut rng = train::sampler(trial.seed);
-    let (b, t) = (spec.batch, spec.seq_len);
     let mut step = |phases: Option<&mut Phases>| -> anyhow::Result<f64> {
-        let (x, y) = train::batch(data, &mut rng, b, t, device)?;
-        match train::step_on(&model, opt.as_mut(), &x, &y, spec.grad_clip, 1.0, phases)? {
-            Ok((loss, _)) => Ok(loss),
+        let micro = train::micro_batches(data, &mut rng, spec, group, device)?;
+        let this = Step {
+            micro: &micro,
+            clip: spec.grad_clip,
+            factor: 1.0,
+            stop: &|| false,
+        };
+        match train::step_on(&model, opt.as_mut(), group, this, phases)? {
+            Ok(done) => Ok(done.loss),
             Err(what) => anyhow::bail!("diverged: {what}"),
         }
     };
@@ -171,6 +242,7 @@ fn time(
         device.synchronize()?;
         times.push(started.elapsed().as_secs_f64());
     }
+    let peak_bytes = gpu::peak_bytes(device);
     let mut phases = Phases::new(device);
     if args.phases {
         for _ in 0..args.steps {
@@ -180,17 +252,13 @@ fn time(
     }
     times.sort_by(f64::total_cmp);
     let step_s = times[times.len() / 2];
-    let tokens_per_s = (b * t) as f64 / step_s;
-    let params = model.param_count().total;
-    // FLOPs per token as DESIGN.md counts them: 6 N for the weights' matmuls (forward and
-    // backward) plus 12 L d T for the attention scores and their use.
-    let flops = 6.0 * params as f64 + 12.0 * (dims.n_layers * dims.d_model * t) as f64;
     Ok(Timing {
-        params,
+        device: gpu::describe(device),
+        params: model.param_count().total,
         step_s,
-        tokens_per_s,
-        mfu: peak.map(|p| flops * tokens_per_s / (p * 1e12)),
-        peak_bytes: gpu::peak_bytes(device),
+        tokens_per_s: (spec.global_batch() * spec.seq_len) as f64 / step_s,
+        mfu: None,
+        peak_bytes,
         loss: (losses[0], *losses.last().expect("at least one step")),
         phases: phases.spent,
     })

@@ -35,6 +35,11 @@ pub struct Args {
     /// `cpu,cpu` runs two at once on the CPU.
     #[arg(long, default_value = "cpu")]
     pub device: String,
+    /// Train each trial data-parallel on N devices of the --device list (sets
+    /// train.gpus_per_trial): `--device cuda:0,1,2,3 --gpus-per-trial 2` runs two trials at
+    /// once on two GPUs each.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
+    pub gpus_per_trial: Option<u16>,
     /// Print the trial table and exit: nothing is trained or written.
     #[arg(long)]
     pub dry_run: bool,
@@ -166,6 +171,7 @@ fn supervise(
         tail
     });
     let mut summary = String::new();
+    let mut failure = None;
     let mut last_bpb = None;
     for line in BufReader::new(child.stdout.take().expect("piped"))
         .lines()
@@ -181,6 +187,7 @@ fn supervise(
             }
             ("line", _) => progress.println(rest.to_string()),
             ("result", _) => summary = rest.to_string(),
+            ("fail", _) => failure = Some(rest.to_string()),
             _ => progress.println(line.clone()),
         }
     }
@@ -191,6 +198,7 @@ fn supervise(
         Some(0) => Ended::Finished(summary),
         Some(c) if c == i32::from(INTERRUPTED_EXIT) => Ended::Interrupted,
         _ if INTERRUPTED.load(Ordering::SeqCst) => Ended::Interrupted,
+        _ if failure.is_some() => Ended::Died(failure.expect("matched")),
         code => Ended::Died(death(code, &status, &tail)),
     })
 }
@@ -242,9 +250,14 @@ fn death(code: Option<i32>, status: &std::process::ExitStatus, tail: &[String]) 
     }
 }
 
-pub fn exec(args: Args) -> anyhow::Result<u8> {
+pub fn exec(mut args: Args) -> anyhow::Result<u8> {
+    if let Some(n) = args.gpus_per_trial {
+        // After the file's own --set overrides, and passed on to the workers with them.
+        args.sets.push(format!("train.gpus_per_trial={n}"));
+    }
     let sweep = Sweep::load(&args.file, &args.sets)?;
     let devices = parse_devices(&args.device)?;
+    let slots = device_groups(&devices, sweep.train.gpus_per_trial, &args.device)?;
     if args.dry_run {
         print!("{}", plan(&sweep));
         return Ok(exit::OK);
@@ -332,12 +345,12 @@ pub fn exec(args: Args) -> anyhow::Result<u8> {
 
     ctrlc::set_handler(on_ctrl_c).context("installing the Ctrl-C handler")?;
     let me = owner::me();
-    let progress = Progress::new(todo.len() * sweep.train.steps, sweep.train.steps, &devices);
+    let progress = Progress::new(todo.len() * sweep.train.steps, sweep.train.steps, &slots);
     let mut busy = 0;
     // One worker per device at a time: a device takes the next trial it can claim as soon
     // as its last one ends. Only this thread touches the store; workers report over `done`.
     let (done, ended) = mpsc::channel();
-    let mut free: Vec<usize> = (0..devices.len()).rev().collect();
+    let mut free: Vec<usize> = (0..slots.len()).rev().collect();
     let mut queue = todo.iter().enumerate();
     let mut running = 0;
     std::thread::scope(|scope| -> anyhow::Result<()> {
@@ -357,8 +370,8 @@ pub fn exec(args: Args) -> anyhow::Result<u8> {
                 let slot = free.pop().expect("a free device");
                 let name = format!(
                     "{} {}/{} {} seed={}",
-                    if devices.len() > 1 {
-                        &devices[slot]
+                    if slots.len() > 1 {
+                        &slots[slot]
                     } else {
                         "trial"
                     },
@@ -369,7 +382,7 @@ pub fn exec(args: Args) -> anyhow::Result<u8> {
                 );
                 progress.start(slot, &name);
                 let (args, db, device, progress, done) =
-                    (&args, &db, &devices[slot], &progress, done.clone());
+                    (&args, &db, &slots[slot], &progress, done.clone());
                 scope.spawn(move || {
                     let started = Instant::now();
                     let ended = supervise(args, db, trial, device, progress, slot);
@@ -408,8 +421,8 @@ pub fn exec(args: Args) -> anyhow::Result<u8> {
                     (Status::Failed, cause)
                 }
             };
-            let on = if devices.len() > 1 {
-                format!(" on {}", devices[slot])
+            let on = if slots.len() > 1 {
+                format!(" on {}", slots[slot])
             } else {
                 String::new()
             };
@@ -500,6 +513,24 @@ pub fn parse_devices(spec: &str) -> Result<Vec<String>, InputError> {
     Ok(devices)
 }
 
+/// The devices each trial trains on at once: consecutive runs of `per_trial` devices of the
+/// list, each run one slot (a worker and its ranks).
+fn device_groups(
+    devices: &[String],
+    per_trial: usize,
+    spec: &str,
+) -> Result<Vec<String>, InputError> {
+    if devices.len() % per_trial != 0 {
+        return Err(InputError::new(format!(
+            "--device {spec}: {} device(s) do not split into groups of train.gpus_per_trial = \
+             {per_trial}; list a multiple of {per_trial} devices (e.g. --device cuda:0,1 for 2) \
+             or set --gpus-per-trial",
+            devices.len()
+        )));
+    }
+    Ok(devices.chunks(per_trial).map(|c| c.join(",")).collect())
+}
+
 /// The GPU number of one device of a `--device` list (`None` for the CPU), without starting
 /// it: the parent process keeps off the GPUs, as a CUDA context costs each of them memory.
 fn gpu_ordinal(device: &str, spec: &str) -> Result<Option<usize>, InputError> {
@@ -529,10 +560,15 @@ pub fn parse_device(spec: &str) -> Result<Device, InputError> {
             "--device {spec}: one device here, e.g. --device cuda:0"
         )));
     };
-    match gpu_ordinal(one, spec)? {
+    device_of(one)
+}
+
+/// The device of one entry of a checked device list (`cpu`, `cuda:N`).
+pub fn device_of(name: &str) -> Result<Device, InputError> {
+    match gpu_ordinal(name, name)? {
         None => Ok(Device::Cpu),
         Some(n) => {
-            Device::new_cuda(n).map_err(|e| InputError::new(format!("--device {spec}: {e}")))
+            Device::new_cuda(n).map_err(|e| InputError::new(format!("--device {name}: {e}")))
         }
     }
 }

@@ -2,24 +2,30 @@
 //! whatever kills it (an allocation failure aborts, the kernel's OOM killer sends SIGKILL, a
 //! CUDA fault) takes down that trial only. `sweep run` claims the trial, starts the worker,
 //! and reads its progress from the worker's stdout, one line per event:
-//! `step N LOSS`, `eval N VAL_LOSS VAL_BPB`, `line TEXT` (to show), `result TEXT` (the summary).
+//! `step N LOSS`, `eval N VAL_LOSS VAL_BPB`, `line TEXT` (to show), `result TEXT` (the summary),
+//! `fail TEXT` (why the trial failed, when the worker must die for it).
 //! The worker records metrics and the trial's outcome in the DB itself; if it dies first,
 //! `sweep run` marks the trial failed with the cause.
+//!
+//! A trial of `gpus_per_trial` N trains on the N devices of `--device`, one rank (thread) each
+//! (see `parallel`); rank 0 writes the metrics, checkpoints and outcome.
 
 use std::io::Write;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
 use std::time::Instant;
 
 use anyhow::Context;
 use results::{Status, Store};
 
 use crate::checkpoint::Checkpoints;
-use crate::commands::run::{parse_device, INTERRUPTED_EXIT};
+use crate::commands::run::{parse_devices, INTERRUPTED_EXIT};
 use crate::data::Dataset;
 use crate::error::{exit, InputError};
 use crate::gpu;
+use crate::parallel::{self, Rank};
 use crate::spec::{Sweep, Trial};
 use crate::train::{self, Observer, Outcome, ValSet};
 use crate::CODE_VERSION;
@@ -51,8 +57,17 @@ pub fn exec(args: Args) -> anyhow::Result<u8> {
     ctrlc::set_handler(|| INTERRUPTED.store(true, Ordering::SeqCst))
         .context("installing the signal handler")?;
     let sweep = Sweep::load(&args.file, &args.sets)?;
-    let device = parse_device(&args.device)?;
-    gpu::prepare(&device)?;
+    let devices = parse_devices(&args.device)?;
+    if devices.len() != sweep.train.gpus_per_trial {
+        return Err(InputError::new(format!(
+            "--device {}: {} device(s) for a trial of train.gpus_per_trial = {}",
+            args.device,
+            devices.len(),
+            sweep.train.gpus_per_trial
+        ))
+        .into());
+    }
+    let timeout = parallel::collective_timeout()?;
     let mut store = Store::open(&args.db)?;
     let generation = store.sweep_generation(&sweep.name)?.ok_or_else(|| {
         InputError::new(format!("{}: no sweep {}", args.db.display(), sweep.name))
@@ -62,19 +77,53 @@ pub fn exec(args: Args) -> anyhow::Result<u8> {
         InputError::new(format!("{}: no trial {}", args.file.display(), args.trial))
     })?;
     let data = Dataset::load(&sweep.data, &sweep.source, sweep.train.seq_len)?;
-    let val = ValSet::new(&data.val, data.tokenizer, &sweep.train, &device)?;
     let ckpt = Checkpoints::new(&args.db, &trial.id, sweep.train.checkpoint_every());
     let pipe = Pipe;
 
     let started = Instant::now();
-    let setting = train::Setting {
-        spec: &sweep.train,
-        data: &data,
-        val: &val,
-        device: &device,
+    let world = devices.len();
+    let lead_store = Mutex::new(Some(&mut store));
+    let rank_body = |rank: Rank| -> anyhow::Result<(Status, Option<String>, String)> {
+        let val = ValSet::new(&data.val, data.tokenizer, &sweep.train, &rank.device)?;
+        let setting = train::Setting {
+            spec: &sweep.train,
+            data: &data,
+            val: &val,
+            device: &rank.device,
+            group: rank.group.as_ref(),
+        };
+        let store = match rank.rank {
+            0 => lead_store.lock().unwrap_or_else(|e| e.into_inner()).take(),
+            _ => None,
+        };
+        let on = match world {
+            1 => gpu::describe(&rank.device),
+            n => format!(
+                "{} ({n} ranks: {})",
+                gpu::describe(&rank.device),
+                devices.join(",")
+            ),
+        };
+        let ended = run_trial(store, trial, setting, &sweep.dims(), &pipe, &ckpt, &on)?;
+        // A rank that failed must end the others' wait for it: as an error.
+        match ended {
+            (Status::Failed, Some(e), _) if world > 1 => Err(anyhow::anyhow!(e)),
+            ended => Ok(ended),
+        }
+    };
+    let abandon = |why: &str| -> std::convert::Infallible {
+        // Ranks stuck in a collective cannot be stopped; the process ends with them, at once
+        // (no exit handlers that would wait on their GPUs), and `sweep run` records why.
+        pipe.send(&format!("fail {}", why.replace('\n', " | ")));
+        let me = nix::unistd::Pid::this();
+        let _ = nix::sys::signal::kill(me, nix::sys::signal::Signal::SIGKILL);
+        unreachable!("killed")
     };
     let (status, error, summary) =
-        run_trial(&mut store, trial, setting, &sweep.dims(), &pipe, &ckpt)?;
+        match parallel::run_ranks(&devices, timeout, &rank_body, &abandon)? {
+            Ok(mut by_rank) => by_rank.swap_remove(0),
+            Err(why) => (Status::Failed, Some(why.clone()), format!("error: {why}")),
+        };
     if INTERRUPTED.load(Ordering::SeqCst) && status != Status::Done {
         store.release(&trial.id)?;
         return Ok(INTERRUPTED_EXIT);
@@ -120,70 +169,76 @@ impl Pipe {
     }
 }
 
-/// Builds and trains one trial, turning errors and panics into a `failed` status.
+/// Builds and trains one rank of a trial, turning errors and panics into a `failed` status.
+/// Rank 0 has the store (`Some`) and records the trial's start, metrics and final weights;
+/// `on` names its device(s) for the record.
 fn run_trial(
-    store: &mut Store,
+    store: Option<&mut Store>,
     trial: &Trial,
     setting: train::Setting,
     dims: &registry::Dims,
     pipe: &Pipe,
     ckpt: &Checkpoints,
+    on: &str,
 ) -> anyhow::Result<(Status, Option<String>, String)> {
     let device = setting.device;
     let built = catch_unwind(AssertUnwindSafe(|| {
         train::build(trial, dims, setting.spec.precision, device)
     }));
+    let mut store = store;
     let model = match built {
         Ok(Ok(m)) => m,
         Ok(Err(e)) => {
-            store.start_trial(&trial.id, &gpu::describe(device), CODE_VERSION, None)?;
+            if let Some(store) = store {
+                store.start_trial(&trial.id, on, CODE_VERSION, None)?;
+            }
             let msg = format!("building the model: {e}");
             return Ok((Status::Failed, Some(msg.clone()), msg));
         }
         Err(p) => {
-            store.start_trial(&trial.id, &gpu::describe(device), CODE_VERSION, None)?;
+            if let Some(store) = store {
+                store.start_trial(&trial.id, on, CODE_VERSION, None)?;
+            }
             let msg = format!("panic while building the model: {}", panic_message(&p));
             return Ok((Status::Failed, Some(msg.clone()), msg));
         }
     };
     // A trial with a checkpoint (left by a run that died) continues from it, keeping the
     // metrics recorded up to it.
-    match ckpt.latest_step(&trial.id) {
-        Some(step) => {
-            pipe.line(&format!(
-                "resuming {} from its checkpoint at step {step}",
-                trial.id
-            ));
-            store.resume_trial(
-                &trial.id,
-                step as u64,
-                &gpu::describe(device),
-                CODE_VERSION,
-                Some(model.param_count()),
-            )?
+    if let Some(store) = store.as_deref_mut() {
+        let count = Some(model.param_count());
+        match ckpt.latest_step(&trial.id) {
+            Some(step) => {
+                pipe.line(&format!(
+                    "resuming {} from its checkpoint at step {step}",
+                    trial.id
+                ));
+                store.resume_trial(&trial.id, step as u64, on, CODE_VERSION, count)?
+            }
+            None => store.start_trial(&trial.id, on, CODE_VERSION, count)?,
         }
-        None => store.start_trial(
-            &trial.id,
-            &gpu::describe(device),
-            CODE_VERSION,
-            Some(model.param_count()),
-        )?,
     }
-    let mut obs = Recorder {
+    let lead = store.is_some();
+    let mut recorder = store.map(|store| Recorder {
         store,
         trial: &trial.id,
         pipe,
         db_error: None,
-    };
+    });
     let result = catch_unwind(AssertUnwindSafe(|| {
-        train::train(trial, &model, setting, &mut obs, Some(ckpt))
+        let obs: &mut dyn Observer = match recorder.as_mut() {
+            Some(r) => r,
+            None => &mut Quiet,
+        };
+        train::train(trial, &model, setting, obs, Some(ckpt))
     }));
-    if let Some(e) = obs.db_error.take() {
+    if let Some(e) = recorder.as_mut().and_then(|r| r.db_error.take()) {
         return Err(e).context("writing metrics to the results database");
     }
     // Done: keep the final weights. Diverged: nothing to continue from. Failed: the
     // checkpoint stays for a retry.
     let kept = match &result {
+        _ if !lead => Ok(()),
         Ok(Ok(Outcome::Done { .. })) => ckpt.finish(&model),
         Ok(Ok(Outcome::Diverged { .. })) => ckpt.discard(),
         _ => Ok(()),
@@ -210,12 +265,7 @@ fn run_trial(
     })
 }
 
-fn panic_message(p: &Box<dyn std::any::Any + Send>) -> String {
-    p.downcast_ref::<&str>()
-        .map(|s| s.to_string())
-        .or_else(|| p.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "(no message)".into())
-}
+use parallel::panic_text as panic_message;
 
 /// Sends metrics to the store and progress to the parent.
 struct Recorder<'a> {
@@ -237,10 +287,11 @@ impl Observer for Recorder<'_> {
 
     fn step(&mut self, step: usize, loss: f64) -> candle_core::Result<()> {
         self.pipe.send(&format!("step {step} {loss}"));
-        if INTERRUPTED.load(Ordering::SeqCst) {
-            candle_core::bail!("interrupted at step {step}");
-        }
         Ok(())
+    }
+
+    fn interrupted(&self) -> bool {
+        INTERRUPTED.load(Ordering::SeqCst)
     }
 
     fn checkpoint(&mut self, _step: usize) -> candle_core::Result<()> {
@@ -256,5 +307,18 @@ impl Observer for Recorder<'_> {
         // Liveness for runners on other hosts; a failure here shows at the next flush.
         let _ = self.store.heartbeat(self.trial);
         self.pipe.send(&format!("eval {step} {val_loss} {val_bpb}"));
+    }
+}
+
+/// What ranks other than 0 report: nothing; they only hear Ctrl-C.
+struct Quiet;
+
+impl Observer for Quiet {
+    fn record(&mut self, _step: usize, _name: &str, _value: f64) -> candle_core::Result<()> {
+        Ok(())
+    }
+
+    fn interrupted(&self) -> bool {
+        INTERRUPTED.load(Ordering::SeqCst)
     }
 }

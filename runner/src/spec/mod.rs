@@ -60,6 +60,15 @@ pub struct TrainSpec {
     /// trial id) when it is the default, so that sweeps recorded before it existed resume.
     #[serde(default, skip_serializing_if = "Precision::is_f32")]
     pub precision: Precision,
+    /// Micro-batches of `batch` sequences whose gradients are summed into each step, for
+    /// global batches larger than memory allows. Left out of the config when 1.
+    #[serde(default = "one", skip_serializing_if = "is_one")]
+    pub grad_accum: usize,
+    /// GPUs (ranks) one trial trains on, data-parallel: each takes its own `batch` sequences
+    /// of every micro-batch, so a step sees `batch * gpus_per_trial * grad_accum` sequences.
+    /// It changes the global batch, so it is part of the config (when not 1).
+    #[serde(default = "one", skip_serializing_if = "is_one")]
+    pub gpus_per_trial: usize,
 }
 
 /// `Bf16`: bf16 matmuls and activations over f32 master weights; the optimizer state, norm
@@ -84,6 +93,12 @@ impl Precision {
     }
 }
 
+fn one() -> usize {
+    1
+}
+fn is_one(n: &usize) -> bool {
+    *n == 1
+}
 fn default_eval_batches() -> usize {
     8
 }
@@ -101,6 +116,11 @@ impl TrainSpec {
 
     pub fn checkpoint_every(&self) -> usize {
         self.checkpoint_every.unwrap_or_else(|| self.eval_every())
+    }
+
+    /// Sequences per optimizer step over all ranks and micro-batches.
+    pub fn global_batch(&self) -> usize {
+        self.batch * self.gpus_per_trial * self.grad_accum
     }
 }
 
@@ -321,6 +341,8 @@ fn check_train(source: &Source, t: &TrainSpec) -> Result<(), InputError> {
         ("train.seq_len", t.seq_len),
         ("train.eval_batches", t.eval_batches),
         ("train.log_every", t.log_every),
+        ("train.grad_accum", t.grad_accum),
+        ("train.gpus_per_trial", t.gpus_per_trial),
     ];
     for (path, v) in positive {
         if v == 0 {
