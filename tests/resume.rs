@@ -423,3 +423,52 @@ fn a_worker_killed_by_the_oom_killer_fails_its_trial_and_the_sweep_goes_on() {
     assert!(stderr(&retry).contains("resuming"), "{}", stderr(&retry));
     assert_complete(&db);
 }
+
+#[test]
+fn a_data_parallel_trial_stopped_by_ctrl_c_resumes_on_every_rank_to_the_uninterrupted_result() {
+    let dir = workdir("dp-ctrl-c");
+    std::fs::write(dir.join("s.ron"), long_sweep()).unwrap();
+    let ranks = ["--device", "cpu,cpu", "--gpus-per-trial", "2"];
+    let with = |extra: &[&'static str]| -> Vec<&'static str> {
+        let mut a = vec!["run", "s.ron"];
+        a.extend_from_slice(&ranks);
+        a.extend_from_slice(extra);
+        a
+    };
+    let reference = sweep(&dir, &with(&["--db", "whole.db"]));
+    assert_eq!(reference.status.code(), Some(0), "{}", stderr(&reference));
+
+    let child = spawn(&dir, &with(&[]));
+    let first = dir.join("sweep.checkpoints");
+    let started = Instant::now();
+    while !first.exists() && started.elapsed() < Duration::from_secs(60) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(50));
+    let status = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let out = child.wait_with_output().unwrap();
+    // Both ranks stop after the same step (they agree on it inside the step's all-reduce).
+    assert_eq!(out.status.code(), Some(130), "{}", stderr(&out));
+    let db = open(&dir, "sweep.db");
+    assert_eq!(
+        count(&db, "SELECT COUNT(*) FROM trials WHERE status = 'running'"),
+        0
+    );
+    let again = sweep(&dir, &with(&[]));
+    assert_eq!(again.status.code(), Some(0), "{}", stderr(&again));
+    assert!(stderr(&again).contains("resuming"), "{}", stderr(&again));
+    assert_complete(&db);
+    let (a, b) = (finals(&db), finals(&open(&dir, "whole.db")));
+    assert_eq!(a.len(), 4);
+    for ((l1, s1, v1), (l2, s2, v2)) in a.iter().zip(&b) {
+        assert_eq!((l1, s1), (l2, s2));
+        assert!(
+            (v1 - v2).abs() < 1e-6,
+            "{l1} seed {s1}: {v1} resumed, {v2} whole"
+        );
+    }
+}

@@ -220,10 +220,10 @@ fn the_slurm_scripts_run_every_shard_and_merge_them() {
     assert_eq!(run_jobs(&folder, 3), 1, "only the failed trial runs again");
     assert_eq!(count(&db, done), 6);
 
-    let gpus = sweep(&dir, &["slurm", "s.ron", "--gpus-per-task", "1"]);
+    let gpus = sweep(&dir, &["slurm", "s.ron", "--gpus-per-task", "4"]);
     assert_eq!(gpus.status.code(), Some(0));
     let array = std::fs::read_to_string(folder.join("array.sbatch")).unwrap();
-    assert!(array.contains("#SBATCH --gpus-per-task=1") && array.contains("--device cuda"));
+    assert!(array.contains("#SBATCH --gpus-per-task=4") && array.contains("--device cuda:0,1,2,3"));
 }
 
 /// Against a real Slurm: `.ci/run` starts a one-node cluster and sets SWEEP_SLURM_TEST=1.

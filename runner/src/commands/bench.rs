@@ -84,7 +84,7 @@ pub fn exec(mut args: Args) -> anyhow::Result<u8> {
     let data = Dataset::load(&sweep.data, &sweep.source, sweep.train.seq_len)?;
     let dims = sweep.dims();
     let tokens = spec.global_batch() * spec.seq_len;
-    let mut header = None;
+    let mut header_shown = false;
     let mut failed = 0;
     let cells = sweep.trials.iter().filter(|t| t.seed == sweep.seeds[0]);
     for trial in cells {
@@ -103,13 +103,15 @@ pub fn exec(mut args: Args) -> anyhow::Result<u8> {
             Ok(Err(why)) => Err(anyhow::anyhow!(why)),
             Err(e) => Err(e),
         };
-        let name = match &timed {
-            Ok(t) => t.device.clone(),
-            Err(_) => devices.join(","),
+        let name = match (&timed, devices.len()) {
+            (Ok(t), 1) => t.device.clone(),
+            (Ok(t), n) => format!("{} ({n} ranks: {})", t.device, devices.join(",")),
+            (Err(_), _) => devices.join(","),
         };
         let peak = args.peak_tflops.or_else(|| dense_bf16_peak(&name));
-        if header.is_none() {
-            header = Some(print_header(&args, &sweep, &name, tokens, peak));
+        if !header_shown {
+            print_header(&args, &sweep, &name, tokens, peak);
+            header_shown = true;
         }
         match timed {
             Ok(mut t) => {

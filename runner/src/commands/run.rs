@@ -520,7 +520,7 @@ fn device_groups(
     per_trial: usize,
     spec: &str,
 ) -> Result<Vec<String>, InputError> {
-    if devices.len() % per_trial != 0 {
+    if !devices.len().is_multiple_of(per_trial) {
         return Err(InputError::new(format!(
             "--device {spec}: {} device(s) do not split into groups of train.gpus_per_trial = \
              {per_trial}; list a multiple of {per_trial} devices (e.g. --device cuda:0,1 for 2) \
@@ -668,16 +668,23 @@ pub fn plan(sweep: &Sweep) -> String {
         sweep.seeds.len(),
         sweep.source.path.display()
     );
+    let train = &sweep.train;
+    let mut batch = train.batch.to_string();
+    if train.gpus_per_trial > 1 {
+        batch += &format!(" x {} ranks", train.gpus_per_trial);
+    }
+    if train.grad_accum > 1 {
+        batch += &format!(" x {} micro-batches", train.grad_accum);
+    }
     s += &format!(
-        "model: d_model {}, n_layers {}, vocab {}; train: {} steps of {} x {} tokens, \
+        "model: d_model {}, n_layers {}, vocab {}; train: {} steps of {batch} x {} tokens, \
          eval every {}\n\n",
         dims.d_model,
         dims.n_layers,
         dims.vocab,
-        sweep.train.steps,
-        sweep.train.batch,
-        sweep.train.seq_len,
-        sweep.train.eval_every()
+        train.steps,
+        train.seq_len,
+        train.eval_every()
     );
     s += &format!(
         "{:>4}  {:<16}  {:>4}  {:>4}  label\n",

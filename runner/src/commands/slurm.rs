@@ -26,7 +26,8 @@ pub struct Args {
     /// Slurm partition (default: the cluster's).
     #[arg(long)]
     pub partition: Option<String>,
-    /// GPUs per array task; the shards then train with --device cuda on the GPUs Slurm gives.
+    /// GPUs per array task; the shards then train with --device cuda:0,..,G-1 on the GPUs
+    /// Slurm gives (trials side by side, or data-parallel with train.gpus_per_trial).
     #[arg(long)]
     pub gpus_per_task: Option<u32>,
     /// Time limit per task, in Slurm's format (e.g. 4:00:00).
@@ -154,9 +155,11 @@ impl Scripts<'_> {
             quote(&self.file.display().to_string()),
             a.shards
         );
-        if a.gpus_per_task.is_some() {
-            // Slurm sets CUDA_VISIBLE_DEVICES to the task's GPUs.
-            cmd += " --device cuda";
+        if let Some(g) = a.gpus_per_task {
+            // Slurm sets CUDA_VISIBLE_DEVICES to the task's GPUs, numbered from 0 here: a
+            // trial on each at a time, or data-parallel trials with train.gpus_per_trial.
+            let gpus: Vec<String> = (0..g.max(1)).map(|i| i.to_string()).collect();
+            cmd += &format!(" --device cuda:{}", gpus.join(","));
         }
         for set in &a.sets {
             cmd += &format!(" --set {}", quote(set));

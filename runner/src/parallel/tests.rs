@@ -146,6 +146,9 @@ fn a_collective_nobody_joins_times_out() {
     assert!(err.contains("rank 0 waited 0 s at a collective"), "{err}");
 }
 
+/// (step, metric, value) rows.
+type Rows = Vec<(usize, String, f64)>;
+
 /// Records the training loss and the validation loss of every step.
 #[derive(Default)]
 struct Curve(Vec<(usize, String, f64)>);
@@ -161,7 +164,7 @@ impl Observer for Curve {
 
 /// The loss curve of one trial trained with `sets` on `devices` (one rank each), as rank 0
 /// records it, and whether every rank ended with the same weights.
-fn curve(sets: &[&str], devices: &[&str]) -> (Vec<(usize, String, f64)>, bool) {
+fn curve(sets: &[&str], devices: &[&str]) -> (Rows, bool) {
     let corpus =
         Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/tinyshakespeare/input.txt");
     let text = format!(
@@ -181,7 +184,7 @@ fn curve(sets: &[&str], devices: &[&str]) -> (Vec<(usize, String, f64)>, bool) {
     let data = crate::data::Dataset::load(&sweep.data, &sweep.source, 16).unwrap();
     let trial = &sweep.trials[0];
     let devices: Vec<String> = devices.iter().map(|d| d.to_string()).collect();
-    let body = |rank: Rank| -> anyhow::Result<(Vec<(usize, String, f64)>, Vec<f32>)> {
+    let body = |rank: Rank| -> anyhow::Result<(Rows, Vec<f32>)> {
         let val = ValSet::new(&data.val, data.tokenizer, &sweep.train, &rank.device)?;
         let model = train::build(trial, &sweep.dims(), sweep.train.precision, &rank.device)?;
         let setting = Setting {
