@@ -69,16 +69,29 @@ impl Gpt {
     /// Token ids (B, T) -> logits (B T, V): the loss takes them in this shape, and every
     /// reshape of them would cost the backward pass a copy of the largest tensor of the step.
     pub fn logits(&self, idx: &Tensor) -> Result<Tensor> {
+        let (x, head) = self.head_input(idx)?;
+        x.matmul(&head.t()?)
+    }
+
+    /// The final hidden states as rows (B T, C) and the output head's weight (V, C).
+    fn head_input(&self, idx: &Tensor) -> Result<(Tensor, Tensor)> {
         let (_, state) = self.trunk(idx, &mut |_, _, _| Ok(()))?;
         let x = self.norm_f.forward(&self.stream.reduce(&state)?)?;
         let (b, t, c) = x.dims3()?;
-        let head = self.wte.to_dtype(self.compute)?;
-        x.reshape((b * t, c))?.matmul(&head.t()?)
+        Ok((x.reshape((b * t, c))?, self.wte.to_dtype(self.compute)?))
     }
 
     /// Mean cross-entropy in nats per token of next tokens `targets` (B, T) given `idx`.
     pub fn loss(&self, idx: &Tensor, targets: &Tensor) -> Result<Tensor> {
-        let sum = cross_entropy_sum(&self.logits(idx)?, &targets.flatten_all()?)?;
+        let targets = targets.flatten_all()?;
+        let sum = if idx.device().is_cuda() {
+            // The logits never reach the autograd graph (see fused::linear_cross_entropy_sum);
+            // the CPU keeps the composite, whose numbers the README reports.
+            let (x, head) = self.head_input(idx)?;
+            components::fused::linear_cross_entropy_sum(&x, &head, &targets)?
+        } else {
+            cross_entropy_sum(&self.logits(idx)?, &targets)?
+        };
         sum / targets.elem_count() as f64
     }
 

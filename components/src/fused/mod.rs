@@ -4,7 +4,9 @@
 //! - the causal softmax of attention scores, (B, H, T, T): scale, mask, max, exp, sum and
 //!   divide are one kernel forward and one backward, in place of about ten passes each way;
 //! - the cross-entropy over the vocabulary, (B T, V): one kernel each way instead of casting
-//!   the logits to f32 and taking max, exp, sum, log and gather over them;
+//!   the logits to f32 and taking max, exp, sum, log and gather over them; in training, with
+//!   the output head, one autograd node that frees the logits in the forward pass
+//!   (head_loss.rs);
 //! - RMSNorm (norm.rs), four a layer, each eight kernels forward as a composite;
 //! - the embedding's backward (embedding.rs), which candle runs in a single thread block;
 //! - the MLP activations (activation.rs), GELU's backward ten kernels as a composite, and
@@ -30,6 +32,7 @@ mod attention;
 mod cuda;
 mod embedding;
 mod head;
+mod head_loss;
 mod mix;
 mod mlp;
 mod norm;
@@ -40,6 +43,7 @@ pub use adam::{AdamPart, AdamUpdate};
 pub use attention::CausalAttention;
 pub use embedding::{Embedding, EmbeddingBwd};
 pub use head::{HeadPrep, HeadPrepBwd};
+pub use head_loss::linear_cross_entropy_sum;
 pub use mix::{MixBwd, PostMix, PreMix, MAX_STREAMS};
 pub use mlp::FusedMlp;
 pub use norm::{RmsNormBwdG, RmsNormBwdX, RmsNormGain, RmsNormPlain};

@@ -244,6 +244,8 @@ impl Group for Watched {
     }
 }
 
+const RANK_STACK: usize = 64 << 20;
+
 /// Runs `body` for every device of `devices` (one rank each, in a thread of its own) and
 /// returns what each returned, by rank, or the first failure as `rank R (DEVICE): why`.
 ///
@@ -269,6 +271,9 @@ pub fn run_ranks<T: Send>(
             let (fabric, beat, results, done) = (&fabric, beat.clone(), &results, done.clone());
             std::thread::Builder::new()
                 .name(format!("rank {rank}"))
+                // As much stack as a main thread: candle's backward pass walks the graph
+                // recursively, as deep as the model is.
+                .stack_size(RANK_STACK)
                 .spawn_scoped(scope, move || {
                     let run = || -> anyhow::Result<T> {
                         let device = device_of(name)?;
