@@ -271,8 +271,8 @@ pub fn run_ranks<T: Send>(
             let (fabric, beat, results, done) = (&fabric, beat.clone(), &results, done.clone());
             std::thread::Builder::new()
                 .name(format!("rank {rank}"))
-                // As much stack as a main thread: candle's backward pass walks the graph
-                // recursively, as deep as the model is.
+                // Far more stack than a spawned thread's 2 MiB: candle's backward pass
+                // walks the graph recursively, as deep as the model is.
                 .stack_size(RANK_STACK)
                 .spawn_scoped(scope, move || {
                     let run = || -> anyhow::Result<T> {
