@@ -528,7 +528,17 @@ fn device_groups(
             devices.len()
         )));
     }
-    Ok(devices.chunks(per_trial).map(|c| c.join(",")).collect())
+    let groups: Vec<&[String]> = devices.chunks(per_trial).collect();
+    if let Some(mixed) = groups
+        .iter()
+        .find(|g| g.iter().any(|d| d == "cpu") && g.iter().any(|d| d != "cpu"))
+    {
+        return Err(InputError::new(format!(
+            "--device {spec}: the ranks of one trial ({}) are all GPUs or all CPU",
+            mixed.join(",")
+        )));
+    }
+    Ok(groups.iter().map(|g| g.join(",")).collect())
 }
 
 /// The GPU number of one device of a `--device` list (`None` for the CPU), without starting
@@ -759,4 +769,27 @@ fn summary_table(store: &Store, rows: &[results::TrialRow]) -> anyhow::Result<St
         );
     }
     Ok(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn list(s: &[&str]) -> Vec<String> {
+        s.iter().map(|d| d.to_string()).collect()
+    }
+
+    #[test]
+    fn devices_split_into_consecutive_groups_of_one_kind() {
+        let four = list(&["cuda:0", "cuda:1", "cuda:2", "cuda:3"]);
+        assert_eq!(
+            device_groups(&four, 2, "cuda:0,1,2,3").unwrap(),
+            vec!["cuda:0,cuda:1", "cuda:2,cuda:3"]
+        );
+        assert_eq!(device_groups(&four, 1, "x").unwrap().len(), 4);
+        let e = device_groups(&four[..3], 2, "cuda:0,1,2").unwrap_err();
+        assert!(e.0.contains("3 device(s) do not split"), "{e}");
+        let e = device_groups(&list(&["cpu", "cuda:0"]), 2, "cpu,cuda:0").unwrap_err();
+        assert!(e.0.contains("(cpu,cuda:0) are all GPUs or all CPU"), "{e}");
+    }
 }
