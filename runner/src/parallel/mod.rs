@@ -305,10 +305,13 @@ pub fn run_ranks<T: Send>(
                         )),
                         Err(p) => Err(format!("rank {rank} ({name}): panic: {}", panic_text(&p))),
                     };
-                    if let Err(why) = &out {
-                        fabric.abort(why);
-                    }
+                    // Reported before the others are told, so that the cause comes before
+                    // the failures it causes among the reports.
+                    let why = out.as_ref().err().cloned();
                     let _ = done.send((rank, out));
+                    if let Some(why) = why {
+                        fabric.abort(&why);
+                    }
                 })
                 .expect("starting a rank thread");
         }
