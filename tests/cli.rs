@@ -537,15 +537,28 @@ fn a_device_list_runs_one_trial_per_device_at_a_time() {
     assert_eq!(err.matches("] done").count(), 4, "{err}");
 }
 
-/// `sweep` with environment variables set (the parallel tests' faults and timeouts).
-fn sweep_env(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
-    std::process::Command::new(env!("CARGO_BIN_EXE_sweep"))
-        .args(args)
-        .envs(env.iter().copied())
-        .current_dir(dir)
-        .output()
-        .expect("the sweep binary runs")
+/// `sweep run` of `grid` on two CPU ranks per trial with `env` set: its output, and the DB.
+fn on_two_ranks(
+    name: &str,
+    grid: &str,
+    env: &[(&str, &str)],
+) -> (std::process::Output, rusqlite::Connection) {
+    let dir = workdir(name);
+    std::fs::write(dir.join("s.ron"), sweep_text(grid)).unwrap();
+    let args = [
+        "run",
+        "s.ron",
+        "--device",
+        "cpu,cpu",
+        "--gpus-per-trial",
+        "2",
+    ];
+    let out = sweep_env(&dir, &args, env);
+    let db = rusqlite::Connection::open(dir.join("sweep.db")).unwrap();
+    (out, db)
 }
+
+const ONE_CELL: &str = "(attention: [Mha(heads: 2)], ffn: [Gelu])";
 
 fn errors(db: &rusqlite::Connection) -> Vec<(String, Option<String>)> {
     let mut q = db
@@ -586,20 +599,10 @@ fn data_parallel_trials_run_two_at_once_on_two_ranks_each_and_rank_0_records() {
 
 #[test]
 fn a_failing_rank_fails_its_trial_with_the_reason_and_the_sweep_goes_on() {
-    let dir = workdir("dp-rank-panics");
-    std::fs::write(dir.join("s.ron"), sweep_text(GRID)).unwrap();
-    let args = [
-        "run",
-        "s.ron",
-        "--device",
-        "cpu,cpu",
-        "--gpus-per-trial",
-        "2",
-    ];
-    let out = sweep_env(&dir, &args, &[("SWEEP_INJECT_FAULT", "1:2:panic")]);
+    let fault = [("SWEEP_INJECT_FAULT", "1:2:panic")];
+    let (out, db) = on_two_ranks("dp-rank-panics", GRID, &fault);
     let err = stderr(&out);
     assert_eq!(out.status.code(), Some(1), "{err}");
-    let db = rusqlite::Connection::open(dir.join("sweep.db")).unwrap();
     let rows = errors(&db);
     assert_eq!(rows.len(), 2, "{err}");
     for (status, error) in rows {
@@ -614,27 +617,15 @@ fn a_failing_rank_fails_its_trial_with_the_reason_and_the_sweep_goes_on() {
 
 #[test]
 fn a_hung_rank_times_out_instead_of_hanging_the_sweep() {
-    let dir = workdir("dp-rank-hangs");
-    let text = sweep_text("(attention: [Mha(heads: 2)], ffn: [Gelu])");
-    std::fs::write(dir.join("s.ron"), text).unwrap();
-    let args = [
-        "run",
-        "s.ron",
-        "--device",
-        "cpu,cpu",
-        "--gpus-per-trial",
-        "2",
-    ];
     let env = [
         ("SWEEP_INJECT_FAULT", "1:2:hang"),
         ("SWEEP_COLLECTIVE_TIMEOUT_S", "1"),
     ];
     let started = std::time::Instant::now();
-    let out = sweep_env(&dir, &args, &env);
+    let (out, db) = on_two_ranks("dp-rank-hangs", ONE_CELL, &env);
     let err = stderr(&out);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(started.elapsed().as_secs() < 60, "{err}");
-    let db = rusqlite::Connection::open(dir.join("sweep.db")).unwrap();
     let (status, error) = errors(&db).remove(0);
     assert_eq!(status, "failed");
     let error = error.unwrap();
@@ -646,21 +637,10 @@ fn a_hung_rank_times_out_instead_of_hanging_the_sweep() {
 
 #[test]
 fn a_nan_on_one_rank_diverges_the_whole_trial() {
-    let dir = workdir("dp-rank-nan");
-    let text = sweep_text("(attention: [Mha(heads: 2)], ffn: [Gelu])");
-    std::fs::write(dir.join("s.ron"), text).unwrap();
-    let args = [
-        "run",
-        "s.ron",
-        "--device",
-        "cpu,cpu",
-        "--gpus-per-trial",
-        "2",
-    ];
-    let out = sweep_env(&dir, &args, &[("SWEEP_INJECT_FAULT", "1:2:nan")]);
+    let fault = [("SWEEP_INJECT_FAULT", "1:2:nan")];
+    let (out, db) = on_two_ranks("dp-rank-nan", ONE_CELL, &fault);
     let err = stderr(&out);
     assert_eq!(out.status.code(), Some(0), "{err}");
-    let db = rusqlite::Connection::open(dir.join("sweep.db")).unwrap();
     assert_eq!(
         errors(&db),
         vec![(

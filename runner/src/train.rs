@@ -199,7 +199,8 @@ pub fn grad_norm(grads: &GradStore, params: &[Param]) -> Result<f64> {
     Ok(sq.sqrt())
 }
 
-fn scale_grads(grads: &mut GradStore, params: &[Param], factor: f64) -> Result<()> {
+/// Multiplies every gradient of `params` by `factor`.
+pub(crate) fn scale_grads(grads: &mut GradStore, params: &[Param], factor: f64) -> Result<()> {
     for p in params {
         if let Some(g) = grads.get(p.var.as_tensor()) {
             let scaled = (g * factor)?;

@@ -35,8 +35,14 @@ pub fn sweep_text(grid: &str) -> String {
 pub const GRID: &str = "(attention: [Mha(heads: 2)], ffn: [SwiGlu, Gelu])";
 
 pub fn sweep(dir: &Path, args: &[&str]) -> Output {
+    sweep_env(dir, args, &[])
+}
+
+/// `sweep` with environment variables set (faults, timeouts).
+pub fn sweep_env(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_sweep"))
         .args(args)
+        .envs(env.iter().copied())
         .current_dir(dir)
         .output()
         .expect("the sweep binary runs")

@@ -529,14 +529,8 @@ fn device_groups(
         )));
     }
     let groups: Vec<&[String]> = devices.chunks(per_trial).collect();
-    if let Some(mixed) = groups
-        .iter()
-        .find(|g| g.iter().any(|d| d == "cpu") && g.iter().any(|d| d != "cpu"))
-    {
-        return Err(InputError::new(format!(
-            "--device {spec}: the ranks of one trial ({}) are all GPUs or all CPU",
-            mixed.join(",")
-        )));
+    for g in &groups {
+        crate::parallel::one_kind(g, spec)?;
     }
     Ok(groups.iter().map(|g| g.join(",")).collect())
 }

@@ -92,7 +92,7 @@ pub fn exec(args: Args) -> anyhow::Result<u8> {
             device: &rank.device,
             group: rank.group.as_ref(),
         };
-        let store = match rank.rank {
+        let store = match rank.group.rank() {
             0 => lead_store.lock().unwrap_or_else(|e| e.into_inner()).take(),
             _ => None,
         };
@@ -188,18 +188,15 @@ fn run_trial(
     let mut store = store;
     let model = match built {
         Ok(Ok(m)) => m,
-        Ok(Err(e)) => {
+        failed => {
+            let msg = match failed {
+                Ok(Err(e)) => format!("building the model: {e}"),
+                Err(p) => format!("panic while building the model: {}", panic_message(&p)),
+                Ok(Ok(_)) => unreachable!("matched above"),
+            };
             if let Some(store) = store {
                 store.start_trial(&trial.id, on, CODE_VERSION, None)?;
             }
-            let msg = format!("building the model: {e}");
-            return Ok((Status::Failed, Some(msg.clone()), msg));
-        }
-        Err(p) => {
-            if let Some(store) = store {
-                store.start_trial(&trial.id, on, CODE_VERSION, None)?;
-            }
-            let msg = format!("panic while building the model: {}", panic_message(&p));
             return Ok((Status::Failed, Some(msg.clone()), msg));
         }
     };

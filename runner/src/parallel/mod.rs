@@ -79,12 +79,7 @@ pub fn average_gradients(
 ) -> Result<()> {
     if group.world() == 1 {
         if scale != 1.0 {
-            for p in params {
-                if let Some(g) = grads.get(p.var.as_tensor()) {
-                    let g = (g * scale)?;
-                    grads.insert(p.var.as_tensor(), g);
-                }
-            }
+            crate::train::scale_grads(grads, params, scale)?;
         }
         return Ok(());
     }
@@ -154,12 +149,22 @@ pub fn collective_timeout() -> std::result::Result<Duration, InputError> {
     }
 }
 
-/// One rank of a trial, as its thread gets it.
+/// The ranks of one trial are all GPUs or all the CPU (NCCL or shared memory between them);
+/// `spec` is the `--device` value for the message.
+pub fn one_kind(devices: &[String], spec: &str) -> std::result::Result<(), InputError> {
+    let on_cpu = devices.iter().filter(|d| *d == "cpu").count();
+    if on_cpu > 0 && on_cpu < devices.len() {
+        return Err(InputError::new(format!(
+            "--device {spec}: the ranks of one trial ({}) are all GPUs or all CPU",
+            devices.join(",")
+        )));
+    }
+    Ok(())
+}
+
+/// One rank of a trial, as its thread gets it; its number is `group.rank()`.
 pub struct Rank {
-    pub rank: usize,
     pub device: Device,
-    /// The device as listed (`cuda:1`, `cpu`), for messages.
-    pub name: String,
     pub group: Box<dyn Group>,
 }
 
@@ -176,16 +181,9 @@ impl Fabric {
         if devices.len() == 1 {
             return Ok(Fabric::Solo);
         }
-        let on_cpu = devices.iter().filter(|d| *d == "cpu").count();
-        if on_cpu == devices.len() {
+        one_kind(devices, &devices.join(","))?;
+        if devices[0] == "cpu" {
             return Ok(Fabric::Local(Arc::new(Hub::new(devices.len(), timeout))));
-        }
-        if on_cpu > 0 {
-            return Err(InputError::new(format!(
-                "--device {}: the ranks of one trial are all GPUs or all CPU",
-                devices.join(",")
-            ))
-            .into());
         }
         #[cfg(feature = "cuda")]
         return Ok(Fabric::Nccl(nccl::Rendezvous::new(devices.len())?));
@@ -284,12 +282,7 @@ pub fn run_ranks<T: Send>(
                             beat,
                             epoch,
                         });
-                        body(Rank {
-                            rank,
-                            device,
-                            name: name.clone(),
-                            group,
-                        })
+                        body(Rank { device, group })
                     };
                     let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(run));
                     let out = match out {

@@ -255,7 +255,7 @@ fn a_failing_rank_fails_the_trial_with_its_reason_and_the_others_stop() {
     let body = |rank: Rank| -> anyhow::Result<usize> {
         let t = Tensor::new(&[1f32], &rank.device)?;
         for step in 0.. {
-            if rank.rank == 1 && step == 3 {
+            if rank.group.rank() == 1 && step == 3 {
                 anyhow::bail!("out of memory at step {step}");
             }
             rank.group.sum(&t)?;
