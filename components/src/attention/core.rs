@@ -4,7 +4,7 @@
 use candle_core::{DType, Result, Tensor};
 use registry::{Dims, ParamBuilder, Role, Sublayer};
 
-use crate::fused::{causal_softmax, CausalAttention, HeadPrep};
+use crate::fused::{causal_softmax, CausalAttention, FlashAttention, HeadPrep};
 use crate::nn::{out_proj_std, rms_norm, rows, unrows, Linear, Rope, INIT_STD, NORM_EPS};
 
 /// The head layout and position options an attention component resolves to.
@@ -130,6 +130,9 @@ impl CausalSelfAttention {
         let mut k = self.heads(&self.k.forward(&r)?, b, t, kv)?;
         let v = self.v.forward(&r)?;
         let scale = 1.0 / (hd as f64).sqrt();
+        if FlashAttention::fits(&q) {
+            return q.apply_op3(&k, &v, FlashAttention::new(scale));
+        }
         // The fused op's softmax keeps a row of scores in registers: up to 8192 keys.
         let fused = x.device().is_cuda() && t <= 8192;
         if fused && kv == h {

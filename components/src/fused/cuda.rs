@@ -574,3 +574,137 @@ pub fn adam_update(
     unsafe { builder.launch(cfg) }.w()?;
     Ok(())
 }
+
+const FLASH_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/flash.ptx"));
+const FLASH: &str = "sweep_flash";
+
+/// Queries or keys per thread block of flash.cu, and its threads.
+const FLASH_BLOCK: usize = 64;
+const FLASH_THREADS: u32 = 128;
+
+/// A bf16 input of flash.cu: contiguous and 16-byte aligned (the kernels load 8 at a time).
+fn flash_view<'a>(s: &'a CudaStorage, l: &Layout) -> Result<CudaView<'a, bf16>> {
+    if !l.start_offset().is_multiple_of(8) {
+        bail!(
+            "flash attention: an input starts at element {}, not a multiple of 8",
+            l.start_offset()
+        );
+    }
+    view::<bf16>(s, l)
+}
+
+fn flash_config(blocks: usize, heads: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (blocks as u32, heads as u32, 1),
+        block_dim: (FLASH_THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// The inputs' sizes: batch, query heads, key/value heads, tokens (head dimension 64).
+#[derive(Clone, Copy, Debug)]
+pub struct FlashDims {
+    pub b: usize,
+    pub h: usize,
+    pub kv: usize,
+    pub t: usize,
+}
+
+impl FlashDims {
+    fn ints(&self) -> (i32, i32, i32) {
+        (self.h as i32, self.kv as i32, self.t as i32)
+    }
+
+    fn blocks(&self) -> usize {
+        self.t.div_ceil(FLASH_BLOCK)
+    }
+}
+
+/// softmax(scale Q K^T, causal) V: the output as rows (B T, H 64) and the log-sum-exp
+/// (B, H, T) in f32 for the backward pass.
+pub fn flash_fwd(
+    (q, lq): (&CudaStorage, &Layout),
+    (k, lk): (&CudaStorage, &Layout),
+    (v, lv): (&CudaStorage, &Layout),
+    d: FlashDims,
+    scale: f32,
+) -> Result<(CudaStorage, CudaStorage)> {
+    let dev = q.device();
+    let func = dev.get_or_load_custom_func("flash_fwd_bf16", FLASH, FLASH_PTX)?;
+    let (qv, kv, vv) = (flash_view(q, lq)?, flash_view(k, lk)?, flash_view(v, lv)?);
+    let o = out::<bf16>(dev, d.b * d.t * d.h * 64)?;
+    let lse = out::<f32>(dev, d.b * d.h * d.t)?;
+    let (h, kvh, t) = d.ints();
+    let scale_log2 = scale * std::f32::consts::LOG2_E;
+    let mut b = func.builder();
+    b.arg(&qv).arg(&kv).arg(&vv).arg(&o).arg(&lse);
+    b.arg(&h).arg(&kvh).arg(&t).arg(&scale_log2);
+    // SAFETY: reads Q, K and V of the sizes `d` gives, writes every output row and its
+    // log-sum-exp once.
+    unsafe { b.launch(flash_config(d.blocks(), d.b * d.h)) }.w()?;
+    Ok((
+        CudaStorage::wrap_cuda_slice(o, dev.clone()),
+        CudaStorage::wrap_cuda_slice(lse, dev.clone()),
+    ))
+}
+
+/// The gradients (dQ (B, H, T, 64), dK (B, KV, T, 64), dV rows) of [`flash_fwd`], from its
+/// output `o`, the output's gradient `dout` (both rows) and its log-sum-exp.
+#[allow(clippy::too_many_arguments)]
+pub fn flash_bwd(
+    (q, lq): (&CudaStorage, &Layout),
+    (k, lk): (&CudaStorage, &Layout),
+    (v, lv): (&CudaStorage, &Layout),
+    (o, lo): (&CudaStorage, &Layout),
+    (dout, ldout): (&CudaStorage, &Layout),
+    (lse, llse): (&CudaStorage, &Layout),
+    d: FlashDims,
+    scale: f32,
+) -> Result<(CudaStorage, CudaStorage, CudaStorage)> {
+    let dev = q.device();
+    let (qv, kv, vv) = (flash_view(q, lq)?, flash_view(k, lk)?, flash_view(v, lv)?);
+    let (ov, dov) = (flash_view(o, lo)?, flash_view(dout, ldout)?);
+    let lsev = view::<f32>(lse, llse)?;
+    let (h, kvh, t) = d.ints();
+    let scale_log2 = scale * std::f32::consts::LOG2_E;
+
+    let rows = d.b * d.t * d.h;
+    let dsum = out::<f32>(dev, rows)?;
+    let func = dev.get_or_load_custom_func("flash_bwd_dot_bf16", FLASH, FLASH_PTX)?;
+    let rows32 = rows as i32;
+    let mut b = func.builder();
+    b.arg(&ov).arg(&dov).arg(&dsum).arg(&h).arg(&t).arg(&rows32);
+    // SAFETY: reads `rows` rows of 64 of O and dO, writes one sum per row.
+    unsafe { b.launch(row_config(rows)) }.w()?;
+
+    let dk = out::<bf16>(dev, d.b * d.kv * d.t * 64)?;
+    let dv = out::<bf16>(dev, d.b * d.t * d.kv * 64)?;
+    let func = dev.get_or_load_custom_func("flash_bwd_kv_bf16", FLASH, FLASH_PTX)?;
+    let mut b = func.builder();
+    b.arg(&qv).arg(&kv).arg(&vv).arg(&dov).arg(&lsev).arg(&dsum);
+    b.arg(&dk)
+        .arg(&dv)
+        .arg(&h)
+        .arg(&kvh)
+        .arg(&t)
+        .arg(&scale_log2)
+        .arg(&scale);
+    // SAFETY: each block writes the dK and dV rows of its own key block, every row once.
+    unsafe { b.launch(flash_config(d.blocks(), d.b * d.kv)) }.w()?;
+
+    let dq = out::<bf16>(dev, d.b * d.h * d.t * 64)?;
+    let func = dev.get_or_load_custom_func("flash_bwd_q_bf16", FLASH, FLASH_PTX)?;
+    let mut b = func.builder();
+    b.arg(&qv).arg(&kv).arg(&vv).arg(&dov).arg(&lsev).arg(&dsum);
+    b.arg(&dq)
+        .arg(&h)
+        .arg(&kvh)
+        .arg(&t)
+        .arg(&scale_log2)
+        .arg(&scale);
+    // SAFETY: each block writes the dQ rows of its own query block, every row once.
+    unsafe { b.launch(flash_config(d.blocks(), d.b * d.h)) }.w()?;
+
+    let wrap = |s| CudaStorage::wrap_cuda_slice(s, dev.clone());
+    Ok((wrap(dq), wrap(dk), wrap(dv)))
+}

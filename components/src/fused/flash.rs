@@ -1,0 +1,150 @@
+//! Causal attention as flash attention (flash.cu): bf16, head dimension 64, on CUDA. Unlike
+//! [`super::CausalAttention`], which runs the scores through cuBLAS and writes the
+//! (B, H, T, T) scores and probabilities to memory (four times their size a layer, forward
+//! and backward), the kernels keep every score tile in registers and skip the key blocks
+//! after the queries, so the step's attention costs its causal FLOPs and the read of Q, K, V.
+//! Grouped-query heads are read where they are, not widened.
+
+use std::sync::Mutex;
+
+use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
+
+/// (Q (B, H, T, 64), K (B, KV, T, 64), V rows (B T, KV 64)), bf16 on a GPU -> rows
+/// (B T, H 64).
+#[derive(Debug)]
+pub struct FlashAttention {
+    scale: f64,
+    /// The forward pass's log-sum-exp (B, H, T) f32, kept for the backward pass: the one
+    /// number per query that lets it recompute the probabilities tile by tile.
+    lse: Mutex<Option<Tensor>>,
+}
+
+/// The head dimension the kernels are written for.
+pub const FLASH_HEAD_DIM: usize = 64;
+
+impl FlashAttention {
+    pub fn new(scale: f64) -> Self {
+        Self {
+            scale,
+            lse: Mutex::new(None),
+        }
+    }
+
+    /// Whether the kernels take these heads: bf16 on a GPU of a `cuda` build, head dimension
+    /// 64. Other cases keep [`super::CausalAttention`].
+    pub fn fits(q: &Tensor) -> bool {
+        cfg!(feature = "cuda")
+            && q.device().is_cuda()
+            && q.dtype() == DType::BF16
+            && q.dims().last() == Some(&FLASH_HEAD_DIM)
+    }
+}
+
+/// (b, h, kv, t), checked.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+fn dims(lq: &Layout, lk: &Layout, lv: &Layout) -> Result<(usize, usize, usize, usize)> {
+    let (b, h, t, hd) = lq.shape().dims4()?;
+    let (bk, kv, tk, hdk) = lk.shape().dims4()?;
+    let hd_ok = hd == FLASH_HEAD_DIM && hdk == hd;
+    if !hd_ok || bk != b || tk != t || kv == 0 || !h.is_multiple_of(kv) {
+        bail!(
+            "flash attention: Q {:?} and K {:?} are not (B, H, T, 64) and (B, KV, T, 64) with KV dividing H",
+            lq.dims(),
+            lk.dims()
+        );
+    }
+    if lv.dims() != [b * t, kv * hd] {
+        bail!(
+            "flash attention: V {:?}, expected rows [{}, {}]",
+            lv.dims(),
+            b * t,
+            kv * hd
+        );
+    }
+    Ok((b, h, kv, t))
+}
+
+impl CustomOp3 for FlashAttention {
+    fn name(&self) -> &'static str {
+        "flash-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        bail!("flash attention runs on CUDA only (the CPU uses CausalAttention)")
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (b, h, kv, t) = dims(l1, l2, l3)?;
+        let d = super::cuda::FlashDims { b, h, kv, t };
+        let (o, lse) = super::cuda::flash_fwd((s1, l1), (s2, l2), (s3, l3), d, self.scale as f32)?;
+        let lse = cuda_tensor(lse, (b, h, t));
+        *self.lse.lock().expect("the lock is never poisoned") = Some(lse);
+        Ok((o, Shape::from((b * t, h * FLASH_HEAD_DIM))))
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        out: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let Some(lse) = self.lse.lock().expect("the lock is never poisoned").take() else {
+            bail!("flash attention: a backward pass without its forward pass (or a second one)")
+        };
+        let (dq, dk, dv) = backward([q, k, v, out, &grad.contiguous()?, &lse], self.scale)?;
+        Ok((Some(dq), Some(dk), Some(dv)))
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn cuda_tensor(s: candle_core::CudaStorage, shape: impl Into<Shape>) -> Tensor {
+    use candle_core::{op::BackpropOp, Storage};
+    Tensor::from_storage(Storage::Cuda(s), shape, BackpropOp::none(), false)
+}
+
+/// The three gradients from Q, K, V, the output, its gradient and the log-sum-exp.
+#[cfg(feature = "cuda")]
+fn backward(t: [&Tensor; 6], scale: f64) -> Result<(Tensor, Tensor, Tensor)> {
+    use candle_core::Storage;
+    let guards = t.map(|x| x.storage_and_layout());
+    let mut s = Vec::with_capacity(6);
+    for (storage, layout) in &guards {
+        let Storage::Cuda(c) = &**storage else {
+            bail!("flash attention: a tensor of its backward pass is not on the GPU")
+        };
+        s.push((c, *layout));
+    }
+    let (b, h, kv, tok) = dims(s[0].1, s[1].1, s[2].1)?;
+    let d = super::cuda::FlashDims { b, h, kv, t: tok };
+    let (dq, dk, dv) = super::cuda::flash_bwd(s[0], s[1], s[2], s[3], s[4], s[5], d, scale as f32)?;
+    let hd = FLASH_HEAD_DIM;
+    Ok((
+        cuda_tensor(dq, t[0].shape().clone()),
+        cuda_tensor(dk, t[1].shape().clone()),
+        cuda_tensor(dv, (b * tok, kv * hd)),
+    ))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn backward(_: [&Tensor; 6], _: f64) -> Result<(Tensor, Tensor, Tensor)> {
+    bail!("flash attention runs on CUDA only")
+}
