@@ -308,12 +308,15 @@ fn an_allocation_failure_fails_its_trial_and_the_sweep_goes_on() {
         .replace("eval_every: 3", "eval_every: 2")
         .replace("log_every: 3", "log_every: 1");
     std::fs::write(dir.join("s.ron"), text).unwrap();
+    // With a backtrace after the allocation failure's message, dozens of lines that the
+    // recorded reason must look past.
     let out = Command::new("sh")
         .arg("-c")
         .arg(format!(
             "ulimit -v 1500000 && exec {} run s.ron",
             env!("CARGO_BIN_EXE_sweep")
         ))
+        .env("RUST_BACKTRACE", "1")
         .current_dir(&dir)
         .output()
         .unwrap();

@@ -113,19 +113,37 @@ __device__ __forceinline__ void zero(float (*c)[4], int n) {
 #define C_ROW(e) (g + ((e) >> 1) * 8)
 #define C_COL(nt, e) ((nt) * 8 + 2 * t + ((e) & 1))
 
+// Where a thread of a kernel over query blocks (grid (query blocks, B H)) stands: its query
+// block, batch and head, its lane's g and t, its warp's first query, and its key/value head's
+// K and V. The longest rows go first: block x counts down from the last query block.
+struct QueryTile {
+    int qb, b, h, g, t, q0;
+    const bf16* kp;
+    const bf16* vp;
+};
+
+__device__ __forceinline__ QueryTile query_tile(const bf16* k, const bf16* v, int H, int KV,
+                                                int T) {
+    int qb = gridDim.x - 1 - blockIdx.x;
+    int b = blockIdx.y / H, h = blockIdx.y % H, kvh = h / (H / KV);
+    int lane = threadIdx.x % 32;
+    return {qb,
+            b,
+            h,
+            lane >> 2,
+            lane & 3,
+            qb * BLK + (int)(threadIdx.x / 32) * 16,
+            k + (size_t)(b * KV + kvh) * T * HD,
+            v + ((size_t)b * T * KV + kvh) * HD};
+}
+
 // Grid (query blocks, B H). Writes O (rows) and the log-sum-exp.
 extern "C" __global__ void __launch_bounds__(THREADS)
 flash_fwd_bf16(const bf16* q, const bf16* k, const bf16* v, bf16* o, float* lse, int H, int KV,
                int T, float scale_log2) {
     __shared__ __align__(16) bf16 ks[BLK][PAD];
     __shared__ __align__(16) bf16 vt[HD][PAD];
-    // The longest rows first: block x counts down from the last query block.
-    int qb = gridDim.x - 1 - blockIdx.x;
-    int b = blockIdx.y / H, h = blockIdx.y % H, kvh = h / (H / KV);
-    int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2, t = lane & 3;
-    int q0 = qb * BLK + warp * 16;
-    const bf16* kp = k + (size_t)(b * KV + kvh) * T * HD;
-    const bf16* vp = v + ((size_t)b * T * KV + kvh) * HD;
+    auto [qb, b, h, g, t, q0, kp, vp] = query_tile(k, v, H, KV, T);
 
     uint32_t qa[HD / 16][4];
     load_a(qa, q + (size_t)(b * H + h) * T * HD, HD, q0, T, g, t);
@@ -308,13 +326,8 @@ flash_bwd_q_bf16(const bf16* q, const bf16* k, const bf16* v, const bf16* dout,
     __shared__ __align__(16) bf16 ks[BLK][PAD];
     __shared__ __align__(16) bf16 kt[HD][PAD];
     __shared__ __align__(16) bf16 vs[BLK][PAD];
-    int qb = gridDim.x - 1 - blockIdx.x;
-    int b = blockIdx.y / H, h = blockIdx.y % H, kvh = h / (H / KV);
-    int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2, t = lane & 3;
-    int q0 = qb * BLK + warp * 16;
+    auto [qb, b, h, g, t, q0, kp, vp] = query_tile(k, v, H, KV, T);
     size_t ostride = (size_t)H * HD;
-    const bf16* kp = k + (size_t)(b * KV + kvh) * T * HD;
-    const bf16* vp = v + ((size_t)b * T * KV + kvh) * HD;
     uint32_t qa[HD / 16][4], oa[HD / 16][4];
     load_a(qa, q + (size_t)(b * H + h) * T * HD, HD, q0, T, g, t);
     load_a(oa, dout + (size_t)b * T * ostride + (size_t)h * HD, ostride, q0, T, g, t);

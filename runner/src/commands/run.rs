@@ -157,15 +157,19 @@ fn supervise(
     if INTERRUPTED.load(Ordering::SeqCst) {
         forward_interrupt();
     }
-    // The worker's stderr is shown as it comes and its end kept for a crash report.
+    // The worker's stderr is shown as it comes and its last messages kept for a crash report.
+    // A backtrace (RUST_BACKTRACE) is shown but not kept: dozens of lines long, it would push
+    // out the message it follows ("memory allocation of N bytes failed").
     let stderr = child.stderr.take().expect("piped");
     let tail = std::thread::spawn(move || {
         let mut tail: Vec<String> = Vec::new();
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
             eprintln!("{line}");
-            tail.push(line);
-            if tail.len() > 12 {
-                tail.remove(0);
+            if is_message(&line) {
+                tail.push(line);
+                if tail.len() > 3 {
+                    tail.remove(0);
+                }
             }
         }
         tail
@@ -203,7 +207,7 @@ fn supervise(
     })
 }
 
-/// Why a worker died, from its exit status and the last lines it wrote.
+/// Why a worker died, from its exit status and the last messages it wrote (at most 3).
 fn death(code: Option<i32>, status: &std::process::ExitStatus, tail: &[String]) -> String {
     let how = match code {
         Some(c) => format!("exited with status {c}"),
@@ -228,26 +232,23 @@ fn death(code: Option<i32>, status: &std::process::ExitStatus, tail: &[String]) 
             }
         }
     };
-    // The last lines it wrote, without the backtrace that RUST_BACKTRACE adds.
-    let said: Vec<&str> = tail
-        .iter()
-        .map(String::as_str)
-        .filter(|l| {
-            !(l.is_empty()
-                || l.starts_with(char::is_whitespace)
-                || l.starts_with("stack backtrace")
-                || l.starts_with("note: "))
-        })
-        .collect();
-    let last = &said[said.len().saturating_sub(3)..];
-    if last.is_empty() {
+    if tail.is_empty() {
         format!("the worker process training this trial {how}")
     } else {
         format!(
             "the worker process training this trial {how}: {}",
-            last.join(" | ")
+            tail.join(" | ")
         )
     }
+}
+
+/// Whether a line of a worker's stderr is a message rather than part of a backtrace (frames
+/// and their locations are indented) or its notes.
+fn is_message(line: &str) -> bool {
+    !(line.is_empty()
+        || line.starts_with(char::is_whitespace)
+        || line.starts_with("stack backtrace")
+        || line.starts_with("note: "))
 }
 
 pub fn exec(mut args: Args) -> anyhow::Result<u8> {
