@@ -179,23 +179,12 @@ pub fn backward(loss: &Tensor, params: &[Param]) -> Result<GradStore> {
 /// The L2 norm of all gradients together.
 pub fn grad_norm(grads: &GradStore, params: &[Param]) -> Result<f64> {
     // Summed on the device and read once: a read per parameter would wait for the device
-    // as many times. Rows first, so that the big matrices are reduced in parallel (a
-    // whole-tensor sum runs in one thread block).
-    let mut sums = Vec::new();
-    for p in params {
-        if let Some(g) = grads.get(p.var.as_tensor()) {
-            let sq = g.to_dtype(candle_core::DType::F32)?.sqr()?;
-            let sq = match sq.rank() {
-                0 | 1 => sq.sum_all()?,
-                _ => sq.sum(candle_core::D::Minus1)?.sum_all()?,
-            };
-            sums.push(sq);
-        }
-    }
-    if sums.is_empty() {
-        return Ok(0.0);
-    }
-    let sq = Tensor::stack(&sums, 0)?.sum_all()?.to_scalar::<f32>()? as f64;
+    // as many times.
+    let present: Vec<&Tensor> = params
+        .iter()
+        .filter_map(|p| grads.get(p.var.as_tensor()))
+        .collect();
+    let sq = components::fused::sum_squares(&present)?.to_scalar::<f32>()? as f64;
     Ok(sq.sqrt())
 }
 

@@ -708,3 +708,52 @@ pub fn flash_bwd(
     let wrap = |s| CudaStorage::wrap_cuda_slice(s, dev.clone());
     Ok((wrap(dq), wrap(dk), wrap(dv)))
 }
+
+/// Elements per chunk of [`sum_squares`]: a thread block's share.
+const SQ_CHUNK: usize = 1 << 16;
+
+/// The sum of the squares of every element of `parts` (f32, one device), as one f32 there:
+/// two launches for all of them, where a reduction per tensor costs several launches each
+/// (a few hundred tensors for a model's gradients).
+pub fn sum_squares(parts: &[(&CudaStorage, &Layout)]) -> Result<CudaStorage> {
+    use candle_core::cuda_backend::cudarc::driver::DevicePtr;
+    let Some((first, _)) = parts.first() else {
+        bail!("sum of squares of no tensors");
+    };
+    let dev = first.device();
+    let stream = dev.cuda_stream();
+    let views = parts
+        .iter()
+        .map(|(s, l)| view::<f32>(s, l))
+        .collect::<Result<Vec<_>>>()?;
+    let (mut ptrs, mut lens) = (Vec::<u64>::new(), Vec::<u32>::new());
+    let mut reads = Vec::with_capacity(views.len());
+    for v in &views {
+        let (ptr, read) = v.device_ptr(&stream);
+        reads.push(read);
+        for start in (0..v.len()).step_by(SQ_CHUNK) {
+            ptrs.push(ptr + (start * 4) as u64);
+            lens.push((v.len() - start).min(SQ_CHUNK) as u32);
+        }
+    }
+    let chunks = ptrs.len();
+    let (dptrs, dlens) = (dev.clone_htod(&ptrs)?, dev.clone_htod(&lens)?);
+    let partial = out::<f32>(dev, chunks.max(1))?;
+    let func = dev.get_or_load_custom_func("sum_squares_chunks", MODULE, PTX)?;
+    let mut b = func.builder();
+    b.arg(&dptrs).arg(&dlens).arg(&partial);
+    if chunks > 0 {
+        // SAFETY: chunk i reads lens[i] f32 from ptrs[i], inside tensor storages that `reads`
+        // keeps borrowed until the launch is queued (frees are ordered on the same stream).
+        unsafe { b.launch(config(chunks, 1024)) }.w()?;
+    }
+    drop(reads);
+    let total = out::<f32>(dev, 1)?;
+    let func = dev.get_or_load_custom_func("sum_f32", MODULE, PTX)?;
+    let n = chunks as i32;
+    let mut b = func.builder();
+    b.arg(&partial).arg(&total).arg(&n);
+    // SAFETY: reads the n partial sums, writes one.
+    unsafe { b.launch(config(1, 4096)) }.w()?;
+    Ok(CudaStorage::wrap_cuda_slice(total, dev.clone()))
+}

@@ -116,10 +116,7 @@ impl CustomOp3 for FlashAttention {
 }
 
 #[cfg(feature = "cuda")]
-fn cuda_tensor(s: candle_core::CudaStorage, shape: impl Into<Shape>) -> Tensor {
-    use candle_core::{op::BackpropOp, Storage};
-    Tensor::from_storage(Storage::Cuda(s), shape, BackpropOp::none(), false)
-}
+use super::cuda_tensor;
 
 /// The three gradients from Q, K, V, the output, its gradient and the log-sum-exp.
 #[cfg(feature = "cuda")]

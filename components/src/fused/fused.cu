@@ -656,3 +656,26 @@ extern "C" __global__ void adam_update(float* dst, const float* a, const float* 
         else dst[i] = p0 * dst[i] - p1 * (a[i] / p2) / (sqrtf(b[i] / p3) + p4);
     }
 }
+
+// Sum of squares over many f32 tensors, for the gradient norm: block i takes chunk i (a
+// pointer and a length, at most a few ten thousand elements of one tensor) and writes its
+// sum; `sum_f32` adds the chunks' sums in one block, in a fixed order (the same bits every
+// run, unlike atomics).
+extern "C" __global__ void sum_squares_chunks(const uint64_t* ptrs, const uint32_t* lens,
+                                              float* partial) {
+    __shared__ float scratch[32];
+    const float* x = reinterpret_cast<const float*>(ptrs[blockIdx.x]);
+    uint32_t n = lens[blockIdx.x];
+    float s = 0.0f;
+    for (uint32_t i = threadIdx.x; i < n; i += blockDim.x) s += x[i] * x[i];
+    s = block_sum(s, scratch);
+    if (threadIdx.x == 0) partial[blockIdx.x] = s;
+}
+
+extern "C" __global__ void sum_f32(const float* x, float* out, int n) {
+    __shared__ float scratch[32];
+    float s = 0.0f;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) s += x[i];
+    s = block_sum(s, scratch);
+    if (threadIdx.x == 0) out[0] = s;
+}

@@ -80,6 +80,55 @@ pub fn rms_norm(x: &Tensor, gain: Option<&Tensor>, eps: f64) -> Result<Tensor> {
     }
 }
 
+/// The sum of the squares of every element of `tensors`, an f32 scalar on their device (the
+/// gradient norm's reduction). On CUDA with f32 tensors, two kernels for all of them
+/// (cuda.rs, `sum_squares`); otherwise per tensor, rows first so that large matrices are
+/// reduced in parallel (a whole-tensor sum runs in one thread block), then summed.
+pub fn sum_squares(tensors: &[&Tensor]) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if let Some(first) = tensors.first() {
+        let on_gpu = |t: &&Tensor| t.device().is_cuda() && t.dtype() == DType::F32;
+        if tensors.iter().all(on_gpu)
+            && tensors
+                .iter()
+                .all(|t| t.device().same_device(first.device()))
+        {
+            let contiguous: Vec<Tensor> = tensors
+                .iter()
+                .map(|t| t.contiguous())
+                .collect::<Result<_>>()?;
+            let guards: Vec<_> = contiguous.iter().map(|t| t.storage_and_layout()).collect();
+            let mut parts = Vec::with_capacity(guards.len());
+            for (storage, layout) in &guards {
+                let candle_core::Storage::Cuda(s) = &**storage else {
+                    bail!("sum of squares: a tensor on a GPU without GPU storage");
+                };
+                parts.push((s, *layout));
+            }
+            return Ok(cuda_tensor(cuda::sum_squares(&parts)?, ()));
+        }
+    }
+    let mut sums = Vec::with_capacity(tensors.len());
+    for t in tensors {
+        let sq = t.to_dtype(DType::F32)?.sqr()?;
+        sums.push(match sq.rank() {
+            0 | 1 => sq.sum_all()?,
+            _ => sq.sum(D::Minus1)?.sum_all()?,
+        });
+    }
+    match sums.is_empty() {
+        true => Ok(Tensor::new(0f32, &candle_core::Device::Cpu)?),
+        false => Tensor::stack(&sums, 0)?.sum_all(),
+    }
+}
+
+/// A tensor outside the autograd graph over storage a kernel wrote.
+#[cfg(feature = "cuda")]
+pub(crate) fn cuda_tensor(s: candle_core::CudaStorage, shape: impl Into<Shape>) -> Tensor {
+    use candle_core::{op::BackpropOp, Storage};
+    Tensor::from_storage(Storage::Cuda(s), shape, BackpropOp::none(), false)
+}
+
 /// An MLP activation: one kernel each way on CUDA, candle's ops on the CPU.
 pub fn activation(x: &Tensor, kind: Kind) -> Result<Tensor> {
     if x.device().is_cuda() {

@@ -111,13 +111,22 @@ fn cross_entropy_op_matches_a_hand_worked_case() -> Result<()> {
     Ok(())
 }
 
+/// The first GPU, or None (said on stderr) where a `cuda` build runs without one.
+#[cfg(feature = "cuda")]
+fn gpu() -> Option<Device> {
+    let gpu = Device::new_cuda(0).ok();
+    if gpu.is_none() {
+        eprintln!("skipped: no CUDA device");
+    }
+    gpu
+}
+
 /// On a GPU (a build with `cuda`, run where one is): the CUDA kernels against the CPU ops at
 /// the sizes training uses, f32 and bf16.
 #[cfg(feature = "cuda")]
 #[test]
 fn cuda_kernels_match_the_cpu_ops() -> Result<()> {
-    let Ok(gpu) = Device::new_cuda(0) else {
-        eprintln!("skipped: no CUDA device");
+    let Some(gpu) = gpu() else {
         return Ok(());
     };
     for dtype in [DType::F32, DType::BF16] {
@@ -729,8 +738,7 @@ fn mlp_op_matches_the_composite_forward_and_backward() -> Result<()> {
 #[cfg(feature = "cuda")]
 #[test]
 fn flash_attention_matches_the_attention_op_in_f32() -> Result<()> {
-    let Ok(gpu) = Device::new_cuda(0) else {
-        eprintln!("skipped: no CUDA device");
+    let Some(gpu) = gpu() else {
         return Ok(());
     };
     let hd = FLASH_HEAD_DIM;
@@ -800,5 +808,41 @@ fn flash_attention_is_refused_off_the_gpu() -> Result<()> {
     assert!(!FlashAttention::fits(&q));
     let err = q.apply_op3(&k, &v, FlashAttention::new(0.125)).unwrap_err();
     assert!(err.to_string().contains("CUDA only"), "{err}");
+    Ok(())
+}
+
+/// On a GPU: the chunked sum of squares against the per-tensor composite, over tensors of one
+/// element, of several chunks, and a view that starts inside its storage.
+#[cfg(feature = "cuda")]
+#[test]
+fn sum_squares_kernel_matches_the_composite() -> Result<()> {
+    let Some(gpu) = gpu() else {
+        return Ok(());
+    };
+    let big = randn(150, (300, 500), 1.0)?;
+    let mut tensors = vec![randn(151, 1, 1.0)?, randn(152, 70_000, 1.0)?, big.clone()];
+    let mut on_gpu: Vec<Tensor> = tensors
+        .iter()
+        .map(|t| t.to_device(&gpu))
+        .collect::<Result<_>>()?;
+    // Narrowed on each device, so that the GPU view starts 7 rows into its storage.
+    tensors.push(big.narrow(0, 7, 200)?);
+    on_gpu.push(on_gpu[2].narrow(0, 7, 200)?);
+    let want = sum_squares(&tensors.iter().collect::<Vec<_>>())?.to_scalar::<f32>()?;
+    let got = sum_squares(&on_gpu.iter().collect::<Vec<_>>())?;
+    assert!(got.device().is_cuda());
+    let got = got.to_scalar::<f32>()?;
+    assert!((got - want).abs() / want < 1e-5, "{got} vs {want}");
+    Ok(())
+}
+
+#[test]
+fn sum_squares_by_hand() -> Result<()> {
+    // 3^2 + 4^2 + (1 + 4 + 4 + 0) + 5^2 = 59, over a vector, a matrix and a scalar.
+    let a = Tensor::new(&[3f32, 4.0], &Device::Cpu)?;
+    let b = Tensor::new(&[[1f32, 2.0], [2.0, 0.0]], &Device::Cpu)?;
+    let c = Tensor::new(5f32, &Device::Cpu)?;
+    assert_eq!(sum_squares(&[&a, &b, &c])?.to_scalar::<f32>()?, 59.0);
+    assert_eq!(sum_squares(&[])?.to_scalar::<f32>()?, 0.0);
     Ok(())
 }
