@@ -22,6 +22,22 @@ fn long_sweep() -> String {
         .replace("model: (d_model: 16, n_layers: 1)", "model: (d_model: 32, n_layers: 2)")
 }
 
+/// Waits for the sweep's first checkpoint, sends Ctrl-C (SIGINT) and collects the output.
+fn interrupt_after_first_checkpoint(dir: &Path, child: Child) -> std::process::Output {
+    let first = dir.join("sweep.checkpoints");
+    let started = Instant::now();
+    while !first.exists() && started.elapsed() < Duration::from_secs(60) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(50));
+    let status = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    child.wait_with_output().unwrap()
+}
+
 fn spawn(dir: &Path, args: &[&str]) -> Child {
     Command::new(env!("CARGO_BIN_EXE_sweep"))
         .args(args)
@@ -173,20 +189,7 @@ fn two_runners_on_one_db_finish_the_grid_without_running_a_trial_twice() {
 fn ctrl_c_exits_130_and_leaves_the_trial_to_resume() {
     let dir = workdir("ctrl-c");
     std::fs::write(dir.join("s.ron"), long_sweep()).unwrap();
-    let child = spawn(&dir, &["run", "s.ron"]);
-    // Wait for the first checkpoint, then interrupt.
-    let first = dir.join("sweep.checkpoints");
-    let started = Instant::now();
-    while !first.exists() && started.elapsed() < Duration::from_secs(60) {
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    std::thread::sleep(Duration::from_millis(50));
-    let status = Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let out = child.wait_with_output().unwrap();
+    let out = interrupt_after_first_checkpoint(&dir, spawn(&dir, &["run", "s.ron"]));
     assert_eq!(out.status.code(), Some(130), "{}", stderr(&out));
     assert!(stderr(&out).contains("interrupted"), "{}", stderr(&out));
     let db = open(&dir, "sweep.db");
@@ -441,19 +444,7 @@ fn a_data_parallel_trial_stopped_by_ctrl_c_resumes_on_every_rank_to_the_uninterr
     let reference = sweep(&dir, &with(&["--db", "whole.db"]));
     assert_eq!(reference.status.code(), Some(0), "{}", stderr(&reference));
 
-    let child = spawn(&dir, &with(&[]));
-    let first = dir.join("sweep.checkpoints");
-    let started = Instant::now();
-    while !first.exists() && started.elapsed() < Duration::from_secs(60) {
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    std::thread::sleep(Duration::from_millis(50));
-    let status = Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let out = child.wait_with_output().unwrap();
+    let out = interrupt_after_first_checkpoint(&dir, spawn(&dir, &with(&[])));
     // Both ranks stop after the same step (they agree on it inside the step's all-reduce).
     assert_eq!(out.status.code(), Some(130), "{}", stderr(&out));
     let db = open(&dir, "sweep.db");

@@ -580,6 +580,8 @@ const FLASH: &str = "sweep_flash";
 
 /// Queries or keys per thread block of flash.cu, and its threads.
 const FLASH_BLOCK: usize = 64;
+/// The head dimension flash.cu is compiled for.
+const HD: usize = super::FLASH_HEAD_DIM;
 const FLASH_THREADS: u32 = 128;
 
 /// A bf16 input of flash.cu: contiguous and 16-byte aligned (the kernels load 8 at a time).
@@ -632,7 +634,7 @@ pub fn flash_fwd(
     let dev = q.device();
     let func = dev.get_or_load_custom_func("flash_fwd_bf16", FLASH, FLASH_PTX)?;
     let (qv, kv, vv) = (flash_view(q, lq)?, flash_view(k, lk)?, flash_view(v, lv)?);
-    let o = out::<bf16>(dev, d.b * d.t * d.h * 64)?;
+    let o = out::<bf16>(dev, d.b * d.t * d.h * HD)?;
     let lse = out::<f32>(dev, d.b * d.h * d.t)?;
     let (h, kvh, t) = d.ints();
     let scale_log2 = scale * std::f32::consts::LOG2_E;
@@ -677,8 +679,8 @@ pub fn flash_bwd(
     // SAFETY: reads `rows` rows of 64 of O and dO, writes one sum per row.
     unsafe { b.launch(row_config(rows)) }.w()?;
 
-    let dk = out::<bf16>(dev, d.b * d.kv * d.t * 64)?;
-    let dv = out::<bf16>(dev, d.b * d.t * d.kv * 64)?;
+    let dk = out::<bf16>(dev, d.b * d.kv * d.t * HD)?;
+    let dv = out::<bf16>(dev, d.b * d.t * d.kv * HD)?;
     let func = dev.get_or_load_custom_func("flash_bwd_kv_bf16", FLASH, FLASH_PTX)?;
     let mut b = func.builder();
     b.arg(&qv).arg(&kv).arg(&vv).arg(&dov).arg(&lsev).arg(&dsum);
@@ -692,7 +694,7 @@ pub fn flash_bwd(
     // SAFETY: each block writes the dK and dV rows of its own key block, every row once.
     unsafe { b.launch(flash_config(d.blocks(), d.b * d.kv)) }.w()?;
 
-    let dq = out::<bf16>(dev, d.b * d.h * d.t * 64)?;
+    let dq = out::<bf16>(dev, d.b * d.h * d.t * HD)?;
     let func = dev.get_or_load_custom_func("flash_bwd_q_bf16", FLASH, FLASH_PTX)?;
     let mut b = func.builder();
     b.arg(&qv).arg(&kv).arg(&vv).arg(&dov).arg(&lsev).arg(&dsum);
