@@ -331,7 +331,11 @@ mod tests {
         fn lr(&self) -> f64 {
             self.lr
         }
-        fn build(&self, _: &[Param]) -> candle_core::Result<Box<dyn Stepper>> {
+        fn build(
+            &self,
+            _: &[Param],
+            _: candle_core::DType,
+        ) -> candle_core::Result<Box<dyn Stepper>> {
             candle_core::bail!("not used")
         }
     }

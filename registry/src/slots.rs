@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::fmt;
 
 use candle_core::backprop::GradStore;
-use candle_core::{Result, Tensor};
+use candle_core::{DType, Result, Tensor};
 
 use crate::params::{Param, ParamBuilder};
 
@@ -153,8 +153,10 @@ pub trait Optimizer: Spec {
     /// schedule scales it and every other group's rate alike.
     fn lr(&self) -> f64;
 
-    /// Builds the optimizer state for a model's parameters.
-    fn build(&self, params: &[Param]) -> Result<Box<dyn Stepper>>;
+    /// Builds the optimizer state for a model's parameters. `compute` is the dtype of the
+    /// model's matmuls (the trial's precision): an optimizer may do its own matrix work in it,
+    /// as Muon's Newton-Schulz runs in bf16 when the model does.
+    fn build(&self, params: &[Param], compute: DType) -> Result<Box<dyn Stepper>>;
 }
 
 /// The optimizer state of one trial.

@@ -236,7 +236,7 @@ mod grad_tests {
                     let model = Gpt::new(&cell, &dims, &ParamBuilder::new(0, &Device::Cpu))?;
                     // One step first, so parameters that start at zero by design (gates,
                     // low-rank branches) have moved and every path carries gradient.
-                    let mut opt = optimizer.build(model.params())?;
+                    let mut opt = optimizer.build(model.params(), candle_core::DType::F32)?;
                     opt.step(&model.loss(&x, &y)?.backward()?, 10.0)?;
                     let l32 = model.loss(&x, &y)?;
                     let grads = l32.backward()?;
@@ -369,7 +369,7 @@ mod optimizer_tests {
             let count = model.param_count();
             assert_eq!(count.embedding, 32 * 16);
             assert!(count.total > count.embedding);
-            let mut opt = optimizer.build(model.params())?;
+            let mut opt = optimizer.build(model.params(), candle_core::DType::F32)?;
             let loss_now = || -> Result<f32> { model.loss(&x, &y)?.to_scalar::<f32>() };
             let first = loss_now()?;
             for _ in 0..30 {

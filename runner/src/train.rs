@@ -371,7 +371,7 @@ pub fn train(
     let mut rng = sampler(trial.seed);
     let params = model.params();
     parallel::share_weights(params, group)?;
-    let mut opt = trial.cell.optimizer.build(params)?;
+    let mut opt = trial.cell.optimizer.build(params, spec.precision.dtype())?;
     let peak = trial.cell.optimizer.lr();
     let eval_every = spec.eval_every();
 

@@ -185,7 +185,7 @@ impl Optimizer for AdamW {
         self.lr
     }
 
-    fn build(&self, params: &[Param]) -> Result<Box<dyn Stepper>> {
+    fn build(&self, params: &[Param], _compute: DType) -> Result<Box<dyn Stepper>> {
         Ok(Box::new(AdamWState::new(self.clone(), params)?))
     }
 }
@@ -232,7 +232,7 @@ mod tests {
             eps: 1e-12,
             weight_decay: 0.5,
         };
-        let mut opt = cfg.build(std::slice::from_ref(&p))?;
+        let mut opt = cfg.build(std::slice::from_ref(&p), DType::F32)?;
         let grad_of = |g: [f32; 2]| -> Result<GradStore> {
             var.as_tensor()
                 .mul(&Tensor::new(&g, &Device::Cpu)?)?
@@ -265,7 +265,7 @@ mod tests {
             weight_decay: 0.5,
             ..AdamW::default()
         };
-        let mut opt = cfg.build(&[p])?;
+        let mut opt = cfg.build(&[p], DType::F32)?;
         // A zero gradient: Adam's update is 0/(0+eps) = 0, so only decay could move w.
         let grads = (var.as_tensor() * 0.0)?.sum_all()?.backward()?;
         opt.step(&grads, 1.0)?;

@@ -4,7 +4,7 @@
 //! moment v <- b2 v + (1 - b2) mean_row(O^2), divides O by sqrt(v), and rescales the result to
 //! O's Frobenius norm, so the step size is Muon's and only its distribution over rows changes.
 
-use candle_core::Result;
+use candle_core::{DType, Result};
 use registry::{Entry, Optimizer, Param, ParamDoc, Spec, Stepper};
 use serde::{Deserialize, Serialize};
 
@@ -86,11 +86,12 @@ impl Optimizer for NorMuon {
         self.lr
     }
 
-    fn build(&self, params: &[Param]) -> Result<Box<dyn Stepper>> {
+    fn build(&self, params: &[Param], compute: DType) -> Result<Box<dyn Stepper>> {
         Ok(Box::new(MuonState::new(
             &self.muon(),
             Some(self.row_norm()),
             params,
+            compute,
         )?))
     }
 }
@@ -120,7 +121,7 @@ mod tests {
     use super::super::muon::{newton_schulz, normalize_rows};
     use super::*;
     use crate::nn::randn;
-    use candle_core::{DType, Device, Tensor};
+    use candle_core::{Device, Tensor};
 
     fn row_rms(t: &Tensor) -> Result<Vec<f32>> {
         t.sqr()?.mean(1)?.sqrt()?.to_vec1::<f32>()
@@ -133,7 +134,7 @@ mod tests {
         // has RMS 1 / sqrt(1 - b2).
         let scales = Tensor::new(&[[0.1f32], [1.0], [5.0], [0.5], [2.0], [1.5]], &Device::Cpu)?;
         let g = randn(3, (6, 24), 1.0)?.broadcast_mul(&scales)?;
-        let o = newton_schulz(&g, 5)?;
+        let o = newton_schulz(&g, 5, DType::F32)?;
         let before = row_rms(&o)?;
         let spread = before.iter().cloned().fold(f32::MIN, f32::max)
             / before.iter().cloned().fold(f32::MAX, f32::min);

@@ -217,7 +217,10 @@ fn time(
     gpu::reset_peak(device)?;
     let model = train::build(trial, &dims, spec.precision, device).context("building")?;
     parallel::share_weights(model.params(), group)?;
-    let mut opt = trial.cell.optimizer.build(model.params())?;
+    let mut opt = trial
+        .cell
+        .optimizer
+        .build(model.params(), spec.precision.dtype())?;
     let mut rng = train::sampler(trial.seed);
     let mut step = |phases: Option<&mut Phases>| -> anyhow::Result<f64> {
         let micro = train::micro_batches(data, &mut rng, spec, group, device)?;
