@@ -152,7 +152,7 @@ fn a_sweep_killed_at_random_moments_resumes_to_the_uninterrupted_result() {
     for id in ids(&killed) {
         let folder = dir.join("killed.checkpoints").join(&id);
         assert!(folder.join("final.safetensors").is_file(), "{id}");
-        assert!(!folder.join("manifest.json").exists(), "{id}");
+        assert!(manifests(&folder).is_empty(), "{id}");
     }
 }
 
@@ -354,12 +354,26 @@ fn an_allocation_failure_fails_its_trial_and_the_sweep_goes_on() {
 /// Whether a complete checkpoint exists under a checkpoints folder.
 fn has_manifest(folder: &Path) -> bool {
     std::fs::read_dir(folder)
-        .map(|entries| {
-            entries
-                .flatten()
-                .any(|e| e.path().join("manifest.json").is_file())
-        })
+        .map(|entries| entries.flatten().any(|e| !manifests(&e.path()).is_empty()))
         .unwrap_or(false)
+}
+
+/// The steps of the checkpoint manifests (`step-<N>.json`) in a trial's folder, ascending.
+fn manifests(trial_dir: &Path) -> Vec<u64> {
+    let mut steps: Vec<u64> = std::fs::read_dir(trial_dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            name.strip_prefix("step-")?
+                .strip_suffix(".json")?
+                .parse()
+                .ok()
+        })
+        .collect();
+    steps.sort();
+    steps
 }
 
 /// The pid of the worker process training in `dir`, once one runs.
@@ -465,4 +479,278 @@ fn a_data_parallel_trial_stopped_by_ctrl_c_resumes_on_every_rank_to_the_uninterr
             "{l1} seed {s1}: {v1} resumed, {v2} whole"
         );
     }
+}
+
+/// One trial, 400 steps, a checkpoint every 20.
+fn one_trial_sweep() -> String {
+    long_sweep()
+        .replace("seeds: [0, 1],", "seeds: [0],")
+        .replace("ffn: [SwiGlu, Gelu]", "ffn: [SwiGlu]")
+        .replace("steps: 200,", "steps: 400,")
+        .replace("eval_every: 50,", "eval_every: 100,")
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap().flatten() {
+        let dest = to.join(e.file_name());
+        if e.path().is_dir() {
+            copy_dir(&e.path(), &dest);
+        } else {
+            std::fs::copy(e.path(), dest).unwrap();
+        }
+    }
+}
+
+/// The final val/bpb and val/loss of the one trial of a DB, and its status.
+fn outcome(db: &rusqlite::Connection) -> (String, f64, f64) {
+    db.query_row(
+        "SELECT t.status, b.value, l.value FROM trials t
+         JOIN metrics b ON b.trial_id = t.id AND b.name = 'val/bpb' AND b.step = 400
+         JOIN metrics l ON l.trial_id = t.id AND l.name = 'val/loss' AND l.step = 400",
+        [],
+        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+    )
+    .unwrap()
+}
+
+#[test]
+fn a_damaged_checkpoint_falls_back_to_the_one_before_and_the_trial_ends_as_if_never_stopped() {
+    let dir = workdir("damaged");
+    std::fs::write(dir.join("s.ron"), one_trial_sweep()).unwrap();
+    let whole = sweep(&dir, &["run", "s.ron", "--db", "whole.db"]);
+    assert_eq!(whole.status.code(), Some(0), "{}", stderr(&whole));
+    let (_, want_bpb, want_loss) = outcome(&open(&dir, "whole.db"));
+
+    // Killed (SIGKILL, parent and worker) once two checkpoints are on disk.
+    let mut child = spawn(&dir, &["run", "s.ron", "--db", "killed.db"]);
+    let folder = dir.join("killed.checkpoints");
+    let started = Instant::now();
+    let trial_dir = loop {
+        let found = std::fs::read_dir(&folder)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| manifests(p).len() >= 2);
+        if let Some(p) = found {
+            break p;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "no checkpoints"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    };
+    child.kill().unwrap();
+    child.wait().unwrap();
+    std::thread::sleep(Duration::from_millis(200)); // the worker follows its parent
+    let trial = trial_dir
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .into_owned();
+    let (status,): (String,) = open(&dir, "killed.db")
+        .query_row("SELECT status FROM trials", [], |r| Ok((r.get(0)?,)))
+        .unwrap();
+    assert_eq!(status, "running", "the trial finished before it was killed");
+    let steps = manifests(&trial_dir);
+    let (prev, last) = (steps[steps.len() - 2], steps[steps.len() - 1]);
+
+    type Damage = fn(&Path, u64, u64);
+    // (name, damage, what the event says, where the trial goes on)
+    let cases: Vec<(&str, Damage, &str, String)> = vec![
+        (
+            "tensor-bytes",
+            |d, _, s| {
+                let p = d.join(format!("step-{s}.safetensors"));
+                let mut b = std::fs::read(&p).unwrap();
+                let mid = b.len() / 2;
+                for (i, x) in b[mid - 2048..mid + 2048].iter_mut().enumerate() {
+                    *x = (i as u8).wrapping_mul(37) ^ 0x5a;
+                }
+                std::fs::write(&p, b).unwrap();
+            },
+            "failed verification (sha256 mismatch)",
+            format!("resumed from step-{prev}"),
+        ),
+        (
+            "header-bit",
+            |d, _, s| {
+                let p = d.join(format!("step-{s}.safetensors"));
+                let mut b = std::fs::read(&p).unwrap();
+                b[20] ^= 0x01;
+                std::fs::write(&p, b).unwrap();
+            },
+            "failed verification (sha256 mismatch)",
+            format!("resumed from step-{prev}"),
+        ),
+        (
+            "truncated",
+            |d, _, s| {
+                let p = d.join(format!("step-{s}.safetensors"));
+                let len = std::fs::metadata(&p).unwrap().len();
+                std::fs::File::options()
+                    .write(true)
+                    .open(&p)
+                    .unwrap()
+                    .set_len(len / 2)
+                    .unwrap();
+            },
+            "bytes, its manifest says",
+            format!("resumed from step-{prev}"),
+        ),
+        (
+            "empty",
+            |d, _, s| std::fs::write(d.join(format!("step-{s}.safetensors")), b"").unwrap(),
+            "is 0 bytes, its manifest says",
+            format!("resumed from step-{prev}"),
+        ),
+        (
+            "broken-manifest",
+            |d, _, s| {
+                std::fs::write(d.join(format!("step-{s}.json")), b"{\"format\": 2, \"tr").unwrap()
+            },
+            "has a manifest that is not valid",
+            format!("resumed from step-{prev}"),
+        ),
+        (
+            "missing-file",
+            |d, _, s| {
+                let p = d.join(format!("step-{s}.json"));
+                let text = std::fs::read_to_string(&p).unwrap();
+                let text =
+                    text.replace(&format!("step-{s}.safetensors"), "step-999999.safetensors");
+                std::fs::write(&p, text).unwrap();
+            },
+            "names a tensor file that cannot be read (step-999999.safetensors",
+            format!("resumed from step-{prev}"),
+        ),
+        (
+            "step-disagrees",
+            |d, _, s| {
+                let p = d.join(format!("step-{s}.json"));
+                let text = std::fs::read_to_string(&p).unwrap();
+                let text = text.replace(
+                    &format!("\"step\": {s},"),
+                    &format!("\"step\": {},", s + 20),
+                );
+                std::fs::write(&p, text).unwrap();
+            },
+            "has a manifest that says step",
+            format!("resumed from step-{prev}"),
+        ),
+        (
+            // A whole, self-consistent checkpoint the results DB never recorded (ahead of
+            // its metrics): not trained on.
+            "unrecorded",
+            |d, _, s| {
+                let t = s + 1000;
+                std::fs::copy(
+                    d.join(format!("step-{s}.safetensors")),
+                    d.join(format!("step-{t}.safetensors")),
+                )
+                .unwrap();
+                let text = std::fs::read_to_string(d.join(format!("step-{s}.json"))).unwrap();
+                let text = text
+                    .replace(
+                        &format!("step-{s}.safetensors"),
+                        &format!("step-{t}.safetensors"),
+                    )
+                    .replace(&format!("\"step\": {s},"), &format!("\"step\": {t},"));
+                std::fs::write(d.join(format!("step-{t}.json")), text).unwrap();
+            },
+            "is not in the results database's record of this trial",
+            format!("resumed from step-{last}"),
+        ),
+        (
+            "both",
+            |d, p, s| {
+                for step in [p, s] {
+                    std::fs::write(d.join(format!("step-{step}.safetensors")), b"").unwrap();
+                }
+            },
+            "failed verification",
+            "started again from step 0".to_string(),
+        ),
+    ];
+    for (name, damage, says, then) in cases {
+        let db = format!("{name}.db");
+        for ext in ["", "-wal", "-shm"] {
+            let from = dir.join(format!("killed.db{ext}"));
+            if from.exists() {
+                std::fs::copy(from, dir.join(format!("{db}{ext}"))).unwrap();
+            }
+        }
+        copy_dir(&folder, &dir.join(format!("{name}.checkpoints")));
+        let trial_copy = dir.join(format!("{name}.checkpoints")).join(&trial);
+        damage(&trial_copy, prev, last);
+
+        let out = sweep(&dir, &["run", "s.ron", "--db", &db]);
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(0), "{name}: {err}");
+        assert!(err.contains(says) && err.contains(&then), "{name}: {err}");
+        let conn = open(&dir, &db);
+        let (status, bpb, loss) = outcome(&conn);
+        assert_eq!(status, "done", "{name}");
+        assert!(
+            (bpb - want_bpb).abs() < 1e-6 && (loss - want_loss).abs() < 1e-6,
+            "{name}: val/bpb {bpb} val/loss {loss}, uninterrupted {want_bpb} {want_loss}"
+        );
+        let events: Vec<(String, String)> = {
+            let mut stmt = conn
+                .prepare("SELECT kind, message FROM events ORDER BY id")
+                .unwrap();
+            stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+                .unwrap()
+                .collect::<Result<_, _>>()
+                .unwrap()
+        };
+        let expected = if name == "both" { 2 } else { 1 };
+        assert_eq!(events.len(), expected, "{name}: {events:?}");
+        assert!(
+            events
+                .iter()
+                .all(|(k, m)| k == "checkpoint_rejected" && m.ends_with(&then)),
+            "{name}: {events:?}"
+        );
+        assert!(events[0].1.contains(says), "{name}: {events:?}");
+        let report = sweep(&dir, &["report", "--db", &db, "--sweep", "tiny"]);
+        let text = String::from_utf8_lossy(&report.stdout).into_owned();
+        let count = if expected == 1 {
+            "1 event".to_string()
+        } else {
+            format!("{expected} events")
+        };
+        assert!(
+            text.contains(&format!("1 done, {count}")) && text.contains(&events[0].1),
+            "{name}: {text}"
+        );
+    }
+
+    // The final weights: verified against the trial's record, refused once damaged.
+    let ok = sweep(&dir, &["verify", "--db", "both.db"]);
+    assert_eq!(
+        ok.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&ok.stdout)
+    );
+    let weights = dir
+        .join("both.checkpoints")
+        .join(&trial)
+        .join("final.safetensors");
+    let mut b = std::fs::read(&weights).unwrap();
+    let at = b.len() - 100;
+    b[at] ^= 0x10;
+    std::fs::write(&weights, b).unwrap();
+    let bad = sweep(&dir, &["verify", "--db", "both.db"]);
+    let text = String::from_utf8_lossy(&bad.stdout).into_owned();
+    assert_eq!(bad.status.code(), Some(2), "{text}");
+    assert!(
+        text.contains(&format!(
+            "both.checkpoints/{trial}/final.safetensors failed verification"
+        )),
+        "{text}"
+    );
 }

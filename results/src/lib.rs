@@ -3,11 +3,13 @@
 //! and `metrics`, plus `sweep_trials` (which trials a sweep consists of) and `meta` (the
 //! schema version). The schema is documented in the README; [`SCHEMA`] is its source.
 
+mod events;
 mod merge;
 pub mod report;
 mod status;
 mod store;
 
+pub use events::EventRow;
 pub use merge::{check_input, Merged};
 pub use status::Status;
 pub use store::{Claim, MetricRow, NewTrial, ParamCount, Store, TrialRow, SCHEMA, SCHEMA_VERSION};

@@ -116,10 +116,10 @@ impl Store {
             tx.execute(
                 "INSERT INTO main.trials (id, sweep_id, seed, label, config, status, error,
                      device, code_version, n_params, n_params_embedding, created_at,
-                     started_at, finished_at, wall_s, owner, heartbeat_at)
+                     started_at, finished_at, wall_s, owner, heartbeat_at, weights_sha256)
                  SELECT id, ?2, seed, label, config, status, error, device, code_version,
                      n_params, n_params_embedding, created_at, started_at, finished_at,
-                     wall_s, owner, heartbeat_at
+                     wall_s, owner, heartbeat_at, weights_sha256
                  FROM src.trials WHERE id = ?1
                  ON CONFLICT (id) DO UPDATE SET
                      status = excluded.status, error = excluded.error,
@@ -128,11 +128,17 @@ impl Store {
                      n_params_embedding = excluded.n_params_embedding,
                      started_at = excluded.started_at, finished_at = excluded.finished_at,
                      wall_s = excluded.wall_s, owner = excluded.owner,
-                     heartbeat_at = excluded.heartbeat_at",
+                     heartbeat_at = excluded.heartbeat_at,
+                     weights_sha256 = excluded.weights_sha256",
                 params![id, sweep_of(src_sweep)?],
             )?;
             if ours.is_some() {
-                tx.execute("DELETE FROM main.metrics WHERE trial_id = ?1", [&id])?;
+                for table in ["metrics", "checkpoints", "events"] {
+                    tx.execute(
+                        &format!("DELETE FROM main.{table} WHERE trial_id = ?1"),
+                        [&id],
+                    )?;
+                }
                 m.replaced += 1;
             } else {
                 m.added += 1;
@@ -141,6 +147,18 @@ impl Store {
             m.metrics += tx.execute(
                 "INSERT INTO main.metrics (trial_id, step, name, value)
                  SELECT trial_id, step, name, value FROM src.metrics WHERE trial_id = ?1",
+                [&id],
+            )?;
+            // Its checkpoint records and events travel with it (its checkpoint folder does too).
+            tx.execute(
+                "INSERT INTO main.checkpoints (trial_id, step, sha256, saved_at)
+                 SELECT trial_id, step, sha256, saved_at FROM src.checkpoints WHERE trial_id = ?1",
+                [&id],
+            )?;
+            tx.execute(
+                "INSERT INTO main.events (trial_id, at, step, kind, message)
+                 SELECT trial_id, at, step, kind, message FROM src.events WHERE trial_id = ?1
+                 ORDER BY id",
                 [&id],
             )?;
         }

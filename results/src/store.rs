@@ -11,7 +11,7 @@ use crate::{Error, Result, Status};
 
 /// Bumped whenever a table changes shape. An older DB is migrated in place when opened (see
 /// [`MIGRATIONS`]); a newer one is refused.
-pub const SCHEMA_VERSION: u32 = 3;
+pub const SCHEMA_VERSION: u32 = 4;
 
 /// The statements that take a DB from version i + 1 to i + 2, in order.
 const MIGRATIONS: &[&str] = &[
@@ -22,6 +22,9 @@ const MIGRATIONS: &[&str] = &[
     "ALTER TABLE trials ADD COLUMN owner TEXT;
      ALTER TABLE trials ADD COLUMN heartbeat_at TEXT;
      ALTER TABLE sweeps ADD COLUMN generation INTEGER NOT NULL DEFAULT 0;",
+    // 3 -> 4: the final weights' checksum (the checkpoints and events tables are new, and
+    // made by SCHEMA itself).
+    "ALTER TABLE trials ADD COLUMN weights_sha256 TEXT;",
 ];
 
 /// Metric rows are buffered and written in one transaction once this many are pending.
@@ -60,13 +63,29 @@ CREATE TABLE IF NOT EXISTS trials (
     finished_at  TEXT,
     wall_s       REAL,
     owner        TEXT,
-    heartbeat_at TEXT
+    heartbeat_at TEXT,
+    weights_sha256 TEXT
 );
 CREATE TABLE IF NOT EXISTS sweep_trials (
     sweep_id INTEGER NOT NULL REFERENCES sweeps(id),
     trial_id TEXT NOT NULL REFERENCES trials(id),
     position INTEGER NOT NULL,
     PRIMARY KEY (sweep_id, trial_id)
+);
+CREATE TABLE IF NOT EXISTS checkpoints (
+    trial_id TEXT NOT NULL REFERENCES trials(id),
+    step     INTEGER NOT NULL,
+    sha256   TEXT NOT NULL,
+    saved_at TEXT NOT NULL,
+    PRIMARY KEY (trial_id, step)
+);
+CREATE TABLE IF NOT EXISTS events (
+    id       INTEGER PRIMARY KEY,
+    trial_id TEXT NOT NULL REFERENCES trials(id),
+    at       TEXT NOT NULL,
+    step     INTEGER,
+    kind     TEXT NOT NULL,
+    message  TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS metrics (
     trial_id TEXT NOT NULL REFERENCES trials(id),
@@ -78,7 +97,7 @@ CREATE TABLE IF NOT EXISTS metrics (
 "#;
 
 /// SQLite's clock, as RFC 3339 UTC with milliseconds.
-const NOW: &str = "strftime('%Y-%m-%dT%H:%M:%fZ', 'now')";
+pub(crate) const NOW: &str = "strftime('%Y-%m-%dT%H:%M:%fZ', 'now')";
 
 /// What [`Store::claim`] found.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -453,10 +472,13 @@ impl Store {
         params: Option<ParamCount>,
     ) -> Result<()> {
         let tx = self.write_tx()?;
-        tx.execute(
-            "DELETE FROM metrics WHERE trial_id = ?1 AND step > ?2",
-            params![id, keep.map_or(-1, |s| s as i64)],
-        )?;
+        // The lost steps' metrics go, and so do the records of checkpoints taken in them.
+        for table in ["metrics", "checkpoints"] {
+            tx.execute(
+                &format!("DELETE FROM {table} WHERE trial_id = ?1 AND step > ?2"),
+                params![id, keep.map_or(-1, |s| s as i64)],
+            )?;
+        }
         // A resumed trial started when its first attempt did.
         let started = if keep.is_some() {
             format!("coalesce(started_at, {NOW})")

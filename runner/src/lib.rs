@@ -16,6 +16,7 @@ pub mod model;
 pub mod owner;
 pub mod parallel;
 pub mod spec;
+pub mod tensor_file;
 pub mod train;
 
 /// `CARGO_PKG_VERSION+git describe`, recorded with every sweep and trial.

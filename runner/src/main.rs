@@ -1,7 +1,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use runner::commands::{bench, list, merge, report, run, slurm, worker};
+use runner::commands::{bench, list, merge, report, run, slurm, verify, worker};
 use runner::error::{exit, InputError};
 
 /// Architecture sweeps for language models: list component variants in a RON file, train
@@ -21,6 +21,7 @@ enum Command {
     Slurm(slurm::Args),
     List(list::Args),
     Bench(bench::Args),
+    Verify(verify::Args),
     #[command(hide = true)]
     Worker(worker::Args),
 }
@@ -35,6 +36,7 @@ fn main() -> ExitCode {
         Command::Worker(args) => worker::exec(args),
         Command::List(args) => list::exec(args),
         Command::Bench(args) => bench::exec(args),
+        Command::Verify(args) => verify::exec(args),
     };
     match result {
         Ok(code) => ExitCode::from(code),

@@ -36,6 +36,16 @@ pub trait Observer {
     fn checkpoint(&mut self, _step: usize) -> Result<()> {
         Ok(())
     }
+    /// Called once the checkpoint of `step` is on disk with tensor digest `sha256`, before
+    /// its manifest is: the results DB records it, or the checkpoint is never resumed from.
+    fn checkpoint_saved(&mut self, _step: usize, _sha256: &str) -> Result<()> {
+        Ok(())
+    }
+    /// Something the user should see about the trial (a checkpoint that could not be
+    /// written): recorded as an event of the trial and shown.
+    fn event(&mut self, _step: usize, _kind: &str, _message: &str) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// How a trial ended, when it ended without an error.
@@ -350,14 +360,15 @@ pub struct Setting<'a> {
     pub group: &'a dyn Group,
 }
 
-/// Trains `model` for `spec.steps` steps, from the last checkpoint in `ckpt` if there is one
-/// (of this trial), saving a new one every `ckpt.every` steps.
+/// Trains `model` for `spec.steps` steps, from checkpoint `from` of `ckpt` if given (one
+/// that `Checkpoints::resume_point` chose), saving a new one every `ckpt.every` steps.
 pub fn train(
     trial: &Trial,
     model: &Gpt,
     setting: Setting,
     obs: &mut dyn Observer,
     ckpt: Option<&Checkpoints>,
+    from: Option<&Manifest>,
 ) -> Result<Outcome> {
     let Setting {
         spec,
@@ -377,7 +388,11 @@ pub fn train(
 
     let (mut loss_sum, mut loss_n, mut train_time) = (0.0, 0usize, 0.0);
     let mut start = 0;
-    if let Some((m, tensors)) = ckpt.map(|c| c.latest(device)).transpose()?.flatten() {
+    let resume = match (ckpt, from) {
+        (Some(c), Some(m)) => Some((m, c.load(m, device)?)),
+        _ => None,
+    };
+    if let Some((m, tensors)) = resume {
         if m.trial == trial.id && m.step < spec.steps {
             for p in params {
                 let name = format!("model.{}", p.name);
@@ -463,21 +478,39 @@ pub fn train(
         let saving = |c: &&Checkpoints| lead && c.every > 0 && (step + 1) % c.every == 0 && !last;
         if let Some(c) = ckpt.filter(saving) {
             obs.checkpoint(step + 1)?;
-            c.save(
-                model,
-                opt.as_ref(),
-                Manifest {
-                    format: 0,
-                    trial: trial.id.clone(),
-                    step: step + 1,
-                    tensors: String::new(),
-                    rng_seed: rng.get_seed(),
-                    rng_word_pos: rng.get_word_pos(),
-                    loss_sum,
-                    loss_n,
-                    train_time,
-                },
-            )?;
+            let manifest = Manifest {
+                format: 0,
+                trial: trial.id.clone(),
+                step: step + 1,
+                tensors: String::new(),
+                bytes: 0,
+                sha256: String::new(),
+                rng_seed: rng.get_seed(),
+                rng_word_pos: rng.get_word_pos(),
+                loss_sum,
+                loss_n,
+                train_time,
+            };
+            // Recording it is the DB's part: its failure ends the trial, as any lost record
+            // does. A checkpoint that cannot be written does not: the older ones stay, and the
+            // next checkpoint tries again.
+            let mut db_error = None;
+            let mut written = |m: &Manifest| {
+                obs.checkpoint_saved(m.step, &m.sha256).inspect_err(|e| {
+                    db_error = Some(e.to_string());
+                })
+            };
+            if let Err(e) = c.save(model, opt.as_ref(), manifest, &mut written) {
+                if let Some(db) = db_error {
+                    candle_core::bail!("{db}");
+                }
+                let message = format!(
+                    "checkpoint step-{} could not be written ({e}); training goes on, the \
+                     next checkpoint tries again",
+                    step + 1
+                );
+                obs.event(step + 1, "checkpoint_unwritten", &message)?;
+            }
         }
     }
     unreachable!("the last step always evaluates")
@@ -510,9 +543,13 @@ mod tests {
     use registry::Role;
     use std::path::Path;
 
-    /// Records every metric; fails at `crash_at` as a killed process would stop there.
+    /// Records every metric, the checkpoints saved and the events; fails at `crash_at` as a
+    /// killed process would stop there.
+    #[derive(Default)]
     struct Log {
         rows: Vec<(usize, String, f64)>,
+        saved: Vec<(u64, String)>,
+        events: Vec<(usize, String, String)>,
         crash_at: Option<usize>,
     }
 
@@ -524,79 +561,178 @@ mod tests {
             self.rows.push((step, name.to_string(), value));
             Ok(())
         }
+
+        fn checkpoint_saved(&mut self, step: usize, sha256: &str) -> Result<()> {
+            self.saved.push((step as u64, sha256.to_string()));
+            Ok(())
+        }
+
+        fn event(&mut self, step: usize, kind: &str, message: &str) -> Result<()> {
+            self.events
+                .push((step, kind.to_string(), message.to_string()));
+            Ok(())
+        }
     }
 
-    #[test]
-    fn a_resumed_trial_continues_the_uninterrupted_loss_curve_exactly() -> Result<()> {
-        let corpus = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../../shared/data/tinyshakespeare/input.txt");
-        let text = format!(
-            "Sweep(name: \"ckpt\", seeds: [3], data: Text(path: {:?}),\n\
-             train: (steps: 12, batch: 2, seq_len: 16, eval_every: 4, eval_batches: 1, \
-             log_every: 2, checkpoint_every: 4),\n\
-             model: (d_model: 16, n_layers: 1),\n\
-             grid: (attention: [GatedGqa(heads: 2, kv_heads: 1)], ffn: [Relu2], \
-             residual: [Mhc(streams: 2)], optimizer: [NorMuon], schedule: [Trapezoid]))",
-            corpus.display().to_string()
-        );
-        let sweep = Sweep::from_source(Source::from_text(Path::new("c.ron"), text)).unwrap();
-        let data = crate::data::Dataset::load(&sweep.data, &sweep.source, 16).unwrap();
-        let device = Device::Cpu;
-        let val = ValSet::new(&data.val, data.tokenizer, &sweep.train, &device)?;
-        let trial = &sweep.trials[0];
-        let dir = std::env::temp_dir().join(format!("sweep-ckpt-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        let ckpt = Checkpoints::new(&dir.join("r.db"), &trial.id, 4);
-        let run = |crash_at, ckpt: Option<&Checkpoints>| -> (Result<Outcome>, Vec<_>) {
-            let model = build(trial, &sweep.dims(), sweep.train.precision, &device).unwrap();
+    /// A 12-step trial (checkpoints every 4) and a way to train it, stopped at a step or not,
+    /// from a checkpoint or not.
+    struct Bench {
+        sweep: Sweep,
+        data: crate::data::Dataset,
+        val: ValSet,
+        dir: std::path::PathBuf,
+    }
+
+    impl Bench {
+        fn new(name: &str) -> Result<Self> {
+            let corpus = Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../../shared/data/tinyshakespeare/input.txt");
+            let text = format!(
+                "Sweep(name: \"ckpt\", seeds: [3], data: Text(path: {:?}),\n\
+                 train: (steps: 12, batch: 2, seq_len: 16, eval_every: 4, eval_batches: 1, \
+                 log_every: 2, checkpoint_every: 4),\n\
+                 model: (d_model: 16, n_layers: 1),\n\
+                 grid: (attention: [GatedGqa(heads: 2, kv_heads: 1)], ffn: [Relu2], \
+                 residual: [Mhc(streams: 2)], optimizer: [NorMuon], schedule: [Trapezoid]))",
+                corpus.display().to_string()
+            );
+            let sweep = Sweep::from_source(Source::from_text(Path::new("c.ron"), text)).unwrap();
+            let data = crate::data::Dataset::load(&sweep.data, &sweep.source, 16).unwrap();
+            let val = ValSet::new(&data.val, data.tokenizer, &sweep.train, &Device::Cpu)?;
+            let dir = std::env::temp_dir().join(format!("sweep-{name}-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            Ok(Self {
+                sweep,
+                data,
+                val,
+                dir,
+            })
+        }
+
+        fn trial(&self) -> &Trial {
+            &self.sweep.trials[0]
+        }
+
+        fn checkpoints(&self) -> Checkpoints {
+            Checkpoints::new(&self.dir.join("r.db"), &self.trial().id, 4, 2)
+        }
+
+        fn run(
+            &self,
+            crash_at: Option<usize>,
+            ckpt: Option<&Checkpoints>,
+            from: Option<&Manifest>,
+        ) -> (Result<Outcome>, Log) {
+            let trial = self.trial();
+            let model = build(
+                trial,
+                &self.sweep.dims(),
+                self.sweep.train.precision,
+                &Device::Cpu,
+            )
+            .unwrap();
             let mut log = Log {
-                rows: Vec::new(),
                 crash_at,
+                ..Log::default()
             };
             let setting = Setting {
-                spec: &sweep.train,
-                data: &data,
-                val: &val,
-                device: &device,
+                spec: &self.sweep.train,
+                data: &self.data,
+                val: &self.val,
+                device: &Device::Cpu,
                 group: &parallel::Solo,
             };
-            let out = train(trial, &model, setting, &mut log, ckpt);
-            (out, log.rows)
-        };
+            let out = train(trial, &model, setting, &mut log, ckpt, from);
+            (out, log)
+        }
+    }
 
-        let (whole, reference) = run(None, None);
-        assert!(matches!(whole?, Outcome::Done { .. }));
-        // Stopped at step 10: the checkpoints of steps 4 and 8 were written, 8 is the last.
-        let (stopped, first) = run(Some(10), Some(&ckpt));
-        assert!(stopped.is_err());
-        assert_eq!(ckpt.latest_step(&trial.id), Some(8));
-        let (resumed, second) = run(None, Some(&ckpt));
-        assert!(matches!(resumed?, Outcome::Done { .. }));
-        assert!(
-            second.iter().all(|(s, _, _)| *s > 8),
-            "the resume recorded steps before 8"
-        );
-
-        // Steps up to 8 from the first attempt, the rest from the resumed one, equal the
-        // uninterrupted run (throughput aside, it is a clock).
-        let timeless = |rows: Vec<(usize, String, f64)>| -> Vec<(usize, String, f64)> {
-            rows.into_iter()
+    /// Throughput aside (it is a clock), the rows of two runs agree to 1e-6.
+    fn assert_same_curve(a: &[(usize, String, f64)], b: &[(usize, String, f64)]) {
+        let timeless = |rows: &[(usize, String, f64)]| -> Vec<(usize, String, f64)> {
+            rows.iter()
                 .filter(|(_, n, _)| n != "tokens_per_s")
+                .cloned()
                 .collect()
         };
-        let mut joined: Vec<_> = first.into_iter().filter(|(s, _, _)| *s <= 8).collect();
-        joined.extend(second);
-        let (joined, reference) = (timeless(joined), timeless(reference));
-        assert_eq!(joined.len(), reference.len());
-        for ((s1, n1, v1), (s2, n2, v2)) in joined.iter().zip(&reference) {
+        let (a, b) = (timeless(a), timeless(b));
+        assert_eq!(a.len(), b.len());
+        for ((s1, n1, v1), (s2, n2, v2)) in a.iter().zip(&b) {
             assert_eq!((s1, n1), (s2, n2));
             assert!(
                 (v1 - v2).abs() <= 1e-6 * v2.abs().max(1.0),
                 "{n1} at {s1}: {v1} vs {v2}"
             );
         }
-        assert!(reference.iter().any(|(s, n, _)| *s == 12 && n == "val/bpb"));
-        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_resumed_trial_continues_the_uninterrupted_loss_curve_exactly() -> Result<()> {
+        let bench = Bench::new("ckpt")?;
+        let ckpt = bench.checkpoints();
+        let (whole, reference) = bench.run(None, None, None);
+        assert!(matches!(whole?, Outcome::Done { .. }));
+        // Stopped at step 10: the checkpoints of steps 4 and 8 were written, 8 is the last.
+        let (stopped, first) = bench.run(Some(10), Some(&ckpt), None);
+        assert!(stopped.is_err());
+        let saved: Vec<u64> = first.saved.iter().map(|s| s.0).collect();
+        assert_eq!(saved, vec![4, 8]);
+        let point = ckpt.resume_point(&bench.trial().id, &first.saved);
+        assert!(point.rejected.is_empty(), "{:?}", point.rejected);
+        assert_eq!(point.from.as_ref().map(|m| m.step), Some(8));
+        let (resumed, second) = bench.run(None, Some(&ckpt), point.from.as_ref());
+        assert!(matches!(resumed?, Outcome::Done { .. }));
+        assert!(
+            second.rows.iter().all(|(s, _, _)| *s > 8),
+            "the resume recorded steps before 8"
+        );
+
+        // Steps up to 8 from the first attempt, the rest from the resumed one, equal the
+        // uninterrupted run.
+        let mut joined: Vec<_> = first.rows.into_iter().filter(|(s, _, _)| *s <= 8).collect();
+        joined.extend(second.rows);
+        assert_same_curve(&joined, &reference.rows);
+        assert!(reference
+            .rows
+            .iter()
+            .any(|(s, n, _)| *s == 12 && n == "val/bpb"));
+        let _ = std::fs::remove_dir_all(&bench.dir);
+        Ok(())
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_checkpoint_the_disk_refuses_is_an_event_and_training_goes_on() -> Result<()> {
+        // The step-8 tensor file's temporary name leads to /dev/full, whose every write fails
+        // with ENOSPC: a disk that filled up, for real.
+        let bench = Bench::new("ckpt-full")?;
+        let ckpt = bench.checkpoints();
+        std::fs::create_dir_all(ckpt.dir())?;
+        let tmp = ckpt.dir().join("step-8.safetensors.tmp");
+        std::os::unix::fs::symlink("/dev/full", &tmp)?;
+        let (whole, reference) = bench.run(None, None, None);
+        assert!(matches!(whole?, Outcome::Done { .. }));
+        let (stopped, first) = bench.run(Some(10), Some(&ckpt), None);
+        assert!(stopped.is_err());
+        assert_eq!(first.saved.iter().map(|s| s.0).collect::<Vec<_>>(), vec![4]);
+        assert_eq!(first.events.len(), 1, "{:?}", first.events);
+        let (step, kind, message) = &first.events[0];
+        assert_eq!((*step, kind.as_str()), (8, "checkpoint_unwritten"));
+        let named = format!("writing {}", tmp.display());
+        assert!(
+            message.contains(&named) && message.contains("No space left on device"),
+            "{message}"
+        );
+        assert!(!tmp.exists(), "the failed write left its temporary file");
+        // The older checkpoint is intact and the trial goes on from it to the same end.
+        let point = ckpt.resume_point(&bench.trial().id, &first.saved);
+        assert_eq!(point.from.as_ref().map(|m| m.step), Some(4));
+        let (resumed, second) = bench.run(None, Some(&ckpt), point.from.as_ref());
+        assert!(matches!(resumed?, Outcome::Done { .. }));
+        let mut joined: Vec<_> = first.rows.into_iter().filter(|(s, _, _)| *s <= 4).collect();
+        joined.extend(second.rows);
+        assert_same_curve(&joined, &reference.rows);
+        let _ = std::fs::remove_dir_all(&bench.dir);
         Ok(())
     }
 

@@ -166,6 +166,21 @@ impl Report {
             s += "Running seeds are counted under seeds; their results join the statistics \
                   once they finish.\n";
         }
+        let events: Vec<_> = self
+            .rows
+            .iter()
+            .flat_map(|r| &r.trials)
+            .flat_map(|t| t.events.iter().map(move |e| (t, e)))
+            .collect();
+        if !events.is_empty() {
+            s += "Events (counted under seeds):\n";
+            for (t, e) in events {
+                s += &format!(
+                    "  {} seed {} (trial {}): {}\n",
+                    t.row.label, t.row.seed, t.row.id, e.message
+                );
+            }
+        }
         s
     }
 

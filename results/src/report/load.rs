@@ -36,6 +36,7 @@ pub fn load(
             amax_fwd: last("amax/fwd")?,
             amax_bwd: last("amax/bwd")?,
             tokens_per_s: (!tps.is_empty()).then(|| tps[tps.len() / 2]),
+            events: store.events(&row.id)?,
             row,
         });
     }

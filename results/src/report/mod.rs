@@ -38,6 +38,8 @@ pub struct TrialData {
     pub amax_bwd: Option<f64>,
     /// Median of the logged training throughputs.
     pub tokens_per_s: Option<f64>,
+    /// What happened to the trial besides its metrics (checkpoint fallbacks, ...).
+    pub events: Vec<crate::EventRow>,
 }
 
 /// How many seeds of a configuration are in each state.
@@ -48,6 +50,8 @@ pub struct Counts {
     pub failed: usize,
     pub running: usize,
     pub queued: usize,
+    /// Trial events (a checkpoint that failed verification, one that could not be written).
+    pub events: usize,
 }
 
 impl Counts {
@@ -62,14 +66,19 @@ impl Counts {
         ]
     }
 
-    /// `2 done, 1 running`: the states that occur.
+    /// `2 done, 1 running`: the states that occur, and `1 event` when a trial had any.
     pub fn describe(&self) -> String {
-        let parts: Vec<String> = self
+        let mut parts: Vec<String> = self
             .entries()
             .iter()
             .filter(|(_, n)| *n > 0)
             .map(|(s, n)| format!("{n} {s}"))
             .collect();
+        match self.events {
+            0 => {}
+            1 => parts.push("1 event".into()),
+            n => parts.push(format!("{n} events")),
+        }
         parts.join(", ")
     }
 }
@@ -151,6 +160,7 @@ impl Report {
             c.failed += r.counts.failed;
             c.running += r.counts.running;
             c.queued += r.counts.queued;
+            c.events += r.counts.events;
         }
         c
     }

@@ -88,6 +88,7 @@ fn aggregate(group: &DataFrame, trials: &[TrialData]) -> PolarsResult<Row> {
         .collect();
     let mut counts = Counts::default();
     for t in &members {
+        counts.events += t.events.len();
         match t.row.status {
             Status::Done => counts.done += 1,
             Status::Diverged => counts.diverged += 1,

@@ -57,8 +57,8 @@ pub fn exec(args: Args) -> anyhow::Result<u8> {
 /// Links (or copies, across file systems) a trial's checkpoint folder from beside `from` to
 /// beside `to`, replacing what was there. Returns the number of files.
 fn carry_checkpoints(from: &Path, to: &Path, id: &str) -> anyhow::Result<usize> {
-    let src = Checkpoints::new(from, id, 0);
-    let dst = Checkpoints::new(to, id, 0);
+    let src = Checkpoints::new(from, id, 0, 1);
+    let dst = Checkpoints::new(to, id, 0, 1);
     let Ok(entries) = std::fs::read_dir(src.dir()) else {
         return Ok(0);
     };

@@ -6,4 +6,5 @@ pub mod merge;
 pub mod report;
 pub mod run;
 pub mod slurm;
+pub mod verify;
 pub mod worker;

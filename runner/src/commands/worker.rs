@@ -20,7 +20,7 @@ use std::time::Instant;
 use anyhow::Context;
 use results::{Status, Store};
 
-use crate::checkpoint::Checkpoints;
+use crate::checkpoint::{Checkpoints, Manifest};
 use crate::commands::run::{parse_devices, INTERRUPTED_EXIT};
 use crate::data::Dataset;
 use crate::error::{exit, InputError};
@@ -77,8 +77,27 @@ pub fn exec(args: Args) -> anyhow::Result<u8> {
         InputError::new(format!("{}: no trial {}", args.file.display(), args.trial))
     })?;
     let data = Dataset::load(&sweep.data, &sweep.source, sweep.train.seq_len)?;
-    let ckpt = Checkpoints::new(&args.db, &trial.id, sweep.train.checkpoint_every());
+    let ckpt = Checkpoints::new(
+        &args.db,
+        &trial.id,
+        sweep.train.checkpoint_every(),
+        sweep.train.keep_checkpoints(),
+    );
     let pipe = Pipe;
+    // The checkpoint to go on from, verified once for every rank; what was passed over is
+    // the trial's event, where the report shows it, and never a reason to fail the trial.
+    let point = ckpt.resume_point(&trial.id, &store.checkpoints(&trial.id)?);
+    for (step, message) in point.messages() {
+        store.event(
+            &trial.id,
+            step.map(|s| s as u64),
+            "checkpoint_rejected",
+            &message,
+        )?;
+        pipe.line(&format!("{}: {message}", trial.id));
+    }
+    ckpt.set_aside(&point.rejected);
+    let from = point.from.as_ref();
 
     let started = Instant::now();
     let world = devices.len();
@@ -104,7 +123,15 @@ pub fn exec(args: Args) -> anyhow::Result<u8> {
                 devices.join(",")
             ),
         };
-        let ended = run_trial(store, trial, setting, &sweep.dims(), &pipe, &ckpt, &on)?;
+        let ended = run_trial(
+            store,
+            trial,
+            setting,
+            &sweep.dims(),
+            &pipe,
+            (&ckpt, from),
+            &on,
+        )?;
         // A rank that failed must end the others' wait for it: as an error.
         match ended {
             (Status::Failed, Some(e), _) if world > 1 => Err(anyhow::anyhow!(e)),
@@ -171,14 +198,15 @@ impl Pipe {
 
 /// Builds and trains one rank of a trial, turning errors and panics into a `failed` status.
 /// Rank 0 has the store (`Some`) and records the trial's start, metrics and final weights;
-/// `on` names its device(s) for the record.
+/// the trial goes on from checkpoint `from` of `ckpt` if there is one; `on` names its
+/// device(s) for the record.
 fn run_trial(
     store: Option<&mut Store>,
     trial: &Trial,
     setting: train::Setting,
     dims: &registry::Dims,
     pipe: &Pipe,
-    ckpt: &Checkpoints,
+    (ckpt, from): (&Checkpoints, Option<&Manifest>),
     on: &str,
 ) -> anyhow::Result<(Status, Option<String>, String)> {
     let device = setting.device;
@@ -204,7 +232,7 @@ fn run_trial(
     // metrics recorded up to it.
     if let Some(store) = store.as_deref_mut() {
         let count = Some(model.param_count());
-        match ckpt.latest_step(&trial.id) {
+        match from.map(|m| m.step) {
             Some(step) => {
                 pipe.line(&format!(
                     "resuming {} from its checkpoint at step {step}",
@@ -227,7 +255,7 @@ fn run_trial(
             Some(r) => r,
             None => &mut Quiet,
         };
-        train::train(trial, &model, setting, obs, Some(ckpt))
+        train::train(trial, &model, setting, obs, Some(ckpt), from)
     }));
     if let Some(e) = recorder.as_mut().and_then(|r| r.db_error.take()) {
         return Err(e).context("writing metrics to the results database");
@@ -235,14 +263,24 @@ fn run_trial(
     // Done: keep the final weights. Diverged: nothing to continue from. Failed: the
     // checkpoint stays for a retry.
     let kept = match &result {
-        _ if !lead => Ok(()),
-        Ok(Ok(Outcome::Done { .. })) => ckpt.finish(&model),
-        Ok(Ok(Outcome::Diverged { .. })) => ckpt.discard(),
-        _ => Ok(()),
+        _ if !lead => Ok(None),
+        Ok(Ok(Outcome::Done { .. })) => ckpt.finish(&model).map(Some),
+        Ok(Ok(Outcome::Diverged { .. })) => {
+            ckpt.discard();
+            Ok(None)
+        }
+        _ => Ok(None),
     };
-    if let Err(e) = kept {
-        let msg = format!("saving the final weights in {}: {e}", ckpt.dir().display());
-        return Ok((Status::Failed, Some(msg.clone()), msg));
+    match (kept, recorder.as_mut()) {
+        (Err(e), _) => {
+            let msg = format!("saving the final weights: {e}");
+            return Ok((Status::Failed, Some(msg.clone()), msg));
+        }
+        (Ok(Some(sha)), Some(r)) => r
+            .store
+            .record_weights(&trial.id, &sha)
+            .context("recording the final weights' checksum")?,
+        _ => {}
     }
     Ok(match result {
         Ok(Ok(Outcome::Done { val_loss, val_bpb })) => (
@@ -293,6 +331,31 @@ impl Observer for Recorder<'_> {
 
     fn checkpoint(&mut self, _step: usize) -> candle_core::Result<()> {
         if let Err(e) = self.store.flush() {
+            let msg = e.to_string();
+            self.db_error = Some(e);
+            candle_core::bail!("results database: {msg}");
+        }
+        Ok(())
+    }
+
+    fn checkpoint_saved(&mut self, step: usize, sha256: &str) -> candle_core::Result<()> {
+        if let Err(e) = self
+            .store
+            .record_checkpoint(self.trial, step as u64, sha256)
+        {
+            let msg = e.to_string();
+            self.db_error = Some(e);
+            candle_core::bail!("results database: {msg}");
+        }
+        Ok(())
+    }
+
+    fn event(&mut self, step: usize, kind: &str, message: &str) -> candle_core::Result<()> {
+        self.pipe.line(&format!("{}: {message}", self.trial));
+        if let Err(e) = self
+            .store
+            .event(self.trial, Some(step as u64), kind, message)
+        {
             let msg = e.to_string();
             self.db_error = Some(e);
             candle_core::bail!("results database: {msg}");

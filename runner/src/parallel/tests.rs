@@ -195,7 +195,7 @@ fn curve(sets: &[&str], devices: &[&str]) -> (Rows, bool) {
             group: rank.group.as_ref(),
         };
         let mut log = Curve::default();
-        let out = train::train(trial, &model, setting, &mut log, None)?;
+        let out = train::train(trial, &model, setting, &mut log, None, None)?;
         assert!(matches!(out, Outcome::Done { .. }), "{out:?}");
         let mut weights = Vec::new();
         for p in model.params() {

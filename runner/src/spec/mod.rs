@@ -56,6 +56,10 @@ pub struct TrainSpec {
     /// saved does not change what it computes, so it is left out of the trial's config and id.
     #[serde(default, skip_serializing)]
     pub checkpoint_every: Option<usize>,
+    /// Checkpoints kept per trial, newest first (default 2): a damaged newest one falls back
+    /// to the one before. Like `checkpoint_every`, not part of the trial's config or id.
+    #[serde(default, skip_serializing)]
+    pub keep_checkpoints: Option<usize>,
     /// The dtype of matmuls and activations. Left out of the stored config (and so of the
     /// trial id) when it is the default, so that sweeps recorded before it existed resume.
     #[serde(default, skip_serializing_if = "Precision::is_f32")]
@@ -116,6 +120,11 @@ impl TrainSpec {
 
     pub fn checkpoint_every(&self) -> usize {
         self.checkpoint_every.unwrap_or_else(|| self.eval_every())
+    }
+
+    pub fn keep_checkpoints(&self) -> usize {
+        self.keep_checkpoints
+            .unwrap_or(crate::checkpoint::DEFAULT_KEEP)
     }
 
     /// Sequences per optimizer step over all ranks and micro-batches.
@@ -348,6 +357,12 @@ fn check_train(source: &Source, t: &TrainSpec) -> Result<(), InputError> {
         if v == 0 {
             return Err(source.field_error(path, "must be at least 1, got 0"));
         }
+    }
+    if t.keep_checkpoints == Some(0) {
+        return Err(source.field_error(
+            "train.keep_checkpoints",
+            "must be at least 1, got 0 (set checkpoint_every: 0 to keep none)",
+        ));
     }
     if t.eval_every == Some(0) {
         return Err(source.field_error(
