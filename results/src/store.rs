@@ -785,9 +785,12 @@ mod tests {
             let conn = Connection::open(&path)?;
             let v1 = SCHEMA
                 .replace("    n_params_embedding INTEGER,\n", "")
-                .replace(",\n    owner        TEXT,\n    heartbeat_at TEXT\n", "\n")
+                .replace(
+                    ",\n    owner        TEXT,\n    heartbeat_at TEXT,\n    weights_sha256 TEXT\n",
+                    "\n",
+                )
                 .replace(",\n    generation   INTEGER NOT NULL DEFAULT 0\n", "\n");
-            assert!(!v1.contains("owner") && !v1.contains("generation"));
+            assert!(!v1.contains("owner") && !v1.contains("generation") && !v1.contains("weights"));
             conn.execute_batch(&v1)?;
             conn.execute_batch(
                 "INSERT INTO meta VALUES ('schema_version', '1');
@@ -801,6 +804,7 @@ mod tests {
         let s = Store::open(&path)?;
         let t = &s.trials(1)?[0];
         assert_eq!((t.n_params, t.n_params_embedding), (Some(77), None));
+        assert_eq!(s.weights_sha256("t")?, None);
         let v: String = s.conn().query_row(
             "SELECT value FROM meta WHERE key = 'schema_version'",
             [],

@@ -167,7 +167,7 @@ impl Checkpoints {
                 Some((manifest_step(name.to_str()?)?, e.path()))
             })
             .collect();
-        found.sort_by(|a, b| b.0.cmp(&a.0));
+        found.sort_by_key(|b| std::cmp::Reverse(b.0));
         found
     }
 
