@@ -149,8 +149,10 @@ struct Group {
 }
 
 /// At most this many f32 values in one group's stack, so the step's transient copies stay
-/// well under the memory the model itself needs (256 Mi values: 1 GiB a stack).
-const GROUP_VALUES: usize = 1 << 28;
+/// small beside the model (64 Mi values, 256 MiB a stack: about 1.5 GiB of temporaries for
+/// the group in flight; 16 of the 1B model's 2048 x 2048 matrices, still a batch that fills
+/// the GPU).
+const GROUP_VALUES: usize = 1 << 26;
 
 /// Muon (or NorMuon, with `row_norm`) over the hidden matrices, AdamW over the rest.
 pub(crate) struct MuonState {

@@ -32,8 +32,15 @@ use crate::error::InputError;
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TrainSpec {
-    /// Optimizer steps per trial.
+    /// Optimizer steps per trial (resolved from `tokens` when the file gives those).
+    #[serde(default)]
     pub steps: usize,
+    /// Training tokens per trial instead of `steps`: the steps are these tokens over a
+    /// step's (global batch x seq_len), rounded up, so stacks with different batches compare
+    /// at equal data. Kept in the config beside the resolved steps; absent, the config and
+    /// the trial ids are what they were without it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokens: Option<u64>,
     /// Sequences per step.
     pub batch: usize,
     /// Tokens per sequence (the model's context length).
@@ -235,6 +242,7 @@ impl Sweep {
             return Err(source.field_error("seeds", format!("lists seed {d} twice")));
         }
         let mut train = file.train.clone();
+        resolve_steps(&source, &mut train)?;
         check_train(&source, &train)?;
         train.eval_every = Some(train.eval_every());
         check_model(&source, &file.model)?;
@@ -340,6 +348,30 @@ fn dims_of(model: &ModelSpec, data: &DataSpec, train: &TrainSpec) -> registry::D
         n_layers: model.n_layers,
         vocab: data.tokenizer().model_vocab(),
         seq_len: train.seq_len,
+    }
+}
+
+/// `train.tokens` into steps; exactly one of the two must be given.
+fn resolve_steps(source: &Source, t: &mut TrainSpec) -> Result<(), InputError> {
+    let per_step = (t.global_batch() * t.seq_len) as u64;
+    match t.tokens {
+        None if source.field("train.steps").is_none() => Err(source.field_error(
+            "train",
+            "needs `steps` (optimizer steps per trial) or `tokens` (training tokens per trial)",
+        )),
+        None => Ok(()),
+        Some(_) if t.steps > 0 => Err(source.field_error(
+            "train.tokens",
+            "give steps or tokens, not both (with --set train.tokens=N on a file that gives \
+             steps, add --set train.steps=0)",
+        )),
+        Some(0) => Err(source.field_error("train.tokens", "must be at least 1, got 0")),
+        // A zero batch or sequence length is check_train's to report.
+        Some(_) if per_step == 0 => Ok(()),
+        Some(n) => {
+            t.steps = n.div_ceil(per_step) as usize;
+            Ok(())
+        }
     }
 }
 

@@ -226,3 +226,50 @@ fn shards_are_disjoint_and_together_the_whole_sweep() {
     // An id's shard does not depend on anything but the id.
     assert_eq!(shard_of("ba7816bf8f01cfea", 4), 0xba7816bf8f01cfea % 4);
 }
+
+#[test]
+fn a_token_budget_becomes_steps_rounded_up_and_joins_the_config() {
+    // 1000 tokens at 2 x 16 = 32 tokens a step: 31.25 steps, so 32.
+    let s = sweep(
+        "(attention: [Mha], ffn: [Gelu])",
+        &["train.steps=0", "train.tokens=1000"],
+    )
+    .unwrap();
+    assert_eq!(s.train.steps, 32);
+    assert_eq!(s.train.eval_every(), 3);
+    let config = &s.trials[0].config;
+    assert!(config.contains("steps:32,tokens:Some(1000),"), "{config}");
+    // Without tokens the config is what it always was (ids unchanged).
+    let plain = sweep("(attention: [Mha], ffn: [Gelu])", &[]).unwrap();
+    assert!(!plain.trials[0].config.contains("tokens"));
+}
+
+#[test]
+fn steps_and_tokens_are_one_or_the_other() {
+    let both = sweep("(attention: [Mha], ffn: [Gelu])", &["train.tokens=1000"]).unwrap_err();
+    assert!(
+        both.0
+            .starts_with("--set train.tokens=1000: train.tokens: give steps or tokens, not both"),
+        "{both}"
+    );
+    let zero = sweep(
+        "(attention: [Mha], ffn: [Gelu])",
+        &["train.steps=0", "train.tokens=0"],
+    )
+    .unwrap_err();
+    assert!(
+        zero.0.ends_with("train.tokens: must be at least 1, got 0"),
+        "{zero}"
+    );
+    let text = format!(
+        "Sweep(name: \"t\", seeds: [0], data: Text(path: {:?}),\n\
+         train: (batch: 2, seq_len: 16),\nmodel: (d_model: 16, n_layers: 1),\n\
+         grid: (attention: [Mha], ffn: [Gelu]))",
+        shakespeare().display().to_string()
+    );
+    let neither = Sweep::from_source(Source::from_text(Path::new("t.ron"), text)).unwrap_err();
+    assert!(
+        neither.0.starts_with("t.ron:2:8: train: needs `steps`"),
+        "{neither}"
+    );
+}
