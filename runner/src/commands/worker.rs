@@ -310,14 +310,21 @@ struct Recorder<'a> {
     db_error: Option<results::Error>,
 }
 
-impl Observer for Recorder<'_> {
-    fn record(&mut self, step: usize, name: &str, value: f64) -> candle_core::Result<()> {
-        if let Err(e) = self.store.record(self.trial, step as u64, name, value) {
+impl Recorder<'_> {
+    /// A DB write's outcome: its error is kept (the trial fails on it) and ends training.
+    fn db(&mut self, written: results::Result<()>) -> candle_core::Result<()> {
+        written.or_else(|e| {
             let msg = e.to_string();
             self.db_error = Some(e);
-            candle_core::bail!("results database: {msg}");
-        }
-        Ok(())
+            candle_core::bail!("results database: {msg}")
+        })
+    }
+}
+
+impl Observer for Recorder<'_> {
+    fn record(&mut self, step: usize, name: &str, value: f64) -> candle_core::Result<()> {
+        let written = self.store.record(self.trial, step as u64, name, value);
+        self.db(written)
     }
 
     fn step(&mut self, step: usize, loss: f64) -> candle_core::Result<()> {
@@ -330,37 +337,23 @@ impl Observer for Recorder<'_> {
     }
 
     fn checkpoint(&mut self, _step: usize) -> candle_core::Result<()> {
-        if let Err(e) = self.store.flush() {
-            let msg = e.to_string();
-            self.db_error = Some(e);
-            candle_core::bail!("results database: {msg}");
-        }
-        Ok(())
+        let written = self.store.flush();
+        self.db(written)
     }
 
     fn checkpoint_saved(&mut self, step: usize, sha256: &str) -> candle_core::Result<()> {
-        if let Err(e) = self
+        let written = self
             .store
-            .record_checkpoint(self.trial, step as u64, sha256)
-        {
-            let msg = e.to_string();
-            self.db_error = Some(e);
-            candle_core::bail!("results database: {msg}");
-        }
-        Ok(())
+            .record_checkpoint(self.trial, step as u64, sha256);
+        self.db(written)
     }
 
     fn event(&mut self, step: usize, kind: &str, message: &str) -> candle_core::Result<()> {
         self.pipe.line(&format!("{}: {message}", self.trial));
-        if let Err(e) = self
+        let written = self
             .store
-            .event(self.trial, Some(step as u64), kind, message)
-        {
-            let msg = e.to_string();
-            self.db_error = Some(e);
-            candle_core::bail!("results database: {msg}");
-        }
-        Ok(())
+            .event(self.trial, Some(step as u64), kind, message);
+        self.db(written)
     }
 
     fn eval(&mut self, step: usize, val_loss: f64, val_bpb: f64) {
