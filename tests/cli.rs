@@ -665,3 +665,116 @@ fn ranks_that_do_not_fit_the_device_list_are_refused() {
         &["s.ron:5:", "train.grad_accum: must be at least 1, got 0"],
     );
 }
+
+fn wikitext(split: &str) -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join(format!("../../shared/data/wikitext-2/{split}.txt"))
+        .canonicalize()
+        .unwrap()
+        .display()
+        .to_string()
+}
+
+#[test]
+fn held_out_sets_are_evaluated_at_every_evaluation_in_bits_per_byte() {
+    let dir = workdir("evals");
+    let text = sweep_text("(attention: [Mha(heads: 2)], ffn: [Gelu])").replace(
+        "    train:",
+        &format!(
+            "    evals: [Text(name: \"wikitext2\", path: {:?}), Text(name: \"wiki-valid\", \
+             path: [{:?}], tokenizer: Bytes)],\n    train:",
+            wikitext("test"),
+            wikitext("valid")
+        ),
+    );
+    std::fs::write(dir.join("s.ron"), &text).unwrap();
+    let out = sweep(&dir, &["run", "s.ron"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let db = rusqlite::Connection::open(dir.join("sweep.db")).unwrap();
+    let config: String = db
+        .query_row("SELECT config FROM trials", [], |r| r.get(0))
+        .unwrap();
+    assert!(
+        config.contains("evals: [Text(name:\"wikitext2\""),
+        "{config}"
+    );
+    for name in ["wikitext2", "wiki-valid"] {
+        let rows = |metric: &str| -> Vec<(i64, f64)> {
+            let mut stmt = db
+                .prepare("SELECT step, value FROM metrics WHERE name = ?1 ORDER BY step")
+                .unwrap();
+            stmt.query_map([format!("eval/{name}/{metric}")], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap()
+        };
+        let (loss, bpb) = (rows("loss"), rows("bpb"));
+        // Every evaluation (steps 3 and 6); with byte tokens BPB is the loss over ln 2.
+        assert_eq!(
+            loss.iter().map(|r| r.0).collect::<Vec<_>>(),
+            vec![3, 6],
+            "{name}"
+        );
+        for ((s, l), (_, b)) in loss.iter().zip(&bpb) {
+            assert!(l.is_finite() && *l > 0.0, "{name} at {s}: {l}");
+            assert!(
+                (b - l / std::f64::consts::LN_2).abs() < 1e-9,
+                "{name} at {s}: {b} vs {l}"
+            );
+        }
+    }
+    // Without evals the same cell keeps the id it always had.
+    std::fs::write(
+        dir.join("plain.ron"),
+        sweep_text("(attention: [Mha(heads: 2)], ffn: [Gelu])"),
+    )
+    .unwrap();
+    let plain = sweep(&dir, &["run", "plain.ron", "--dry-run"]);
+    let with = sweep(&dir, &["run", "s.ron", "--dry-run"]);
+    let id = |o: &std::process::Output| {
+        String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .find_map(|l| {
+                l.split_whitespace()
+                    .nth(1)
+                    .filter(|w| w.len() == 16)
+                    .map(String::from)
+            })
+            .unwrap()
+    };
+    assert_ne!(id(&plain), id(&with));
+}
+
+#[test]
+fn bad_evaluation_sets_are_refused_with_their_place() {
+    let with = |evals: &str| {
+        sweep_text(GRID).replace("    train:", &format!("    evals: [{evals}],\n    train:"))
+    };
+    let wt = wikitext("test");
+    for (name, evals, needle) in [
+        (
+            "eval-name",
+            format!("Text(name: \"Wiki Text\", path: {wt:?})"),
+            "evals: `Wiki Text`: a name is lower-case letters",
+        ),
+        (
+            "eval-twice",
+            format!("Text(name: \"w\", path: {wt:?}), Text(name: \"w\", path: {wt:?})"),
+            "evals: `w`: is named twice",
+        ),
+        (
+            "eval-tokenizer",
+            format!("Text(name: \"w\", path: {wt:?}, tokenizer: Gpt2)"),
+            "evals: `w`: tokenizer Gpt2: an evaluation set is read with the trial's tokenizer (Bytes",
+        ),
+        (
+            "eval-missing",
+            "Text(name: \"w\", path: \"no-such.txt\")".to_string(),
+            "evals: `w`: path: `no-such.txt`: no such file",
+        ),
+    ] {
+        refused(name, &with(&evals), &[], &["s.ron:", needle]);
+    }
+}

@@ -73,8 +73,38 @@ impl ValSet {
     pub fn new(val: &Split, tok: Tokenizer, train: &TrainSpec, device: &Device) -> Result<Self> {
         // `eval_batches` global batches, in batches of `batch` that the ranks share: the
         // same windows however a trial's batch is split over ranks and micro-batches.
+        Self::of_windows(
+            val,
+            tok,
+            train,
+            device,
+            train.eval_batches * train.global_batch(),
+        )
+    }
+
+    /// A held-out evaluation set: the validation subset's number of windows, or, where the
+    /// set is smaller, as many as it holds without overlap (in whole batches): all of it.
+    pub fn held_out(
+        set: &Split,
+        tok: Tokenizer,
+        train: &TrainSpec,
+        device: &Device,
+    ) -> Result<Self> {
+        let b = train.batch;
+        let whole = set.tokens() / (train.seq_len + 1) / b * b;
+        let count = (train.eval_batches * train.global_batch()).min(whole);
+        Self::of_windows(set, tok, train, device, count)
+    }
+
+    fn of_windows(
+        val: &Split,
+        tok: Tokenizer,
+        train: &TrainSpec,
+        device: &Device,
+        count: usize,
+    ) -> Result<Self> {
         let (b, t) = (train.batch, train.seq_len);
-        let windows = val.spread(train.eval_batches * train.global_batch(), t + 1);
+        let windows = val.spread(count, t + 1);
         let mut batches = Vec::new();
         let mut bytes = 0;
         for chunk in windows.chunks(b * (t + 1)) {
@@ -355,6 +385,8 @@ pub struct Setting<'a> {
     pub spec: &'a TrainSpec,
     pub data: &'a Dataset,
     pub val: &'a ValSet,
+    /// The held-out evaluation sets (`evals:`), by name.
+    pub evals: &'a [(String, ValSet)],
     pub device: &'a Device,
     /// The trial's ranks; metrics, evaluations' side metrics and checkpoints come from rank 0.
     pub group: &'a dyn Group,
@@ -374,6 +406,7 @@ pub fn train(
         spec,
         data,
         val,
+        evals,
         device,
         group,
     } = setting;
@@ -456,6 +489,11 @@ pub fn train(
             let (vl, bpb) = val.evaluate(model, group)?;
             obs.record(step + 1, "val/loss", vl)?;
             obs.record(step + 1, "val/bpb", bpb)?;
+            for (name, set) in evals {
+                let (loss, bpb) = set.evaluate(model, group)?;
+                obs.record(step + 1, &format!("eval/{name}/loss"), loss)?;
+                obs.record(step + 1, &format!("eval/{name}/bpb"), bpb)?;
+            }
             if lead {
                 for (name, v) in model.amplification(val.probe_batch())?.metrics() {
                     obs.record(step + 1, &name, v)?;
@@ -639,6 +677,7 @@ mod tests {
                 spec: &self.sweep.train,
                 data: &self.data,
                 val: &self.val,
+                evals: &[],
                 device: &Device::Cpu,
                 group: &parallel::Solo,
             };

@@ -77,6 +77,13 @@ pub fn exec(args: Args) -> anyhow::Result<u8> {
         InputError::new(format!("{}: no trial {}", args.file.display(), args.trial))
     })?;
     let data = Dataset::load(&sweep.data, &sweep.source, sweep.train.seq_len)?;
+    let held_out = crate::data::evals::load(
+        &sweep.evals,
+        data.tokenizer,
+        &sweep.source,
+        sweep.train.batch,
+        sweep.train.seq_len,
+    )?;
     let ckpt = Checkpoints::new(
         &args.db,
         &trial.id,
@@ -104,10 +111,18 @@ pub fn exec(args: Args) -> anyhow::Result<u8> {
     let lead_store = Mutex::new(Some(&mut store));
     let rank_body = |rank: Rank| -> anyhow::Result<(Status, Option<String>, String)> {
         let val = ValSet::new(&data.val, data.tokenizer, &sweep.train, &rank.device)?;
+        let evals = held_out
+            .iter()
+            .map(|(name, set)| {
+                let v = ValSet::held_out(set, data.tokenizer, &sweep.train, &rank.device)?;
+                Ok((name.clone(), v))
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
         let setting = train::Setting {
             spec: &sweep.train,
             data: &data,
             val: &val,
+            evals: &evals,
             device: &rank.device,
             group: rank.group.as_ref(),
         };

@@ -1,6 +1,7 @@
 //! Training data: where the tokens come from (the `data:` section of a sweep file), how they
 //! are split, and the batches and fixed validation subset the trainer draws.
 
+pub mod evals;
 mod parquet;
 mod shards;
 mod tokenizer;
@@ -13,6 +14,7 @@ use std::sync::Arc;
 use serde::de::{self, Deserializer, SeqAccess, Visitor};
 use serde::{Deserialize, Serialize};
 
+pub use evals::EvalSpec;
 pub use shards::{write_shard, SHARD_MAGIC};
 pub use tokenizer::{Tokenizer, GPT2_EOT};
 pub use tokens::{Split, TokenData};

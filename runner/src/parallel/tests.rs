@@ -191,6 +191,7 @@ fn curve(sets: &[&str], devices: &[&str]) -> (Rows, bool) {
             spec: &sweep.train,
             data: &data,
             val: &val,
+            evals: &[],
             device: &rank.device,
             group: rank.group.as_ref(),
         };

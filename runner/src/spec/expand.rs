@@ -9,7 +9,7 @@ use sha2::{Digest, Sha256};
 use super::raw;
 use super::source::Source;
 use super::{ModelSpec, TrainSpec};
-use crate::data::DataSpec;
+use crate::data::{DataSpec, EvalSpec};
 use crate::error::InputError;
 
 /// One resolved component of an axis.
@@ -52,6 +52,9 @@ pub struct Trial {
 /// The parts of a trial's configuration that every cell shares.
 pub struct Shared<'a> {
     pub data: &'a DataSpec,
+    /// Held-out evaluation sets; in the config only when there are some, so that sweeps
+    /// without them keep their ids.
+    pub evals: &'a [EvalSpec],
     pub train: &'a TrainSpec,
     pub model: &'a ModelSpec,
 }
@@ -284,6 +287,7 @@ pub fn trials(
         )));
     }
 
+    let evals = (!shared.evals.is_empty()).then(|| to_ron(&shared.evals));
     let shared = [
         to_ron(shared.data),
         to_ron(shared.train),
@@ -296,7 +300,7 @@ pub fn trials(
             let names: Vec<&str> = (0..axes.len())
                 .map(|s| pick(s).canonical.as_str())
                 .collect();
-            let config = config_text(seed, &shared, &names);
+            let config = config_text(seed, &shared, evals.as_deref(), &names);
             let cell = Cell {
                 attention: match &pick(0).component {
                     Component::Attention(c) => c.clone(),
@@ -345,12 +349,20 @@ fn to_ron(v: &impl serde::Serialize) -> String {
 }
 
 /// The resolved configuration as RON. Field order is fixed; components are canonical.
-/// `shared` holds the data, train and model sections.
-pub fn config_text(seed: u64, shared: &[String; 3], components: &[&str]) -> String {
+/// `shared` holds the data, train and model sections; `evals` the evaluation sets, written
+/// only when there are some (a sweep without them keeps the ids it had before they existed).
+pub fn config_text(
+    seed: u64,
+    shared: &[String; 3],
+    evals: Option<&str>,
+    components: &[&str],
+) -> String {
     let [data, train, model] = shared;
-    let mut s = format!(
-        "(\n    seed: {seed},\n    data: {data},\n    train: {train},\n    model: {model},\n"
-    );
+    let mut s = format!("(\n    seed: {seed},\n    data: {data},\n");
+    if let Some(evals) = evals {
+        s.push_str(&format!("    evals: {evals},\n"));
+    }
+    s.push_str(&format!("    train: {train},\n    model: {model},\n"));
     for (slot, c) in Slot::ALL.iter().zip(components) {
         s.push_str(&format!("    {slot}: {c},\n"));
     }

@@ -25,7 +25,7 @@ pub use expand::{trial_id, Cell, Trial, Variant};
 pub use factors::factors;
 pub use source::Source;
 
-use crate::data::DataSpec;
+use crate::data::{DataSpec, EvalSpec};
 use crate::error::InputError;
 
 /// The training budget and loop settings shared by every trial of a sweep.
@@ -155,6 +155,9 @@ struct SweepFile<'a> {
     name: String,
     seeds: Vec<u64>,
     data: DataSpec,
+    /// Held-out evaluation sets, evaluated at every evaluation.
+    #[serde(default)]
+    evals: Vec<EvalSpec>,
     train: TrainSpec,
     model: ModelSpec,
     /// One grid `( attention: [...], ... )`, or a list of grids whose cells are joined.
@@ -184,6 +187,7 @@ pub struct Sweep {
     pub source: Source,
     pub seeds: Vec<u64>,
     pub data: DataSpec,
+    pub evals: Vec<EvalSpec>,
     pub train: TrainSpec,
     pub model: ModelSpec,
     /// The variants of each slot, in `registry::Slot::ALL` order.
@@ -247,6 +251,7 @@ impl Sweep {
         train.eval_every = Some(train.eval_every());
         check_model(&source, &file.model)?;
         file.data.check(&source)?;
+        crate::data::evals::check(&file.evals, file.data.tokenizer(), &source)?;
 
         let (axes, cells) = parse_grids(&source, file.grid.trim().get_ron(), &options)?;
         let dims = dims_of(&file.model, &file.data, &train);
@@ -258,6 +263,7 @@ impl Sweep {
             &dims,
             &expand::Shared {
                 data: &file.data,
+                evals: &file.evals,
                 train: &train,
                 model: &file.model,
             },
@@ -266,6 +272,7 @@ impl Sweep {
             name,
             seeds: file.seeds,
             data: file.data,
+            evals: file.evals,
             train,
             model: file.model,
             axes,
