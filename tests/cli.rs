@@ -778,3 +778,48 @@ fn bad_evaluation_sets_are_refused_with_their_place() {
         refused(name, &with(&evals), &[], &["s.ron:", needle]);
     }
 }
+
+#[test]
+fn prepare_tokenizes_once_and_every_later_run_maps_the_cache() {
+    let dir = workdir("prepare");
+    let cache = dir.join("cache");
+    let cache_env = cache.display().to_string();
+    let env = [("SWEEP_CACHE", cache_env.as_str())];
+    let text = sweep_text(GRID).replace(
+        "val_fraction: 0.05)",
+        "val_fraction: 0.05, tokenizer: Gpt2)",
+    );
+    std::fs::write(dir.join("s.ron"), text).unwrap();
+    let first = sweep_env(&dir, &["prepare", "s.ron"], &env);
+    let out = String::from_utf8_lossy(&first.stdout).into_owned();
+    assert_eq!(first.status.code(), Some(0), "{}", stderr(&first));
+    assert!(
+        out.contains("input.txt: 338025 Gpt2 tokens, tokenized in"),
+        "{out}"
+    );
+    let again = sweep_env(&dir, &["prepare", "s.ron"], &env);
+    let out = String::from_utf8_lossy(&again.stdout).into_owned();
+    assert!(
+        out.contains("input.txt: 338025 Gpt2 tokens, cached already"),
+        "{out}"
+    );
+    let files: Vec<_> = std::fs::read_dir(&cache).unwrap().flatten().collect();
+    assert_eq!(files.len(), 1);
+
+    // A run trains from the cache; a damaged cache is rebuilt, not trusted.
+    let run = sweep_env(&dir, &["run", "s.ron"], &env);
+    assert_eq!(run.status.code(), Some(0), "{}", stderr(&run));
+    assert!(!stderr(&run).contains("token cache"), "{}", stderr(&run));
+    let path = files[0].path();
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[2000] ^= 0x40;
+    std::fs::write(&path, bytes).unwrap();
+    let rebuilt = sweep_env(&dir, &["prepare", "s.ron"], &env);
+    let out = String::from_utf8_lossy(&rebuilt.stdout).into_owned();
+    assert!(
+        out.contains("the cached copy was not valid: its tokens do not match their checksum"),
+        "{out}"
+    );
+    let again = sweep_env(&dir, &["prepare", "s.ron"], &env);
+    assert!(String::from_utf8_lossy(&again.stdout).contains("cached already"));
+}

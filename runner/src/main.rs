@@ -1,7 +1,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use runner::commands::{bench, list, merge, report, run, slurm, verify, worker};
+use runner::commands::{bench, list, merge, prepare, report, run, slurm, verify, worker};
 use runner::error::{exit, InputError};
 
 /// Architecture sweeps for language models: list component variants in a RON file, train
@@ -22,6 +22,7 @@ enum Command {
     List(list::Args),
     Bench(bench::Args),
     Verify(verify::Args),
+    Prepare(prepare::Args),
     #[command(hide = true)]
     Worker(worker::Args),
 }
@@ -37,6 +38,7 @@ fn main() -> ExitCode {
         Command::List(args) => list::exec(args),
         Command::Bench(args) => bench::exec(args),
         Command::Verify(args) => verify::exec(args),
+        Command::Prepare(args) => prepare::exec(args),
     };
     match result {
         Ok(code) => ExitCode::from(code),

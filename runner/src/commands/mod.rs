@@ -3,6 +3,7 @@
 pub mod bench;
 pub mod list;
 pub mod merge;
+pub mod prepare;
 pub mod report;
 pub mod run;
 pub mod slurm;

@@ -68,6 +68,13 @@ pub fn check(evals: &[EvalSpec], tok: Tokenizer, source: &Source) -> Result<(), 
     Ok(())
 }
 
+/// The files of an evaluation set.
+pub fn files(e: &EvalSpec, source: &Source) -> Result<Vec<std::path::PathBuf>, InputError> {
+    let EvalSpec::Text { name, path, .. } = e;
+    resolve(&source.base_dir(), path)
+        .map_err(|msg| source.field_error("evals", format!("`{name}`: path: {msg}")))
+}
+
 /// Tokenizes every evaluation set; each must hold at least one full evaluation batch of
 /// `batch` windows of `seq_len + 1` tokens.
 pub fn load(
@@ -77,13 +84,12 @@ pub fn load(
     batch: usize,
     seq_len: usize,
 ) -> Result<Vec<(String, Split)>, InputError> {
-    let base = source.base_dir();
     let mut out = Vec::new();
     for e in evals {
-        let EvalSpec::Text { name, path, .. } = e;
+        let name = e.name();
         let err = |msg: String| source.field_error("evals", format!("`{name}`: {msg}"));
         let mut split = Split::default();
-        for file in resolve(&base, path).map_err(|e| err(format!("path: {e}")))? {
+        for file in files(e, source)? {
             let data = load_text(&file, tok).map_err(|e| err(format!("path: {e}")))?;
             let n = data.len();
             split.push(Arc::new(data), 0..n);
@@ -96,7 +102,7 @@ pub fn load(
                 seq_len + 1
             )));
         }
-        out.push((name.clone(), split));
+        out.push((name.to_string(), split));
     }
     Ok(out)
 }

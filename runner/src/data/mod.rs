@@ -1,6 +1,7 @@
 //! Training data: where the tokens come from (the `data:` section of a sweep file), how they
 //! are split, and the batches and fixed validation subset the trainer draws.
 
+pub mod cache;
 pub mod evals;
 mod parquet;
 mod shards;
@@ -124,6 +125,16 @@ impl DataSpec {
             resolve(&base, paths).map_err(|e| source.field_error(&format!("data.{field}"), e))?;
         }
         Ok(())
+    }
+
+    /// The text files of a `Text` section (the ones the token cache serves).
+    pub fn text_files(&self, source: &Source) -> Result<Vec<PathBuf>, InputError> {
+        match self {
+            DataSpec::Text { path, .. } => {
+                resolve(&source.base_dir(), path).map_err(|e| source.field_error("data.path", e))
+            }
+            _ => Ok(Vec::new()),
+        }
     }
 
     fn path_fields(&self) -> Vec<(&'static str, &Paths)> {
@@ -260,8 +271,14 @@ impl Dataset {
     }
 }
 
-/// Bytes tokens are the file itself, mapped; BPE tokens are computed once.
+/// Bytes tokens are the file itself, mapped; BPE tokens come from the token cache (computed
+/// once per file content, see `cache`).
 fn load_text(file: &Path, tok: Tokenizer) -> Result<TokenData, String> {
+    Ok(text_tokens(file, tok)?.0)
+}
+
+/// The tokens of a text file and, for a BPE tokenizer, how the token cache provided them.
+pub fn text_tokens(file: &Path, tok: Tokenizer) -> Result<(TokenData, Option<cache::Got>), String> {
     let shown = file.display();
     let map = map_file(file)?;
     if let Err(e) = std::str::from_utf8(&map) {
@@ -274,10 +291,11 @@ fn load_text(file: &Path, tok: Tokenizer) -> Result<TokenData, String> {
         return Err(format!("{shown} is empty"));
     }
     Ok(match tok {
-        Tokenizer::Bytes => TokenData::MappedBytes(map),
+        Tokenizer::Bytes => (TokenData::MappedBytes(map), None),
         Tokenizer::Gpt2 => {
             let text = std::str::from_utf8(&map).expect("checked above");
-            TokenData::Owned(tok.encode(text))
+            let (data, got) = cache::tokens(file, text, tok)?;
+            (data, Some(got))
         }
     })
 }
