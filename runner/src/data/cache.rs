@@ -125,7 +125,11 @@ fn write(path: &Path, ids: &[u16], source: &[u8]) -> std::io::Result<()> {
     header[8..12].copy_from_slice(&count.to_le_bytes());
     header[12..44].copy_from_slice(source);
     header[44..76].copy_from_slice(&Sha256::digest(&bytes));
-    let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
+    // Unique to this process and call: builders of one cache in several threads or
+    // processes each write their own file, and the last rename wins with a whole one.
+    static CALLS: AtomicUsize = AtomicUsize::new(0);
+    let call = CALLS.fetch_add(1, Ordering::Relaxed);
+    let tmp = path.with_extension(format!("tmp.{}.{call}", std::process::id()));
     let written = std::fs::File::create(&tmp).and_then(|mut f| {
         f.write_all(&header)?;
         f.write_all(&bytes)?;
