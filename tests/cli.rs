@@ -725,6 +725,38 @@ fn held_out_sets_are_evaluated_at_every_evaluation_in_bits_per_byte() {
             );
         }
     }
+    // The report carries each set's final BPB (one seed: its value) in the table and CSV.
+    let report = sweep(&dir, &["report", "--sweep", "tiny"]);
+    let table = String::from_utf8_lossy(&report.stdout).into_owned();
+    assert!(
+        table.contains("wiki-valid bpb") && table.contains("wikitext2 bpb"),
+        "{table}"
+    );
+    let csv = sweep(&dir, &["report", "--sweep", "tiny", "--format", "csv"]);
+    let csv = String::from_utf8_lossy(&csv.stdout).into_owned();
+    let mut lines = csv.lines();
+    let header: Vec<&str> = lines.next().unwrap().split(',').collect();
+    let col = header
+        .iter()
+        .position(|h| *h == "eval_wikitext2_bpb")
+        .expect("the column");
+    let value: f64 = lines
+        .next()
+        .unwrap()
+        .split(',')
+        .nth(col)
+        .unwrap()
+        .parse()
+        .unwrap();
+    let last: f64 = db
+        .query_row(
+            "SELECT value FROM metrics WHERE name = 'eval/wikitext2/bpb' AND step = 6",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert!((value - last).abs() < 1e-9, "{value} vs {last}");
+
     // Without evals the same cell keeps the id it always had.
     std::fs::write(
         dir.join("plain.ron"),

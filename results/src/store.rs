@@ -599,6 +599,16 @@ impl Store {
         Ok(rows.collect::<std::result::Result<_, _>>()?)
     }
 
+    /// The names of the metrics a trial recorded that start with `prefix`, sorted.
+    pub fn metric_names(&self, trial_id: &str, prefix: &str) -> Result<Vec<String>> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT DISTINCT name FROM metrics WHERE trial_id = ?1 AND substr(name, 1, ?3) = ?2
+             ORDER BY name",
+        )?;
+        let rows = stmt.query_map(params![trial_id, prefix, prefix.len() as i64], |r| r.get(0))?;
+        Ok(rows.collect::<std::result::Result<_, _>>()?)
+    }
+
     /// A transaction that takes the write lock at once (waiting for another writer through the
     /// busy timeout): one that read first and wrote later could fail outright when another
     /// process wrote in between.

@@ -43,6 +43,7 @@ impl Report {
             h.extend(["Δ bpb", "Δ 95% CI", "p"].map(String::from));
         }
         h.push("best val/loss".into());
+        h.extend(self.eval_names().iter().map(|n| format!("{n} bpb")));
         if self.has_amplification() {
             h.extend(["amax fwd", "amax bwd"].map(String::from));
         }
@@ -70,6 +71,9 @@ impl Report {
             }
         }
         c.push(opt(r.best_val_loss, |v| format!("{v:.4}")));
+        for n in self.eval_names() {
+            c.push(opt(r.eval_bpb(&n), |v| format!("{v:.4}")));
+        }
         if self.has_amplification() {
             c.push(opt(r.amax_fwd, gain));
             c.push(opt(r.amax_bwd, gain));
@@ -158,6 +162,10 @@ impl Report {
                  two-sided p from Welch's t-test over seeds.\n"
             );
         }
+        if !self.eval_names().is_empty() {
+            s += "<set> bpb: bits per byte on the held-out set of that name (evals), last \
+                  evaluation, mean over done seeds.\n";
+        }
         if self.has_amplification() {
             s += "amax fwd / bwd: composite Amax gain over the whole depth at the last \
                   evaluation (1 = plain residual).\n";
@@ -208,9 +216,11 @@ impl Report {
                 .map(String::from),
             );
         }
+        header.push("best_val_loss".into());
+        let evals = self.eval_names();
+        header.extend(evals.iter().map(|n| format!("eval_{n}_bpb")));
         header.extend(
             [
-                "best_val_loss",
                 "amax_fwd",
                 "amax_bwd",
                 "n_params",
@@ -245,6 +255,9 @@ impl Report {
                 c.push(num(test.map(|t| t.p)));
             }
             c.push(num(r.best_val_loss));
+            for n in &evals {
+                c.push(num(r.eval_bpb(n)));
+            }
             c.push(num(r.amax_fwd));
             c.push(num(r.amax_bwd));
             c.push(r.n_params.map_or(String::new(), |n| n.to_string()));
@@ -306,6 +319,9 @@ impl Report {
                         .map(|(seed, v)| json!({"seed": seed, "value": v})).collect::<Vec<_>>(),
                     "vs_baseline": vs,
                     "best_val_loss": r.best_val_loss,
+                    "evals_bpb": self.eval_names().iter()
+                        .map(|n| (n.clone(), json!(r.eval_bpb(n))))
+                        .collect::<serde_json::Map<_, _>>(),
                     "amax_fwd": r.amax_fwd,
                     "amax_bwd": r.amax_bwd,
                     "n_params": r.n_params,

@@ -27,6 +27,15 @@ pub fn load(
         let last = |name: &str| -> Result<Option<f64>> {
             Ok(store.metric(&row.id, name)?.last().and_then(|(_, v)| *v))
         };
+        let mut evals_bpb = std::collections::BTreeMap::new();
+        for name in store.metric_names(&row.id, "eval/")? {
+            let set = name
+                .strip_prefix("eval/")
+                .and_then(|n| n.strip_suffix("/bpb"));
+            if let (Some(set), Some(v)) = (set, last(&name)?) {
+                evals_bpb.insert(set.to_string(), v);
+            }
+        }
         let mut tps = values("tokens_per_s")?;
         tps.sort_by(f64::total_cmp);
         out.push(TrialData {
@@ -37,6 +46,7 @@ pub fn load(
             amax_bwd: last("amax/bwd")?,
             tokens_per_s: (!tps.is_empty()).then(|| tps[tps.len() / 2]),
             events: store.events(&row.id)?,
+            evals_bpb,
             row,
         });
     }

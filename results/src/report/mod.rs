@@ -40,6 +40,8 @@ pub struct TrialData {
     pub tokens_per_s: Option<f64>,
     /// What happened to the trial besides its metrics (checkpoint fallbacks, ...).
     pub events: Vec<crate::EventRow>,
+    /// eval/<name>/bpb at the last evaluation, by held-out set name.
+    pub evals_bpb: std::collections::BTreeMap<String, f64>,
 }
 
 /// How many seeds of a configuration are in each state.
@@ -131,6 +133,17 @@ impl Row {
     pub fn factor(&self, key: &str) -> Option<&str> {
         factor(&self.factors, key)
     }
+
+    /// The mean final BPB on held-out set `name` over the done seeds that recorded it.
+    pub fn eval_bpb(&self, name: &str) -> Option<f64> {
+        let v: Vec<f64> = self
+            .trials
+            .iter()
+            .filter(|t| t.row.status == crate::Status::Done)
+            .filter_map(|t| t.evals_bpb.get(name).copied())
+            .collect();
+        (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64)
+    }
 }
 
 fn factor<'a>(factors: &'a [(String, String)], key: &str) -> Option<&'a str> {
@@ -163,6 +176,17 @@ impl Report {
             c.events += r.counts.events;
         }
         c
+    }
+
+    /// The held-out sets any trial was evaluated on, by name.
+    pub fn eval_names(&self) -> Vec<String> {
+        let names: std::collections::BTreeSet<&String> = self
+            .rows
+            .iter()
+            .flat_map(|r| &r.trials)
+            .flat_map(|t| t.evals_bpb.keys())
+            .collect();
+        names.into_iter().cloned().collect()
     }
 
     pub fn has_amplification(&self) -> bool {
