@@ -92,10 +92,22 @@ pub fn tokens_in(
     };
     let started = Instant::now();
     let ids = encode_parallel(text, tok, &file.display().to_string());
-    std::fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
-    write(&path, &ids, &source).map_err(|e| format!("writing {}: {e}", path.display()))?;
-    let data = check(&path, &source).map_err(|e| format!("{}: {e}", path.display()))?;
     let seconds = started.elapsed().as_secs_f64();
+    let kept = std::fs::create_dir_all(dir)
+        .map_err(|e| format!("creating {}: {e}", dir.display()))
+        .and_then(|()| {
+            write(&path, &ids, &source).map_err(|e| format!("writing {}: {e}", path.display()))
+        })
+        .and_then(|()| check(&path, &source).map_err(|e| format!("{}: {e}", path.display())));
+    let data = match kept {
+        Ok(data) => data,
+        Err(why) => {
+            // A cache that cannot be kept (a read-only home, a full disk) costs the next run
+            // the tokenizing again, not this one its data.
+            eprintln!("token cache not kept ({why}); set SWEEP_CACHE to a writable folder");
+            TokenData::Owned(ids.into_iter().map(u32::from).collect())
+        }
+    };
     Ok((data, Got::Built { seconds, replaced }))
 }
 
@@ -316,5 +328,25 @@ mod tests {
         let (_, got) = tokens_in(&dir, file, text, Tokenizer::Gpt2).unwrap();
         assert_eq!(got, Got::Cached);
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_cache_folder_that_cannot_be_made_costs_the_cache_not_the_tokens() {
+        // A folder under a regular file cannot be created, whoever runs the test.
+        let base = std::env::temp_dir().join(format!("sweep-token-nocache-{}", std::process::id()));
+        std::fs::write(&base, b"a file").unwrap();
+        let text = &corpus("tinyshakespeare/input.txt")[..20_000];
+        let (data, got) = tokens_in(
+            &base.join("cache"),
+            Path::new("input.txt"),
+            text,
+            Tokenizer::Gpt2,
+        )
+        .unwrap();
+        assert!(matches!(got, Got::Built { .. }), "{got:?}");
+        let mut ids = Vec::new();
+        data.extend(0..data.len(), &mut ids);
+        assert_eq!(ids, Tokenizer::Gpt2.encode(text));
+        let _ = std::fs::remove_file(&base);
     }
 }
