@@ -278,26 +278,84 @@ fn load_text(file: &Path, tok: Tokenizer) -> Result<TokenData, String> {
 }
 
 /// The tokens of a text file and, for a BPE tokenizer, how the token cache provided them.
+/// A file ending in `.gz`, `.zst` or `.xz` is decompressed as a stream first.
 pub fn text_tokens(file: &Path, tok: Tokenizer) -> Result<(TokenData, Option<cache::Got>), String> {
     let shown = file.display();
-    let map = map_file(file)?;
-    if let Err(e) = std::str::from_utf8(&map) {
+    let text = read_text(file)?;
+    if let Err(e) = std::str::from_utf8(text.bytes()) {
         return Err(format!(
-            "{shown} is not UTF-8 text (invalid byte at offset {})",
-            e.valid_up_to()
+            "{shown} is not UTF-8 text (invalid byte at offset {}{})",
+            e.valid_up_to(),
+            if text.is_decompressed() {
+                " after decompressing"
+            } else {
+                ""
+            }
         ));
     }
-    if map.is_empty() {
+    if text.bytes().is_empty() {
         return Err(format!("{shown} is empty"));
     }
-    Ok(match tok {
-        Tokenizer::Bytes => (TokenData::MappedBytes(map), None),
-        Tokenizer::Gpt2 => {
-            let text = std::str::from_utf8(&map).expect("checked above");
-            let (data, got) = cache::tokens(file, text, tok)?;
+    Ok(match (tok, text) {
+        (Tokenizer::Bytes, Text::Mapped(map)) => (TokenData::MappedBytes(map), None),
+        (Tokenizer::Bytes, Text::Decompressed(bytes)) => (
+            TokenData::Owned(bytes.into_iter().map(u32::from).collect()),
+            None,
+        ),
+        (Tokenizer::Gpt2, text) => {
+            let utf8 = std::str::from_utf8(text.bytes()).expect("checked above");
+            let (data, got) = cache::tokens(file, utf8, tok)?;
             (data, Some(got))
         }
     })
+}
+
+/// A text file's bytes: mapped, or decompressed into memory.
+enum Text {
+    Mapped(memmap2::Mmap),
+    Decompressed(Vec<u8>),
+}
+
+impl Text {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Text::Mapped(m) => m,
+            Text::Decompressed(v) => v,
+        }
+    }
+
+    fn is_decompressed(&self) -> bool {
+        matches!(self, Text::Decompressed(_))
+    }
+}
+
+/// Reads a text file, decompressing `.gz` (gzip, also multi-member), `.zst` and `.xz` files
+/// by their extension; anything else is mapped as it is.
+fn read_text(file: &Path) -> Result<Text, String> {
+    use std::io::Read;
+    let ext = file.extension().and_then(|e| e.to_str()).unwrap_or("");
+    let open = || std::fs::File::open(file).map_err(|e| format!("{}: {e}", file.display()));
+    let mut reader: Box<dyn Read> = match ext {
+        "gz" => Box::new(flate2::read::MultiGzDecoder::new(std::io::BufReader::new(
+            open()?,
+        ))),
+        "zst" => Box::new(
+            zstd::stream::read::Decoder::new(open()?)
+                .map_err(|e| format!("{}: {e}", file.display()))?,
+        ),
+        "xz" => Box::new(xz2::read::XzDecoder::new_multi_decoder(
+            std::io::BufReader::new(open()?),
+        )),
+        _ => return Ok(Text::Mapped(map_file(file)?)),
+    };
+    let mut bytes = Vec::new();
+    reader.read_to_end(&mut bytes).map_err(|e| {
+        format!(
+            "{}: not a valid .{ext} file, or cut short ({e})",
+            file.display()
+        )
+    })?;
+    Ok(Text::Decompressed(bytes))
 }
 
 /// Maps a file read-only.
@@ -328,5 +386,56 @@ mod tests {
         // Two GPT-2 tokens "Hello" + " world" (11 bytes) at 3 nats each: 6 / (ln 2 * 11).
         let b = Tokenizer::Gpt2.byte_len(15496) + Tokenizer::Gpt2.byte_len(995);
         assert!((bits_per_byte(6.0, b) - 0.786_924_6).abs() < 1e-6);
+    }
+
+    #[test]
+    fn compressed_text_reads_as_the_text_itself() {
+        use std::io::Write;
+        let original = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../shared/data/tinyshakespeare/input.txt");
+        let text = std::fs::read(&original).unwrap();
+        let dir = std::env::temp_dir().join(format!("sweep-compressed-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let gz = dir.join("input.txt.gz");
+        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        e.write_all(&text).unwrap();
+        std::fs::write(&gz, e.finish().unwrap()).unwrap();
+        let zst = dir.join("input.txt.zst");
+        std::fs::write(&zst, zstd::encode_all(&text[..], 3).unwrap()).unwrap();
+        let xz = dir.join("input.txt.xz");
+        let mut e = xz2::write::XzEncoder::new(Vec::new(), 1);
+        e.write_all(&text).unwrap();
+        std::fs::write(&xz, e.finish().unwrap()).unwrap();
+
+        let all = |d: &TokenData| {
+            let mut out = Vec::new();
+            d.extend(0..d.len(), &mut out);
+            out
+        };
+        let want = all(&text_tokens(&original, Tokenizer::Bytes).unwrap().0);
+        assert_eq!(want.len(), text.len());
+        for f in [&gz, &zst, &xz] {
+            let got = all(&text_tokens(f, Tokenizer::Bytes).unwrap().0);
+            assert!(got == want, "{}", f.display());
+        }
+        // GPT-2 tokens of the decompressed text, through the token cache.
+        let gpt2 = all(&text_tokens(&gz, Tokenizer::Gpt2).unwrap().0);
+        assert_eq!(
+            gpt2,
+            Tokenizer::Gpt2.encode(std::str::from_utf8(&text).unwrap())
+        );
+
+        // A file cut short is refused with its name, not read as a shorter text.
+        let bytes = std::fs::read(&gz).unwrap();
+        let cut = dir.join("cut.txt.gz");
+        std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
+        let Err(e) = text_tokens(&cut, Tokenizer::Bytes) else {
+            panic!("a truncated .gz was read")
+        };
+        assert!(
+            e.contains("cut.txt.gz: not a valid .gz file, or cut short"),
+            "{e}"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
