@@ -855,3 +855,44 @@ fn prepare_tokenizes_once_and_every_later_run_maps_the_cache() {
     let again = sweep_env(&dir, &["prepare", "s.ron"], &env);
     assert!(String::from_utf8_lossy(&again.stdout).contains("cached already"));
 }
+
+#[test]
+fn a_json_lines_corpus_trains_from_its_text_field() {
+    let dir = workdir("jsonl");
+    // Shakespeare's speeches as documents of a JSON-lines export, with another field beside.
+    let text = std::fs::read_to_string(shakespeare()).unwrap();
+    let lines: String = text
+        .split("\n\n")
+        .enumerate()
+        .map(|(i, doc)| format!("{}\n", serde_json::json!({"id": i, "content": doc})))
+        .collect();
+    std::fs::write(dir.join("plays.jsonl"), lines).unwrap();
+    let spec = sweep_text(GRID).replace(
+        &format!("data: Text(path: {:?}, val_fraction: 0.05)", shakespeare()),
+        "data: Jsonl(path: \"plays.jsonl\", field: \"content\", tokenizer: Bytes, val_fraction: 0.05)",
+    );
+    assert!(spec.contains("Jsonl("), "{spec}");
+    std::fs::write(dir.join("s.ron"), &spec).unwrap();
+    let out = sweep(&dir, &["run", "s.ron"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let db = rusqlite::Connection::open(dir.join("sweep.db")).unwrap();
+    assert_eq!(
+        count(&db, "SELECT COUNT(*) FROM trials WHERE status = 'done'"),
+        2
+    );
+
+    // The wrong field is refused before anything is trained, naming the file and line.
+    std::fs::write(
+        dir.join("bad.ron"),
+        spec.replace("field: \"content\"", "field: \"text\""),
+    )
+    .unwrap();
+    let bad = sweep(&dir, &["run", "bad.ron", "--db", "bad.db"]);
+    assert_eq!(bad.status.code(), Some(2), "{}", stderr(&bad));
+    assert!(
+        stderr(&bad).contains("plays.jsonl:1: no field `text`"),
+        "{}",
+        stderr(&bad)
+    );
+    assert!(!dir.join("bad.db").exists());
+}

@@ -6,7 +6,7 @@
 use std::path::PathBuf;
 
 use crate::data::cache::{self, Got};
-use crate::data::{evals, text_tokens, Tokenizer};
+use crate::data::{evals, jsonl, text_tokens, Tokenizer};
 use crate::error::{exit, InputError};
 use crate::spec::Sweep;
 
@@ -25,7 +25,11 @@ pub fn exec(args: Args) -> anyhow::Result<u8> {
     let tok = sweep.data.tokenizer();
     let mut files = sweep.data.text_files(&sweep.source)?;
     for e in &sweep.evals {
-        files.extend(evals::files(e, &sweep.source)?);
+        files.extend(
+            evals::files(e, &sweep.source)?
+                .into_iter()
+                .map(|f| (f, None)),
+        );
     }
     if tok == Tokenizer::Bytes || files.is_empty() {
         println!(
@@ -40,8 +44,12 @@ pub fn exec(args: Args) -> anyhow::Result<u8> {
     }
     println!("token cache: {}", cache::dir().display());
     let mut total = 0;
-    for file in files {
-        let (data, got) = text_tokens(&file, tok).map_err(InputError::new)?;
+    for (file, field) in files {
+        let (data, got) = match field {
+            None => text_tokens(&file, tok),
+            Some(field) => jsonl::tokens(&file, field, tok),
+        }
+        .map_err(InputError::new)?;
         total += data.len();
         let how = match got {
             Some(Got::Cached) => "cached already".to_string(),

@@ -67,9 +67,24 @@ pub fn tokens_in(
     tok: Tokenizer,
 ) -> Result<(TokenData, Got), String> {
     let source = Sha256::digest(text.as_bytes());
+    cached(dir, file, &source, tok, "text", || {
+        encode_parallel(text, tok, &file.display().to_string())
+    })
+}
+
+/// The tokens `build` makes from the input whose digest is `source`, read as `how` (text,
+/// a JSON-lines field): from the cache when a valid one is there, else built and cached.
+pub fn cached(
+    dir: &Path,
+    file: &Path,
+    source: &[u8],
+    tok: Tokenizer,
+    how: &str,
+    build: impl FnOnce() -> Vec<u16>,
+) -> Result<(TokenData, Got), String> {
     let mut key = Sha256::new();
     key.update(CACHE_VERSION);
-    key.update(format!("{tok:?}"));
+    key.update(format!("{tok:?} {how}"));
     key.update(source);
     let name: String = key.finalize()[..16]
         .iter()
@@ -78,7 +93,7 @@ pub fn tokens_in(
     let path = dir.join(format!("{name}.bin"));
     let replaced = match path.exists() {
         false => None,
-        true => match check(&path, &source) {
+        true => match check(&path, source) {
             Ok(data) => return Ok((data, Got::Cached)),
             Err(why) => {
                 eprintln!(
@@ -91,14 +106,14 @@ pub fn tokens_in(
         },
     };
     let started = Instant::now();
-    let ids = encode_parallel(text, tok, &file.display().to_string());
+    let ids = build();
     let seconds = started.elapsed().as_secs_f64();
     let kept = std::fs::create_dir_all(dir)
         .map_err(|e| format!("creating {}: {e}", dir.display()))
         .and_then(|()| {
-            write(&path, &ids, &source).map_err(|e| format!("writing {}: {e}", path.display()))
+            write(&path, &ids, source).map_err(|e| format!("writing {}: {e}", path.display()))
         })
-        .and_then(|()| check(&path, &source).map_err(|e| format!("{}: {e}", path.display())));
+        .and_then(|()| check(&path, source).map_err(|e| format!("{}: {e}", path.display())));
     let data = match kept {
         Ok(data) => data,
         Err(why) => {
@@ -192,12 +207,18 @@ fn chunks(text: &str, target: usize) -> Vec<&str> {
 
 /// GPT-2 tokens of `text`, tokenized in parts on every core, with a progress bar.
 pub fn encode_parallel(text: &str, tok: Tokenizer, what: &str) -> Vec<u16> {
-    let parts = chunks(text, CHUNK_BYTES);
+    encode_parts(&chunks(text, CHUNK_BYTES), tok, what).concat()
+}
+
+/// The tokens of each of `parts` (pieces of one text, or documents), on every core, with a
+/// progress bar on stderr.
+pub fn encode_parts(parts: &[&str], tok: Tokenizer, what: &str) -> Vec<Vec<u16>> {
     let threads = std::thread::available_parallelism()
         .map_or(1, |n| n.get())
-        .min(parts.len());
+        .min(parts.len().max(1));
+    let total: usize = parts.iter().map(|p| p.len()).sum();
     let bar = indicatif::ProgressBar::with_draw_target(
-        Some(text.len() as u64),
+        Some(total as u64),
         indicatif::ProgressDrawTarget::stderr(),
     );
     bar.set_style(
@@ -207,23 +228,32 @@ pub fn encode_parallel(text: &str, tok: Tokenizer, what: &str) -> Vec<u16> {
         .expect("a valid template"),
     );
     bar.set_message(what.to_string());
+    // Documents are claimed in runs, so that millions of short ones cost few atomics.
+    let run = (parts.len() / (64 * threads)).clamp(1, 1024);
     let next = AtomicUsize::new(0);
     let done: Vec<Mutex<Vec<u16>>> = parts.iter().map(|_| Mutex::new(Vec::new())).collect();
     std::thread::scope(|s| {
         for _ in 0..threads {
             s.spawn(|| loop {
-                let i = next.fetch_add(1, Ordering::Relaxed);
-                let Some(part) = parts.get(i) else { break };
-                // GPT-2 ids are below 50257, so they fit in 16 bits.
-                let ids: Vec<u16> = tok.encode(part).into_iter().map(|t| t as u16).collect();
-                *done[i].lock().unwrap_or_else(|e| e.into_inner()) = ids;
-                bar.inc(part.len() as u64);
+                let first = next.fetch_add(run, Ordering::Relaxed);
+                if first >= parts.len() {
+                    break;
+                }
+                let mut bytes = 0;
+                for i in first..(first + run).min(parts.len()) {
+                    // GPT-2 ids are below 50257, so they fit in 16 bits.
+                    let ids: Vec<u16> =
+                        tok.encode(parts[i]).into_iter().map(|t| t as u16).collect();
+                    *done[i].lock().unwrap_or_else(|e| e.into_inner()) = ids;
+                    bytes += parts[i].len();
+                }
+                bar.inc(bytes as u64);
             });
         }
     });
     bar.finish_and_clear();
     done.into_iter()
-        .flat_map(|m| m.into_inner().unwrap_or_else(|e| e.into_inner()))
+        .map(|m| m.into_inner().unwrap_or_else(|e| e.into_inner()))
         .collect()
 }
 

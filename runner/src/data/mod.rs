@@ -3,6 +3,7 @@
 
 pub mod cache;
 pub mod evals;
+pub mod jsonl;
 mod parquet;
 mod shards;
 mod tokenizer;
@@ -41,6 +42,17 @@ pub enum DataSpec {
         path: Paths,
         #[serde(default = "default_column")]
         column: String,
+        #[serde(default = "gpt2")]
+        tokenizer: Tokenizer,
+        #[serde(default = "default_val_fraction")]
+        val_fraction: f64,
+    },
+    /// JSON-lines files (one object a line, compressed or not): the text is each line's
+    /// `field`, documents joined with the tokenizer's separator.
+    Jsonl {
+        path: Paths,
+        #[serde(default = "default_column")]
+        field: String,
         #[serde(default = "gpt2")]
         tokenizer: Tokenizer,
         #[serde(default = "default_val_fraction")]
@@ -97,7 +109,9 @@ impl<'de> Deserialize<'de> for Paths {
 impl DataSpec {
     pub fn tokenizer(&self) -> Tokenizer {
         match self {
-            DataSpec::Text { tokenizer, .. } | DataSpec::Parquet { tokenizer, .. } => *tokenizer,
+            DataSpec::Text { tokenizer, .. }
+            | DataSpec::Parquet { tokenizer, .. }
+            | DataSpec::Jsonl { tokenizer, .. } => *tokenizer,
             DataSpec::Shards { .. } => Tokenizer::Gpt2,
         }
     }
@@ -106,6 +120,7 @@ impl DataSpec {
         match self {
             DataSpec::Text { val_fraction, .. }
             | DataSpec::Parquet { val_fraction, .. }
+            | DataSpec::Jsonl { val_fraction, .. }
             | DataSpec::Shards { val_fraction, .. } => *val_fraction,
         }
     }
@@ -127,19 +142,27 @@ impl DataSpec {
         Ok(())
     }
 
-    /// The text files of a `Text` section (the ones the token cache serves).
-    pub fn text_files(&self, source: &Source) -> Result<Vec<PathBuf>, InputError> {
-        match self {
-            DataSpec::Text { path, .. } => {
-                resolve(&source.base_dir(), path).map_err(|e| source.field_error("data.path", e))
-            }
-            _ => Ok(Vec::new()),
-        }
+    /// The files of a `Text` or `Jsonl` section (the ones the token cache serves), each
+    /// with the JSON field to read (`None`: plain text).
+    pub fn text_files(&self, source: &Source) -> Result<Vec<(PathBuf, Option<&str>)>, InputError> {
+        let files = |path| {
+            resolve(&source.base_dir(), path).map_err(|e| source.field_error("data.path", e))
+        };
+        Ok(match self {
+            DataSpec::Text { path, .. } => files(path)?.into_iter().map(|f| (f, None)).collect(),
+            DataSpec::Jsonl { path, field, .. } => files(path)?
+                .into_iter()
+                .map(|f| (f, Some(field.as_str())))
+                .collect(),
+            _ => Vec::new(),
+        })
     }
 
     fn path_fields(&self) -> Vec<(&'static str, &Paths)> {
         match self {
-            DataSpec::Text { path, .. } | DataSpec::Parquet { path, .. } => vec![("path", path)],
+            DataSpec::Text { path, .. }
+            | DataSpec::Parquet { path, .. }
+            | DataSpec::Jsonl { path, .. } => vec![("path", path)],
             DataSpec::Shards { train, val, .. } => {
                 let mut v = vec![("train", train)];
                 if let Some(val) = val {
@@ -208,6 +231,14 @@ impl Dataset {
             DataSpec::Text { path, .. } => {
                 for file in resolve(&base, path).map_err(|e| field_err("path", e))? {
                     let data = load_text(&file, tok).map_err(|e| field_err("path", e))?;
+                    split_each(Arc::new(data), &mut train, &mut val);
+                    files += 1;
+                }
+            }
+            DataSpec::Jsonl { path, field, .. } => {
+                for file in resolve(&base, path).map_err(|e| field_err("path", e))? {
+                    let (data, _) =
+                        jsonl::tokens(&file, field, tok).map_err(|e| field_err("path", e))?;
                     split_each(Arc::new(data), &mut train, &mut val);
                     files += 1;
                 }
