@@ -272,13 +272,7 @@ pub fn exec(mut args: Args) -> anyhow::Result<u8> {
     // each worker loads its own copy (and is the only process to touch a GPU).
     let data = Dataset::load(&sweep.data, &sweep.source, sweep.train.seq_len)?;
     ValSet::new(&data.val, data.tokenizer, &sweep.train, &Device::Cpu)?;
-    crate::data::evals::load(
-        &sweep.evals,
-        data.tokenizer,
-        &sweep.source,
-        sweep.train.batch,
-        sweep.train.seq_len,
-    )?;
+    sweep.held_out_sets()?;
     let data_summary = data.summary.clone();
     drop(data);
     let db = args

@@ -77,13 +77,7 @@ pub fn exec(args: Args) -> anyhow::Result<u8> {
         InputError::new(format!("{}: no trial {}", args.file.display(), args.trial))
     })?;
     let data = Dataset::load(&sweep.data, &sweep.source, sweep.train.seq_len)?;
-    let held_out = crate::data::evals::load(
-        &sweep.evals,
-        data.tokenizer,
-        &sweep.source,
-        sweep.train.batch,
-        sweep.train.seq_len,
-    )?;
+    let held_out = sweep.held_out_sets()?;
     let ckpt = Checkpoints::new(
         &args.db,
         &trial.id,

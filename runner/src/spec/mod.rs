@@ -281,6 +281,17 @@ impl Sweep {
         })
     }
 
+    /// The held-out evaluation sets, tokenized with the trial's tokenizer, by name.
+    pub fn held_out_sets(&self) -> Result<Vec<(String, crate::data::Split)>, InputError> {
+        crate::data::evals::load(
+            &self.evals,
+            self.data.tokenizer(),
+            &self.source,
+            self.train.batch,
+            self.train.seq_len,
+        )
+    }
+
     /// The model shape every trial of this sweep shares.
     pub fn dims(&self) -> registry::Dims {
         dims_of(&self.model, &self.data, &self.train)
