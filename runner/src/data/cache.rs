@@ -379,4 +379,33 @@ mod tests {
         assert_eq!(ids, Tokenizer::Gpt2.encode(text));
         let _ = std::fs::remove_file(&base);
     }
+
+    #[test]
+    fn builders_of_one_cache_at_once_leave_one_whole_file() {
+        let dir = std::env::temp_dir().join(format!("sweep-token-race-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let text = &corpus("tinyshakespeare/input.txt")[..100_000];
+        let want = Tokenizer::Gpt2.encode(text);
+        std::thread::scope(|s| {
+            for _ in 0..4 {
+                s.spawn(|| {
+                    let (data, _) =
+                        tokens_in(&dir, Path::new("input.txt"), text, Tokenizer::Gpt2).unwrap();
+                    let mut ids = Vec::new();
+                    data.extend(0..data.len(), &mut ids);
+                    assert_eq!(ids, want);
+                });
+            }
+        });
+        let files: Vec<String> = std::fs::read_dir(&dir)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(files.len(), 1, "{files:?}");
+        assert!(files[0].ends_with(".bin"), "{files:?}");
+        let (_, got) = tokens_in(&dir, Path::new("input.txt"), text, Tokenizer::Gpt2).unwrap();
+        assert_eq!(got, Got::Cached);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }
