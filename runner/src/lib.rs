@@ -9,6 +9,7 @@ pub mod amplification;
 pub mod checkpoint;
 pub mod commands;
 pub mod data;
+pub mod devices;
 pub mod error;
 pub mod gpu;
 pub mod memory;

@@ -9,8 +9,8 @@ use std::time::Instant;
 
 use anyhow::Context;
 
-use crate::commands::run::parse_devices;
 use crate::data::Dataset;
+use crate::devices::parse_devices;
 use crate::error::{exit, InputError};
 use crate::gpu;
 use crate::parallel::{self, Rank};

@@ -21,8 +21,9 @@ use anyhow::Context;
 use results::{Status, Store};
 
 use crate::checkpoint::{Checkpoints, Manifest};
-use crate::commands::run::{parse_devices, INTERRUPTED_EXIT};
+use crate::commands::run::INTERRUPTED_EXIT;
 use crate::data::Dataset;
+use crate::devices::parse_devices;
 use crate::error::{exit, InputError};
 use crate::gpu;
 use crate::parallel::{self, Rank};

@@ -24,7 +24,7 @@ use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Result, Tensor};
 use registry::Param;
 
-use crate::commands::run::device_of;
+use crate::devices::device_of;
 use crate::error::InputError;
 
 pub use local::Hub;
