@@ -27,7 +27,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::model::Gpt;
-use crate::tensor_file;
+use crate::tensor_file::{self, hex};
 
 /// Bumped when the layout changes; other versions are not resumed from. 1: one
 /// `manifest.json` without checksums.
@@ -119,10 +119,6 @@ pub fn file_sha256(path: &Path) -> std::io::Result<(String, u64)> {
         len += n as u64;
     }
     Ok((hex(&hasher.finalize()), len))
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Whether `name` is one of the two files of a complete checkpoint.

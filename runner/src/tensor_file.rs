@@ -70,12 +70,12 @@ pub fn write(path: &Path, tensors: &BTreeMap<String, Tensor>) -> std::io::Result
     out.flush()?;
     let (hasher, len) = (out.hasher, out.len);
     file.sync_all()?;
-    let digest: String = hasher
-        .finalize()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
-    Ok((digest, len))
+    Ok((hex(&hasher.finalize()), len))
+}
+
+/// Lower-case hex of a digest, as checksums are written in manifests and the results DB.
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 #[cfg(test)]
@@ -103,10 +103,7 @@ mod tests {
 
         let bytes = std::fs::read(&path)?;
         assert_eq!(bytes.len() as u64, len);
-        let want: String = Sha256::digest(&bytes)
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
+        let want = hex(&Sha256::digest(&bytes));
         assert_eq!(sha, want);
         // 8 + header + 6 f32 + 2 bf16 + 1 i64, the header padded to 8 bytes.
         let header = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;

@@ -86,10 +86,7 @@ pub fn cached(
     key.update(CACHE_VERSION);
     key.update(format!("{tok:?} {how}"));
     key.update(source);
-    let name: String = key.finalize()[..16]
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
+    let name = crate::tensor_file::hex(&key.finalize()[..16]);
     let path = dir.join(format!("{name}.bin"));
     let replaced = match path.exists() {
         false => None,
