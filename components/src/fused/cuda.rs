@@ -2,8 +2,9 @@
 #![allow(unsafe_code)]
 
 use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute;
 use candle_core::cuda_backend::cudarc::driver::{
-    CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
+    CudaFunction, CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
 };
 use candle_core::cuda_backend::{CudaDType, WrapErr};
 use candle_core::{bail, CudaDevice, CudaStorage, DType, Layout, Result};
@@ -578,10 +579,10 @@ pub fn adam_update(
 const FLASH_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/flash.ptx"));
 const FLASH: &str = "sweep_flash";
 
-/// Queries or keys per thread block of flash.cu, and its threads.
+/// Queries or keys per thread block of flash.cu, queries per step of its dK/dV kernel, and
+/// its threads.
 const FLASH_BLOCK: usize = 64;
-/// The head dimension flash.cu is compiled for.
-const HD: usize = super::FLASH_HEAD_DIM;
+const FLASH_KV_STEP: usize = 32;
 const FLASH_THREADS: u32 = 128;
 
 /// A bf16 input of flash.cu: contiguous and 16-byte aligned (the kernels load 8 at a time).
@@ -595,21 +596,24 @@ fn flash_view<'a>(s: &'a CudaStorage, l: &Layout) -> Result<CudaView<'a, bf16>> 
     view::<bf16>(s, l)
 }
 
-fn flash_config(blocks: usize, heads: usize) -> LaunchConfig {
-    LaunchConfig {
-        grid_dim: (blocks as u32, heads as u32, 1),
-        block_dim: (FLASH_THREADS, 1, 1),
-        shared_mem_bytes: 0,
-    }
-}
-
-/// The inputs' sizes: batch, query heads, key/value heads, tokens (head dimension 64).
+/// The inputs' sizes: batch, query heads, key/value heads, tokens, head dimension (one of
+/// [`super::FLASH_HEAD_DIMS`]).
 #[derive(Clone, Copy, Debug)]
 pub struct FlashDims {
     pub b: usize,
     pub h: usize,
     pub kv: usize,
     pub t: usize,
+    pub hd: usize,
+}
+
+/// The passes of flash.cu, each a kernel per head dimension.
+#[derive(Clone, Copy)]
+enum FlashPass {
+    Fwd,
+    Dot,
+    Kv,
+    Q,
 }
 
 impl FlashDims {
@@ -620,9 +624,51 @@ impl FlashDims {
     fn blocks(&self) -> usize {
         self.t.div_ceil(FLASH_BLOCK)
     }
+
+    /// The pass's kernel for this head dimension, allowed the shared memory it asks for.
+    fn kernel(&self, dev: &CudaDevice, pass: FlashPass) -> Result<CudaFunction> {
+        let name = match pass {
+            FlashPass::Fwd => "fwd",
+            FlashPass::Dot => "dot",
+            FlashPass::Kv => "kv",
+            FlashPass::Q => "q",
+        };
+        let name = format!("flash_{name}_hd{}", self.hd);
+        let func = dev.get_or_load_custom_func(&name, FLASH, FLASH_PTX)?;
+        // Past 48 KiB a kernel's dynamic shared memory must be allowed explicitly.
+        let bytes = self.shared_bytes(pass);
+        if bytes > 48 << 10 {
+            let attr = CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
+            func.set_attribute(attr, bytes as i32).w()?;
+        }
+        Ok((*func).clone())
+    }
+
+    /// The shared memory of a pass's block, as flash.cu lays it out: tiles of rows hd + 8
+    /// bf16 apart, two buffers of what is loaded in the loop (K and V; K and V once and Q,
+    /// dO of a step with two f32 per query; Q and dO once and K, V).
+    fn shared_bytes(&self, pass: FlashPass) -> u32 {
+        let row = (self.hd + 8) * 2;
+        let bytes = match pass {
+            FlashPass::Fwd => 4 * FLASH_BLOCK * row,
+            FlashPass::Dot => 0,
+            FlashPass::Kv => (2 * FLASH_BLOCK + 4 * FLASH_KV_STEP) * row + 4 * FLASH_KV_STEP * 4,
+            FlashPass::Q => 6 * FLASH_BLOCK * row,
+        };
+        bytes as u32
+    }
+
+    /// Grid (blocks, heads) of 128 threads with the pass's shared memory.
+    fn config(&self, pass: FlashPass, heads: usize) -> LaunchConfig {
+        LaunchConfig {
+            grid_dim: (self.blocks() as u32, heads as u32, 1),
+            block_dim: (FLASH_THREADS, 1, 1),
+            shared_mem_bytes: self.shared_bytes(pass),
+        }
+    }
 }
 
-/// softmax(scale Q K^T, causal) V: the output as rows (B T, H 64) and the log-sum-exp
+/// softmax(scale Q K^T, causal) V: the output as rows (B T, H hd) and the log-sum-exp
 /// (B, H, T) in f32 for the backward pass.
 pub fn flash_fwd(
     (q, lq): (&CudaStorage, &Layout),
@@ -632,25 +678,26 @@ pub fn flash_fwd(
     scale: f32,
 ) -> Result<(CudaStorage, CudaStorage)> {
     let dev = q.device();
-    let func = dev.get_or_load_custom_func("flash_fwd_bf16", FLASH, FLASH_PTX)?;
+    let stream = dev.cuda_stream();
+    let func = d.kernel(dev, FlashPass::Fwd)?;
     let (qv, kv, vv) = (flash_view(q, lq)?, flash_view(k, lk)?, flash_view(v, lv)?);
-    let o = out::<bf16>(dev, d.b * d.t * d.h * HD)?;
+    let o = out::<bf16>(dev, d.b * d.t * d.h * d.hd)?;
     let lse = out::<f32>(dev, d.b * d.h * d.t)?;
     let (h, kvh, t) = d.ints();
     let scale_log2 = scale * std::f32::consts::LOG2_E;
-    let mut b = func.builder();
+    let mut b = stream.launch_builder(&func);
     b.arg(&qv).arg(&kv).arg(&vv).arg(&o).arg(&lse);
     b.arg(&h).arg(&kvh).arg(&t).arg(&scale_log2);
     // SAFETY: reads Q, K and V of the sizes `d` gives, writes every output row and its
     // log-sum-exp once.
-    unsafe { b.launch(flash_config(d.blocks(), d.b * d.h)) }.w()?;
+    unsafe { b.launch(d.config(FlashPass::Fwd, d.b * d.h)) }.w()?;
     Ok((
         CudaStorage::wrap_cuda_slice(o, dev.clone()),
         CudaStorage::wrap_cuda_slice(lse, dev.clone()),
     ))
 }
 
-/// The gradients (dQ (B, H, T, 64), dK (B, KV, T, 64), dV rows) of [`flash_fwd`], from its
+/// The gradients (dQ (B, H, T, hd), dK (B, KV, T, hd), dV rows) of [`flash_fwd`], from its
 /// output `o`, the output's gradient `dout` (both rows) and its log-sum-exp.
 #[allow(clippy::too_many_arguments)]
 pub fn flash_bwd(
@@ -664,6 +711,7 @@ pub fn flash_bwd(
     scale: f32,
 ) -> Result<(CudaStorage, CudaStorage, CudaStorage)> {
     let dev = q.device();
+    let stream = dev.cuda_stream();
     let (qv, kv, vv) = (flash_view(q, lq)?, flash_view(k, lk)?, flash_view(v, lv)?);
     let (ov, dov) = (flash_view(o, lo)?, flash_view(dout, ldout)?);
     let lsev = view::<f32>(lse, llse)?;
@@ -672,17 +720,17 @@ pub fn flash_bwd(
 
     let rows = d.b * d.t * d.h;
     let dsum = out::<f32>(dev, rows)?;
-    let func = dev.get_or_load_custom_func("flash_bwd_dot_bf16", FLASH, FLASH_PTX)?;
+    let func = d.kernel(dev, FlashPass::Dot)?;
     let rows32 = rows as i32;
-    let mut b = func.builder();
+    let mut b = stream.launch_builder(&func);
     b.arg(&ov).arg(&dov).arg(&dsum).arg(&h).arg(&t).arg(&rows32);
-    // SAFETY: reads `rows` rows of 64 of O and dO, writes one sum per row.
+    // SAFETY: reads `rows` rows of hd of O and dO, writes one sum per row.
     unsafe { b.launch(row_config(rows)) }.w()?;
 
-    let dk = out::<bf16>(dev, d.b * d.kv * d.t * HD)?;
-    let dv = out::<bf16>(dev, d.b * d.t * d.kv * HD)?;
-    let func = dev.get_or_load_custom_func("flash_bwd_kv_bf16", FLASH, FLASH_PTX)?;
-    let mut b = func.builder();
+    let dk = out::<bf16>(dev, d.b * d.kv * d.t * d.hd)?;
+    let dv = out::<bf16>(dev, d.b * d.t * d.kv * d.hd)?;
+    let func = d.kernel(dev, FlashPass::Kv)?;
+    let mut b = stream.launch_builder(&func);
     b.arg(&qv).arg(&kv).arg(&vv).arg(&dov).arg(&lsev).arg(&dsum);
     b.arg(&dk)
         .arg(&dv)
@@ -692,11 +740,11 @@ pub fn flash_bwd(
         .arg(&scale_log2)
         .arg(&scale);
     // SAFETY: each block writes the dK and dV rows of its own key block, every row once.
-    unsafe { b.launch(flash_config(d.blocks(), d.b * d.kv)) }.w()?;
+    unsafe { b.launch(d.config(FlashPass::Kv, d.b * d.kv)) }.w()?;
 
-    let dq = out::<bf16>(dev, d.b * d.h * d.t * HD)?;
-    let func = dev.get_or_load_custom_func("flash_bwd_q_bf16", FLASH, FLASH_PTX)?;
-    let mut b = func.builder();
+    let dq = out::<bf16>(dev, d.b * d.h * d.t * d.hd)?;
+    let func = d.kernel(dev, FlashPass::Q)?;
+    let mut b = stream.launch_builder(&func);
     b.arg(&qv).arg(&kv).arg(&vv).arg(&dov).arg(&lsev).arg(&dsum);
     b.arg(&dq)
         .arg(&h)
@@ -705,7 +753,7 @@ pub fn flash_bwd(
         .arg(&scale_log2)
         .arg(&scale);
     // SAFETY: each block writes the dQ rows of its own query block, every row once.
-    unsafe { b.launch(flash_config(d.blocks(), d.b * d.h)) }.w()?;
+    unsafe { b.launch(d.config(FlashPass::Q, d.b * d.h)) }.w()?;
 
     let wrap = |s| CudaStorage::wrap_cuda_slice(s, dev.clone());
     Ok((wrap(dq), wrap(dk), wrap(dv)))

@@ -1,14 +1,15 @@
 // Causal flash attention (Dao et al. 2022, arXiv 2205.14135; the FlashAttention-2 split of
-// the work, arXiv 2307.08691) for bf16 and head dimension 64, on the tensor cores through
-// mma.sync m16n8k16. The scores and probabilities never reach memory: a thread block holds
-// 64 queries (16 a warp) in registers and walks the key blocks at or before them with an
-// online softmax. The backward pass recomputes them from the saved log-sum-exp, in two
-// kernels (keys' and values' gradients by key block, queries' by query block), so that no
-// gradient is accumulated with atomics and every run gives the same bits.
+// the work, arXiv 2307.08691) for bf16 and head dimensions 64 and 128, on the tensor cores
+// through mma.sync m16n8k16. The scores and probabilities never reach memory: a thread block
+// holds 64 queries (16 a warp) and walks the key blocks at or before them with an online
+// softmax. The backward pass recomputes them from the saved log-sum-exp, in two kernels
+// (keys' and values' gradients by key block, queries' by query block), so that no gradient
+// is accumulated with atomics and every run gives the same bits.
 //
-// Layouts, as attention.rs uses them: Q (B, H, T, 64) and K (B, KV, T, 64) contiguous; V and
-// the output as rows (B T, KV 64) and (B T, H 64); query head h reads key/value head
-// h / (H / KV). Log-sum-exp (B, H, T) f32, in base 2 of the scaled scores.
+// Layouts, as attention.rs uses them: Q (B, H, T, HD) and K (B, KV, T, HD) contiguous; V and
+// the output as rows (B T, KV HD) and (B T, H HD); query head h reads key/value head
+// h / (H / KV), so grouped heads are read where they are, never widened. Log-sum-exp
+// (B, H, T) f32, in base 2 of the scaled scores.
 //
 // Fragment layout of m16n8k16 (PTX ISA, "Matrix Fragments for mma.m16n8k16"), lane = 4 g + t:
 // A (16 x 16) a0: (g, 2t..2t+1), a1: (g+8, 2t..), a2: (g, 2t+8..), a3: (g+8, 2t+8..);
@@ -16,17 +17,23 @@
 // c2, c3: (g+8, 2t..2t+1). A C tile pair is therefore already an A fragment: the
 // probabilities go from one product to the next without leaving registers.
 //
+// Tiles sit in shared memory as rows (a token's HD values), HD + 8 bf16 apart so that the
+// eight rows an 8 x 8 ldmatrix reads start 4 banks apart. ldmatrix reads them as A fragments,
+// as B fragments of their transpose (Q K^T: keys are B's columns) and, with .trans, as B
+// fragments of themselves (P V: keys are B's rows), so no tile is ever copied transposed.
+//
 // Compiled to PTX by components/build.rs under the `cuda` feature.
 
 #include <cuda_bf16.h>
 #include <stdint.h>
 
-#define HD 64        // head dimension
-#define BLK 64       // queries or keys per block
-#define PAD 72       // shared row stride in bf16: rows start 4 banks apart, no conflicts
+#define BLK 64       // queries a block of the forward and dQ kernels; keys a block of all
+#define KV_STEP 32   // queries a step of the dK/dV kernel, whose registers hold dK and dV
 #define THREADS 128  // four warps of 16 rows
 
 typedef __nv_bfloat16 bf16;
+
+extern __shared__ __align__(16) unsigned char flash_smem[];
 
 __device__ __forceinline__ void mma(float* c, const uint32_t* a, uint32_t b0, uint32_t b1) {
     asm volatile(
@@ -36,68 +43,117 @@ __device__ __forceinline__ void mma(float* c, const uint32_t* a, uint32_t b0, ui
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
+// Four 8 x 8 bf16 matrices from shared memory; lane l gives the address of row l % 8 of
+// matrix l / 8, and register i receives matrix i in the fragment layout (row g, cols 2t..).
+__device__ __forceinline__ void ldsm4(uint32_t* r, const bf16* row) {
+    uint32_t a = (uint32_t)__cvta_generic_to_shared(row);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a));
+}
+
+// The same, each matrix transposed on the way (register i holds rows 2t..2t+1 of column g).
+__device__ __forceinline__ void ldsm4t(uint32_t* r, const bf16* row) {
+    uint32_t a = (uint32_t)__cvta_generic_to_shared(row);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a));
+}
+
 __device__ __forceinline__ uint32_t pack(float lo, float hi) {
     __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
     return *reinterpret_cast<uint32_t*>(&v);
 }
 
-__device__ __forceinline__ uint32_t ld32(const bf16* p) {
-    return *reinterpret_cast<const uint32_t*>(p);
+// A tile of shared rows, HD wide, HD + 8 apart.
+template <int HD>
+using Tile = bf16 (*)[HD + 8];
+
+// Copies n rows x HD (row r at base + r * stride) into shared rows with cp.async (sm_80+):
+// the bytes go from memory to shared memory without passing through registers, and the block
+// computes on the previous tile while they travel. Rows at or past `valid` are filled with
+// zeros (a source size of 0). Consecutive threads take consecutive 16 bytes of a row: whole
+// lines from memory. Completed by cp_wait and a barrier.
+template <int HD>
+__device__ __forceinline__ void stage_async(Tile<HD> dst, const bf16* base, size_t stride, int r0,
+                                            int n, int valid) {
+    for (int i = threadIdx.x; i < n * HD / 8; i += THREADS) {
+        int r = i / (HD / 8), c = (i % (HD / 8)) * 8;
+        bool in = r0 + r < valid;
+        const bf16* src = in ? base + (size_t)(r0 + r) * stride + c : base;
+        uint32_t d = (uint32_t)__cvta_generic_to_shared(&dst[r][c]);
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src),
+                     "r"(in ? 16 : 0));
+    }
 }
 
-// A fragments of 16 rows x HD from global rows (row r at base + r * stride), zero past `valid`.
-__device__ __forceinline__ void load_a(uint32_t (*a)[4], const bf16* base, size_t stride,
-                                       int r0, int valid, int g, int t) {
+__device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+
+// Waits until at most N of this thread's committed groups are still in flight.
+template <int N>
+__device__ __forceinline__ void cp_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+// The A fragments (16 rows from r0, k-chunk kk) of a shared tile.
+template <int HD>
+__device__ __forceinline__ void frag_a(uint32_t* a, Tile<HD> src, int r0, int kk) {
+    int l = threadIdx.x % 32, m = l >> 3;
+    ldsm4(a, &src[r0 + (m & 1) * 8 + (l & 7)][kk * 16 + (m >> 1) * 8]);
+}
+
+// acc (16 x 8 n-tiles, NT of them) += A B for B = src^T: row n of the shared tile is column
+// n of B (Q K^T with K's rows as src). A as KCH k-chunks in registers (a) or, with `asrc`,
+// read from 16 shared rows at ar0 chunk by chunk.
+template <int HD, int KCH, int NT>
+__device__ __forceinline__ void gemm_bt(float (*acc)[4], const uint32_t (*a)[4], Tile<HD> asrc,
+                                        int ar0, Tile<HD> src, int n0) {
+    int l = threadIdx.x % 32, m = l >> 3;
 #pragma unroll
-    for (int kk = 0; kk < HD / 16; ++kk) {
+    for (int kk = 0; kk < KCH; kk += 2) {
+        uint32_t af[2][4];
+        if (asrc) {
+            frag_a<HD>(af[0], asrc, ar0, kk);
+            frag_a<HD>(af[1], asrc, ar0, kk + 1);
+        } else {
 #pragma unroll
-        for (int i = 0; i < 4; ++i) {
-            int r = r0 + g + (i & 1) * 8;
-            int c = kk * 16 + 2 * t + (i >> 1) * 8;
-            a[kk][i] = r < valid ? ld32(base + (size_t)r * stride + c) : 0u;
+            for (int i = 0; i < 4; ++i) af[0][i] = a[kk][i], af[1][i] = a[kk + 1][i];
+        }
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+            // Matrices: (n-tile nt, k kk lo), (nt, kk hi), (nt, kk+1 lo), (nt, kk+1 hi).
+            uint32_t b[4];
+            ldsm4(b, &src[n0 + nt * 8 + (l & 7)][kk * 16 + m * 8]);
+            mma(acc[nt], af[0], b[0], b[1]);
+            mma(acc[nt], af[1], b[2], b[3]);
         }
     }
 }
 
-// Copies BLK rows x HD (row r at base + r * stride, rows at or past `valid` as zeros) into
-// shared memory: as rows into `rows` and/or transposed (column d becomes row d) into `cols`.
-__device__ __forceinline__ void stage(bf16 (*rows)[PAD], bf16 (*cols)[PAD], const bf16* base,
-                                      size_t stride, int r0, int valid) {
-    // Consecutive threads take consecutive rows: the transposed stores of a warp then fall in
-    // consecutive banks.
-    for (int i = threadIdx.x; i < BLK * HD / 8; i += THREADS) {
-        int r = i % BLK, c = (i / BLK) * 8;
-        uint4 v = make_uint4(0, 0, 0, 0);
-        if (r0 + r < valid) v = *reinterpret_cast<const uint4*>(base + (size_t)(r0 + r) * stride + c);
-        if (rows) *reinterpret_cast<uint4*>(&rows[r][c]) = v;
-        if (cols) {
-            const bf16* e = reinterpret_cast<const bf16*>(&v);
+// acc (16 x 8 n-tiles, NT of them, n from column 0) += A B for B = the shared rows k0.. of
+// src as they are (P V with V's rows as src), A as KCH k-chunks in registers.
+template <int HD, int KCH, int NT>
+__device__ __forceinline__ void gemm_b(float (*acc)[4], const uint32_t (*a)[4], Tile<HD> src,
+                                       int k0) {
+    int l = threadIdx.x % 32, m = l >> 3;
 #pragma unroll
-            for (int j = 0; j < 8; ++j) cols[c + j][r] = e[j];
+    for (int kk = 0; kk < KCH; ++kk) {
+#pragma unroll
+        for (int nt = 0; nt < NT; nt += 2) {
+            // Matrices: (k kk lo, n-tile nt), (kk hi, nt), (kk lo, nt+1), (kk hi, nt+1).
+            uint32_t b[4];
+            ldsm4t(b, &src[k0 + kk * 16 + (m & 1) * 8 + (l & 7)][(nt + (m >> 1)) * 8]);
+            mma(acc[nt], a[kk], b[0], b[1]);
+            mma(acc[nt + 1], a[kk], b[2], b[3]);
         }
     }
 }
 
-// acc (16 x 8 n-tiles) += A (16 x 16 kk-chunks, registers) B, with B's n-tile nt, k-chunk kk
-// read from shared rows src[n][k] (src holds B transposed, i.e. row n is column n of B).
-template <int KCH, int NT>
-__device__ __forceinline__ void gemm(float (*acc)[4], const uint32_t (*a)[4],
-                                     const bf16 (*src)[PAD], int g, int t) {
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt) {
-#pragma unroll
-        for (int kk = 0; kk < KCH; ++kk) {
-            uint32_t b0 = ld32(&src[nt * 8 + g][kk * 16 + 2 * t]);
-            uint32_t b1 = ld32(&src[nt * 8 + g][kk * 16 + 8 + 2 * t]);
-            mma(acc[nt], a[kk], b0, b1);
-        }
-    }
-}
-
-// The C tiles of a 16 x BLK product as A fragments of the next product (bf16).
+// The C tiles of a 16 x (8 NT) product as A fragments of the next product (bf16).
+template <int NT>
 __device__ __forceinline__ void to_a(uint32_t (*a)[4], const float (*c)[4]) {
 #pragma unroll
-    for (int kk = 0; kk < BLK / 16; ++kk) {
+    for (int kk = 0; kk < NT / 2; ++kk) {
         a[kk][0] = pack(c[2 * kk][0], c[2 * kk][1]);
         a[kk][1] = pack(c[2 * kk][2], c[2 * kk][3]);
         a[kk][2] = pack(c[2 * kk + 1][0], c[2 * kk + 1][1]);
@@ -105,8 +161,28 @@ __device__ __forceinline__ void to_a(uint32_t (*a)[4], const float (*c)[4]) {
     }
 }
 
-__device__ __forceinline__ void zero(float (*c)[4], int n) {
-    for (int i = 0; i < n; ++i) c[i][0] = c[i][1] = c[i][2] = c[i][3] = 0.0f;
+template <int N>
+__device__ __forceinline__ void zero(float (*c)[4]) {
+#pragma unroll
+    for (int i = 0; i < N; ++i) c[i][0] = c[i][1] = c[i][2] = c[i][3] = 0.0f;
+}
+
+// Writes 16 rows (from r0, rows at or past `valid` skipped) of a 16 x HD accumulator, times
+// `scale`, to dst rows `stride` apart.
+template <int HD>
+__device__ __forceinline__ void store_rows(bf16* dst, size_t stride, int r0, int valid,
+                                           const float (*acc)[4], float scale) {
+    int lane = threadIdx.x % 32, g = lane >> 2, t = lane & 3;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        int row = r0 + g + r * 8;
+        if (row >= valid) continue;
+#pragma unroll
+        for (int nt = 0; nt < HD / 8; ++nt) {
+            *reinterpret_cast<__nv_bfloat162*>(dst + (size_t)row * stride + nt * 8 + 2 * t) =
+                __floats2bfloat162_rn(acc[nt][2 * r] * scale, acc[nt][2 * r + 1] * scale);
+        }
+    }
 }
 
 // Row/column of C element e of n-tile nt, relative to the tile's origin.
@@ -114,52 +190,78 @@ __device__ __forceinline__ void zero(float (*c)[4], int n) {
 #define C_COL(nt, e) ((nt) * 8 + 2 * t + ((e) & 1))
 
 // Where a thread of a kernel over query blocks (grid (query blocks, B H)) stands: its query
-// block, batch and head, its lane's g and t, its warp's first query, and its key/value head's
-// K and V. The longest rows go first: block x counts down from the last query block.
+// block, batch and head, its lane's g and t, its warp's first row in the block and first
+// query, and its key/value head's K and V. The longest rows go first: block x counts down
+// from the last query block.
 struct QueryTile {
-    int qb, b, h, g, t, q0;
+    int qb, b, h, g, t, w0, q0;
     const bf16* kp;
     const bf16* vp;
 };
 
+template <int HD>
 __device__ __forceinline__ QueryTile query_tile(const bf16* k, const bf16* v, int H, int KV,
                                                 int T) {
     int qb = gridDim.x - 1 - blockIdx.x;
     int b = blockIdx.y / H, h = blockIdx.y % H, kvh = h / (H / KV);
-    int lane = threadIdx.x % 32;
+    int lane = threadIdx.x % 32, w0 = (int)(threadIdx.x / 32) * 16;
     return {qb,
             b,
             h,
             lane >> 2,
             lane & 3,
-            qb * BLK + (int)(threadIdx.x / 32) * 16,
+            w0,
+            qb * BLK + w0,
             k + (size_t)(b * KV + kvh) * T * HD,
             v + ((size_t)b * T * KV + kvh) * HD};
 }
 
-// Grid (query blocks, B H). Writes O (rows) and the log-sum-exp.
-extern "C" __global__ void __launch_bounds__(THREADS)
-flash_fwd_bf16(const bf16* q, const bf16* k, const bf16* v, bf16* o, float* lse, int H, int KV,
-               int T, float scale_log2) {
-    __shared__ __align__(16) bf16 ks[BLK][PAD];
-    __shared__ __align__(16) bf16 vt[HD][PAD];
-    auto [qb, b, h, g, t, q0, kp, vp] = query_tile(k, v, H, KV, T);
+// Shared bytes of each kernel, as the host computes them (cuda.rs).
+template <int HD>
+constexpr int row_bytes() {
+    return (HD + 8) * 2;
+}
 
+// Grid (query blocks, B H); shared: two buffers of K and V of a key block, the next block
+// loading while the current one is used. Writes O (rows) and the log-sum-exp.
+template <int HD>
+__device__ __forceinline__ void fwd(const bf16* q, const bf16* k, const bf16* v, bf16* o,
+                                    float* lse, int H, int KV, int T, float scale_log2) {
+    // Buffer i: K at kbuf(i), V BLK rows after it.
+    Tile<HD> smem = reinterpret_cast<Tile<HD>>(flash_smem);
+    auto kbuf = [&](int i) { return smem + i * 2 * BLK; };
+    auto [qb, b, h, g, t, w0, q0, kp, vp] = query_tile<HD>(k, v, H, KV, T);
+    size_t kvstride = (size_t)KV * HD;
+
+    // Q passes through the second K buffer on its way to registers.
+    stage_async<HD>(kbuf(1), q + (size_t)(b * H + h) * T * HD, HD, qb * BLK, BLK, T);
+    stage_async<HD>(kbuf(0), kp, HD, 0, BLK, T);
+    stage_async<HD>(kbuf(0) + BLK, vp, kvstride, 0, BLK, T);
+    cp_commit();
+    cp_wait<0>();
+    __syncthreads();
     uint32_t qa[HD / 16][4];
-    load_a(qa, q + (size_t)(b * H + h) * T * HD, HD, q0, T, g, t);
+#pragma unroll
+    for (int kk = 0; kk < HD / 16; ++kk) frag_a<HD>(qa[kk], kbuf(1), w0, kk);
+    __syncthreads();
     float acc[HD / 8][4];
-    zero(acc, HD / 8);
+    zero<HD / 8>(acc);
     // Per thread, rows g and g + 8: running max and (this thread's share of) the sum.
     float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
 
     for (int kb = 0; kb <= qb; ++kb) {
-        __syncthreads();  // the previous block's tiles are read by every warp
-        stage(ks, nullptr, kp, HD, kb * BLK, T);
-        stage(nullptr, vt, vp, (size_t)KV * HD, kb * BLK, T);
+        if (kb < qb) {
+            Tile<HD> next = kbuf((kb + 1) & 1);
+            stage_async<HD>(next, kp, HD, (kb + 1) * BLK, BLK, T);
+            stage_async<HD>(next + BLK, vp, kvstride, (kb + 1) * BLK, BLK, T);
+        }
+        cp_commit();
+        cp_wait<1>();  // this block's tiles have landed; the next one's may still travel
         __syncthreads();
+        Tile<HD> ks = kbuf(kb & 1), vs = ks + BLK;
         float s[BLK / 8][4];
-        zero(s, BLK / 8);
-        gemm<HD / 16, BLK / 8>(s, qa, ks, g, t);
+        zero<BLK / 8>(s);
+        gemm_bt<HD, HD / 16, BLK / 8>(s, qa, nullptr, 0, ks, 0);
         float mx[2] = {-INFINITY, -INFINITY};
 #pragma unroll
         for (int nt = 0; nt < BLK / 8; ++nt) {
@@ -197,34 +299,32 @@ flash_fwd_bf16(const bf16* q, const bf16* k, const bf16* v, bf16* o, float* lse,
             for (int e = 0; e < 4; ++e) acc[nt][e] *= alpha[e >> 1];
         }
         uint32_t pa[BLK / 16][4];
-        to_a(pa, s);
-        gemm<BLK / 16, HD / 8>(acc, pa, vt, g, t);
+        to_a<BLK / 8>(pa, s);
+        gemm_b<HD, BLK / 16, HD / 8>(acc, pa, vs, 0);
+        __syncthreads();  // every warp is done with the buffer the next load overwrites
     }
+    float inv[2];
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
         l[r] += __shfl_xor_sync(0xffffffff, l[r], 1);
         l[r] += __shfl_xor_sync(0xffffffff, l[r], 2);
+        inv[r] = 1.0f / l[r];
+        int row = q0 + g + r * 8;
+        if (t == 0 && row < T) lse[(size_t)(b * H + h) * T + row] = m[r] + log2f(l[r]);
+    }
+#pragma unroll
+    for (int nt = 0; nt < HD / 8; ++nt) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc[nt][e] *= inv[e >> 1];
     }
     size_t ostride = (size_t)H * HD;
-    bf16* op = o + (size_t)b * T * ostride + (size_t)h * HD;
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-        int row = q0 + g + r * 8;
-        if (row >= T) continue;
-        float inv = 1.0f / l[r];
-#pragma unroll
-        for (int nt = 0; nt < HD / 8; ++nt) {
-            __nv_bfloat162 pair =
-                __floats2bfloat162_rn(acc[nt][2 * r] * inv, acc[nt][2 * r + 1] * inv);
-            *reinterpret_cast<__nv_bfloat162*>(op + row * ostride + nt * 8 + 2 * t) = pair;
-        }
-        if (t == 0) lse[(size_t)(b * H + h) * T + row] = m[r] + log2f(l[r]);
-    }
+    store_rows<HD>(o + (size_t)b * T * ostride + (size_t)h * HD, ostride, q0, T, acc, 1.0f);
 }
 
 // D = rowsum(dO * O) per (b, h, query), the softmax backward's correction; one warp a row.
-extern "C" __global__ void flash_bwd_dot_bf16(const bf16* o, const bf16* dout, float* d, int H,
-                                              int T, int rows) {
+template <int HD>
+__device__ __forceinline__ void bwd_dot(const bf16* o, const bf16* dout, float* d, int H,
+                                        int T, int rows) {
     int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x % 32;
     if (row >= rows) return;  // row = (b T + tok) H + h, the rows layout's order
     const bf16* x = o + (size_t)row * HD;
@@ -236,101 +336,109 @@ extern "C" __global__ void flash_bwd_dot_bf16(const bf16* o, const bf16* dout, f
     if (lane == 0) d[(size_t)(b * H + h) * T + tok] = s;
 }
 
-// Grid (key blocks, B KV): dK (B, KV, T, 64) and dV (rows) of one key block, summed over the
-// query heads that share it and the query blocks at or after it. A warp owns 16 keys and
-// computes the transposed products (keys x queries) so its keys stay rows of its tiles.
-extern "C" __global__ void __launch_bounds__(THREADS)
-flash_bwd_kv_bf16(const bf16* q, const bf16* k, const bf16* v, const bf16* dout,
-                  const float* lse, const float* dsum, bf16* dk, bf16* dv, int H, int KV, int T,
-                  float scale_log2, float scale) {
-    __shared__ __align__(16) bf16 qs[BLK][PAD];
-    __shared__ __align__(16) bf16 qt[HD][PAD];
-    __shared__ __align__(16) bf16 ds[BLK][PAD];
-    __shared__ __align__(16) bf16 dt[HD][PAD];
-    __shared__ float ls[BLK], dd[BLK];
+// Grid (key blocks, B KV); shared: K and V of the block, then two buffers of Q and dO of a
+// step of KV_STEP queries with their log-sum-exp and D, the next step loading while the
+// current one is used. dK (B, KV, T, HD) and dV (rows) of one key block, summed over the
+// query heads that share it and the queries at or after it. A warp owns 16 keys and computes
+// the transposed products (keys x queries) so its keys stay rows of its tiles; K and V are
+// read from shared memory, leaving the registers to dK and dV.
+template <int HD>
+__device__ __forceinline__ void bwd_kv(const bf16* q, const bf16* k, const bf16* v,
+                                       const bf16* dout, const float* lse, const float* dsum,
+                                       bf16* dk, bf16* dv, int H, int KV, int T,
+                                       float scale_log2, float scale) {
+    Tile<HD> ks = reinterpret_cast<Tile<HD>>(flash_smem);
+    Tile<HD> vs = ks + BLK;
+    // Buffer i: Q at qbuf(i), dO KV_STEP rows after it; log-sum-exp at lbuf(i), D KV_STEP
+    // after it.
+    auto qbuf = [&](int i) { return vs + BLK + i * 2 * KV_STEP; };
+    float* lse_smem = reinterpret_cast<float*>(qbuf(2));
+    auto lbuf = [&](int i) { return lse_smem + i * 2 * KV_STEP; };
     int kb = blockIdx.x;
     int b = blockIdx.y / KV, kvh = blockIdx.y % KV, rep = H / KV;
-    int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2, t = lane & 3;
-    int k0 = kb * BLK + warp * 16;
+    int lane = threadIdx.x % 32, g = lane >> 2, t = lane & 3;
+    int w0 = (int)(threadIdx.x / 32) * 16, k0 = kb * BLK + w0;
     size_t kvstride = (size_t)KV * HD, ostride = (size_t)H * HD;
-    uint32_t ka[HD / 16][4], va[HD / 16][4];
-    load_a(ka, k + (size_t)(b * KV + kvh) * T * HD, HD, k0, T, g, t);
-    load_a(va, v + ((size_t)b * T * KV + kvh) * HD, kvstride, k0, T, g, t);
     float dka[HD / 8][4], dva[HD / 8][4];
-    zero(dka, HD / 8);
-    zero(dva, HD / 8);
-    int nqb = (T + BLK - 1) / BLK;
-
-    for (int h = kvh * rep; h < (kvh + 1) * rep; ++h) {
-        const bf16* qp = q + (size_t)(b * H + h) * T * HD;
-        const bf16* op = dout + (size_t)b * T * ostride + (size_t)h * HD;
+    zero<HD / 8>(dka);
+    zero<HD / 8>(dva);
+    // The steps: every query head of this key/value head, and its queries from this key
+    // block's own (the first that see it) to the end.
+    int first = kb * BLK / KV_STEP, per_head = (T + KV_STEP - 1) / KV_STEP - first;
+    int items = rep * per_head;
+    auto issue = [&](int item, int buf) {
+        int h = kvh * rep + item / per_head, s0 = (first + item % per_head) * KV_STEP;
+        stage_async<HD>(qbuf(buf), q + (size_t)(b * H + h) * T * HD, HD, s0, KV_STEP, T);
+        stage_async<HD>(qbuf(buf) + KV_STEP, dout + (size_t)b * T * ostride + (size_t)h * HD,
+                        ostride, s0, KV_STEP, T);
         const float* lp = lse + (size_t)(b * H + h) * T;
         const float* dp = dsum + (size_t)(b * H + h) * T;
-        for (int qb = kb; qb < nqb; ++qb) {
-            __syncthreads();
-            stage(qs, qt, qp, HD, qb * BLK, T);
-            stage(ds, dt, op, ostride, qb * BLK, T);
-            for (int i = threadIdx.x; i < BLK; i += THREADS) {
-                int row = qb * BLK + i;
-                ls[i] = row < T ? lp[row] : 0.0f;
-                dd[i] = row < T ? dp[row] : 0.0f;
-            }
-            __syncthreads();
-            // S^T (16 keys x 64 queries) = K Q^T, dP^T = V dO^T.
-            float st[BLK / 8][4], dpt[BLK / 8][4];
-            zero(st, BLK / 8);
-            zero(dpt, BLK / 8);
-            gemm<HD / 16, BLK / 8>(st, ka, qs, g, t);
-            gemm<HD / 16, BLK / 8>(dpt, va, ds, g, t);
-#pragma unroll
-            for (int nt = 0; nt < BLK / 8; ++nt) {
-#pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    int qi = C_COL(nt, e);
-                    bool seen = k0 + C_ROW(e) <= qb * BLK + qi;
-                    float p = seen ? exp2f(st[nt][e] * scale_log2 - ls[qi]) : 0.0f;
-                    st[nt][e] = p;                       // P^T
-                    dpt[nt][e] = p * (dpt[nt][e] - dd[qi]);  // dS^T
-                }
-            }
-            uint32_t pa[BLK / 16][4], sa[BLK / 16][4];
-            to_a(pa, st);
-            to_a(sa, dpt);
-            gemm<BLK / 16, HD / 8>(dva, pa, dt, g, t);  // dV += P^T dO
-            gemm<BLK / 16, HD / 8>(dka, sa, qt, g, t);  // dK += dS^T Q
+        for (int i = threadIdx.x; i < KV_STEP; i += THREADS) {
+            lbuf(buf)[i] = s0 + i < T ? lp[s0 + i] : 0.0f;
+            lbuf(buf)[KV_STEP + i] = s0 + i < T ? dp[s0 + i] : 0.0f;
         }
-    }
-    bf16* kp = dk + (size_t)(b * KV + kvh) * T * HD;
-    bf16* vp = dv + ((size_t)b * T * KV + kvh) * HD;
+    };
+    stage_async<HD>(ks, k + (size_t)(b * KV + kvh) * T * HD, HD, kb * BLK, BLK, T);
+    stage_async<HD>(vs, v + ((size_t)b * T * KV + kvh) * HD, kvstride, kb * BLK, BLK, T);
+    issue(0, 0);
+    cp_commit();
+
+    for (int item = 0; item < items; ++item) {
+        int buf = item & 1, s0 = (first + item % per_head) * KV_STEP;
+        if (item + 1 < items) issue(item + 1, buf ^ 1);
+        cp_commit();
+        cp_wait<1>();
+        __syncthreads();
+        Tile<HD> qs = qbuf(buf), ds = qs + KV_STEP;
+        const float* ls = lbuf(buf);
+        const float* dd = ls + KV_STEP;
+        // S^T (16 keys x KV_STEP queries) = K Q^T, dP^T = V dO^T.
+        float st[KV_STEP / 8][4], dpt[KV_STEP / 8][4];
+        zero<KV_STEP / 8>(st);
+        zero<KV_STEP / 8>(dpt);
+        gemm_bt<HD, HD / 16, KV_STEP / 8>(st, nullptr, ks, w0, qs, 0);
+        gemm_bt<HD, HD / 16, KV_STEP / 8>(dpt, nullptr, vs, w0, ds, 0);
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-        int row = k0 + g + r * 8;
-        if (row >= T) continue;
+        for (int nt = 0; nt < KV_STEP / 8; ++nt) {
 #pragma unroll
-        for (int nt = 0; nt < HD / 8; ++nt) {
-            int c = nt * 8 + 2 * t;
-            *reinterpret_cast<__nv_bfloat162*>(kp + (size_t)row * HD + c) =
-                __floats2bfloat162_rn(dka[nt][2 * r] * scale, dka[nt][2 * r + 1] * scale);
-            *reinterpret_cast<__nv_bfloat162*>(vp + (size_t)row * kvstride + c) =
-                __floats2bfloat162_rn(dva[nt][2 * r], dva[nt][2 * r + 1]);
+            for (int e = 0; e < 4; ++e) {
+                int qi = C_COL(nt, e);
+                bool seen = k0 + C_ROW(e) <= s0 + qi && s0 + qi < T;
+                float p = seen ? exp2f(st[nt][e] * scale_log2 - ls[qi]) : 0.0f;
+                st[nt][e] = p;                           // P^T
+                dpt[nt][e] = p * (dpt[nt][e] - dd[qi]);  // dS^T
+            }
         }
+        uint32_t pa[KV_STEP / 16][4], sa[KV_STEP / 16][4];
+        to_a<KV_STEP / 8>(pa, st);
+        to_a<KV_STEP / 8>(sa, dpt);
+        gemm_b<HD, KV_STEP / 16, HD / 8>(dva, pa, ds, 0);  // dV += P^T dO
+        gemm_b<HD, KV_STEP / 16, HD / 8>(dka, sa, qs, 0);  // dK += dS^T Q
+        __syncthreads();  // every warp is done with the buffer the next load overwrites
     }
+    store_rows<HD>(dk + (size_t)(b * KV + kvh) * T * HD, HD, k0, T, dka, scale);
+    store_rows<HD>(dv + ((size_t)b * T * KV + kvh) * HD, kvstride, k0, T, dva, 1.0f);
 }
 
-// Grid (query blocks, B H): dQ (B, H, T, 64) of one query block over the key blocks at or
-// before it.
-extern "C" __global__ void __launch_bounds__(THREADS)
-flash_bwd_q_bf16(const bf16* q, const bf16* k, const bf16* v, const bf16* dout,
-                 const float* lse, const float* dsum, bf16* dq, int H, int KV, int T,
-                 float scale_log2, float scale) {
-    __shared__ __align__(16) bf16 ks[BLK][PAD];
-    __shared__ __align__(16) bf16 kt[HD][PAD];
-    __shared__ __align__(16) bf16 vs[BLK][PAD];
-    auto [qb, b, h, g, t, q0, kp, vp] = query_tile(k, v, H, KV, T);
-    size_t ostride = (size_t)H * HD;
-    uint32_t qa[HD / 16][4], oa[HD / 16][4];
-    load_a(qa, q + (size_t)(b * H + h) * T * HD, HD, q0, T, g, t);
-    load_a(oa, dout + (size_t)b * T * ostride + (size_t)h * HD, ostride, q0, T, g, t);
+// Grid (query blocks, B H); shared: Q and dO of the block, two buffers of K and V of a key
+// block. dQ (B, H, T, HD) of one query block over the key blocks at or before it.
+template <int HD>
+__device__ __forceinline__ void bwd_q(const bf16* q, const bf16* k, const bf16* v,
+                                      const bf16* dout, const float* lse, const float* dsum,
+                                      bf16* dq, int H, int KV, int T, float scale_log2,
+                                      float scale) {
+    Tile<HD> qs = reinterpret_cast<Tile<HD>>(flash_smem);
+    Tile<HD> os = qs + BLK;
+    // Buffer i: K at kbuf(i), V BLK rows after it.
+    auto kbuf = [&](int i) { return os + BLK + i * 2 * BLK; };
+    auto [qb, b, h, g, t, w0, q0, kp, vp] = query_tile<HD>(k, v, H, KV, T);
+    size_t ostride = (size_t)H * HD, kvstride = (size_t)KV * HD;
+    stage_async<HD>(qs, q + (size_t)(b * H + h) * T * HD, HD, qb * BLK, BLK, T);
+    stage_async<HD>(os, dout + (size_t)b * T * ostride + (size_t)h * HD, ostride, qb * BLK, BLK,
+                    T);
+    stage_async<HD>(kbuf(0), kp, HD, 0, BLK, T);
+    stage_async<HD>(kbuf(0) + BLK, vp, kvstride, 0, BLK, T);
+    cp_commit();
     float lr[2], dr[2];
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
@@ -339,18 +447,23 @@ flash_bwd_q_bf16(const bf16* q, const bf16* k, const bf16* v, const bf16* dout,
         dr[r] = row < T ? dsum[(size_t)(b * H + h) * T + row] : 0.0f;
     }
     float dqa[HD / 8][4];
-    zero(dqa, HD / 8);
+    zero<HD / 8>(dqa);
 
     for (int kb = 0; kb <= qb; ++kb) {
+        if (kb < qb) {
+            Tile<HD> next = kbuf((kb + 1) & 1);
+            stage_async<HD>(next, kp, HD, (kb + 1) * BLK, BLK, T);
+            stage_async<HD>(next + BLK, vp, kvstride, (kb + 1) * BLK, BLK, T);
+        }
+        cp_commit();
+        cp_wait<1>();
         __syncthreads();
-        stage(ks, kt, kp, HD, kb * BLK, T);
-        stage(vs, nullptr, vp, (size_t)KV * HD, kb * BLK, T);
-        __syncthreads();
+        Tile<HD> ks = kbuf(kb & 1), vs = ks + BLK;
         float s[BLK / 8][4], dp[BLK / 8][4];
-        zero(s, BLK / 8);
-        zero(dp, BLK / 8);
-        gemm<HD / 16, BLK / 8>(s, qa, ks, g, t);   // S = Q K^T
-        gemm<HD / 16, BLK / 8>(dp, oa, vs, g, t);  // dP = dO V^T
+        zero<BLK / 8>(s);
+        zero<BLK / 8>(dp);
+        gemm_bt<HD, HD / 16, BLK / 8>(s, nullptr, qs, w0, ks, 0);   // S = Q K^T
+        gemm_bt<HD, HD / 16, BLK / 8>(dp, nullptr, os, w0, vs, 0);  // dP = dO V^T
 #pragma unroll
         for (int nt = 0; nt < BLK / 8; ++nt) {
 #pragma unroll
@@ -361,18 +474,35 @@ flash_bwd_q_bf16(const bf16* q, const bf16* k, const bf16* v, const bf16* dout,
             }
         }
         uint32_t sa[BLK / 16][4];
-        to_a(sa, dp);
-        gemm<BLK / 16, HD / 8>(dqa, sa, kt, g, t);  // dQ += dS K
+        to_a<BLK / 8>(sa, dp);
+        gemm_b<HD, BLK / 16, HD / 8>(dqa, sa, ks, 0);  // dQ += dS K
+        __syncthreads();  // every warp is done with the buffer the next load overwrites
     }
-    bf16* qp = dq + (size_t)(b * H + h) * T * HD;
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-        int row = q0 + g + r * 8;
-        if (row >= T) continue;
-#pragma unroll
-        for (int nt = 0; nt < HD / 8; ++nt) {
-            *reinterpret_cast<__nv_bfloat162*>(qp + (size_t)row * HD + nt * 8 + 2 * t) =
-                __floats2bfloat162_rn(dqa[nt][2 * r] * scale, dqa[nt][2 * r + 1] * scale);
-        }
-    }
+    store_rows<HD>(dq + (size_t)(b * H + h) * T * HD, HD, q0, T, dqa, scale);
 }
+
+// The entry points, one per head dimension: flash_<pass>_hd<HD>.
+#define FLASH_KERNELS(HD)                                                                     \
+    extern "C" __global__ void __launch_bounds__(THREADS)                                     \
+        flash_fwd_hd##HD(const bf16* q, const bf16* k, const bf16* v, bf16* o, float* lse,     \
+                         int H, int KV, int T, float scale_log2) {                             \
+        fwd<HD>(q, k, v, o, lse, H, KV, T, scale_log2);                                       \
+    }                                                                                         \
+    extern "C" __global__ void flash_dot_hd##HD(const bf16* o, const bf16* dout, float* d,   \
+                                                int H, int T, int rows) {                     \
+        bwd_dot<HD>(o, dout, d, H, T, rows);                                                  \
+    }                                                                                         \
+    extern "C" __global__ void __launch_bounds__(THREADS) flash_kv_hd##HD(                   \
+        const bf16* q, const bf16* k, const bf16* v, const bf16* dout, const float* lse,      \
+        const float* dsum, bf16* dk, bf16* dv, int H, int KV, int T, float scale_log2,        \
+        float scale) {                                                                        \
+        bwd_kv<HD>(q, k, v, dout, lse, dsum, dk, dv, H, KV, T, scale_log2, scale);            \
+    }                                                                                         \
+    extern "C" __global__ void __launch_bounds__(THREADS) flash_q_hd##HD(                    \
+        const bf16* q, const bf16* k, const bf16* v, const bf16* dout, const float* lse,      \
+        const float* dsum, bf16* dq, int H, int KV, int T, float scale_log2, float scale) {   \
+        bwd_q<HD>(q, k, v, dout, lse, dsum, dq, H, KV, T, scale_log2, scale);                 \
+    }
+
+FLASH_KERNELS(64)
+FLASH_KERNELS(128)

@@ -1,4 +1,4 @@
-//! Causal attention as flash attention (flash.cu): bf16, head dimension 64, on CUDA. Unlike
+//! Causal attention as flash attention (flash.cu): bf16, heads of 64 or 128, on CUDA. Unlike
 //! [`super::CausalAttention`], which runs the scores through cuBLAS and writes the
 //! (B, H, T, T) scores and probabilities to memory (four times their size a layer, forward
 //! and backward), the kernels keep every score tile in registers and skip the key blocks
@@ -9,8 +9,8 @@ use std::sync::Mutex;
 
 use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 
-/// (Q (B, H, T, 64), K (B, KV, T, 64), V rows (B T, KV 64)), bf16 on a GPU -> rows
-/// (B T, H 64).
+/// (Q (B, H, T, hd), K (B, KV, T, hd), V rows (B T, KV hd)), bf16 on a GPU -> rows
+/// (B T, H hd).
 #[derive(Debug)]
 pub struct FlashAttention {
     scale: f64,
@@ -19,8 +19,8 @@ pub struct FlashAttention {
     lse: Mutex<Option<Tensor>>,
 }
 
-/// The head dimension the kernels are written for.
-pub const FLASH_HEAD_DIM: usize = 64;
+/// The head dimensions flash.cu has kernels for.
+pub const FLASH_HEAD_DIMS: [usize; 2] = [64, 128];
 
 impl FlashAttention {
     pub fn new(scale: f64) -> Self {
@@ -30,25 +30,27 @@ impl FlashAttention {
         }
     }
 
-    /// Whether the kernels take these heads: bf16 on a GPU of a `cuda` build, head dimension
-    /// 64. Other cases keep [`super::CausalAttention`].
+    /// Whether the kernels take these heads: bf16 on a GPU of a `cuda` build, a head
+    /// dimension of [`FLASH_HEAD_DIMS`]. Other cases keep [`super::CausalAttention`].
     pub fn fits(q: &Tensor) -> bool {
         cfg!(feature = "cuda")
             && q.device().is_cuda()
             && q.dtype() == DType::BF16
-            && q.dims().last() == Some(&FLASH_HEAD_DIM)
+            && q.dims()
+                .last()
+                .is_some_and(|hd| FLASH_HEAD_DIMS.contains(hd))
     }
 }
 
-/// (b, h, kv, t), checked.
+/// (b, h, kv, t, hd), checked.
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
-fn dims(lq: &Layout, lk: &Layout, lv: &Layout) -> Result<(usize, usize, usize, usize)> {
+fn dims(lq: &Layout, lk: &Layout, lv: &Layout) -> Result<FlashShape> {
     let (b, h, t, hd) = lq.shape().dims4()?;
     let (bk, kv, tk, hdk) = lk.shape().dims4()?;
-    let hd_ok = hd == FLASH_HEAD_DIM && hdk == hd;
+    let hd_ok = FLASH_HEAD_DIMS.contains(&hd) && hdk == hd;
     if !hd_ok || bk != b || tk != t || kv == 0 || !h.is_multiple_of(kv) {
         bail!(
-            "flash attention: Q {:?} and K {:?} are not (B, H, T, 64) and (B, KV, T, 64) with KV dividing H",
+            "flash attention: Q {:?} and K {:?} are not (B, H, T, hd) and (B, KV, T, hd) with KV dividing H and hd one of {FLASH_HEAD_DIMS:?}",
             lq.dims(),
             lk.dims()
         );
@@ -61,7 +63,17 @@ fn dims(lq: &Layout, lk: &Layout, lv: &Layout) -> Result<(usize, usize, usize, u
             kv * hd
         );
     }
-    Ok((b, h, kv, t))
+    Ok(FlashShape { b, h, kv, t, hd })
+}
+
+/// The sizes [`dims`] checks (the kernels' `FlashDims` under the `cuda` feature).
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+struct FlashShape {
+    b: usize,
+    h: usize,
+    kv: usize,
+    t: usize,
+    hd: usize,
 }
 
 impl CustomOp3 for FlashAttention {
@@ -91,12 +103,12 @@ impl CustomOp3 for FlashAttention {
         s3: &candle_core::CudaStorage,
         l3: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let (b, h, kv, t) = dims(l1, l2, l3)?;
-        let d = super::cuda::FlashDims { b, h, kv, t };
+        let FlashShape { b, h, kv, t, hd } = dims(l1, l2, l3)?;
+        let d = super::cuda::FlashDims { b, h, kv, t, hd };
         let (o, lse) = super::cuda::flash_fwd((s1, l1), (s2, l2), (s3, l3), d, self.scale as f32)?;
         let lse = cuda_tensor(lse, (b, h, t));
         *self.lse.lock().expect("the lock is never poisoned") = Some(lse);
-        Ok((o, Shape::from((b * t, h * FLASH_HEAD_DIM))))
+        Ok((o, Shape::from((b * t, h * hd))))
     }
 
     fn bwd(
@@ -130,10 +142,21 @@ fn backward(t: [&Tensor; 6], scale: f64) -> Result<(Tensor, Tensor, Tensor)> {
         };
         s.push((c, *layout));
     }
-    let (b, h, kv, tok) = dims(s[0].1, s[1].1, s[2].1)?;
-    let d = super::cuda::FlashDims { b, h, kv, t: tok };
+    let FlashShape {
+        b,
+        h,
+        kv,
+        t: tok,
+        hd,
+    } = dims(s[0].1, s[1].1, s[2].1)?;
+    let d = super::cuda::FlashDims {
+        b,
+        h,
+        kv,
+        t: tok,
+        hd,
+    };
     let (dq, dk, dv) = super::cuda::flash_bwd(s[0], s[1], s[2], s[3], s[4], s[5], d, scale as f32)?;
-    let hd = FLASH_HEAD_DIM;
     Ok((
         cuda_tensor(dq, t[0].shape().clone()),
         cuda_tensor(dk, t[1].shape().clone()),

@@ -13,7 +13,7 @@
 //!   the whole two-matrix MLP (mlp.rs), its hidden activations recomputed in backward;
 //! - attention heads' layout, QK-norm and RoPE (head.rs), some twenty kernels as composites;
 //! - the attention core (attention.rs), whose (B, H, T, T) temporaries it keeps out of the
-//!   gradient store and out of memory between the passes; in bf16 with heads of 64, flash
+//!   gradient store and out of memory between the passes; in bf16 with heads of 64 or 128, flash
 //!   attention (flash.rs), whose score tiles never leave the chip;
 //! - mHC's stream mixing (mix.rs) and Sinkhorn rounds (sinkhorn.rs), tiny per-token matrix
 //!   work that composites spread over hundreds of launches a layer;
@@ -44,7 +44,7 @@ pub use activation::{Activation, ActivationBwd, Kind};
 pub use adam::{AdamPart, AdamUpdate};
 pub use attention::CausalAttention;
 pub use embedding::{Embedding, EmbeddingBwd};
-pub use flash::{FlashAttention, FLASH_HEAD_DIM};
+pub use flash::{FlashAttention, FLASH_HEAD_DIMS};
 pub use head::{HeadPrep, HeadPrepBwd};
 pub use head_loss::linear_cross_entropy_sum;
 pub use mix::{MixBwd, PostMix, PreMix, MAX_STREAMS};

@@ -734,24 +734,29 @@ fn mlp_op_matches_the_composite_forward_and_backward() -> Result<()> {
 
 /// On a GPU: flash attention (bf16) against the attention op on cuBLAS in f32 from the same
 /// bf16-rounded inputs, grouped-query heads widened for the reference: the output and the
-/// three gradients, for lengths that are and are not whole blocks of 64.
+/// three gradients, for both head dimensions and lengths that are and are not whole blocks
+/// of 64 (and of the dK/dV kernel's steps of 32).
 #[cfg(feature = "cuda")]
 #[test]
 fn flash_attention_matches_the_attention_op_in_f32() -> Result<()> {
     let Some(gpu) = gpu() else {
         return Ok(());
     };
-    let hd = FLASH_HEAD_DIM;
-    for (b, h, kv, t, seed) in [
-        (2, 4, 2, 200, 110),
-        (1, 12, 12, 1024, 120),
-        (2, 2, 1, 1, 130),
+    for (b, h, kv, t, hd, seed) in [
+        (2, 4, 2, 200, 64, 110),
+        (1, 12, 12, 1024, 64, 120),
+        (2, 2, 1, 1, 64, 130),
+        (2, 4, 1, 200, 128, 150),
+        (1, 16, 4, 1024, 128, 160),
+        (1, 2, 2, 33, 128, 170),
+        (2, 2, 1, 1, 128, 180),
     ] {
         let round = |x: Tensor| x.to_dtype(DType::BF16)?.to_dtype(DType::F32);
         let q0 = round(randn(seed, (b, h, t, hd), 1.0)?)?;
         let k0 = round(randn(seed + 1, (b, kv, t, hd), 1.0)?)?;
         let v0 = round(randn(seed + 2, (b * t, kv * hd), 1.0)?)?;
         let w = randn(seed + 3, (b * t, h * hd), 1.0)?.to_device(&gpu)?;
+        let scale = 1.0 / (hd as f64).sqrt();
         let run = |flash: bool| -> Result<Vec<Tensor>> {
             let dtype = if flash { DType::BF16 } else { DType::F32 };
             let mut vars = Vec::new();
@@ -761,7 +766,7 @@ fn flash_attention_matches_the_attention_op_in_f32() -> Result<()> {
             let [q, k, v] = [0, 1, 2].map(|i| vars[i].as_tensor());
             let y = if flash {
                 assert!(FlashAttention::fits(q));
-                q.apply_op3(k, v, FlashAttention::new(0.125))?
+                q.apply_op3(k, v, FlashAttention::new(scale))?
             } else {
                 let widen = |y: &Tensor| -> Result<Tensor> {
                     y.unsqueeze(2)?
@@ -769,10 +774,7 @@ fn flash_attention_matches_the_attention_op_in_f32() -> Result<()> {
                         .reshape((b, h, t, hd))
                 };
                 let vh = v.reshape((b, t, kv, hd))?.transpose(1, 2)?.contiguous()?;
-                let op = CausalAttention {
-                    scale: 0.125,
-                    rows: false,
-                };
+                let op = CausalAttention { scale, rows: false };
                 let y = q.apply_op3(&widen(k)?, &widen(&vh)?, op)?;
                 y.transpose(1, 2)?.reshape((b * t, h * hd))?
             };
@@ -792,7 +794,10 @@ fn flash_attention_matches_the_attention_op_in_f32() -> Result<()> {
             let scale = e.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
             let err = max_diff(a, e)? / scale.max(1e-3);
             // bf16 keeps 8 bits: the probabilities and outputs are rounded to 1 part in 256.
-            assert!(err < 2e-2, "(b {b}, h {h}, kv {kv}, t {t}) #{i}: {err}");
+            assert!(
+                err < 2e-2,
+                "(b {b}, h {h}, kv {kv}, t {t}, hd {hd}) #{i}: {err}"
+            );
         }
     }
     Ok(())
@@ -802,9 +807,10 @@ fn flash_attention_matches_the_attention_op_in_f32() -> Result<()> {
 fn flash_attention_is_refused_off_the_gpu() -> Result<()> {
     // The attention layer asks `fits` first and keeps the cuBLAS op on the CPU; applied
     // anyway, the op says where it runs instead of computing something else.
-    let q = randn(140, (1, 2, 8, FLASH_HEAD_DIM), 1.0)?.to_dtype(DType::BF16)?;
-    let k = randn(141, (1, 2, 8, FLASH_HEAD_DIM), 1.0)?.to_dtype(DType::BF16)?;
-    let v = randn(142, (8, 2 * FLASH_HEAD_DIM), 1.0)?.to_dtype(DType::BF16)?;
+    let hd = FLASH_HEAD_DIMS[0];
+    let q = randn(140, (1, 2, 8, hd), 1.0)?.to_dtype(DType::BF16)?;
+    let k = randn(141, (1, 2, 8, hd), 1.0)?.to_dtype(DType::BF16)?;
+    let v = randn(142, (8, 2 * hd), 1.0)?.to_dtype(DType::BF16)?;
     assert!(!FlashAttention::fits(&q));
     let err = q.apply_op3(&k, &v, FlashAttention::new(0.125)).unwrap_err();
     assert!(err.to_string().contains("CUDA only"), "{err}");

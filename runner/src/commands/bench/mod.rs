@@ -2,7 +2,10 @@
 //! tokens/s, model FLOPs utilization, median step time and peak device memory. Every cell of
 //! the grid is timed once (its first seed) with the file's train settings; nothing is
 //! recorded in a results DB. With `--gpus-per-trial N` each configuration trains
-//! data-parallel on the N devices of `--device`, and tokens/s counts all of them.
+//! data-parallel on the N devices of `--device`, and tokens/s counts all of them. With
+//! `--attention` it times the attention kernels alone instead (attention.rs).
+
+mod attention;
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -21,7 +24,12 @@ use crate::train::{self, Phases, Step};
 #[derive(clap::Args, Debug)]
 pub struct Args {
     /// The sweep file (RON): its model, train settings (batch, seq_len, precision) and grid.
-    pub file: PathBuf,
+    #[arg(required_unless_present = "attention")]
+    pub file: Option<PathBuf>,
+    /// Time the causal attention kernels alone at B,H,KV,T,HD (bf16, on a GPU): flash
+    /// attention and the cuBLAS op it replaces, forward and backward, in TFLOP/s.
+    #[arg(long, value_name = "B,H,KV,T,HD", conflicts_with = "file")]
+    pub attention: Option<String>,
     /// Where to train: cpu, or cuda / cuda:N in a build with the `cuda` feature; a list
     /// (cuda:0,1) with --gpus-per-trial.
     #[arg(long, default_value = "cpu")]
@@ -64,10 +72,17 @@ pub fn exec(mut args: Args) -> anyhow::Result<u8> {
     if args.steps == 0 {
         return Err(InputError::new("--steps must be at least 1").into());
     }
+    let Some(file) = args.file.clone() else {
+        let shape = args
+            .attention
+            .as_deref()
+            .expect("clap asks for a file or --attention");
+        return attention::exec(shape, &args.device, args.steps, args.warmup);
+    };
     if let Some(n) = args.gpus_per_trial {
         args.sets.push(format!("train.gpus_per_trial={n}"));
     }
-    let sweep = Sweep::load(&args.file, &args.sets)?;
+    let sweep = Sweep::load(&file, &args.sets)?;
     let devices = parse_devices(&args.device)?;
     let spec = &sweep.train;
     if devices.len() != spec.gpus_per_trial {
@@ -142,7 +157,10 @@ fn print_header(args: &Args, sweep: &Sweep, name: &str, tokens: usize, peak: Opt
     println!(
         "sweep bench {}: {name}; d_model {}, n_layers {}, vocab {}, batch {}{accum}{ranks} x seq \
          {} = {tokens} tokens/step, {:?}; {} warm-up + {} timed steps{}",
-        args.file.display(),
+        args.file
+            .as_deref()
+            .map(|f| f.display().to_string())
+            .unwrap_or_default(),
         dims.d_model,
         dims.n_layers,
         dims.vocab,
