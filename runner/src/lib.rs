@@ -6,6 +6,7 @@
 use components as _;
 
 pub mod amplification;
+pub mod benchmarks;
 pub mod checkpoint;
 pub mod commands;
 pub mod data;

@@ -73,6 +73,14 @@ impl Gpt {
         x.matmul(&head.t()?)
     }
 
+    /// The logits (N, V) of the positions `rows` (N,) u32 of the rows (B T) of `idx` only:
+    /// scoring a continuation needs a few positions of each sequence, and the head over the
+    /// whole vocabulary is most of a small model's work.
+    pub fn logits_at(&self, idx: &Tensor, rows: &Tensor) -> Result<Tensor> {
+        let (x, head) = self.head_input(idx)?;
+        x.index_select(rows, 0)?.matmul(&head.t()?)
+    }
+
     /// The final hidden states as rows (B T, C) and the output head's weight (V, C).
     fn head_input(&self, idx: &Tensor) -> Result<(Tensor, Tensor)> {
         let (_, state) = self.trunk(idx, &mut |_, _, _| Ok(()))?;

@@ -10,6 +10,7 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha12Rng;
 use registry::{restored, Dims, Param, ParamBuilder, Stepper};
 
+use crate::benchmarks::Benchmark;
 use crate::checkpoint::{Checkpoints, Manifest};
 
 use crate::data::{bits_per_byte, Dataset, Split, Tokenizer};
@@ -387,6 +388,9 @@ pub struct Setting<'a> {
     pub val: &'a ValSet,
     /// The held-out evaluation sets (`evals:`), by name.
     pub evals: &'a [(String, ValSet)],
+    /// The zero-shot benchmarks (`benchmarks:`), scored at the end and every
+    /// `spec.benchmark_every` steps.
+    pub benchmarks: &'a [Benchmark],
     pub device: &'a Device,
     /// The trial's ranks; metrics, evaluations' side metrics and checkpoints come from rank 0.
     pub group: &'a dyn Group,
@@ -407,6 +411,7 @@ pub fn train(
         data,
         val,
         evals,
+        benchmarks,
         device,
         group,
     } = setting;
@@ -473,6 +478,13 @@ pub fn train(
         }
 
         let last = step + 1 == spec.steps;
+        let scoring = last || spec.benchmark_every.is_some_and(|n| (step + 1) % n == 0);
+        if scoring && !benchmarks.is_empty() {
+            let tokens = spec.batch * spec.seq_len;
+            for (name, v) in crate::benchmarks::run(model, benchmarks, spec.seq_len, tokens, group)? {
+                obs.record(step + 1, &name, v)?;
+            }
+        }
         if (step + 1) % spec.log_every == 0 || last {
             let s = step + 1;
             obs.record(s, "train/loss", loss_sum / loss_n as f64)?;
@@ -678,6 +690,7 @@ mod tests {
                 data: &self.data,
                 val: &self.val,
                 evals: &[],
+                benchmarks: &[],
                 device: &Device::Cpu,
                 group: &parallel::Solo,
             };

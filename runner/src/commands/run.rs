@@ -273,6 +273,7 @@ pub fn exec(mut args: Args) -> anyhow::Result<u8> {
     let data = Dataset::load(&sweep.data, &sweep.source, sweep.train.seq_len)?;
     ValSet::new(&data.val, data.tokenizer, &sweep.train, &Device::Cpu)?;
     sweep.held_out_sets()?;
+    sweep.benchmark_sets()?;
     let data_summary = data.summary.clone();
     drop(data);
     let db = args

@@ -79,6 +79,7 @@ pub fn exec(args: Args) -> anyhow::Result<u8> {
     })?;
     let data = Dataset::load(&sweep.data, &sweep.source, sweep.train.seq_len)?;
     let held_out = sweep.held_out_sets()?;
+    let benchmarks = sweep.benchmark_sets()?;
     let ckpt = Checkpoints::new(
         &args.db,
         &trial.id,
@@ -118,6 +119,7 @@ pub fn exec(args: Args) -> anyhow::Result<u8> {
             data: &data,
             val: &val,
             evals: &evals,
+            benchmarks: &benchmarks,
             device: &rank.device,
             group: rank.group.as_ref(),
         };

@@ -341,6 +341,19 @@ pub fn text_tokens(file: &Path, tok: Tokenizer) -> Result<(TokenData, Option<cac
     })
 }
 
+/// A whole UTF-8 text file, decompressed by its extension as [`read_text`] does.
+pub fn read_utf8(file: &Path) -> Result<String, String> {
+    let text = read_text(file)?;
+    match std::str::from_utf8(text.bytes()) {
+        Ok(s) => Ok(s.to_string()),
+        Err(e) => Err(format!(
+            "{} is not UTF-8 (offset {})",
+            file.display(),
+            e.valid_up_to()
+        )),
+    }
+}
+
 /// A text file's bytes: mapped, or decompressed into memory.
 enum Text {
     Mapped(memmap2::Mmap),

@@ -192,6 +192,7 @@ fn curve(sets: &[&str], devices: &[&str]) -> (Rows, bool) {
             data: &data,
             val: &val,
             evals: &[],
+            benchmarks: &[],
             device: &rank.device,
             group: rank.group.as_ref(),
         };

@@ -55,6 +55,8 @@ pub struct Shared<'a> {
     /// Held-out evaluation sets; in the config only when there are some, so that sweeps
     /// without them keep their ids.
     pub evals: &'a [EvalSpec],
+    /// Zero-shot benchmarks; like `evals`, in the config only when there are some.
+    pub benchmarks: &'a [crate::benchmarks::BenchmarkSpec],
     pub train: &'a TrainSpec,
     pub model: &'a ModelSpec,
 }
@@ -288,6 +290,7 @@ pub fn trials(
     }
 
     let evals = (!shared.evals.is_empty()).then(|| to_ron(&shared.evals));
+    let benchmarks = (!shared.benchmarks.is_empty()).then(|| to_ron(&shared.benchmarks));
     let shared = [
         to_ron(shared.data),
         to_ron(shared.train),
@@ -300,7 +303,12 @@ pub fn trials(
             let names: Vec<&str> = (0..axes.len())
                 .map(|s| pick(s).canonical.as_str())
                 .collect();
-            let config = config_text(seed, &shared, evals.as_deref(), &names);
+            let config = config_text(
+                seed,
+                &shared,
+                [evals.as_deref(), benchmarks.as_deref()],
+                &names,
+            );
             let cell = Cell {
                 attention: match &pick(0).component {
                     Component::Attention(c) => c.clone(),
@@ -349,18 +357,21 @@ fn to_ron(v: &impl serde::Serialize) -> String {
 }
 
 /// The resolved configuration as RON. Field order is fixed; components are canonical.
-/// `shared` holds the data, train and model sections; `evals` the evaluation sets, written
-/// only when there are some (a sweep without them keeps the ids it had before they existed).
+/// `shared` holds the data, train and model sections; `extra` the evaluation sets and the
+/// benchmarks, each written only when there are some (a sweep without them keeps the ids it
+/// had before they existed).
 pub fn config_text(
     seed: u64,
     shared: &[String; 3],
-    evals: Option<&str>,
+    extra: [Option<&str>; 2],
     components: &[&str],
 ) -> String {
     let [data, train, model] = shared;
     let mut s = format!("(\n    seed: {seed},\n    data: {data},\n");
-    if let Some(evals) = evals {
-        s.push_str(&format!("    evals: {evals},\n"));
+    for (name, text) in ["evals", "benchmarks"].into_iter().zip(extra) {
+        if let Some(text) = text {
+            s.push_str(&format!("    {name}: {text},\n"));
+        }
     }
     s.push_str(&format!("    train: {train},\n    model: {model},\n"));
     for (slot, c) in Slot::ALL.iter().zip(components) {

@@ -11,6 +11,7 @@
 //! )
 //! ```
 
+mod benchmarks;
 mod expand;
 mod factors;
 pub mod raw;
@@ -25,6 +26,7 @@ pub use expand::{trial_id, Cell, Trial, Variant};
 pub use factors::factors;
 pub use source::Source;
 
+use crate::benchmarks::BenchmarkSpec;
 use crate::data::{DataSpec, EvalSpec};
 use crate::error::InputError;
 
@@ -48,6 +50,10 @@ pub struct TrainSpec {
     /// Steps between evaluations; default: a tenth of the run. The last step always evaluates.
     #[serde(default)]
     pub eval_every: Option<usize>,
+    /// Steps between benchmark scorings during training; the end of a trial always scores
+    /// them. Left out of the config when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub benchmark_every: Option<usize>,
     /// Batches in the fixed validation subset.
     #[serde(default = "default_eval_batches")]
     pub eval_batches: usize,
@@ -158,6 +164,12 @@ struct SweepFile<'a> {
     /// Held-out evaluation sets, evaluated at every evaluation.
     #[serde(default)]
     evals: Vec<EvalSpec>,
+    /// The folder of the benchmark files (the tasks' own file names in it).
+    #[serde(default)]
+    benchmark_dir: Option<String>,
+    /// Zero-shot benchmarks, scored at the end of every trial (spec/benchmarks.rs).
+    #[serde(borrow, default)]
+    benchmarks: Option<&'a RawValue>,
     train: TrainSpec,
     model: ModelSpec,
     /// One grid `( attention: [...], ... )`, or a list of grids whose cells are joined.
@@ -188,6 +200,8 @@ pub struct Sweep {
     pub seeds: Vec<u64>,
     pub data: DataSpec,
     pub evals: Vec<EvalSpec>,
+    /// Zero-shot benchmarks, each with its file resolved.
+    pub benchmarks: Vec<BenchmarkSpec>,
     pub train: TrainSpec,
     pub model: ModelSpec,
     /// The variants of each slot, in `registry::Slot::ALL` order.
@@ -252,6 +266,16 @@ impl Sweep {
         check_model(&source, &file.model)?;
         file.data.check(&source)?;
         crate::data::evals::check(&file.evals, file.data.tokenizer(), &source)?;
+        let benchmarks = match file.benchmarks {
+            Some(raw) => benchmarks::parse(&source, raw.trim().get_ron(), file.benchmark_dir.as_deref())?,
+            None => Vec::new(),
+        };
+        if train.benchmark_every.is_some() && benchmarks.is_empty() {
+            return Err(source.field_error(
+                "train.benchmark_every",
+                "there are no benchmarks to score: list them in `benchmarks: [...]`",
+            ));
+        }
 
         let (axes, cells) = parse_grids(&source, file.grid.trim().get_ron(), &options)?;
         let dims = dims_of(&file.model, &file.data, &train);
@@ -264,6 +288,7 @@ impl Sweep {
             &expand::Shared {
                 data: &file.data,
                 evals: &file.evals,
+                benchmarks: &benchmarks,
                 train: &train,
                 model: &file.model,
             },
@@ -273,6 +298,7 @@ impl Sweep {
             seeds: file.seeds,
             data: file.data,
             evals: file.evals,
+            benchmarks,
             train,
             model: file.model,
             axes,
@@ -290,6 +316,18 @@ impl Sweep {
             self.train.batch,
             self.train.seq_len,
         )
+    }
+
+    /// The benchmarks, read and tokenized with the trial's tokenizer.
+    pub fn benchmark_sets(&self) -> Result<Vec<crate::benchmarks::Benchmark>, InputError> {
+        let base = self.source.base_dir();
+        self.benchmarks
+            .iter()
+            .map(|b| {
+                let file = b.file(None, &base).map_err(InputError::new)?;
+                crate::benchmarks::Benchmark::load(b, &file, self.data.tokenizer())
+            })
+            .collect()
     }
 
     /// The model shape every trial of this sweep shares.
