@@ -64,8 +64,8 @@ impl Selector {
         })
     }
 
-    /// Fills every row's `vs_baseline`.
-    pub(crate) fn compare(&self, columns: &[String], rows: &mut [Row]) -> Result<()> {
+    /// Fills every row's `vs_baseline`, comparing `metric`.
+    pub(crate) fn compare(&self, columns: &[String], rows: &mut [Row], metric: &str) -> Result<()> {
         for (k, v) in &self.pairs {
             let mut values: Vec<&str> = rows.iter().filter_map(|r| r.factor(k)).collect();
             values.dedup();
@@ -123,7 +123,8 @@ impl Selector {
                     .copied()
                     .find(|&j| agree(&rows[i], &rows[j]))
                     .or_else(|| (candidates.len() == 1).then(|| candidates[0]));
-                match found.and_then(|j| Some((j, rows[i].bpb?, rows[j].bpb?))) {
+                let pair = |j: usize| Some((j, rows[i].summary(metric)?, rows[j].summary(metric)?));
+                match found.and_then(pair) {
                     Some((j, a, b)) => VsBaseline::Diff {
                         baseline: j,
                         diff: a.mean - b.mean,

@@ -3,6 +3,7 @@
 
 use serde_json::{json, Value};
 
+use super::stats::{welch, Comparison, Summary};
 use super::{Report, Row, VsBaseline};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -11,6 +12,9 @@ pub enum Format {
     Csv,
     Json,
     Markdown,
+    /// Markdown in the layout of the Goedel-mHC-1B results table: metrics as rows,
+    /// configurations as columns.
+    Goedel,
 }
 
 impl Report {
@@ -19,6 +23,7 @@ impl Report {
             Format::Table => self.aligned(source, false),
             Format::Markdown => self.aligned(source, true),
             Format::Csv => self.csv(),
+            Format::Goedel => self.goedel(source),
             Format::Json => {
                 serde_json::to_string_pretty(&self.json()).expect("JSON values serialize") + "\n"
             }
@@ -39,11 +44,21 @@ impl Report {
     fn header(&self) -> Vec<String> {
         let mut h: Vec<String> = self.columns.clone();
         h.extend(["val/bpb", "std", "95% CI"].map(String::from));
+        if self.metric != "val/bpb" {
+            h.extend([self.metric.clone(), "95% CI".into()]);
+        }
         if self.baseline.is_some() {
-            h.extend(["Δ bpb", "Δ 95% CI", "p"].map(String::from));
+            let m = short(&self.metric);
+            h.extend([format!("Δ {m}"), "Δ 95% CI".into(), "p".into()]);
         }
         h.push("best val/loss".into());
         h.extend(self.eval_names().iter().map(|n| format!("{n} bpb")));
+        for m in self.bench_headlines() {
+            h.push(short(&m));
+            if self.baseline.is_some() {
+                h.push("p".into());
+            }
+        }
         if self.has_amplification() {
             h.extend(["amax fwd", "amax bwd"].map(String::from));
         }
@@ -57,6 +72,11 @@ impl Report {
         c.push(opt(bpb.map(|s| s.mean), |v| format!("{v:.4}")));
         c.push(opt(bpb.and_then(|s| s.std), |v| format!("{v:.4}")));
         c.push(opt(bpb.and_then(|s| s.ci95), interval));
+        if self.metric != "val/bpb" {
+            let s = r.summary(&self.metric);
+            c.push(opt(s.map(|s| s.mean), |v| format!("{v:.4}")));
+            c.push(opt(s.and_then(|s| s.ci95), interval));
+        }
         if self.baseline.is_some() {
             match &r.vs_baseline {
                 Some(VsBaseline::IsBaseline) => {
@@ -73,6 +93,12 @@ impl Report {
         c.push(opt(r.best_val_loss, |v| format!("{v:.4}")));
         for n in self.eval_names() {
             c.push(opt(r.eval_bpb(&n), |v| format!("{v:.4}")));
+        }
+        for m in self.bench_headlines() {
+            c.push(opt(r.summary(&m), with_ci));
+            if self.baseline.is_some() {
+                c.push(self.p_against_baseline(r, &m));
+            }
         }
         if self.has_amplification() {
             c.push(opt(r.amax_fwd, gain));
@@ -156,11 +182,26 @@ impl Report {
             "val/bpb: last evaluation, mean over done seeds; std and 95% CI (Student t) over \
              seeds.\n",
         );
+        if self.metric != "val/bpb" {
+            s += &format!(
+                "Rows sorted by {}: its last value, mean over done seeds ({} is better).\n",
+                self.metric,
+                if super::higher_is_better(&self.metric) { "higher" } else { "lower" }
+            );
+        }
         if let Some(b) = &self.baseline {
             s += &format!(
-                "Δ bpb: minus the matching {b} configuration (negative is better); 95% CI and \
-                 two-sided p from Welch's t-test over seeds.\n"
+                "Δ {}: minus the matching {b} configuration ({} is better); 95% CI and \
+                 two-sided p from Welch's t-test over seeds.\n",
+                short(&self.metric),
+                if super::higher_is_better(&self.metric) { "positive" } else { "negative" }
             );
+        }
+        if !self.bench_headlines().is_empty() {
+            s += "<task> acc_norm / acc: zero-shot benchmark accuracy at the end of training, \
+                  mean ±95% CI half-width over done seeds (acc_norm: log-likelihood per byte of \
+                  each choice; WinoGrande and LAMBADA: acc); p: Welch's test against the \
+                  baseline. All metrics: --format csv or json.\n";
         }
         if !self.eval_names().is_empty() {
             s += "<set> bpb: bits per byte on the held-out set of that name (evals), last \
@@ -219,6 +260,14 @@ impl Report {
         header.push("best_val_loss".into());
         let evals = self.eval_names();
         header.extend(evals.iter().map(|n| format!("eval_{n}_bpb")));
+        let bench = self.bench_metrics();
+        for m in &bench {
+            let k = m.replace('/', "_");
+            header.extend([format!("{k}_mean"), format!("{k}_ci95_lo"), format!("{k}_ci95_hi")]);
+            if self.baseline.is_some() {
+                header.push(format!("{k}_p_welch"));
+            }
+        }
         header.extend(
             [
                 "amax_fwd",
@@ -257,6 +306,15 @@ impl Report {
             c.push(num(r.best_val_loss));
             for n in &evals {
                 c.push(num(r.eval_bpb(n)));
+            }
+            for m in &bench {
+                let s = r.summary(m);
+                c.push(num(s.map(|s| s.mean)));
+                c.push(num(s.and_then(|s| s.ci95).map(|c| c.0)));
+                c.push(num(s.and_then(|s| s.ci95).map(|c| c.1)));
+                if self.baseline.is_some() {
+                    c.push(num(self.vs_baseline(r, m).map(|t| t.p)));
+                }
             }
             c.push(num(r.amax_fwd));
             c.push(num(r.amax_bwd));
@@ -322,6 +380,15 @@ impl Report {
                     "evals_bpb": self.eval_names().iter()
                         .map(|n| (n.clone(), json!(r.eval_bpb(n))))
                         .collect::<serde_json::Map<_, _>>(),
+                    "metrics": r.metrics.iter()
+                        .map(|(n, s)| (n.clone(), json!({
+                            "mean": s.mean,
+                            "std": s.std,
+                            "ci95": s.ci95.map(|c| [c.0, c.1]),
+                            "n": s.n,
+                            "p_vs_baseline": self.vs_baseline(r, n).map(|t| t.p),
+                        })))
+                        .collect::<serde_json::Map<_, _>>(),
                     "amax_fwd": r.amax_fwd,
                     "amax_bwd": r.amax_bwd,
                     "n_params": r.n_params,
@@ -338,8 +405,92 @@ impl Report {
             "sweep": self.sweep,
             "columns": self.columns,
             "baseline": self.baseline,
+            "metric": self.metric,
             "rows": rows,
         })
+    }
+
+    /// Welch's test of a row's `metric` against its baseline's (see `vs_baseline`).
+    fn vs_baseline(&self, r: &Row, metric: &str) -> Option<Comparison> {
+        let Some(VsBaseline::Diff { baseline, .. }) = &r.vs_baseline else {
+            return None;
+        };
+        welch(&r.summary(metric)?, &self.rows[*baseline].summary(metric)?)
+    }
+
+    fn p_against_baseline(&self, r: &Row, metric: &str) -> String {
+        match &r.vs_baseline {
+            Some(VsBaseline::IsBaseline) => "baseline".into(),
+            _ => opt(self.vs_baseline(r, metric).map(|t| t.p), p_value),
+        }
+    }
+
+    /// Metrics as rows, configurations as columns, as the Goedel-mHC-1B table lays them out:
+    /// val/bpb, each held-out set's BPB, each benchmark's metrics; mean ±95% CI half-width
+    /// over done seeds, and with a baseline, Welch's p against it.
+    fn goedel(&self, source: &str) -> String {
+        let mut metrics = vec!["val/bpb".to_string()];
+        metrics.extend(self.eval_names().iter().map(|n| format!("eval/{n}/bpb")));
+        metrics.extend(self.bench_metrics());
+        let mut out = format!("**{}**\n\n", self.headline(source));
+        let names: Vec<String> = self.rows.iter().map(|r| r.name.replace('|', "/")).collect();
+        out += &format!("| metric | {} |\n", names.join(" | "));
+        out += &format!("|---|{}\n", "---:|".repeat(names.len()));
+        for m in &metrics {
+            let cells: Vec<String> = self
+                .rows
+                .iter()
+                .map(|r| {
+                    let v = match m.strip_prefix("eval/").and_then(|n| n.strip_suffix("/bpb")) {
+                        Some(set) if r.summary(m).is_none() => {
+                            r.eval_bpb(set).and_then(|v| Summary::of(&[v]))
+                        }
+                        _ => r.summary(m),
+                    };
+                    let mut cell = opt(v, with_ci);
+                    if self.baseline.is_some() && v.is_some() {
+                        if let Some(t) = self.vs_baseline(r, m) {
+                            cell += &format!(" (p {})", p_value(t.p));
+                        }
+                    }
+                    cell
+                })
+                .collect();
+            out += &format!("| {} | {} |\n", label(m), cells.join(" | "));
+        }
+        out.push('\n');
+        out += "Mean ±95% CI half-width over the done seeds; p: Welch's t-test against the \
+                baseline configuration. BPB is per UTF-8 byte of the evaluated text. \
+                Benchmarks: zero-shot accuracy (acc_norm per byte of each choice), at the \
+                end of training.\n";
+        if let Some(b) = &self.baseline {
+            out += &format!("Baseline: {b}.\n");
+        }
+        out
+    }
+}
+
+/// A metric's name without its `bench/` or `eval/` prefix: `hellaswag acc_norm`.
+fn short(metric: &str) -> String {
+    match metric.strip_prefix("bench/").or_else(|| metric.strip_prefix("eval/")) {
+        Some(rest) => rest.replace('/', " "),
+        None => metric.to_string(),
+    }
+}
+
+/// A row label of the Goedel layout: `HellaSwag`-style names are the task's metric names.
+fn label(metric: &str) -> String {
+    match metric.strip_prefix("eval/") {
+        Some(rest) => format!("{} BPB", rest.trim_end_matches("/bpb")),
+        None => short(metric),
+    }
+}
+
+/// `0.2810 ±0.0120`, or the mean alone for one seed.
+fn with_ci(s: Summary) -> String {
+    match s.ci95 {
+        Some((lo, hi)) => format!("{:.4} ±{:.4}", s.mean, (hi - lo) / 2.0),
+        None => format!("{:.4}", s.mean),
     }
 }
 

@@ -36,6 +36,15 @@ pub fn load(
                 evals_bpb.insert(set.to_string(), v);
             }
         }
+        let mut finals = BTreeMap::new();
+        let names = [store.metric_names(&row.id, "eval/")?, store.metric_names(&row.id, "bench/")?];
+        for name in names.into_iter().flatten().chain(["val/bpb".into(), "val/loss".into()]) {
+            if super::comparable(&name) {
+                if let Some(v) = last(&name)? {
+                    finals.insert(name, v);
+                }
+            }
+        }
         let mut tps = values("tokens_per_s")?;
         tps.sort_by(f64::total_cmp);
         out.push(TrialData {
@@ -47,6 +56,7 @@ pub fn load(
             tokens_per_s: (!tps.is_empty()).then(|| tps[tps.len() / 2]),
             events: store.events(&row.id)?,
             evals_bpb,
+            finals,
             row,
         });
     }

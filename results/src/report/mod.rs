@@ -42,6 +42,23 @@ pub struct TrialData {
     pub events: Vec<crate::EventRow>,
     /// eval/<name>/bpb at the last evaluation, by held-out set name.
     pub evals_bpb: std::collections::BTreeMap<String, f64>,
+    /// The last value of every metric a row can be compared by (`val/bpb`, `val/loss`,
+    /// `eval/<set>/bpb`, `bench/<task>/acc`, ...), by name.
+    pub finals: std::collections::BTreeMap<String, f64>,
+}
+
+/// Whether a larger value of metric `name` is better (accuracies) rather than a smaller one
+/// (losses, bits per byte, perplexities).
+pub fn higher_is_better(name: &str) -> bool {
+    name.ends_with("/acc") || name.ends_with("/acc_norm")
+}
+
+/// The metrics a report can sort and compare rows by: the last evaluation's, and the
+/// benchmarks' accuracies and perplexities (not their item counts or chance levels).
+pub fn comparable(name: &str) -> bool {
+    matches!(name, "val/bpb" | "val/loss")
+        || (name.starts_with("eval/") && (name.ends_with("/bpb") || name.ends_with("/loss")))
+        || (name.starts_with("bench/") && (higher_is_better(name) || name.ends_with("/ppl")))
 }
 
 /// How many seeds of a configuration are in each state.
@@ -93,8 +110,8 @@ pub enum VsBaseline {
     /// No configuration matches the selector with this row's other components, or either
     /// side has no finished seed.
     NoMatch,
-    /// Difference of the mean val/bpb (this minus the baseline); the test needs at least two
-    /// seeds with some spread on each side.
+    /// Difference of the means of the report's metric (this minus the baseline); the test
+    /// needs at least two seeds with some spread on each side.
     Diff {
         baseline: usize,
         diff: f64,
@@ -117,6 +134,8 @@ pub struct Row {
     pub bpb: Option<Summary>,
     /// (seed, final val/bpb) of each done seed.
     pub bpb_seeds: Vec<(u64, f64)>,
+    /// Every comparable final metric over the done seeds that recorded it, by name.
+    pub metrics: std::collections::BTreeMap<String, Summary>,
     /// Means over the seeds that recorded them.
     pub best_val_loss: Option<f64>,
     pub amax_fwd: Option<f64>,
@@ -129,6 +148,14 @@ pub struct Row {
 }
 
 impl Row {
+    /// The summary over seeds of a final metric.
+    pub fn summary(&self, metric: &str) -> Option<Summary> {
+        match metric {
+            "val/bpb" => self.bpb,
+            m => self.metrics.get(m).copied(),
+        }
+    }
+
     /// The value of one factor, if the configuration has it.
     pub fn factor(&self, key: &str) -> Option<&str> {
         factor(&self.factors, key)
@@ -162,6 +189,11 @@ pub struct Report {
     pub rows: Vec<Row>,
     /// The `--baseline` selector as given.
     pub baseline: Option<String>,
+    /// The metric rows are sorted and compared by (`val/bpb` unless `--metric` says).
+    pub metric: String,
+    /// Chance accuracy of each benchmark by its metric name (`hellaswag` -> 0.25), for the
+    /// charts; the caller knows the tasks.
+    pub chance: std::collections::BTreeMap<String, f64>,
 }
 
 impl Report {
@@ -187,6 +219,47 @@ impl Report {
             .flat_map(|t| t.evals_bpb.keys())
             .collect();
         names.into_iter().cloned().collect()
+    }
+
+    /// The benchmark metrics any trial recorded (`bench/<task>/acc`, ...), by name.
+    pub fn bench_metrics(&self) -> Vec<String> {
+        let names: std::collections::BTreeSet<&String> = self
+            .rows
+            .iter()
+            .flat_map(|r| r.metrics.keys())
+            .filter(|k| k.starts_with("bench/"))
+            .collect();
+        names.into_iter().cloned().collect()
+    }
+
+    /// The benchmarks' headline metrics, one per task: acc_norm where the task has it
+    /// (multiple choice), acc otherwise (WinoGrande, LAMBADA).
+    pub fn bench_headlines(&self) -> Vec<String> {
+        let all = self.bench_metrics();
+        let mut out: Vec<String> = Vec::new();
+        for m in &all {
+            let Some(task) = m.strip_prefix("bench/").and_then(|r| r.split('/').next()) else {
+                continue;
+            };
+            let norm = format!("bench/{task}/acc_norm");
+            let pick = if all.contains(&norm) {
+                norm
+            } else {
+                format!("bench/{task}/acc")
+            };
+            if all.contains(&pick) && !out.contains(&pick) {
+                out.push(pick);
+            }
+        }
+        out
+    }
+
+    /// Every comparable metric any row has.
+    pub fn metric_names(&self) -> Vec<String> {
+        let mut names: std::collections::BTreeSet<String> =
+            self.rows.iter().flat_map(|r| r.metrics.keys().cloned()).collect();
+        names.insert("val/bpb".into());
+        names.into_iter().collect()
     }
 
     pub fn has_amplification(&self) -> bool {

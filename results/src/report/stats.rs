@@ -30,6 +30,21 @@ impl Summary {
     }
 }
 
+impl Summary {
+    /// Of values (their mean and sample standard deviation); `None` for none.
+    pub fn of(v: &[f64]) -> Option<Self> {
+        let n = v.len();
+        if n == 0 {
+            return None;
+        }
+        let mean = v.iter().sum::<f64>() / n as f64;
+        let std = (n > 1).then(|| {
+            (v.iter().map(|x| (x - mean) * (x - mean)).sum::<f64>() / (n - 1) as f64).sqrt()
+        });
+        Self::from_moments(n, Some(mean), std)
+    }
+}
+
 /// Welch's t-test of `a - b`: the difference of the means, its 95% interval and the two-sided
 /// p-value of "no difference".
 #[derive(Clone, Copy, Debug, PartialEq)]

@@ -8,11 +8,13 @@ use super::stats::Summary;
 use super::{Counts, Report, Row, TrialData};
 use crate::{Error, Result, Status};
 
-/// The report of `trials` (one sweep's), compared with `baseline` if given.
+/// The report of `trials` (one sweep's), sorted by `metric` (best first; `val/bpb` when
+/// `None`) and compared with `baseline` on it if given.
 pub fn summarize(
     sweep: &str,
     trials: Vec<TrialData>,
     baseline: Option<&Selector>,
+    metric: Option<&str>,
 ) -> Result<Report> {
     // One key per configuration: every factor, the seed excluded.
     let keys: Vec<String> = trials
@@ -55,21 +57,38 @@ pub fn summarize(
             .collect();
         row.name = short_name(&columns, &row.values);
     }
+    let metric = metric.unwrap_or("val/bpb").to_string();
+    let known: std::collections::BTreeSet<&String> =
+        rows.iter().flat_map(|r| r.metrics.keys()).collect();
+    if metric != "val/bpb" && !known.contains(&metric) {
+        let mut names: Vec<&str> = known.iter().map(|s| s.as_str()).collect();
+        names.push("val/bpb");
+        names.sort();
+        names.dedup();
+        return Err(Error::Input(format!(
+            "--metric {metric}: no trial of sweep {sweep} recorded it; its metrics: {}",
+            names.join(", ")
+        )));
+    }
     // Best first; configurations without a finished seed last, in sweep order.
-    rows.sort_by(|a, b| match (&a.bpb, &b.bpb) {
+    let higher = super::higher_is_better(&metric);
+    rows.sort_by(|a, b| match (a.summary(&metric), b.summary(&metric)) {
+        (Some(x), Some(y)) if higher => y.mean.total_cmp(&x.mean),
         (Some(x), Some(y)) => x.mean.total_cmp(&y.mean),
         (Some(_), None) => std::cmp::Ordering::Less,
         (None, Some(_)) => std::cmp::Ordering::Greater,
         (None, None) => std::cmp::Ordering::Equal,
     });
     if let Some(sel) = baseline {
-        sel.compare(&columns, &mut rows)?;
+        sel.compare(&columns, &mut rows, &metric)?;
     }
     Ok(Report {
         sweep: sweep.to_string(),
         columns,
         rows,
         baseline: baseline.map(|s| s.text.clone()),
+        metric,
+        chance: Default::default(),
     })
 }
 
@@ -102,6 +121,20 @@ fn aggregate(group: &DataFrame, trials: &[TrialData]) -> PolarsResult<Row> {
     let mean = |frame: &DataFrame, name: &str| -> PolarsResult<Option<f64>> {
         Ok(frame.column(name)?.f64()?.mean())
     };
+    // Every comparable final metric over the done seeds that have it.
+    let mut metrics = std::collections::BTreeMap::new();
+    let names: std::collections::BTreeSet<&String> =
+        members.iter().flat_map(|t| t.finals.keys()).collect();
+    for name in names {
+        let v: Vec<f64> = members
+            .iter()
+            .filter(|t| t.row.status == Status::Done)
+            .filter_map(|t| t.finals.get(name).copied())
+            .collect();
+        if let Some(s) = Summary::of(&v) {
+            metrics.insert(name.clone(), s);
+        }
+    }
     let bpb_seeds = members
         .iter()
         .filter(|t| t.row.status == Status::Done)
@@ -114,6 +147,7 @@ fn aggregate(group: &DataFrame, trials: &[TrialData]) -> PolarsResult<Row> {
         counts,
         bpb: Summary::from_moments(bpb.len(), bpb.mean(), bpb.std(1)),
         bpb_seeds,
+        metrics,
         best_val_loss: mean(&done, "best_val_loss")?,
         amax_fwd: mean(&done, "amax_fwd")?,
         amax_bwd: mean(&done, "amax_bwd")?,

@@ -120,7 +120,7 @@ fn make_db(name: &str) -> (PathBuf, Store) {
 fn report(store: &Store, baseline: Option<&str>) -> crate::Result<Report> {
     let trials = load(store, 1, &flatten)?;
     let sel = baseline.map(Selector::parse).transpose()?;
-    summarize("res", trials, sel.as_ref())
+    summarize("res", trials, sel.as_ref(), None)
 }
 
 fn close(a: f64, b: f64, tol: f64) -> bool {
@@ -263,7 +263,7 @@ fn a_column_appears_when_a_setting_differs_between_runs_of_the_sweep() {
             }
         }
     }
-    let r = summarize("res", trials, None).unwrap();
+    let r = summarize("res", trials, None, None).unwrap();
     assert_eq!(r.columns, ["residual", "residual.dynamic", "train.steps"]);
     assert_eq!(r.rows.len(), 7);
 }

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use results::report::{self, plot, Format, Selector};
 use results::Store;
 
+use crate::benchmarks::Task;
 use crate::error::{exit, InputError};
 use crate::spec;
 
@@ -27,8 +28,13 @@ pub struct Args {
     /// train/model setting): difference in val/bpb, its 95% CI and Welch's p over seeds.
     #[arg(long, value_name = "KEY=VALUE")]
     pub baseline: Option<String>,
-    /// Draw charts as PNG and SVG: bpb, loss, amplification or all (repeatable, or
-    /// comma-separated).
+    /// The metric rows are sorted by and compared with the baseline on: val/bpb, val/loss,
+    /// eval/<set>/bpb, bench/<task>/acc or acc_norm, bench/lambada/ppl (its last value;
+    /// accuracies sort highest first).
+    #[arg(long, value_name = "NAME", default_value = "val/bpb")]
+    pub metric: String,
+    /// Draw charts as PNG and SVG: bpb, loss, amplification, benchmarks (one panel per
+    /// zero-shot task, chance marked) or all (repeatable, or comma-separated).
     #[arg(long, value_enum, value_delimiter = ',')]
     pub plot: Vec<PlotArg>,
     /// Folder for the charts [default: the DB's folder].
@@ -45,6 +51,9 @@ pub enum FormatArg {
     Csv,
     Json,
     Markdown,
+    /// Markdown with metrics as rows and configurations as columns (the Goedel-mHC-1B
+    /// results table's layout).
+    Goedel,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq)]
@@ -52,6 +61,7 @@ pub enum PlotArg {
     Bpb,
     Loss,
     Amplification,
+    Benchmarks,
     All,
 }
 
@@ -78,14 +88,19 @@ pub fn exec(args: Args) -> anyhow::Result<u8> {
         ))
         .into());
     }
-    let summary = report::summarize(&name, trials, baseline.as_ref()).map_err(input)?;
+    let mut summary =
+        report::summarize(&name, trials, baseline.as_ref(), Some(&args.metric)).map_err(input)?;
+    summary.chance = Task::ALL
+        .iter()
+        .map(|t| (t.metric().to_string(), t.chance()))
+        .collect();
 
     // Every chart's data is read before anything is printed or written.
     let x = match args.x_axis {
         XArg::Step => plot::XAxis::Step,
         XArg::Tokens => plot::XAxis::Tokens,
     };
-    let charts = kinds(&args.plot)
+    let charts = kinds(&args.plot, !summary.bench_headlines().is_empty())
         .into_iter()
         .map(|k| plot::prepare(k, &summary, &store, x))
         .collect::<Result<Vec<_>, _>>()
@@ -96,6 +111,7 @@ pub fn exec(args: Args) -> anyhow::Result<u8> {
         FormatArg::Csv => Format::Csv,
         FormatArg::Json => Format::Json,
         FormatArg::Markdown => Format::Markdown,
+        FormatArg::Goedel => Format::Goedel,
     };
     print!("{}", summary.render(format, &args.db.display().to_string()));
 
@@ -166,14 +182,19 @@ fn pick_sweep(store: &Store, db: &Path, name: Option<&str>) -> anyhow::Result<(i
     }
 }
 
-fn kinds(args: &[PlotArg]) -> Vec<plot::Kind> {
+/// The charts asked for; `all` takes the benchmarks' chart when the sweep has benchmark
+/// results.
+fn kinds(args: &[PlotArg], benchmarks: bool) -> Vec<plot::Kind> {
+    use plot::Kind::{Amplification, Benchmarks, Bpb, Loss};
     let mut out = Vec::new();
     for a in args {
         let add: &[plot::Kind] = match a {
-            PlotArg::Bpb => &[plot::Kind::Bpb],
-            PlotArg::Loss => &[plot::Kind::Loss],
-            PlotArg::Amplification => &[plot::Kind::Amplification],
-            PlotArg::All => &[plot::Kind::Bpb, plot::Kind::Loss, plot::Kind::Amplification],
+            PlotArg::Bpb => &[Bpb],
+            PlotArg::Loss => &[Loss],
+            PlotArg::Amplification => &[Amplification],
+            PlotArg::Benchmarks => &[Benchmarks],
+            PlotArg::All if benchmarks => &[Bpb, Loss, Amplification, Benchmarks],
+            PlotArg::All => &[Bpb, Loss, Amplification],
         };
         for k in add {
             if !out.contains(k) {

@@ -9,11 +9,12 @@ use super::{chart_backends, color, label_font, padded, tick_font, title_font, Ch
 use crate::report::{Report, VsBaseline};
 use crate::{Error, Result};
 
-struct Item {
-    name: String,
-    mean: f64,
-    ci: Option<(f64, f64)>,
-    seeds: Vec<f64>,
+/// One configuration's dot: its mean, 95% interval and seeds.
+pub(super) struct Item {
+    pub name: String,
+    pub mean: f64,
+    pub ci: Option<(f64, f64)>,
+    pub seeds: Vec<f64>,
 }
 
 pub struct BpbChart {
@@ -68,83 +69,117 @@ impl BpbChart {
     where
         DB::ErrorType: 'static,
     {
-        let n = self.items.len();
-        let values = self.items.iter().flat_map(|it| {
-            let (lo, hi) = it.ci.unwrap_or((it.mean, it.mean));
-            it.seeds.iter().copied().chain([lo, hi, it.mean])
-        });
-        let (lo, hi) = values.fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), v| {
-            (a.min(v), b.max(v))
-        });
-        let (x0, x1) = padded(lo, hi, 0.08);
-        // The best configuration on top: item i sits at y = n - 1 - i.
-        let names: Vec<&str> = self.items.iter().rev().map(|it| it.name.as_str()).collect();
-        let longest = names.iter().map(|s| s.chars().count()).max().unwrap_or(0) as u32;
-
-        let mut chart = ChartBuilder::on(&root)
-            .caption(
-                format!("{}: final val/bpb per configuration", self.sweep),
-                title_font(),
-            )
-            .margin(18)
-            .x_label_area_size(60)
-            .y_label_area_size((longest * 9 + 20).clamp(80, 560))
-            .build_cartesian_2d(x0..x1, -0.6f64..n as f64 - 0.4)?;
-        chart
-            .configure_mesh()
-            .x_desc("val/bpb, bits per byte (lower is better): dot = mean, bar = 95% CI, circles = seeds")
-            // Configuration names are drawn below, one per row, not at numeric ticks.
-            .y_labels(0)
-            .disable_y_mesh()
-            .label_style(tick_font())
-            .axis_desc_style(label_font())
-            .light_line_style(RGBColor(246, 246, 246))
-            .bold_line_style(RGBColor(215, 215, 215))
-            .draw()?;
-
-        let name_style = tick_font()
-            .color(&BLACK)
-            .pos(Pos::new(HPos::Right, VPos::Center));
-        for (y, name) in names.iter().enumerate() {
-            let (px, py) = chart.backend_coord(&(x0, y as f64));
-            root.draw(&Text::new(
-                name.to_string(),
-                (px - 10, py),
-                name_style.clone(),
-            ))?;
-        }
-        if let Some(b) = self.baseline {
-            chart.draw_series(DashedLineSeries::new(
-                [(b, -0.6), (b, n as f64 - 0.4)],
-                6,
-                4,
-                RGBColor(120, 120, 120).stroke_width(1),
-            ))?;
-        }
-        for (i, it) in self.items.iter().enumerate() {
-            let c = color(i);
-            let y = (n - 1 - i) as f64;
-            if let Some((lo, hi)) = it.ci {
-                chart.draw_series([ErrorBar::new_horizontal(
-                    y,
-                    lo,
-                    it.mean,
-                    hi,
-                    c.stroke_width(2),
-                    14,
-                )])?;
-            }
-            // Seeds spread a little in y so that equal values stay visible.
-            let m = it.seeds.len();
-            chart.draw_series(it.seeds.iter().enumerate().map(|(k, &v)| {
-                let dy = (k as f64 - (m as f64 - 1.0) / 2.0) * 0.1;
-                Circle::new((v, y + dy), 4, c.stroke_width(1))
-            }))?;
-            chart.draw_series([Circle::new((it.mean, y), 6, c.filled())])?;
-        }
+        let line = self.baseline.map(|b| (b, None));
+        draw_dots(
+            &root,
+            &format!("{}: final val/bpb per configuration", self.sweep),
+            "val/bpb, bits per byte (lower is better): dot = mean, bar = 95% CI, circles = seeds",
+            &self.items,
+            line,
+        )?;
         root.present()?;
         Ok(())
     }
+}
+
+/// Configurations down the y axis (the first on top), each a dot at its mean with its 95%
+/// interval and its seeds; `line` a dashed vertical line (the baseline's mean, a chance
+/// level) with an optional label.
+pub(super) fn draw_dots<DB: DrawingBackend>(
+    root: &DrawingArea<DB, Shift>,
+    caption: &str,
+    x_desc: &str,
+    items: &[Item],
+    line: Option<(f64, Option<&str>)>,
+) -> DrawResult
+where
+    DB::ErrorType: 'static,
+{
+    let n = items.len();
+    let values = items.iter().flat_map(|it| {
+        let (lo, hi) = it.ci.unwrap_or((it.mean, it.mean));
+        it.seeds.iter().copied().chain([lo, hi, it.mean])
+    });
+    let (lo, hi) = values
+        .chain(line.map(|(v, _)| v))
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), v| (a.min(v), b.max(v)));
+    let (x0, x1) = padded(lo, hi, 0.08);
+    // The first configuration on top: item i sits at y = n - 1 - i.
+    let names: Vec<&str> = items.iter().rev().map(|it| it.name.as_str()).collect();
+    let longest = names.iter().map(|s| s.chars().count()).max().unwrap_or(0) as u32;
+
+    let mut chart = ChartBuilder::on(root)
+        .caption(caption, title_font())
+        .margin(18)
+        .x_label_area_size(60)
+        .y_label_area_size((longest * 9 + 20).clamp(80, 560))
+        .build_cartesian_2d(x0..x1, -0.6f64..n as f64 - 0.4)?;
+    chart
+        .configure_mesh()
+        .x_desc(x_desc)
+        // Configuration names are drawn below, one per row, not at numeric ticks.
+        .y_labels(0)
+        .disable_y_mesh()
+        .label_style(tick_font())
+        .axis_desc_style(label_font())
+        .light_line_style(RGBColor(246, 246, 246))
+        .bold_line_style(RGBColor(215, 215, 215))
+        .draw()?;
+
+    // Text goes on `root` in its own pixels; the chart's coordinates are the backend's.
+    let (bx, by) = root.get_base_pixel();
+    let at = |x: f64, y: f64| {
+        let (px, py) = chart.backend_coord(&(x, y));
+        (px - bx, py - by)
+    };
+    let name_style = tick_font()
+        .color(&BLACK)
+        .pos(Pos::new(HPos::Right, VPos::Center));
+    for (y, name) in names.iter().enumerate() {
+        let (px, py) = at(x0, y as f64);
+        root.draw(&Text::new(
+            name.to_string(),
+            (px - 10, py),
+            name_style.clone(),
+        ))?;
+    }
+    let label_at = line.map(|(v, _)| at(v, n as f64 - 0.4));
+    if let Some((v, label)) = line {
+        chart.draw_series(DashedLineSeries::new(
+            [(v, -0.6), (v, n as f64 - 0.4)],
+            6,
+            4,
+            RGBColor(120, 120, 120).stroke_width(1),
+        ))?;
+        if let (Some(label), Some((px, py))) = (label, label_at) {
+            let style = tick_font()
+                .color(&RGBColor(90, 90, 90))
+                .pos(Pos::new(HPos::Left, VPos::Top));
+            root.draw(&Text::new(label.to_string(), (px + 4, py + 2), style))?;
+        }
+    }
+    for (i, it) in items.iter().enumerate() {
+        let c = color(i);
+        let y = (n - 1 - i) as f64;
+        if let Some((lo, hi)) = it.ci {
+            chart.draw_series([ErrorBar::new_horizontal(
+                y,
+                lo,
+                it.mean,
+                hi,
+                c.stroke_width(2),
+                14,
+            )])?;
+        }
+        // Seeds spread a little in y so that equal values stay visible.
+        let m = it.seeds.len();
+        chart.draw_series(it.seeds.iter().enumerate().map(|(k, &v)| {
+            let dy = (k as f64 - (m as f64 - 1.0) / 2.0) * 0.1;
+            Circle::new((v, y + dy), 4, c.stroke_width(1))
+        }))?;
+        chart.draw_series([Circle::new((it.mean, y), 6, c.filled())])?;
+    }
+    Ok(())
 }
 
 impl Chart for BpbChart {

@@ -1,11 +1,12 @@
 //! Charts of a report, each written as PNG and SVG: final BPB per configuration, loss curves,
-//! and stream amplification over depth.
+//! stream amplification over depth, and the zero-shot benchmarks against chance.
 //!
 //! Every chart is drawn twice by the same code, once per plotters backend. Text is set in
 //! DejaVu Sans, embedded through the `dejavu` crate, so a PNG looks the same on every machine
 //! and needs no system fonts.
 
 mod amplification;
+mod benchmarks;
 mod bpb;
 mod loss;
 
@@ -26,6 +27,7 @@ pub enum Kind {
     Bpb,
     Loss,
     Amplification,
+    Benchmarks,
 }
 
 impl Kind {
@@ -34,6 +36,7 @@ impl Kind {
             Kind::Bpb => "bpb",
             Kind::Loss => "loss",
             Kind::Amplification => "amplification",
+            Kind::Benchmarks => "benchmarks",
         }
     }
 }
@@ -76,6 +79,7 @@ pub fn prepare(kind: Kind, report: &Report, store: &Store, x: XAxis) -> Result<P
         Kind::Bpb => Box::new(bpb::BpbChart::new(report)?),
         Kind::Loss => Box::new(loss::LossChart::new(report, store, x)?),
         Kind::Amplification => Box::new(amplification::AmpChart::new(report, store)?),
+        Kind::Benchmarks => Box::new(benchmarks::BenchChart::new(report)?),
     };
     Ok(Prepared {
         chart,
