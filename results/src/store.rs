@@ -220,6 +220,27 @@ impl Store {
         })
     }
 
+    /// The most recently run sweep record (named `name`, and holding trial `trial`, where
+    /// given): its name, file path and file text as run, and its generation.
+    pub fn recorded_sweep(
+        &self,
+        name: Option<&str>,
+        trial: Option<&str>,
+    ) -> Result<Option<(String, String, String, u32)>> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT s.name, s.file, s.spec, s.generation FROM sweeps s
+                 WHERE (?1 IS NULL OR s.name = ?1)
+                   AND (?2 IS NULL OR EXISTS (SELECT 1 FROM sweep_trials st
+                                              WHERE st.sweep_id = s.id AND st.trial_id = ?2))
+                 ORDER BY s.updated_at DESC, s.id DESC LIMIT 1",
+                params![name, trial],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+            )
+            .optional()?)
+    }
+
     /// The sweep record named `name`, created or updated with the spec as run now.
     pub fn begin_sweep(
         &self,

@@ -1,7 +1,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use runner::commands::{bench, list, merge, prepare, report, run, slurm, verify, worker};
+use runner::commands::{bench, eval, list, merge, prepare, report, run, slurm, verify, worker};
 use runner::error::{exit, InputError};
 
 /// Architecture sweeps for language models: list component variants in a RON file, train
@@ -21,6 +21,7 @@ enum Command {
     Slurm(slurm::Args),
     List(list::Args),
     Bench(bench::Args),
+    Eval(eval::Args),
     Verify(verify::Args),
     Prepare(prepare::Args),
     #[command(hide = true)]
@@ -37,6 +38,7 @@ fn main() -> ExitCode {
         Command::Worker(args) => worker::exec(args),
         Command::List(args) => list::exec(args),
         Command::Bench(args) => bench::exec(args),
+        Command::Eval(args) => eval::exec(args),
         Command::Verify(args) => verify::exec(args),
         Command::Prepare(args) => prepare::exec(args),
     };

@@ -1,6 +1,7 @@
 //! One file per subcommand: its `Args` (clap derive; doc comments are the help) and `exec`.
 
 pub mod bench;
+pub mod eval;
 pub mod list;
 pub mod merge;
 pub mod prepare;

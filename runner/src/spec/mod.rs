@@ -22,6 +22,7 @@ use std::path::Path;
 use ron::value::RawValue;
 use serde::{Deserialize, Serialize};
 
+pub use benchmarks::parse as parse_benchmarks;
 pub use expand::{trial_id, Cell, Trial, Variant};
 pub use factors::factors;
 pub use source::Source;
@@ -202,6 +203,8 @@ pub struct Sweep {
     pub evals: Vec<EvalSpec>,
     /// Zero-shot benchmarks, each with its file resolved.
     pub benchmarks: Vec<BenchmarkSpec>,
+    /// The folder of the benchmark files, as written.
+    pub benchmark_dir: Option<String>,
     pub train: TrainSpec,
     pub model: ModelSpec,
     /// The variants of each slot, in `registry::Slot::ALL` order.
@@ -299,6 +302,7 @@ impl Sweep {
             data: file.data,
             evals: file.evals,
             benchmarks,
+            benchmark_dir: file.benchmark_dir,
             train,
             model: file.model,
             axes,

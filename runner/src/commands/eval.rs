@@ -1,0 +1,173 @@
+//! `sweep eval --db DB`: scores the zero-shot benchmarks on the saved final weights of done
+//! trials, recorded as `bench/<task>/...` at each trial's last step, the metrics a trial
+//! records when its sweep lists them: a finished sweep gains the benchmark table without
+//! retraining. The sweep is rebuilt from the file text its DB recorded; weights are used
+//! only when their SHA-256 matches the trial's record.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use results::{Status, Store};
+
+use crate::benchmarks::{self, Benchmark};
+use crate::checkpoint::Checkpoints;
+use crate::devices::{device_of, parse_devices};
+use crate::error::{exit, InputError};
+use crate::parallel::Solo;
+use crate::spec::{self, Source, Sweep};
+use crate::train;
+
+/// Score zero-shot benchmarks on the final weights of finished trials.
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// The results DB.
+    #[arg(long, default_value = "sweep.db")]
+    pub db: PathBuf,
+    /// Only this trial (its id).
+    #[arg(long, conflicts_with = "sweep")]
+    pub trial: Option<String>,
+    /// The sweep whose done trials to score [default: the one run most recently].
+    #[arg(long)]
+    pub sweep: Option<String>,
+    /// The benchmarks, as a sweep file lists them, e.g. `[HellaSwag(limit: 500), ArcEasy]`
+    /// [default: the sweep file's `benchmarks`].
+    #[arg(long, value_name = "RON")]
+    pub benchmarks: Option<String>,
+    /// The folder of the benchmark files for --benchmarks [default: the sweep file's
+    /// benchmark_dir].
+    #[arg(long, value_name = "DIR")]
+    pub benchmark_dir: Option<PathBuf>,
+    /// Where to score: cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+}
+
+pub fn exec(args: Args) -> anyhow::Result<u8> {
+    let mut store =
+        Store::open_existing(&args.db).map_err(|e| InputError::new(e.to_string()))?;
+    let (sweep, generation) = recorded_sweep(&store, &args)?;
+    let specs = match &args.benchmarks {
+        Some(text) => {
+            let flag = Source::from_text(Path::new("--benchmarks"), text.clone());
+            let dir = args
+                .benchmark_dir
+                .as_ref()
+                .map(|d| d.display().to_string())
+                .or_else(|| sweep.benchmark_dir.clone());
+            spec::parse_benchmarks(&flag, flag.text.trim(), dir.as_deref())?
+        }
+        None => sweep.benchmarks.clone(),
+    };
+    if specs.is_empty() {
+        return Err(InputError::new(format!(
+            "sweep {} lists no benchmarks: name them, e.g. --benchmarks \"[HellaSwag, ArcEasy]\" \
+             --benchmark-dir ../shared/data/eval",
+            sweep.name
+        ))
+        .into());
+    }
+    let sets = specs
+        .iter()
+        .map(|b| {
+            let file = b
+                .file(args.benchmark_dir.as_ref().and_then(|d| d.to_str()), Path::new("."))
+                .map_err(InputError::new)?;
+            Benchmark::load(b, &file, sweep.data.tokenizer())
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let [name] = &parse_devices(&args.device)?[..] else {
+        return Err(InputError::new(format!(
+            "--device {}: sweep eval scores on one device",
+            args.device
+        ))
+        .into());
+    };
+    let device = device_of(name)?;
+
+    let trials = spec::salted(sweep.trials.clone(), generation);
+    let statuses = store.weights(args.trial.as_deref()).context("reading the trials")?;
+    if let (Some(id), true) = (&args.trial, statuses.is_empty()) {
+        return Err(InputError::new(format!("--trial {id}: no such trial in {}", args.db.display())).into());
+    }
+    let (mut scored, mut failed) = (0, 0);
+    for trial in &trials {
+        let Some((_, status, sha)) = statuses.iter().find(|(id, ..)| *id == trial.id) else {
+            continue;
+        };
+        if *status != Status::Done {
+            println!("skipped  {}  {} ({})", trial.id, trial.label, status.as_str());
+            continue;
+        }
+        let weights = sha
+            .as_deref()
+            .ok_or_else(|| "no checksum recorded for its final weights".to_string())
+            .and_then(|sha| Checkpoints::new(&args.db, &trial.id, 0, 1).final_weights(sha));
+        let path = match weights {
+            Ok(p) => p,
+            Err(why) => {
+                failed += 1;
+                println!("FAILED   {}  {}: {why}", trial.id, trial.label);
+                continue;
+            }
+        };
+        let metrics = score(&sweep, trial, &path, &sets, &device)
+            .with_context(|| format!("scoring trial {}", trial.id))?;
+        let step = sweep.train.steps as u64;
+        for (n, v) in &metrics {
+            store.record(&trial.id, step, n, *v)?;
+        }
+        store.flush()?;
+        scored += 1;
+        let shown: Vec<String> = metrics
+            .iter()
+            .filter(|(n, _)| n.ends_with("/acc") || n.ends_with("/acc_norm"))
+            .map(|(n, v)| format!("{} {v:.4}", n.trim_start_matches("bench/")))
+            .collect();
+        println!("scored   {}  {}: {}", trial.id, trial.label, shown.join(", "));
+    }
+    println!("{scored} trial(s) scored, {failed} failed");
+    Ok(if failed > 0 { exit::FAILED } else { exit::OK })
+}
+
+/// The sweep of `--trial` or `--sweep` (or the latest), rebuilt from its recorded file
+/// text, and its record's generation (which salts its trial ids).
+fn recorded_sweep(store: &Store, args: &Args) -> anyhow::Result<(Sweep, u32)> {
+    let found = store.recorded_sweep(args.sweep.as_deref(), args.trial.as_deref())?;
+    let Some((name, file, text, generation)) = found else {
+        let what = match (&args.sweep, &args.trial) {
+            (Some(s), _) => format!("no sweep {s}"),
+            (_, Some(t)) => format!("no trial {t}"),
+            _ => "no sweeps yet".into(),
+        };
+        return Err(InputError::new(format!("{}: {what}", args.db.display())).into());
+    };
+    let source = Source::from_text(Path::new(&file), text);
+    let sweep = Sweep::from_source(source).map_err(|e| {
+        InputError::new(format!(
+            "sweep {name}: its recorded file text no longer reads ({e}); score it with the \
+             sweep version that ran it"
+        ))
+    })?;
+    Ok((sweep, generation))
+}
+
+/// The benchmarks' metrics of `trial`'s model with the weights of `path`.
+fn score(
+    sweep: &Sweep,
+    trial: &spec::Trial,
+    path: &Path,
+    sets: &[Benchmark],
+    device: &candle_core::Device,
+) -> anyhow::Result<Vec<(String, f64)>> {
+    let spec = &sweep.train;
+    let model = train::build(trial, &sweep.dims(), spec.precision, device)?;
+    let tensors = candle_core::safetensors::load(path, device)?;
+    for p in model.params() {
+        let t = tensors
+            .get(&p.name)
+            .with_context(|| format!("{} has no tensor {}", path.display(), p.name))?;
+        p.var.set(&t.to_dtype(p.var.dtype())?)?;
+    }
+    let tokens = spec.batch * spec.seq_len;
+    Ok(benchmarks::run(&model, sets, spec.seq_len, tokens, &Solo)?)
+}
