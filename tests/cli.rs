@@ -896,3 +896,211 @@ fn a_json_lines_corpus_trains_from_its_text_field() {
     );
     assert!(!dir.join("bad.db").exists());
 }
+
+/// Benchmark files in `dir` under the tasks' own names (ArcEasy, WinoGrande) and one named
+/// in the sweep file (LAMBADA).
+fn benchmark_files(dir: &Path) {
+    std::fs::write(
+        dir.join("arc_easy.jsonl"),
+        "{\"query\": \"Question: What do bees make?\", \"choices\": [\"honey\", \"iron\"], \"gold\": 0}\n\
+         {\"query\": \"Question: What is cold?\", \"choices\": [\"fire\", \"ice\", \"sun\"], \"gold\": 1}\n\
+         \n\
+         {\"query\": \"Question: Who rules?\", \"choices\": [\"the king\", \"a fish\"], \"gold\": 0}\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("winogrande.jsonl"),
+        "{\"context_options\": [\"The lord thanked the page so the lord\", \"The lord thanked the page so the page\"], \"continuation\": \"smiled.\", \"gold\": 1}\n\
+         {\"context_options\": [\"Romeo loved Juliet so Romeo\", \"Romeo loved Juliet so Juliet\"], \"continuation\": \"sighed.\", \"gold\": 0}\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("lam.jsonl"),
+        "{\"context\": \"To be or not to\", \"continuation\": \"be\"}\n\
+         {\"context\": \"My kingdom for a\", \"continuation\": \"horse\"}\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("copa.jsonl"),
+        "{\"query\": \"The night fell, therefore\", \"choices\": [\"the sky grew dark.\", \"the sun rose.\"], \"gold\": 0}\n",
+    )
+    .unwrap();
+}
+
+fn metric_rows(db: &rusqlite::Connection, name: &str) -> Vec<(String, i64, f64)> {
+    let mut stmt = db
+        .prepare("SELECT trial_id, step, value FROM metrics WHERE name = ?1 ORDER BY trial_id")
+        .unwrap();
+    stmt.query_map([name], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap()
+}
+
+#[test]
+fn benchmarks_are_scored_at_the_end_and_sweep_eval_scores_saved_weights_alike() {
+    let dir = workdir("benchmarks");
+    benchmark_files(&dir);
+    let text = sweep_text(GRID).replace(
+        "    train:",
+        "    benchmark_dir: \".\",\n    benchmarks: [ArcEasy, WinoGrande(limit: 2), Lambada(path: \"lam.jsonl\")],\n    train:",
+    );
+    std::fs::write(dir.join("s.ron"), &text).unwrap();
+    let out = sweep(&dir, &["run", "s.ron"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let db = rusqlite::Connection::open(dir.join("sweep.db")).unwrap();
+    let config: String = db
+        .query_row("SELECT config FROM trials LIMIT 1", [], |r| r.get(0))
+        .unwrap();
+    assert!(config.contains("benchmarks: [(task:ArcEasy"), "{config}");
+    // Two trials, each scored once, at its last step (6), on every item.
+    let items = |task: &str| metric_rows(&db, &format!("bench/{task}/items"));
+    for (task, n) in [("arc_easy", 3.0), ("winogrande", 2.0), ("lambada", 2.0)] {
+        let rows = items(task);
+        assert_eq!(rows.len(), 2, "{task}");
+        assert!(
+            rows.iter().all(|r| r.1 == 6 && r.2 == n),
+            "{task}: {rows:?}"
+        );
+    }
+    // An accuracy over 3 items is a multiple of 1/3; WinoGrande has no acc_norm.
+    for (_, _, v) in metric_rows(&db, "bench/arc_easy/acc_norm") {
+        assert!(((v * 3.0) - (v * 3.0).round()).abs() < 1e-9, "{v}");
+    }
+    assert!(metric_rows(&db, "bench/winogrande/acc_norm").is_empty());
+    assert!(metric_rows(&db, "bench/lambada/ppl")
+        .iter()
+        .all(|r| r.2 > 1.0));
+
+    // Scored again from final.safetensors, the numbers are the same: the saved weights are
+    // the trained ones, and scoring is deterministic.
+    let before = metric_rows(&db, "bench/arc_easy/acc");
+    let eval = sweep(
+        &dir,
+        &[
+            "eval",
+            "--benchmarks",
+            "[ArcEasy, Copa(path: \"copa.jsonl\")]",
+            "--benchmark-dir",
+            ".",
+        ],
+    );
+    let printed = String::from_utf8_lossy(&eval.stdout).into_owned();
+    assert_eq!(eval.status.code(), Some(0), "{}{printed}", stderr(&eval));
+    assert!(printed.contains("2 trial(s) scored, 0 failed"), "{printed}");
+    assert_eq!(metric_rows(&db, "bench/arc_easy/acc"), before);
+    let copa = metric_rows(&db, "bench/copa/acc");
+    assert_eq!(copa.len(), 2);
+    assert!(
+        copa.iter().all(|r| r.1 == 6 && (r.2 == 0.0 || r.2 == 1.0)),
+        "{copa:?}"
+    );
+
+    // The report: benchmark columns, sorting by one, the Goedel layout, the chart.
+    let table = sweep(&dir, &["report", "--metric", "bench/arc_easy/acc_norm"]);
+    let table = String::from_utf8_lossy(&table.stdout).into_owned();
+    assert!(
+        table.contains("arc_easy acc_norm") && table.contains("winogrande acc"),
+        "{table}"
+    );
+    assert!(
+        table.contains("Rows sorted by bench/arc_easy/acc_norm"),
+        "{table}"
+    );
+    let goedel = sweep(
+        &dir,
+        &["report", "--format", "goedel", "--baseline", "ffn=Gelu"],
+    );
+    let goedel = String::from_utf8_lossy(&goedel.stdout).into_owned();
+    assert!(
+        goedel.contains("| metric | ") && goedel.contains("| copa acc | "),
+        "{goedel}"
+    );
+    let plot = sweep(&dir, &["report", "--plot", "benchmarks"]);
+    assert_eq!(plot.status.code(), Some(0), "{}", stderr(&plot));
+    assert!(dir.join("tiny-benchmarks.png").exists());
+    let bad = sweep(&dir, &["report", "--metric", "bench/hellaswag/acc"]);
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(
+        stderr(&bad).contains("bench/arc_easy/acc_norm"),
+        "{}",
+        stderr(&bad)
+    );
+
+    // Damaged weights are not scored.
+    let ckpt = std::fs::read_dir(dir.join("sweep.checkpoints"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap();
+    std::fs::write(ckpt.path().join("final.safetensors"), b"not weights").unwrap();
+    let eval = sweep(
+        &dir,
+        &["eval", "--benchmarks", "[Copa(path: \"copa.jsonl\")]"],
+    );
+    let printed = String::from_utf8_lossy(&eval.stdout).into_owned();
+    assert_eq!(eval.status.code(), Some(1), "{printed}");
+    assert!(
+        printed.contains("FAILED") && printed.contains("failed verification"),
+        "{printed}"
+    );
+}
+
+#[test]
+fn bad_benchmarks_are_refused_with_their_place() {
+    let dir = workdir("benchmark-files");
+    benchmark_files(&dir);
+    let d = dir.display().to_string();
+    let with = |list: &str| {
+        sweep_text(GRID).replace(
+            "    train:",
+            &format!("    benchmark_dir: {d:?},\n    benchmarks: [{list}],\n    train:"),
+        )
+    };
+    std::fs::write(dir.join("broken.jsonl"), "{\"query\": \"q\", \"choices\": [\"a\", \"b\"], \"gold\": 0}\n{\"query\": \"q\", \"gold\": 0}\n").unwrap();
+    let broken = dir.join("broken.jsonl").display().to_string();
+    for (name, text, needle) in [
+        (
+            "bench-unknown",
+            with("Hellaswag"),
+            "unknown benchmark `Hellaswag`; benchmarks: HellaSwag, ArcEasy".to_string(),
+        ),
+        (
+            "bench-nearest",
+            with("ArcEasy, Winogrande"),
+            "Did you mean `WinoGrande`?".into(),
+        ),
+        (
+            "bench-missing",
+            with("Piqa"),
+            format!("Piqa: {d}/piqa.jsonl does not exist"),
+        ),
+        (
+            "bench-limit",
+            with("ArcEasy(limit: 0)"),
+            "ArcEasy.limit must be a whole number of items, at least 1".into(),
+        ),
+        (
+            "bench-param",
+            with("ArcEasy(shots: 5)"),
+            "ArcEasy has no parameter `shots`; its parameters: path, limit".into(),
+        ),
+        (
+            "bench-twice",
+            with("ArcEasy, ArcEasy(limit: 1)"),
+            "benchmarks lists ArcEasy twice".into(),
+        ),
+        (
+            "bench-item",
+            with(&format!("HellaSwag(path: {broken:?})")),
+            format!("{broken}:2: no field `choices`"),
+        ),
+        (
+            "bench-every",
+            sweep_text(GRID).replace("log_every: 3)", "log_every: 3, benchmark_every: 2)"),
+            "train.benchmark_every: there are no benchmarks to score".into(),
+        ),
+    ] {
+        refused(name, &text, &[], &[needle.as_str()]);
+    }
+}

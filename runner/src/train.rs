@@ -481,7 +481,8 @@ pub fn train(
         let scoring = last || spec.benchmark_every.is_some_and(|n| (step + 1) % n == 0);
         if scoring && !benchmarks.is_empty() {
             let tokens = spec.batch * spec.seq_len;
-            for (name, v) in crate::benchmarks::run(model, benchmarks, spec.seq_len, tokens, group)? {
+            for (name, v) in crate::benchmarks::run(model, benchmarks, spec.seq_len, tokens, group)?
+            {
                 obs.record(step + 1, &name, v)?;
             }
         }

@@ -186,7 +186,11 @@ impl Report {
             s += &format!(
                 "Rows sorted by {}: its last value, mean over done seeds ({} is better).\n",
                 self.metric,
-                if super::higher_is_better(&self.metric) { "higher" } else { "lower" }
+                if super::higher_is_better(&self.metric) {
+                    "higher"
+                } else {
+                    "lower"
+                }
             );
         }
         if let Some(b) = &self.baseline {
@@ -194,7 +198,11 @@ impl Report {
                 "Δ {}: minus the matching {b} configuration ({} is better); 95% CI and \
                  two-sided p from Welch's t-test over seeds.\n",
                 short(&self.metric),
-                if super::higher_is_better(&self.metric) { "positive" } else { "negative" }
+                if super::higher_is_better(&self.metric) {
+                    "positive"
+                } else {
+                    "negative"
+                }
             );
         }
         if !self.bench_headlines().is_empty() {
@@ -263,7 +271,11 @@ impl Report {
         let bench = self.bench_metrics();
         for m in &bench {
             let k = m.replace('/', "_");
-            header.extend([format!("{k}_mean"), format!("{k}_ci95_lo"), format!("{k}_ci95_hi")]);
+            header.extend([
+                format!("{k}_mean"),
+                format!("{k}_ci95_lo"),
+                format!("{k}_ci95_hi"),
+            ]);
             if self.baseline.is_some() {
                 header.push(format!("{k}_p_welch"));
             }
@@ -472,7 +484,10 @@ impl Report {
 
 /// A metric's name without its `bench/` or `eval/` prefix: `hellaswag acc_norm`.
 fn short(metric: &str) -> String {
-    match metric.strip_prefix("bench/").or_else(|| metric.strip_prefix("eval/")) {
+    match metric
+        .strip_prefix("bench/")
+        .or_else(|| metric.strip_prefix("eval/"))
+    {
         Some(rest) => rest.replace('/', " "),
         None => metric.to_string(),
     }

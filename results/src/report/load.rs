@@ -37,8 +37,15 @@ pub fn load(
             }
         }
         let mut finals = BTreeMap::new();
-        let names = [store.metric_names(&row.id, "eval/")?, store.metric_names(&row.id, "bench/")?];
-        for name in names.into_iter().flatten().chain(["val/bpb".into(), "val/loss".into()]) {
+        let names = [
+            store.metric_names(&row.id, "eval/")?,
+            store.metric_names(&row.id, "bench/")?,
+        ];
+        for name in names
+            .into_iter()
+            .flatten()
+            .chain(["val/bpb".into(), "val/loss".into()])
+        {
             if super::comparable(&name) {
                 if let Some(v) = last(&name)? {
                     finals.insert(name, v);

@@ -256,8 +256,11 @@ impl Report {
 
     /// Every comparable metric any row has.
     pub fn metric_names(&self) -> Vec<String> {
-        let mut names: std::collections::BTreeSet<String> =
-            self.rows.iter().flat_map(|r| r.metrics.keys().cloned()).collect();
+        let mut names: std::collections::BTreeSet<String> = self
+            .rows
+            .iter()
+            .flat_map(|r| r.metrics.keys().cloned())
+            .collect();
         names.insert("val/bpb".into());
         names.into_iter().collect()
     }

@@ -52,16 +52,13 @@ pub fn read(
                 task.name()
             ))
         };
-        let value: Value = serde_json::from_str(line)
-            .map_err(|e| at(format!("not a JSON object ({e})")))?;
+        let value: Value =
+            serde_json::from_str(line).map_err(|e| at(format!("not a JSON object ({e})")))?;
         let (pairs, gold, choice_bytes) = prompts(task, &value).map_err(at)?;
         items.push(Item {
             line: i + 1,
             gold,
-            requests: pairs
-                .iter()
-                .map(|(c, x)| encode_pair(tok, c, x))
-                .collect(),
+            requests: pairs.iter().map(|(c, x)| encode_pair(tok, c, x)).collect(),
             choice_bytes,
         });
     }
@@ -137,7 +134,10 @@ fn strings<'a>(v: &'a Value, field: &str) -> Result<Vec<&'a str>, String> {
         });
     };
     if list.len() < 2 {
-        return Err(format!("`{field}` lists {} choice(s); at least 2", list.len()));
+        return Err(format!(
+            "`{field}` lists {} choice(s); at least 2",
+            list.len()
+        ));
     }
     list.iter()
         .enumerate()
@@ -203,7 +203,8 @@ mod tests {
         use std::sync::atomic::{AtomicUsize, Ordering};
         static N: AtomicUsize = AtomicUsize::new(0);
         let n = N.fetch_add(1, Ordering::SeqCst);
-        let path = std::env::temp_dir().join(format!("sweep-items-{}-{n}.jsonl", std::process::id()));
+        let path =
+            std::env::temp_dir().join(format!("sweep-items-{}-{n}.jsonl", std::process::id()));
         std::fs::write(&path, lines).unwrap();
         (Scratch(path.clone()), path)
     }
@@ -233,7 +234,10 @@ mod tests {
         let r = &items[0].requests;
         assert_eq!(r.len(), 2);
         assert_eq!((r[0].cont, r[1].cont), (13, 13)); // " was thanked."
-        assert_eq!(r[1].tokens, Tokenizer::Bytes.encode("Ann helped Bo so Bo was thanked."));
+        assert_eq!(
+            r[1].tokens,
+            Tokenizer::Bytes.encode("Ann helped Bo so Bo was thanked.")
+        );
         assert_eq!(items[0].gold, 1);
     }
 
@@ -253,9 +257,17 @@ mod tests {
     fn limit_takes_the_first_items() {
         let line = r#"{"context": "a b", "continuation": "c"}"#;
         let (_d, f) = write(&format!("{line}\n{line}\n\n{line}\n"));
-        assert_eq!(read(Task::Lambada, &f, Some(2), Tokenizer::Bytes).unwrap().len(), 2);
+        assert_eq!(
+            read(Task::Lambada, &f, Some(2), Tokenizer::Bytes)
+                .unwrap()
+                .len(),
+            2
+        );
         let all = read(Task::Lambada, &f, None, Tokenizer::Bytes).unwrap();
-        assert_eq!(all.iter().map(|i| i.line).collect::<Vec<_>>(), vec![1, 2, 4]);
+        assert_eq!(
+            all.iter().map(|i| i.line).collect::<Vec<_>>(),
+            vec![1, 2, 4]
+        );
         assert_eq!(all[0].requests[0].cont, 2); // " c"
     }
 
@@ -263,11 +275,23 @@ mod tests {
     fn malformed_items_name_the_line_and_the_field() {
         let good = r#"{"query": "q", "choices": ["a", "b"], "gold": 1}"#;
         for (bad, says) in [
-            (r#"{"query": "q", "choices": ["a", "b"]}"#, "`gold` is missing"),
-            (r#"{"query": "q", "choices": ["a", "b"], "gold": 2}"#, "past the 2 choices"),
+            (
+                r#"{"query": "q", "choices": ["a", "b"]}"#,
+                "`gold` is missing",
+            ),
+            (
+                r#"{"query": "q", "choices": ["a", "b"], "gold": 2}"#,
+                "past the 2 choices",
+            ),
             (r#"{"choices": ["a", "b"], "gold": 0}"#, "no field `query`"),
-            (r#"{"query": "q", "choices": "a", "gold": 0}"#, "`choices` is not a list"),
-            (r#"{"query": "q", "choices": ["a", 3], "gold": 0}"#, "`choices`[1]"),
+            (
+                r#"{"query": "q", "choices": "a", "gold": 0}"#,
+                "`choices` is not a list",
+            ),
+            (
+                r#"{"query": "q", "choices": ["a", 3], "gold": 0}"#,
+                "`choices`[1]",
+            ),
             ("not json", "not a JSON object"),
         ] {
             let (_d, f) = write(&format!("{good}\n{bad}\n"));
@@ -277,7 +301,9 @@ mod tests {
             assert!(err.contains(":2: ") && err.contains(says), "{bad}: {err}");
         }
         let (_d, f) = write("\n\n");
-        let err = read(Task::Piqa, &f, None, Tokenizer::Bytes).unwrap_err().to_string();
+        let err = read(Task::Piqa, &f, None, Tokenizer::Bytes)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("no items"), "{err}");
     }
 }

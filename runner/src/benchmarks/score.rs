@@ -190,7 +190,10 @@ mod tests {
         let items = [item(1, &[5, 5]), item(1, &[5, 5])];
         let mut s = Table(lp(&[-2.0, -1.0, -1.0, -2.0]));
         let t = tally(Task::WinoGrande, &items, &mut s, |_| true).unwrap();
-        assert_eq!(t.metrics(Task::WinoGrande), vec![("acc", 0.5), ("items", 2.0)]);
+        assert_eq!(
+            t.metrics(Task::WinoGrande),
+            vec![("acc", 0.5), ("items", 2.0)]
+        );
     }
 
     #[test]

@@ -78,3 +78,91 @@ impl Scorer for ModelScorer<'_> {
         Ok(out)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spec::{Source, Sweep};
+
+    /// A small trained-from-init model of a real sweep (bytes, 2 layers, context 16).
+    fn model() -> (Gpt, usize) {
+        let data = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../shared/data/tinyshakespeare/input.txt");
+        let text = format!(
+            "Sweep(name: \"s\", seeds: [3], data: Text(path: {:?}), \
+             train: (steps: 1, batch: 2, seq_len: 16), model: (d_model: 32, n_layers: 2), \
+             grid: (attention: [Gqa(heads: 4, kv_heads: 2)], ffn: [Relu2], residual: [Mhc]))",
+            data.display()
+        );
+        let sweep =
+            Sweep::from_source(Source::from_text(std::path::Path::new("s.ron"), text)).unwrap();
+        let m = crate::train::build(
+            &sweep.trials[0],
+            &sweep.dims(),
+            sweep.train.precision,
+            &Device::Cpu,
+        )
+        .unwrap();
+        (m, sweep.train.seq_len)
+    }
+
+    /// One request alone, unpadded, with the log-softmax in f64 on the host.
+    fn by_hand(model: &Gpt, r: &Request, seq_len: usize) -> Scored {
+        let keep = r.tokens.len().min(seq_len + 1);
+        let w = &r.tokens[r.tokens.len() - keep..];
+        let n = keep - 1;
+        let x = Tensor::from_vec(w[..n].to_vec(), (1, n), &Device::Cpu).unwrap();
+        let logits: Vec<Vec<f32>> = model.logits(&x).unwrap().to_vec2().unwrap();
+        let (mut logprob, mut greedy) = (0.0, true);
+        for p in n - r.cont.min(n)..n {
+            let row = &logits[p];
+            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+            let z: f64 = row.iter().map(|&v| (v as f64 - max).exp()).sum();
+            let target = w[p + 1] as usize;
+            logprob += row[target] as f64 - max - z.ln();
+            let best = (0..row.len()).fold(0, |b, i| if row[i] > row[b] { i } else { b });
+            greedy &= best == target;
+        }
+        Scored { logprob, greedy }
+    }
+
+    #[test]
+    fn batched_padded_scores_equal_each_request_scored_alone() {
+        let (model, seq_len) = model();
+        let tok = crate::data::Tokenizer::Bytes;
+        let requests: Vec<Request> = [
+            ("To be, or not", " to be"),
+            ("A", " horse"),
+            ("My kingdom for", " a horse!"),
+            // Longer than the context (16): only its last 17 tokens are read.
+            (
+                "Now is the winter of our discontent made glorious",
+                " summer",
+            ),
+            ("x", "y"),
+        ]
+        .iter()
+        .map(|(c, x)| super::super::items::encode_pair(tok, c, x))
+        .collect();
+        let refs: Vec<&Request> = requests.iter().collect();
+        // 40 tokens a batch: the longest (16) go two to a batch, so there are several.
+        let mut scorer = ModelScorer {
+            model: &model,
+            device: &Device::Cpu,
+            seq_len,
+            tokens: 40,
+        };
+        let got = scorer.score(&refs).unwrap();
+        for (r, g) in requests.iter().zip(&got) {
+            let want = by_hand(&model, r, seq_len);
+            assert!(
+                (g.logprob - want.logprob).abs() < 1e-4 * want.logprob.abs().max(1.0),
+                "{r:?}: {} vs {}",
+                g.logprob,
+                want.logprob
+            );
+            assert_eq!(g.greedy, want.greedy, "{r:?}");
+            assert!(g.logprob < 0.0);
+        }
+    }
+}

@@ -43,8 +43,7 @@ pub struct Args {
 }
 
 pub fn exec(args: Args) -> anyhow::Result<u8> {
-    let mut store =
-        Store::open_existing(&args.db).map_err(|e| InputError::new(e.to_string()))?;
+    let mut store = Store::open_existing(&args.db).map_err(|e| InputError::new(e.to_string()))?;
     let (sweep, generation) = recorded_sweep(&store, &args)?;
     let specs = match &args.benchmarks {
         Some(text) => {
@@ -70,7 +69,10 @@ pub fn exec(args: Args) -> anyhow::Result<u8> {
         .iter()
         .map(|b| {
             let file = b
-                .file(args.benchmark_dir.as_ref().and_then(|d| d.to_str()), Path::new("."))
+                .file(
+                    args.benchmark_dir.as_ref().and_then(|d| d.to_str()),
+                    Path::new("."),
+                )
                 .map_err(InputError::new)?;
             Benchmark::load(b, &file, sweep.data.tokenizer())
         })
@@ -85,9 +87,15 @@ pub fn exec(args: Args) -> anyhow::Result<u8> {
     let device = device_of(name)?;
 
     let trials = spec::salted(sweep.trials.clone(), generation);
-    let statuses = store.weights(args.trial.as_deref()).context("reading the trials")?;
+    let statuses = store
+        .weights(args.trial.as_deref())
+        .context("reading the trials")?;
     if let (Some(id), true) = (&args.trial, statuses.is_empty()) {
-        return Err(InputError::new(format!("--trial {id}: no such trial in {}", args.db.display())).into());
+        return Err(InputError::new(format!(
+            "--trial {id}: no such trial in {}",
+            args.db.display()
+        ))
+        .into());
     }
     let (mut scored, mut failed) = (0, 0);
     for trial in &trials {
@@ -95,7 +103,12 @@ pub fn exec(args: Args) -> anyhow::Result<u8> {
             continue;
         };
         if *status != Status::Done {
-            println!("skipped  {}  {} ({})", trial.id, trial.label, status.as_str());
+            println!(
+                "skipped  {}  {} ({})",
+                trial.id,
+                trial.label,
+                status.as_str()
+            );
             continue;
         }
         let weights = sha
@@ -123,7 +136,12 @@ pub fn exec(args: Args) -> anyhow::Result<u8> {
             .filter(|(n, _)| n.ends_with("/acc") || n.ends_with("/acc_norm"))
             .map(|(n, v)| format!("{} {v:.4}", n.trim_start_matches("bench/")))
             .collect();
-        println!("scored   {}  {}: {}", trial.id, trial.label, shown.join(", "));
+        println!(
+            "scored   {}  {}: {}",
+            trial.id,
+            trial.label,
+            shown.join(", ")
+        );
     }
     println!("{scored} trial(s) scored, {failed} failed");
     Ok(if failed > 0 { exit::FAILED } else { exit::OK })

@@ -34,7 +34,10 @@ pub fn parse(
                 .unwrap_or_default();
             source.error_at(
                 item,
-                format!("unknown benchmark `{name}`; benchmarks: {}.{hint}", Task::names()),
+                format!(
+                    "unknown benchmark `{name}`; benchmarks: {}.{hint}",
+                    Task::names()
+                ),
             )
         })?;
         let mut spec = BenchmarkSpec {

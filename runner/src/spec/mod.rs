@@ -270,7 +270,9 @@ impl Sweep {
         file.data.check(&source)?;
         crate::data::evals::check(&file.evals, file.data.tokenizer(), &source)?;
         let benchmarks = match file.benchmarks {
-            Some(raw) => benchmarks::parse(&source, raw.trim().get_ron(), file.benchmark_dir.as_deref())?,
+            Some(raw) => {
+                benchmarks::parse(&source, raw.trim().get_ron(), file.benchmark_dir.as_deref())?
+            }
             None => Vec::new(),
         };
         if train.benchmark_every.is_some() && benchmarks.is_empty() {

@@ -102,7 +102,9 @@ where
     });
     let (lo, hi) = values
         .chain(line.map(|(v, _)| v))
-        .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), v| (a.min(v), b.max(v)));
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), v| {
+            (a.min(v), b.max(v))
+        });
     let (x0, x1) = padded(lo, hi, 0.08);
     // The first configuration on top: item i sits at y = n - 1 - i.
     let names: Vec<&str> = items.iter().rev().map(|it| it.name.as_str()).collect();
