@@ -26,6 +26,8 @@ pub struct Item {
     pub gold: usize,
     pub requests: Vec<Request>,
     pub choice_bytes: Vec<usize>,
+    /// Each request's (context, continuation) as text, before tokenizing.
+    pub prompts: Vec<(String, String)>,
 }
 
 /// The first `limit` items (all without one) of a task's file.
@@ -60,6 +62,7 @@ pub fn read(
             gold,
             requests: pairs.iter().map(|(c, x)| encode_pair(tok, c, x)).collect(),
             choice_bytes,
+            prompts: pairs,
         });
     }
     if items.is_empty() {

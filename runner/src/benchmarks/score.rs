@@ -42,27 +42,35 @@ fn argmax(xs: impl Iterator<Item = f64>) -> usize {
     best.0
 }
 
+/// The choice an item's scores pick by summed log-likelihood, and by log-likelihood per byte
+/// of the choice where the task has acc_norm (multiple choice). LAMBADA's one request is
+/// choice 0.
+pub fn choices(task: Task, item: &Item, scores: &[Scored]) -> (usize, Option<usize>) {
+    let acc = argmax(scores.iter().map(|s| s.logprob));
+    let norm = matches!(task.kind(), Kind::Choice { .. }).then(|| {
+        argmax(
+            scores
+                .iter()
+                .zip(&item.choice_bytes)
+                .map(|(s, &n)| s.logprob / n.max(1) as f64),
+        )
+    });
+    (acc, norm)
+}
+
 impl Tally {
     /// Adds one item with the scores of its requests.
     pub fn add(&mut self, task: Task, item: &Item, scores: &[Scored]) {
         self.items += 1;
+        let (acc, norm) = choices(task, item, scores);
         match task.kind() {
-            Kind::Choice { .. } => {
-                let acc = argmax(scores.iter().map(|s| s.logprob));
-                let per_byte = scores
-                    .iter()
-                    .zip(&item.choice_bytes)
-                    .map(|(s, &n)| s.logprob / n.max(1) as f64);
-                self.correct += usize::from(acc == item.gold);
-                self.correct_norm += usize::from(argmax(per_byte) == item.gold);
-            }
-            Kind::Partial => {
-                let acc = argmax(scores.iter().map(|s| s.logprob));
-                self.correct += usize::from(acc == item.gold);
-            }
             Kind::LastWord => {
                 self.correct += usize::from(scores[0].greedy);
                 self.logprob += scores[0].logprob;
+            }
+            _ => {
+                self.correct += usize::from(acc == item.gold);
+                self.correct_norm += usize::from(norm == Some(item.gold));
             }
         }
     }
@@ -160,6 +168,7 @@ mod tests {
                 })
                 .collect(),
             choice_bytes: bytes.to_vec(),
+            prompts: Vec::new(),
         }
     }
 

@@ -40,6 +40,11 @@ pub struct Args {
     /// Where to score: cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     pub device: String,
+    /// Also write every scored item as a JSON line to this file (with --trial): its prompts,
+    /// tokens, each choice's log-likelihood and the choices picked, for a second
+    /// implementation to check (benches/score_check.py).
+    #[arg(long, value_name = "FILE", requires = "trial")]
+    pub dump: Option<PathBuf>,
 }
 
 pub fn exec(args: Args) -> anyhow::Result<u8> {
@@ -123,8 +128,16 @@ pub fn exec(args: Args) -> anyhow::Result<u8> {
                 continue;
             }
         };
-        let metrics = score(&sweep, trial, &path, &sets, &device)
+        let model = load_model(&sweep, trial, &path, &device)
+            .with_context(|| format!("loading trial {}", trial.id))?;
+        let spec = &sweep.train;
+        let tokens = spec.batch * spec.seq_len;
+        let metrics = benchmarks::run(&model, &sets, spec.seq_len, tokens, &Solo)
             .with_context(|| format!("scoring trial {}", trial.id))?;
+        if let Some(file) = &args.dump {
+            dump(file, &model, &sets, spec.seq_len, tokens)?;
+            println!("wrote    {}", file.display());
+        }
         let step = sweep.train.steps as u64;
         for (n, v) in &metrics {
             store.record(&trial.id, step, n, *v)?;
@@ -169,14 +182,13 @@ fn recorded_sweep(store: &Store, args: &Args) -> anyhow::Result<(Sweep, u32)> {
     Ok((sweep, generation))
 }
 
-/// The benchmarks' metrics of `trial`'s model with the weights of `path`.
-fn score(
+/// `trial`'s model with the weights of `path`.
+fn load_model(
     sweep: &Sweep,
     trial: &spec::Trial,
     path: &Path,
-    sets: &[Benchmark],
     device: &candle_core::Device,
-) -> anyhow::Result<Vec<(String, f64)>> {
+) -> anyhow::Result<crate::model::Gpt> {
     let spec = &sweep.train;
     let model = train::build(trial, &sweep.dims(), spec.precision, device)?;
     let tensors = candle_core::safetensors::load(path, device)?;
@@ -186,6 +198,58 @@ fn score(
             .with_context(|| format!("{} has no tensor {}", path.display(), p.name))?;
         p.var.set(&t.to_dtype(p.var.dtype())?)?;
     }
-    let tokens = spec.batch * spec.seq_len;
-    Ok(benchmarks::run(&model, sets, spec.seq_len, tokens, &Solo)?)
+    Ok(model)
+}
+
+/// Every item of every benchmark as one JSON line: task, line, gold, prompts, tokens,
+/// continuation lengths, each request's log-likelihood and greedy match, and the choices
+/// picked by acc and acc_norm.
+fn dump(
+    file: &Path,
+    model: &crate::model::Gpt,
+    sets: &[Benchmark],
+    seq_len: usize,
+    tokens: usize,
+) -> anyhow::Result<()> {
+    use std::io::Write;
+    let device = model.params()[0].var.device().clone();
+    let mut scorer = benchmarks::ModelScorer {
+        model,
+        device: &device,
+        seq_len,
+        tokens,
+    };
+    let mut out = String::new();
+    for b in sets {
+        let requests: Vec<&benchmarks::Request> =
+            b.items.iter().flat_map(|it| &it.requests).collect();
+        let scores = benchmarks::score::Scorer::score(&mut scorer, &requests)?;
+        let mut at = 0;
+        for it in &b.items {
+            let s = &scores[at..at + it.requests.len()];
+            at += it.requests.len();
+            let (acc, norm) = benchmarks::score::choices(b.task, it, s);
+            let line = serde_json::json!({
+                "task": b.task.metric(),
+                "line": it.line,
+                "gold": it.gold,
+                "prompts": it.prompts,
+                "tokens": it.requests.iter().map(|r| &r.tokens).collect::<Vec<_>>(),
+                "cont": it.requests.iter().map(|r| r.cont).collect::<Vec<_>>(),
+                "choice_bytes": it.choice_bytes,
+                "logprob": s.iter().map(|x| x.logprob).collect::<Vec<_>>(),
+                "greedy": s.iter().map(|x| x.greedy).collect::<Vec<_>>(),
+                "acc_choice": acc,
+                "norm_choice": norm,
+            });
+            out += &line.to_string();
+            out.push('\n');
+        }
+    }
+    let tmp = file.with_extension("tmp");
+    std::fs::File::create(&tmp)
+        .and_then(|mut f| f.write_all(out.as_bytes()))
+        .and_then(|()| std::fs::rename(&tmp, file))
+        .with_context(|| format!("writing {}", file.display()))?;
+    Ok(())
 }
