@@ -127,6 +127,17 @@ enum Ended {
 
 /// Runs one claimed trial on `device` in a `sweep worker` process, turning its progress lines
 /// into the bar of `slot` and its death into a cause.
+/// This process's binary, to start workers with. On Linux `/proc/self/exe`, which stays
+/// this very binary even when the file was rebuilt or removed since the sweep started (a
+/// path would then name the new binary, or nothing).
+fn own_binary() -> anyhow::Result<std::path::PathBuf> {
+    let proc = std::path::Path::new("/proc/self/exe");
+    if cfg!(target_os = "linux") && proc.exists() {
+        return Ok(proc.to_path_buf());
+    }
+    std::env::current_exe().context("locating the sweep binary for its worker")
+}
+
 fn supervise(
     args: &Args,
     db: &std::path::Path,
@@ -135,8 +146,7 @@ fn supervise(
     progress: &Progress,
     slot: usize,
 ) -> anyhow::Result<Ended> {
-    let exe = std::env::current_exe().context("locating the sweep binary for its worker")?;
-    let mut cmd = Command::new(exe);
+    let mut cmd = Command::new(own_binary()?);
     cmd.arg("worker")
         .arg(&args.file)
         .arg("--db")
