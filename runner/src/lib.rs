@@ -17,7 +17,10 @@ pub mod memory;
 pub mod model;
 pub mod owner;
 pub mod parallel;
+pub mod plan;
+pub mod progress;
 pub mod spec;
+pub mod supervise;
 pub mod tensor_file;
 pub mod train;
 

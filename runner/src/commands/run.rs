@@ -1,24 +1,26 @@
 //! `sweep run FILE`: validate and expand the sweep, train every trial not yet finished, and
 //! record everything in the results store.
 
-use std::io::{BufRead, BufReader, IsTerminal};
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Mutex};
+use std::sync::atomic::Ordering;
+use std::sync::mpsc;
 use std::time::Instant;
 
 use anyhow::Context;
 use candle_core::Device;
-use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
-use results::{Claim, NewTrial, Status, Store};
+use results::{Claim, Status, Store};
 
 use crate::data::Dataset;
 use crate::devices::{device_groups, parse_devices};
 use crate::error::exit;
 use crate::memory;
 use crate::owner;
-use crate::spec::{self, Sweep, Trial};
+use crate::plan::{self, shown};
+use crate::progress::Progress;
+use crate::spec::{self, Sweep};
+use crate::supervise::{
+    forward_interrupt, on_ctrl_c, supervise, Ended, Job, INTERRUPTED, INTERRUPTED_EXIT,
+};
 use crate::train::ValSet;
 use crate::CODE_VERSION;
 
@@ -81,186 +83,6 @@ pub enum Retry {
     Failed,
 }
 
-/// Set by Ctrl-C: the current step finishes, its writes complete, the trial goes back to
-/// the queue (its checkpoint kept) and the run exits 130.
-static INTERRUPTED: AtomicBool = AtomicBool::new(false);
-
-/// The exit status after Ctrl-C (128 + SIGINT), as shells report it.
-pub(crate) const INTERRUPTED_EXIT: u8 = 130;
-
-/// The running workers' pids, for forwarding Ctrl-C to them.
-static WORKERS: Mutex<Vec<u32>> = Mutex::new(Vec::new());
-
-fn workers() -> std::sync::MutexGuard<'static, Vec<u32>> {
-    // A panic while holding the list cannot leave it inconsistent: recover it.
-    WORKERS.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-fn on_ctrl_c() {
-    // A second Ctrl-C does not wait for the step: SQLite's transactions keep the DB whole,
-    // and the worker dies with this process; the next run resumes its trial.
-    if INTERRUPTED.swap(true, Ordering::SeqCst) {
-        std::process::exit(i32::from(INTERRUPTED_EXIT));
-    }
-    eprintln!("\ninterrupted: finishing the current step (Ctrl-C again to stop at once)");
-    forward_interrupt();
-}
-
-/// A signal sent to `sweep run` alone (`kill -INT`, a scheduler) reaches its worker too.
-fn forward_interrupt() {
-    #[cfg(unix)]
-    for &pid in workers().iter() {
-        use nix::sys::signal::{kill, Signal};
-        let _ = kill(nix::unistd::Pid::from_raw(pid as i32), Signal::SIGINT);
-    }
-}
-
-/// How a worker ended.
-enum Ended {
-    /// It recorded the trial's outcome; the summary line it sent.
-    Finished(String),
-    /// Stopped by Ctrl-C or SIGTERM, its trial given back.
-    Interrupted,
-    /// Killed or crashed before recording an outcome: why, for the trial's error.
-    Died(String),
-}
-
-/// Runs one claimed trial on `device` in a `sweep worker` process, turning its progress lines
-/// into the bar of `slot` and its death into a cause.
-/// This process's binary, to start workers with. On Linux `/proc/self/exe`, which stays
-/// this very binary even when the file was rebuilt or removed since the sweep started (a
-/// path would then name the new binary, or nothing).
-fn own_binary() -> anyhow::Result<std::path::PathBuf> {
-    let proc = std::path::Path::new("/proc/self/exe");
-    if cfg!(target_os = "linux") && proc.exists() {
-        return Ok(proc.to_path_buf());
-    }
-    std::env::current_exe().context("locating the sweep binary for its worker")
-}
-
-fn supervise(
-    args: &Args,
-    db: &std::path::Path,
-    trial: &Trial,
-    device: &str,
-    progress: &Progress,
-    slot: usize,
-) -> anyhow::Result<Ended> {
-    let mut cmd = Command::new(own_binary()?);
-    cmd.arg("worker")
-        .arg(&args.file)
-        .arg("--db")
-        .arg(db)
-        .args(["--device", device, "--trial", &trial.id])
-        .args(["--parent", &std::process::id().to_string()]);
-    for set in &args.sets {
-        cmd.args(["--set", set]);
-    }
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .context("starting a worker process")?;
-    let pid = child.id();
-    workers().push(pid);
-    if INTERRUPTED.load(Ordering::SeqCst) {
-        forward_interrupt();
-    }
-    // The worker's stderr is shown as it comes and its last messages kept for a crash report.
-    // A backtrace (RUST_BACKTRACE) is shown but not kept: dozens of lines long, it would push
-    // out the message it follows ("memory allocation of N bytes failed").
-    let stderr = child.stderr.take().expect("piped");
-    let tail = std::thread::spawn(move || {
-        let mut tail: Vec<String> = Vec::new();
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            eprintln!("{line}");
-            if is_message(&line) {
-                tail.push(line);
-                if tail.len() > 3 {
-                    tail.remove(0);
-                }
-            }
-        }
-        tail
-    });
-    let mut summary = String::new();
-    let mut failure = None;
-    let mut last_bpb = None;
-    for line in BufReader::new(child.stdout.take().expect("piped"))
-        .lines()
-        .map_while(Result::ok)
-    {
-        let (kind, rest) = line.split_once(' ').unwrap_or((line.as_str(), ""));
-        let nums: Vec<f64> = rest.split(' ').filter_map(|x| x.parse().ok()).collect();
-        match (kind, nums.as_slice()) {
-            ("step", [step, loss]) => progress.step(slot, *step as usize, *loss, last_bpb),
-            ("eval", [step, loss, bpb]) => {
-                last_bpb = Some(*bpb);
-                progress.note(format!("step {step}: val/loss {loss:.4} val/bpb {bpb:.4}"));
-            }
-            ("line", _) => progress.println(rest.to_string()),
-            ("result", _) => summary = rest.to_string(),
-            ("fail", _) => failure = Some(rest.to_string()),
-            _ => progress.println(line.clone()),
-        }
-    }
-    let status = child.wait().context("waiting for the worker")?;
-    workers().retain(|&p| p != pid);
-    let tail = tail.join().unwrap_or_default();
-    Ok(match status.code() {
-        Some(0) => Ended::Finished(summary),
-        Some(c) if c == i32::from(INTERRUPTED_EXIT) => Ended::Interrupted,
-        _ if INTERRUPTED.load(Ordering::SeqCst) => Ended::Interrupted,
-        _ if failure.is_some() => Ended::Died(failure.expect("matched")),
-        code => Ended::Died(death(code, &status, &tail)),
-    })
-}
-
-/// Why a worker died, from its exit status and the last messages it wrote (at most 3).
-fn death(code: Option<i32>, status: &std::process::ExitStatus, tail: &[String]) -> String {
-    let how = match code {
-        Some(c) => format!("exited with status {c}"),
-        None => {
-            #[cfg(unix)]
-            {
-                use std::os::unix::process::ExitStatusExt;
-                match status.signal() {
-                    Some(6) => "was aborted (SIGABRT; a failed memory allocation aborts so)".into(),
-                    Some(9) => {
-                        "was killed (SIGKILL; the kernel's out-of-memory killer sends it)".into()
-                    }
-                    Some(11) => "crashed (SIGSEGV)".into(),
-                    Some(s) => format!("was killed by signal {s}"),
-                    None => "ended without a status".into(),
-                }
-            }
-            #[cfg(not(unix))]
-            {
-                let _ = status;
-                "ended without a status".to_string()
-            }
-        }
-    };
-    if tail.is_empty() {
-        format!("the worker process training this trial {how}")
-    } else {
-        format!(
-            "the worker process training this trial {how}: {}",
-            tail.join(" | ")
-        )
-    }
-}
-
-/// Whether a line of a worker's stderr is a message rather than part of a backtrace (frames
-/// and their locations are indented) or its notes.
-fn is_message(line: &str) -> bool {
-    !(line.is_empty()
-        || line.starts_with(char::is_whitespace)
-        || line.starts_with("stack backtrace")
-        || line.starts_with("note: "))
-}
-
 pub fn exec(mut args: Args) -> anyhow::Result<u8> {
     if let Some(n) = args.gpus_per_trial {
         // After the file's own --set overrides, and passed on to the workers with them.
@@ -270,7 +92,7 @@ pub fn exec(mut args: Args) -> anyhow::Result<u8> {
     let devices = parse_devices(&args.device)?;
     let slots = device_groups(&devices, sweep.train.gpus_per_trial, &args.device)?;
     if args.dry_run {
-        print!("{}", plan(&sweep));
+        print!("{}", plan::dry_run(&sweep));
         return Ok(exit::OK);
     }
     let on_cpu = devices.iter().filter(|d| *d == "cpu").count() as f64;
@@ -306,27 +128,12 @@ pub fn exec(mut args: Args) -> anyhow::Result<u8> {
     let trials = spec::salted(sweep.trials.clone(), generation);
     let in_shard = |id: &str| args.shard.is_none_or(|(k, n)| spec::shard_of(id, n) == k);
     let retry_failed = args.retry == Some(Retry::Failed);
-    let (mut todo, mut finished, mut failed_before) = (Vec::new(), 0, 0);
-    // Positions are the trial's place in the whole sweep, so that merged shards keep order.
-    for (i, t) in trials.iter().enumerate().filter(|(_, t)| in_shard(&t.id)) {
-        let status = store.register_trial(
-            sweep_id,
-            i,
-            &NewTrial {
-                id: &t.id,
-                seed: t.seed,
-                label: &t.label,
-                config: &t.config,
-            },
-        )?;
-        match status {
-            Status::Done | Status::Diverged => finished += 1,
-            Status::Failed if !retry_failed => failed_before += 1,
-            _ => todo.push(i),
-        }
-    }
-    let ids: Vec<&str> = trials.iter().map(|t| t.id.as_str()).collect();
-    let dropped = store.keep_only(sweep_id, &ids, &in_shard)?;
+    let plan::Registered {
+        todo,
+        finished,
+        failed_before,
+        dropped,
+    } = plan::register(&store, sweep_id, &trials, args.shard, retry_failed)?;
     let failed_note = if failed_before > 0 {
         format!(", {failed_before} failed before: rerun them with --retry failed")
     } else {
@@ -357,6 +164,11 @@ pub fn exec(mut args: Args) -> anyhow::Result<u8> {
     }
 
     ctrlc::set_handler(on_ctrl_c).context("installing the Ctrl-C handler")?;
+    let job = Job {
+        file: &args.file,
+        sets: &args.sets,
+        db: &db,
+    };
     let me = owner::me();
     let progress = Progress::new(todo.len() * sweep.train.steps, sweep.train.steps, &slots);
     let mut busy = 0;
@@ -394,11 +206,10 @@ pub fn exec(mut args: Args) -> anyhow::Result<u8> {
                     trial.seed
                 );
                 progress.start(slot, &name);
-                let (args, db, device, progress, done) =
-                    (&args, &db, &slots[slot], &progress, done.clone());
+                let (job, device, progress, done) = (&job, &slots[slot], &progress, done.clone());
                 scope.spawn(move || {
                     let started = Instant::now();
-                    let ended = supervise(args, db, trial, device, progress, slot);
+                    let ended = supervise(job, trial, device, progress, slot);
                     let _ = done.send((slot, k, i, ended, started.elapsed().as_secs_f64()));
                 });
                 running += 1;
@@ -470,159 +281,6 @@ pub fn exec(mut args: Args) -> anyhow::Result<u8> {
     }
     let failed = rows.iter().filter(|r| r.status == Status::Failed).count();
     Ok(if failed > 0 { exit::FAILED } else { exit::OK })
-}
-
-/// A trial's label for tables: `-` when nothing varies.
-fn shown(label: &str) -> &str {
-    if label.is_empty() {
-        "-"
-    } else {
-        label
-    }
-}
-
-/// Bars on a terminal (the sweep's steps with ETA, one per device for its current trial);
-/// plain lines otherwise, for logs.
-struct Progress {
-    multi: MultiProgress,
-    total: ProgressBar,
-    trials: Vec<ProgressBar>,
-    tty: bool,
-}
-
-impl Progress {
-    fn new(total_steps: usize, steps: usize, devices: &[String]) -> Self {
-        let tty = std::io::stderr().is_terminal();
-        let target = if tty {
-            ProgressDrawTarget::stderr()
-        } else {
-            ProgressDrawTarget::hidden()
-        };
-        let multi = MultiProgress::with_draw_target(target);
-        let total = multi.add(ProgressBar::new(total_steps as u64));
-        total.set_style(
-            ProgressStyle::with_template(
-                "sweep  [{elapsed_precise}] {bar:30.cyan/blue} {pos}/{len} steps, ETA {eta}",
-            )
-            .expect("valid template"),
-        );
-        let trials = devices
-            .iter()
-            .map(|_| {
-                let bar = multi.add(ProgressBar::new(steps as u64));
-                bar.set_style(
-                    ProgressStyle::with_template("{prefix} step {pos}/{len} {msg}")
-                        .expect("valid template"),
-                );
-                bar
-            })
-            .collect();
-        Self {
-            multi,
-            total,
-            trials,
-            tty,
-        }
-    }
-
-    fn start(&self, slot: usize, prefix: &str) {
-        let bar = &self.trials[slot];
-        bar.reset();
-        bar.set_prefix(prefix.to_string());
-        bar.set_message("");
-        if !self.tty {
-            eprintln!("{prefix}");
-        }
-    }
-
-    fn step(&self, slot: usize, step: usize, loss: f64, bpb: Option<f64>) {
-        let bar = &self.trials[slot];
-        bar.set_position(step as u64);
-        self.total.inc(1);
-        let bpb = bpb
-            .map(|b| format!(" | val/bpb {b:.3}"))
-            .unwrap_or_default();
-        bar.set_message(format!("| loss {loss:.4}{bpb}"));
-    }
-
-    fn note(&self, line: String) {
-        if !self.tty {
-            eprintln!("  {line}");
-        }
-    }
-
-    fn println(&self, line: String) {
-        if self.tty {
-            let _ = self.multi.println(line);
-        } else {
-            eprintln!("{line}");
-        }
-    }
-
-    fn finish(&self) {
-        self.trials.iter().for_each(ProgressBar::finish_and_clear);
-        self.total.finish_and_clear();
-    }
-}
-
-/// The dry-run table: every trial and the full components of every cell.
-pub fn plan(sweep: &Sweep) -> String {
-    let dims = sweep.dims();
-    let cells = sweep.trials.len() / sweep.seeds.len();
-    let mut s = format!(
-        "sweep {}: {} trials = {cells} cells x {} seeds ({})\n",
-        sweep.name,
-        sweep.trials.len(),
-        sweep.seeds.len(),
-        sweep.source.path.display()
-    );
-    let train = &sweep.train;
-    let mut batch = train.batch.to_string();
-    if train.gpus_per_trial > 1 {
-        batch += &format!(" x {} ranks", train.gpus_per_trial);
-    }
-    if train.grad_accum > 1 {
-        batch += &format!(" x {} micro-batches", train.grad_accum);
-    }
-    s += &format!(
-        "model: d_model {}, n_layers {}, vocab {}; train: {} steps of {batch} x {} tokens, \
-         eval every {}\n\n",
-        dims.d_model,
-        dims.n_layers,
-        dims.vocab,
-        train.steps,
-        train.seq_len,
-        train.eval_every()
-    );
-    s += &format!(
-        "{:>4}  {:<16}  {:>4}  {:>4}  label\n",
-        "#", "id", "seed", "cell"
-    );
-    for (i, t) in sweep.trials.iter().enumerate() {
-        s += &format!(
-            "{i:>4}  {:<16}  {:>4}  {:>4}  {}\n",
-            t.id,
-            t.seed,
-            t.cell_index,
-            shown(&t.label)
-        );
-    }
-    s += "\ncells:\n";
-    for t in sweep.trials.iter().take(cells) {
-        let parts: Vec<&str> = t
-            .config
-            .lines()
-            .filter_map(|l| {
-                let l = l.trim().trim_end_matches(',');
-                registry::Slot::ALL
-                    .iter()
-                    .any(|s| l.starts_with(&format!("{}: ", s.key())))
-                    .then_some(l)
-            })
-            .collect();
-        s += &format!("{:>4}  {}\n", t.cell_index, parts.join("  "));
-    }
-    s
 }
 
 /// The end-of-run table of every trial of the sweep, from the store.

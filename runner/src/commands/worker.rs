@@ -21,13 +21,13 @@ use anyhow::Context;
 use results::{Status, Store};
 
 use crate::checkpoint::{Checkpoints, Manifest};
-use crate::commands::run::INTERRUPTED_EXIT;
 use crate::data::Dataset;
 use crate::devices::parse_devices;
 use crate::error::{exit, InputError};
 use crate::gpu;
 use crate::parallel::{self, Rank};
 use crate::spec::{Sweep, Trial};
+use crate::supervise::INTERRUPTED_EXIT;
 use crate::train::{self, Observer, Outcome, ValSet};
 use crate::CODE_VERSION;
 

@@ -1,0 +1,126 @@
+//! Planning a run: which trials of a sweep (of this shard) are registered, finished,
+//! failed before or still to train, and the dry-run table of what a sweep would train.
+
+use results::{NewTrial, Status, Store};
+
+use crate::spec::{self, Sweep, Trial};
+
+/// What registering a sweep's trials found.
+pub struct Registered {
+    /// Positions (in the sweep's trials) still to train, in order.
+    pub todo: Vec<usize>,
+    /// Done or diverged before this run.
+    pub finished: usize,
+    /// Failed before, left alone without `--retry failed`.
+    pub failed_before: usize,
+    /// Trials of an earlier version of the file, no longer in it.
+    pub dropped: usize,
+}
+
+/// Registers the trials of shard `shard` (all without one) in sweep record `sweep_id` and
+/// sorts them into what to train; trials of the record no longer in the sweep leave it.
+pub fn register(
+    store: &Store,
+    sweep_id: i64,
+    trials: &[Trial],
+    shard: Option<(u64, u64)>,
+    retry_failed: bool,
+) -> anyhow::Result<Registered> {
+    let in_shard = |id: &str| shard.is_none_or(|(k, n)| spec::shard_of(id, n) == k);
+    let (mut todo, mut finished, mut failed_before) = (Vec::new(), 0, 0);
+    // Positions are the trial's place in the whole sweep, so that merged shards keep order.
+    for (i, t) in trials.iter().enumerate().filter(|(_, t)| in_shard(&t.id)) {
+        let status = store.register_trial(
+            sweep_id,
+            i,
+            &NewTrial {
+                id: &t.id,
+                seed: t.seed,
+                label: &t.label,
+                config: &t.config,
+            },
+        )?;
+        match status {
+            Status::Done | Status::Diverged => finished += 1,
+            Status::Failed if !retry_failed => failed_before += 1,
+            _ => todo.push(i),
+        }
+    }
+    let ids: Vec<&str> = trials.iter().map(|t| t.id.as_str()).collect();
+    let dropped = store.keep_only(sweep_id, &ids, &in_shard)?;
+    Ok(Registered {
+        todo,
+        finished,
+        failed_before,
+        dropped,
+    })
+}
+
+/// A trial's label for tables: `-` when nothing varies.
+pub fn shown(label: &str) -> &str {
+    if label.is_empty() {
+        "-"
+    } else {
+        label
+    }
+}
+
+/// The dry-run table: every trial and the full components of every cell.
+pub fn dry_run(sweep: &Sweep) -> String {
+    let dims = sweep.dims();
+    let cells = sweep.trials.len() / sweep.seeds.len();
+    let mut s = format!(
+        "sweep {}: {} trials = {cells} cells x {} seeds ({})\n",
+        sweep.name,
+        sweep.trials.len(),
+        sweep.seeds.len(),
+        sweep.source.path.display()
+    );
+    let train = &sweep.train;
+    let mut batch = train.batch.to_string();
+    if train.gpus_per_trial > 1 {
+        batch += &format!(" x {} ranks", train.gpus_per_trial);
+    }
+    if train.grad_accum > 1 {
+        batch += &format!(" x {} micro-batches", train.grad_accum);
+    }
+    s += &format!(
+        "model: d_model {}, n_layers {}, vocab {}; train: {} steps of {batch} x {} tokens, \
+         eval every {}\n\n",
+        dims.d_model,
+        dims.n_layers,
+        dims.vocab,
+        train.steps,
+        train.seq_len,
+        train.eval_every()
+    );
+    s += &format!(
+        "{:>4}  {:<16}  {:>4}  {:>4}  label\n",
+        "#", "id", "seed", "cell"
+    );
+    for (i, t) in sweep.trials.iter().enumerate() {
+        s += &format!(
+            "{i:>4}  {:<16}  {:>4}  {:>4}  {}\n",
+            t.id,
+            t.seed,
+            t.cell_index,
+            shown(&t.label)
+        );
+    }
+    s += "\ncells:\n";
+    for t in sweep.trials.iter().take(cells) {
+        let parts: Vec<&str> = t
+            .config
+            .lines()
+            .filter_map(|l| {
+                let l = l.trim().trim_end_matches(',');
+                registry::Slot::ALL
+                    .iter()
+                    .any(|s| l.starts_with(&format!("{}: ", s.key())))
+                    .then_some(l)
+            })
+            .collect();
+        s += &format!("{:>4}  {}\n", t.cell_index, parts.join("  "));
+    }
+    s
+}
