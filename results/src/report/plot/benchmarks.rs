@@ -6,9 +6,9 @@
 use plotters::coord::Shift;
 use plotters::prelude::*;
 
-use super::bpb::{draw_dots, Item};
+use super::bpb::{draw_dots, legend, Item};
 use super::{chart_backends, Chart, DrawResult};
-use crate::report::{Report, VsBaseline};
+use crate::report::Report;
 use crate::{Error, Result, Status};
 
 struct Panel {
@@ -31,13 +31,8 @@ impl BenchChart {
                 .iter()
                 .filter_map(|r| {
                     let s = r.summary(&metric)?;
-                    let baseline = r.vs_baseline == Some(VsBaseline::IsBaseline);
                     Some(Item {
-                        name: if baseline {
-                            format!("{} (baseline)", r.name)
-                        } else {
-                            r.name.clone()
-                        },
+                        name: legend(r),
                         mean: s.mean,
                         ci: s.ci95,
                         seeds: r

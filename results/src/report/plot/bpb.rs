@@ -6,8 +6,17 @@ use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
 
 use super::{chart_backends, color, label_font, padded, tick_font, title_font, Chart, DrawResult};
-use crate::report::{Report, VsBaseline};
+use crate::report::{Report, Row, VsBaseline};
 use crate::{Error, Result};
+
+/// A configuration's name in a chart, the baseline marked.
+pub(super) fn legend(r: &Row) -> String {
+    if r.vs_baseline == Some(VsBaseline::IsBaseline) {
+        format!("{} (baseline)", r.name)
+    } else {
+        r.name.clone()
+    }
+}
 
 /// One configuration's dot: its mean, 95% interval and seeds.
 pub(super) struct Item {
@@ -31,13 +40,8 @@ impl BpbChart {
             .iter()
             .filter_map(|r| {
                 let s = r.bpb?;
-                let is_baseline = r.vs_baseline == Some(VsBaseline::IsBaseline);
                 Some(Item {
-                    name: if is_baseline {
-                        format!("{} (baseline)", r.name)
-                    } else {
-                        r.name.clone()
-                    },
+                    name: legend(r),
                     mean: s.mean,
                     ci: s.ci95,
                     seeds: r.bpb_seeds.iter().map(|(_, v)| *v).collect(),
