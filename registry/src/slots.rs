@@ -97,17 +97,31 @@ pub trait Sublayer: Send + Sync {
 /// A token mixer (causal self-attention and its variants).
 pub trait Attention: Spec {
     fn build(&self, dims: &Dims, p: &ParamBuilder) -> Result<Box<dyn Sublayer>>;
+
+    /// Forward FLOPs per token of one such sublayer at context `dims.seq_len`: its matrix
+    /// products, 2 per multiply-add (projections, and the scores and weighted values over
+    /// the causal average of (T + 1) / 2 keys). Element-wise work is not counted.
+    fn flops(&self, dims: &Dims) -> f64;
 }
 
 /// A channel mixer (the feed-forward network).
 pub trait Ffn: Spec {
     fn build(&self, dims: &Dims, p: &ParamBuilder) -> Result<Box<dyn Sublayer>>;
+
+    /// Forward FLOPs per token of one such sublayer: its matrix products, 2 per
+    /// multiply-add.
+    fn flops(&self, dims: &Dims) -> f64;
 }
 
 /// A residual connection scheme. It owns the stream state between the embedding and the
 /// final norm: a single stream for the plain residual, n streams for Hyper-Connections.
 pub trait Residual: Spec {
     fn build(&self, dims: &Dims, p: &ParamBuilder) -> Result<Box<dyn Stream>>;
+
+    /// Forward FLOPs per token of the scheme's own work around one sublayer: its projections
+    /// and its mixing of the streams (matrix products, 2 per multiply-add); 0 for the plain
+    /// residual.
+    fn flops(&self, dims: &Dims) -> f64;
 }
 
 /// The built residual scheme of one model.

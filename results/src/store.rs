@@ -11,7 +11,7 @@ use crate::{Error, Result, Status};
 
 /// Bumped whenever a table changes shape. An older DB is migrated in place when opened (see
 /// [`MIGRATIONS`]); a newer one is refused.
-pub const SCHEMA_VERSION: u32 = 4;
+pub const SCHEMA_VERSION: u32 = 5;
 
 /// The statements that take a DB from version i + 1 to i + 2, in order.
 const MIGRATIONS: &[&str] = &[
@@ -25,6 +25,10 @@ const MIGRATIONS: &[&str] = &[
     // 3 -> 4: the final weights' checksum (the checkpoints and events tables are new, and
     // made by SCHEMA itself).
     "ALTER TABLE trials ADD COLUMN weights_sha256 TEXT;",
+    // 4 -> 5: the trial's compute (training FLOPs per token, tokens, training FLOPs).
+    "ALTER TABLE trials ADD COLUMN flops_per_token REAL;
+     ALTER TABLE trials ADD COLUMN tokens INTEGER;
+     ALTER TABLE trials ADD COLUMN train_flops REAL;",
 ];
 
 /// Metric rows are buffered and written in one transaction once this many are pending.
@@ -64,7 +68,10 @@ CREATE TABLE IF NOT EXISTS trials (
     wall_s       REAL,
     owner        TEXT,
     heartbeat_at TEXT,
-    weights_sha256 TEXT
+    weights_sha256 TEXT,
+    flops_per_token REAL,
+    tokens       INTEGER,
+    train_flops  REAL
 );
 CREATE TABLE IF NOT EXISTS sweep_trials (
     sweep_id INTEGER NOT NULL REFERENCES sweeps(id),
@@ -470,6 +477,22 @@ impl Store {
         self.attempt(id, None, device, code_version, params)
     }
 
+    /// Records a trial's compute: training FLOPs per token (forward and backward), the
+    /// tokens it trains on, and their product.
+    pub fn set_compute(
+        &self,
+        id: &str,
+        flops_per_token: f64,
+        tokens: u64,
+        train_flops: f64,
+    ) -> Result<()> {
+        self.conn.execute(
+            "UPDATE trials SET flops_per_token = ?2, tokens = ?3, train_flops = ?4 WHERE id = ?1",
+            params![id, flops_per_token, tokens as i64, train_flops],
+        )?;
+        Ok(())
+    }
+
     /// Marks a trial running again from a checkpoint after `step`: the metrics it recorded
     /// up to that step stay, later ones (from the attempt that died) go.
     pub fn resume_trial(
@@ -817,11 +840,13 @@ mod tests {
             let v1 = SCHEMA
                 .replace("    n_params_embedding INTEGER,\n", "")
                 .replace(
-                    ",\n    owner        TEXT,\n    heartbeat_at TEXT,\n    weights_sha256 TEXT\n",
+                    ",\n    owner        TEXT,\n    heartbeat_at TEXT,\n    weights_sha256 TEXT,\n    \
+                     flops_per_token REAL,\n    tokens       INTEGER,\n    train_flops  REAL\n",
                     "\n",
                 )
                 .replace(",\n    generation   INTEGER NOT NULL DEFAULT 0\n", "\n");
             assert!(!v1.contains("owner") && !v1.contains("generation") && !v1.contains("weights"));
+            assert!(!v1.contains("flops_per_token") && !v1.contains("train_flops"));
             conn.execute_batch(&v1)?;
             conn.execute_batch(
                 "INSERT INTO meta VALUES ('schema_version', '1');

@@ -107,8 +107,9 @@ pub fn dry_run(sweep: &Sweep) -> String {
             shown(&t.label)
         );
     }
-    s += "\ncells:\n";
+    s += "\ncells (forward FLOPs per token, counted as the README says; training is 3x):\n";
     for t in sweep.trials.iter().take(cells) {
+        let b = crate::flops::budget(&t.cell, &dims, train);
         let parts: Vec<&str> = t
             .config
             .lines()
@@ -120,7 +121,29 @@ pub fn dry_run(sweep: &Sweep) -> String {
                     .then_some(l)
             })
             .collect();
-        s += &format!("{:>4}  {}\n", t.cell_index, parts.join("  "));
+        s += &format!(
+            "{:>4}  {:>9} fwd/token, {:.3e} training FLOPs  {}\n",
+            t.cell_index,
+            si(b.forward_per_token),
+            b.train_flops,
+            parts.join("  ")
+        );
     }
     s
+}
+
+/// 3 significant digits with an SI prefix: `215 k`, `3.38 G`.
+fn si(v: f64) -> String {
+    let (scaled, prefix) = [(1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")]
+        .into_iter()
+        .find(|(p, _)| v >= *p)
+        .map_or((v, ""), |(p, name)| (v / p, name));
+    let digits = if scaled >= 100.0 {
+        0
+    } else if scaled >= 10.0 {
+        1
+    } else {
+        2
+    };
+    format!("{scaled:.digits$} {prefix}")
 }

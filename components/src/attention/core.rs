@@ -43,6 +43,16 @@ impl AttentionShape {
         Ok(())
     }
 
+    /// Forward FLOPs per token: the q, k, v and output projections, and QK^T and the weighted
+    /// values over the causal average of (T + 1) / 2 keys, 2 per multiply-add.
+    pub fn flops(&self, dims: &Dims) -> f64 {
+        let c = dims.d_model as f64;
+        let kv = (self.kv_heads * (dims.d_model / self.heads)) as f64;
+        let projections = 2.0 * (c * c + 2.0 * c * kv + c * c);
+        let keys = (dims.seq_len as f64 + 1.0) / 2.0;
+        projections + 2.0 * 2.0 * c * keys
+    }
+
     /// The checks every attention shares against the model's width.
     pub fn check(&self, dims: &Dims) -> std::result::Result<(), String> {
         if self.heads == 0 || self.kv_heads == 0 {

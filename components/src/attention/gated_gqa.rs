@@ -88,6 +88,15 @@ impl Attention for GatedGqa {
     fn build(&self, dims: &Dims, p: &ParamBuilder) -> Result<Box<dyn Sublayer>> {
         Ok(Box::new(self.build_gated(dims, p)?))
     }
+
+    /// The attention's, and the gate's projection (C -> C or C -> heads).
+    fn flops(&self, dims: &Dims) -> f64 {
+        let width = match self.gate {
+            Gate::Elementwise => dims.d_model,
+            Gate::Headwise => self.heads,
+        };
+        self.ungated().shape().flops(dims) + 2.0 * (dims.d_model * width) as f64
+    }
 }
 
 impl GatedGqa {

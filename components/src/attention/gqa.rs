@@ -56,6 +56,10 @@ impl Attention for Gqa {
     fn build(&self, dims: &Dims, p: &ParamBuilder) -> Result<Box<dyn Sublayer>> {
         Ok(Box::new(CausalSelfAttention::new(self.shape(), dims, p)?))
     }
+
+    fn flops(&self, dims: &Dims) -> f64 {
+        self.shape().flops(dims)
+    }
 }
 
 inventory::submit! {

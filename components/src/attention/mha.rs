@@ -56,6 +56,10 @@ impl Attention for Mha {
     fn build(&self, dims: &Dims, p: &ParamBuilder) -> Result<Box<dyn Sublayer>> {
         self.as_gqa().build(dims, p)
     }
+
+    fn flops(&self, dims: &Dims) -> f64 {
+        self.as_gqa().flops(dims)
+    }
 }
 
 inventory::submit! {

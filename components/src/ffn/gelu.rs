@@ -29,6 +29,10 @@ impl Ffn for Gelu {
     fn build(&self, dims: &Dims, p: &ParamBuilder) -> Result<Box<dyn Sublayer>> {
         Ok(Box::new(Mlp::new(self.mult, Kind::GeluErf, dims, p)?))
     }
+
+    fn flops(&self, dims: &Dims) -> f64 {
+        super::two_matrix_flops(self.mult, dims)
+    }
 }
 
 inventory::submit! {

@@ -42,6 +42,11 @@ impl Sublayer for Mlp {
 
 /// Hidden width for a multiplier of d_model, rounded to a multiple of 8 (kernel-friendly)
 /// and never below 8.
+/// Forward FLOPs per token of a two-matrix MLP: up (C -> H) and down (H -> C).
+pub(crate) fn two_matrix_flops(mult: f64, dims: &Dims) -> f64 {
+    2.0 * 2.0 * (dims.d_model * hidden_width(mult, dims.d_model)) as f64
+}
+
 pub(crate) fn hidden_width(mult: f64, d_model: usize) -> usize {
     (((mult * d_model as f64) / 8.0).round() as usize).max(1) * 8
 }

@@ -31,6 +31,10 @@ impl Ffn for Relu2 {
     fn build(&self, dims: &Dims, p: &ParamBuilder) -> Result<Box<dyn Sublayer>> {
         Ok(Box::new(Mlp::new(self.mult, Kind::Relu2, dims, p)?))
     }
+
+    fn flops(&self, dims: &Dims) -> f64 {
+        super::two_matrix_flops(self.mult, dims)
+    }
 }
 
 inventory::submit! {

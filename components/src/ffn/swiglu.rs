@@ -55,6 +55,11 @@ impl Ffn for SwiGlu {
             )?,
         }))
     }
+
+    /// gate, up (C -> H) and down (H -> C).
+    fn flops(&self, dims: &Dims) -> f64 {
+        2.0 * 3.0 * (dims.d_model * hidden_width(self.mult, dims.d_model)) as f64
+    }
 }
 
 inventory::submit! {

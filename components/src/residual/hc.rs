@@ -148,6 +148,19 @@ impl Residual for Hc {
             connections,
         }))
     }
+
+    /// The width and depth connections on the n streams (pre: n -> 1, res: n -> n, post:
+    /// 1 -> n, each over C channels) and, when dynamic, the projection of each normed stream
+    /// row to its n + 2 coefficients.
+    fn flops(&self, dims: &Dims) -> f64 {
+        let (n, c) = (self.streams as f64, dims.d_model as f64);
+        let dynamic = if self.dynamic {
+            2.0 * n * c * (n + 2.0)
+        } else {
+            0.0
+        };
+        super::mixing_flops(self.streams, dims) + dynamic
+    }
 }
 
 inventory::submit! {

@@ -138,6 +138,11 @@ impl Residual for Laurel {
             .collect::<Result<_>>()?;
         Ok(Box::new(LaurelStream { connections }))
     }
+
+    /// The rank-r map B A x (C -> r -> C); the RW form's scalars are element-wise.
+    fn flops(&self, dims: &Dims) -> f64 {
+        2.0 * 2.0 * (dims.d_model * self.rank) as f64
+    }
 }
 
 inventory::submit! {

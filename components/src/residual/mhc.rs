@@ -164,6 +164,13 @@ impl Residual for Mhc {
             connections,
         }))
     }
+
+    /// The mixing of the n streams as Hc's, and phi projecting the normed state (n C) to
+    /// the 2n + n^2 coefficient logits (Sinkhorn's rounds on n x n are element-wise).
+    fn flops(&self, dims: &Dims) -> f64 {
+        let (n, c) = (self.streams as f64, dims.d_model as f64);
+        super::mixing_flops(self.streams, dims) + 2.0 * n * c * (2.0 * n + n * n)
+    }
 }
 
 inventory::submit! {

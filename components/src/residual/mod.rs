@@ -62,6 +62,13 @@ pub(crate) fn connect(
     carried + post.to_dtype(dtype)?.broadcast_matmul(&out)?
 }
 
+/// Forward FLOPs per token of one hyper-connection's mixing on n streams of width C: the
+/// read-out pre (n -> 1), the carried state res (n -> n) and the write-back post (1 -> n).
+pub(crate) fn mixing_flops(n: usize, dims: &registry::Dims) -> f64 {
+    let (n, c) = (n as f64, dims.d_model as f64);
+    2.0 * c * (n + n * n + n)
+}
+
 /// Per-token n x n maps (.., n, n) averaged over the tokens: (n, n).
 pub(crate) fn token_mean(maps: &Tensor, n: usize) -> Result<Tensor> {
     maps.reshape(((), n, n))?.mean(0)

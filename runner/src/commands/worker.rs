@@ -254,6 +254,8 @@ fn run_trial(
             }
             None => store.start_trial(&trial.id, on, CODE_VERSION, count)?,
         }
+        let b = crate::flops::budget(&trial.cell, dims, setting.spec);
+        store.set_compute(&trial.id, b.train_per_token, b.tokens, b.train_flops)?;
     }
     let lead = store.is_some();
     let mut recorder = store.map(|store| Recorder {
