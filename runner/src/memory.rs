@@ -36,35 +36,35 @@ pub fn available() -> Option<f64> {
 
 /// Refuses the sweep when its largest trial's estimate exceeds `limit` bytes.
 pub fn check(sweep: &Sweep, limit: f64, device: &str) -> Result<(), InputError> {
-    let dims = sweep.dims();
-    let mut worst: Option<(f64, &str)> = None;
+    let mut worst: Option<(f64, &crate::spec::Trial)> = None;
     for t in &sweep.trials {
+        let dims = &t.dims;
         let heads = crate::spec::factors(&t.config)
             .iter()
             .find(|(k, _)| k == "attention.heads")
             .and_then(|(_, v)| v.parse().ok())
             .unwrap_or((dims.d_model / 64).max(1));
-        let need = estimate(&dims, sweep.train.batch, heads);
+        let need = estimate(dims, sweep.train.batch, heads);
         if worst.is_none_or(|(w, _)| need > w) {
-            worst = Some((need, t.label.as_str()));
+            worst = Some((need, t));
         }
     }
     match worst {
-        Some((need, label)) if need > limit => Err(InputError::new(format!(
+        Some((need, t)) if need > limit => Err(InputError::new(format!(
             "{}: a trial ({}) needs about {} (weights, gradients, optimizer state and \
              activations of d_model {}, {} layers, batch {} x {} tokens), more than the {} \
              {device} has available; make the model, batch or seq_len smaller",
             sweep.source.path.display(),
-            if label.is_empty() {
+            if t.label.is_empty() {
                 "the only cell"
             } else {
-                label
+                &t.label
             },
             gib(need),
-            dims.d_model,
-            dims.n_layers,
+            t.dims.d_model,
+            t.dims.n_layers,
             sweep.train.batch,
-            dims.seq_len,
+            t.dims.seq_len,
             gib(limit),
         ))),
         _ => Ok(()),

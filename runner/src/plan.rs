@@ -67,7 +67,6 @@ pub fn shown(label: &str) -> &str {
 
 /// The dry-run table: every trial and the full components of every cell.
 pub fn dry_run(sweep: &Sweep) -> String {
-    let dims = sweep.dims();
     let cells = sweep.trials.len() / sweep.seeds.len();
     let mut s = format!(
         "sweep {}: {} trials = {cells} cells x {} seeds ({})\n",
@@ -84,12 +83,15 @@ pub fn dry_run(sweep: &Sweep) -> String {
     if train.grad_accum > 1 {
         batch += &format!(" x {} micro-batches", train.grad_accum);
     }
+    let shapes: Vec<String> = sweep
+        .shapes
+        .iter()
+        .map(|m| format!("d_model {}, n_layers {}", m.d_model, m.n_layers))
+        .collect();
     s += &format!(
-        "model: d_model {}, n_layers {}, vocab {}; train: {} steps of {batch} x {} tokens, \
-         eval every {}\n\n",
-        dims.d_model,
-        dims.n_layers,
-        dims.vocab,
+        "model: {}; vocab {}; train: {} steps of {batch} x {} tokens, eval every {}\n\n",
+        shapes.join(" | "),
+        sweep.dims().vocab,
         train.steps,
         train.seq_len,
         train.eval_every()
@@ -109,7 +111,7 @@ pub fn dry_run(sweep: &Sweep) -> String {
     }
     s += "\ncells (forward FLOPs per token, counted as the README says; training is 3x):\n";
     for t in sweep.trials.iter().take(cells) {
-        let b = crate::flops::budget(&t.cell, &dims, train);
+        let b = crate::flops::budget(&t.cell, &t.dims, train);
         let parts: Vec<&str> = t
             .config
             .lines()

@@ -675,13 +675,8 @@ mod tests {
             from: Option<&Manifest>,
         ) -> (Result<Outcome>, Log) {
             let trial = self.trial();
-            let model = build(
-                trial,
-                &self.sweep.dims(),
-                self.sweep.train.precision,
-                &Device::Cpu,
-            )
-            .unwrap();
+            let model =
+                build(trial, &trial.dims, self.sweep.train.precision, &Device::Cpu).unwrap();
             let mut log = Log {
                 crash_at,
                 ..Log::default()

@@ -98,7 +98,7 @@ mod tests {
             Sweep::from_source(Source::from_text(std::path::Path::new("s.ron"), text)).unwrap();
         let m = crate::train::build(
             &sweep.trials[0],
-            &sweep.dims(),
+            &sweep.trials[0].dims,
             sweep.train.precision,
             &Device::Cpu,
         )

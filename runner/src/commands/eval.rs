@@ -190,7 +190,7 @@ fn load_model(
     device: &candle_core::Device,
 ) -> anyhow::Result<crate::model::Gpt> {
     let spec = &sweep.train;
-    let model = train::build(trial, &sweep.dims(), spec.precision, device)?;
+    let model = train::build(trial, &trial.dims, spec.precision, device)?;
     let tensors = candle_core::safetensors::load(path, device)?;
     for p in model.params() {
         let t = tensors

@@ -139,7 +139,7 @@ pub fn exec(args: Args) -> anyhow::Result<u8> {
             store,
             trial,
             setting,
-            &sweep.dims(),
+            &trial.dims,
             &pipe,
             (&ckpt, from),
             &on,

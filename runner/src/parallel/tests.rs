@@ -186,7 +186,7 @@ fn curve(sets: &[&str], devices: &[&str]) -> (Rows, bool) {
     let devices: Vec<String> = devices.iter().map(|d| d.to_string()).collect();
     let body = |rank: Rank| -> anyhow::Result<(Rows, Vec<f32>)> {
         let val = ValSet::new(&data.val, data.tokenizer, &sweep.train, &rank.device)?;
-        let model = train::build(trial, &sweep.dims(), sweep.train.precision, &rank.device)?;
+        let model = train::build(trial, &trial.dims, sweep.train.precision, &rank.device)?;
         let setting = Setting {
             spec: &sweep.train,
             data: &data,

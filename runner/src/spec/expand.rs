@@ -43,6 +43,8 @@ pub struct Trial {
     /// Index of the cell in the grid (the same for every seed).
     pub cell_index: usize,
     pub cell: Cell,
+    /// The model's shape (one of the sweep's size axes' combinations).
+    pub dims: Dims,
     /// The components that vary across the sweep, e.g. `ffn=Gelu optimizer.lr=0.003`.
     pub label: String,
     /// The fully resolved configuration, RON: what the id hashes and the DB stores.
@@ -58,7 +60,12 @@ pub struct Shared<'a> {
     /// Zero-shot benchmarks; like `evals`, in the config only when there are some.
     pub benchmarks: &'a [crate::benchmarks::BenchmarkSpec],
     pub train: &'a TrainSpec,
-    pub model: &'a ModelSpec,
+}
+
+/// The model shapes a sweep's cells are built at, and their dims.
+pub struct Shapes<'a> {
+    pub models: &'a [ModelSpec],
+    pub dims: &'a [Dims],
 }
 
 /// Axes not written in the sweep file take these.
@@ -250,95 +257,120 @@ pub fn product(lens: &[usize]) -> Vec<Vec<usize>> {
     out
 }
 
-/// Checks every cell (indices into the axes) against the model's shape and returns the
-/// trials seed-major.
+/// Checks every cell (indices into the axes) against every model shape and returns the
+/// trials seed-major, then shape-major: cell index s x cells + c for shape s and grid cell c.
 pub fn trials(
     source: &Source,
     axes: &[Vec<Variant>],
     cells: &[Vec<usize>],
     seeds: &[u64],
-    dims: &Dims,
+    shapes: &Shapes,
     shared: &Shared,
 ) -> Result<Vec<Trial>, InputError> {
-    let labels = labels(axes, cells);
+    let grid_labels = labels(axes, cells);
+    // With several shapes, the sizes that vary lead the label.
+    let vary =
+        |f: fn(&ModelSpec) -> usize| shapes.models.iter().any(|m| f(m) != f(&shapes.models[0]));
+    let (width_varies, depth_varies) = (vary(|m| m.d_model), vary(|m| m.n_layers));
+    let label = |m: &ModelSpec, ci: usize| -> String {
+        let mut parts = Vec::new();
+        if width_varies {
+            parts.push(format!("model.d_model={}", m.d_model));
+        }
+        if depth_varies {
+            parts.push(format!("model.n_layers={}", m.n_layers));
+        }
+        if !grid_labels[ci].is_empty() {
+            parts.push(grid_labels[ci].clone());
+        }
+        parts.join(" ")
+    };
 
     let mut problems = Vec::new();
-    for (ci, combo) in cells.iter().enumerate() {
-        for (axis, &vi) in axes.iter().zip(combo) {
-            let v = &axis[vi];
-            if let Err(msg) = v.component.spec().check(dims) {
-                problems.push(format!(
-                    "{}: cell {ci} ({}): {} {}: {msg}",
-                    source.locate(v.at),
-                    shown(&labels[ci]),
-                    v.slot,
-                    v.name
-                ));
+    for (m, dims) in shapes.models.iter().zip(shapes.dims) {
+        for (ci, combo) in cells.iter().enumerate() {
+            for (axis, &vi) in axes.iter().zip(combo) {
+                let v = &axis[vi];
+                if let Err(msg) = v.component.spec().check(dims) {
+                    let at = match shapes.models.len() {
+                        1 => String::new(),
+                        _ => format!(" at d_model {}, n_layers {}", m.d_model, m.n_layers),
+                    };
+                    problems.push(format!(
+                        "{}: cell {ci} ({}){at}: {} {}: {msg}",
+                        source.locate(v.at),
+                        shown(&label(m, ci)),
+                        v.slot,
+                        v.name
+                    ));
+                }
             }
         }
     }
     if !problems.is_empty() {
         let n = problems.len();
         problems.truncate(20);
+        let shape = match shapes.models {
+            [m] => format!("model (d_model: {}, n_layers: {})", m.d_model, m.n_layers),
+            _ => "the model's shapes".to_string(),
+        };
         return Err(InputError::new(format!(
-            "{n} invalid combination(s) of the grid with model (d_model: {}, n_layers: {}); \
-             change the model or the components:\n  {}",
-            dims.d_model,
-            dims.n_layers,
+            "{n} invalid combination(s) of the grid with {shape}; change the model or the \
+             components:\n  {}",
             problems.join("\n  ")
         )));
     }
 
     let evals = (!shared.evals.is_empty()).then(|| to_ron(&shared.evals));
     let benchmarks = (!shared.benchmarks.is_empty()).then(|| to_ron(&shared.benchmarks));
-    let shared = [
-        to_ron(shared.data),
-        to_ron(shared.train),
-        to_ron(shared.model),
-    ];
+    let (data, train) = (to_ron(shared.data), to_ron(shared.train));
     let mut out = Vec::new();
     for &seed in seeds {
-        for (ci, combo) in cells.iter().enumerate() {
-            let pick = |slot: usize| &axes[slot][combo[slot]];
-            let names: Vec<&str> = (0..axes.len())
-                .map(|s| pick(s).canonical.as_str())
-                .collect();
-            let config = config_text(
-                seed,
-                &shared,
-                [evals.as_deref(), benchmarks.as_deref()],
-                &names,
-            );
-            let cell = Cell {
-                attention: match &pick(0).component {
-                    Component::Attention(c) => c.clone(),
-                    other => unreachable!("attention axis holds {other:?}"),
-                },
-                ffn: match &pick(1).component {
-                    Component::Ffn(c) => c.clone(),
-                    other => unreachable!("ffn axis holds {other:?}"),
-                },
-                residual: match &pick(2).component {
-                    Component::Residual(c) => c.clone(),
-                    other => unreachable!("residual axis holds {other:?}"),
-                },
-                optimizer: match &pick(3).component {
-                    Component::Optimizer(c) => c.clone(),
-                    other => unreachable!("optimizer axis holds {other:?}"),
-                },
-                schedule: match &pick(4).component {
-                    Component::Schedule(c) => c.clone(),
-                    other => unreachable!("schedule axis holds {other:?}"),
-                },
-            };
-            out.push(Trial {
-                id: trial_id(&config),
-                seed,
-                cell_index: ci,
-                cell,
-                label: labels[ci].clone(),
-                config,
-            });
+        for ((si, m), dims) in shapes.models.iter().enumerate().zip(shapes.dims) {
+            let shared = [data.clone(), train.clone(), to_ron(m)];
+            for (ci, combo) in cells.iter().enumerate() {
+                let pick = |slot: usize| &axes[slot][combo[slot]];
+                let names: Vec<&str> = (0..axes.len())
+                    .map(|s| pick(s).canonical.as_str())
+                    .collect();
+                let config = config_text(
+                    seed,
+                    &shared,
+                    [evals.as_deref(), benchmarks.as_deref()],
+                    &names,
+                );
+                let cell = Cell {
+                    attention: match &pick(0).component {
+                        Component::Attention(c) => c.clone(),
+                        other => unreachable!("attention axis holds {other:?}"),
+                    },
+                    ffn: match &pick(1).component {
+                        Component::Ffn(c) => c.clone(),
+                        other => unreachable!("ffn axis holds {other:?}"),
+                    },
+                    residual: match &pick(2).component {
+                        Component::Residual(c) => c.clone(),
+                        other => unreachable!("residual axis holds {other:?}"),
+                    },
+                    optimizer: match &pick(3).component {
+                        Component::Optimizer(c) => c.clone(),
+                        other => unreachable!("optimizer axis holds {other:?}"),
+                    },
+                    schedule: match &pick(4).component {
+                        Component::Schedule(c) => c.clone(),
+                        other => unreachable!("schedule axis holds {other:?}"),
+                    },
+                };
+                out.push(Trial {
+                    id: trial_id(&config),
+                    seed,
+                    cell_index: si * cells.len() + ci,
+                    cell,
+                    dims: dims.clone(),
+                    label: label(m, ci),
+                    config,
+                });
+            }
         }
     }
     Ok(out)

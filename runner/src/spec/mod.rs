@@ -147,12 +147,37 @@ impl TrainSpec {
     }
 }
 
-/// The model's shape; the components come from the grid.
+/// One model shape, as a trial's configuration records it; the components come from the grid.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModelSpec {
     pub d_model: usize,
     pub n_layers: usize,
+}
+
+/// The `model` section as written: each size a number or a list of them (a size axis,
+/// expanded like the grid's: every shape with every cell).
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ModelAxes {
+    d_model: Sizes,
+    n_layers: Sizes,
+}
+
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(untagged)]
+enum Sizes {
+    One(usize),
+    Many(Vec<usize>),
+}
+
+impl Sizes {
+    fn values(&self) -> Vec<usize> {
+        match self {
+            Sizes::One(v) => vec![*v],
+            Sizes::Many(v) => v.clone(),
+        }
+    }
 }
 
 /// The sweep file as written; component lists stay raw text until the registry parses them.
@@ -172,7 +197,7 @@ struct SweepFile<'a> {
     #[serde(borrow, default)]
     benchmarks: Option<&'a RawValue>,
     train: TrainSpec,
-    model: ModelSpec,
+    model: ModelAxes,
     /// One grid `( attention: [...], ... )`, or a list of grids whose cells are joined.
     #[serde(borrow)]
     grid: &'a RawValue,
@@ -206,7 +231,8 @@ pub struct Sweep {
     /// The folder of the benchmark files, as written.
     pub benchmark_dir: Option<String>,
     pub train: TrainSpec,
-    pub model: ModelSpec,
+    /// The model shapes: one, or every combination of the size axes, d_model-major.
+    pub shapes: Vec<ModelSpec>,
     /// The variants of each slot, in `registry::Slot::ALL` order.
     pub axes: Vec<Vec<Variant>>,
     /// Every trial, seed-major: all cells for the first seed, then the next seed.
@@ -266,7 +292,7 @@ impl Sweep {
         resolve_steps(&source, &mut train)?;
         check_train(&source, &train)?;
         train.eval_every = Some(train.eval_every());
-        check_model(&source, &file.model)?;
+        let shapes = model_shapes(&source, &file.model)?;
         file.data.check(&source)?;
         crate::data::evals::check(&file.evals, file.data.tokenizer(), &source)?;
         let benchmarks = match file.benchmarks {
@@ -283,19 +309,24 @@ impl Sweep {
         }
 
         let (axes, cells) = parse_grids(&source, file.grid.trim().get_ron(), &options)?;
-        let dims = dims_of(&file.model, &file.data, &train);
+        let dims: Vec<registry::Dims> = shapes
+            .iter()
+            .map(|m| dims_of(m, &file.data, &train))
+            .collect();
         let trials = expand::trials(
             &source,
             &axes,
             &cells,
             &file.seeds,
-            &dims,
+            &expand::Shapes {
+                models: &shapes,
+                dims: &dims,
+            },
             &expand::Shared {
                 data: &file.data,
                 evals: &file.evals,
                 benchmarks: &benchmarks,
                 train: &train,
-                model: &file.model,
             },
         )?;
         Ok(Self {
@@ -306,7 +337,7 @@ impl Sweep {
             benchmarks,
             benchmark_dir: file.benchmark_dir,
             train,
-            model: file.model,
+            shapes,
             axes,
             trials,
             source,
@@ -336,9 +367,10 @@ impl Sweep {
             .collect()
     }
 
-    /// The model shape every trial of this sweep shares.
+    /// The model shape of the first trials (every trial's, without size axes; each trial
+    /// carries its own in `Trial::dims`).
     pub fn dims(&self) -> registry::Dims {
-        dims_of(&self.model, &self.data, &self.train)
+        dims_of(&self.shapes[0], &self.data, &self.train)
     }
 }
 
@@ -473,13 +505,37 @@ fn check_train(source: &Source, t: &TrainSpec) -> Result<(), InputError> {
     Ok(())
 }
 
-fn check_model(source: &Source, m: &ModelSpec) -> Result<(), InputError> {
-    for (path, v) in [("model.d_model", m.d_model), ("model.n_layers", m.n_layers)] {
-        if v == 0 {
-            return Err(source.field_error(path, "must be at least 1, got 0"));
+/// Every model shape of the `model` section: d_model-major over its size axes.
+fn model_shapes(source: &Source, m: &ModelAxes) -> Result<Vec<ModelSpec>, InputError> {
+    let mut axes = Vec::new();
+    for (path, sizes) in [
+        ("model.d_model", &m.d_model),
+        ("model.n_layers", &m.n_layers),
+    ] {
+        let values = sizes.values();
+        if values.is_empty() {
+            return Err(source.field_error(path, "is an empty list: give at least one size"));
         }
+        if let Some(v) = values.iter().find(|&&v| v == 0) {
+            return Err(source.field_error(path, format!("must be at least 1, got {v}")));
+        }
+        if let Some(v) = values
+            .iter()
+            .enumerate()
+            .find_map(|(i, v)| values[..i].contains(v).then_some(v))
+        {
+            return Err(source.field_error(path, format!("lists {v} twice")));
+        }
+        axes.push(values);
     }
-    Ok(())
+    Ok(axes[0]
+        .iter()
+        .flat_map(|&d_model| {
+            axes[1]
+                .iter()
+                .map(move |&n_layers| ModelSpec { d_model, n_layers })
+        })
+        .collect())
 }
 
 #[cfg(test)]

@@ -273,3 +273,67 @@ fn steps_and_tokens_are_one_or_the_other() {
         "{neither}"
     );
 }
+
+#[test]
+fn model_sizes_are_axes_expanded_with_every_cell() {
+    let grid = "(attention: [Mha(heads: 2)], ffn: [SwiGlu, Gelu])";
+    let one = sweep(grid, &[]).unwrap();
+    let s = sweep(grid, &["model.d_model=[16, 32]", "model.n_layers=[1, 2]"]).unwrap();
+    // 2 widths x 2 depths x 2 FFNs = 8 cells, x 2 seeds; seed-major, then width, then depth.
+    assert_eq!(s.trials.len(), 16);
+    assert_eq!(s.shapes.len(), 4);
+    let shape = |t: &Trial| (t.dims.d_model, t.dims.n_layers);
+    let first: Vec<(usize, usize)> = s.trials[..8].iter().map(shape).collect();
+    assert_eq!(
+        first,
+        [
+            (16, 1),
+            (16, 1),
+            (16, 2),
+            (16, 2),
+            (32, 1),
+            (32, 1),
+            (32, 2),
+            (32, 2)
+        ]
+    );
+    assert_eq!(s.trials[8].seed, 1);
+    assert_eq!(
+        s.trials[5].label,
+        "model.d_model=32 model.n_layers=1 ffn=Gelu"
+    );
+    assert_eq!(
+        s.trials
+            .iter()
+            .map(|t| t.cell_index)
+            .take(8)
+            .collect::<Vec<_>>(),
+        (0..8).collect::<Vec<_>>()
+    );
+    // Each trial's config holds its own shape; the shape the file gave alone keeps its ids.
+    assert!(s.trials[5]
+        .config
+        .contains("model: (d_model:32,n_layers:1)"));
+    assert_eq!(s.trials[0].id, one.trials[0].id);
+    assert_eq!(s.trials[1].id, one.trials[1].id);
+    let mut ids: Vec<&str> = s.trials.iter().map(|t| t.id.as_str()).collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), 16);
+}
+
+#[test]
+fn bad_size_axes_and_shapes_a_cell_cannot_take_are_refused() {
+    let grid = "(attention: [Mha(heads: 4)], ffn: [Gelu])";
+    let err = |sets: &[&str]| sweep(grid, sets).unwrap_err().to_string();
+    assert!(err(&["model.d_model=[]"]).contains("model.d_model: is an empty list"));
+    assert!(err(&["model.n_layers=[2, 0]"]).contains("model.n_layers: must be at least 1, got 0"));
+    assert!(err(&["model.d_model=[16, 16]"]).contains("lists 16 twice"));
+    // 4 heads divide 16 but not 18: the shape is named.
+    let e = err(&["model.d_model=[16, 18]"]);
+    assert!(
+        e.contains("at d_model 18, n_layers 1")
+            && e.contains("heads = 4 does not divide d_model = 18"),
+        "{e}"
+    );
+}

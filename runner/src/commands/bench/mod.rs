@@ -97,7 +97,6 @@ pub fn exec(mut args: Args) -> anyhow::Result<u8> {
     }
     let timeout = parallel::collective_timeout()?;
     let data = Dataset::load(&sweep.data, &sweep.source, sweep.train.seq_len)?;
-    let dims = sweep.dims();
     let tokens = spec.global_batch() * spec.seq_len;
     let mut header_shown = false;
     let mut failed = 0;
@@ -130,7 +129,7 @@ pub fn exec(mut args: Args) -> anyhow::Result<u8> {
         }
         match timed {
             Ok(mut t) => {
-                let flops = flops_per_token(t.params, &dims, spec.seq_len);
+                let flops = flops_per_token(t.params, &trial.dims, spec.seq_len);
                 t.mfu = peak.map(|p| flops * t.tokens_per_s / (p * 1e12 * devices.len() as f64));
                 print_row(label, &t, args.steps);
             }
@@ -146,6 +145,16 @@ pub fn exec(mut args: Args) -> anyhow::Result<u8> {
 /// The table's title line and head.
 fn print_header(args: &Args, sweep: &Sweep, name: &str, tokens: usize, peak: Option<f64>) {
     let (dims, spec) = (sweep.dims(), &sweep.train);
+    let shape = match &sweep.shapes[..] {
+        [_] => format!("d_model {}, n_layers {}", dims.d_model, dims.n_layers),
+        many => {
+            let all: Vec<String> = many
+                .iter()
+                .map(|m| format!("{} x {}", m.d_model, m.n_layers))
+                .collect();
+            format!("d_model x n_layers {}", all.join(", "))
+        }
+    };
     let ranks = match spec.gpus_per_trial {
         1 => String::new(),
         n => format!(" x {n} ranks"),
@@ -155,14 +164,12 @@ fn print_header(args: &Args, sweep: &Sweep, name: &str, tokens: usize, peak: Opt
         k => format!(" x {k} micro-batches"),
     };
     println!(
-        "sweep bench {}: {name}; d_model {}, n_layers {}, vocab {}, batch {}{accum}{ranks} x seq \
+        "sweep bench {}: {name}; {shape}, vocab {}, batch {}{accum}{ranks} x seq \
          {} = {tokens} tokens/step, {:?}; {} warm-up + {} timed steps{}",
         args.file
             .as_deref()
             .map(|f| f.display().to_string())
             .unwrap_or_default(),
-        dims.d_model,
-        dims.n_layers,
         dims.vocab,
         spec.batch,
         spec.seq_len,
@@ -230,7 +237,7 @@ fn time(
     rank: Rank,
 ) -> anyhow::Result<Timing> {
     let (spec, device, group) = (&sweep.train, &rank.device, rank.group.as_ref());
-    let dims = sweep.dims();
+    let dims = trial.dims.clone();
     // The device's memory pool outlives a configuration: its peak starts again with each.
     gpu::reset_peak(device)?;
     let model = train::build(trial, &dims, spec.precision, device).context("building")?;
