@@ -102,6 +102,9 @@ pub trait Attention: Spec {
     /// products, 2 per multiply-add (projections, and the scores and weighted values over
     /// the causal average of (T + 1) / 2 keys). Element-wise work is not counted.
     fn flops(&self, dims: &Dims) -> f64;
+
+    /// Trainable parameters of one such sublayer.
+    fn params(&self, dims: &Dims) -> usize;
 }
 
 /// A channel mixer (the feed-forward network).
@@ -111,6 +114,9 @@ pub trait Ffn: Spec {
     /// Forward FLOPs per token of one such sublayer: its matrix products, 2 per
     /// multiply-add.
     fn flops(&self, dims: &Dims) -> f64;
+
+    /// Trainable parameters of one such sublayer.
+    fn params(&self, dims: &Dims) -> usize;
 }
 
 /// A residual connection scheme. It owns the stream state between the embedding and the
@@ -122,6 +128,9 @@ pub trait Residual: Spec {
     /// and its mixing of the streams (matrix products, 2 per multiply-add); 0 for the plain
     /// residual.
     fn flops(&self, dims: &Dims) -> f64;
+
+    /// Trainable parameters of the scheme around one sublayer.
+    fn params(&self, dims: &Dims) -> usize;
 }
 
 /// The built residual scheme of one model.

@@ -53,6 +53,14 @@ impl AttentionShape {
         projections + 2.0 * 2.0 * c * keys
     }
 
+    /// Parameters: q and o (C x C), k and v (C x kv heads x head dim); no biases, QK-norm
+    /// has no gain.
+    pub fn params(&self, dims: &Dims) -> usize {
+        let c = dims.d_model;
+        let kv = self.kv_heads * (c / self.heads);
+        2 * c * c + 2 * c * kv
+    }
+
     /// The checks every attention shares against the model's width.
     pub fn check(&self, dims: &Dims) -> std::result::Result<(), String> {
         if self.heads == 0 || self.kv_heads == 0 {

@@ -97,6 +97,14 @@ impl Attention for GatedGqa {
         };
         self.ungated().shape().flops(dims) + 2.0 * (dims.d_model * width) as f64
     }
+
+    fn params(&self, dims: &Dims) -> usize {
+        let width = match self.gate {
+            Gate::Elementwise => dims.d_model,
+            Gate::Headwise => self.heads,
+        };
+        self.ungated().shape().params(dims) + dims.d_model * width
+    }
 }
 
 impl GatedGqa {

@@ -60,6 +60,10 @@ impl Attention for Gqa {
     fn flops(&self, dims: &Dims) -> f64 {
         self.shape().flops(dims)
     }
+
+    fn params(&self, dims: &Dims) -> usize {
+        self.shape().params(dims)
+    }
 }
 
 inventory::submit! {

@@ -60,6 +60,10 @@ impl Attention for Mha {
     fn flops(&self, dims: &Dims) -> f64 {
         self.as_gqa().flops(dims)
     }
+
+    fn params(&self, dims: &Dims) -> usize {
+        self.as_gqa().params(dims)
+    }
 }
 
 inventory::submit! {

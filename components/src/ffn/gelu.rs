@@ -33,6 +33,10 @@ impl Ffn for Gelu {
     fn flops(&self, dims: &Dims) -> f64 {
         super::two_matrix_flops(self.mult, dims)
     }
+
+    fn params(&self, dims: &Dims) -> usize {
+        2 * dims.d_model * super::hidden_width(self.mult, dims.d_model)
+    }
 }
 
 inventory::submit! {

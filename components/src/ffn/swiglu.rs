@@ -60,6 +60,10 @@ impl Ffn for SwiGlu {
     fn flops(&self, dims: &Dims) -> f64 {
         2.0 * 3.0 * (dims.d_model * hidden_width(self.mult, dims.d_model)) as f64
     }
+
+    fn params(&self, dims: &Dims) -> usize {
+        3 * dims.d_model * hidden_width(self.mult, dims.d_model)
+    }
 }
 
 inventory::submit! {

@@ -143,6 +143,11 @@ impl Residual for Laurel {
     fn flops(&self, dims: &Dims) -> f64 {
         2.0 * 2.0 * (dims.d_model * self.rank) as f64
     }
+
+    /// A (r x C) and B (C x r); the RW form's alpha and beta.
+    fn params(&self, dims: &Dims) -> usize {
+        2 * self.rank * dims.d_model + if self.rw { 2 } else { 0 }
+    }
 }
 
 inventory::submit! {

@@ -171,6 +171,12 @@ impl Residual for Mhc {
         let (n, c) = (self.streams as f64, dims.d_model as f64);
         super::mixing_flops(self.streams, dims) + 2.0 * n * c * (2.0 * n + n * n)
     }
+
+    /// phi (n C x (2n + n^2)), a (3), b_pre and b_post (n), b_res (n x n).
+    fn params(&self, dims: &Dims) -> usize {
+        let n = self.streams;
+        n * dims.d_model * (2 * n + n * n) + 3 + 2 * n + n * n
+    }
 }
 
 inventory::submit! {

@@ -158,7 +158,7 @@ pub struct ModelSpec {
 /// The `model` section as written: each size a number or a list of them (a size axis,
 /// expanded like the grid's: every shape with every cell).
 #[derive(Clone, Debug, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, rename = "ModelSpec")]
 struct ModelAxes {
     d_model: Sizes,
     n_layers: Sizes,
