@@ -234,7 +234,7 @@ const EDITS: &[(&str, &str, &str, &str)] = &[
         "warmup and cooldown over 1",
         "ffn: [SwiGlu, Gelu]",
         "ffn: [SwiGlu, Gelu], schedule: [Trapezoid(warmup: 0.9, cooldown: 0.5)]",
-        "s.ron:7:90: Trapezoid.warmup: warmup + cooldown = 1.1",
+        "s.ron:7:90: Trapezoid.warmup: warmup + cooldown = 1.4 leaves no room",
     ),
     (
         "zero mHC streams",

@@ -29,6 +29,22 @@ pub fn forward_per_token(cell: &Cell, dims: &Dims) -> f64 {
     dims.n_layers as f64 * block + 2.0 * (dims.d_model * dims.vocab) as f64
 }
 
+/// Parameters of a model of `cell` at `dims`, counted from the components: the tied embedding
+/// (V C), per block two RMSNorm gains, the attention, the FFN and the residual scheme around
+/// each sublayer, and the final norm's gain. `sweep` checks it against the built model.
+pub fn params(cell: &Cell, dims: &Dims) -> results::ParamCount {
+    let c = dims.d_model;
+    let block = 2 * c
+        + cell.attention.params(dims)
+        + cell.ffn.params(dims)
+        + 2 * cell.residual.params(dims);
+    let embedding = (dims.vocab * c) as u64;
+    results::ParamCount {
+        total: embedding + (dims.n_layers * block + c) as u64,
+        embedding,
+    }
+}
+
 /// The compute of a trial of `cell` trained as `train` says.
 pub fn budget(cell: &Cell, dims: &Dims, train: &TrainSpec) -> Budget {
     let forward = forward_per_token(cell, dims);
@@ -133,6 +149,26 @@ mod tests {
                 with("Gqa(heads: 4, kv_heads: 2)", ffn),
                 2.0 * (GQA + 65_536.0) + HEAD
             );
+        }
+    }
+
+    #[test]
+    fn counted_parameters_equal_the_built_models() {
+        // Every component kind; the count from the components against the model's tensors.
+        for grid in [
+            "(attention: [Gqa(heads: 4, kv_heads: 2)], ffn: [SwiGlu], residual: [PreNorm])",
+            "(attention: [Mha(heads: 4, qk_norm: true)], ffn: [Gelu], residual: [Hc(streams: 4)])",
+            "(attention: [GatedGqa(heads: 4, kv_heads: 1)], ffn: [Relu2], residual: [Hc(streams: 2, dynamic: true)])",
+            "(attention: [GatedGqa(heads: 4, kv_heads: 2, gate: Headwise)], ffn: [SwiGlu], residual: [Mhc(streams: 4)])",
+            "(attention: [Gqa(heads: 2, kv_heads: 2)], ffn: [Gelu], residual: [Laurel(rank: 8, rw: true)])",
+            "(attention: [Gqa(heads: 2, kv_heads: 1)], ffn: [Relu2], residual: [Laurel(rw: true, rank: 0)])",
+        ] {
+            let s = sweep(grid);
+            let t = &s.trials[0];
+            let model =
+                crate::train::build(t, &t.dims, s.train.precision, &candle_core::Device::Cpu)
+                    .unwrap();
+            assert_eq!(params(&t.cell, &t.dims), model.param_count(), "{grid}");
         }
     }
 

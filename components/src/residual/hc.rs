@@ -165,7 +165,11 @@ impl Residual for Hc {
     /// a_m (n), a_r (n x n), b (n); dynamic: w (C x (n + 2)) and its two scales.
     fn params(&self, dims: &Dims) -> usize {
         let n = self.streams;
-        let dynamic = if self.dynamic { dims.d_model * (n + 2) + 2 } else { 0 };
+        let dynamic = if self.dynamic {
+            dims.d_model * (n + 2) + 2
+        } else {
+            0
+        };
         n + n * n + n + dynamic
     }
 }

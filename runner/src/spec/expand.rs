@@ -206,12 +206,20 @@ fn parse_variant(
         } else {
             vec![value]
         };
-        for v in &values {
+        choices.push((key, values));
+    }
+    // Each value checked with the other written parameters at their first values (not their
+    // defaults, which may not go with it: Laurel's rank 0 needs rw), so an error points at it.
+    for (key, values) in &choices {
+        for v in values {
+            let body: Vec<String> = choices
+                .iter()
+                .map(|(k, vs)| format!("{k}: {}", if k == key { v } else { vs[0] }))
+                .collect();
             entry
-                .parse(&format!("({key}: {v})"))
+                .parse(&format!("({})", body.join(", ")))
                 .map_err(|e| source.error_at(v, format!("{name}.{key}: {}", e.message)))?;
         }
-        choices.push((key, values));
     }
 
     let mut out = Vec::new();
