@@ -86,7 +86,10 @@ pub fn dry_run(sweep: &Sweep) -> String {
     let shapes: Vec<String> = sweep
         .shapes
         .iter()
-        .map(|m| format!("d_model {}, n_layers {}", m.d_model, m.n_layers))
+        .map(|m| match m.d_model {
+            0 => format!("d_model solved per cell, n_layers {}", m.n_layers),
+            d => format!("d_model {d}, n_layers {}", m.n_layers),
+        })
         .collect();
     s += &format!(
         "model: {}; vocab {}; train: {} steps of {batch} x {} tokens, eval every {}\n\n",
@@ -109,9 +112,19 @@ pub fn dry_run(sweep: &Sweep) -> String {
             shown(&t.label)
         );
     }
-    s += "\ncells (forward FLOPs per token, counted as the README says; training is 3x):\n";
+    if let Some(m) = &sweep.matching {
+        s += &format!(
+            "\nmatched: {} (each cell's below; widths step by {})\n",
+            match_target(m),
+            crate::spec::matching::WIDTH_STEP
+        );
+    }
+    s +=
+        "\ncells (d_model, non-embedding parameters, forward FLOPs per token as the README counts \
+          them, training FLOPs):\n";
     for t in sweep.trials.iter().take(cells) {
         let b = crate::flops::budget(&t.cell, &t.dims, train);
+        let p = crate::flops::params(&t.cell, &t.dims);
         let parts: Vec<&str> = t
             .config
             .lines()
@@ -124,8 +137,10 @@ pub fn dry_run(sweep: &Sweep) -> String {
             })
             .collect();
         s += &format!(
-            "{:>4}  {:>9} fwd/token, {:.3e} training FLOPs  {}\n",
+            "{:>4}  d_model {:>5}  {:>8} params  {:>8} FLOP/token  {:.3e}  {}\n",
             t.cell_index,
+            t.dims.d_model,
+            si((p.total - p.embedding) as f64),
             si(b.forward_per_token),
             b.train_flops,
             parts.join("  ")
@@ -148,4 +163,21 @@ fn si(v: f64) -> String {
         2
     };
     format!("{scaled:.digits$} {prefix}")
+}
+
+/// `5.00e7 non-embedding parameters (±2.0%)`.
+fn match_target(m: &crate::spec::matching::MatchSpec) -> String {
+    use crate::spec::matching::MatchSpec;
+    let (v, tol) = match m {
+        MatchSpec::Params {
+            non_embedding,
+            total,
+            tolerance,
+        } => (non_embedding.or(*total).unwrap_or(0.0), *tolerance),
+        MatchSpec::Flops {
+            per_token,
+            tolerance,
+        } => (*per_token, *tolerance),
+    };
+    format!("{v:.3e} {} (±{:.1}%)", m.what(), 100.0 * tol)
 }

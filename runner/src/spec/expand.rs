@@ -62,10 +62,12 @@ pub struct Shared<'a> {
     pub train: &'a TrainSpec,
 }
 
-/// The model shapes a sweep's cells are built at, and their dims.
+/// The model shapes a sweep's cells are built at, and their dims; with `matching`, each
+/// cell solves for its own d_model at each shape's depth.
 pub struct Shapes<'a> {
     pub models: &'a [ModelSpec],
     pub dims: &'a [Dims],
+    pub matching: Option<&'a super::matching::MatchSpec>,
 }
 
 /// Axes not written in the sweep file take these.
@@ -143,6 +145,33 @@ fn parse_axis(
         }
     }
     Ok(out)
+}
+
+/// The cell of one combination of the axes' variants.
+fn cell_of(axes: &[Vec<Variant>], combo: &[usize]) -> Cell {
+    let pick = |slot: usize| &axes[slot][combo[slot]];
+    Cell {
+        attention: match &pick(0).component {
+            Component::Attention(c) => c.clone(),
+            other => unreachable!("attention axis holds {other:?}"),
+        },
+        ffn: match &pick(1).component {
+            Component::Ffn(c) => c.clone(),
+            other => unreachable!("ffn axis holds {other:?}"),
+        },
+        residual: match &pick(2).component {
+            Component::Residual(c) => c.clone(),
+            other => unreachable!("residual axis holds {other:?}"),
+        },
+        optimizer: match &pick(3).component {
+            Component::Optimizer(c) => c.clone(),
+            other => unreachable!("optimizer axis holds {other:?}"),
+        },
+        schedule: match &pick(4).component {
+            Component::Schedule(c) => c.clone(),
+            other => unreachable!("schedule axis holds {other:?}"),
+        },
+    }
 }
 
 /// One written variant, `Name` or `Name(k: v, k2: [a, b])`; a list under a parameter that
@@ -294,12 +323,34 @@ pub fn trials(
         parts.join(" ")
     };
 
+    // Each cell at each shape, its width solved where the sweep matches a budget.
+    let mut layout: Vec<Vec<(ModelSpec, Dims, Cell)>> = Vec::new();
     let mut problems = Vec::new();
     for (m, dims) in shapes.models.iter().zip(shapes.dims) {
+        let mut row = Vec::new();
         for (ci, combo) in cells.iter().enumerate() {
+            let cell = cell_of(axes, combo);
+            let (mut m, mut dims) = (m.clone(), dims.clone());
+            if let Some(target) = shapes.matching {
+                match target.solve(&cell, &dims) {
+                    Ok(d) => {
+                        m.d_model = d;
+                        dims.d_model = d;
+                    }
+                    Err(why) => {
+                        problems.push(format!(
+                            "{}: cell {ci} ({}) at n_layers {}: {why}",
+                            source.locate(axes[0][combo[0]].at),
+                            shown(&grid_labels[ci]),
+                            m.n_layers
+                        ));
+                        continue;
+                    }
+                }
+            }
             for (axis, &vi) in axes.iter().zip(combo) {
                 let v = &axis[vi];
-                if let Err(msg) = v.component.spec().check(dims) {
+                if let Err(msg) = v.component.spec().check(&dims) {
                     let at = match shapes.models.len() {
                         1 => String::new(),
                         _ => format!(" at d_model {}, n_layers {}", m.d_model, m.n_layers),
@@ -307,19 +358,22 @@ pub fn trials(
                     problems.push(format!(
                         "{}: cell {ci} ({}){at}: {} {}: {msg}",
                         source.locate(v.at),
-                        shown(&label(m, ci)),
+                        shown(&label(&m, ci)),
                         v.slot,
                         v.name
                     ));
                 }
             }
+            row.push((m, dims, cell));
         }
+        layout.push(row);
     }
     if !problems.is_empty() {
         let n = problems.len();
         problems.truncate(20);
-        let shape = match shapes.models {
-            [m] => format!("model (d_model: {}, n_layers: {})", m.d_model, m.n_layers),
+        let shape = match (shapes.models, shapes.matching) {
+            (_, Some(t)) => format!("the {} to match", t.what()),
+            ([m], None) => format!("model (d_model: {}, n_layers: {})", m.d_model, m.n_layers),
             _ => "the model's shapes".to_string(),
         };
         return Err(InputError::new(format!(
@@ -334,46 +388,22 @@ pub fn trials(
     let (data, train) = (to_ron(shared.data), to_ron(shared.train));
     let mut out = Vec::new();
     for &seed in seeds {
-        for ((si, m), dims) in shapes.models.iter().enumerate().zip(shapes.dims) {
-            let shared = [data.clone(), train.clone(), to_ron(m)];
-            for (ci, combo) in cells.iter().enumerate() {
-                let pick = |slot: usize| &axes[slot][combo[slot]];
+        for (si, row) in layout.iter().enumerate() {
+            for (ci, ((m, dims, cell), combo)) in row.iter().zip(cells).enumerate() {
                 let names: Vec<&str> = (0..axes.len())
-                    .map(|s| pick(s).canonical.as_str())
+                    .map(|s| axes[s][combo[s]].canonical.as_str())
                     .collect();
                 let config = config_text(
                     seed,
-                    &shared,
+                    &[data.clone(), train.clone(), to_ron(m)],
                     [evals.as_deref(), benchmarks.as_deref()],
                     &names,
                 );
-                let cell = Cell {
-                    attention: match &pick(0).component {
-                        Component::Attention(c) => c.clone(),
-                        other => unreachable!("attention axis holds {other:?}"),
-                    },
-                    ffn: match &pick(1).component {
-                        Component::Ffn(c) => c.clone(),
-                        other => unreachable!("ffn axis holds {other:?}"),
-                    },
-                    residual: match &pick(2).component {
-                        Component::Residual(c) => c.clone(),
-                        other => unreachable!("residual axis holds {other:?}"),
-                    },
-                    optimizer: match &pick(3).component {
-                        Component::Optimizer(c) => c.clone(),
-                        other => unreachable!("optimizer axis holds {other:?}"),
-                    },
-                    schedule: match &pick(4).component {
-                        Component::Schedule(c) => c.clone(),
-                        other => unreachable!("schedule axis holds {other:?}"),
-                    },
-                };
                 out.push(Trial {
                     id: trial_id(&config),
                     seed,
                     cell_index: si * cells.len() + ci,
-                    cell,
+                    cell: cell.clone(),
                     dims: dims.clone(),
                     label: label(m, ci),
                     config,

@@ -14,6 +14,7 @@
 mod benchmarks;
 mod expand;
 mod factors;
+pub mod matching;
 pub mod raw;
 mod source;
 
@@ -160,7 +161,9 @@ pub struct ModelSpec {
 #[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, rename = "ModelSpec")]
 struct ModelAxes {
-    d_model: Sizes,
+    /// Left out when `match` solves it.
+    #[serde(default)]
+    d_model: Option<Sizes>,
     n_layers: Sizes,
 }
 
@@ -196,6 +199,9 @@ struct SweepFile<'a> {
     /// Zero-shot benchmarks, scored at the end of every trial (spec/benchmarks.rs).
     #[serde(borrow, default)]
     benchmarks: Option<&'a RawValue>,
+    /// Every cell solves for its d_model to meet this budget (spec/matching.rs).
+    #[serde(default, rename = "match")]
+    matching: Option<matching::MatchSpec>,
     train: TrainSpec,
     model: ModelAxes,
     /// One grid `( attention: [...], ... )`, or a list of grids whose cells are joined.
@@ -231,8 +237,11 @@ pub struct Sweep {
     /// The folder of the benchmark files, as written.
     pub benchmark_dir: Option<String>,
     pub train: TrainSpec,
-    /// The model shapes: one, or every combination of the size axes, d_model-major.
+    /// The model shapes: one, or every combination of the size axes, d_model-major (d_model
+    /// 0 where `matching` solves it per cell).
     pub shapes: Vec<ModelSpec>,
+    /// The budget every cell is matched to, if any.
+    pub matching: Option<matching::MatchSpec>,
     /// The variants of each slot, in `registry::Slot::ALL` order.
     pub axes: Vec<Vec<Variant>>,
     /// Every trial, seed-major: all cells for the first seed, then the next seed.
@@ -292,6 +301,20 @@ impl Sweep {
         resolve_steps(&source, &mut train)?;
         check_train(&source, &train)?;
         train.eval_every = Some(train.eval_every());
+        if let Some(m) = &file.matching {
+            m.check().map_err(|e| source.field_error("match", e))?;
+            if file.model.d_model.is_some() {
+                return Err(source.field_error(
+                    "model.d_model",
+                    "match solves each cell's d_model: leave model.d_model out",
+                ));
+            }
+        } else if file.model.d_model.is_none() {
+            return Err(source.field_error(
+                "model",
+                "needs d_model (the residual width), or a `match` section to solve it per cell",
+            ));
+        }
         let shapes = model_shapes(&source, &file.model)?;
         file.data.check(&source)?;
         crate::data::evals::check(&file.evals, file.data.tokenizer(), &source)?;
@@ -321,6 +344,7 @@ impl Sweep {
             &expand::Shapes {
                 models: &shapes,
                 dims: &dims,
+                matching: file.matching.as_ref(),
             },
             &expand::Shared {
                 data: &file.data,
@@ -338,6 +362,7 @@ impl Sweep {
             benchmark_dir: file.benchmark_dir,
             train,
             shapes,
+            matching: file.matching.clone(),
             axes,
             trials,
             source,
@@ -507,11 +532,14 @@ fn check_train(source: &Source, t: &TrainSpec) -> Result<(), InputError> {
 
 /// Every model shape of the `model` section: d_model-major over its size axes.
 fn model_shapes(source: &Source, m: &ModelAxes) -> Result<Vec<ModelSpec>, InputError> {
-    let mut axes = Vec::new();
-    for (path, sizes) in [
-        ("model.d_model", &m.d_model),
-        ("model.n_layers", &m.n_layers),
-    ] {
+    // Without d_model (a `match` solves it per cell) the shapes hold 0 until then.
+    let mut axes = vec![vec![0]];
+    let given = [
+        ("model.d_model", m.d_model.as_ref()),
+        ("model.n_layers", Some(&m.n_layers)),
+    ];
+    for (i, (path, sizes)) in given.into_iter().enumerate() {
+        let Some(sizes) = sizes else { continue };
         let values = sizes.values();
         if values.is_empty() {
             return Err(source.field_error(path, "is an empty list: give at least one size"));
@@ -526,7 +554,11 @@ fn model_shapes(source: &Source, m: &ModelAxes) -> Result<Vec<ModelSpec>, InputE
         {
             return Err(source.field_error(path, format!("lists {v} twice")));
         }
-        axes.push(values);
+        if i == 0 {
+            axes[0] = values;
+        } else {
+            axes.push(values);
+        }
     }
     Ok(axes[0]
         .iter()

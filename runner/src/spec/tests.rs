@@ -337,3 +337,117 @@ fn bad_size_axes_and_shapes_a_cell_cannot_take_are_refused() {
         "{e}"
     );
 }
+
+#[test]
+fn matching_solves_each_cells_width_as_a_hand_count_does() {
+    let sets = ["model=(n_layers: 8)", "match=Params(non_embedding: 20e6)"];
+    let s = sweep(
+        "(attention: [Gqa(heads: 4, kv_heads: 2)], ffn: [SwiGlu])",
+        &sets,
+    )
+    .unwrap();
+    // By hand, per layer at width d (SwiGLU hidden H = round(8d/3/8) x 8): q, o d^2 each, k, v
+    // d^2/2 each, 3 d H, two gains 2d; 8 layers and the final gain d.
+    // d = 480: H = 1280, 8 (691,200 + 1,843,200 + 960) + 480 = 20,283,360 (+1.4%);
+    // d = 472: H = 1256, 19,582,808 (-2.1%, outside 2%); d = 488 is farther above.
+    let t = &s.trials[0];
+    assert_eq!(t.dims.d_model, 480);
+    let p = crate::flops::params(&t.cell, &t.dims);
+    assert_eq!(p.total - p.embedding, 20_283_360);
+    assert!(
+        t.config.contains("model: (d_model:480,n_layers:8)"),
+        "{}",
+        t.config
+    );
+}
+
+#[test]
+fn matched_cells_all_land_within_the_tolerance() {
+    let grid = "[(attention: [GatedGqa(heads: 8, kv_heads: 2)], ffn: [Relu2], residual: [Mhc(streams: 4)]), \
+                (attention: [Gqa(heads: 8, kv_heads: 2)], ffn: [SwiGlu], residual: [PreNorm, Hc(streams: 4)])]";
+    for target in [
+        // 8 heads with an even head dimension: widths step by 16, 3-4% in parameters here.
+        "Params(non_embedding: 60e6, tolerance: 0.04)",
+        "Params(total: 80e6, tolerance: 0.04)",
+        "Flops(per_token: 4e8, tolerance: 0.04)",
+    ] {
+        let m = format!("match={target}");
+        let s = sweep(grid, &["model=(n_layers: [6, 12])", &m]).unwrap();
+        let spec = s.matching.clone().unwrap();
+        let (goal, tol) = match &spec {
+            matching::MatchSpec::Params {
+                non_embedding,
+                total,
+                tolerance,
+            } => (non_embedding.or(*total).unwrap(), *tolerance),
+            matching::MatchSpec::Flops {
+                per_token,
+                tolerance,
+            } => (*per_token, *tolerance),
+        };
+        assert_eq!(s.trials.len(), 2 * 3 * 2);
+        let widths: std::collections::BTreeSet<usize> =
+            s.trials.iter().map(|t| t.dims.d_model).collect();
+        assert!(
+            widths.len() > 1,
+            "{target}: the stacks need different widths"
+        );
+        for t in &s.trials {
+            let got = spec.measure(&t.cell, &t.dims);
+            assert!(
+                (got / goal - 1.0).abs() <= tol,
+                "{target}: {} at {}: {got}",
+                t.label,
+                t.dims.d_model
+            );
+            assert_eq!(t.dims.d_model % 8, 0);
+        }
+    }
+}
+
+#[test]
+fn matching_needs_its_width_free_and_says_when_a_target_is_out_of_reach() {
+    let grid = "(attention: [Gqa(heads: 4, kv_heads: 2)], ffn: [SwiGlu])";
+    let e = sweep(grid, &["match=Params(non_embedding: 20e6)"])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("match solves each cell's d_model: leave model.d_model out"),
+        "{e}"
+    );
+    let e = sweep(grid, &["model=(n_layers: 2)"])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("needs d_model"), "{e}");
+    // At 4 layers the widths 72 and 80 bracket 250k parameters 8% and 13% away.
+    let e = sweep(
+        grid,
+        &["model=(n_layers: 4)", "match=Params(non_embedding: 250e3)"],
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("the nearest is d_model 72"), "{e}");
+    let e = sweep(
+        grid,
+        &[
+            "model=(n_layers: 4)",
+            "match=Params(total: 1e6, non_embedding: 1e6)",
+        ],
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("Params takes one of non_embedding and total"),
+        "{e}"
+    );
+    let e = sweep(
+        grid,
+        &[
+            "model=(n_layers: 4)",
+            "match=Flops(per_token: 1e9, tolerance: 2.0)",
+        ],
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("tolerance must be in (0, 1)"), "{e}");
+}

@@ -146,6 +146,7 @@ pub fn exec(mut args: Args) -> anyhow::Result<u8> {
 fn print_header(args: &Args, sweep: &Sweep, name: &str, tokens: usize, peak: Option<f64>) {
     let (dims, spec) = (sweep.dims(), &sweep.train);
     let shape = match &sweep.shapes[..] {
+        [m] if m.d_model == 0 => format!("d_model matched per cell, n_layers {}", m.n_layers),
         [_] => format!("d_model {}, n_layers {}", dims.d_model, dims.n_layers),
         many => {
             let all: Vec<String> = many
