@@ -120,7 +120,7 @@ fn merge_refuses_other_schema_versions_and_non_dbs_before_writing() {
     for (input, needle) in [
         (
             "old.db",
-            "old.db has results schema version 2, this build merges version 4 only",
+            "old.db has results schema version 2, this build merges version 5 only",
         ),
         ("notes.txt", "notes.txt is not a sweep results database"),
         ("none.db", "none.db: no such results database"),
