@@ -141,6 +141,9 @@ pub struct TrialRow {
     /// Of `n_params`, those of the token embedding (tied with the output head).
     pub n_params_embedding: Option<i64>,
     pub wall_s: Option<f64>,
+    /// Training FLOPs per token and in all, as the trial recorded them (schema 5).
+    pub flops_per_token: Option<f64>,
+    pub train_flops: Option<f64>,
 }
 
 /// A model's parameter count.
@@ -602,7 +605,7 @@ impl Store {
     pub fn trials(&self, sweep_id: i64) -> Result<Vec<TrialRow>> {
         let mut stmt = self.conn.prepare(
             "SELECT t.id, t.sweep_id, t.seed, t.label, t.config, t.status, t.error, t.device,
-                    t.n_params, t.wall_s, t.n_params_embedding
+                    t.n_params, t.wall_s, t.n_params_embedding, t.flops_per_token, t.train_flops
              FROM sweep_trials s JOIN trials t ON t.id = s.trial_id
              WHERE s.sweep_id = ?1 ORDER BY s.position",
         )?;
@@ -620,6 +623,8 @@ impl Store {
                     n_params: r.get(8)?,
                     n_params_embedding: r.get(10)?,
                     wall_s: r.get(9)?,
+                    flops_per_token: r.get(11)?,
+                    train_flops: r.get(12)?,
                 },
                 r.get::<_, String>(5)?,
             ))

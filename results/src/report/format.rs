@@ -205,6 +205,18 @@ impl Report {
                 }
             );
         }
+        for e in super::frontier::at_equal_compute(self) {
+            s += &format!(
+                "At equal training FLOPs, {} minus {} (the baseline's line interpolated on log \
+                 FLOPs, over {} size(s) in its range): Δ {} {:+.4}, 95% CI {}.\n",
+                e.family,
+                e.baseline,
+                e.sizes,
+                short(&self.metric),
+                e.diff,
+                opt(e.ci95, interval)
+            );
+        }
         if !self.bench_headlines().is_empty() {
             s += "<task> acc_norm / acc: zero-shot benchmark accuracy at the end of training, \
                   mean ±95% CI half-width over done seeds (acc_norm: log-likelihood per byte of \
@@ -418,6 +430,13 @@ impl Report {
             "columns": self.columns,
             "baseline": self.baseline,
             "metric": self.metric,
+            "at_equal_compute": super::frontier::at_equal_compute(self).iter().map(|e| json!({
+                "family": e.family,
+                "baseline": e.baseline,
+                "diff": e.diff,
+                "ci95": e.ci95.map(|c| [c.0, c.1]),
+                "sizes": e.sizes,
+            })).collect::<Vec<_>>(),
             "rows": rows,
         })
     }

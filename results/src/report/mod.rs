@@ -8,6 +8,7 @@
 
 mod baseline;
 mod format;
+pub mod frontier;
 mod load;
 pub mod plot;
 pub mod stats;

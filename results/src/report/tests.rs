@@ -415,3 +415,97 @@ fn charts_without_data_are_refused() {
     let e = plot::prepare(Kind::Loss, &r, &s, XAxis::Tokens).unwrap_err();
     assert!(e.to_string().contains("--x tokens"), "{e}");
 }
+
+/// Two families of three sizes on known lines of val/bpb against log10 training FLOPs: the
+/// baseline B at 10^9, 10^10, 10^11 FLOPs on y = 12 - log10(x), family A at 10^9.5, 10^10.5
+/// (inside B's range) and 10^12 (outside) on y = 11.8 - log10(x); two seeds each, at the
+/// mean -/+ 0.1.
+fn frontier_db(name: &str) -> Store {
+    let dir = temp_dir(name);
+    let mut s = Store::open(&dir.join("f.db")).unwrap();
+    let sweep = s.begin_sweep("front", "f.ron", "Sweep()", "test").unwrap();
+    let points = [
+        ("B", 16, 9.0, 12.0),
+        ("B", 32, 10.0, 12.0),
+        ("B", 64, 11.0, 12.0),
+        ("A", 16, 9.5, 11.8),
+        ("A", 32, 10.5, 11.8),
+        ("A", 64, 12.0, 11.8),
+    ];
+    let mut i = 0;
+    for (ffn, d, log_x, top) in points {
+        for (seed, dy) in [(0, -0.1), (1, 0.1)] {
+            let id = format!("t{i}");
+            let config = format!("ffn={ffn};model.d_model={d}");
+            s.register_trial(
+                sweep,
+                i,
+                &NewTrial {
+                    id: &id,
+                    seed,
+                    label: "",
+                    config: &config,
+                },
+            )
+            .unwrap();
+            s.start_trial(&id, "cpu", "test", None).unwrap();
+            s.set_compute(&id, 1.0, 1, 10f64.powf(log_x)).unwrap();
+            s.record(&id, 100, "val/bpb", top - log_x + dy).unwrap();
+            s.finish_trial(&id, Status::Done, None, 1.0).unwrap();
+            i += 1;
+        }
+    }
+    s
+}
+
+#[test]
+fn the_difference_at_equal_compute_is_the_gap_between_known_lines() {
+    let s = frontier_db("frontier");
+    let trials = load(&s, 1, &flatten).unwrap();
+    let sel = Selector::parse("ffn=B").unwrap();
+    let r = summarize("front", trials, Some(&sel), None).unwrap();
+    let eq = frontier::at_equal_compute(&r);
+    assert_eq!(eq.len(), 1);
+    let e = &eq[0];
+    assert_eq!(
+        (e.family.as_str(), e.baseline.as_str(), e.sizes),
+        ("A", "B", 2)
+    );
+    // A lies 0.2 below B everywhere; the point at 10^12 is outside B's range.
+    assert!((e.diff + 0.2).abs() < 1e-12, "{}", e.diff);
+    // Each mean's variance: sd 0.1414 over 2 seeds -> 0.01. At 10^9.5 and 10^10.5 B is
+    // interpolated halfway: 0.25 x 0.01 x 2 = 0.005; each difference 0.015; the mean of two
+    // 0.0075. Student t with 1 degree of freedom: 12.7062 standard errors.
+    let half = 12.706_204_736 * 0.0075f64.sqrt();
+    let (lo, hi) = e.ci95.unwrap();
+    assert!(
+        (lo - (-0.2 - half)).abs() < 1e-6 && (hi - (-0.2 + half)).abs() < 1e-6,
+        "{lo} {hi}"
+    );
+    // The table says it under the rows; the frontier chart has one line per family.
+    let text = r.render(Format::Table, "f.db");
+    assert!(
+        text.contains("At equal training FLOPs, A minus B"),
+        "{text}"
+    );
+    let chart = plot::prepare(Kind::Frontier(plot::Budget::Flops), &r, &s, XAxis::Step).unwrap();
+    let w = chart.save(&temp_dir("frontier-plot")).unwrap();
+    assert_eq!(w.series, 2);
+}
+
+#[test]
+fn interpolation_is_linear_in_log_budget() {
+    let p = |x: f64, mean: f64| frontier::Point {
+        x,
+        mean,
+        var: Some(0.04),
+        n: 3,
+    };
+    let base = [p(10.0, 1.0), p(1000.0, 3.0)];
+    // log10 100 is halfway between 1 and 3: the mean halfway, the variance (1/4 + 1/4) 0.04.
+    let (m, v) = frontier::interpolate(&base, 100.0).unwrap();
+    assert!((m - 2.0).abs() < 1e-12 && (v.unwrap() - 0.02).abs() < 1e-12);
+    assert_eq!(frontier::interpolate(&base, 10.0), Some((1.0, Some(0.04))));
+    assert_eq!(frontier::interpolate(&base, 5.0), None);
+    assert_eq!(frontier::interpolate(&base, 2000.0), None);
+}

@@ -34,7 +34,8 @@ pub struct Args {
     #[arg(long, value_name = "NAME", default_value = "val/bpb")]
     pub metric: String,
     /// Draw charts as PNG and SVG: bpb, loss, amplification, benchmarks (one panel per
-    /// zero-shot task, chance marked) or all (repeatable, or comma-separated).
+    /// zero-shot task, chance marked), frontier (the metric against --budget, a line per
+    /// family across sizes) or all (repeatable, or comma-separated).
     #[arg(long, value_enum, value_delimiter = ',')]
     pub plot: Vec<PlotArg>,
     /// Folder for the charts [default: the DB's folder].
@@ -43,6 +44,9 @@ pub struct Args {
     /// The x axis of the loss chart.
     #[arg(long = "x", value_enum, default_value = "step")]
     pub x_axis: XArg,
+    /// The x axis of the frontier chart: training FLOPs, parameters or GPU hours.
+    #[arg(long, value_enum, default_value = "flops")]
+    pub budget: BudgetArg,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug)]
@@ -62,7 +66,16 @@ pub enum PlotArg {
     Loss,
     Amplification,
     Benchmarks,
+    Frontier,
     All,
+}
+
+/// The x axis of `--plot frontier`.
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+pub enum BudgetArg {
+    Flops,
+    Params,
+    GpuHours,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug)]
@@ -100,7 +113,12 @@ pub fn exec(args: Args) -> anyhow::Result<u8> {
         XArg::Step => plot::XAxis::Step,
         XArg::Tokens => plot::XAxis::Tokens,
     };
-    let charts = kinds(&args.plot, !summary.bench_headlines().is_empty())
+    let budget = match args.budget {
+        BudgetArg::Flops => plot::Budget::Flops,
+        BudgetArg::Params => plot::Budget::Params,
+        BudgetArg::GpuHours => plot::Budget::GpuHours,
+    };
+    let charts = kinds(&args.plot, !summary.bench_headlines().is_empty(), budget)
         .into_iter()
         .map(|k| plot::prepare(k, &summary, &store, x))
         .collect::<Result<Vec<_>, _>>()
@@ -184,8 +202,9 @@ fn pick_sweep(store: &Store, db: &Path, name: Option<&str>) -> anyhow::Result<(i
 
 /// The charts asked for; `all` takes the benchmarks' chart when the sweep has benchmark
 /// results.
-fn kinds(args: &[PlotArg], benchmarks: bool) -> Vec<plot::Kind> {
-    use plot::Kind::{Amplification, Benchmarks, Bpb, Loss};
+fn kinds(args: &[PlotArg], benchmarks: bool, budget: plot::Budget) -> Vec<plot::Kind> {
+    use plot::Kind::{Amplification, Benchmarks, Bpb, Frontier, Loss};
+    let frontier = [Frontier(budget)];
     let mut out = Vec::new();
     for a in args {
         let add: &[plot::Kind] = match a {
@@ -193,6 +212,7 @@ fn kinds(args: &[PlotArg], benchmarks: bool) -> Vec<plot::Kind> {
             PlotArg::Loss => &[Loss],
             PlotArg::Amplification => &[Amplification],
             PlotArg::Benchmarks => &[Benchmarks],
+            PlotArg::Frontier => &frontier,
             PlotArg::All if benchmarks => &[Bpb, Loss, Amplification, Benchmarks],
             PlotArg::All => &[Bpb, Loss, Amplification],
         };

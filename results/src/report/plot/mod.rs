@@ -8,7 +8,10 @@
 mod amplification;
 mod benchmarks;
 mod bpb;
+mod frontier;
 mod loss;
+
+pub use super::frontier::Budget;
 
 use std::error::Error as StdError;
 use std::path::{Path, PathBuf};
@@ -28,6 +31,8 @@ pub enum Kind {
     Loss,
     Amplification,
     Benchmarks,
+    /// The metric against a budget (training FLOPs, parameters, GPU hours), a line per family.
+    Frontier(Budget),
 }
 
 impl Kind {
@@ -37,6 +42,7 @@ impl Kind {
             Kind::Loss => "loss",
             Kind::Amplification => "amplification",
             Kind::Benchmarks => "benchmarks",
+            Kind::Frontier(_) => "frontier",
         }
     }
 }
@@ -80,6 +86,7 @@ pub fn prepare(kind: Kind, report: &Report, store: &Store, x: XAxis) -> Result<P
         Kind::Loss => Box::new(loss::LossChart::new(report, store, x)?),
         Kind::Amplification => Box::new(amplification::AmpChart::new(report, store)?),
         Kind::Benchmarks => Box::new(benchmarks::BenchChart::new(report)?),
+        Kind::Frontier(budget) => Box::new(frontier::FrontierChart::new(report, budget)?),
     };
     Ok(Prepared {
         chart,
