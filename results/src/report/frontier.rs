@@ -52,23 +52,16 @@ fn devices(factors: &[(String, String)]) -> f64 {
         .unwrap_or(1.0)
 }
 
-/// The name of a configuration's family: its factors that vary, but its size.
+/// The name of a configuration's family: its name without its size (`model.*`).
 pub fn family(report: &Report, r: &Row) -> String {
-    let parts: Vec<String> = report
+    let (columns, values): (Vec<String>, Vec<String>) = report
         .columns
         .iter()
         .zip(&r.values)
-        .filter(|(c, v)| !c.starts_with("model.") && v.as_str() != "-")
-        .map(|(c, v)| match c.split_once('.') {
-            None => v.clone(),
-            Some((_, p)) => format!("{p}={v}"),
-        })
-        .collect();
-    if parts.is_empty() {
-        "all configurations".into()
-    } else {
-        parts.join(" ")
-    }
+        .filter(|(c, _)| !c.starts_with("model."))
+        .map(|(c, v)| (c.clone(), v.clone()))
+        .unzip();
+    super::summary::short_name(&columns, &values)
 }
 
 /// One family's point: its budget and the report metric's mean and variance of the mean

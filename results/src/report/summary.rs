@@ -193,7 +193,7 @@ fn varying(rows: &[Row]) -> Vec<String> {
 }
 
 /// `Hc dynamic=true`: slot values as they are, parameters as `param=value`.
-fn short_name(columns: &[String], values: &[String]) -> String {
+pub(crate) fn short_name(columns: &[String], values: &[String]) -> String {
     let parts: Vec<String> = columns
         .iter()
         .zip(values)
