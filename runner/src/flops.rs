@@ -78,7 +78,7 @@ mod tests {
 
     fn forward(grid: &str) -> f64 {
         let s = sweep(grid);
-        forward_per_token(&s.trials[0].cell, &s.dims())
+        forward_per_token(&s.trials[0].cell, &s.trials[0].dims)
     }
 
     // Hand counts at C = 64, T = 16, V = 256, 2 layers; 2 FLOPs per multiply-add.
@@ -98,7 +98,7 @@ mod tests {
         );
         assert_eq!(f, 2.0 * (GQA + SWIGLU) + HEAD); // 215,296
         let s = sweep("(attention: [Gqa(heads: 4, kv_heads: 2)], ffn: [SwiGlu])");
-        let b = budget(&s.trials[0].cell, &s.dims(), &s.train);
+        let b = budget(&s.trials[0].cell, &s.trials[0].dims, &s.train);
         assert_eq!(b.tokens, 10 * 4 * 16);
         assert_eq!(b.train_per_token, 3.0 * f);
         assert_eq!(b.train_flops, 3.0 * f * 640.0);
@@ -182,7 +182,7 @@ mod tests {
             "(attention: [Mha(heads: 2)], ffn: [Gelu])",
         ] {
             let s = sweep(grid);
-            let dims = s.dims();
+            let dims = s.trials[0].dims.clone();
             let model = crate::train::build(
                 &s.trials[0],
                 &dims,

@@ -94,7 +94,7 @@ pub fn dry_run(sweep: &Sweep) -> String {
     s += &format!(
         "model: {}; vocab {}; train: {} steps of {batch} x {} tokens, eval every {}\n\n",
         shapes.join(" | "),
-        sweep.dims().vocab,
+        sweep.vocab(),
         train.steps,
         train.seq_len,
         train.eval_every()

@@ -392,10 +392,10 @@ impl Sweep {
             .collect()
     }
 
-    /// The model shape of the first trials (every trial's, without size axes; each trial
-    /// carries its own in `Trial::dims`).
-    pub fn dims(&self) -> registry::Dims {
-        dims_of(&self.shapes[0], &self.data, &self.train)
+    /// The model's vocabulary (the tokenizer's, padded): every trial shares it, while each
+    /// carries its own shape in `Trial::dims`.
+    pub fn vocab(&self) -> usize {
+        self.data.tokenizer().model_vocab()
     }
 }
 

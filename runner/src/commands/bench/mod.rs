@@ -144,10 +144,10 @@ pub fn exec(mut args: Args) -> anyhow::Result<u8> {
 
 /// The table's title line and head.
 fn print_header(args: &Args, sweep: &Sweep, name: &str, tokens: usize, peak: Option<f64>) {
-    let (dims, spec) = (sweep.dims(), &sweep.train);
+    let spec = &sweep.train;
     let shape = match &sweep.shapes[..] {
         [m] if m.d_model == 0 => format!("d_model matched per cell, n_layers {}", m.n_layers),
-        [_] => format!("d_model {}, n_layers {}", dims.d_model, dims.n_layers),
+        [m] => format!("d_model {}, n_layers {}", m.d_model, m.n_layers),
         many => {
             let all: Vec<String> = many
                 .iter()
@@ -171,7 +171,7 @@ fn print_header(args: &Args, sweep: &Sweep, name: &str, tokens: usize, peak: Opt
             .as_deref()
             .map(|f| f.display().to_string())
             .unwrap_or_default(),
-        dims.vocab,
+        sweep.vocab(),
         spec.batch,
         spec.seq_len,
         spec.precision,
