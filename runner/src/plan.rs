@@ -86,9 +86,15 @@ pub fn dry_run(sweep: &Sweep) -> String {
     let shapes: Vec<String> = sweep
         .shapes
         .iter()
-        .map(|m| match m.d_model {
-            0 => format!("d_model solved per cell, n_layers {}", m.n_layers),
-            d => format!("d_model {d}, n_layers {}", m.n_layers),
+        .map(|m| {
+            let sizes = match m.d_model {
+                0 => format!("d_model solved per cell, n_layers {}", m.n_layers),
+                d => format!("d_model {d}, n_layers {}", m.n_layers),
+            };
+            match m.scale.as_str() {
+                "" => sizes,
+                name => format!("{name}: {sizes}"),
+            }
         })
         .collect();
     s += &format!(

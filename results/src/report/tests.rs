@@ -436,7 +436,11 @@ fn frontier_db(name: &str) -> Store {
     for (ffn, d, log_x, top) in points {
         for (seed, dy) in [(0, -0.1), (1, 0.1)] {
             let id = format!("t{i}");
-            let config = format!("ffn={ffn};model.d_model={d}");
+            // A's sizes are a scale axis's named shapes: a family leaves either out.
+            let config = match ffn {
+                "A" => format!("ffn={ffn};model.scale=s{d}"),
+                _ => format!("ffn={ffn};model.d_model={d}"),
+            };
             s.register_trial(
                 sweep,
                 i,

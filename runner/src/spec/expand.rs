@@ -311,11 +311,18 @@ pub fn trials(
     let (width_varies, depth_varies) = (vary(|m| m.d_model), vary(|m| m.n_layers));
     let label = |m: &ModelSpec, ci: usize| -> String {
         let mut parts = Vec::new();
-        if width_varies {
-            parts.push(format!("model.d_model={}", m.d_model));
-        }
-        if depth_varies {
-            parts.push(format!("model.n_layers={}", m.n_layers));
+        // A named shape stands for its sizes.
+        if !m.scale.is_empty() {
+            if shapes.models.len() > 1 {
+                parts.push(format!("model.scale={}", m.scale));
+            }
+        } else {
+            if width_varies {
+                parts.push(format!("model.d_model={}", m.d_model));
+            }
+            if depth_varies {
+                parts.push(format!("model.n_layers={}", m.n_layers));
+            }
         }
         if !grid_labels[ci].is_empty() {
             parts.push(grid_labels[ci].clone());
@@ -339,10 +346,10 @@ pub fn trials(
                     }
                     Err(why) => {
                         problems.push(format!(
-                            "{}: cell {ci} ({}) at n_layers {}: {why}",
+                            "{}: cell {ci} ({}) at {}: {why}",
                             source.locate(axes[0][combo[0]].at),
                             shown(&grid_labels[ci]),
-                            m.n_layers
+                            shape_name(&m)
                         ));
                         continue;
                     }
@@ -353,7 +360,7 @@ pub fn trials(
                 if let Err(msg) = v.component.spec().check(&dims) {
                     let at = match shapes.models.len() {
                         1 => String::new(),
-                        _ => format!(" at d_model {}, n_layers {}", m.d_model, m.n_layers),
+                        _ => format!(" at {}", shape_name(&m)),
                     };
                     problems.push(format!(
                         "{}: cell {ci} ({}){at}: {} {}: {msg}",
@@ -412,6 +419,18 @@ pub fn trials(
         }
     }
     Ok(out)
+}
+
+/// A shape as errors name it: its scale name, or its sizes.
+fn shape_name(m: &ModelSpec) -> String {
+    let sizes = match m.d_model {
+        0 => format!("n_layers {}", m.n_layers),
+        d => format!("d_model {d}, n_layers {}", m.n_layers),
+    };
+    match m.scale.as_str() {
+        "" => sizes,
+        name => format!("shape {name:?} ({sizes})"),
+    }
 }
 
 fn shown(label: &str) -> &str {

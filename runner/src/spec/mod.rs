@@ -16,6 +16,7 @@ mod expand;
 mod factors;
 pub mod matching;
 pub mod raw;
+mod shapes;
 mod source;
 
 use std::path::Path;
@@ -26,6 +27,7 @@ use serde::{Deserialize, Serialize};
 pub use benchmarks::parse as parse_benchmarks;
 pub use expand::{trial_id, Cell, Trial, Variant};
 pub use factors::factors;
+pub use shapes::ModelSpec;
 pub use source::Source;
 
 use crate::benchmarks::BenchmarkSpec;
@@ -148,41 +150,6 @@ impl TrainSpec {
     }
 }
 
-/// One model shape, as a trial's configuration records it; the components come from the grid.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ModelSpec {
-    pub d_model: usize,
-    pub n_layers: usize,
-}
-
-/// The `model` section as written: each size a number or a list of them (a size axis,
-/// expanded like the grid's: every shape with every cell).
-#[derive(Clone, Debug, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields, rename = "ModelSpec")]
-struct ModelAxes {
-    /// Left out when `match` solves it.
-    #[serde(default)]
-    d_model: Option<Sizes>,
-    n_layers: Sizes,
-}
-
-#[derive(Clone, Debug, PartialEq, Deserialize)]
-#[serde(untagged)]
-enum Sizes {
-    One(usize),
-    Many(Vec<usize>),
-}
-
-impl Sizes {
-    fn values(&self) -> Vec<usize> {
-        match self {
-            Sizes::One(v) => vec![*v],
-            Sizes::Many(v) => v.clone(),
-        }
-    }
-}
-
 /// The sweep file as written; component lists stay raw text until the registry parses them.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields, rename = "Sweep")]
@@ -203,7 +170,7 @@ struct SweepFile<'a> {
     #[serde(default, rename = "match")]
     matching: Option<matching::MatchSpec>,
     train: TrainSpec,
-    model: ModelAxes,
+    model: shapes::ModelAxes,
     /// One grid `( attention: [...], ... )`, or a list of grids whose cells are joined.
     #[serde(borrow)]
     grid: &'a RawValue,
@@ -303,19 +270,8 @@ impl Sweep {
         train.eval_every = Some(train.eval_every());
         if let Some(m) = &file.matching {
             m.check().map_err(|e| source.field_error("match", e))?;
-            if file.model.d_model.is_some() {
-                return Err(source.field_error(
-                    "model.d_model",
-                    "match solves each cell's d_model: leave model.d_model out",
-                ));
-            }
-        } else if file.model.d_model.is_none() {
-            return Err(source.field_error(
-                "model",
-                "needs d_model (the residual width), or a `match` section to solve it per cell",
-            ));
         }
-        let shapes = model_shapes(&source, &file.model)?;
+        let shapes = shapes::model_shapes(&source, &file.model, file.matching.is_some())?;
         file.data.check(&source)?;
         crate::data::evals::check(&file.evals, file.data.tokenizer(), &source)?;
         let benchmarks = match file.benchmarks {
@@ -528,46 +484,6 @@ fn check_train(source: &Source, t: &TrainSpec) -> Result<(), InputError> {
         ));
     }
     Ok(())
-}
-
-/// Every model shape of the `model` section: d_model-major over its size axes.
-fn model_shapes(source: &Source, m: &ModelAxes) -> Result<Vec<ModelSpec>, InputError> {
-    // Without d_model (a `match` solves it per cell) the shapes hold 0 until then.
-    let mut axes = vec![vec![0]];
-    let given = [
-        ("model.d_model", m.d_model.as_ref()),
-        ("model.n_layers", Some(&m.n_layers)),
-    ];
-    for (i, (path, sizes)) in given.into_iter().enumerate() {
-        let Some(sizes) = sizes else { continue };
-        let values = sizes.values();
-        if values.is_empty() {
-            return Err(source.field_error(path, "is an empty list: give at least one size"));
-        }
-        if let Some(v) = values.iter().find(|&&v| v == 0) {
-            return Err(source.field_error(path, format!("must be at least 1, got {v}")));
-        }
-        if let Some(v) = values
-            .iter()
-            .enumerate()
-            .find_map(|(i, v)| values[..i].contains(v).then_some(v))
-        {
-            return Err(source.field_error(path, format!("lists {v} twice")));
-        }
-        if i == 0 {
-            axes[0] = values;
-        } else {
-            axes.push(values);
-        }
-    }
-    Ok(axes[0]
-        .iter()
-        .flat_map(|&d_model| {
-            axes[1]
-                .iter()
-                .map(move |&n_layers| ModelSpec { d_model, n_layers })
-        })
-        .collect())
 }
 
 #[cfg(test)]

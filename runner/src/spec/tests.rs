@@ -339,6 +339,76 @@ fn bad_size_axes_and_shapes_a_cell_cannot_take_are_refused() {
 }
 
 #[test]
+fn a_scale_axis_moves_width_and_depth_together() {
+    let grid = "(attention: [Mha(heads: 2)], ffn: [SwiGlu, Gelu])";
+    let scale = "model=(scale: [(name: \"S\", d_model: 16, n_layers: 1), \
+                 (name: \"M\", d_model: 32, n_layers: 2)])";
+    let s = sweep(grid, &[scale]).unwrap();
+    // 2 named shapes (not 2 x 2 combinations) x 2 FFNs, x 2 seeds.
+    assert_eq!(s.trials.len(), 8);
+    let shape = |t: &Trial| (t.dims.d_model, t.dims.n_layers);
+    let first: Vec<(usize, usize)> = s.trials[..4].iter().map(shape).collect();
+    assert_eq!(first, [(16, 1), (16, 1), (32, 2), (32, 2)]);
+    assert_eq!(s.trials[3].label, "model.scale=M ffn=Gelu");
+    assert!(
+        s.trials[3]
+            .config
+            .contains("model: (scale:\"M\",d_model:32,n_layers:2)"),
+        "{}",
+        s.trials[3].config
+    );
+    // The name is part of the id: the same sizes under a size axis are other trials.
+    let axes = sweep(grid, &["model.d_model=[16, 32]", "model.n_layers=[1, 2]"]).unwrap();
+    assert!(axes.trials.iter().all(|t| t.id != s.trials[0].id));
+
+    // Under a `match`, each named shape gives its depth and every cell solves its width.
+    let matched = sweep(
+        "(attention: [Gqa(heads: 4, kv_heads: 2)], ffn: [SwiGlu])",
+        &[
+            "model=(scale: [(name: \"small\", n_layers: 2), (name: \"deep\", n_layers: 8)])",
+            "match=Params(non_embedding: 20e6)",
+        ],
+    )
+    .unwrap();
+    let deep = matched
+        .trials
+        .iter()
+        .find(|t| t.label.starts_with("model.scale=deep"))
+        .unwrap();
+    // The hand count of the matching test: 8 layers of Gqa(4, 2) + SwiGlu reach 20e6 at 480.
+    assert_eq!((deep.dims.d_model, deep.dims.n_layers), (480, 8));
+
+    let err = |sets: &[&str]| sweep(grid, sets).unwrap_err().to_string();
+    let e = err(&["model=(scale: [(name: \"S\", d_model: 16, n_layers: 1)], n_layers: 2)"]);
+    assert!(
+        e.contains("leave model.d_model and model.n_layers out"),
+        "{e}"
+    );
+    let e = err(&["model=(scale: [(name: \"S\", d_model: 16, n_layers: 1), \
+                   (name: \"S\", d_model: 32, n_layers: 1)])"]);
+    assert!(e.contains("names \"S\" twice"), "{e}");
+    let e = err(&["model=(scale: [(name: \"S\", d_model: 16, n_layers: 1), \
+                   (name: \"T\", d_model: 16, n_layers: 1)])"]);
+    assert!(e.contains("shapes \"S\" and \"T\" are the same"), "{e}");
+    let e = err(&["model=(scale: [(name: \"a b\", d_model: 16, n_layers: 1)])"]);
+    assert!(e.contains("must be one word"), "{e}");
+    let e = err(&["model=(scale: [(name: \"S\", n_layers: 1)])"]);
+    assert!(e.contains("shape \"S\" needs d_model"), "{e}");
+    // A shape a cell cannot take is named by its scale name.
+    let e = sweep(
+        "(attention: [Mha(heads: 4)], ffn: [Gelu])",
+        &["model=(scale: [(name: \"S\", d_model: 16, n_layers: 1), \
+           (name: \"odd\", d_model: 18, n_layers: 1)])"],
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("at shape \"odd\" (d_model 18, n_layers 1)"),
+        "{e}"
+    );
+}
+
+#[test]
 fn matching_solves_each_cells_width_as_a_hand_count_does() {
     let sets = ["model=(n_layers: 8)", "match=Params(non_embedding: 20e6)"];
     let s = sweep(
