@@ -1104,3 +1104,163 @@ fn bad_benchmarks_are_refused_with_their_place() {
         refused(name, &text, &[], &[needle.as_str()]);
     }
 }
+
+/// The names and shapes in a safetensors file's header, and its metadata.
+fn safetensors_header(path: &Path) -> (Vec<(String, Vec<u64>)>, serde_json::Value) {
+    let bytes = std::fs::read(path).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    let mut names: Vec<(String, Vec<u64>)> = header
+        .as_object()
+        .unwrap()
+        .iter()
+        .filter(|(k, _)| *k != "__metadata__")
+        .map(|(k, v)| {
+            let shape = v["shape"].as_array().unwrap();
+            (
+                k.clone(),
+                shape.iter().map(|d| d.as_u64().unwrap()).collect(),
+            )
+        })
+        .collect();
+    names.sort();
+    (names, header["__metadata__"].clone())
+}
+
+#[test]
+fn export_writes_a_transformers_directory_and_refuses_what_it_cannot_export() {
+    let dir = workdir("export");
+    let grid = "[(attention: [Gqa(heads: 2, kv_heads: 1)], ffn: [SwiGlu]), \
+                (attention: [GatedGqa(heads: 2, kv_heads: 1)], ffn: [Relu2], \
+                 residual: [Mhc(streams: 2)])]";
+    std::fs::write(dir.join("s.ron"), sweep_text(grid)).unwrap();
+    let out = sweep(&dir, &["run", "s.ron"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let db = rusqlite::Connection::open(dir.join("sweep.db")).unwrap();
+    let id_of = |residual: &str| -> String {
+        db.query_row(
+            "SELECT id FROM trials WHERE config LIKE ?1",
+            [format!("%residual: {residual}%")],
+            |r| r.get(0),
+        )
+        .unwrap()
+    };
+    let (plain, mhc) = (id_of("PreNorm"), id_of("Mhc"));
+    let export = |args: &[&str]| {
+        let mut all = vec!["export"];
+        all.extend_from_slice(args);
+        sweep(&dir, &all)
+    };
+
+    // PreNorm + Gqa + SwiGlu is Llama: transformers' names and shapes, nothing else.
+    let out = export(&["--trial", &plain, "--out", "llama"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let llama = dir.join("llama");
+    for f in [
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "README.md",
+    ] {
+        assert!(llama.join(f).exists(), "{f}");
+    }
+    assert!(!llama.join("modeling_sweep.py").exists());
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(llama.join("config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["model_type"], "llama");
+    assert_eq!(cfg["num_key_value_heads"], 1);
+    assert_eq!(cfg["head_dim"], 8);
+    // SwiGlu's hidden width at d_model 16: round(8/3 x 16 / 8) x 8 = 40.
+    assert_eq!(cfg["intermediate_size"], 40);
+    assert_eq!(cfg["sweep"]["trial"], plain.as_str());
+    let (names, meta) = safetensors_header(&llama.join("model.safetensors"));
+    assert_eq!(meta["format"], "pt");
+    let l = "model.layers.0";
+    let mut want: Vec<(String, Vec<u64>)> = vec![
+        ("model.embed_tokens.weight".into(), vec![256, 16]),
+        ("model.norm.weight".into(), vec![16]),
+        (format!("{l}.input_layernorm.weight"), vec![16]),
+        (format!("{l}.post_attention_layernorm.weight"), vec![16]),
+        (format!("{l}.self_attn.q_proj.weight"), vec![16, 16]),
+        (format!("{l}.self_attn.k_proj.weight"), vec![8, 16]),
+        (format!("{l}.self_attn.v_proj.weight"), vec![8, 16]),
+        (format!("{l}.self_attn.o_proj.weight"), vec![16, 16]),
+        (format!("{l}.mlp.gate_proj.weight"), vec![40, 16]),
+        (format!("{l}.mlp.up_proj.weight"), vec![40, 16]),
+        (format!("{l}.mlp.down_proj.weight"), vec![16, 40]),
+    ];
+    want.sort();
+    assert_eq!(names, want);
+    let card = std::fs::read_to_string(llama.join("README.md")).unwrap();
+    assert!(
+        card.contains("license: unknown") && card.contains("| val/bpb |"),
+        "{card}"
+    );
+
+    // The Goedel-style cell ships modeling_sweep.py and keeps sweep's names.
+    let out = export(&["--trial", &mhc, "--out", "goedel", "--dtype", "bf16"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let goedel = dir.join("goedel");
+    assert!(goedel.join("modeling_sweep.py").exists());
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(goedel.join("config.json")).unwrap())
+            .unwrap();
+    assert_eq!(cfg["model_type"], "sweep");
+    assert_eq!(cfg["residual"]["kind"], "Mhc");
+    assert_eq!(cfg["torch_dtype"], "bfloat16");
+    let (names, _) = safetensors_header(&goedel.join("model.safetensors"));
+    // phi maps the n C = 32 normed state to 2n + n^2 = 8 coefficients.
+    assert!(
+        names.contains(&("residual.0.phi".into(), vec![32, 8])),
+        "{names:?}"
+    );
+    assert!(names.contains(&("blocks.0.attn.gate.weight".into(), vec![16, 16])));
+
+    // --best picks the lowest final val/bpb.
+    let best: String = db
+        .query_row(
+            "SELECT trial_id FROM metrics WHERE name = 'val/bpb' AND step = 6
+             ORDER BY value LIMIT 1",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    let out = export(&["--best", "--out", "best"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let cfg = std::fs::read_to_string(dir.join("best/config.json")).unwrap();
+    assert!(cfg.contains(&best), "{cfg}");
+
+    // Refusals: exit 2, the reason, nothing written.
+    let refused = |args: &[&str], needle: &str, out_dir: &str| {
+        let out = export(args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {}", stderr(&out));
+        assert!(stderr(&out).contains(needle), "{args:?}: {}", stderr(&out));
+        assert!(!dir.join(out_dir).exists(), "{args:?} wrote {out_dir}");
+    };
+    refused(
+        &["--trial", "0123456789abcdef", "--out", "x"],
+        "no such trial",
+        "x",
+    );
+    let out = export(&["--trial", &plain, "--out", "llama"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("not empty"), "{}", stderr(&out));
+    db.execute("UPDATE trials SET status = 'failed' WHERE id = ?1", [&mhc])
+        .unwrap();
+    refused(&["--trial", &mhc, "--out", "y"], "is failed", "y");
+    let ckpt = dir.join("sweep.checkpoints").join(&plain);
+    std::fs::write(ckpt.join("final.safetensors"), b"not weights").unwrap();
+    refused(
+        &["--trial", &plain, "--out", "z"],
+        "failed verification",
+        "z",
+    );
+    let leftovers: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().contains(".partial-"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+}

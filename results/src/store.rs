@@ -144,6 +144,8 @@ pub struct TrialRow {
     /// Training FLOPs per token and in all, as the trial recorded them (schema 5).
     pub flops_per_token: Option<f64>,
     pub train_flops: Option<f64>,
+    /// The tokens it trains on (schema 5).
+    pub tokens: Option<i64>,
 }
 
 /// A model's parameter count.
@@ -274,6 +276,16 @@ impl Store {
             .query_row("SELECT id FROM sweeps WHERE name = ?1", [name], |r| {
                 r.get(0)
             })?)
+    }
+
+    /// The id of the sweep record named `name`, if there is one.
+    pub fn sweep_id(&self, name: &str) -> Result<Option<i64>> {
+        Ok(self
+            .conn
+            .query_row("SELECT id FROM sweeps WHERE name = ?1", [name], |r| {
+                r.get(0)
+            })
+            .optional()?)
     }
 
     /// The generation of the sweep record named `name`, if there is one.
@@ -605,7 +617,8 @@ impl Store {
     pub fn trials(&self, sweep_id: i64) -> Result<Vec<TrialRow>> {
         let mut stmt = self.conn.prepare(
             "SELECT t.id, t.sweep_id, t.seed, t.label, t.config, t.status, t.error, t.device,
-                    t.n_params, t.wall_s, t.n_params_embedding, t.flops_per_token, t.train_flops
+                    t.n_params, t.wall_s, t.n_params_embedding, t.flops_per_token, t.train_flops,
+                    t.tokens
              FROM sweep_trials s JOIN trials t ON t.id = s.trial_id
              WHERE s.sweep_id = ?1 ORDER BY s.position",
         )?;
@@ -625,6 +638,7 @@ impl Store {
                     wall_s: r.get(9)?,
                     flops_per_token: r.get(11)?,
                     train_flops: r.get(12)?,
+                    tokens: r.get(13)?,
                 },
                 r.get::<_, String>(5)?,
             ))

@@ -12,6 +12,7 @@ pub mod commands;
 pub mod data;
 pub mod devices;
 pub mod error;
+pub mod export;
 pub mod flops;
 pub mod gpu;
 pub mod memory;

@@ -1,7 +1,9 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use runner::commands::{bench, eval, list, merge, prepare, report, run, slurm, verify, worker};
+use runner::commands::{
+    bench, eval, export, list, merge, prepare, report, run, slurm, verify, worker,
+};
 use runner::error::{exit, InputError};
 
 /// Architecture sweeps for language models: list component variants in a RON file, train
@@ -22,6 +24,7 @@ enum Command {
     List(list::Args),
     Bench(bench::Args),
     Eval(eval::Args),
+    Export(export::Args),
     Verify(verify::Args),
     Prepare(prepare::Args),
     #[command(hide = true)]
@@ -39,6 +42,7 @@ fn main() -> ExitCode {
         Command::List(args) => list::exec(args),
         Command::Bench(args) => bench::exec(args),
         Command::Eval(args) => eval::exec(args),
+        Command::Export(args) => export::exec(args),
         Command::Verify(args) => verify::exec(args),
         Command::Prepare(args) => prepare::exec(args),
     };

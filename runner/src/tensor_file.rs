@@ -39,17 +39,34 @@ impl<W: Write> Write for Hashing<W> {
 /// Writes `tensors` (in name order) to `path`, synced to disk; returns the file's SHA-256
 /// (lower-case hex) and length. The error is the I/O error as the OS gave it.
 pub fn write(path: &Path, tensors: &BTreeMap<String, Tensor>) -> std::io::Result<(String, u64)> {
-    let mut header = BTreeMap::new();
+    write_with(path, tensors, &BTreeMap::new())
+}
+
+/// [`write`] with the header's `__metadata__` (string to string; left out when empty):
+/// `transformers` reads `format: pt` there.
+pub fn write_with(
+    path: &Path,
+    tensors: &BTreeMap<String, Tensor>,
+    metadata: &BTreeMap<String, String>,
+) -> std::io::Result<(String, u64)> {
+    let mut header = serde_json::Map::new();
+    if !metadata.is_empty() {
+        header.insert(
+            "__metadata__".into(),
+            serde_json::to_value(metadata).map_err(std::io::Error::other)?,
+        );
+    }
     let mut offset = 0;
     for (name, t) in tensors {
         let len = View::data_len(t);
+        let info = TensorInfo {
+            dtype: View::dtype(t),
+            shape: t.dims().to_vec(),
+            data_offsets: (offset, offset + len),
+        };
         header.insert(
-            name.as_str(),
-            TensorInfo {
-                dtype: View::dtype(t),
-                shape: t.dims().to_vec(),
-                data_offsets: (offset, offset + len),
-            },
+            name.clone(),
+            serde_json::to_value(info).map_err(std::io::Error::other)?,
         );
         offset += len;
     }

@@ -143,6 +143,11 @@ impl ValSet {
         Ok((nats / self.targets as f64, bits_per_byte(nats, self.bytes)))
     }
 
+    /// The subset's batches of inputs and next-token targets, (batch, seq_len) u32 each.
+    pub fn batches(&self) -> &[(Tensor, Tensor)] {
+        &self.batches
+    }
+
     /// The batch the amplification metrics are measured on: always the first.
     pub fn probe_batch(&self) -> &Tensor {
         &self.batches[0].0

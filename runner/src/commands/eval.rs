@@ -10,12 +10,12 @@ use anyhow::Context;
 use results::{Status, Store};
 
 use crate::benchmarks::{self, Benchmark};
-use crate::checkpoint::Checkpoints;
 use crate::devices::{device_of, parse_devices};
 use crate::error::{exit, InputError};
 use crate::parallel::Solo;
-use crate::spec::{self, Source, Sweep};
-use crate::train;
+use crate::spec::{self, Source};
+
+use super::recorded;
 
 /// Score zero-shot benchmarks on the final weights of finished trials.
 #[derive(clap::Args, Debug)]
@@ -49,7 +49,12 @@ pub struct Args {
 
 pub fn exec(args: Args) -> anyhow::Result<u8> {
     let mut store = Store::open_existing(&args.db).map_err(|e| InputError::new(e.to_string()))?;
-    let (sweep, generation) = recorded_sweep(&store, &args)?;
+    let (sweep, generation) = recorded::sweep(
+        &store,
+        &args.db,
+        args.sweep.as_deref(),
+        args.trial.as_deref(),
+    )?;
     let specs = match &args.benchmarks {
         Some(text) => {
             let flag = Source::from_text(Path::new("--benchmarks"), text.clone());
@@ -116,11 +121,7 @@ pub fn exec(args: Args) -> anyhow::Result<u8> {
             );
             continue;
         }
-        let weights = sha
-            .as_deref()
-            .ok_or_else(|| "no checksum recorded for its final weights".to_string())
-            .and_then(|sha| Checkpoints::new(&args.db, &trial.id, 0, 1).final_weights(sha));
-        let path = match weights {
+        let path = match recorded::final_weights(&args.db, &trial.id, sha.as_deref()) {
             Ok(p) => p,
             Err(why) => {
                 failed += 1;
@@ -128,7 +129,7 @@ pub fn exec(args: Args) -> anyhow::Result<u8> {
                 continue;
             }
         };
-        let model = load_model(&sweep, trial, &path, &device)
+        let model = recorded::load_model(&sweep, trial, &path, &device)
             .with_context(|| format!("loading trial {}", trial.id))?;
         let spec = &sweep.train;
         let tokens = spec.batch * spec.seq_len;
@@ -158,47 +159,6 @@ pub fn exec(args: Args) -> anyhow::Result<u8> {
     }
     println!("{scored} trial(s) scored, {failed} failed");
     Ok(if failed > 0 { exit::FAILED } else { exit::OK })
-}
-
-/// The sweep of `--trial` or `--sweep` (or the latest), rebuilt from its recorded file
-/// text, and its record's generation (which salts its trial ids).
-fn recorded_sweep(store: &Store, args: &Args) -> anyhow::Result<(Sweep, u32)> {
-    let found = store.recorded_sweep(args.sweep.as_deref(), args.trial.as_deref())?;
-    let Some((name, file, text, generation)) = found else {
-        let what = match (&args.sweep, &args.trial) {
-            (Some(s), _) => format!("no sweep {s}"),
-            (_, Some(t)) => format!("no trial {t}"),
-            _ => "no sweeps yet".into(),
-        };
-        return Err(InputError::new(format!("{}: {what}", args.db.display())).into());
-    };
-    let source = Source::from_text(Path::new(&file), text);
-    let sweep = Sweep::from_source(source).map_err(|e| {
-        InputError::new(format!(
-            "sweep {name}: its recorded file text no longer reads ({e}); score it with the \
-             sweep version that ran it"
-        ))
-    })?;
-    Ok((sweep, generation))
-}
-
-/// `trial`'s model with the weights of `path`.
-fn load_model(
-    sweep: &Sweep,
-    trial: &spec::Trial,
-    path: &Path,
-    device: &candle_core::Device,
-) -> anyhow::Result<crate::model::Gpt> {
-    let spec = &sweep.train;
-    let model = train::build(trial, &trial.dims, spec.precision, device)?;
-    let tensors = candle_core::safetensors::load(path, device)?;
-    for p in model.params() {
-        let t = tensors
-            .get(&p.name)
-            .with_context(|| format!("{} has no tensor {}", path.display(), p.name))?;
-        p.var.set(&t.to_dtype(p.var.dtype())?)?;
-    }
-    Ok(model)
 }
 
 /// Every item of every benchmark as one JSON line: task, line, gold, prompts, tokens,

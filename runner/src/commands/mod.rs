@@ -2,9 +2,11 @@
 
 pub mod bench;
 pub mod eval;
+pub mod export;
 pub mod list;
 pub mod merge;
 pub mod prepare;
+mod recorded;
 pub mod report;
 pub mod run;
 pub mod slurm;

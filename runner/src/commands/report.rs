@@ -92,7 +92,7 @@ pub fn exec(args: Args) -> anyhow::Result<u8> {
         .transpose()
         .map_err(input)?;
     let store = Store::open_existing(&args.db).map_err(input)?;
-    let (sweep_id, name) = pick_sweep(&store, &args.db, args.sweep.as_deref())?;
+    let (sweep_id, name) = super::recorded::pick_sweep(&store, &args.db, args.sweep.as_deref())?;
     let trials = report::load(&store, sweep_id, &spec::factors)?;
     if trials.is_empty() {
         return Err(InputError::new(format!(
@@ -149,54 +149,6 @@ fn input(e: results::Error) -> anyhow::Error {
         | results::Error::SchemaVersion { .. }
         | results::Error::Input(_) => InputError::new(e.to_string()).into(),
         other => other.into(),
-    }
-}
-
-/// The named sweep, or the most recently run one (with a note when the DB holds several).
-fn pick_sweep(store: &Store, db: &Path, name: Option<&str>) -> anyhow::Result<(i64, String)> {
-    let mut stmt = store
-        .conn()
-        .prepare("SELECT id, name FROM sweeps ORDER BY updated_at DESC, id DESC")?;
-    let sweeps: Vec<(i64, String)> = stmt
-        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
-        .collect::<Result<_, _>>()?;
-    let names: Vec<&str> = sweeps.iter().map(|(_, n)| n.as_str()).collect();
-    if sweeps.is_empty() {
-        return Err(InputError::new(format!(
-            "{}: the results database holds no sweeps yet; run `sweep run FILE --db {}` first",
-            db.display(),
-            db.display()
-        ))
-        .into());
-    }
-    match name {
-        Some(want) => sweeps
-            .iter()
-            .find(|(_, n)| n == want)
-            .cloned()
-            .ok_or_else(|| {
-                let hint = registry::nearest(want, &names)
-                    .map(|s| format!(" Did you mean `{s}`?"))
-                    .unwrap_or_default();
-                InputError::new(format!(
-                    "--sweep {want}: {} holds no such sweep; its sweeps: {}.{hint}",
-                    db.display(),
-                    names.join(", ")
-                ))
-                .into()
-            }),
-        None => {
-            if sweeps.len() > 1 {
-                eprintln!(
-                    "{} holds {} sweeps ({}); reporting {}, the latest run (choose with --sweep)",
-                    db.display(),
-                    sweeps.len(),
-                    names.join(", "),
-                    names[0]
-                );
-            }
-            Ok(sweeps[0].clone())
-        }
     }
 }
 
