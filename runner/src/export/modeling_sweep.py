@@ -238,6 +238,12 @@ class Laurel(nn.Module):
         return skip + out
 
 
+def f32(x):
+    """Autocast off: the residual schemes' coefficients are computed in f32 whatever the
+    activations' dtype (under bf16 autocast too, as sweep computes them)."""
+    return torch.autocast(device_type=x.device.type, enabled=False)
+
+
 def connect(state, pre, res, post, f):
     """x' = res x + post F(pre^T x) on the stream axis of state (B, T, n, C); pre and post
     (.., n, 1), res (.., n, n), cast to the state's dtype (residual/mod.rs `connect`)."""
@@ -278,10 +284,11 @@ class Hc(nn.Module):
         n = self.n
         a_m, a_r, b = self.a_m, self.a_r, self.b
         if self.dynamic:
-            z = torch.tanh(rms(state.float()) @ self.w)  # (B, T, n, n + 2)
-            a_m = self.s_alpha * z[..., 0:1] + a_m
-            b = self.s_beta * z[..., 1:2] + b
-            a_r = self.s_alpha * z[..., 2 : 2 + n] + a_r
+            with f32(state):
+                z = torch.tanh(rms(state.float()) @ self.w)  # (B, T, n, n + 2)
+                a_m = self.s_alpha * z[..., 0:1] + a_m
+                b = self.s_beta * z[..., 1:2] + b
+                a_r = self.s_alpha * z[..., 2 : 2 + n] + a_r
         return connect(state, a_m, a_r.transpose(-1, -2), b, f)
 
 
@@ -325,12 +332,13 @@ class Mhc(nn.Module):
 
     def forward(self, state, f):
         b, t, n, c = state.shape
-        x = rms(state.float().reshape(b * t, n * c))
-        z = x @ self.phi
-        pre = torch.sigmoid(z[:, :n] * self.a[0] + self.b_pre)
-        post = 2.0 * torch.sigmoid(z[:, n : 2 * n] * self.a[1] + self.b_post)
-        res_logits = z[:, 2 * n :] * self.a[2] + self.b_res.flatten()
-        res = sinkhorn(res_logits.view(b * t, n, n), self.iters)
+        with f32(state):
+            x = rms(state.float().reshape(b * t, n * c))
+            z = x @ self.phi
+            pre = torch.sigmoid(z[:, :n] * self.a[0] + self.b_pre)
+            post = 2.0 * torch.sigmoid(z[:, n : 2 * n] * self.a[1] + self.b_post)
+            res_logits = z[:, 2 * n :] * self.a[2] + self.b_res.flatten()
+            res = sinkhorn(res_logits.view(b * t, n, n), self.iters)
         return connect(
             state,
             pre.view(b, t, n, 1),
