@@ -1264,3 +1264,55 @@ fn export_writes_a_transformers_directory_and_refuses_what_it_cannot_export() {
         .collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
 }
+
+#[test]
+fn report_html_is_one_self_contained_page_with_every_chart_and_trial() {
+    let dir = workdir("html");
+    std::fs::write(dir.join("s.ron"), sweep_text(GRID)).unwrap();
+    let out = sweep(&dir, &["run", "s.ron"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    // --watch on a finished sweep writes once and returns.
+    let out = sweep(
+        &dir,
+        &[
+            "report",
+            "--html",
+            "out/r.html",
+            "--baseline",
+            "ffn=SwiGlu",
+            "--watch",
+            "1",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let page = std::fs::read_to_string(dir.join("out/r.html")).unwrap();
+    assert!(page.starts_with("<!DOCTYPE html>"));
+    // Nothing is fetched: no external scripts, styles, images or fonts.
+    for needle in ["src=", "href=", "@import", "url("] {
+        assert!(!page.contains(needle), "the page references {needle}");
+    }
+    assert!(
+        !page.contains("http-equiv=\"refresh\""),
+        "a finished sweep's page reloads"
+    );
+    // The bpb and loss charts inline (no amplification metrics for PreNorm).
+    assert!(page.matches("<svg").count() >= 2, "charts inline");
+    // The table with its baseline column, every trial with its resolved configuration, the
+    // sweep file as run, the code version.
+    assert!(page.contains("<table class=\"sortable\">") && page.contains("Δ val/bpb"));
+    let db = rusqlite::Connection::open(dir.join("sweep.db")).unwrap();
+    let mut stmt = db.prepare("SELECT id, config FROM trials").unwrap();
+    let trials: Vec<(String, String)> = stmt
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(trials.len(), 2);
+    for (id, config) in &trials {
+        assert!(page.contains(id.as_str()), "{id}");
+        let shown = config.trim_end().replace('"', "&quot;");
+        assert!(page.contains(&shown), "{id}'s config");
+    }
+    assert!(page.contains("name: &quot;tiny&quot;"), "the sweep file");
+    assert!(page.contains(&format!("by sweep {}", env!("CARGO_PKG_VERSION"))));
+}

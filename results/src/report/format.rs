@@ -41,6 +41,13 @@ impl Report {
         )
     }
 
+    /// The table every text format shows: its header, each row's cells, and how many of the
+    /// leading columns are configuration values (text; the rest are numbers).
+    pub fn table(&self) -> (Vec<String>, Vec<Vec<String>>, usize) {
+        let rows = self.rows.iter().map(|r| self.cells(r)).collect();
+        (self.header(), rows, self.columns.len())
+    }
+
     fn header(&self) -> Vec<String> {
         let mut h: Vec<String> = self.columns.clone();
         h.extend(["val/bpb", "std", "95% CI"].map(String::from));
@@ -177,7 +184,8 @@ impl Report {
         out
     }
 
-    fn notes(&self) -> String {
+    /// The lines under the table that say what its columns mean.
+    pub fn notes(&self) -> String {
         let mut s = String::from(
             "val/bpb: last evaluation, mean over done seeds; std and 95% CI (Student t) over \
              seeds.\n",

@@ -9,6 +9,7 @@
 mod baseline;
 mod format;
 pub mod frontier;
+pub mod html;
 mod load;
 pub mod plot;
 pub mod stats;

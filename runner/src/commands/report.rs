@@ -47,6 +47,15 @@ pub struct Args {
     /// The x axis of the frontier chart: training FLOPs, parameters or GPU hours.
     #[arg(long, value_enum, default_value = "flops")]
     pub budget: BudgetArg,
+    /// Also write the report as one self-contained HTML file: the table (sortable), every
+    /// chart with data inline as SVG, each trial's status and resolved configuration, the
+    /// sweep file as run and the code version.
+    #[arg(long, value_name = "FILE")]
+    pub html: Option<PathBuf>,
+    /// Rewrite the report (the terminal table, and --html) every SECONDS while the sweep has
+    /// trials queued or running; stops once none is left.
+    #[arg(long, value_name = "SECONDS", value_parser = clap::value_parser!(u64).range(1..))]
+    pub watch: Option<u64>,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug)]
@@ -93,7 +102,25 @@ pub fn exec(args: Args) -> anyhow::Result<u8> {
         .map_err(input)?;
     let store = Store::open_existing(&args.db).map_err(input)?;
     let (sweep_id, name) = super::recorded::pick_sweep(&store, &args.db, args.sweep.as_deref())?;
-    let trials = report::load(&store, sweep_id, &spec::factors)?;
+    loop {
+        let live = once(&args, &store, sweep_id, &name, baseline.as_ref())?;
+        match args.watch {
+            Some(secs) if live => std::thread::sleep(std::time::Duration::from_secs(secs)),
+            _ => return Ok(exit::OK),
+        }
+    }
+}
+
+/// One report: printed, its charts and page written. Returns whether the sweep still has
+/// trials queued or running.
+fn once(
+    args: &Args,
+    store: &Store,
+    sweep_id: i64,
+    name: &str,
+    baseline: Option<&Selector>,
+) -> anyhow::Result<bool> {
+    let trials = report::load(store, sweep_id, &spec::factors)?;
     if trials.is_empty() {
         return Err(InputError::new(format!(
             "{}: sweep {name} has no trials yet; `sweep run` registers them when it starts",
@@ -102,11 +129,13 @@ pub fn exec(args: Args) -> anyhow::Result<u8> {
         .into());
     }
     let mut summary =
-        report::summarize(&name, trials, baseline.as_ref(), Some(&args.metric)).map_err(input)?;
+        report::summarize(name, trials, baseline, Some(&args.metric)).map_err(input)?;
     summary.chance = Task::ALL
         .iter()
         .map(|t| (t.metric().to_string(), t.chance()))
         .collect();
+    let counts = summary.counts();
+    let live = counts.running + counts.queued > 0;
 
     // Every chart's data is read before anything is printed or written.
     let x = match args.x_axis {
@@ -120,9 +149,13 @@ pub fn exec(args: Args) -> anyhow::Result<u8> {
     };
     let charts = kinds(&args.plot, !summary.bench_headlines().is_empty(), budget)
         .into_iter()
-        .map(|k| plot::prepare(k, &summary, &store, x))
+        .map(|k| plot::prepare(k, &summary, store, x))
         .collect::<Result<Vec<_>, _>>()
         .map_err(input)?;
+    let page = match &args.html {
+        Some(_) => Some(html_page(args, store, sweep_id, &summary, x, budget, live)?),
+        None => None,
+    };
 
     let format = match args.format {
         FormatArg::Table => Format::Table,
@@ -131,6 +164,9 @@ pub fn exec(args: Args) -> anyhow::Result<u8> {
         FormatArg::Markdown => Format::Markdown,
         FormatArg::Goedel => Format::Goedel,
     };
+    if args.watch.is_some() && std::io::IsTerminal::is_terminal(&std::io::stdout()) {
+        print!("\x1b[2J\x1b[H"); // each rewrite replaces the last on a terminal
+    }
     print!("{}", summary.render(format, &args.db.display().to_string()));
 
     let dir = args.out.clone().unwrap_or_else(|| db_dir(&args.db));
@@ -138,7 +174,65 @@ pub fn exec(args: Args) -> anyhow::Result<u8> {
         let w = chart.save(&dir)?;
         eprintln!("wrote {} and {}", w.png.display(), w.svg.display());
     }
-    Ok(exit::OK)
+    if let (Some(file), Some(page)) = (&args.html, page) {
+        plot::write_file(file, page.as_bytes()).map_err(input)?;
+        eprintln!("wrote {}", file.display());
+    }
+    Ok(live)
+}
+
+/// The report as one HTML page, with every chart the sweep has data for.
+fn html_page(
+    args: &Args,
+    store: &Store,
+    sweep_id: i64,
+    summary: &report::Report,
+    x: plot::XAxis,
+    budget: plot::Budget,
+    live: bool,
+) -> anyhow::Result<String> {
+    use plot::Kind;
+    let mut charts = Vec::new();
+    let mut all = vec![Kind::Bpb, Kind::Loss, Kind::Amplification, Kind::Benchmarks];
+    all.push(Kind::Frontier(budget));
+    for kind in all {
+        // A chart without data (no amplification metrics, one size only) is left out.
+        if let Ok(chart) = plot::prepare(kind, summary, store, x) {
+            charts.push((chart_title(kind).to_string(), chart.svg()?));
+        }
+    }
+    let (file, text, version): (String, String, String) = store.conn().query_row(
+        "SELECT file, spec, code_version FROM sweeps WHERE id = ?1",
+        [sweep_id],
+        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+    )?;
+    let generated: String =
+        store
+            .conn()
+            .query_row("SELECT strftime('%Y-%m-%d %H:%M:%S UTC', 'now')", [], |r| {
+                r.get(0)
+            })?;
+    let source = args.db.display().to_string();
+    Ok(report::html::render(&report::html::Page {
+        report: summary,
+        source: &source,
+        sweep_file: &file,
+        sweep_text: &text,
+        code_version: &version,
+        generated: &generated,
+        charts: &charts,
+        refresh: live.then_some(args.watch).flatten(),
+    }))
+}
+
+fn chart_title(kind: plot::Kind) -> &'static str {
+    match kind {
+        plot::Kind::Bpb => "Final val/bpb per configuration, each seed a dot",
+        plot::Kind::Loss => "Training and validation loss",
+        plot::Kind::Amplification => "Stream amplification: composite Amax gain over depth",
+        plot::Kind::Benchmarks => "Zero-shot benchmarks (chance dashed)",
+        plot::Kind::Frontier(_) => "The metric against the budget, one line per family",
+    }
 }
 
 /// Bad requests to the store (no such DB, unknown sweep, nothing to plot) are input errors.

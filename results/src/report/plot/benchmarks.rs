@@ -6,7 +6,7 @@
 use plotters::coord::Shift;
 use plotters::prelude::*;
 
-use super::bpb::{draw_dots, legend, Item};
+use super::bpb::{dots_width, draw_dots, legend, Item};
 use super::{chart_backends, Chart, DrawResult};
 use crate::report::Report;
 use crate::{Error, Result, Status};
@@ -88,7 +88,13 @@ impl BenchChart {
 impl Chart for BenchChart {
     fn size(&self) -> (u32, u32) {
         let rows = self.panels.iter().map(|p| p.items.len()).max().unwrap_or(1) as u32;
-        (1200, self.panels.len() as u32 * (170 + 46 * rows).max(300))
+        let width = self
+            .panels
+            .iter()
+            .map(|p| dots_width(&p.items))
+            .max()
+            .unwrap_or(1200);
+        (width, self.panels.len() as u32 * (170 + 46 * rows).max(300))
     }
 
     fn series(&self) -> usize {

@@ -86,6 +86,23 @@ impl BpbChart {
     }
 }
 
+/// The pixels the configuration names take left of the axis: 9 a character (the tick font's
+/// widest average), at least 80. The charts widen by what this takes beyond 560, so that a
+/// long name is never cut.
+pub(super) fn names_width(items: &[Item]) -> u32 {
+    let longest = items
+        .iter()
+        .map(|it| it.name.chars().count())
+        .max()
+        .unwrap_or(0) as u32;
+    (longest * 9 + 20).max(80)
+}
+
+/// A dot chart's width: 1200, and what its names need beyond 560.
+pub(super) fn dots_width(items: &[Item]) -> u32 {
+    1200 + names_width(items).saturating_sub(560)
+}
+
 /// Configurations down the y axis (the first on top), each a dot at its mean with its 95%
 /// interval and its seeds; `line` a dashed vertical line (the baseline's mean, a chance
 /// level) with an optional label.
@@ -112,13 +129,12 @@ where
     let (x0, x1) = padded(lo, hi, 0.08);
     // The first configuration on top: item i sits at y = n - 1 - i.
     let names: Vec<&str> = items.iter().rev().map(|it| it.name.as_str()).collect();
-    let longest = names.iter().map(|s| s.chars().count()).max().unwrap_or(0) as u32;
 
     let mut chart = ChartBuilder::on(root)
         .caption(caption, title_font())
         .margin(18)
         .x_label_area_size(60)
-        .y_label_area_size((longest * 9 + 20).clamp(80, 560))
+        .y_label_area_size(names_width(items))
         .build_cartesian_2d(x0..x1, -0.6f64..n as f64 - 0.4)?;
     chart
         .configure_mesh()
@@ -190,7 +206,10 @@ where
 
 impl Chart for BpbChart {
     fn size(&self) -> (u32, u32) {
-        (1200, (170 + 46 * self.items.len() as u32).max(380))
+        (
+            dots_width(&self.items),
+            (170 + 46 * self.items.len() as u32).max(380),
+        )
     }
 
     fn series(&self) -> usize {

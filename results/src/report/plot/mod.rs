@@ -99,6 +99,11 @@ impl Prepared {
     pub fn save(&self, dir: &Path) -> Result<Written> {
         save(self.chart.as_ref(), dir, &self.stem)
     }
+
+    /// The chart as SVG text, for pages that hold it inline.
+    pub fn svg(&self) -> Result<String> {
+        render_svg(self.chart.as_ref(), &self.stem)
+    }
 }
 
 /// Drawn the same way on any backend. Implementations get a white canvas with the fonts
@@ -162,13 +167,7 @@ fn save(chart: &dyn Chart, dir: &Path, stem: &str) -> Result<Written> {
             .map_err(|e| Error::Plot(format!("{stem}.png: {e}")))?;
     }
 
-    let mut svg = String::new();
-    {
-        let root = SVGBackend::with_string(&mut svg, (w, h)).into_drawing_area();
-        root.fill(&WHITE).map_err(|e| plot_err(e.into()))?;
-        chart.draw_svg(root.clone()).map_err(plot_err)?;
-        root.present().map_err(|e| plot_err(e.into()))?;
-    }
+    let svg = render_svg(chart, stem)?;
 
     std::fs::create_dir_all(dir).map_err(|e| Error::Io {
         path: dir.display().to_string(),
@@ -183,6 +182,31 @@ fn save(chart: &dyn Chart, dir: &Path, stem: &str) -> Result<Written> {
         svg: svg_path,
         series: chart.series(),
     })
+}
+
+/// The chart as SVG text.
+fn render_svg(chart: &dyn Chart, stem: &str) -> Result<String> {
+    fonts();
+    let plot_err = |e: Box<dyn StdError>| Error::Plot(format!("{stem}: {e}"));
+    let mut svg = String::new();
+    {
+        let root = SVGBackend::with_string(&mut svg, chart.size()).into_drawing_area();
+        root.fill(&WHITE).map_err(|e| plot_err(e.into()))?;
+        chart.draw_svg(root.clone()).map_err(plot_err)?;
+        root.present().map_err(|e| plot_err(e.into()))?;
+    }
+    Ok(svg)
+}
+
+/// Writes `bytes` to `path` as the charts are written: whole or not at all.
+pub fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|e| Error::Io {
+            path: dir.display().to_string(),
+            source: e,
+        })?;
+    }
+    write_atomic(path, bytes)
 }
 
 /// Written beside the target and renamed over it: a reader never sees half a file.
