@@ -45,7 +45,8 @@ def check(directory, window_file, device, tol, prompt):
     if not names_ok:
         print(f"  missing {loading['missing_keys']}, unexpected {loading['unexpected_keys']}")
     model.eval()
-    tok = AutoTokenizer.from_pretrained(directory)
+    # transformers 5's AutoTokenizer reads config.json, whose auto_map names remote code.
+    tok = AutoTokenizer.from_pretrained(directory, trust_remote_code=True)
     tensors, meta = windows(window_file)
     x = tensors["inputs"].long().to(device)
     y = tensors["targets"].long().to(device)

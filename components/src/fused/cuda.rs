@@ -807,3 +807,162 @@ pub fn sum_squares(parts: &[(&CudaStorage, &Layout)]) -> Result<CudaStorage> {
     unsafe { b.launch(config(1, 4096)) }.w()?;
     Ok(CudaStorage::wrap_cuda_slice(total, dev.clone()))
 }
+
+/// Blocks of partial products over K for [`norm_proj_fwd`]: enough for every
+/// multiprocessor to hold a few, never more than K has slices.
+fn norm_proj_ksplit(n: usize, k: usize) -> usize {
+    let token_blocks = n.div_ceil(32);
+    (1056 / token_blocks.max(1)).clamp(1, k.div_ceil(64))
+}
+
+/// z_ext (n, m + 1) f32 of mHC's normed projection; see norm_proj.rs.
+#[allow(clippy::too_many_arguments)]
+pub fn norm_proj_fwd(
+    x: &CudaStorage,
+    lx: &Layout,
+    phi: &CudaStorage,
+    lphi: &Layout,
+    n: usize,
+    k: usize,
+    m: usize,
+    eps: f32,
+) -> Result<CudaStorage> {
+    let dev = x.device();
+    let part_fn = dev.get_or_load_custom_func(
+        &format!("norm_proj_part_{}", suffix(x.dtype())?),
+        MODULE,
+        PTX,
+    )?;
+    let sum_fn = dev.get_or_load_custom_func("norm_proj_sum", MODULE, PTX)?;
+    let ksplit = norm_proj_ksplit(n, k);
+    let part = out::<f32>(dev, ksplit * n * (m + 1))?;
+    let p = view::<f32>(phi, lphi)?;
+    let (n32, k32, m32, s32) = (n as i32, k as i32, m as i32, ksplit as i32);
+    macro_rules! run {
+        ($t:ty) => {{
+            let xv = view::<$t>(x, lx)?;
+            let mut b = part_fn.builder();
+            b.arg(&xv)
+                .arg(&p)
+                .arg(&part)
+                .arg(&n32)
+                .arg(&k32)
+                .arg(&m32)
+                .arg(&s32);
+            let cfg = LaunchConfig {
+                grid_dim: (n.div_ceil(32) as u32, ksplit as u32, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: block (i, s) reads tokens 32 i.. of x over its K slice and phi's rows
+            // of that slice, and writes those tokens' partials of split s: every partial is
+            // written once.
+            unsafe { b.launch(cfg) }.w()?;
+        }};
+    }
+    by_dtype!(x.dtype(), run);
+    let z = out::<f32>(dev, n * (m + 1))?;
+    let mut b = sum_fn.builder();
+    b.arg(&part)
+        .arg(&z)
+        .arg(&n32)
+        .arg(&k32)
+        .arg(&m32)
+        .arg(&s32)
+        .arg(&eps);
+    // SAFETY: one thread per output reads its ksplit partials.
+    unsafe { b.launch(flat_config(n * (m + 1))) }.w()?;
+    Ok(CudaStorage::wrap_cuda_slice(z, dev.clone()))
+}
+
+/// dx (n, k) in x's dtype of mHC's normed projection.
+#[allow(clippy::too_many_arguments)]
+pub fn norm_proj_bwd_x(
+    x: &CudaStorage,
+    lx: &Layout,
+    phi: &CudaStorage,
+    lphi: &Layout,
+    dzz: &CudaStorage,
+    ldzz: &Layout,
+    n: usize,
+    k: usize,
+    m: usize,
+) -> Result<CudaStorage> {
+    let dev = x.device();
+    let func = dev.get_or_load_custom_func(
+        &format!("norm_proj_bwd_x_{}", suffix(x.dtype())?),
+        MODULE,
+        PTX,
+    )?;
+    let (p, d) = (view::<f32>(phi, lphi)?, view::<f32>(dzz, ldzz)?);
+    let (n32, k32, m32) = (n as i32, k as i32, m as i32);
+    let cfg = LaunchConfig {
+        grid_dim: (n.div_ceil(32) as u32, k.div_ceil(64) as u32, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    macro_rules! run {
+        ($t:ty) => {{
+            let xv = view::<$t>(x, lx)?;
+            let dx = out::<$t>(dev, n * k)?;
+            let mut b = func.builder();
+            b.arg(&xv)
+                .arg(&p)
+                .arg(&d)
+                .arg(&dx)
+                .arg(&n32)
+                .arg(&k32)
+                .arg(&m32);
+            // SAFETY: block (i, j) writes dx of tokens 32 i.. at columns 64 j.., once each.
+            unsafe { b.launch(cfg) }.w()?;
+            CudaStorage::wrap_cuda_slice(dx, dev.clone())
+        }};
+    }
+    Ok(by_dtype!(x.dtype(), run))
+}
+
+/// dphi (k, m) f32 of mHC's normed projection.
+pub fn norm_proj_bwd_phi(
+    x: &CudaStorage,
+    lx: &Layout,
+    dzz: &CudaStorage,
+    ldzz: &Layout,
+    n: usize,
+    k: usize,
+    m: usize,
+) -> Result<CudaStorage> {
+    let dev = x.device();
+    let func = dev.get_or_load_custom_func(
+        &format!("norm_proj_bwd_phi_{}", suffix(x.dtype())?),
+        MODULE,
+        PTX,
+    )?;
+    let d = view::<f32>(dzz, ldzz)?;
+    let dphi = dev.alloc_zeros::<f32>(k * m)?;
+    // Token slices of at least 256, so each block's atomic adds are few beside its sums.
+    let tsplit = n.div_ceil(256).clamp(1, 16);
+    let (n32, k32, m32, t32) = (n as i32, k as i32, m as i32, tsplit as i32);
+    let cfg = LaunchConfig {
+        grid_dim: (k.div_ceil(64) as u32, tsplit as u32, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    macro_rules! run {
+        ($t:ty) => {{
+            let xv = view::<$t>(x, lx)?;
+            let mut b = func.builder();
+            b.arg(&xv)
+                .arg(&d)
+                .arg(&dphi)
+                .arg(&n32)
+                .arg(&k32)
+                .arg(&m32)
+                .arg(&t32);
+            // SAFETY: block (i, s) reads columns 64 i.. of x for its token slice and adds
+            // into those rows of the zeroed dphi.
+            unsafe { b.launch(cfg) }.w()?;
+        }};
+    }
+    by_dtype!(x.dtype(), run);
+    Ok(CudaStorage::wrap_cuda_slice(dphi, dev.clone()))
+}

@@ -679,3 +679,182 @@ extern "C" __global__ void sum_f32(const float* x, float* out, int n) {
     s = block_sum(s, scratch);
     if (threadIdx.x == 0) out[0] = s;
 }
+
+// mHC's normed coefficient projection (fused/norm_proj.rs): z = r (x phi) with
+// r = 1 / sqrt(mean_k x^2 + eps), x (N, K) in its dtype, phi (K, M) f32, M <= NP_MAXM. The
+// row's sum of squares is taken beside the product, so the state is read once and never
+// copied to f32. Forward: partial products and sums of squares over NP_KC-wide slices of K
+// in `ksplit` parts, then `norm_proj_sum` adds them and scales: z_ext (N, M + 1), r last.
+// Backward from dzz (N, 2 (M + 1)) = [dz_ext | z_ext]: dx = r (dz phi^T) - x r^2 s / K with
+// s = sum_j dz_j z_j, and dphi = sum over tokens of (r dz) x.
+#define NP_TOK 32
+#define NP_KC 64
+#define NP_MAXM 64
+
+template <typename T>
+__device__ void norm_proj_part(const T* x, const float* phi, float* part, int n, int k, int m,
+                               int ksplit) {
+    __shared__ float xs[NP_TOK][NP_KC + 1];  // padded: a warp reads 4 rows at one column
+    __shared__ float ps[NP_KC][NP_MAXM];
+    int tid = threadIdx.x;  // 256 threads: 8 per token, each a column of every 8
+    int t0 = blockIdx.x * NP_TOK;
+    int span = ((k + ksplit - 1) / ksplit + NP_KC - 1) / NP_KC * NP_KC;
+    int kb = blockIdx.y * span, ke = min(k, kb + span);
+    int tq = tid >> 3, q = tid & 7;
+    float acc[NP_MAXM / 8];
+#pragma unroll
+    for (int i = 0; i < NP_MAXM / 8; i++) acc[i] = 0.0f;
+    float ss = 0.0f;  // threads < NP_TOK: the sum of squares of token t0 + tid
+    for (int c0 = kb; c0 < ke; c0 += NP_KC) {
+        int kc = min(NP_KC, ke - c0);
+        for (int e = tid; e < NP_TOK * NP_KC; e += 256) {
+            int r = e / NP_KC, cc = e % NP_KC, t = t0 + r;
+            xs[r][cc] = (t < n && cc < kc) ? to_f(x[(size_t)t * k + c0 + cc]) : 0.0f;
+        }
+        for (int e = tid; e < NP_KC * m; e += 256) {
+            int r = e / m, j = e % m;
+            ps[r][j] = r < kc ? phi[(size_t)(c0 + r) * m + j] : 0.0f;
+        }
+        __syncthreads();
+        if (tid < NP_TOK)
+            for (int cc = 0; cc < kc; cc++) ss += xs[tid][cc] * xs[tid][cc];
+        for (int cc = 0; cc < kc; cc++) {
+            float xv = xs[tq][cc];
+#pragma unroll
+            for (int i = 0; i < NP_MAXM / 8; i++)
+                if (q + 8 * i < m) acc[i] += xv * ps[cc][q + 8 * i];
+        }
+        __syncthreads();
+    }
+    float* out = part + (size_t)blockIdx.y * n * (m + 1);
+    int t = t0 + tq;
+    if (t < n) {
+#pragma unroll
+        for (int i = 0; i < NP_MAXM / 8; i++)
+            if (q + 8 * i < m) out[(size_t)t * (m + 1) + q + 8 * i] = acc[i];
+    }
+    if (tid < NP_TOK && t0 + tid < n) out[(size_t)(t0 + tid) * (m + 1) + m] = ss;
+}
+
+extern "C" __global__ void norm_proj_sum(const float* part, float* z, int n, int k, int m,
+                                         int ksplit, float eps) {
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (size_t)n * (m + 1)) return;
+    size_t t = i / (m + 1);
+    int j = i % (m + 1);
+    float ss = 0.0f, v = 0.0f;
+    for (int s = 0; s < ksplit; s++) {
+        const float* p = part + ((size_t)s * n + t) * (m + 1);
+        ss += p[m];
+        if (j < m) v += p[j];
+    }
+    float r = 1.0f / sqrtf(ss / k + eps);
+    z[i] = j < m ? v * r : r;
+}
+
+template <typename T>
+__device__ void norm_proj_bwd_x(const T* x, const float* phi, const float* dzz, T* dx, int n,
+                                int k, int m) {
+    __shared__ float dz[NP_TOK][NP_MAXM];
+    __shared__ float coef[NP_TOK][2];  // r, -r^2 s / K
+    int tid = threadIdx.x;
+    int t0 = blockIdx.x * NP_TOK;
+    int w = 2 * (m + 1);
+    for (int e = tid; e < NP_TOK * m; e += 256) {
+        int r = e / m, j = e % m, t = t0 + r;
+        dz[r][j] = t < n ? dzz[(size_t)t * w + j] : 0.0f;
+    }
+    if (tid < NP_TOK) {
+        int t = t0 + tid;
+        float r = 0.0f, s = 0.0f;
+        if (t < n) {
+            const float* row = dzz + (size_t)t * w;
+            r = row[2 * m + 1];
+            for (int j = 0; j < m; j++) s += row[j] * row[m + 1 + j];
+        }
+        coef[tid][0] = r;
+        coef[tid][1] = -r * r * s / k;
+    }
+    __syncthreads();
+    int c = blockIdx.y * 64 + (tid & 63);
+    if (c >= k) return;
+    int tg = tid >> 6;  // tokens tg, tg + 4, ...
+    float acc[NP_TOK / 4];
+#pragma unroll
+    for (int i = 0; i < NP_TOK / 4; i++) acc[i] = 0.0f;
+    for (int j0 = 0; j0 < m; j0 += 8) {
+        float p[8];
+#pragma unroll
+        for (int jj = 0; jj < 8; jj++) p[jj] = j0 + jj < m ? phi[(size_t)c * m + j0 + jj] : 0.0f;
+#pragma unroll
+        for (int i = 0; i < NP_TOK / 4; i++) {
+            int r = tg + 4 * i;
+#pragma unroll
+            for (int jj = 0; jj < 8; jj++)
+                if (j0 + jj < m) acc[i] += dz[r][j0 + jj] * p[jj];
+        }
+    }
+#pragma unroll
+    for (int i = 0; i < NP_TOK / 4; i++) {
+        int r = tg + 4 * i, t = t0 + r;
+        if (t < n) {
+            size_t at = (size_t)t * k + c;
+            dx[at] = from_f<T>(coef[r][0] * acc[i] + coef[r][1] * to_f(x[at]));
+        }
+    }
+}
+
+template <typename T>
+__device__ void norm_proj_bwd_phi(const T* x, const float* dzz, float* dphi, int n, int k, int m,
+                                  int tsplit) {
+    __shared__ float g[NP_TOK][NP_MAXM];  // r dz of NP_TOK tokens
+    int tid = threadIdx.x;
+    int c = blockIdx.x * 64 + (tid & 63);
+    int jg = tid >> 6;  // columns jg, jg + 4, ...
+    int w = 2 * (m + 1);
+    int span = (n + tsplit - 1) / tsplit;
+    int tb = blockIdx.y * span, te = min(n, tb + span);
+    float acc[NP_MAXM / 4];
+#pragma unroll
+    for (int i = 0; i < NP_MAXM / 4; i++) acc[i] = 0.0f;
+    for (int t0 = tb; t0 < te; t0 += NP_TOK) {
+        int nt = min(NP_TOK, te - t0);
+        __syncthreads();
+        for (int e = tid; e < NP_TOK * m; e += 256) {
+            int r = e / m, j = e % m;
+            size_t t = t0 + r;
+            g[r][j] = r < nt ? dzz[t * w + j] * dzz[t * w + 2 * m + 1] : 0.0f;
+        }
+        __syncthreads();
+        if (c < k) {
+            for (int r = 0; r < nt; r++) {
+                float xv = to_f(x[(size_t)(t0 + r) * k + c]);
+#pragma unroll
+                for (int i = 0; i < NP_MAXM / 4; i++)
+                    if (jg + 4 * i < m) acc[i] += xv * g[r][jg + 4 * i];
+            }
+        }
+    }
+    if (c < k) {
+#pragma unroll
+        for (int i = 0; i < NP_MAXM / 4; i++)
+            if (jg + 4 * i < m) atomicAdd(&dphi[(size_t)c * m + jg + 4 * i], acc[i]);
+    }
+}
+
+#define NP_KERNELS(NAME, T)                                                                    \
+    extern "C" __global__ void norm_proj_part_##NAME(const T* x, const float* phi, float* part, \
+                                                     int n, int k, int m, int ksplit) {         \
+        norm_proj_part<T>(x, phi, part, n, k, m, ksplit);                                      \
+    }                                                                                          \
+    extern "C" __global__ void norm_proj_bwd_x_##NAME(const T* x, const float* phi,            \
+                                                      const float* dzz, T* dx, int n, int k,    \
+                                                      int m) {                                 \
+        norm_proj_bwd_x<T>(x, phi, dzz, dx, n, k, m);                                          \
+    }                                                                                          \
+    extern "C" __global__ void norm_proj_bwd_phi_##NAME(const T* x, const float* dzz,          \
+                                                        float* dphi, int n, int k, int m,      \
+                                                        int tsplit) {                          \
+        norm_proj_bwd_phi<T>(x, dzz, dphi, n, k, m, tsplit);                                   \
+    }
+FOR_DTYPES(NP_KERNELS)

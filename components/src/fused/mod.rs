@@ -16,7 +16,8 @@
 //!   gradient store and out of memory between the passes; in bf16 with heads of 64 or 128, flash
 //!   attention (flash.rs), whose score tiles never leave the chip;
 //! - mHC's stream mixing (mix.rs) and Sinkhorn rounds (sinkhorn.rs), tiny per-token matrix
-//!   work that composites spread over hundreds of launches a layer;
+//!   work that composites spread over hundreds of launches a layer, and its coefficients'
+//!   RMSNorm and projection (norm_proj.rs), which read the n-stream state once in its dtype;
 //! - AdamW's update (adam.rs), in place.
 //!
 //! Each is a candle CustomOp with `bwd`, so autograd runs through it. The CUDA kernels
@@ -38,6 +39,7 @@ mod head_loss;
 mod mix;
 mod mlp;
 mod norm;
+mod norm_proj;
 mod sinkhorn;
 
 pub use activation::{Activation, ActivationBwd, Kind};
@@ -50,6 +52,7 @@ pub use head_loss::linear_cross_entropy_sum;
 pub use mix::{MixBwd, PostMix, PreMix, MAX_STREAMS};
 pub use mlp::FusedMlp;
 pub use norm::{RmsNormBwdG, RmsNormBwdX, RmsNormGain, RmsNormPlain};
+pub use norm_proj::{norm_proj, NormProj, NormProjBwdPhi, NormProjBwdX, NORM_PROJ_MAX_COLS};
 pub use sinkhorn::{Sinkhorn, SinkhornBwd, SINKHORN_MAX_ITERS, SINKHORN_MAX_STREAMS};
 
 use candle_core::{

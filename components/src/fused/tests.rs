@@ -852,3 +852,82 @@ fn sum_squares_by_hand() -> Result<()> {
     assert_eq!(sum_squares(&[])?.to_scalar::<f32>()?, 0.0);
     Ok(())
 }
+
+/// z = rms(x) phi and the gradients of x and phi under loss = sum(W z), fused or composite.
+fn norm_proj_both(x: &Tensor, phi: &Tensor, fused: bool, seed: u64) -> Result<Vec<Tensor>> {
+    let (xv, pv) = (Var::from_tensor(x)?, Var::from_tensor(phi)?);
+    let z = if fused {
+        let ext = xv
+            .as_tensor()
+            .apply_op2(pv.as_tensor(), NormProj { eps: 1e-6 })?;
+        ext.narrow(1, 0, phi.dim(1)?)?
+    } else {
+        let x32 = xv.as_tensor().to_dtype(DType::F32)?;
+        let ms = x32.sqr()?.mean_keepdim(D::Minus1)?;
+        x32.broadcast_div(&(ms + 1e-6)?.sqrt()?)?
+            .matmul(pv.as_tensor())?
+    };
+    let w = randn(seed, z.shape(), 1.0)?.to_device(z.device())?;
+    let grads = (&z * &w)?.sum_all()?.backward()?;
+    Ok(vec![
+        z,
+        grads.get(xv.as_tensor()).expect("dx").clone(),
+        grads.get(pv.as_tensor()).expect("dphi").clone(),
+    ])
+}
+
+#[test]
+fn norm_proj_op_matches_the_composite_forward_and_backward() -> Result<()> {
+    // 37 tokens of n C = 24 state values to 2n + n^2 = 8 logits (n = 2), and n = 5's 35.
+    for (n, k, m, seed) in [(37, 24, 8, 120), (5, 320, 35, 121)] {
+        let x = (randn(seed, (n, k), 1.0)? * 3.0)?;
+        let phi = randn(seed + 1, (k, m), 0.1)?;
+        let fused = norm_proj_both(&x, &phi, true, seed + 2)?;
+        let composite = norm_proj_both(&x, &phi, false, seed + 2)?;
+        for (i, (a, b)) in fused.iter().zip(&composite).enumerate() {
+            assert_eq!(a.dims(), b.dims(), "#{i}");
+            assert!(
+                max_diff(a, b)? < 1e-5,
+                "({n}, {k}, {m}) #{i}: {}",
+                max_diff(a, b)?
+            );
+        }
+        // The op's last column is r itself.
+        let ext = x.apply_op2(&phi, NormProj { eps: 1e-6 })?;
+        let r = ext.narrow(1, m, 1)?.squeeze(1)?;
+        let want = (x.sqr()?.mean(1)? + 1e-6)?.sqrt()?.recip()?;
+        assert!(max_diff(&r, &want)? < 1e-6);
+    }
+    Ok(())
+}
+
+#[cfg(feature = "cuda")]
+#[test]
+fn norm_proj_kernels_match_the_cpu_op() -> Result<()> {
+    let Some(gpu) = gpu() else {
+        return Ok(());
+    };
+    // A partial token tile and K slice; the Goedel-1B shape's n C = 8192 (4 x 2048) and its
+    // 24 logits over 1030 tokens; n = 5's 35 logits.
+    for (n, k, m) in [(77, 200, 24), (1030, 8192, 24), (300, 640, 35)] {
+        for dtype in [DType::F32, DType::BF16] {
+            let x = randn(130, (n, k), 1.0)?.to_dtype(dtype)?;
+            let phi = randn(131, (k, m), 0.05)?;
+            let cpu = norm_proj_both(&x, &phi, true, 132)?;
+            let on_gpu = norm_proj_both(&x.to_device(&gpu)?, &phi.to_device(&gpu)?, true, 132)?;
+            for (i, (a, b)) in cpu.iter().zip(&on_gpu).enumerate() {
+                let b = b.to_device(&Device::Cpu)?;
+                let scale = 1.0
+                    + a.to_dtype(DType::F32)?
+                        .abs()?
+                        .max_all()?
+                        .to_scalar::<f32>()?;
+                // f32: sums in another order; bf16: dx is rounded to bf16 on both sides.
+                let tol = if dtype == DType::F32 { 1e-5 } else { 1e-2 };
+                let d = max_diff(a, &b)? / scale;
+                assert!(d < tol, "({n}, {k}, {m}) {dtype:?} #{i}: {d}");
+            }
+        }
+    }
+    Ok(())
+}

@@ -8,12 +8,13 @@
 //! so the network is exactly the pre-norm one until training moves the coefficients. Nothing
 //! bounds A_r: that is what mHC's constraint fixes, and the amplification metrics show.
 
-use candle_core::{DType, Result, Tensor, D};
+use candle_core::{Result, Tensor, D};
 use registry::{Dims, Entry, Init, ParamBuilder, ParamDoc, Probe, Residual, Role, Spec, Stream};
 use serde::{Deserialize, Serialize};
 
 use super::{check_streams, connect, identity, merge, replicate, token_mean};
-use crate::nn::rms_norm;
+use crate::fused::norm_proj;
+use crate::nn::NORM_EPS;
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -87,10 +88,10 @@ impl Connection {
             return Ok(Coefficients { a_m, a_r, b });
         };
         let (bs, t, n, c) = state.dims4()?;
-        // Coefficients in f32 whatever the activations' dtype; `connect` casts them.
-        let z = rms_norm(&state.to_dtype(DType::F32)?)?
-            .reshape((bs * t * n, c))?
-            .matmul(&d.w)?
+        // Coefficients in f32 whatever the activations' dtype (`connect` casts them): each
+        // stream row's RMSNorm and projection, one op on CUDA (fused/norm_proj.rs).
+        let rows = state.reshape((bs * t * n, c))?;
+        let z = norm_proj(&rows, &d.w, NORM_EPS)?
             .tanh()?
             .reshape((bs, t, n, n + 2))?;
         let alpha = |x: Tensor| x.broadcast_mul(&d.s_alpha);

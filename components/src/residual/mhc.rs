@@ -17,12 +17,13 @@
 //! weights only scale F's input, which its own RMSNorm removes. Coefficients and Sinkhorn
 //! are computed in f32 whatever the activations' dtype.
 
-use candle_core::{DType, Result, Tensor, D};
+use candle_core::{Result, Tensor, D};
 use registry::{Dims, Entry, Init, ParamBuilder, ParamDoc, Probe, Residual, Role, Spec, Stream};
 use serde::{Deserialize, Serialize};
 
 use super::{check_streams, connect, identity, merge, replicate, sinkhorn, token_mean};
-use crate::nn::{rms_norm, sigmoid};
+use crate::fused::norm_proj;
+use crate::nn::{sigmoid, NORM_EPS};
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -78,8 +79,9 @@ impl MhcStream {
         let c = &self.connections[k];
         let n = self.n;
         let (b, t, _, width) = state.dims4()?;
-        let x = rms_norm(&state.to_dtype(DType::F32)?.reshape((b * t, n * width))?)?;
-        let z = x.matmul(&c.phi)?; // (BT, 2n + n^2)
+        // RMSNorm over the n C values and the projection, in f32 (one op on CUDA).
+        let rows = state.reshape((b * t, n * width))?;
+        let z = norm_proj(&rows, &c.phi, NORM_EPS)?; // (BT, 2n + n^2)
         let a = |i: usize| c.a.narrow(0, i, 1);
         let part = |start: usize, len: usize, i: usize, bias: &Tensor| -> Result<Tensor> {
             z.narrow(D::Minus1, start, len)?

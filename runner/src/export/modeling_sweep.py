@@ -110,7 +110,7 @@ def linear(d_in, d_out, std):
     return lin
 
 
-def rope_tables(head_dim, t, theta, device):
+def rope_tables(head_dim, t, theta, device="cpu"):
     """cos and sin (T, D) of the rotate-half layout, angles in f64 as nn.rs builds them."""
     half = head_dim // 2
     i = torch.arange(head_dim, dtype=torch.float64, device=device) % half
@@ -128,7 +128,7 @@ def rotate(x, cos, sin):
 class Attention(nn.Module):
     """Mha, Gqa and GatedGqa (attention/core.rs, gated_gqa.rs)."""
 
-    def __init__(self, c, n_layers, a):
+    def __init__(self, c, n_layers, a, seq_len):
         super().__init__()
         if a["kind"] not in ("Mha", "Gqa", "GatedGqa"):
             raise ValueError(f"unknown attention kind {a['kind']!r}")
@@ -136,6 +136,13 @@ class Attention(nn.Module):
         self.kv_heads = a.get("kv_heads", self.heads) if a["kind"] != "Mha" else self.heads
         self.head_dim = c // self.heads
         self.rope_theta = a.get("rope_theta", 10000.0) if a.get("rope", True) else None
+        if self.rope_theta is not None:
+            # The tables of the trained context, built once (on the CPU even where the model
+            # is first built on the meta device): computed inside a compiled step, their f64
+            # cos and sin would be fused into, and recomputed for, every query element.
+            cos, sin = rope_tables(self.head_dim, seq_len, self.rope_theta)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
         self.qk_norm = a.get("qk_norm", False)
         kv = self.kv_heads * self.head_dim
         self.q = linear(c, c, INIT_STD)
@@ -157,7 +164,10 @@ class Attention(nn.Module):
         if self.qk_norm:
             q, k = rms(q), rms(k)
         if self.rope_theta is not None:
-            cos, sin = rope_tables(hd, t, self.rope_theta, x.device)
+            if t <= self.rope_cos.shape[0]:
+                cos, sin = self.rope_cos[:t], self.rope_sin[:t]
+            else:  # past the trained context (generation): tables for this length
+                cos, sin = rope_tables(hd, t, self.rope_theta, x.device)
             q, k = rotate(q, cos, sin), rotate(k, cos, sin)
         y = F.scaled_dot_product_attention(
             q, k, v, is_causal=True, scale=1.0 / math.sqrt(hd), enable_gqa=kv != h
@@ -374,7 +384,7 @@ class Block(nn.Module):
         super().__init__()
         c, layers = config.d_model, config.n_layers
         self.attn_norm = Norm(c)
-        self.attn = Attention(c, layers, config.attention)
+        self.attn = Attention(c, layers, config.attention, config.seq_len)
         self.ffn_norm = Norm(c)
         self.ffn = Ffn(c, layers, config.ffn)
 

@@ -1,0 +1,255 @@
+//! mHC's coefficient projection (residual/mhc.rs) as DeepSeek's kernels do it: the logits
+//! z = rms(x) phi of every token's n C state values, with the row's sum of squares taken
+//! beside the product and applied after it, z = r (x phi), r = 1 / sqrt(mean(x^2) + eps).
+//! The state is read once in its own dtype. The composite casts the (B T, n C) state to
+//! f32, normalizes it and multiplies: three state-sized f32 tensors a sublayer, two of them
+//! kept for the backward pass (about 26 GB at the Goedel-1B shape), and as many again in
+//! gradients.
+//!
+//! The op's output is z_ext = [z | r] (N, M + 1): the backward pass needs r and z, and an
+//! op has one output; [`norm_proj`] hands the model z alone.
+
+use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
+
+use super::{cpu_storage, cpu_values};
+
+/// Most logits a token the kernels take (mHC's 2n + n^2 for n up to 6).
+pub const NORM_PROJ_MAX_COLS: usize = 64;
+
+/// (x (N, K) f32 or bf16, phi (K, M) f32) -> z_ext (N, M + 1) f32 = [r (x phi) | r].
+#[derive(Clone, Copy, Debug)]
+pub struct NormProj {
+    pub eps: f32,
+}
+
+/// (x, phi, dzz (N, 2 (M + 1)) = [dz_ext | z_ext]) -> dx (N, K) in x's dtype.
+#[derive(Clone, Copy, Debug)]
+pub struct NormProjBwdX;
+
+/// (x, dzz) -> dphi (K, M) f32.
+#[derive(Clone, Copy, Debug)]
+pub struct NormProjBwdPhi;
+
+/// z = rms(x) phi over the last axis of rows `x` (N, K), f32 whatever x's dtype: one op on
+/// CUDA, the composite (f32 copy, RMSNorm, matmul) on the CPU.
+pub fn norm_proj(x: &Tensor, phi: &Tensor, eps: f64) -> Result<Tensor> {
+    let m = phi.dim(1)?;
+    if x.device().is_cuda() && m <= NORM_PROJ_MAX_COLS {
+        let phi = phi.to_dtype(DType::F32)?.contiguous()?;
+        let z = x
+            .contiguous()?
+            .apply_op2(&phi, NormProj { eps: eps as f32 })?;
+        return z.narrow(1, 0, m);
+    }
+    super::rms_norm(&x.to_dtype(DType::F32)?, None, eps)?.matmul(&phi.to_dtype(DType::F32)?)
+}
+
+/// (N, K) of x and M of phi, checked against each other.
+fn dims(lx: &Layout, lphi: &Layout) -> Result<(usize, usize, usize)> {
+    let (&[n, k], &[k2, m]) = (lx.dims(), lphi.dims()) else {
+        bail!(
+            "norm-proj: x (N, K) and phi (K, M), got {:?} and {:?}",
+            lx.dims(),
+            lphi.dims()
+        );
+    };
+    if k != k2 || k == 0 || m == 0 || m > NORM_PROJ_MAX_COLS {
+        bail!(
+            "norm-proj: x {:?} and phi {:?} (M at most {NORM_PROJ_MAX_COLS})",
+            lx.dims(),
+            lphi.dims()
+        );
+    }
+    Ok((n, k, m))
+}
+
+fn cpu_fwd(x: &[f32], phi: &[f32], n: usize, k: usize, m: usize, eps: f32) -> Vec<f32> {
+    let mut z = vec![0f32; n * (m + 1)];
+    for t in 0..n {
+        let row = &x[t * k..][..k];
+        let r = 1.0 / (row.iter().map(|v| v * v).sum::<f32>() / k as f32 + eps).sqrt();
+        let out = &mut z[t * (m + 1)..][..m + 1];
+        for (c, &v) in row.iter().enumerate() {
+            for j in 0..m {
+                out[j] += v * phi[c * m + j];
+            }
+        }
+        for o in &mut out[..m] {
+            *o *= r;
+        }
+        out[m] = r;
+    }
+    z
+}
+
+/// Per token: r and -r^2 s / K, s = sum_j dz_j z_j, from dzz.
+fn token_coefs(dzz: &[f32], t: usize, k: usize, m: usize) -> (f32, f32) {
+    let row = &dzz[t * 2 * (m + 1)..][..2 * (m + 1)];
+    let r = row[2 * m + 1];
+    let s: f32 = (0..m).map(|j| row[j] * row[m + 1 + j]).sum();
+    (r, -r * r * s / k as f32)
+}
+
+fn cpu_bwd_x(x: &[f32], phi: &[f32], dzz: &[f32], n: usize, k: usize, m: usize) -> Vec<f32> {
+    let mut dx = vec![0f32; n * k];
+    for t in 0..n {
+        let (r, c1) = token_coefs(dzz, t, k, m);
+        let dz = &dzz[t * 2 * (m + 1)..][..m];
+        for c in 0..k {
+            let p: f32 = (0..m).map(|j| dz[j] * phi[c * m + j]).sum();
+            dx[t * k + c] = r * p + c1 * x[t * k + c];
+        }
+    }
+    dx
+}
+
+fn cpu_bwd_phi(x: &[f32], dzz: &[f32], n: usize, k: usize, m: usize) -> Vec<f32> {
+    let mut dphi = vec![0f32; k * m];
+    for t in 0..n {
+        let row = &dzz[t * 2 * (m + 1)..][..2 * (m + 1)];
+        let r = row[2 * m + 1];
+        for c in 0..k {
+            let v = x[t * k + c] * r;
+            for j in 0..m {
+                dphi[c * m + j] += v * row[j];
+            }
+        }
+    }
+    dphi
+}
+
+impl CustomOp2 for NormProj {
+    fn name(&self) -> &'static str {
+        "norm-proj"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (n, k, m) = dims(l1, l2)?;
+        let (x, _) = cpu_values(s1, l1, self.name())?;
+        let (phi, _) = cpu_values(s2, l2, self.name())?;
+        let z = cpu_fwd(&x, &phi, n, k, m, self.eps);
+        Ok((CpuStorage::F32(z), Shape::from((n, m + 1))))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (n, k, m) = dims(l1, l2)?;
+        let z = super::cuda::norm_proj_fwd(s1, l1, s2, l2, n, k, m, self.eps)?;
+        Ok((z, Shape::from((n, m + 1))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        phi: &Tensor,
+        z_ext: &Tensor,
+        dz_ext: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        // r's own column of dz_ext is zero: only z leaves the op (see `norm_proj`).
+        let dzz = Tensor::cat(&[dz_ext, z_ext], 1)?.contiguous()?;
+        let dx = x.apply_op3_no_bwd(phi, &dzz, &NormProjBwdX)?;
+        let dphi = x.apply_op2_no_bwd(&dzz, &NormProjBwdPhi)?;
+        Ok((Some(dx), Some(dphi)))
+    }
+}
+
+/// M from dzz (N, 2 (M + 1)), checked against x's rows.
+fn dzz_cols(lx: &Layout, ldzz: &Layout) -> Result<usize> {
+    match (lx.dims(), ldzz.dims()) {
+        (&[n, _], &[n2, w]) if n == n2 && w >= 4 && w % 2 == 0 => Ok(w / 2 - 1),
+        (a, b) => bail!("norm-proj backward: x {a:?} and dzz {b:?}"),
+    }
+}
+
+impl CustomOp3 for NormProjBwdX {
+    fn name(&self) -> &'static str {
+        "norm-proj-bwd-x"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (n, k, m) = dims(l1, l2)?;
+        if dzz_cols(l1, l3)? != m {
+            bail!("norm-proj backward: dzz {:?} for M = {m}", l3.dims());
+        }
+        let (x, dtype) = cpu_values(s1, l1, self.name())?;
+        let (phi, _) = cpu_values(s2, l2, self.name())?;
+        let (dzz, _) = cpu_values(s3, l3, self.name())?;
+        let dx = cpu_bwd_x(&x, &phi, &dzz, n, k, m);
+        Ok((cpu_storage(dx, dtype), l1.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (n, k, m) = dims(l1, l2)?;
+        if dzz_cols(l1, l3)? != m {
+            bail!("norm-proj backward: dzz {:?} for M = {m}", l3.dims());
+        }
+        let dx = super::cuda::norm_proj_bwd_x(s1, l1, s2, l2, s3, l3, n, k, m)?;
+        Ok((dx, l1.shape().clone()))
+    }
+}
+
+impl CustomOp2 for NormProjBwdPhi {
+    fn name(&self) -> &'static str {
+        "norm-proj-bwd-phi"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let m = dzz_cols(l1, l2)?;
+        let (n, k) = (l1.dims()[0], l1.dims()[1]);
+        let (x, _) = cpu_values(s1, l1, self.name())?;
+        let (dzz, _) = cpu_values(s2, l2, self.name())?;
+        Ok((
+            CpuStorage::F32(cpu_bwd_phi(&x, &dzz, n, k, m)),
+            Shape::from((k, m)),
+        ))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let m = dzz_cols(l1, l2)?;
+        let (n, k) = (l1.dims()[0], l1.dims()[1]);
+        let dphi = super::cuda::norm_proj_bwd_phi(s1, l1, s2, l2, n, k, m)?;
+        Ok((dphi, Shape::from((k, m))))
+    }
+}
