@@ -128,7 +128,7 @@ def rotate(x, cos, sin):
 class Attention(nn.Module):
     """Mha, Gqa and GatedGqa (attention/core.rs, gated_gqa.rs)."""
 
-    def __init__(self, c, n_layers, a, seq_len):
+    def __init__(self, c, n_layers, a):
         super().__init__()
         if a["kind"] not in ("Mha", "Gqa", "GatedGqa"):
             raise ValueError(f"unknown attention kind {a['kind']!r}")
@@ -136,13 +136,7 @@ class Attention(nn.Module):
         self.kv_heads = a.get("kv_heads", self.heads) if a["kind"] != "Mha" else self.heads
         self.head_dim = c // self.heads
         self.rope_theta = a.get("rope_theta", 10000.0) if a.get("rope", True) else None
-        if self.rope_theta is not None:
-            # The tables of the trained context, built once (on the CPU even where the model
-            # is first built on the meta device): computed inside a compiled step, their f64
-            # cos and sin would be fused into, and recomputed for, every query element.
-            cos, sin = rope_tables(self.head_dim, seq_len, self.rope_theta)
-            self.register_buffer("rope_cos", cos, persistent=False)
-            self.register_buffer("rope_sin", sin, persistent=False)
+
         self.qk_norm = a.get("qk_norm", False)
         kv = self.kv_heads * self.head_dim
         self.q = linear(c, c, INIT_STD)
@@ -155,7 +149,8 @@ class Attention(nn.Module):
             self.gate = linear(c, width, INIT_STD)
             self.gate.sweep_hidden = False  # Role::Gate: the AdamW group under Muon
 
-    def forward(self, x):
+    def forward(self, x, rope):
+        """x (B, T, C) normed; rope (cos, sin) (T, head dim) when the attention rotates."""
         b, t, c = x.shape
         h, kv, hd = self.heads, self.kv_heads, self.head_dim
         q = self.q(x).view(b, t, h, hd).transpose(1, 2)
@@ -164,11 +159,7 @@ class Attention(nn.Module):
         if self.qk_norm:
             q, k = rms(q), rms(k)
         if self.rope_theta is not None:
-            if t <= self.rope_cos.shape[0]:
-                cos, sin = self.rope_cos[:t], self.rope_sin[:t]
-            else:  # past the trained context (generation): tables for this length
-                cos, sin = rope_tables(hd, t, self.rope_theta, x.device)
-            q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+            q, k = rotate(q, *rope), rotate(k, *rope)
         y = F.scaled_dot_product_attention(
             q, k, v, is_causal=True, scale=1.0 / math.sqrt(hd), enable_gqa=kv != h
         )
@@ -384,7 +375,7 @@ class Block(nn.Module):
         super().__init__()
         c, layers = config.d_model, config.n_layers
         self.attn_norm = Norm(c)
-        self.attn = Attention(c, layers, config.attention, config.seq_len)
+        self.attn = Attention(c, layers, config.attention)
         self.ffn_norm = Norm(c)
         self.ffn = Ffn(c, layers, config.ffn)
 
@@ -403,6 +394,9 @@ class SweepForCausalLM(PreTrainedModel, GenerationMixin):
         self.residual = residual_connections(config.residual, c, 2 * config.n_layers)
         self.blocks = nn.ModuleList([Block(config) for _ in range(config.n_layers)])
         self.norm_f = Norm(c)
+        # RoPE tables by (length, device): plain tensors, not buffers, so that loading (which
+        # may build the model on the meta device first) never leaves them unset.
+        self._rope_cache = {}
         self.post_init()
 
     def _init_weights(self, module):
@@ -414,15 +408,30 @@ class SweepForCausalLM(PreTrainedModel, GenerationMixin):
         elif hasattr(module, "reset_sweep_parameters"):
             module.reset_sweep_parameters()
 
+    @torch.compiler.disable
+    def rope(self, t, device):
+        """cos and sin (T, head dim) for every block's attention, built once per length and
+        device. Outside any compiled graph: inside one, the f64 cos and sin would be fused
+        into, and recomputed for, every query and key element."""
+        attn = self.blocks[0].attn
+        if attn.rope_theta is None:
+            return None
+        key = (t, str(device))
+        if key not in self._rope_cache:
+            tables = rope_tables(attn.head_dim, t, attn.rope_theta)
+            self._rope_cache[key] = tuple(x.to(device) for x in tables)
+        return self._rope_cache[key]
+
     def hidden_states(self, input_ids):
         """The final RMS-normed hidden states (B, T, C)."""
+        rope = self.rope(input_ids.shape[1], input_ids.device)
         x = F.embedding(input_ids, self.wte)
         n = self.streams
         state = x if n == 1 and not isinstance(self.residual[0], (Hc, Mhc)) else (
             x.unsqueeze(2).expand(*x.shape[:2], n, x.shape[-1]).contiguous()
         )
         for l, blk in enumerate(self.blocks):
-            state = self.residual[2 * l](state, lambda h: blk.attn(blk.attn_norm(h)))
+            state = self.residual[2 * l](state, lambda h: blk.attn(blk.attn_norm(h), rope))
             state = self.residual[2 * l + 1](state, lambda h: blk.ffn(blk.ffn_norm(h)))
         if state.dim() == 4:
             state = state.mean(2)
