@@ -107,7 +107,7 @@ pub fn card(r: &Record, m: &ModelInfo, layout: Layout, dtype: &str) -> String {
     };
     s += &format!(
         "model = AutoModelForCausalLM.from_pretrained(\"path/to/this/folder\"{remote})\n\
-         tokenizer = AutoTokenizer.from_pretrained(\"path/to/this/folder\")\n\
+         tokenizer = AutoTokenizer.from_pretrained(\"path/to/this/folder\"{remote})\n\
          ids = tokenizer(\"The\", return_tensors=\"pt\").input_ids\n\
          print(tokenizer.decode(model.generate(ids, max_new_tokens=40)[0]))\n```\n\n"
     );
