@@ -87,10 +87,7 @@ pub fn dry_run(sweep: &Sweep) -> String {
         .shapes
         .iter()
         .map(|m| {
-            let sizes = match m.d_model {
-                0 => format!("d_model solved per cell, n_layers {}", m.n_layers),
-                d => format!("d_model {d}, n_layers {}", m.n_layers),
-            };
+            let sizes = m.sizes("d_model solved per cell, ");
             match m.scale.as_str() {
                 "" => sizes,
                 name => format!("{name}: {sizes}"),

@@ -423,10 +423,7 @@ pub fn trials(
 
 /// A shape as errors name it: its scale name, or its sizes.
 fn shape_name(m: &ModelSpec) -> String {
-    let sizes = match m.d_model {
-        0 => format!("n_layers {}", m.n_layers),
-        d => format!("d_model {d}, n_layers {}", m.n_layers),
-    };
+    let sizes = m.sizes("");
     match m.scale.as_str() {
         "" => sizes,
         name => format!("shape {name:?} ({sizes})"),

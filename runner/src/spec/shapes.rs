@@ -29,6 +29,17 @@ pub struct ModelSpec {
     pub n_layers: usize,
 }
 
+impl ModelSpec {
+    /// `d_model D, n_layers L`; where a `match` has yet to solve the width (d_model 0),
+    /// `unsolved` stands in for the width's part.
+    pub fn sizes(&self, unsolved: &str) -> String {
+        match self.d_model {
+            0 => format!("{unsolved}n_layers {}", self.n_layers),
+            d => format!("d_model {d}, n_layers {}", self.n_layers),
+        }
+    }
+}
+
 /// The `model` section as written: each size a number or a list of them, or named shapes.
 #[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, rename = "ModelSpec")]
