@@ -6,6 +6,7 @@
 //! entries; a test in the runner asserts the registry holds them.
 
 pub mod fused;
+pub mod linalg;
 pub mod nn;
 
 mod attention;

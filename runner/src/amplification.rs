@@ -28,6 +28,9 @@ pub struct Amplification {
     pub composite: Vec<(f64, f64)>,
     /// Per sublayer: RMS of the stream state after it (all streams), over the embedding's.
     pub stream_rms: Vec<f64>,
+    /// Per sublayer of a multi-stream scheme: (k, mean pairwise cosine of the streams,
+    /// effective rank of the state) after it (streams.rs).
+    pub streams: Vec<(usize, f64, f64)>,
     /// Scheme diagnostics, the largest value over the sublayers.
     pub extra: BTreeMap<&'static str, f64>,
     /// The composite map so far; `None` while every map was the identity.
@@ -80,6 +83,13 @@ impl Amplification {
         }
         for (i, r) in self.stream_rms.iter().enumerate() {
             out.push((format!("stream_rms/l{i}"), *r));
+        }
+        if let Some(max) = self.stream_rms.iter().copied().reduce(f64::max) {
+            out.push(("stream_rms/max".to_string(), max));
+        }
+        for &(k, cos, rank) in &self.streams {
+            out.push((format!("streams/cos/l{k}"), cos));
+            out.push((format!("streams/rank/l{k}"), rank));
         }
         for (name, v) in &self.extra {
             out.push((name.to_string(), *v));

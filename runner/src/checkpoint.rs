@@ -55,6 +55,10 @@ pub struct Manifest {
     pub loss_sum: f64,
     pub loss_n: usize,
     pub train_time: f64,
+    /// The loss-spike counter's window and count (absent in older manifests: counting then
+    /// starts afresh).
+    #[serde(default)]
+    pub spikes: crate::spikes::Spikes,
 }
 
 /// A checkpoint passed over on resume, and why.

@@ -22,6 +22,8 @@ pub mod parallel;
 pub mod plan;
 pub mod progress;
 pub mod spec;
+pub mod spikes;
+pub mod streams;
 pub mod supervise;
 pub mod tensor_file;
 pub mod train;

@@ -109,6 +109,11 @@ impl Gpt {
         let (x, _) = self.trunk(idx, &mut |k, before, after| {
             let probe = self.stream.probe(k, before)?;
             amp.push(probe.mixing.as_ref(), rms(after)?)?;
+            if after.rank() == 4 {
+                if let Some((cos, rank)) = crate::streams::stream_stats(after)? {
+                    amp.streams.push((k, cos, rank));
+                }
+            }
             for (name, v) in probe.extra {
                 amp.note(name, v);
             }
@@ -492,6 +497,37 @@ mod amplification_tests {
             "{:?}",
             amp.stream_rms
         );
+        Ok(())
+    }
+
+    #[test]
+    fn multi_stream_states_record_their_streams_cosine_and_rank() -> Result<()> {
+        // At init every stream is the embedding: cosine 1, rank 1. The first sublayer writes
+        // its output into all four streams (H_post = 1) and mixes them near the identity, so
+        // they stay nearly identical; the plain residual has no streams to compare.
+        let mhc = Gpt::new(
+            &cell("Mhc", "(streams: 4)"),
+            &dims(),
+            &ParamBuilder::new(0, &Device::Cpu),
+        )?;
+        let m = mhc.amplification(&batch()?)?.metrics();
+        let get = |name: &str| m.iter().find(|(n, _)| n == name).map(|(_, v)| *v);
+        for l in 0..8 {
+            let cos = get(&format!("streams/cos/l{l}")).expect("cosine");
+            let rank = get(&format!("streams/rank/l{l}")).expect("rank");
+            assert!(
+                cos > 0.99 && (1.0..1.1).contains(&rank),
+                "l{l}: {cos} {rank}"
+            );
+        }
+        assert!(get("stream_rms/max").is_some());
+        let plain = Gpt::new(
+            &cell("PreNorm", ""),
+            &dims(),
+            &ParamBuilder::new(0, &Device::Cpu),
+        )?;
+        let m = plain.amplification(&batch()?)?.metrics();
+        assert!(!m.iter().any(|(n, _)| n.starts_with("streams/")));
         Ok(())
     }
 }

@@ -430,6 +430,7 @@ pub fn train(
     let eval_every = spec.eval_every();
 
     let (mut loss_sum, mut loss_n, mut train_time) = (0.0, 0usize, 0.0);
+    let mut spikes = crate::spikes::Spikes::default();
     let mut start = 0;
     let resume = match (ckpt, from) {
         (Some(c), Some(m)) => Some((m, c.load(m, device)?)),
@@ -449,6 +450,7 @@ pub fn train(
             rng = ChaCha12Rng::from_seed(m.rng_seed);
             rng.set_word_pos(m.rng_word_pos);
             (loss_sum, loss_n, train_time) = (m.loss_sum, m.loss_n, m.train_time);
+            spikes = m.spikes.clone();
             start = m.step;
         }
     }
@@ -477,6 +479,7 @@ pub fn train(
         train_time += started.elapsed().as_secs_f64();
         loss_sum += lv;
         loss_n += 1;
+        spikes.push(lv);
         obs.step(step + 1, lv)?;
         if done.stop {
             candle_core::bail!("interrupted at step {}", step + 1);
@@ -494,6 +497,7 @@ pub fn train(
         if (step + 1) % spec.log_every == 0 || last {
             let s = step + 1;
             obs.record(s, "train/loss", loss_sum / loss_n as f64)?;
+            obs.record(s, "train/spikes", spikes.count as f64)?;
             obs.record(s, "lr", lr)?;
             obs.record(s, "grad_norm", gn)?;
             obs.record(
@@ -546,6 +550,7 @@ pub fn train(
                 loss_sum,
                 loss_n,
                 train_time,
+                spikes: spikes.clone(),
             };
             // Recording it is the DB's part: its failure ends the trial, as any lost record
             // does. A checkpoint that cannot be written does not: the older ones stay, and the

@@ -4,7 +4,7 @@
 use serde_json::{json, Value};
 
 use super::stats::{welch, Comparison, Summary};
-use super::{Report, Row, VsBaseline};
+use super::{Report, Row, VsBaseline, SPIKE_MARGIN, SPIKE_WINDOW};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Format {
@@ -69,6 +69,9 @@ impl Report {
         if self.has_amplification() {
             h.extend(["amax fwd", "amax bwd"].map(String::from));
         }
+        if self.has_spikes() {
+            h.push("spikes".into());
+        }
         h.extend(["params", "tok/s", "seeds"].map(String::from));
         h
     }
@@ -110,6 +113,11 @@ impl Report {
         if self.has_amplification() {
             c.push(opt(r.amax_fwd, gain));
             c.push(opt(r.amax_bwd, gain));
+        }
+        if self.has_spikes() {
+            c.push(opt(r.summary("train/spikes").map(|s| s.mean), |v| {
+                format!("{v:.1}")
+            }));
         }
         c.push(opt(r.n_params, |n| thousands(n as f64)));
         c.push(opt(r.tokens_per_s, thousands));
@@ -234,6 +242,14 @@ impl Report {
         if !self.eval_names().is_empty() {
             s += "<set> bpb: bits per byte on the held-out set of that name (evals), last \
                   evaluation, mean over done seeds.\n";
+        }
+        if self.has_spikes() {
+            s += &format!(
+                "spikes: training steps whose loss exceeded the median of the previous {} \
+                 by more than {:.0}% (train/spikes), mean over done seeds.\n",
+                SPIKE_WINDOW,
+                100.0 * SPIKE_MARGIN
+            );
         }
         if self.has_amplification() {
             s += "amax fwd / bwd: composite Amax gain over the whole depth at the last \

@@ -41,11 +41,11 @@ pub fn load(
             store.metric_names(&row.id, "eval/")?,
             store.metric_names(&row.id, "bench/")?,
         ];
-        for name in names
-            .into_iter()
-            .flatten()
-            .chain(["val/bpb".into(), "val/loss".into()])
-        {
+        for name in names.into_iter().flatten().chain([
+            "val/bpb".into(),
+            "val/loss".into(),
+            "train/spikes".into(),
+        ]) {
             if super::comparable(&name) {
                 if let Some(v) = last(&name)? {
                     finals.insert(name, v);

@@ -49,6 +49,12 @@ pub struct TrialData {
     pub finals: std::collections::BTreeMap<String, f64>,
 }
 
+/// The rule `train/spikes` counts by (runner/src/spikes.rs applies it; the report's notes
+/// state it): a step whose training loss is more than SPIKE_MARGIN above the median of the
+/// previous SPIKE_WINDOW steps' losses.
+pub const SPIKE_WINDOW: usize = 64;
+pub const SPIKE_MARGIN: f64 = 0.1;
+
 /// Whether a larger value of metric `name` is better (accuracies) rather than a smaller one
 /// (losses, bits per byte, perplexities).
 pub fn higher_is_better(name: &str) -> bool {
@@ -58,7 +64,7 @@ pub fn higher_is_better(name: &str) -> bool {
 /// The metrics a report can sort and compare rows by: the last evaluation's, and the
 /// benchmarks' accuracies and perplexities (not their item counts or chance levels).
 pub fn comparable(name: &str) -> bool {
-    matches!(name, "val/bpb" | "val/loss")
+    matches!(name, "val/bpb" | "val/loss" | "train/spikes")
         || (name.starts_with("eval/") && (name.ends_with("/bpb") || name.ends_with("/loss")))
         || (name.starts_with("bench/") && (higher_is_better(name) || name.ends_with("/ppl")))
 }
@@ -269,5 +275,12 @@ impl Report {
 
     pub fn has_amplification(&self) -> bool {
         self.rows.iter().any(|r| r.amax_fwd.is_some())
+    }
+
+    /// Whether any configuration's trials counted a loss spike (`train/spikes`).
+    pub fn has_spikes(&self) -> bool {
+        self.rows
+            .iter()
+            .any(|r| r.summary("train/spikes").is_some_and(|s| s.mean > 0.0))
     }
 }

@@ -513,3 +513,41 @@ fn interpolation_is_linear_in_log_budget() {
     assert_eq!(frontier::interpolate(&base, 5.0), None);
     assert_eq!(frontier::interpolate(&base, 2000.0), None);
 }
+
+#[test]
+fn loss_spikes_get_a_column_only_when_a_trial_had_one() {
+    let (_, mut s) = make_db("spikes");
+    let r = report(&s, None).unwrap();
+    assert!(!r.has_spikes());
+    assert!(!r.render(Format::Table, "db").contains("spikes"));
+    // Hc dynamic's three done seeds counted 1, 2 and 6 spikes (the last value of each trial
+    // counts): mean 3.0; PreNorm's done seeds counted none.
+    for (id, counts) in [("t2", [0.0, 1.0]), ("t6", [2.0, 2.0]), ("t9", [4.0, 6.0])] {
+        for (k, c) in counts.iter().enumerate() {
+            s.record(id, 50 * (k as u64 + 1), "train/spikes", *c)
+                .unwrap();
+        }
+    }
+    for id in ["t0", "t4"] {
+        s.record(id, 100, "train/spikes", 0.0).unwrap();
+    }
+    s.flush().unwrap();
+    let r = report(&s, None).unwrap();
+    assert!(r.has_spikes());
+    let (header, rows, _) = r.table();
+    let col = header
+        .iter()
+        .position(|h| h == "spikes")
+        .expect("a spikes column");
+    let value = |needle: &str| -> String {
+        let i = r
+            .rows
+            .iter()
+            .position(|row| row.name.contains(needle))
+            .unwrap();
+        rows[i][col].clone()
+    };
+    assert_eq!(value("dynamic=true"), "3.0");
+    assert_eq!(value("PreNorm"), "0.0");
+    assert!(r.notes().contains("more than 10%"));
+}
