@@ -345,7 +345,19 @@ fn palette_in_svg(svg: &str) -> Vec<usize> {
 
 #[test]
 fn every_chart_writes_a_png_and_an_svg_with_one_colour_per_series() {
-    let (_, store) = make_db("plots");
+    let (_, mut store) = make_db("plots");
+    // The two Hc configurations' done seeds recorded stream diagnostics at 4 sublayers.
+    for id in ["t1", "t5", "t2", "t6", "t9"] {
+        for l in 0..4 {
+            store
+                .record(id, 100, &format!("streams/cos/l{l}"), 0.9 - 0.1 * l as f64)
+                .unwrap();
+            store
+                .record(id, 100, &format!("streams/rank/l{l}"), 1.5 + 0.5 * l as f64)
+                .unwrap();
+        }
+    }
+    store.flush().unwrap();
     let r = report(&store, Some("residual=PreNorm")).unwrap();
     let dir = temp_dir("plots-out");
     // Rows: 0 Hc static, 1 Hc dynamic, 2 PreNorm, 3 Mhc (no data). Colours follow the rows.
@@ -353,6 +365,7 @@ fn every_chart_writes_a_png_and_an_svg_with_one_colour_per_series() {
         (Kind::Bpb, vec![0, 1, 2]),
         (Kind::Loss, vec![0, 1, 2]),
         (Kind::Amplification, vec![0, 2]),
+        (Kind::Streams, vec![0, 1]),
     ] {
         let chart = plot::prepare(kind, &r, &store, XAxis::Step).unwrap();
         let w = chart.save(&dir).unwrap();
@@ -400,7 +413,7 @@ fn charts_without_data_are_refused() {
     s.start_trial("a", "cpu", "test", None).unwrap();
     s.flush().unwrap();
     let r = report(&s, None).unwrap();
-    for kind in [Kind::Bpb, Kind::Loss, Kind::Amplification] {
+    for kind in [Kind::Bpb, Kind::Loss, Kind::Amplification, Kind::Streams] {
         let e = plot::prepare(kind, &r, &s, XAxis::Step).unwrap_err();
         assert!(matches!(e, crate::Error::Input(_)), "{kind:?}: {e}");
         assert!(

@@ -33,8 +33,9 @@ pub struct Args {
     /// accuracies sort highest first).
     #[arg(long, value_name = "NAME", default_value = "val/bpb")]
     pub metric: String,
-    /// Draw charts as PNG and SVG: bpb, loss, amplification, benchmarks (one panel per
-    /// zero-shot task, chance marked), frontier (the metric against --budget, a line per
+    /// Draw charts as PNG and SVG: bpb, loss, amplification, streams (the streams' cosine
+    /// and effective rank over depth), benchmarks (one panel per zero-shot task, chance
+    /// marked), frontier (the metric against --budget, a line per
     /// family across sizes) or all (repeatable, or comma-separated).
     #[arg(long, value_enum, value_delimiter = ',')]
     pub plot: Vec<PlotArg>,
@@ -75,6 +76,7 @@ pub enum PlotArg {
     Loss,
     Amplification,
     Benchmarks,
+    Streams,
     Frontier,
     All,
 }
@@ -147,11 +149,22 @@ fn once(
         BudgetArg::Params => plot::Budget::Params,
         BudgetArg::GpuHours => plot::Budget::GpuHours,
     };
-    let charts = kinds(&args.plot, !summary.bench_headlines().is_empty(), budget)
-        .into_iter()
-        .map(|k| plot::prepare(k, &summary, store, x))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(input)?;
+    // Only multi-stream residuals record stream diagnostics: `--plot all` draws them where any
+    // trial has some.
+    let mut streams = false;
+    for t in summary.rows.iter().flat_map(|r| &r.trials) {
+        streams |= !store.metric_names(&t.row.id, "streams/")?.is_empty();
+    }
+    let charts = kinds(
+        &args.plot,
+        !summary.bench_headlines().is_empty(),
+        streams,
+        budget,
+    )
+    .into_iter()
+    .map(|k| plot::prepare(k, &summary, store, x))
+    .collect::<Result<Vec<_>, _>>()
+    .map_err(input)?;
     let page = match &args.html {
         Some(_) => Some(html_page(args, store, sweep_id, &summary, x, budget, live)?),
         None => None,
@@ -193,7 +206,13 @@ fn html_page(
 ) -> anyhow::Result<String> {
     use plot::Kind;
     let mut charts = Vec::new();
-    let mut all = vec![Kind::Bpb, Kind::Loss, Kind::Amplification, Kind::Benchmarks];
+    let mut all = vec![
+        Kind::Bpb,
+        Kind::Loss,
+        Kind::Amplification,
+        Kind::Streams,
+        Kind::Benchmarks,
+    ];
     all.push(Kind::Frontier(budget));
     for kind in all {
         // A chart without data (no amplification metrics, one size only) is left out.
@@ -231,6 +250,9 @@ fn chart_title(kind: plot::Kind) -> &'static str {
         plot::Kind::Loss => "Training and validation loss",
         plot::Kind::Amplification => "Stream amplification: composite Amax gain over depth",
         plot::Kind::Benchmarks => "Zero-shot benchmarks (chance dashed)",
+        plot::Kind::Streams => {
+            "The residual streams: mean pairwise cosine and effective rank over depth"
+        }
         plot::Kind::Frontier(_) => "The metric against the budget, one line per family",
     }
 }
@@ -246,11 +268,23 @@ fn input(e: results::Error) -> anyhow::Error {
     }
 }
 
-/// The charts asked for; `all` takes the benchmarks' chart when the sweep has benchmark
-/// results.
-fn kinds(args: &[PlotArg], benchmarks: bool, budget: plot::Budget) -> Vec<plot::Kind> {
-    use plot::Kind::{Amplification, Benchmarks, Bpb, Frontier, Loss};
+/// The charts asked for; `all` takes the streams' and the benchmarks' charts when the sweep
+/// has their metrics.
+fn kinds(
+    args: &[PlotArg],
+    benchmarks: bool,
+    streams: bool,
+    budget: plot::Budget,
+) -> Vec<plot::Kind> {
+    use plot::Kind::{Amplification, Benchmarks, Bpb, Frontier, Loss, Streams};
     let frontier = [Frontier(budget)];
+    let mut all = vec![Bpb, Loss, Amplification];
+    if streams {
+        all.push(Streams);
+    }
+    if benchmarks {
+        all.push(Benchmarks);
+    }
     let mut out = Vec::new();
     for a in args {
         let add: &[plot::Kind] = match a {
@@ -258,9 +292,9 @@ fn kinds(args: &[PlotArg], benchmarks: bool, budget: plot::Budget) -> Vec<plot::
             PlotArg::Loss => &[Loss],
             PlotArg::Amplification => &[Amplification],
             PlotArg::Benchmarks => &[Benchmarks],
+            PlotArg::Streams => &[Streams],
             PlotArg::Frontier => &frontier,
-            PlotArg::All if benchmarks => &[Bpb, Loss, Amplification, Benchmarks],
-            PlotArg::All => &[Bpb, Loss, Amplification],
+            PlotArg::All => &all,
         };
         for k in add {
             if !out.contains(k) {

@@ -32,43 +32,15 @@ impl AmpChart {
     pub fn new(report: &Report, store: &Store) -> Result<Self> {
         let mut lines = Vec::new();
         for (i, row) in report.rows.iter().enumerate() {
-            // Finished seeds when there are some; otherwise the latest probe of running ones.
-            let done = row.trials.iter().any(|t| t.row.status == Status::Done);
-            let mut per_depth: [BTreeMap<usize, Vec<f64>>; 2] = Default::default();
-            for t in row.trials.iter().filter(|t| {
-                t.row.status == Status::Done || (!done && t.row.status == Status::Running)
-            }) {
-                let c = Curves::read(
-                    store,
-                    &t.row.id,
-                    &[],
-                    &["amax/fwd/composite/l", "amax/bwd/composite/l"],
-                )?;
-                for (d, (dir, _)) in DIRECTIONS.iter().enumerate() {
-                    let prefix = format!("amax/{dir}/composite/l");
-                    for (name, points) in &c.series {
-                        let Some(layer) = name.strip_prefix(&prefix).and_then(|l| l.parse().ok())
-                        else {
-                            continue;
-                        };
-                        if let Some(&(_, v)) = points.last() {
-                            per_depth[d].entry(layer).or_default().push(v);
-                        }
-                    }
-                }
-            }
-            if per_depth[0].is_empty() {
+            let [fwd, bwd] =
+                last_by_depth(row, store, ["amax/fwd/composite/l", "amax/bwd/composite/l"])?;
+            if fwd.is_empty() {
                 continue;
             }
-            let mean = |m: &BTreeMap<usize, Vec<f64>>| -> Vec<f64> {
-                m.values()
-                    .map(|vs| vs.iter().sum::<f64>() / vs.len() as f64)
-                    .collect()
-            };
             lines.push(Line {
                 name: row.name.clone(),
                 color: color(i),
-                gains: [mean(&per_depth[0]), mean(&per_depth[1])],
+                gains: [fwd.into_values().collect(), bwd.into_values().collect()],
             });
         }
         if lines.is_empty() {
@@ -168,6 +140,40 @@ impl AmpChart {
         root.present()?;
         Ok(())
     }
+}
+
+/// For each metric family `<prefix><depth>` (e.g. `amax/fwd/composite/l3`), its last value
+/// at each depth, the mean over the row's finished seeds (or, while none has finished, its
+/// running ones).
+pub(super) fn last_by_depth<const N: usize>(
+    row: &crate::report::Row,
+    store: &Store,
+    prefixes: [&str; N],
+) -> Result<[BTreeMap<usize, f64>; N]> {
+    let done = row.trials.iter().any(|t| t.row.status == Status::Done);
+    let mut per_depth: [BTreeMap<usize, Vec<f64>>; N] = std::array::from_fn(|_| BTreeMap::new());
+    for t in row
+        .trials
+        .iter()
+        .filter(|t| t.row.status == Status::Done || (!done && t.row.status == Status::Running))
+    {
+        let c = Curves::read(store, &t.row.id, &[], &prefixes)?;
+        for (d, prefix) in prefixes.iter().enumerate() {
+            for (name, points) in &c.series {
+                let Some(depth) = name.strip_prefix(prefix).and_then(|l| l.parse().ok()) else {
+                    continue;
+                };
+                if let Some(&(_, v)) = points.last() {
+                    per_depth[d].entry(depth).or_default().push(v);
+                }
+            }
+        }
+    }
+    Ok(per_depth.map(|m| {
+        m.into_iter()
+            .map(|(k, vs)| (k, vs.iter().sum::<f64>() / vs.len() as f64))
+            .collect()
+    }))
 }
 
 impl Chart for AmpChart {

@@ -10,6 +10,7 @@ mod benchmarks;
 mod bpb;
 mod frontier;
 mod loss;
+mod streams;
 
 pub use super::frontier::Budget;
 
@@ -31,6 +32,8 @@ pub enum Kind {
     Loss,
     Amplification,
     Benchmarks,
+    /// The streams' cosine and effective rank over depth (multi-stream residuals).
+    Streams,
     /// The metric against a budget (training FLOPs, parameters, GPU hours), a line per family.
     Frontier(Budget),
 }
@@ -42,6 +45,7 @@ impl Kind {
             Kind::Loss => "loss",
             Kind::Amplification => "amplification",
             Kind::Benchmarks => "benchmarks",
+            Kind::Streams => "streams",
             Kind::Frontier(_) => "frontier",
         }
     }
@@ -86,6 +90,7 @@ pub fn prepare(kind: Kind, report: &Report, store: &Store, x: XAxis) -> Result<P
         Kind::Loss => Box::new(loss::LossChart::new(report, store, x)?),
         Kind::Amplification => Box::new(amplification::AmpChart::new(report, store)?),
         Kind::Benchmarks => Box::new(benchmarks::BenchChart::new(report)?),
+        Kind::Streams => Box::new(streams::StreamsChart::new(report, store)?),
         Kind::Frontier(budget) => Box::new(frontier::FrontierChart::new(report, budget)?),
     };
     Ok(Prepared {
