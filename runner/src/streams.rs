@@ -9,11 +9,15 @@
 //!   its normalized singular values, from 1 (every stream a multiple of one) to n (equal
 //!   singular values, orthogonal streams of equal size).
 //!
-//! Both averaged over the tokens of the probe batch; recorded as `streams/cos/l{i}` and
-//! `streams/rank/l{i}` at every evaluation.
+//! Both averaged over the tokens of the probe batch (at most [`MAX_TOKENS`] of them, evenly
+//! spaced: an n x n eigenproblem a token on the host, for every sublayer of every
+//! evaluation); recorded as `streams/cos/l{i}` and `streams/rank/l{i}`.
 
 use candle_core::{DType, Result, Tensor};
 use components::linalg::symmetric_eigenvalues;
+
+/// The tokens of the probe batch the statistics average over, at most.
+pub const MAX_TOKENS: usize = 1024;
 
 /// (mean pairwise cosine, effective rank) of a state (B, T, n, C), averaged over the tokens;
 /// `None` for one stream.
@@ -24,7 +28,14 @@ pub fn stream_stats(state: &Tensor) -> Result<Option<(f64, f64)>> {
     }
     // Gram matrices per token (B T, n, n): the streams' dot products, in f64 (the smallest
     // singular values are square roots of eigenvalues: f32 rounding would show as rank).
-    let s = state.to_dtype(DType::F64)?.reshape((b * t, n, c))?;
+    let mut s = state.reshape((b * t, n, c))?;
+    if b * t > MAX_TOKENS {
+        let stride = (b * t).div_ceil(MAX_TOKENS);
+        let picked: Vec<u32> = (0..b * t).step_by(stride).map(|i| i as u32).collect();
+        let ids = Tensor::new(picked.as_slice(), state.device())?;
+        s = s.index_select(&ids, 0)?;
+    }
+    let s = s.to_dtype(DType::F64)?;
     let gram = s.matmul(&s.t()?.contiguous()?)?;
     let grams: Vec<Vec<Vec<f64>>> = gram.to_vec3()?;
     let (mut cos_sum, mut rank_sum) = (0.0, 0.0);
@@ -100,6 +111,28 @@ mod tests {
         let (cos, rank) = stream_stats(&state)?.unwrap();
         assert!(cos.abs() < 0.02, "{cos}");
         assert!(rank > 3.95 && rank <= 4.0 + 1e-9, "{rank}");
+        Ok(())
+    }
+
+    #[test]
+    fn a_large_batch_is_sampled_evenly() -> Result<()> {
+        // 2 x 1500 tokens: every third is taken (0, 3, 6, ...: 1000 of them), alternately at
+        // even positions, whose two streams are identical (cosine 1, rank 1), and odd ones,
+        // whose streams are orthogonal (cosine 0, rank 2): means 0.5 and 1.5.
+        let mut v = Vec::new();
+        for tok in 0..3000 {
+            let (a, b) = if tok % 2 == 0 {
+                ([1f32, 0.0], [1f32, 0.0])
+            } else {
+                ([1f32, 0.0], [0f32, 1.0])
+            };
+            v.extend(a);
+            v.extend(b);
+        }
+        let state = Tensor::from_vec(v, (2, 1500, 2, 2), &Device::Cpu)?;
+        let (cos, rank) = stream_stats(&state)?.unwrap();
+        assert!((cos - 0.5).abs() < 1e-9, "{cos}");
+        assert!((rank - 1.5).abs() < 1e-6, "{rank}");
         Ok(())
     }
 
