@@ -122,6 +122,15 @@ pub fn dry_run(sweep: &Sweep) -> String {
             crate::spec::matching::WIDTH_STEP
         );
     }
+    // Named shapes with budgets of their own.
+    for (m, t) in sweep.shapes.iter().zip(&sweep.targets) {
+        match t {
+            Some(t) if Some(t) != sweep.matching.as_ref() => {
+                s += &format!("shape {}: matched at {}\n", m.scale, match_target(t));
+            }
+            _ => {}
+        }
+    }
     s +=
         "\ncells (d_model, non-embedding parameters, forward FLOPs per token as the README counts \
           them, training FLOPs):\n";

@@ -62,12 +62,12 @@ pub struct Shared<'a> {
     pub train: &'a TrainSpec,
 }
 
-/// The model shapes a sweep's cells are built at, and their dims; with `matching`, each
-/// cell solves for its own d_model at each shape's depth.
+/// The model shapes a sweep's cells are built at, their dims, and per shape the budget (if
+/// any) each cell solves its d_model for at the shape's depth.
 pub struct Shapes<'a> {
     pub models: &'a [ModelSpec],
     pub dims: &'a [Dims],
-    pub matching: Option<&'a super::matching::MatchSpec>,
+    pub targets: &'a [Option<super::matching::MatchSpec>],
 }
 
 /// Axes not written in the sweep file take these.
@@ -333,12 +333,12 @@ pub fn trials(
     // Each cell at each shape, its width solved where the sweep matches a budget.
     let mut layout: Vec<Vec<(ModelSpec, Dims, Cell)>> = Vec::new();
     let mut problems = Vec::new();
-    for (m, dims) in shapes.models.iter().zip(shapes.dims) {
+    for ((m, dims), target) in shapes.models.iter().zip(shapes.dims).zip(shapes.targets) {
         let mut row = Vec::new();
         for (ci, combo) in cells.iter().enumerate() {
             let cell = cell_of(axes, combo);
             let (mut m, mut dims) = (m.clone(), dims.clone());
-            if let Some(target) = shapes.matching {
+            if let Some(target) = target {
                 match target.solve(&cell, &dims) {
                     Ok(d) => {
                         m.d_model = d;
@@ -378,7 +378,7 @@ pub fn trials(
     if !problems.is_empty() {
         let n = problems.len();
         problems.truncate(20);
-        let shape = match (shapes.models, shapes.matching) {
+        let shape = match (shapes.models, shapes.targets.iter().flatten().next()) {
             (_, Some(t)) => format!("the {} to match", t.what()),
             ([m], None) => format!("model (d_model: {}, n_layers: {})", m.d_model, m.n_layers),
             _ => "the model's shapes".to_string(),

@@ -207,7 +207,10 @@ pub struct Sweep {
     /// The model shapes: one, or every combination of the size axes, d_model-major (d_model
     /// 0 where `matching` solves it per cell).
     pub shapes: Vec<ModelSpec>,
-    /// The budget every cell is matched to, if any.
+    /// Per shape, the budget its cells solve their width for: the shape's own `match`, else
+    /// the sweep's.
+    pub targets: Vec<Option<matching::MatchSpec>>,
+    /// The sweep's `match`, if any.
     pub matching: Option<matching::MatchSpec>,
     /// The variants of each slot, in `registry::Slot::ALL` order.
     pub axes: Vec<Vec<Variant>>,
@@ -271,7 +274,10 @@ impl Sweep {
         if let Some(m) = &file.matching {
             m.check().map_err(|e| source.field_error("match", e))?;
         }
-        let shapes = shapes::model_shapes(&source, &file.model, file.matching.is_some())?;
+        let (shapes, targets): (Vec<ModelSpec>, Vec<Option<matching::MatchSpec>>) =
+            shapes::model_shapes(&source, &file.model, file.matching.as_ref())?
+                .into_iter()
+                .unzip();
         file.data.check(&source)?;
         crate::data::evals::check(&file.evals, file.data.tokenizer(), &source)?;
         let benchmarks = match file.benchmarks {
@@ -300,7 +306,7 @@ impl Sweep {
             &expand::Shapes {
                 models: &shapes,
                 dims: &dims,
-                matching: file.matching.as_ref(),
+                targets: &targets,
             },
             &expand::Shared {
                 data: &file.data,
@@ -318,6 +324,7 @@ impl Sweep {
             benchmark_dir: file.benchmark_dir,
             train,
             shapes,
+            targets,
             matching: file.matching.clone(),
             axes,
             trials,

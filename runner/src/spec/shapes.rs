@@ -10,10 +10,13 @@
 //!   size axes).
 //!
 //! With a `match` section the widths are left out and each cell solves its own at each
-//! shape's depth (spec/matching.rs).
+//! shape's depth (spec/matching.rs). A named shape may carry its own `match`, so that one
+//! sweep compares stacks at two or more matched sizes:
+//! `(name: "20M", n_layers: 8, match: Params(non_embedding: 20e6))`.
 
 use serde::{Deserialize, Serialize};
 
+use super::matching::MatchSpec;
 use super::source::Source;
 use crate::error::InputError;
 
@@ -77,16 +80,20 @@ struct NamedShape {
     #[serde(default)]
     d_model: Option<usize>,
     n_layers: usize,
+    /// This shape's own budget, in place of the sweep's `match`.
+    #[serde(default, rename = "match")]
+    matching: Option<MatchSpec>,
 }
 
-/// Every model shape of the `model` section, in the order written (size axes d_model-major).
-/// `matching` says whether a `match` section solves the widths (they must then be left out;
-/// the shapes hold d_model 0 until the cells solve them).
+/// Every model shape of the `model` section, in the order written (size axes d_model-major),
+/// each with the budget its cells solve their width for: its own `match`, else the sweep's
+/// (`matching`), else none. A shape with a budget leaves its width out (d_model 0 until the
+/// cells solve it).
 pub(super) fn model_shapes(
     source: &Source,
     m: &ModelAxes,
-    matching: bool,
-) -> Result<Vec<ModelSpec>, InputError> {
+    matching: Option<&MatchSpec>,
+) -> Result<Vec<(ModelSpec, Option<MatchSpec>)>, InputError> {
     if let Some(scale) = &m.scale {
         if m.d_model.is_some() || m.n_layers.is_some() {
             return Err(source.field_error(
@@ -97,7 +104,7 @@ pub(super) fn model_shapes(
         }
         return named_shapes(source, scale, matching);
     }
-    match (&m.d_model, matching) {
+    match (&m.d_model, matching.is_some()) {
         (Some(_), true) => {
             return Err(source.field_error(
                 "model.d_model",
@@ -126,10 +133,13 @@ pub(super) fn model_shapes(
     Ok(widths
         .iter()
         .flat_map(|&d_model| {
-            depths.iter().map(move |&n_layers| ModelSpec {
-                scale: String::new(),
-                d_model,
-                n_layers,
+            depths.iter().map(move |&n_layers| {
+                let model = ModelSpec {
+                    scale: String::new(),
+                    d_model,
+                    n_layers,
+                };
+                (model, matching.cloned())
             })
         })
         .collect())
@@ -156,13 +166,13 @@ fn sizes_of(source: &Source, path: &str, sizes: &Sizes) -> Result<Vec<usize>, In
 fn named_shapes(
     source: &Source,
     scale: &[NamedShape],
-    matching: bool,
-) -> Result<Vec<ModelSpec>, InputError> {
+    matching: Option<&MatchSpec>,
+) -> Result<Vec<(ModelSpec, Option<MatchSpec>)>, InputError> {
     let fail = |msg: String| Err(source.field_error("model.scale", msg));
     if scale.is_empty() {
         return fail("is an empty list: give at least one named shape".into());
     }
-    let mut out: Vec<ModelSpec> = Vec::new();
+    let mut out: Vec<(ModelSpec, Option<MatchSpec>)> = Vec::new();
     for s in scale {
         let name = &s.name;
         // Labels are `key=value` words: a name must be one word of its own.
@@ -172,7 +182,13 @@ fn named_shapes(
                  the trials: model.scale=NAME)"
             ));
         }
-        let d_model = match (s.d_model, matching) {
+        if let Some(m) = &s.matching {
+            m.check().map_err(|e| {
+                source.field_error("model.scale", format!("shape {name:?}: match: {e}"))
+            })?;
+        }
+        let target = s.matching.clone().or_else(|| matching.cloned());
+        let d_model = match (s.d_model, target.is_some()) {
             (Some(_), true) => {
                 return fail(format!(
                     "shape {name:?}: match solves each cell's d_model: leave its d_model out"
@@ -180,7 +196,8 @@ fn named_shapes(
             }
             (None, false) => {
                 return fail(format!(
-                    "shape {name:?} needs d_model (or a `match` section to solve it per cell)"
+                    "shape {name:?} needs d_model (or a `match`, its own or the sweep's, to \
+                     solve it per cell)"
                 ))
             }
             (Some(0), _) => return fail(format!("shape {name:?}: d_model must be at least 1")),
@@ -189,15 +206,15 @@ fn named_shapes(
         if s.n_layers == 0 {
             return fail(format!("shape {name:?}: n_layers must be at least 1"));
         }
-        if let Some(o) = out.iter().find(|o| &o.scale == name) {
+        if let Some((o, _)) = out.iter().find(|(o, _)| &o.scale == name) {
             return fail(format!(
                 "names {:?} twice: give each shape its own name",
                 o.scale
             ));
         }
-        if let Some(o) = out
+        if let Some((o, _)) = out
             .iter()
-            .find(|o| o.d_model == d_model && o.n_layers == s.n_layers)
+            .find(|(o, t)| o.d_model == d_model && o.n_layers == s.n_layers && *t == target)
         {
             return fail(format!(
                 "shapes {:?} and {name:?} are the same (d_model {d_model}, n_layers {}): \
@@ -205,11 +222,14 @@ fn named_shapes(
                 o.scale, s.n_layers
             ));
         }
-        out.push(ModelSpec {
-            scale: name.clone(),
-            d_model,
-            n_layers: s.n_layers,
-        });
+        out.push((
+            ModelSpec {
+                scale: name.clone(),
+                d_model,
+                n_layers: s.n_layers,
+            },
+            target,
+        ));
     }
     Ok(out)
 }

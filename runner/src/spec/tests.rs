@@ -378,7 +378,38 @@ fn a_scale_axis_moves_width_and_depth_together() {
     // The hand count of the matching test: 8 layers of Gqa(4, 2) + SwiGlu reach 20e6 at 480.
     assert_eq!((deep.dims.d_model, deep.dims.n_layers), (480, 8));
 
+    // A shape's own `match` stands for the sweep's: two matched sizes in one sweep, the
+    // large one at the matching test's hand count (480 at 8 layers for 20e6).
+    let two = sweep(
+        "(attention: [Gqa(heads: 4, kv_heads: 2)], ffn: [SwiGlu])",
+        &["model=(scale: [\
+             (name: \"small\", n_layers: 2, match: Params(non_embedding: 1e6, tolerance: 0.05)), \
+             (name: \"large\", n_layers: 8, match: Params(non_embedding: 20e6))])"],
+    )
+    .unwrap();
+    let width = |name: &str| {
+        two.trials
+            .iter()
+            .find(|t| t.label.starts_with(&format!("model.scale={name}")))
+            .map(|t| t.dims.d_model)
+            .unwrap()
+    };
+    assert_eq!(width("large"), 480);
+    let small = width("small");
+    let small_params = crate::flops::params(&two.trials[0].cell, &two.trials[0].dims);
+    assert!(
+        ((small_params.total - small_params.embedding) as f64 / 1e6 - 1.0).abs() <= 0.05,
+        "small: d_model {small}, {small_params:?}"
+    );
+    assert_eq!(two.targets.iter().flatten().count(), 2);
+
     let err = |sets: &[&str]| sweep(grid, sets).unwrap_err().to_string();
+    let e = err(&["model=(scale: [(name: \"S\", d_model: 16, n_layers: 1, \
+                   match: Params(non_embedding: 1e6))])"]);
+    assert!(
+        e.contains("shape \"S\": match solves each cell's d_model"),
+        "{e}"
+    );
     let e = err(&["model=(scale: [(name: \"S\", d_model: 16, n_layers: 1)], n_layers: 2)"]);
     assert!(
         e.contains("leave model.d_model and model.n_layers out"),
