@@ -235,11 +235,20 @@ fn a_tiny_sweep_writes_the_expected_rows_and_a_rerun_skips_them() {
         ),
         2
     );
-    // Per trial: train/loss, lr, grad_norm, tokens_per_s at steps 3 and 6 (log_every 3),
-    // val/loss and val/bpb at steps 3 and 6 (eval_every 3): 12 rows. With every evaluation,
-    // the amplification metrics of the one block (two sublayers): amax/fwd, amax/bwd, and per
-    // sublayer four gains and stream_rms: 2 x 12 rows more.
-    assert_eq!(count(&db, "SELECT COUNT(*) FROM metrics"), 2 * (12 + 24));
+    // Per trial: train/loss, lr, grad_norm, tokens_per_s and train/spikes at steps 3 and 6
+    // (log_every 3), val/loss and val/bpb at steps 3 and 6 (eval_every 3): 14 rows. With
+    // every evaluation, the amplification metrics of the one block (two sublayers):
+    // amax/fwd, amax/bwd, stream_rms/max, and per sublayer four gains and stream_rms:
+    // 2 x 13 rows more. The plain residual has one stream: no streams/* metrics.
+    assert_eq!(count(&db, "SELECT COUNT(*) FROM metrics"), 2 * (14 + 26));
+    assert_eq!(
+        count(
+            &db,
+            "SELECT COUNT(*) FROM metrics WHERE name = 'train/spikes' AND value = 0"
+        ),
+        2 * 2,
+        "six falling steps are no spikes"
+    );
     assert_eq!(
         count(
             &db,
@@ -278,7 +287,7 @@ fn a_tiny_sweep_writes_the_expected_rows_and_a_rerun_skips_them() {
         "{}",
         stderr(&again)
     );
-    assert_eq!(count(&db, "SELECT COUNT(*) FROM metrics"), 2 * (12 + 24));
+    assert_eq!(count(&db, "SELECT COUNT(*) FROM metrics"), 2 * (14 + 26));
 }
 
 #[test]

@@ -78,9 +78,10 @@ fn assert_complete(db: &rusqlite::Connection) {
         4
     );
     assert_eq!(count(db, "SELECT COUNT(*) FROM trials"), 4);
-    // Per trial: 4 values (train/loss, lr, grad_norm, tokens_per_s) at 8 log steps, val/loss
-    // and val/bpb at 4 evaluations, and 2 + 5 per sublayer (4) amplification values at each.
-    let per_trial = 4 * 8 + 2 * 4 + (2 + 5 * 4) * 4;
+    // Per trial: 5 values (train/loss, lr, grad_norm, tokens_per_s, train/spikes) at 8 log
+    // steps, val/loss and val/bpb at 4 evaluations, and 3 + 5 per sublayer (4) amplification
+    // values at each (amax/fwd, amax/bwd, stream_rms/max; four gains and stream_rms).
+    let per_trial = 5 * 8 + 2 * 4 + (3 + 5 * 4) * 4;
     let mut stmt = db
         .prepare("SELECT COUNT(*) FROM metrics GROUP BY trial_id")
         .unwrap();
