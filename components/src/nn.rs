@@ -64,8 +64,14 @@ impl Linear {
         &self.weight
     }
 
-    /// (..., in) -> (..., out)
+    /// (..., in) -> (..., out). On CUDA one op with the f32 weight (fused/linear.rs); on the
+    /// CPU the composite, the op's reference.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if x.device().is_cuda() {
+            return x
+                .contiguous()?
+                .apply_op2(&self.weight, crate::fused::FusedLinear);
+        }
         let w = cast_like(&self.weight, x)?;
         if x.rank() == 2 {
             return x.matmul(&w.t()?);

@@ -10,6 +10,7 @@ use registry::{Attention, Dims, Entry, ParamBuilder, ParamDoc, Role, Spec, Subla
 use serde::{Deserialize, Serialize};
 
 use super::{gqa::Gqa, CausalSelfAttention};
+use crate::fused::SigmoidGate;
 use crate::nn::{sigmoid, Linear, INIT_STD};
 
 /// Which values share one gate.
@@ -80,7 +81,16 @@ impl GatedAttention {
 
 impl Sublayer for GatedAttention {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.forward_with_gate(x, &sigmoid(&self.gate.forward(x)?)?)
+        let logits = self.gate.forward(x)?;
+        if x.device().is_cuda() {
+            // The gate as one op each way (fused/gate.rs).
+            let y = self.attn.attend(x)?;
+            return self.attn.project(
+                &y.contiguous()?
+                    .apply_op2(&logits.contiguous()?, SigmoidGate)?,
+            );
+        }
+        self.forward_with_gate(x, &sigmoid(&logits)?)
     }
 }
 

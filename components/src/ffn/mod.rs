@@ -6,7 +6,7 @@ use candle_core::{Result, Tensor};
 use registry::{Dims, ParamBuilder, Role, Sublayer};
 
 use crate::fused::{activation, FusedMlp, Kind};
-use crate::nn::{cast_like, out_proj_std, rows, unrows, Linear, INIT_STD};
+use crate::nn::{out_proj_std, rows, unrows, Linear, INIT_STD};
 
 /// The two-matrix MLP down(act(up x)) that Gelu and Relu2 differ in the activation of.
 pub(crate) struct Mlp {
@@ -30,10 +30,9 @@ impl Mlp {
 impl Sublayer for Mlp {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         if x.device().is_cuda() {
-            // One op on the GPU (fused/mlp.rs), the bf16 (or f32) weights as the input's.
-            let up = cast_like(self.up.weight(), x)?;
-            let down = cast_like(self.down.weight(), x)?;
-            return x.contiguous()?.apply_op3(&up, &down, FusedMlp(self.act));
+            // One op on the GPU (fused/mlp.rs), given the f32 weights: it casts them itself.
+            let (up, down) = (self.up.weight(), self.down.weight());
+            return x.contiguous()?.apply_op3(up, down, FusedMlp(self.act));
         }
         let h = activation(&self.up.forward(&rows(x)?)?, self.act)?;
         unrows(&self.down.forward(&h)?, x)

@@ -265,12 +265,14 @@ pub fn rms_norm_bwd_g(
     let func = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
     let dg = dev.alloc_zeros::<f32>(c)?;
     let (rows32, c32) = (rows as i32, c as i32);
-    // A few blocks per multiprocessor, each summing many rows in shared memory first, so
-    // that the global atomic adds are blocks x c, not rows x c.
+    // Tiles of NORM_G_TILE rows over at most four blocks a multiprocessor, each block summing
+    // its tiles in shared memory first, so that the global atomic adds are blocks x c, not
+    // rows x c.
+    const NORM_G_TILE: usize = 32;
     let cfg = LaunchConfig {
-        grid_dim: (rows.div_ceil(64).min(528) as u32, 1, 1),
+        grid_dim: (rows.div_ceil(NORM_G_TILE).min(528) as u32, 1, 1),
         block_dim: (32 * WARPS as u32, 1, 1),
-        shared_mem_bytes: (4 * c) as u32,
+        shared_mem_bytes: (4 * (c + NORM_G_TILE)) as u32,
     };
     macro_rules! run {
         ($t:ty) => {{
@@ -342,6 +344,9 @@ pub fn activation(
     dy: Option<(&CudaStorage, &Layout)>,
     kind: i32,
 ) -> Result<CudaStorage> {
+    if kind == super::Kind::SwiGlu as i32 {
+        return glu(x, lx, dy);
+    }
     let dev = x.device();
     let n = lx.shape().elem_count();
     let which = if dy.is_some() { "bwd" } else { "fwd" };
@@ -371,6 +376,85 @@ pub fn activation(
         }};
     }
     Ok(by_dtype!(x.dtype(), run))
+}
+
+/// SwiGLU's gate over hidden rows [g | u] (rows, 2 hidden): forward (rows, hidden), or with
+/// `dy` (rows, hidden) the backward (rows, 2 hidden); see activation.rs.
+fn glu(h: &CudaStorage, lh: &Layout, dy: Option<(&CudaStorage, &Layout)>) -> Result<CudaStorage> {
+    let dev = h.device();
+    let two_hidden = *lh.dims().last().unwrap_or(&0);
+    if !two_hidden.is_multiple_of(2) {
+        bail!("SwiGLU: hidden rows of odd width {two_hidden}");
+    }
+    let (rows, hidden) = (lh.shape().elem_count() / two_hidden.max(1), two_hidden / 2);
+    let which = if dy.is_some() { "bwd" } else { "fwd" };
+    let name = format!("glu_{which}_{}", suffix(h.dtype())?);
+    let func = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
+    let (rows64, hidden32) = (rows as u64, hidden as i32);
+    let n = rows * hidden;
+    let cfg = LaunchConfig {
+        grid_dim: (n.div_ceil(1024).min(65535) as u32, 1, 1),
+        block_dim: (1024, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    macro_rules! run {
+        ($t:ty) => {{
+            let hv = view::<$t>(h, lh)?;
+            let y = out::<$t>(dev, if dy.is_some() { 2 * n } else { n })?;
+            let mut b = func.builder();
+            b.arg(&hv);
+            let dyv = dy.map(|(s, l)| view::<$t>(s, l)).transpose()?;
+            if let Some(d) = &dyv {
+                b.arg(d);
+            }
+            b.arg(&y).arg(&rows64).arg(&hidden32);
+            // SAFETY: reads rows x 2 hidden of h (and rows x hidden of dy), writes every
+            // element of y.
+            unsafe { b.launch(cfg) }.w()?;
+            CudaStorage::wrap_cuda_slice(y, dev.clone())
+        }};
+    }
+    Ok(by_dtype!(h.dtype(), run))
+}
+
+/// Gated attention's gate forward (`dout` none) or backward, [dy | dg]; see gate.rs.
+pub fn sigmoid_gate(
+    (y, ly): (&CudaStorage, &Layout),
+    (g, lg): (&CudaStorage, &Layout),
+    dout: Option<(&CudaStorage, &Layout)>,
+    gates: usize,
+    group: usize,
+) -> Result<CudaStorage> {
+    let dev = y.device();
+    let which = if dout.is_some() { "bwd" } else { "fwd" };
+    let name = format!("gate_{which}_{}", suffix(y.dtype())?);
+    let func = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
+    let n = gates * group;
+    // Forward: a thread a value; backward: a thread a gate.
+    let threads = if dout.is_some() { gates } else { n };
+    let cfg = LaunchConfig {
+        grid_dim: (threads.div_ceil(256).min(65535) as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let (gates64, group32) = (gates as u64, group as i32);
+    macro_rules! run {
+        ($t:ty) => {{
+            let (yv, gv) = (view::<$t>(y, ly)?, view::<$t>(g, lg)?);
+            let out = out::<$t>(dev, if dout.is_some() { n + gates } else { n })?;
+            let dv = dout.map(|(s, l)| view::<$t>(s, l)).transpose()?;
+            let mut b = func.builder();
+            b.arg(&yv).arg(&gv);
+            if let Some(d) = &dv {
+                b.arg(d);
+            }
+            b.arg(&out).arg(&gates64).arg(&group32);
+            // SAFETY: reads n of y (and dout) and `gates` of g; writes every element of out.
+            unsafe { b.launch(cfg) }.w()?;
+            CudaStorage::wrap_cuda_slice(out, dev.clone())
+        }};
+    }
+    Ok(by_dtype!(y.dtype(), run))
 }
 
 /// Head preparation forward (`dout` none) or backward; see head.rs.

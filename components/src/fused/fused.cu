@@ -215,20 +215,34 @@ __device__ void rms_norm_bwd_x(const T* x, const float* g, const T* dy, T* dx, i
     }
 }
 
-// dg[j] = sum over rows of dy[., j] xh[., j]. Each warp takes rows in turn and keeps its
-// columns' sums in shared memory; the block adds them to dg (zeroed by the caller) once.
+// dg[j] = sum over rows of dy[., j] xh[., j]. A block takes NORM_G_TILE rows at a time: its
+// warps first put the rows' 1 / rms in shared memory, then each thread adds up its own columns
+// over the tile (coalesced reads, no atomics), keeping the sums in shared memory; the block adds
+// them to dg (zeroed by the caller) once. (An earlier version gave each warp whole rows and had
+// the block's warps meet in shared-memory atomics: a tenth of the bandwidth.)
+#define NORM_G_TILE 32
 template <typename T>
 __device__ void rms_norm_bwd_g(const T* x, const T* dy, float* dg, int rows, int c, float eps) {
-    extern __shared__ float acc[];  // c floats
+    extern __shared__ float acc[];  // c floats, then NORM_G_TILE
+    float* rs = acc + c;
     for (int j = threadIdx.x; j < c; j += blockDim.x) acc[j] = 0.0f;
-    __syncthreads();
-    int warps = blockDim.x / 32;
-    for (int row = blockIdx.x * warps + threadIdx.x / 32; row < rows; row += gridDim.x * warps) {
-        const T* xr = x + (size_t)row * c;
-        const T* dyr = dy + (size_t)row * c;
-        float r = row_rstd(xr, c, eps);
-        for (int j = threadIdx.x % 32; j < c; j += 32)
-            atomicAdd(&acc[j], to_f(dyr[j]) * to_f(xr[j]) * r);
+    int warps = blockDim.x / 32, warp = threadIdx.x / 32;
+    for (int r0 = blockIdx.x * NORM_G_TILE; r0 < rows; r0 += gridDim.x * NORM_G_TILE) {
+        int n = min(NORM_G_TILE, rows - r0);
+        __syncthreads();  // the previous tile's rs are no longer read
+        for (int i = warp; i < n; i += warps) {
+            float r = row_rstd(x + (size_t)(r0 + i) * c, c, eps);
+            if (threadIdx.x % 32 == 0) rs[i] = r;
+        }
+        __syncthreads();
+        for (int j = threadIdx.x; j < c; j += blockDim.x) {
+            float s = 0.0f;
+            for (int i = 0; i < n; ++i) {
+                size_t k = (size_t)(r0 + i) * c + j;
+                s += to_f(dy[k]) * to_f(x[k]) * rs[i];
+            }
+            acc[j] += s;
+        }
     }
     __syncthreads();
     for (int j = threadIdx.x; j < c; j += blockDim.x) atomicAdd(&dg[j], acc[j]);
@@ -305,6 +319,84 @@ __device__ void act_bwd(const T* x, const T* dy, T* dx, size_t n, int kind) {
     }
 
 FOR_DTYPES(ACT_KERNELS)
+
+// SwiGLU's gate on the MLP's hidden rows h = [g | u] (rows, 2 hidden): y = silu(g) u, and its
+// backward dg = dy u silu'(g), du = dy silu(g), with silu'(g) = s (1 + g (1 - s)), s = sigmoid(g).
+__device__ __forceinline__ float sigmoid_f(float x) { return 1.0f / (1.0f + __expf(-x)); }
+
+template <typename T>
+__device__ void glu_fwd(const T* h, T* y, size_t rows, int hidden) {
+    size_t n = rows * hidden;
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (size_t)gridDim.x * blockDim.x) {
+        size_t r = i / hidden, j = i % hidden;
+        float g = to_f(h[r * 2 * hidden + j]), u = to_f(h[r * 2 * hidden + hidden + j]);
+        y[i] = from_f<T>(g * sigmoid_f(g) * u);
+    }
+}
+
+template <typename T>
+__device__ void glu_bwd(const T* h, const T* dy, T* dh, size_t rows, int hidden) {
+    size_t n = rows * hidden;
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (size_t)gridDim.x * blockDim.x) {
+        size_t r = i / hidden, j = i % hidden;
+        size_t gi = r * 2 * hidden + j;
+        float g = to_f(h[gi]), u = to_f(h[gi + hidden]), d = to_f(dy[i]);
+        float s = sigmoid_f(g);
+        dh[gi] = from_f<T>(d * u * s * (1.0f + g * (1.0f - s)));
+        dh[gi + hidden] = from_f<T>(d * g * s);
+    }
+}
+
+#define GLU_KERNELS(NAME, T)                                                                  \
+    extern "C" __global__ void glu_fwd_##NAME(const T* h, T* y, size_t rows, int hidden) {     \
+        glu_fwd<T>(h, y, rows, hidden);                                                       \
+    }                                                                                         \
+    extern "C" __global__ void glu_bwd_##NAME(const T* h, const T* dy, T* dh, size_t rows,     \
+                                              int hidden) {                                   \
+        glu_bwd<T>(h, dy, dh, rows, hidden);                                                  \
+    }
+
+FOR_DTYPES(GLU_KERNELS)
+
+// Gated attention's gate: out = y sigmoid(g[i / group]); backward, one thread per gate,
+// dy = dout s and dg = s (1 - s) sum over its values of dout y, written after dy in `out`.
+template <typename T>
+__device__ void gate_fwd(const T* y, const T* g, T* out, size_t gates, int group) {
+    size_t n = gates * group;
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (size_t)gridDim.x * blockDim.x)
+        out[i] = from_f<T>(to_f(y[i]) * sigmoid_f(to_f(g[i / group])));
+}
+
+template <typename T>
+__device__ void gate_bwd(const T* y, const T* g, const T* d, T* out, size_t gates, int group) {
+    T* dg = out + gates * group;
+    for (size_t k = (size_t)blockIdx.x * blockDim.x + threadIdx.x; k < gates;
+         k += (size_t)gridDim.x * blockDim.x) {
+        float s = sigmoid_f(to_f(g[k])), acc = 0.0f;
+        for (int e = 0; e < group; ++e) {
+            size_t i = k * group + e;
+            float dv = to_f(d[i]);
+            out[i] = from_f<T>(dv * s);
+            acc += dv * to_f(y[i]);
+        }
+        dg[k] = from_f<T>(acc * s * (1.0f - s));
+    }
+}
+
+#define GATE_KERNELS(NAME, T)                                                                 \
+    extern "C" __global__ void gate_fwd_##NAME(const T* y, const T* g, T* out, size_t gates,   \
+                                               int group) {                                   \
+        gate_fwd<T>(y, g, out, gates, group);                                                 \
+    }                                                                                         \
+    extern "C" __global__ void gate_bwd_##NAME(const T* y, const T* g, const T* d, T* out,     \
+                                               size_t gates, int group) {                     \
+        gate_bwd<T>(y, g, d, out, gates, group);                                              \
+    }
+
+FOR_DTYPES(GATE_KERNELS)
 
 // Attention head preparation: a projection's output (B, T, n hd) becomes heads (B, n, T, hd),
 // each RMS-normalized (when `norm`) and rotated by RoPE with the tables rot = (cos, sin), each
@@ -471,19 +563,24 @@ __device__ void postmix_fwd(const T* s, const float* coef, const T* out, T* y, i
     }
 }
 
-// From dy (n, c): ds[i][c] = sum_j res[j][i] dy[j][c] and dout[c] = sum_j post[j] dy[j][c],
-// written as rows 0..n and n of g (n + 1, c).
+// From dy (n, c): ds[i][c] = sum_j res[j][i] dy[j][c] and dout[c] = sum_j post[j] dy[j][c].
+// g holds every token's ds (tokens, n, c) and then every token's dout (tokens, c), so that
+// both are contiguous pieces of it (one block a token: tokens = gridDim.x).
 template <typename T>
 __device__ void postmix_bwd_g(const float* coef, const T* dy, T* g, int n, int c) {
     size_t tok = blockIdx.x;
     const float* k = coef + tok * n * (n + 1);
+    T* dout = g + (size_t)gridDim.x * n * c;
     for (int ch = threadIdx.x; ch < c; ch += blockDim.x) {
         float d[MAXN];
         for (int j = 0; j < n; j++) d[j] = to_f(dy[(tok * n + j) * c + ch]);
         for (int i = 0; i <= n; i++) {
             float acc = 0.0f;
             for (int j = 0; j < n; j++) acc += k[j * (n + 1) + i] * d[j];
-            g[(tok * (n + 1) + i) * c + ch] = from_f<T>(acc);
+            if (i < n)
+                g[(tok * n + i) * c + ch] = from_f<T>(acc);
+            else
+                dout[tok * c + ch] = from_f<T>(acc);
         }
     }
 }

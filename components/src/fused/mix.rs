@@ -28,7 +28,9 @@ pub enum MixBwd {
     PreState,
     /// (state, dh) -> dpre (f32).
     PrePre,
-    /// (coef, dy) -> [dstate ; dout] (.., n + 1, C).
+    /// (coef, dy) -> [dstate | dout], flat: every token's dstate (.., n, C), then every
+    /// token's dout (.., C), so that each is a contiguous piece (a strided view's gradient
+    /// costs candle's gradient store a strided add, five times a contiguous one here).
     PostStateOut,
     /// (state, out, dy) -> dcoef (.., n, n + 1) f32.
     PostCoef,
@@ -186,12 +188,10 @@ impl CustomOp3 for PostMix {
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let dy = dy.contiguous()?;
-        let n = coef.dim(candle_core::D::Minus2)?;
         let g = coef.apply_op2_no_bwd(&dy, &MixBwd::PostStateOut)?;
-        let ds = g.narrow(candle_core::D::Minus2, 0, n)?;
-        let dout = g
-            .narrow(candle_core::D::Minus2, n, 1)?
-            .squeeze(candle_core::D::Minus2)?;
+        let split = s.elem_count();
+        let ds = g.narrow(0, 0, split)?.reshape(s.shape())?;
+        let dout = g.narrow(0, split, out.elem_count())?.reshape(out.shape())?;
         let dcoef = s.apply_op3_no_bwd(out, &dy, &MixBwd::PostCoef)?;
         Ok((Some(ds), Some(dcoef), Some(dout)))
     }
@@ -267,17 +267,21 @@ impl CustomOp2 for MixBwd {
             MixBwd::PostStateOut => {
                 let m = n + 1;
                 let mut g = vec![0f32; tokens * m * c];
+                let (ds, dout) = g.split_at_mut(tokens * n * c);
                 for t in 0..tokens {
                     for i in 0..m {
+                        let row = match i < n {
+                            true => &mut ds[(t * n + i) * c..][..c],
+                            false => &mut dout[t * c..][..c],
+                        };
                         for j in 0..n {
                             for ch in 0..c {
-                                g[(t * m + i) * c + ch] +=
-                                    a[(t * n + j) * m + i] * d[(t * n + j) * c + ch];
+                                row[ch] += a[(t * n + j) * m + i] * d[(t * n + j) * c + ch];
                             }
                         }
                     }
                 }
-                (cpu_storage(g, dtype), with_last(l2, 2, &[m, c]))
+                (cpu_storage(g, dtype), Shape::from(tokens * m * c))
             }
             MixBwd::PostCoef => bail!("post-mix coefficients' gradient takes three inputs"),
         })
@@ -321,7 +325,7 @@ impl CustomOp2 for MixBwd {
                     n,
                     c,
                 )?;
-                (out, with_last(l2, 2, &[n + 1, c]))
+                (out, Shape::from(tokens * (n + 1) * c))
             }
             MixBwd::PostCoef => bail!("post-mix coefficients' gradient takes three inputs"),
         })

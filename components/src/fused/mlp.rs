@@ -1,22 +1,29 @@
-//! The two-matrix MLP down(act(up x)) as one op. Its hidden activations, four times the
-//! width of the model, are temporaries of the op: the backward pass recomputes them (one
-//! GEMM and the activation) instead of keeping them, and neither they nor the rows around them
-//! become nodes of candle's autograd graph, whose every gradient is zero-filled and added.
+//! The MLP down(act(up x)) as one op, two-matrix or gated (SwiGLU: down(silu(g x) (u x)),
+//! with the gate's and the up projection's weights stacked as one (2 H, C) matrix so that both
+//! are one GEMM). Its hidden activations, several times the width of the model, are
+//! temporaries of the op: the backward pass recomputes them (one GEMM and the activation)
+//! instead of keeping them, and neither they nor the rows around them become nodes of candle's
+//! autograd graph, whose every gradient is zero-filled and added. The weights come in as the
+//! f32 masters and are cast inside, so neither their casts nor the transposes a composite
+//! linear layer makes join the graph either (see linear.rs).
 
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tensor};
 
+use super::linear::{as_dtype, like};
 use super::{Activation, ActivationBwd, Kind};
 
-/// (x (.., C), w_up (H, C), w_down (C, H)), all in the compute dtype -> (.., C).
+/// (x (.., C), w_up (H, C) or, gated, (2 H, C), w_down (C, H)) -> (.., C) in x's dtype; the
+/// weights in any float dtype (their gradients come back in it).
 #[derive(Clone, Copy, Debug)]
 pub struct FusedMlp(pub Kind);
 
 /// (rows, c, hidden), checked.
-fn dims(lx: &Layout, lu: &Layout, ld: &Layout) -> Result<(usize, usize, usize)> {
+fn dims(lx: &Layout, lu: &Layout, ld: &Layout, gated: bool) -> Result<(usize, usize, usize)> {
     let c = *lx.dims().last().unwrap_or(&0);
-    let (hidden, cu) = lu.shape().dims2()?;
-    if c == 0 || cu != c || ld.dims() != [c, hidden] {
+    let (up_rows, cu) = lu.shape().dims2()?;
+    let hidden = if gated { up_rows / 2 } else { up_rows };
+    if c == 0 || cu != c || ld.dims() != [c, hidden] || (gated && up_rows % 2 != 0) {
         bail!(
             "fused MLP: x {:?}, up {:?}, down {:?} do not fit",
             lx.dims(),
@@ -32,14 +39,19 @@ fn forward<S: BackendStorage>(
     (x, lx): (&S, &Layout),
     (up, lu): (&S, &Layout),
     (down, ld): (&S, &Layout),
+    gated: bool,
     act: impl Fn(&S, &Layout) -> Result<S>,
 ) -> Result<S> {
-    let (rows, c, hidden) = dims(lx, lu, ld)?;
+    let (rows, c, hidden) = dims(lx, lu, ld, gated)?;
+    let up_rows = lu.dims()[0];
+    let (mut up_cast, mut down_cast) = (None, None);
+    let (up, lu) = as_dtype(up, lu, x.dtype(), &mut up_cast)?;
+    let (down, ld) = as_dtype(down, ld, x.dtype(), &mut down_cast)?;
     let lx2 = Layout::contiguous_with_offset((rows, c), lx.start_offset());
-    let h = x.matmul(up, (1, rows, hidden, c), &lx2, &lu.transpose(0, 1)?)?;
-    let lh = Layout::contiguous((rows, hidden));
-    let a = act(&h, &lh)?;
-    a.matmul(down, (1, rows, c, hidden), &lh, &ld.transpose(0, 1)?)
+    let h = x.matmul(up, (1, rows, up_rows, c), &lx2, &lu.transpose(0, 1)?)?;
+    let a = act(&h, &Layout::contiguous((rows, up_rows)))?;
+    let la = Layout::contiguous((rows, hidden));
+    a.matmul(down, (1, rows, c, hidden), &la, &ld.transpose(0, 1)?)
 }
 
 impl CustomOp3 for FusedMlp {
@@ -57,7 +69,7 @@ impl CustomOp3 for FusedMlp {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let act = Activation(self.0);
-        let y = forward((s1, l1), (s2, l2), (s3, l3), |s, l| {
+        let y = forward((s1, l1), (s2, l2), (s3, l3), self.0.gated(), |s, l| {
             Ok(act.cpu_fwd(s, l)?.0)
         })?;
         Ok((y, l1.shape().clone()))
@@ -74,7 +86,7 @@ impl CustomOp3 for FusedMlp {
         l3: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         let kind = self.0 as i32;
-        let y = forward((s1, l1), (s2, l2), (s3, l3), |s, l| {
+        let y = forward((s1, l1), (s2, l2), (s3, l3), self.0.gated(), |s, l| {
             super::cuda::activation(s, l, None, kind)
         })?;
         Ok((y, l1.shape().clone()))
@@ -89,17 +101,17 @@ impl CustomOp3 for FusedMlp {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         // Detached: nothing computed here joins the autograd graph.
-        let (up, down) = (up.detach(), down.detach());
+        let (up16, down16) = (like(up, x)?, like(down, x)?);
         let c = up.dim(1)?;
         let x2 = x.detach().reshape(((), c))?;
         let dy = grad.detach().reshape(((), c))?;
-        let h = x2.matmul(&up.t()?)?;
+        let h = x2.matmul(&up16.t()?)?;
         let a = h.apply_op1_no_bwd(&Activation(self.0))?;
-        let d_down = dy.t()?.matmul(&a)?;
-        let da = dy.matmul(&down)?;
+        let d_down = dy.t()?.matmul(&a)?.to_dtype(down.dtype())?;
+        let da = dy.matmul(&down16)?;
         let dh = h.apply_op2_no_bwd(&da, &ActivationBwd(self.0))?;
         let d_up = dh.t()?.matmul(&x2)?;
-        let dx = dh.matmul(&up)?.reshape(x.shape())?;
-        Ok((Some(dx), Some(d_up), Some(d_down)))
+        let dx = dh.matmul(&up16)?.reshape(x.shape())?;
+        Ok((Some(dx), Some(d_up.to_dtype(up.dtype())?), Some(d_down)))
     }
 }

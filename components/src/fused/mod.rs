@@ -10,7 +10,11 @@
 //! - RMSNorm (norm.rs), four a layer, each eight kernels forward as a composite;
 //! - the embedding's backward (embedding.rs), which candle runs in a single thread block;
 //! - the MLP activations (activation.rs), GELU's backward ten kernels as a composite, and
-//!   the whole two-matrix MLP (mlp.rs), its hidden activations recomputed in backward;
+//!   the whole MLP, two-matrix or SwiGLU (mlp.rs), its hidden activations recomputed in
+//!   backward;
+//! - gated attention's gate y sigmoid(g) (gate.rs), some twenty kernels as a composite;
+//! - linear layers (linear.rs), whose f32 weights' casts and transposes would otherwise be
+//!   nodes whose gradients are zero-filled and added, one of them through a strided view;
 //! - attention heads' layout, QK-norm and RoPE (head.rs), some twenty kernels as composites;
 //! - the attention core (attention.rs), whose (B, H, T, T) temporaries it keeps out of the
 //!   gradient store and out of memory between the passes; in bf16 with heads of 64 or 128, flash
@@ -34,8 +38,10 @@ mod attention;
 mod cuda;
 mod embedding;
 mod flash;
+mod gate;
 mod head;
 mod head_loss;
+mod linear;
 mod mix;
 mod mlp;
 mod norm;
@@ -47,8 +53,10 @@ pub use adam::{AdamPart, AdamUpdate};
 pub use attention::CausalAttention;
 pub use embedding::{Embedding, EmbeddingBwd};
 pub use flash::{FlashAttention, FLASH_HEAD_DIMS};
+pub use gate::{SigmoidGate, SigmoidGateBwd};
 pub use head::{HeadPrep, HeadPrepBwd};
 pub use head_loss::linear_cross_entropy_sum;
+pub use linear::FusedLinear;
 pub use mix::{MixBwd, PostMix, PreMix, MAX_STREAMS};
 pub use mlp::FusedMlp;
 pub use norm::{RmsNormBwdG, RmsNormBwdX, RmsNormGain, RmsNormPlain};
@@ -132,7 +140,8 @@ pub(crate) fn cuda_tensor(s: candle_core::CudaStorage, shape: impl Into<Shape>) 
     Tensor::from_storage(Storage::Cuda(s), shape, BackpropOp::none(), false)
 }
 
-/// An MLP activation: one kernel each way on CUDA, candle's ops on the CPU.
+/// An MLP activation: one kernel each way on CUDA, candle's ops on the CPU. SwiGLU takes
+/// hidden rows [g | u] and returns silu(g) u, half as wide.
 pub fn activation(x: &Tensor, kind: Kind) -> Result<Tensor> {
     if x.device().is_cuda() {
         return x.contiguous()?.apply_op1(Activation(kind));
@@ -140,6 +149,10 @@ pub fn activation(x: &Tensor, kind: Kind) -> Result<Tensor> {
     match kind {
         Kind::GeluErf => x.gelu_erf(),
         Kind::Relu2 => x.relu()?.sqr(),
+        Kind::SwiGlu => {
+            let hidden = x.dim(D::Minus1)? / 2;
+            x.narrow(D::Minus1, 0, hidden)?.silu()? * x.narrow(D::Minus1, hidden, hidden)?
+        }
     }
 }
 
