@@ -660,6 +660,147 @@ pub fn adam_update(
     Ok(())
 }
 
+/// Blocks for the stack kernels of muon_step.rs: (blocks a matrix, k), 1024 threads.
+fn stack_config(k: usize, per: usize) -> LaunchConfig {
+    let per_matrix = per.div_ceil(1024).min((2112 / k.max(1)).max(4));
+    LaunchConfig {
+        grid_dim: (per_matrix as u32, k as u32, 1),
+        block_dim: (1024, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// [m' | ss] of Muon's momentum over a stack of k matrices of `per` values; see muon_step.rs.
+pub fn muon_momentum(
+    (m, lm): (&CudaStorage, &Layout),
+    (g, lg): (&CudaStorage, &Layout),
+    k: usize,
+    per: usize,
+    beta: f32,
+    nesterov: bool,
+) -> Result<CudaStorage> {
+    let dev = m.device();
+    let func = dev.get_or_load_custom_func("muon_momentum", MODULE, PTX)?;
+    // Zeroed: the norms' tail is summed into by every block.
+    let out = dev.alloc_zeros::<f32>(k * per + k)?;
+    let (mv, gv) = (view::<f32>(m, lm)?, view::<f32>(g, lg)?);
+    let (per64, nest) = (per as u64, nesterov as i32);
+    let mut b = func.builder();
+    b.arg(&mv)
+        .arg(&gv)
+        .arg(&out)
+        .arg(&per64)
+        .arg(&beta)
+        .arg(&nest);
+    // SAFETY: block (i, j) reads and writes its share of matrix j and adds into out[k per + j].
+    unsafe { b.launch(stack_config(k, per)) }.w()?;
+    Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
+}
+
+/// Newton-Schulz's normalized input in `dtype` from [m' | ss]; see muon_step.rs.
+pub fn muon_scale(
+    (m, lm): (&CudaStorage, &Layout),
+    (g, lg): (&CudaStorage, &Layout),
+    (ss, lss): (&CudaStorage, &Layout),
+    (k, per): (usize, usize),
+    (beta, nesterov): (f32, bool),
+    dtype: DType,
+) -> Result<CudaStorage> {
+    let dev = m.device();
+    let func =
+        dev.get_or_load_custom_func(&format!("muon_scale_{}", suffix(dtype)?), MODULE, PTX)?;
+    let (mv, gv, sv) = (
+        view::<f32>(m, lm)?,
+        view::<f32>(g, lg)?,
+        view::<f32>(ss, lss)?,
+    );
+    let (per64, nest) = (per as u64, nesterov as i32);
+    macro_rules! run {
+        ($t:ty) => {{
+            let x = out::<$t>(dev, k * per)?;
+            let mut b = func.builder();
+            b.arg(&mv)
+                .arg(&gv)
+                .arg(&sv)
+                .arg(&x)
+                .arg(&per64)
+                .arg(&beta)
+                .arg(&nest);
+            // SAFETY: reads k per of m' and g and k norms, writes every element of x.
+            unsafe { b.launch(stack_config(k, per)) }.w()?;
+            CudaStorage::wrap_cuda_slice(x, dev.clone())
+        }};
+    }
+    Ok(by_dtype!(dtype, run))
+}
+
+/// Row sums of squares (rows) f32 of o (rows, cols); see muon_step.rs.
+pub fn row_sumsq(o: &CudaStorage, lo: &Layout, rows: usize, cols: usize) -> Result<CudaStorage> {
+    let dev = o.device();
+    let func =
+        dev.get_or_load_custom_func(&format!("row_sumsq_{}", suffix(o.dtype())?), MODULE, PTX)?;
+    let rs = out::<f32>(dev, rows)?;
+    let (rows64, cols32) = (rows as u64, cols as i32);
+    let cfg = LaunchConfig {
+        grid_dim: (rows.div_ceil(WARPS) as u32, 1, 1),
+        block_dim: (32 * WARPS as u32, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    macro_rules! run {
+        ($t:ty) => {{
+            let ov = view::<$t>(o, lo)?;
+            let mut b = func.builder();
+            b.arg(&ov).arg(&rs).arg(&rows64).arg(&cols32);
+            // SAFETY: a warp a row reads its row and writes its sum.
+            unsafe { b.launch(cfg) }.w()?;
+        }};
+    }
+    by_dtype!(o.dtype(), run);
+    Ok(CudaStorage::wrap_cuda_slice(rs, dev.clone()))
+}
+
+/// w = decay w - f[row] o in place; see muon_step.rs.
+pub fn muon_apply(
+    w: &mut CudaStorage,
+    lw: &Layout,
+    (o, lo): (&CudaStorage, &Layout),
+    (f, lf): (&CudaStorage, &Layout),
+    cols: usize,
+    decay: f32,
+) -> Result<()> {
+    let dev = w.device().clone();
+    let func =
+        dev.get_or_load_custom_func(&format!("muon_apply_{}", suffix(o.dtype())?), MODULE, PTX)?;
+    let n = lw.shape().elem_count();
+    let Some((start, end)) = lw.contiguous_offsets() else {
+        bail!("muon update: the weight must be contiguous");
+    };
+    let fv = view::<f32>(f, lf)?;
+    let (n64, cols32) = (n as u64, cols as i32);
+    let cfg = LaunchConfig {
+        grid_dim: (n.div_ceil(1024).min(4096) as u32, 1, 1),
+        block_dim: (1024, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    macro_rules! run {
+        ($t:ty) => {{
+            let ov = view::<$t>(o, lo)?;
+            let mut d = w.as_cuda_slice_mut::<f32>()?.slice_mut(start..end);
+            let mut b = func.builder();
+            b.arg(&mut d)
+                .arg(&ov)
+                .arg(&fv)
+                .arg(&n64)
+                .arg(&cols32)
+                .arg(&decay);
+            // SAFETY: reads n of o and n / cols factors, updates n of w in place.
+            unsafe { b.launch(cfg) }.w()?;
+        }};
+    }
+    by_dtype!(o.dtype(), run);
+    Ok(())
+}
+
 const FLASH_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/flash.ptx"));
 const FLASH: &str = "sweep_flash";
 
@@ -892,11 +1033,21 @@ pub fn sum_squares(parts: &[(&CudaStorage, &Layout)]) -> Result<CudaStorage> {
     Ok(CudaStorage::wrap_cuda_slice(total, dev.clone()))
 }
 
+/// Threads of a normed-projection block: a token each forward, a column of K backward.
+const NP_THREADS: usize = 256;
+
 /// Blocks of partial products over K for [`norm_proj_fwd`]: enough for every
-/// multiprocessor to hold a few, never more than K has slices.
+/// multiprocessor to hold a few, never more than K has tiles of 32.
 fn norm_proj_ksplit(n: usize, k: usize) -> usize {
-    let token_blocks = n.div_ceil(32);
-    (1056 / token_blocks.max(1)).clamp(1, k.div_ceil(64))
+    let token_blocks = n.div_ceil(NP_THREADS);
+    (528 / token_blocks.max(1)).clamp(1, k.div_ceil(32))
+}
+
+/// The name of the normed projection's kernel `stem` for `m` outputs: sums of 24 or of 64 in
+/// registers.
+fn norm_proj_kernel(stem: &str, m: usize, dtype: DType) -> Result<String> {
+    let width = if m <= 24 { 24 } else { 64 };
+    Ok(format!("{stem}_m{width}_{}", suffix(dtype)?))
 }
 
 /// z_ext (n, m + 1) f32 of mHC's normed projection; see norm_proj.rs.
@@ -913,7 +1064,7 @@ pub fn norm_proj_fwd(
 ) -> Result<CudaStorage> {
     let dev = x.device();
     let part_fn = dev.get_or_load_custom_func(
-        &format!("norm_proj_part_{}", suffix(x.dtype())?),
+        &norm_proj_kernel("norm_proj_part", m, x.dtype())?,
         MODULE,
         PTX,
     )?;
@@ -934,11 +1085,11 @@ pub fn norm_proj_fwd(
                 .arg(&m32)
                 .arg(&s32);
             let cfg = LaunchConfig {
-                grid_dim: (n.div_ceil(32) as u32, ksplit as u32, 1),
-                block_dim: (256, 1, 1),
+                grid_dim: (n.div_ceil(NP_THREADS) as u32, ksplit as u32, 1),
+                block_dim: (NP_THREADS as u32, 1, 1),
                 shared_mem_bytes: 0,
             };
-            // SAFETY: block (i, s) reads tokens 32 i.. of x over its K slice and phi's rows
+            // SAFETY: block (i, s) reads tokens 256 i.. of x over its K slice and phi's rows
             // of that slice, and writes those tokens' partials of split s: every partial is
             // written once.
             unsafe { b.launch(cfg) }.w()?;
@@ -974,15 +1125,19 @@ pub fn norm_proj_bwd_x(
 ) -> Result<CudaStorage> {
     let dev = x.device();
     let func = dev.get_or_load_custom_func(
-        &format!("norm_proj_bwd_x_{}", suffix(x.dtype())?),
+        &norm_proj_kernel("norm_proj_bwd_x", m, x.dtype())?,
         MODULE,
         PTX,
     )?;
     let (p, d) = (view::<f32>(phi, lphi)?, view::<f32>(dzz, ldzz)?);
     let (n32, k32, m32) = (n as i32, k as i32, m as i32);
+    // Column blocks times enough token strides for a few blocks a multiprocessor; each block
+    // loads its phi rows once for all its tiles of 64 tokens.
+    let column_blocks = k.div_ceil(NP_THREADS);
+    let strides = n.div_ceil(64).min((1056 / column_blocks).max(1));
     let cfg = LaunchConfig {
-        grid_dim: (n.div_ceil(32) as u32, k.div_ceil(64) as u32, 1),
-        block_dim: (256, 1, 1),
+        grid_dim: (column_blocks as u32, strides as u32, 1),
+        block_dim: (NP_THREADS as u32, 1, 1),
         shared_mem_bytes: 0,
     };
     macro_rules! run {
@@ -997,7 +1152,8 @@ pub fn norm_proj_bwd_x(
                 .arg(&n32)
                 .arg(&k32)
                 .arg(&m32);
-            // SAFETY: block (i, j) writes dx of tokens 32 i.. at columns 64 j.., once each.
+            // SAFETY: block (i, j) writes dx at columns 256 i.. of the token tiles j, j +
+            // strides, ..: every element once.
             unsafe { b.launch(cfg) }.w()?;
             CudaStorage::wrap_cuda_slice(dx, dev.clone())
         }};
@@ -1017,18 +1173,20 @@ pub fn norm_proj_bwd_phi(
 ) -> Result<CudaStorage> {
     let dev = x.device();
     let func = dev.get_or_load_custom_func(
-        &format!("norm_proj_bwd_phi_{}", suffix(x.dtype())?),
+        &norm_proj_kernel("norm_proj_bwd_phi", m, x.dtype())?,
         MODULE,
         PTX,
     )?;
     let d = view::<f32>(dzz, ldzz)?;
     let dphi = dev.alloc_zeros::<f32>(k * m)?;
-    // Token slices of at least 256, so each block's atomic adds are few beside its sums.
-    let tsplit = n.div_ceil(256).clamp(1, 16);
+    // Token slices for a few blocks a multiprocessor, each at least a tile of 64 tokens so
+    // that a block's atomic adds are few beside its sums.
+    let column_blocks = k.div_ceil(NP_THREADS);
+    let tsplit = (528 / column_blocks).clamp(1, n.div_ceil(64));
     let (n32, k32, m32, t32) = (n as i32, k as i32, m as i32, tsplit as i32);
     let cfg = LaunchConfig {
-        grid_dim: (k.div_ceil(64) as u32, tsplit as u32, 1),
-        block_dim: (256, 1, 1),
+        grid_dim: (column_blocks as u32, tsplit as u32, 1),
+        block_dim: (NP_THREADS as u32, 1, 1),
         shared_mem_bytes: 0,
     };
     macro_rules! run {
@@ -1042,7 +1200,7 @@ pub fn norm_proj_bwd_phi(
                 .arg(&k32)
                 .arg(&m32)
                 .arg(&t32);
-            // SAFETY: block (i, s) reads columns 64 i.. of x for its token slice and adds
+            // SAFETY: block (i, s) reads columns 256 i.. of x for its token slice and adds
             // into those rows of the zeroed dphi.
             unsafe { b.launch(cfg) }.w()?;
         }};

@@ -784,53 +784,67 @@ extern "C" __global__ void sum_f32(const float* x, float* out, int n) {
 // in `ksplit` parts, then `norm_proj_sum` adds them and scales: z_ext (N, M + 1), r last.
 // Backward from dzz (N, 2 (M + 1)) = [dz_ext | z_ext]: dx = r (dz phi^T) - x r^2 s / K with
 // s = sum_j dz_j z_j, and dphi = sum over tokens of (r dz) x.
-#define NP_TOK 32
-#define NP_KC 64
+//
+// All three are products with M (24 for 4 streams) on one side, too narrow for the tensor
+// cores, so they run on the CUDA cores with every thread owning a token (forward) or a column
+// of K (backward) and keeping its M sums in registers: the M-wide operand is read from shared
+// memory as float4 broadcasts, four multiply-adds a load. (A first version split M over
+// threads and read one shared value per multiply-add: five to eight times slower.) M4 = M / 4
+// rounded up is a template parameter, 6 (M <= 24) or 16 (M <= 64), so that the sums are
+// registers; operands are zero past M.
 #define NP_MAXM 64
+#define NP_THREADS 256  // a block: a token (forward) or a column of K (backward) per thread
+#define NP_KC 32        // columns of K in a forward tile
+#define NP_TT 64        // tokens in a backward tile
 
-template <typename T>
+template <typename T, int M4>
 __device__ void norm_proj_part(const T* x, const float* phi, float* part, int n, int k, int m,
                                int ksplit) {
-    __shared__ float xs[NP_TOK][NP_KC + 1];  // padded: a warp reads 4 rows at one column
-    __shared__ float ps[NP_KC][NP_MAXM];
-    int tid = threadIdx.x;  // 256 threads: 8 per token, each a column of every 8
-    int t0 = blockIdx.x * NP_TOK;
+    __shared__ float xs[NP_THREADS][NP_KC + 1];  // padded: thread t reads row t, column cc
+    __shared__ __align__(16) float ps[NP_KC][4 * M4];
+    int tid = threadIdx.x;
+    int t0 = blockIdx.x * NP_THREADS;
     int span = ((k + ksplit - 1) / ksplit + NP_KC - 1) / NP_KC * NP_KC;
     int kb = blockIdx.y * span, ke = min(k, kb + span);
-    int tq = tid >> 3, q = tid & 7;
-    float acc[NP_MAXM / 8];
+    float acc[4 * M4];
 #pragma unroll
-    for (int i = 0; i < NP_MAXM / 8; i++) acc[i] = 0.0f;
-    float ss = 0.0f;  // threads < NP_TOK: the sum of squares of token t0 + tid
+    for (int j = 0; j < 4 * M4; j++) acc[j] = 0.0f;
+    float ss = 0.0f;
     for (int c0 = kb; c0 < ke; c0 += NP_KC) {
         int kc = min(NP_KC, ke - c0);
-        for (int e = tid; e < NP_TOK * NP_KC; e += 256) {
+        // Consecutive threads read consecutive columns of a token's row.
+        for (int e = tid; e < NP_THREADS * NP_KC; e += NP_THREADS) {
             int r = e / NP_KC, cc = e % NP_KC, t = t0 + r;
             xs[r][cc] = (t < n && cc < kc) ? to_f(x[(size_t)t * k + c0 + cc]) : 0.0f;
         }
-        for (int e = tid; e < NP_KC * m; e += 256) {
-            int r = e / m, j = e % m;
-            ps[r][j] = r < kc ? phi[(size_t)(c0 + r) * m + j] : 0.0f;
+        for (int e = tid; e < NP_KC * 4 * M4; e += NP_THREADS) {
+            int r = e / (4 * M4), j = e % (4 * M4);
+            ps[r][j] = (r < kc && j < m) ? phi[(size_t)(c0 + r) * m + j] : 0.0f;
         }
         __syncthreads();
-        if (tid < NP_TOK)
-            for (int cc = 0; cc < kc; cc++) ss += xs[tid][cc] * xs[tid][cc];
         for (int cc = 0; cc < kc; cc++) {
-            float xv = xs[tq][cc];
+            float xv = xs[tid][cc];
+            ss += xv * xv;
+            const float4* p4 = reinterpret_cast<const float4*>(ps[cc]);
 #pragma unroll
-            for (int i = 0; i < NP_MAXM / 8; i++)
-                if (q + 8 * i < m) acc[i] += xv * ps[cc][q + 8 * i];
+            for (int j4 = 0; j4 < M4; j4++) {
+                float4 p = p4[j4];
+                acc[4 * j4] += xv * p.x;
+                acc[4 * j4 + 1] += xv * p.y;
+                acc[4 * j4 + 2] += xv * p.z;
+                acc[4 * j4 + 3] += xv * p.w;
+            }
         }
         __syncthreads();
     }
-    float* out = part + (size_t)blockIdx.y * n * (m + 1);
-    int t = t0 + tq;
+    int t = t0 + tid;
     if (t < n) {
+        float* out = part + ((size_t)blockIdx.y * n + t) * (m + 1);
 #pragma unroll
-        for (int i = 0; i < NP_MAXM / 8; i++)
-            if (q + 8 * i < m) out[(size_t)t * (m + 1) + q + 8 * i] = acc[i];
+        for (int j = 0; j < 4 * M4; j++)
+            if (j < m) out[j] = acc[j];
+        out[m] = ss;
     }
-    if (tid < NP_TOK && t0 + tid < n) out[(size_t)(t0 + tid) * (m + 1) + m] = ss;
 }
 
 extern "C" __global__ void norm_proj_sum(const float* part, float* z, int n, int k, int m,
@@ -849,109 +863,185 @@ extern "C" __global__ void norm_proj_sum(const float* part, float* z, int n, int
     z[i] = j < m ? v * r : r;
 }
 
-template <typename T>
+// Thread c of block (i, .) owns column c = NP_THREADS i + c of K and phi's row c (registers);
+// the block walks tiles of NP_TT tokens, blockIdx.y, blockIdx.y + gridDim.y, ...
+template <typename T, int M4>
 __device__ void norm_proj_bwd_x(const T* x, const float* phi, const float* dzz, T* dx, int n,
                                 int k, int m) {
-    __shared__ float dz[NP_TOK][NP_MAXM];
-    __shared__ float coef[NP_TOK][2];  // r, -r^2 s / K
+    __shared__ __align__(16) float dz[NP_TT][4 * M4];
+    __shared__ float coef[NP_TT][2];  // r, -r^2 s / K
     int tid = threadIdx.x;
-    int t0 = blockIdx.x * NP_TOK;
+    int c = blockIdx.x * NP_THREADS + tid;
     int w = 2 * (m + 1);
-    for (int e = tid; e < NP_TOK * m; e += 256) {
-        int r = e / m, j = e % m, t = t0 + r;
-        dz[r][j] = t < n ? dzz[(size_t)t * w + j] : 0.0f;
-    }
-    if (tid < NP_TOK) {
-        int t = t0 + tid;
-        float r = 0.0f, s = 0.0f;
-        if (t < n) {
-            const float* row = dzz + (size_t)t * w;
-            r = row[2 * m + 1];
-            for (int j = 0; j < m; j++) s += row[j] * row[m + 1 + j];
+    float p[4 * M4];
+#pragma unroll
+    for (int j = 0; j < 4 * M4; j++) p[j] = (c < k && j < m) ? phi[(size_t)c * m + j] : 0.0f;
+    for (int t0 = blockIdx.y * NP_TT; t0 < n; t0 += gridDim.y * NP_TT) {
+        __syncthreads();  // the previous tile is no longer read
+        for (int e = tid; e < NP_TT * 4 * M4; e += NP_THREADS) {
+            int r = e / (4 * M4), j = e % (4 * M4), t = t0 + r;
+            dz[r][j] = (t < n && j < m) ? dzz[(size_t)t * w + j] : 0.0f;
         }
-        coef[tid][0] = r;
-        coef[tid][1] = -r * r * s / k;
-    }
-    __syncthreads();
-    int c = blockIdx.y * 64 + (tid & 63);
-    if (c >= k) return;
-    int tg = tid >> 6;  // tokens tg, tg + 4, ...
-    float acc[NP_TOK / 4];
-#pragma unroll
-    for (int i = 0; i < NP_TOK / 4; i++) acc[i] = 0.0f;
-    for (int j0 = 0; j0 < m; j0 += 8) {
-        float p[8];
-#pragma unroll
-        for (int jj = 0; jj < 8; jj++) p[jj] = j0 + jj < m ? phi[(size_t)c * m + j0 + jj] : 0.0f;
-#pragma unroll
-        for (int i = 0; i < NP_TOK / 4; i++) {
-            int r = tg + 4 * i;
-#pragma unroll
-            for (int jj = 0; jj < 8; jj++)
-                if (j0 + jj < m) acc[i] += dz[r][j0 + jj] * p[jj];
+        if (tid < NP_TT) {
+            int t = t0 + tid;
+            float r = 0.0f, s = 0.0f;
+            if (t < n) {
+                const float* row = dzz + (size_t)t * w;
+                r = row[2 * m + 1];
+                for (int j = 0; j < m; j++) s += row[j] * row[m + 1 + j];
+            }
+            coef[tid][0] = r;
+            coef[tid][1] = -r * r * s / k;
         }
-    }
+        __syncthreads();
+        if (c >= k) continue;
+        int nt = min(NP_TT, n - t0);
+        for (int i = 0; i < nt; i++) {
+            const float4* d4 = reinterpret_cast<const float4*>(dz[i]);
+            float acc = 0.0f;
 #pragma unroll
-    for (int i = 0; i < NP_TOK / 4; i++) {
-        int r = tg + 4 * i, t = t0 + r;
-        if (t < n) {
-            size_t at = (size_t)t * k + c;
-            dx[at] = from_f<T>(coef[r][0] * acc[i] + coef[r][1] * to_f(x[at]));
+            for (int j4 = 0; j4 < M4; j4++) {
+                float4 d = d4[j4];
+                acc += d.x * p[4 * j4] + d.y * p[4 * j4 + 1] + d.z * p[4 * j4 + 2] +
+                       d.w * p[4 * j4 + 3];
+            }
+            size_t at = (size_t)(t0 + i) * k + c;
+            dx[at] = from_f<T>(coef[i][0] * acc + coef[i][1] * to_f(x[at]));
         }
     }
 }
 
-template <typename T>
+// Thread c of block (i, s) owns column c of K and sums x[t][c] r_t dz[t][.] over token slice
+// s in registers, then adds them into the zeroed dphi once.
+template <typename T, int M4>
 __device__ void norm_proj_bwd_phi(const T* x, const float* dzz, float* dphi, int n, int k, int m,
                                   int tsplit) {
-    __shared__ float g[NP_TOK][NP_MAXM];  // r dz of NP_TOK tokens
+    __shared__ __align__(16) float g[NP_TT][4 * M4];  // r dz of NP_TT tokens
     int tid = threadIdx.x;
-    int c = blockIdx.x * 64 + (tid & 63);
-    int jg = tid >> 6;  // columns jg, jg + 4, ...
+    int c = blockIdx.x * NP_THREADS + tid;
     int w = 2 * (m + 1);
     int span = (n + tsplit - 1) / tsplit;
     int tb = blockIdx.y * span, te = min(n, tb + span);
-    float acc[NP_MAXM / 4];
+    float acc[4 * M4];
 #pragma unroll
-    for (int i = 0; i < NP_MAXM / 4; i++) acc[i] = 0.0f;
-    for (int t0 = tb; t0 < te; t0 += NP_TOK) {
-        int nt = min(NP_TOK, te - t0);
+    for (int j = 0; j < 4 * M4; j++) acc[j] = 0.0f;
+    for (int t0 = tb; t0 < te; t0 += NP_TT) {
+        int nt = min(NP_TT, te - t0);
         __syncthreads();
-        for (int e = tid; e < NP_TOK * m; e += 256) {
-            int r = e / m, j = e % m;
+        for (int e = tid; e < NP_TT * 4 * M4; e += NP_THREADS) {
+            int r = e / (4 * M4), j = e % (4 * M4);
             size_t t = t0 + r;
-            g[r][j] = r < nt ? dzz[t * w + j] * dzz[t * w + 2 * m + 1] : 0.0f;
+            g[r][j] = (r < nt && j < m) ? dzz[t * w + j] * dzz[t * w + 2 * m + 1] : 0.0f;
         }
         __syncthreads();
         if (c < k) {
             for (int r = 0; r < nt; r++) {
                 float xv = to_f(x[(size_t)(t0 + r) * k + c]);
+                const float4* g4 = reinterpret_cast<const float4*>(g[r]);
 #pragma unroll
-                for (int i = 0; i < NP_MAXM / 4; i++)
-                    if (jg + 4 * i < m) acc[i] += xv * g[r][jg + 4 * i];
+                for (int j4 = 0; j4 < M4; j4++) {
+                    float4 v = g4[j4];
+                    acc[4 * j4] += xv * v.x;
+                    acc[4 * j4 + 1] += xv * v.y;
+                    acc[4 * j4 + 2] += xv * v.z;
+                    acc[4 * j4 + 3] += xv * v.w;
+                }
             }
         }
     }
     if (c < k) {
 #pragma unroll
-        for (int i = 0; i < NP_MAXM / 4; i++)
-            if (jg + 4 * i < m) atomicAdd(&dphi[(size_t)c * m + jg + 4 * i], acc[i]);
+        for (int j = 0; j < 4 * M4; j++)
+            if (j < m) atomicAdd(&dphi[(size_t)c * m + j], acc[j]);
     }
 }
 
-#define NP_KERNELS(NAME, T)                                                                    \
-    extern "C" __global__ void norm_proj_part_##NAME(const T* x, const float* phi, float* part, \
-                                                     int n, int k, int m, int ksplit) {         \
-        norm_proj_part<T>(x, phi, part, n, k, m, ksplit);                                      \
+#define NP_KERNELS_M(NAME, T, M4, MS)                                                          \
+    extern "C" __global__ void norm_proj_part_m##MS##_##NAME(                                   \
+        const T* x, const float* phi, float* part, int n, int k, int m, int ksplit) {           \
+        norm_proj_part<T, M4>(x, phi, part, n, k, m, ksplit);                                  \
     }                                                                                          \
-    extern "C" __global__ void norm_proj_bwd_x_##NAME(const T* x, const float* phi,            \
-                                                      const float* dzz, T* dx, int n, int k,    \
-                                                      int m) {                                 \
-        norm_proj_bwd_x<T>(x, phi, dzz, dx, n, k, m);                                          \
+    extern "C" __global__ void norm_proj_bwd_x_m##MS##_##NAME(                                  \
+        const T* x, const float* phi, const float* dzz, T* dx, int n, int k, int m) {           \
+        norm_proj_bwd_x<T, M4>(x, phi, dzz, dx, n, k, m);                                      \
     }                                                                                          \
-    extern "C" __global__ void norm_proj_bwd_phi_##NAME(const T* x, const float* dzz,          \
-                                                        float* dphi, int n, int k, int m,      \
-                                                        int tsplit) {                          \
-        norm_proj_bwd_phi<T>(x, dzz, dphi, n, k, m, tsplit);                                   \
+    extern "C" __global__ void norm_proj_bwd_phi_m##MS##_##NAME(                                \
+        const T* x, const float* dzz, float* dphi, int n, int k, int m, int tsplit) {           \
+        norm_proj_bwd_phi<T, M4>(x, dzz, dphi, n, k, m, tsplit);                               \
     }
+#define NP_KERNELS(NAME, T) NP_KERNELS_M(NAME, T, 6, 24) NP_KERNELS_M(NAME, T, 16, 64)
 FOR_DTYPES(NP_KERNELS)
+
+// Muon / NorMuon's element-wise work over a stack of k matrices of `per` values each
+// (fused/muon_step.rs); grids (blocks, k), blockIdx.y the matrix.
+// muon_momentum: m' = beta m + g into out[0, k per), and out[k per + i] += the sum over matrix
+// i of u^2, u = g + beta m' (Nesterov) or m' (the tail zeroed by the caller).
+extern "C" __global__ void muon_momentum(const float* m, const float* g, float* out, size_t per,
+                                         float beta, int nesterov) {
+    __shared__ float scratch[32];
+    size_t base = (size_t)blockIdx.y * per;
+    float ss = 0.0f;
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < per;
+         i += (size_t)gridDim.x * blockDim.x) {
+        float gv = g[base + i], mv = beta * m[base + i] + gv;
+        out[base + i] = mv;
+        float u = nesterov ? gv + beta * mv : mv;
+        ss += u * u;
+    }
+    ss = block_sum(ss, scratch);
+    if (threadIdx.x == 0) atomicAdd(&out[(size_t)gridDim.y * per + blockIdx.y], ss);
+}
+
+// x = u / (|u|_F + 1e-7) per matrix in T: Newton-Schulz's input, u recomputed from m' and g.
+template <typename T>
+__device__ void muon_scale(const float* m, const float* g, const float* ss, T* x, size_t per,
+                           float beta, int nesterov) {
+    size_t base = (size_t)blockIdx.y * per;
+    float inv = 1.0f / (sqrtf(ss[blockIdx.y]) + 1e-7f);
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < per;
+         i += (size_t)gridDim.x * blockDim.x) {
+        float mv = m[base + i];
+        float u = nesterov ? g[base + i] + beta * mv : mv;
+        x[base + i] = from_f<T>(u * inv);
+    }
+}
+
+// rs[r] = sum of o[r][.]^2, a warp a row.
+template <typename T>
+__device__ void row_sumsq(const T* o, float* rs, size_t rows, int cols) {
+    size_t row = (size_t)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+    if (row >= rows) return;
+    const T* r = o + row * cols;
+    float ss = 0.0f;
+    for (int j = threadIdx.x % 32; j < cols; j += 32) {
+        float v = to_f(r[j]);
+        ss += v * v;
+    }
+    for (int s = 16; s > 0; s /= 2) ss += __shfl_xor_sync(0xffffffff, ss, s);
+    if (threadIdx.x % 32 == 0) rs[row] = ss;
+}
+
+// The weight's update in place: w = decay w - f[row] o.
+template <typename T>
+__device__ void muon_apply(float* w, const T* o, const float* f, size_t n, int cols,
+                           float decay) {
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (size_t)gridDim.x * blockDim.x)
+        w[i] = decay * w[i] - f[i / cols] * to_f(o[i]);
+}
+
+#define MUON_KERNELS(NAME, T)                                                                 \
+    extern "C" __global__ void muon_scale_##NAME(const float* m, const float* g,               \
+                                                 const float* ss, T* x, size_t per,            \
+                                                 float beta, int nesterov) {                  \
+        muon_scale<T>(m, g, ss, x, per, beta, nesterov);                                      \
+    }                                                                                         \
+    extern "C" __global__ void row_sumsq_##NAME(const T* o, float* rs, size_t rows, int cols) { \
+        row_sumsq<T>(o, rs, rows, cols);                                                      \
+    }                                                                                         \
+    extern "C" __global__ void muon_apply_##NAME(float* w, const T* o, const float* f,         \
+                                                 size_t n, int cols, float decay) {            \
+        muon_apply<T>(w, o, f, n, cols, decay);                                               \
+    }
+
+FOR_DTYPES(MUON_KERNELS)

@@ -22,7 +22,9 @@
 //! - mHC's stream mixing (mix.rs) and Sinkhorn rounds (sinkhorn.rs), tiny per-token matrix
 //!   work that composites spread over hundreds of launches a layer, and its coefficients'
 //!   RMSNorm and projection (norm_proj.rs), which read the n-stream state once in its dtype;
-//! - AdamW's update (adam.rs), in place.
+//! - AdamW's update (adam.rs), in place, and Muon's element-wise work around Newton-Schulz
+//!   (muon_step.rs): its momentum, the rounds' normalized input, NorMuon's row sums, the
+//!   weight update in place.
 //!
 //! Each is a candle CustomOp with `bwd`, so autograd runs through it. The CUDA kernels
 //! (fused.cu, compiled to PTX by build.rs under the `cuda` feature) do the work on the GPU;
@@ -44,6 +46,7 @@ mod head_loss;
 mod linear;
 mod mix;
 mod mlp;
+mod muon_step;
 mod norm;
 mod norm_proj;
 mod sinkhorn;
@@ -59,6 +62,9 @@ pub use head_loss::linear_cross_entropy_sum;
 pub use linear::FusedLinear;
 pub use mix::{MixBwd, PostMix, PreMix, MAX_STREAMS};
 pub use mlp::FusedMlp;
+pub use muon_step::{
+    muon_apply, muon_prepare, row_sum_squares, MuonApply, MuonMomentum, MuonScale, RowSumSq,
+};
 pub use norm::{RmsNormBwdG, RmsNormBwdX, RmsNormGain, RmsNormPlain};
 pub use norm_proj::{norm_proj, NormProj, NormProjBwdPhi, NormProjBwdX, NORM_PROJ_MAX_COLS};
 pub use sinkhorn::{Sinkhorn, SinkhornBwd, SINKHORN_MAX_ITERS, SINKHORN_MAX_STREAMS};

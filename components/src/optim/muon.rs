@@ -13,6 +13,7 @@ use registry::{restored, Entry, Optimizer, Param, ParamDoc, Role, Spec, Stepper}
 use serde::{Deserialize, Serialize};
 
 use super::adamw::{check_adam, AdamW, AdamWState};
+use crate::fused::{muon_apply, muon_prepare, row_sum_squares};
 
 /// The quintic's coefficients (modded-nanogpt): chosen to push small singular values up as
 /// fast as possible, at the price of leaving them in a band around 1 rather than at 1.
@@ -103,7 +104,6 @@ impl Optimizer for Muon {
 /// reference does (the normalization is taken in f32 first). Singular values end in roughly
 /// [0.7, 1.2]; singular vectors are G's. Returns f32.
 pub fn newton_schulz(g: &Tensor, steps: usize, dtype: DType) -> Result<Tensor> {
-    let (a, b, c) = NS_COEFFS;
     let r = g.rank();
     let (rows, cols) = (g.dim(r - 2)?, g.dim(r - 1)?);
     let tall = rows > cols;
@@ -113,14 +113,32 @@ pub fn newton_schulz(g: &Tensor, steps: usize, dtype: DType) -> Result<Tensor> {
     }
     let norm = x.sqr()?.sum_keepdim(r - 1)?.sum_keepdim(r - 2)?.sqrt()?;
     x = x.broadcast_div(&(norm + 1e-7)?)?.to_dtype(dtype)?;
-    for _ in 0..steps {
-        let gram = x.matmul(&x.t()?)?;
-        let poly = ((&gram * b)? + (gram.matmul(&gram)? * c)?)?;
-        x = ((&x * a)? + poly.matmul(&x)?)?;
-    }
-    x = x.to_dtype(DType::F32)?;
+    x = rounds(x, steps)?.to_dtype(DType::F32)?;
     if tall {
         x = x.t()?.contiguous()?;
+    }
+    Ok(x)
+}
+
+/// `steps` quintic rounds X <- a X + (b A + c A^2) X on a normalized X (.., R, C), in its
+/// dtype. A is the Gram matrix of the smaller side: X X^T when R <= C; for a tall X the same
+/// polynomial as X (b A' + c A'^2) with A' = X^T X (X p(X^T X) = p(X X^T) X), so a tall stack
+/// needs no transposed copies.
+fn rounds(mut x: Tensor, steps: usize) -> Result<Tensor> {
+    let (a, b, c) = NS_COEFFS;
+    let r = x.rank();
+    let tall = x.dim(r - 2)? > x.dim(r - 1)?;
+    for _ in 0..steps {
+        let gram = match tall {
+            true => x.t()?.matmul(&x)?,
+            false => x.matmul(&x.t()?)?,
+        };
+        let poly = ((&gram * b)? + (gram.matmul(&gram)? * c)?)?;
+        let mixed = match tall {
+            true => x.matmul(&poly)?,
+            false => poly.matmul(&x)?,
+        };
+        x = ((&x * a)? + mixed)?;
     }
     Ok(x)
 }
@@ -160,6 +178,9 @@ pub(crate) struct MuonState {
     row_norm: Option<RowNorm>,
     /// The dtype of the Newton-Schulz rounds.
     compute: DType,
+    /// The element-wise work through the kernels of fused/muon_step.rs (on CUDA) rather
+    /// than candle's composites (the CPU's path and their reference).
+    fused: bool,
     groups: Vec<Group>,
     adam: AdamWState,
 }
@@ -200,10 +221,12 @@ impl MuonState {
                 })
             })
             .collect::<Result<_>>()?;
+        let fused = params.first().is_some_and(|p| p.var.device().is_cuda());
         Ok(Self {
             cfg: cfg.clone(),
             row_norm,
             compute,
+            fused,
             groups,
             adam: AdamWState::new(cfg.adam(), &rest)?,
         })
@@ -243,14 +266,21 @@ impl Stepper for MuonState {
                 })
                 .collect::<Result<Vec<_>>>()?;
             let g = Tensor::stack(&g, 0)?;
-            let momentum = ((&group.momentum * c.momentum)? + &g)?;
-            let u = if c.nesterov {
-                (&g + (&momentum * c.momentum)?)?
+            let (momentum, o) = if self.fused {
+                let prepared =
+                    muon_prepare(&group.momentum, &g, c.momentum, c.nesterov, self.compute);
+                let (momentum, x) = prepared?;
+                (momentum, rounds(x, c.ns_steps)?)
             } else {
-                momentum.clone()
+                let momentum = ((&group.momentum * c.momentum)? + &g)?;
+                let u = if c.nesterov {
+                    (&g + (&momentum * c.momentum)?)?
+                } else {
+                    momentum.clone()
+                };
+                (momentum, newton_schulz(&u, c.ns_steps, self.compute)?)
             };
-            let o = newton_schulz(&u, c.ns_steps, self.compute)?;
-            let (_, rows, cols) = o.dims3()?;
+            let (k, rows, cols) = o.dims3()?;
             let shape_scale = (rows as f64 / cols as f64).max(1.0).sqrt();
             // The update is o times a factor per row, taken from o's row sums of squares in
             // one pass, so that the step makes one more pass over o, not one per operation.
@@ -260,7 +290,10 @@ impl Stepper for MuonState {
                     // NorMuon (`normalize_rows`, as the tests check): v <- b2 v + (1 - b2) mean_row(o^2), each
                     // row divided by sqrt(v) + eps, then the whole rescaled back to the
                     // orthogonalized update's size (|o| / |normed|, both from the row sums).
-                    let rs = o.sqr()?.sum_keepdim(2)?; // (k, rows, 1)
+                    let rs = match self.fused {
+                        true => row_sum_squares(&o)?,
+                        false => o.sqr()?.sum_keepdim(2)?,
+                    }; // (k, rows, 1)
                     let v2 = ((v * n.beta2)? + (&rs * ((1.0 - n.beta2) / cols as f64))?)?;
                     let inv = (v2.sqrt()? + n.eps)?.recip()?;
                     let o_norm = rs.sum_keepdim(1)?.sqrt()?;
@@ -271,10 +304,35 @@ impl Stepper for MuonState {
                 }
                 _ => None,
             };
-            let o = match factor {
-                Some(f) => o.broadcast_mul(&f)?,
-                None => (o * (lr * shape_scale))?,
-            };
+            let decay = 1.0 - lr * c.weight_decay;
+            if self.fused {
+                // The weights updated in place, w = decay w - f o, from o in its dtype.
+                let f = match factor {
+                    Some(f) => f,
+                    None => Tensor::full((lr * shape_scale) as f32, (k, rows, 1), o.device())?,
+                };
+                for (i, p) in group.params.iter().enumerate() {
+                    if present[i].is_some() {
+                        muon_apply(p.var.as_tensor(), &o.get(i)?, &f.get(i)?, decay)?;
+                    }
+                }
+            } else {
+                let o = match factor {
+                    Some(f) => o.broadcast_mul(&f)?,
+                    None => (o * (lr * shape_scale))?,
+                };
+                for (i, p) in group.params.iter().enumerate() {
+                    if present[i].is_none() {
+                        continue;
+                    }
+                    let mut w = p.var.as_tensor().to_dtype(DType::F32)?;
+                    if c.weight_decay > 0.0 {
+                        w = (w * decay)?;
+                    }
+                    let w = (w - o.get(i)?)?;
+                    p.var.set(&w.to_dtype(p.var.dtype())?)?;
+                }
+            }
             let all = present.iter().all(Option::is_some);
             let keep_old = |new: Tensor, old: &Tensor| -> Result<Tensor> {
                 if all {
@@ -290,17 +348,6 @@ impl Stepper for MuonState {
             group.momentum = keep_old(momentum, &group.momentum)?;
             if let (Some(new), Some(old)) = (row_v, group.row_v.as_ref()) {
                 group.row_v = Some(keep_old(new, old)?);
-            }
-            for (i, p) in group.params.iter().enumerate() {
-                if present[i].is_none() {
-                    continue;
-                }
-                let mut w = p.var.as_tensor().to_dtype(DType::F32)?;
-                if c.weight_decay > 0.0 {
-                    w = (w * (1.0 - lr * c.weight_decay))?;
-                }
-                let w = (w - o.get(i)?)?;
-                p.var.set(&w.to_dtype(p.var.dtype())?)?;
             }
         }
         self.adam.step(grads, factor)
@@ -512,7 +559,16 @@ mod tests {
         // Three matrices of one shape (one group), one of another, one with no gradient:
         // after two NorMuon steps each equals the update worked out for it alone (momentum,
         // Nesterov, Newton-Schulz, row normalization, rescale, shape scale), and the one
-        // without a gradient is untouched.
+        // without a gradient is untouched. Both ways: candle's composites, and the kernels'
+        // ops of fused/muon_step.rs (their CPU implementations) with the rounds of a tall
+        // matrix on its X^T X side.
+        for fused in [false, true] {
+            grouped_step(fused)?;
+        }
+        Ok(())
+    }
+
+    fn grouped_step(fused: bool) -> Result<()> {
         let dev = Device::Cpu;
         let shapes = [(6usize, 10usize), (6, 10), (10, 4), (6, 10), (6, 10)];
         let vars = shapes
@@ -538,6 +594,7 @@ mod tests {
             eps: 1e-8,
         };
         let mut opt = MuonState::new(&cfg, Some(n), &params, DType::F32)?;
+        opt.fused = fused;
         assert_eq!(opt.groups.len(), 2);
         let w0: Vec<Tensor> = vars
             .iter()
@@ -578,7 +635,7 @@ mod tests {
                 .abs()?
                 .max_all()?
                 .to_scalar::<f32>()?;
-            assert!(d < 1e-5, "matrix {i}: {d}");
+            assert!(d < 1e-5, "fused {fused}, matrix {i}: {d}");
         }
         Ok(())
     }
