@@ -4,7 +4,7 @@
 use candle_core::{DType, Result, Tensor};
 use registry::{Dims, ParamBuilder, Role, Sublayer};
 
-use crate::fused::{causal_softmax, CausalAttention, FlashAttention, HeadPrep};
+use crate::fused::{causal_softmax, CausalAttention, FlashAttention, HeadPrep, FLASH_HEAD_DIMS};
 use crate::nn::{out_proj_std, rms_norm, rows, unrows, Linear, Rope, INIT_STD, NORM_EPS};
 
 /// The head layout and position options an attention component resolves to.
@@ -135,10 +135,34 @@ impl CausalSelfAttention {
     /// (B, T, C) -> per-head outputs before the output projection, (B, T, C). Gated variants
     /// multiply this by their gate before calling [`Self::project`].
     pub fn attend(&self, x: &Tensor) -> Result<Tensor> {
-        unrows(&self.attend_rows(x)?, x)
+        match self.attend_flash(x)? {
+            Some(y) => Ok(y),
+            None => unrows(&self.attend_rows(x)?, x),
+        }
     }
 
-    /// (B, T, C) -> per-head outputs as rows (B T, C).
+    /// Flash attention (bf16 on CUDA, heads of 64 or 128) on (B, T, C) as it is: the
+    /// projections, the heads op and the kernels take it without the reshapes to rows and
+    /// back, each a node whose gradient candle zero-fills and adds. None where it does not
+    /// apply.
+    fn attend_flash(&self, x: &Tensor) -> Result<Option<Tensor>> {
+        let (b, t, _) = x.dims3()?;
+        let (h, kv) = (self.shape.heads, self.shape.kv_heads);
+        let fits = cfg!(feature = "cuda")
+            && x.device().is_cuda()
+            && x.dtype() == DType::BF16
+            && FLASH_HEAD_DIMS.contains(&self.head_dim);
+        if !fits {
+            return Ok(None);
+        }
+        let q = self.heads(&self.q.forward(x)?, b, t, h)?;
+        let k = self.heads(&self.k.forward(x)?, b, t, kv)?;
+        let v = self.v.forward(x)?;
+        let scale = 1.0 / (self.head_dim as f64).sqrt();
+        Ok(Some(q.apply_op3(&k, &v, FlashAttention::new(scale))?))
+    }
+
+    /// (B, T, C) -> per-head outputs as rows (B T, C), where flash attention does not apply.
     fn attend_rows(&self, x: &Tensor) -> Result<Tensor> {
         let (b, t, c) = x.dims3()?;
         let (h, kv, hd) = (self.shape.heads, self.shape.kv_heads, self.head_dim);
@@ -148,9 +172,6 @@ impl CausalSelfAttention {
         let mut k = self.heads(&self.k.forward(&r)?, b, t, kv)?;
         let v = self.v.forward(&r)?;
         let scale = 1.0 / (hd as f64).sqrt();
-        if FlashAttention::fits(&q) {
-            return q.apply_op3(&k, &v, FlashAttention::new(scale));
-        }
         // The fused op's softmax keeps a row of scores in registers: up to 8192 keys.
         let fused = x.device().is_cuda() && t <= 8192;
         if fused && kv == h {
@@ -212,7 +233,10 @@ impl CausalSelfAttention {
 
 impl Sublayer for CausalSelfAttention {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        unrows(&self.o.forward(&self.attend_rows(x)?)?, x)
+        match self.attend_flash(x)? {
+            Some(y) => self.o.forward(&y),
+            None => unrows(&self.o.forward(&self.attend_rows(x)?)?, x),
+        }
     }
 }
 
@@ -255,6 +279,62 @@ mod tests {
         let expect = v.matmul(&wo.t()?)?.squeeze(0)?;
         let diff = (y0 - expect)?.abs()?.max_all()?.to_scalar::<f32>()?;
         assert!(diff < 1e-6, "{diff}");
+        Ok(())
+    }
+
+    /// On a GPU: the sublayer in bf16 (flash attention on (B, T, C), no rows) against the same
+    /// weights in f32 on the CPU (the composites): the output, the input's gradient and a
+    /// weight's, within bf16's rounding. Grouped heads of 128 and of 64.
+    #[cfg(feature = "cuda")]
+    #[test]
+    fn the_flash_path_matches_the_cpu_composite() -> Result<()> {
+        let Ok(gpu) = Device::new_cuda(0) else {
+            eprintln!("skipped: no CUDA device");
+            return Ok(());
+        };
+        for (c, heads, kv) in [(256, 2, 1), (256, 4, 2)] {
+            let dims = Dims {
+                d_model: c,
+                n_layers: 2,
+                vocab: 32,
+                seq_len: 96,
+            };
+            let x = randn(7, (2, 96, c), 1.0)?;
+            let w = randn(8, (2, 96, c), 1.0)?;
+            let run = |d: &Device, dtype: DType| -> Result<Vec<Tensor>> {
+                let p = ParamBuilder::new(3, d);
+                let attn = CausalSelfAttention::new(
+                    AttentionShape::new(heads, kv, true, 1e4, true),
+                    &dims,
+                    &p,
+                )?;
+                let xv = candle_core::Var::from_tensor(&x.to_device(d)?.to_dtype(dtype)?)?;
+                let y = attn.forward(xv.as_tensor())?;
+                let grads = (y.to_dtype(DType::F32)? * w.to_device(d)?)?
+                    .sum_all()?
+                    .backward()?;
+                let q = p
+                    .params()
+                    .into_iter()
+                    .find(|q| q.name == "q.weight")
+                    .unwrap()
+                    .var;
+                let out = [
+                    &y,
+                    grads.get(xv.as_tensor()).unwrap(),
+                    grads.get(q.as_tensor()).unwrap(),
+                ];
+                out.iter()
+                    .map(|t| t.to_dtype(DType::F32)?.to_device(&Device::Cpu))
+                    .collect()
+            };
+            let (cpu, cuda) = (run(&Device::Cpu, DType::F32)?, run(&gpu, DType::BF16)?);
+            for (i, (a, b)) in cpu.iter().zip(&cuda).enumerate() {
+                let scale = a.abs()?.max_all()?.to_scalar::<f32>()?;
+                let d = ((a - b)?.abs()?.max_all()?.to_scalar::<f32>()?) / scale;
+                assert!(d < 3e-2, "heads {heads}/{kv} #{i}: {d}");
+            }
+        }
         Ok(())
     }
 }

@@ -55,11 +55,13 @@ fn dims(lq: &Layout, lk: &Layout, lv: &Layout) -> Result<FlashShape> {
             lk.dims()
         );
     }
-    if lv.dims() != [b * t, kv * hd] {
+    // V as rows (B T, KV hd) or as (B, T, KV hd): the output takes its leading dimensions.
+    if lv.dims().last() != Some(&(kv * hd)) || lv.shape().elem_count() != b * t * kv * hd {
         bail!(
-            "flash attention: V {:?}, expected rows [{}, {}]",
+            "flash attention: V {:?}, expected rows [{}, {}] or [{b}, {t}, {}]",
             lv.dims(),
             b * t,
+            kv * hd,
             kv * hd
         );
     }
@@ -108,7 +110,9 @@ impl CustomOp3 for FlashAttention {
         let (o, lse) = super::cuda::flash_fwd((s1, l1), (s2, l2), (s3, l3), d, self.scale as f32)?;
         let lse = cuda_tensor(lse, (b, h, t));
         *self.lse.lock().expect("the lock is never poisoned") = Some(lse);
-        Ok((o, Shape::from((b * t, h * hd))))
+        let mut shape = l3.dims().to_vec();
+        *shape.last_mut().expect("checked") = h * hd;
+        Ok((o, Shape::from(shape)))
     }
 
     fn bwd(
@@ -160,7 +164,7 @@ fn backward(t: [&Tensor; 6], scale: f64) -> Result<(Tensor, Tensor, Tensor)> {
     Ok((
         cuda_tensor(dq, t[0].shape().clone()),
         cuda_tensor(dk, t[1].shape().clone()),
-        cuda_tensor(dv, (b * tok, kv * hd)),
+        cuda_tensor(dv, t[2].shape().clone()),
     ))
 }
 
