@@ -30,10 +30,13 @@ pub struct NormProjBwdX;
 #[derive(Clone, Copy, Debug)]
 pub struct NormProjBwdPhi;
 
-/// z = rms(x) phi over the last axis of rows `x` (N, K), f32 whatever x's dtype: one op on
-/// CUDA, the composite (f32 copy, RMSNorm, matmul) on the CPU.
+/// z = rms(x) phi over rows of K = phi's rows consecutive values of `x` ((N, K), or any
+/// shape whose trailing axes make K: mHC passes its (B, T, n, C) state as it is, rows of
+/// n C), f32 whatever x's dtype: (N, M). One op on CUDA, the composite (f32 copy, RMSNorm,
+/// matmul) on the CPU. On the GPU the state is not reshaped to rows first: the reshape would
+/// be a node whose state-sized gradient candle zero-fills and adds.
 pub fn norm_proj(x: &Tensor, phi: &Tensor, eps: f64) -> Result<Tensor> {
-    let m = phi.dim(1)?;
+    let (k, m) = phi.dims2()?;
     if x.device().is_cuda() && m <= NORM_PROJ_MAX_COLS {
         let phi = phi.to_dtype(DType::F32)?.contiguous()?;
         let z = x
@@ -41,26 +44,25 @@ pub fn norm_proj(x: &Tensor, phi: &Tensor, eps: f64) -> Result<Tensor> {
             .apply_op2(&phi, NormProj { eps: eps as f32 })?;
         return z.narrow(1, 0, m);
     }
-    super::rms_norm(&x.to_dtype(DType::F32)?, None, eps)?.matmul(&phi.to_dtype(DType::F32)?)
+    let rows = x.reshape(((), k))?;
+    super::rms_norm(&rows.to_dtype(DType::F32)?, None, eps)?.matmul(&phi.to_dtype(DType::F32)?)
 }
 
-/// (N, K) of x and M of phi, checked against each other.
+/// (N, K, M): rows of x, phi's (K, M), checked against each other.
 fn dims(lx: &Layout, lphi: &Layout) -> Result<(usize, usize, usize)> {
-    let (&[n, k], &[k2, m]) = (lx.dims(), lphi.dims()) else {
-        bail!(
-            "norm-proj: x (N, K) and phi (K, M), got {:?} and {:?}",
-            lx.dims(),
-            lphi.dims()
-        );
+    let &[k, m] = lphi.dims() else {
+        bail!("norm-proj: phi must be (K, M), got {:?}", lphi.dims());
     };
-    if k != k2 || k == 0 || m == 0 || m > NORM_PROJ_MAX_COLS {
+    let (count, last) = (lx.shape().elem_count(), *lx.dims().last().unwrap_or(&0));
+    let rows_fit = k > 0 && last > 0 && count % k == 0 && k % last == 0;
+    if !rows_fit || m == 0 || m > NORM_PROJ_MAX_COLS {
         bail!(
-            "norm-proj: x {:?} and phi {:?} (M at most {NORM_PROJ_MAX_COLS})",
+            "norm-proj: x {:?} is not rows of phi's K for phi {:?} (M at most {NORM_PROJ_MAX_COLS})",
             lx.dims(),
             lphi.dims()
         );
     }
-    Ok((n, k, m))
+    Ok((count / k, k, m))
 }
 
 fn cpu_fwd(x: &[f32], phi: &[f32], n: usize, k: usize, m: usize, eps: f32) -> Vec<f32> {
@@ -165,11 +167,11 @@ impl CustomOp2 for NormProj {
     }
 }
 
-/// M from dzz (N, 2 (M + 1)), checked against x's rows.
-fn dzz_cols(lx: &Layout, ldzz: &Layout) -> Result<usize> {
-    match (lx.dims(), ldzz.dims()) {
-        (&[n, _], &[n2, w]) if n == n2 && w >= 4 && w % 2 == 0 => Ok(w / 2 - 1),
-        (a, b) => bail!("norm-proj backward: x {a:?} and dzz {b:?}"),
+/// M from dzz (N, 2 (M + 1)), checked against x's N rows.
+fn dzz_cols(n: usize, lx: &Layout, ldzz: &Layout) -> Result<usize> {
+    match ldzz.dims() {
+        &[n2, w] if n == n2 && w >= 4 && w % 2 == 0 => Ok(w / 2 - 1),
+        b => bail!("norm-proj backward: x {:?} and dzz {b:?}", lx.dims()),
     }
 }
 
@@ -188,7 +190,7 @@ impl CustomOp3 for NormProjBwdX {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (n, k, m) = dims(l1, l2)?;
-        if dzz_cols(l1, l3)? != m {
+        if dzz_cols(n, l1, l3)? != m {
             bail!("norm-proj backward: dzz {:?} for M = {m}", l3.dims());
         }
         let (x, dtype) = cpu_values(s1, l1, self.name())?;
@@ -209,12 +211,25 @@ impl CustomOp3 for NormProjBwdX {
         l3: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         let (n, k, m) = dims(l1, l2)?;
-        if dzz_cols(l1, l3)? != m {
+        if dzz_cols(n, l1, l3)? != m {
             bail!("norm-proj backward: dzz {:?} for M = {m}", l3.dims());
         }
         let dx = super::cuda::norm_proj_bwd_x(s1, l1, s2, l2, s3, l3, n, k, m)?;
         Ok((dx, l1.shape().clone()))
     }
+}
+
+/// (N, K, M) of the phi gradient's inputs x (rows of K) and dzz (N, 2 (M + 1)).
+fn bwd_phi_dims(lx: &Layout, ldzz: &Layout) -> Result<(usize, usize, usize)> {
+    let (n, count) = (*ldzz.dims().first().unwrap_or(&0), lx.shape().elem_count());
+    if n == 0 || count % n != 0 {
+        bail!(
+            "norm-proj backward: x {:?} and dzz {:?}",
+            lx.dims(),
+            ldzz.dims()
+        );
+    }
+    Ok((n, count / n, dzz_cols(n, lx, ldzz)?))
 }
 
 impl CustomOp2 for NormProjBwdPhi {
@@ -229,8 +244,7 @@ impl CustomOp2 for NormProjBwdPhi {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let m = dzz_cols(l1, l2)?;
-        let (n, k) = (l1.dims()[0], l1.dims()[1]);
+        let (n, k, m) = bwd_phi_dims(l1, l2)?;
         let (x, _) = cpu_values(s1, l1, self.name())?;
         let (dzz, _) = cpu_values(s2, l2, self.name())?;
         Ok((
@@ -247,8 +261,7 @@ impl CustomOp2 for NormProjBwdPhi {
         s2: &candle_core::CudaStorage,
         l2: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let m = dzz_cols(l1, l2)?;
-        let (n, k) = (l1.dims()[0], l1.dims()[1]);
+        let (n, k, m) = bwd_phi_dims(l1, l2)?;
         let dphi = super::cuda::norm_proj_bwd_phi(s1, l1, s2, l2, n, k, m)?;
         Ok((dphi, Shape::from((k, m))))
     }

@@ -1184,3 +1184,19 @@ fn muon_stack_kernels_match_the_cpu_ops() -> Result<()> {
     }
     Ok(())
 }
+
+#[test]
+fn norm_proj_op_takes_the_state_as_it_is() -> Result<()> {
+    // An mHC state (B, T, n, C) = (2, 3, 4, 5) against its rows (6, 20) through the
+    // composite: the same logits, and the gradients in the state's own shape.
+    let state = randn(180, (2, 3, 4, 5), 1.0)?;
+    let phi = randn(181, (20, 7), 0.3)?;
+    let fused = norm_proj_both(&state, &phi, true, 182)?;
+    let composite = norm_proj_both(&state.reshape((6, 20))?, &phi, false, 182)?;
+    assert_eq!(fused[1].dims(), &[2, 3, 4, 5]);
+    for (i, (a, b)) in fused.iter().zip(&composite).enumerate() {
+        let d = max_diff(&a.reshape(b.shape())?, b)?;
+        assert!(d < 1e-5, "#{i}: {d}");
+    }
+    Ok(())
+}

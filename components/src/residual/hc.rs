@@ -87,11 +87,10 @@ impl Connection {
         let Some(d) = &self.dynamic else {
             return Ok(Coefficients { a_m, a_r, b });
         };
-        let (bs, t, n, c) = state.dims4()?;
+        let (bs, t, n, _) = state.dims4()?;
         // Coefficients in f32 whatever the activations' dtype (`connect` casts them): each
         // stream row's RMSNorm and projection, one op on CUDA (fused/norm_proj.rs).
-        let rows = state.reshape((bs * t * n, c))?;
-        let z = norm_proj(&rows, &d.w, NORM_EPS)?
+        let z = norm_proj(state, &d.w, NORM_EPS)?
             .tanh()?
             .reshape((bs, t, n, n + 2))?;
         let alpha = |x: Tensor| x.broadcast_mul(&d.s_alpha);

@@ -78,10 +78,10 @@ impl MhcStream {
     fn coefficients(&self, k: usize, state: &Tensor) -> Result<Coefficients> {
         let c = &self.connections[k];
         let n = self.n;
-        let (b, t, _, width) = state.dims4()?;
-        // RMSNorm over the n C values and the projection, in f32 (one op on CUDA).
-        let rows = state.reshape((b * t, n * width))?;
-        let z = norm_proj(&rows, &c.phi, NORM_EPS)?; // (BT, 2n + n^2)
+        let (b, t, _, _) = state.dims4()?;
+        // RMSNorm over each token's n C values and the projection, in f32 (one op on CUDA,
+        // taking the state as it is: rows of n C).
+        let z = norm_proj(state, &c.phi, NORM_EPS)?; // (BT, 2n + n^2)
         let a = |i: usize| c.a.narrow(0, i, 1);
         let part = |start: usize, len: usize, i: usize, bias: &Tensor| -> Result<Tensor> {
             z.narrow(D::Minus1, start, len)?
