@@ -1110,7 +1110,7 @@ pub fn norm_proj_fwd(
     Ok(CudaStorage::wrap_cuda_slice(z, dev.clone()))
 }
 
-/// dx (n, k) in x's dtype of mHC's normed projection.
+/// dx (n, k) in x's dtype of mHC's normed projection, plus `add` where given.
 #[allow(clippy::too_many_arguments)]
 pub fn norm_proj_bwd_x(
     x: &CudaStorage,
@@ -1119,6 +1119,7 @@ pub fn norm_proj_bwd_x(
     lphi: &Layout,
     dzz: &CudaStorage,
     ldzz: &Layout,
+    add: Option<(&CudaStorage, &Layout)>,
     n: usize,
     k: usize,
     m: usize,
@@ -1143,15 +1144,16 @@ pub fn norm_proj_bwd_x(
     macro_rules! run {
         ($t:ty) => {{
             let xv = view::<$t>(x, lx)?;
+            let av = add.map(|(s, l)| view::<$t>(s, l)).transpose()?;
             let dx = out::<$t>(dev, n * k)?;
+            let null = 0u64;
             let mut b = func.builder();
-            b.arg(&xv)
-                .arg(&p)
-                .arg(&d)
-                .arg(&dx)
-                .arg(&n32)
-                .arg(&k32)
-                .arg(&m32);
+            b.arg(&xv).arg(&p).arg(&d);
+            match &av {
+                Some(a) => b.arg(a),
+                None => b.arg(&null),
+            };
+            b.arg(&dx).arg(&n32).arg(&k32).arg(&m32);
             // SAFETY: block (i, j) writes dx at columns 256 i.. of the token tiles j, j +
             // strides, ..: every element once.
             unsafe { b.launch(cfg) }.w()?;

@@ -520,14 +520,18 @@ __device__ void premix_fwd(const T* s, const float* pre, T* h, int n, int c) {
     }
 }
 
-// ds[i][c] = pre[i] dh[c].
+// ds[i][c] = pre[i] dh[c], plus add[i][c] where given: the state's gradient so far
+// (fused/mix.rs `StateGrad`).
 template <typename T>
-__device__ void premix_bwd_s(const float* pre, const T* dh, T* ds, int n, int c) {
+__device__ void premix_bwd_s(const float* pre, const T* dh, const T* add, T* ds, int n, int c) {
     size_t tok = blockIdx.x;
     const float* p = pre + tok * n;
     for (int ch = threadIdx.x; ch < c; ch += blockDim.x) {
         float g = to_f(dh[tok * c + ch]);
-        for (int i = 0; i < n; i++) ds[(tok * n + i) * c + ch] = from_f<T>(p[i] * g);
+        for (int i = 0; i < n; i++) {
+            size_t at = (tok * n + i) * c + ch;
+            ds[at] = from_f<T>((add ? to_f(add[at]) : 0.0f) + p[i] * g);
+        }
     }
 }
 
@@ -614,7 +618,11 @@ __device__ void postmix_bwd_coef(const T* s, const T* out, const T* dy, float* d
     }                                                                                         \
     extern "C" __global__ void premix_bwd_s_##NAME(const float* pre, const T* dh, T* ds,       \
                                                    int n, int c) {                            \
-        premix_bwd_s<T>(pre, dh, ds, n, c);                                                   \
+        premix_bwd_s<T>(pre, dh, nullptr, ds, n, c);                                          \
+    }                                                                                         \
+    extern "C" __global__ void premix_bwd_sa_##NAME(const float* pre, const T* dh,             \
+                                                    const T* add, T* ds, int n, int c) {      \
+        premix_bwd_s<T>(pre, dh, add, ds, n, c);                                              \
     }                                                                                         \
     extern "C" __global__ void premix_bwd_pre_##NAME(const T* s, const T* dh, float* dpre,     \
                                                      int n, int c) {                          \
@@ -863,11 +871,11 @@ extern "C" __global__ void norm_proj_sum(const float* part, float* z, int n, int
     z[i] = j < m ? v * r : r;
 }
 
-// Thread c of block (i, .) owns column c = NP_THREADS i + c of K and phi's row c (registers);
-// the block walks tiles of NP_TT tokens, blockIdx.y, blockIdx.y + gridDim.y, ...
+// dx, plus add where given (the state's gradient so far). Thread c of block (i, .) owns
+// column c = NP_THREADS i + c of K and phi's row c (registers); the block walks tiles of NP_TT tokens, blockIdx.y, blockIdx.y + gridDim.y, ...
 template <typename T, int M4>
-__device__ void norm_proj_bwd_x(const T* x, const float* phi, const float* dzz, T* dx, int n,
-                                int k, int m) {
+__device__ void norm_proj_bwd_x(const T* x, const float* phi, const float* dzz, const T* add,
+                                T* dx, int n, int k, int m) {
     __shared__ __align__(16) float dz[NP_TT][4 * M4];
     __shared__ float coef[NP_TT][2];  // r, -r^2 s / K
     int tid = threadIdx.x;
@@ -906,7 +914,8 @@ __device__ void norm_proj_bwd_x(const T* x, const float* phi, const float* dzz, 
                        d.w * p[4 * j4 + 3];
             }
             size_t at = (size_t)(t0 + i) * k + c;
-            dx[at] = from_f<T>(coef[i][0] * acc + coef[i][1] * to_f(x[at]));
+            float base = add ? to_f(add[at]) : 0.0f;
+            dx[at] = from_f<T>(base + coef[i][0] * acc + coef[i][1] * to_f(x[at]));
         }
     }
 }
@@ -962,8 +971,9 @@ __device__ void norm_proj_bwd_phi(const T* x, const float* dzz, float* dphi, int
         norm_proj_part<T, M4>(x, phi, part, n, k, m, ksplit);                                  \
     }                                                                                          \
     extern "C" __global__ void norm_proj_bwd_x_m##MS##_##NAME(                                  \
-        const T* x, const float* phi, const float* dzz, T* dx, int n, int k, int m) {           \
-        norm_proj_bwd_x<T, M4>(x, phi, dzz, dx, n, k, m);                                      \
+        const T* x, const float* phi, const float* dzz, const T* add, T* dx, int n, int k,      \
+        int m) {                                                                               \
+        norm_proj_bwd_x<T, M4>(x, phi, dzz, add, dx, n, k, m);                                 \
     }                                                                                          \
     extern "C" __global__ void norm_proj_bwd_phi_m##MS##_##NAME(                                \
         const T* x, const float* dzz, float* dphi, int n, int k, int m, int tsplit) {           \

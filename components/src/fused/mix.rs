@@ -6,6 +6,8 @@
 
 #[cfg(feature = "cuda")]
 use candle_core::backend::BackendStorage;
+use std::sync::{Arc, Mutex};
+
 use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 
 use super::{cpu_storage, cpu_values};
@@ -13,19 +15,48 @@ use super::{cpu_storage, cpu_values};
 /// Most streams the kernels take (they keep a token's n values in registers).
 pub const MAX_STREAMS: usize = 8;
 
-/// (state (.., n, C), pre (.., n) f32) -> h (.., C).
-#[derive(Clone, Copy, Debug)]
-pub struct PreMix;
+/// The gradient of a sublayer's n-stream state, which three ops read: the post-mix (its
+/// carried part), the pre-mix and the coefficients' normed projection (norm_proj.rs). Left
+/// to autograd, each op's state-sized part is zero-filled and added by candle's gradient
+/// store; shared through this cell, the post-mix leaves its part here, the pre-mix adds its
+/// own in its kernel, and the projection adds the last and returns the sum, once. Their
+/// backward passes run in that order: the post-mix's output is downstream of the pre-mix's
+/// (through the sublayer), and both read the projection's coefficients. The projection must
+/// therefore be in the graph whenever the cell is used (mHC's and Hc dynamic's coefficients).
+#[derive(Clone, Debug, Default)]
+pub struct StateGrad(Arc<Mutex<Option<Tensor>>>);
+
+impl StateGrad {
+    fn put(&self, grad: Tensor) {
+        *self.0.lock().expect("the lock is never poisoned") = Some(grad);
+    }
+
+    pub(super) fn take(&self) -> Option<Tensor> {
+        self.0.lock().expect("the lock is never poisoned").take()
+    }
+}
+
+/// (state (.., n, C), pre (.., n) f32) -> h (.., C). With `acc`, the state's gradient goes
+/// to the cell (see [`StateGrad`]).
+#[derive(Clone, Debug, Default)]
+pub struct PreMix {
+    pub acc: Option<StateGrad>,
+}
 
 /// (state (.., n, C), coef (.., n, n + 1) f32 = [res | post], out (.., C)) -> (.., n, C).
-#[derive(Clone, Copy, Debug)]
-pub struct PostMix;
+/// With `acc`, the state's gradient goes to the cell (see [`StateGrad`]).
+#[derive(Clone, Debug, Default)]
+pub struct PostMix {
+    pub acc: Option<StateGrad>,
+}
 
 /// The backward pieces, each one output: see `bwd` of the two ops.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum MixBwd {
     /// (pre, dh) -> dstate.
     PreState,
+    /// (pre, dh, add) -> add + dstate.
+    PreStateAdd,
     /// (state, dh) -> dpre (f32).
     PrePre,
     /// (coef, dy) -> [dstate | dout], flat: every token's dstate (.., n, C), then every
@@ -113,9 +144,18 @@ impl CustomOp2 for PreMix {
         dh: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let dh = dh.contiguous()?;
-        let ds = pre.apply_op2_no_bwd(&dh, &MixBwd::PreState)?;
+        let ds = match self.acc.as_ref().and_then(StateGrad::take) {
+            Some(add) => pre.apply_op3_no_bwd(&dh, &add, &MixBwd::PreStateAdd)?,
+            None => pre.apply_op2_no_bwd(&dh, &MixBwd::PreState)?,
+        };
         let dpre = s.apply_op2_no_bwd(&dh, &MixBwd::PrePre)?;
-        Ok((Some(ds), Some(dpre)))
+        match &self.acc {
+            Some(acc) => {
+                acc.put(ds);
+                Ok((None, Some(dpre)))
+            }
+            None => Ok((Some(ds), Some(dpre))),
+        }
     }
 }
 
@@ -193,7 +233,13 @@ impl CustomOp3 for PostMix {
         let ds = g.narrow(0, 0, split)?.reshape(s.shape())?;
         let dout = g.narrow(0, split, out.elem_count())?.reshape(out.shape())?;
         let dcoef = s.apply_op3_no_bwd(out, &dy, &MixBwd::PostCoef)?;
-        Ok((Some(ds), Some(dcoef), Some(dout)))
+        match &self.acc {
+            Some(acc) => {
+                acc.put(ds);
+                Ok((None, Some(dcoef), Some(dout)))
+            }
+            None => Ok((Some(ds), Some(dcoef), Some(dout))),
+        }
     }
 }
 
@@ -202,6 +248,7 @@ impl MixBwd {
     fn kernel(self) -> &'static str {
         match self {
             MixBwd::PreState => "premix_bwd_s",
+            MixBwd::PreStateAdd => "premix_bwd_sa",
             MixBwd::PrePre => "premix_bwd_pre",
             MixBwd::PostStateOut => "postmix_bwd_g",
             MixBwd::PostCoef => "postmix_bwd_coef",
@@ -213,7 +260,7 @@ impl MixBwd {
 fn bwd_dims(op: MixBwd, l1: &Layout, l2: &Layout) -> Result<(usize, usize, usize)> {
     match op {
         // (pre (.., n), dh (.., C)) and (coef (.., n, n+1), dy (.., n, C)).
-        MixBwd::PreState => {
+        MixBwd::PreState | MixBwd::PreStateAdd => {
             let n = *l1.dims().last().unwrap_or(&0);
             let c = *l2.dims().last().unwrap_or(&0);
             Ok((l2.shape().elem_count() / c.max(1), n, c))
@@ -283,7 +330,9 @@ impl CustomOp2 for MixBwd {
                 }
                 (cpu_storage(g, dtype), Shape::from(tokens * m * c))
             }
-            MixBwd::PostCoef => bail!("post-mix coefficients' gradient takes three inputs"),
+            MixBwd::PostCoef | MixBwd::PreStateAdd => {
+                bail!("{} takes three inputs", self.kernel())
+            }
         })
     }
 
@@ -327,7 +376,9 @@ impl CustomOp2 for MixBwd {
                 )?;
                 (out, Shape::from(tokens * (n + 1) * c))
             }
-            MixBwd::PostCoef => bail!("post-mix coefficients' gradient takes three inputs"),
+            MixBwd::PostCoef | MixBwd::PreStateAdd => {
+                bail!("{} takes three inputs", self.kernel())
+            }
         })
     }
 }
@@ -346,6 +397,22 @@ impl CustomOp3 for MixBwd {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
+        if *self == MixBwd::PreStateAdd {
+            // add + pre (x) dh, in the state's shape: the two-input op's ds, then the sum.
+            let (ds, shape) = CustomOp2::cpu_fwd(&MixBwd::PreState, s1, l1, s2, l2)?;
+            let (ds, dtype) = cpu_values(&ds, &Layout::contiguous(&shape), self.kernel())?;
+            let (add, _) = cpu_values(s3, l3, self.kernel())?;
+            if add.len() != ds.len() {
+                bail!(
+                    "{}: {:?} to add to {:?}",
+                    self.kernel(),
+                    l3.dims(),
+                    shape.dims()
+                );
+            }
+            let sum = ds.iter().zip(&add).map(|(a, b)| a + b).collect();
+            return Ok((cpu_storage(sum, dtype), shape));
+        }
         if *self != MixBwd::PostCoef {
             bail!("{} takes two inputs", self.kernel());
         }
@@ -379,7 +446,32 @@ impl CustomOp3 for MixBwd {
         s3: &candle_core::CudaStorage,
         l3: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        use super::cuda::MixArg::T;
+        use super::cuda::MixArg::{F32, T};
+        if *self == MixBwd::PreStateAdd {
+            let (tokens, n, c) = bwd_dims(*self, l1, l2)?;
+            if l3.shape().elem_count() != tokens * n * c {
+                bail!(
+                    "{}: {:?} to add for {tokens} x {n} x {c}",
+                    self.kernel(),
+                    l3.dims()
+                );
+            }
+            let mut shape = l2.dims().to_vec();
+            shape.insert(shape.len() - 1, n);
+            let args = [F32(s1, l1), T(s2, l2), T(s3, l3)];
+            let dtype = s2.dtype();
+            let out = super::cuda::mix(
+                self.kernel(),
+                dtype,
+                &args,
+                tokens,
+                tokens * n * c,
+                false,
+                n,
+                c,
+            )?;
+            return Ok((out, Shape::from(shape)));
+        }
         if *self != MixBwd::PostCoef {
             bail!("{} takes two inputs", self.kernel());
         }

@@ -60,7 +60,7 @@ pub use gate::{SigmoidGate, SigmoidGateBwd};
 pub use head::{HeadPrep, HeadPrepBwd};
 pub use head_loss::linear_cross_entropy_sum;
 pub use linear::FusedLinear;
-pub use mix::{MixBwd, PostMix, PreMix, MAX_STREAMS};
+pub use mix::{MixBwd, PostMix, PreMix, StateGrad, MAX_STREAMS};
 pub use mlp::FusedMlp;
 pub use muon_step::{
     muon_apply, muon_prepare, row_sum_squares, MuonApply, MuonMomentum, MuonScale, RowSumSq,

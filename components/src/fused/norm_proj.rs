@@ -11,20 +11,26 @@
 
 use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
 
-use super::{cpu_storage, cpu_values};
+use super::{cpu_storage, cpu_values, StateGrad};
 
 /// Most logits a token the kernels take (mHC's 2n + n^2 for n up to 6).
 pub const NORM_PROJ_MAX_COLS: usize = 64;
 
 /// (x (N, K) f32 or bf16, phi (K, M) f32) -> z_ext (N, M + 1) f32 = [r (x phi) | r].
-#[derive(Clone, Copy, Debug)]
+/// With `acc`, the backward pass adds x's gradient to the state gradient the sublayer's
+/// mixing ops left there and hands autograd the sum (see [`StateGrad`]).
+#[derive(Clone, Debug)]
 pub struct NormProj {
     pub eps: f32,
+    pub acc: Option<StateGrad>,
 }
 
-/// (x, phi, dzz (N, 2 (M + 1)) = [dz_ext | z_ext]) -> dx (N, K) in x's dtype.
-#[derive(Clone, Copy, Debug)]
-pub struct NormProjBwdX;
+/// (x, phi, dzz (N, 2 (M + 1)) = [dz_ext | z_ext]) -> dx (N, K) in x's dtype, plus `add`
+/// (x's shape and dtype) where given.
+#[derive(Clone, Debug, Default)]
+pub struct NormProjBwdX {
+    pub add: Option<Tensor>,
+}
 
 /// (x, dzz) -> dphi (K, M) f32.
 #[derive(Clone, Copy, Debug)]
@@ -35,13 +41,17 @@ pub struct NormProjBwdPhi;
 /// n C), f32 whatever x's dtype: (N, M). One op on CUDA, the composite (f32 copy, RMSNorm,
 /// matmul) on the CPU. On the GPU the state is not reshaped to rows first: the reshape would
 /// be a node whose state-sized gradient candle zero-fills and adds.
-pub fn norm_proj(x: &Tensor, phi: &Tensor, eps: f64) -> Result<Tensor> {
+///
+/// `acc`: the state's gradient shared with the sublayer's mixing ops (CUDA only).
+pub fn norm_proj(x: &Tensor, phi: &Tensor, eps: f64, acc: Option<&StateGrad>) -> Result<Tensor> {
     let (k, m) = phi.dims2()?;
     if x.device().is_cuda() && m <= NORM_PROJ_MAX_COLS {
         let phi = phi.to_dtype(DType::F32)?.contiguous()?;
-        let z = x
-            .contiguous()?
-            .apply_op2(&phi, NormProj { eps: eps as f32 })?;
+        let op = NormProj {
+            eps: eps as f32,
+            acc: acc.cloned(),
+        };
+        let z = x.contiguous()?.apply_op2(&phi, op)?;
         return z.narrow(1, 0, m);
     }
     let rows = x.reshape(((), k))?;
@@ -161,7 +171,10 @@ impl CustomOp2 for NormProj {
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         // r's own column of dz_ext is zero: only z leaves the op (see `norm_proj`).
         let dzz = Tensor::cat(&[dz_ext, z_ext], 1)?.contiguous()?;
-        let dx = x.apply_op3_no_bwd(phi, &dzz, &NormProjBwdX)?;
+        // Upstream of the sublayer's mixing ops, this op's backward pass runs last: it adds
+        // their part of the state's gradient and returns the whole.
+        let add = self.acc.as_ref().and_then(StateGrad::take);
+        let dx = x.apply_op3_no_bwd(phi, &dzz, &NormProjBwdX { add })?;
         let dphi = x.apply_op2_no_bwd(&dzz, &NormProjBwdPhi)?;
         Ok((Some(dx), Some(dphi)))
     }
@@ -196,7 +209,12 @@ impl CustomOp3 for NormProjBwdX {
         let (x, dtype) = cpu_values(s1, l1, self.name())?;
         let (phi, _) = cpu_values(s2, l2, self.name())?;
         let (dzz, _) = cpu_values(s3, l3, self.name())?;
-        let dx = cpu_bwd_x(&x, &phi, &dzz, n, k, m);
+        let mut dx = cpu_bwd_x(&x, &phi, &dzz, n, k, m);
+        if let Some(add) = &self.add {
+            check_add(add, l1)?;
+            let add = add.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+            dx.iter_mut().zip(add).for_each(|(d, a)| *d += a);
+        }
         Ok((cpu_storage(dx, dtype), l1.shape().clone()))
     }
 
@@ -214,9 +232,32 @@ impl CustomOp3 for NormProjBwdX {
         if dzz_cols(n, l1, l3)? != m {
             bail!("norm-proj backward: dzz {:?} for M = {m}", l3.dims());
         }
-        let dx = super::cuda::norm_proj_bwd_x(s1, l1, s2, l2, s3, l3, n, k, m)?;
+        let dx = match &self.add {
+            Some(add) => {
+                check_add(add, l1)?;
+                let (storage, layout) = add.storage_and_layout();
+                let candle_core::Storage::Cuda(a) = &*storage else {
+                    bail!("norm-proj backward: the gradient to add is not on the GPU");
+                };
+                let add = Some((a, layout));
+                super::cuda::norm_proj_bwd_x(s1, l1, s2, l2, s3, l3, add, n, k, m)?
+            }
+            None => super::cuda::norm_proj_bwd_x(s1, l1, s2, l2, s3, l3, None, n, k, m)?,
+        };
         Ok((dx, l1.shape().clone()))
     }
+}
+
+/// The gradient to add must have x's shape and dtype, contiguous.
+fn check_add(add: &Tensor, lx: &Layout) -> Result<()> {
+    if add.dims() != lx.dims() || !add.is_contiguous() {
+        bail!(
+            "norm-proj backward: a gradient {:?} to add to x {:?}",
+            add.dims(),
+            lx.dims()
+        );
+    }
+    Ok(())
 }
 
 /// (N, K, M) of the phi gradient's inputs x (rows of K) and dzz (N, 2 (M + 1)).

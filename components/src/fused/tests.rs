@@ -332,10 +332,12 @@ fn cuda_kernels_match_the_cpu_ops() -> Result<()> {
                 .iter()
                 .map(|x| Var::from_tensor(&x.to_device(d)?))
                 .collect::<Result<_>>()?;
-            let h = vs[0].as_tensor().apply_op2(vs[1].as_tensor(), PreMix)?;
+            let h = vs[0]
+                .as_tensor()
+                .apply_op2(vs[1].as_tensor(), PreMix::default())?;
             let y = vs[0]
                 .as_tensor()
-                .apply_op3(vs[2].as_tensor(), &h, PostMix)?;
+                .apply_op3(vs[2].as_tensor(), &h, PostMix::default())?;
             let grads = (y.to_dtype(DType::F32)? * w.to_device(d)?)?
                 .sum_all()?
                 .backward()?;
@@ -617,14 +619,14 @@ fn stream_mixing_ops_match_the_matrix_products() -> Result<()> {
     let run = |fused: bool| -> Result<Vec<Tensor>> {
         let st = s.as_tensor();
         let h = if fused {
-            st.apply_op2(pre.as_tensor(), PreMix)?
+            st.apply_op2(pre.as_tensor(), PreMix::default())?
         } else {
             pre.as_tensor().unsqueeze(2)?.matmul(st)?.squeeze(2)?
         };
         let out = h.sqr()?;
         let y = if fused {
             let coef = Tensor::cat(&[res.as_tensor(), &post.as_tensor().unsqueeze(3)?], 3)?;
-            st.apply_op3(&coef, &out, PostMix)?
+            st.apply_op3(&coef, &out, PostMix::default())?
         } else {
             let carried = res.as_tensor().matmul(st)?;
             (carried + post.as_tensor().unsqueeze(3)?.matmul(&out.unsqueeze(2)?)?)?
@@ -892,9 +894,13 @@ fn sum_squares_by_hand() -> Result<()> {
 fn norm_proj_both(x: &Tensor, phi: &Tensor, fused: bool, seed: u64) -> Result<Vec<Tensor>> {
     let (xv, pv) = (Var::from_tensor(x)?, Var::from_tensor(phi)?);
     let z = if fused {
-        let ext = xv
-            .as_tensor()
-            .apply_op2(pv.as_tensor(), NormProj { eps: 1e-6 })?;
+        let ext = xv.as_tensor().apply_op2(
+            pv.as_tensor(),
+            NormProj {
+                eps: 1e-6,
+                acc: None,
+            },
+        )?;
         ext.narrow(1, 0, phi.dim(1)?)?
     } else {
         let x32 = xv.as_tensor().to_dtype(DType::F32)?;
@@ -928,7 +934,13 @@ fn norm_proj_op_matches_the_composite_forward_and_backward() -> Result<()> {
             );
         }
         // The op's last column is r itself.
-        let ext = x.apply_op2(&phi, NormProj { eps: 1e-6 })?;
+        let ext = x.apply_op2(
+            &phi,
+            NormProj {
+                eps: 1e-6,
+                acc: None,
+            },
+        )?;
         let r = ext.narrow(1, m, 1)?.squeeze(1)?;
         let want = (x.sqr()?.mean(1)? + 1e-6)?.sqrt()?.recip()?;
         assert!(max_diff(&r, &want)? < 1e-6);
@@ -1197,6 +1209,86 @@ fn norm_proj_op_takes_the_state_as_it_is() -> Result<()> {
     for (i, (a, b)) in fused.iter().zip(&composite).enumerate() {
         let d = max_diff(&a.reshape(b.shape())?, b)?;
         assert!(d < 1e-5, "#{i}: {d}");
+    }
+    Ok(())
+}
+
+/// One mHC-shaped sublayer through the ops: coefficients from the normed projection of the
+/// state, the pre-mix, a sublayer, the post-mix; `shared` passes the three readers of the
+/// state one gradient cell. Returns the output and the gradients of the state and of phi.
+fn mixed_sublayer(state: &Tensor, phi: &Tensor, shared: bool) -> Result<Vec<Tensor>> {
+    let (b, t, n, _) = state.dims4()?;
+    let (sv, pv) = (Var::from_tensor(state)?, Var::from_tensor(phi)?);
+    let acc = shared.then(StateGrad::default);
+    let op = NormProj {
+        eps: 1e-6,
+        acc: acc.clone(),
+    };
+    let z = sv
+        .as_tensor()
+        .apply_op2(pv.as_tensor(), op)?
+        .narrow(1, 0, n + n * (n + 1))?;
+    let pre = crate::nn::sigmoid(&z.narrow(1, 0, n)?)?.reshape((b, t, n))?;
+    let coef = z
+        .narrow(1, n, n * (n + 1))?
+        .reshape((b, t, n, n + 1))?
+        .contiguous()?;
+    let premix = PreMix { acc: acc.clone() };
+    let h = sv.as_tensor().apply_op2(&pre.contiguous()?, premix)?;
+    let out = (h * 2.0)?.tanh()?;
+    let y = sv.as_tensor().apply_op3(&coef, &out, PostMix { acc })?;
+    let w = randn(192, y.shape(), 1.0)?.to_device(y.device())?;
+    let grads = (y.to_dtype(DType::F32)? * &w)?.sum_all()?.backward()?;
+    Ok(vec![
+        y,
+        grads.get(sv.as_tensor()).expect("dstate").clone(),
+        grads.get(pv.as_tensor()).expect("dphi").clone(),
+    ])
+}
+
+#[test]
+fn the_states_readers_sum_its_gradient_in_one_cell() -> Result<()> {
+    // The same values and gradients whether each reader returns its part of the state's
+    // gradient to autograd or the three share the cell, the projection returning the sum.
+    let state = randn(190, (2, 3, 4, 5), 1.0)?;
+    let phi = randn(191, (20, 24), 0.3)?;
+    let (apart, shared) = (
+        mixed_sublayer(&state, &phi, false)?,
+        mixed_sublayer(&state, &phi, true)?,
+    );
+    for (i, (a, b)) in apart.iter().zip(&shared).enumerate() {
+        assert!(max_diff(a, b)? < 1e-6, "#{i}: {}", max_diff(a, b)?);
+    }
+    Ok(())
+}
+
+/// On a GPU: the shared state gradient's kernels (the pre-mix's and the projection's with the
+/// gradient so far added) against the CPU ops, at a width of 256 and 4 streams.
+#[cfg(feature = "cuda")]
+#[test]
+fn the_shared_state_gradient_matches_on_the_gpu() -> Result<()> {
+    let Some(gpu) = gpu() else {
+        return Ok(());
+    };
+    let state = randn(193, (2, 64, 4, 256), 1.0)?;
+    let phi = randn(194, (1024, 24), 0.05)?;
+    for dtype in [DType::F32, DType::BF16] {
+        let tol = if dtype == DType::F32 { 1e-4 } else { 3e-2 };
+        let cpu = mixed_sublayer(&state.to_dtype(dtype)?, &phi, false)?;
+        let cuda = mixed_sublayer(
+            &state.to_dtype(dtype)?.to_device(&gpu)?,
+            &phi.to_device(&gpu)?,
+            true,
+        )?;
+        for (i, (a, b)) in cpu.iter().zip(&cuda).enumerate() {
+            let scale = a
+                .to_dtype(DType::F32)?
+                .abs()?
+                .max_all()?
+                .to_scalar::<f32>()?;
+            let d = max_diff(a, &b.to_device(&Device::Cpu)?)? / (1.0 + scale);
+            assert!(d < tol, "{dtype:?} #{i}: {d}");
+        }
     }
     Ok(())
 }

@@ -13,7 +13,7 @@ use registry::{Dims, Entry, Init, ParamBuilder, ParamDoc, Probe, Residual, Role,
 use serde::{Deserialize, Serialize};
 
 use super::{check_streams, connect, identity, merge, replicate, token_mean};
-use crate::fused::norm_proj;
+use crate::fused::{norm_proj, StateGrad};
 use crate::nn::NORM_EPS;
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -81,7 +81,7 @@ impl Connection {
         })
     }
 
-    fn coefficients(&self, state: &Tensor) -> Result<Coefficients> {
+    fn coefficients(&self, state: &Tensor, acc: Option<&StateGrad>) -> Result<Coefficients> {
         let lift = |t: &Tensor| t.unsqueeze(0)?.unsqueeze(0);
         let (a_m, a_r, b) = (lift(&self.a_m)?, lift(&self.a_r)?, lift(&self.b)?);
         let Some(d) = &self.dynamic else {
@@ -90,7 +90,7 @@ impl Connection {
         let (bs, t, n, _) = state.dims4()?;
         // Coefficients in f32 whatever the activations' dtype (`connect` casts them): each
         // stream row's RMSNorm and projection, one op on CUDA (fused/norm_proj.rs).
-        let z = norm_proj(state, &d.w, NORM_EPS)?
+        let z = norm_proj(state, &d.w, NORM_EPS, acc)?
             .tanh()?
             .reshape((bs, t, n, n + 2))?;
         let alpha = |x: Tensor| x.broadcast_mul(&d.s_alpha);
@@ -120,9 +120,21 @@ impl Stream for HcStream {
         state: &Tensor,
         f: &dyn Fn(&Tensor) -> Result<Tensor>,
     ) -> Result<Tensor> {
-        let co = self.connections[k].coefficients(state)?;
+        // Dynamic coefficients come from the normed projection of the state, which then
+        // shares the state's gradient buffer with the mixing (fused/mix.rs `StateGrad`);
+        // static ones have no such reader.
+        let connection = &self.connections[k];
+        let acc = connection.dynamic.as_ref().map(|_| StateGrad::default());
+        let co = connection.coefficients(state, acc.as_ref())?;
         // h = A_m^T H, H' = A_r^T H + B^T F(h).
-        connect(state, &co.a_m, &co.a_r.transpose(2, 3)?, &co.b, f)
+        connect(
+            state,
+            &co.a_m,
+            &co.a_r.transpose(2, 3)?,
+            &co.b,
+            f,
+            acc.as_ref(),
+        )
     }
 
     fn reduce(&self, state: &Tensor) -> Result<Tensor> {
@@ -130,7 +142,7 @@ impl Stream for HcStream {
     }
 
     fn probe(&self, k: usize, state: &Tensor) -> Result<Probe> {
-        let a_r = self.connections[k].coefficients(state)?.a_r;
+        let a_r = self.connections[k].coefficients(state, None)?.a_r;
         Ok(Probe {
             mixing: Some(token_mean(&a_r, self.n)?.t()?.contiguous()?),
             extra: Vec::new(),

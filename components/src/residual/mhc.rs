@@ -22,7 +22,7 @@ use registry::{Dims, Entry, Init, ParamBuilder, ParamDoc, Probe, Residual, Role,
 use serde::{Deserialize, Serialize};
 
 use super::{check_streams, connect, identity, merge, replicate, sinkhorn, token_mean};
-use crate::fused::norm_proj;
+use crate::fused::{norm_proj, StateGrad};
 use crate::nn::{sigmoid, NORM_EPS};
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -75,13 +75,18 @@ struct MhcStream {
 }
 
 impl MhcStream {
-    fn coefficients(&self, k: usize, state: &Tensor) -> Result<Coefficients> {
+    fn coefficients(
+        &self,
+        k: usize,
+        state: &Tensor,
+        acc: Option<&StateGrad>,
+    ) -> Result<Coefficients> {
         let c = &self.connections[k];
         let n = self.n;
         let (b, t, _, _) = state.dims4()?;
         // RMSNorm over each token's n C values and the projection, in f32 (one op on CUDA,
         // taking the state as it is: rows of n C).
-        let z = norm_proj(state, &c.phi, NORM_EPS)?; // (BT, 2n + n^2)
+        let z = norm_proj(state, &c.phi, NORM_EPS, acc)?; // (BT, 2n + n^2)
         let a = |i: usize| c.a.narrow(0, i, 1);
         let part = |start: usize, len: usize, i: usize, bias: &Tensor| -> Result<Tensor> {
             z.narrow(D::Minus1, start, len)?
@@ -111,8 +116,10 @@ impl Stream for MhcStream {
         state: &Tensor,
         f: &dyn Fn(&Tensor) -> Result<Tensor>,
     ) -> Result<Tensor> {
-        let co = self.coefficients(k, state)?;
-        connect(state, &co.pre, &co.res, &co.post, f)
+        // The state's three readers share one gradient buffer (fused/mix.rs `StateGrad`).
+        let acc = StateGrad::default();
+        let co = self.coefficients(k, state, Some(&acc))?;
+        connect(state, &co.pre, &co.res, &co.post, f, Some(&acc))
     }
 
     fn reduce(&self, state: &Tensor) -> Result<Tensor> {
@@ -120,7 +127,7 @@ impl Stream for MhcStream {
     }
 
     fn probe(&self, k: usize, state: &Tensor) -> Result<Probe> {
-        let res = self.coefficients(k, state)?.res;
+        let res = self.coefficients(k, state, None)?.res;
         let err = |dim: D| -> Result<f32> {
             (res.sum(dim)? - 1.0)?
                 .abs()?

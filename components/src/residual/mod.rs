@@ -9,7 +9,7 @@ pub mod prenorm;
 use candle_core::{DType, Result, Tensor, D};
 
 use crate::fused::{
-    PostMix, PreMix, Sinkhorn, MAX_STREAMS, SINKHORN_MAX_ITERS, SINKHORN_MAX_STREAMS,
+    PostMix, PreMix, Sinkhorn, StateGrad, MAX_STREAMS, SINKHORN_MAX_ITERS, SINKHORN_MAX_STREAMS,
 };
 
 /// Embedding (B, T, C) -> n identical streams (B, T, n, C), as both HC papers start.
@@ -29,13 +29,16 @@ pub(crate) fn merge(state: &Tensor) -> Result<Tensor> {
 /// x' = res x + post F(pre^T x) on the stream axis of x (B, T, n, C), with pre and post
 /// (.., n, 1) and res (.., n, n) whose leading dimensions are (B, T) or broadcast from (1, 1).
 /// Matmuls, not broadcast multiply-and-sum: candle's CPU reductions over a size-n axis are
-/// far slower. The coefficients are cast to the state's dtype.
+/// far slower. The coefficients are cast to the state's dtype. `acc`: the state's gradient
+/// cell shared with the coefficients' normed projection (fused/mix.rs `StateGrad`), for the
+/// schemes whose coefficients come from it.
 pub(crate) fn connect(
     state: &Tensor,
     pre: &Tensor,
     res: &Tensor,
     post: &Tensor,
     f: &dyn Fn(&Tensor) -> Result<Tensor>,
+    acc: Option<&StateGrad>,
 ) -> Result<Tensor> {
     let (b, t, n, _) = state.dims4()?;
     if state.device().is_cuda() && n <= MAX_STREAMS {
@@ -47,10 +50,10 @@ pub(crate) fn connect(
         };
         let state = state.contiguous()?;
         let pre = per_token(pre, 1)?.squeeze(3)?;
-        let h = state.apply_op2(&pre, PreMix)?;
+        let h = state.apply_op2(&pre, PreMix { acc: acc.cloned() })?;
         let out = f(&h)?.contiguous()?;
         let coef = Tensor::cat(&[per_token(res, n)?, per_token(post, 1)?], 3)?;
-        return state.apply_op3(&coef, &out, PostMix);
+        return state.apply_op3(&coef, &out, PostMix { acc: acc.cloned() });
     }
     let dtype = state.dtype();
     let h = pre
