@@ -506,8 +506,10 @@ pub enum MixArg<'a> {
     F32(&'a CudaStorage, &'a Layout),
 }
 
-/// Launches `kernel`_{dtype}(inputs..., output, n, c) over `tokens` (one block each); the
-/// output has `len` elements, f32 or the compute dtype.
+/// Launches `kernel`_{dtype}(inputs..., output, n, c, tokens) (`kernel`_n4_{dtype} for four
+/// streams) over `tokens`; the output has `len` elements, f32 or the compute dtype. The f32
+/// outputs are the coefficients' gradients, sums over each token's channels: a warp a token
+/// (eight a block); the others a block a token.
 #[allow(clippy::too_many_arguments)]
 pub fn mix(
     kernel: &str,
@@ -523,14 +525,16 @@ pub fn mix(
         MixArg::T(s, _) | MixArg::F32(s, _) => *s,
     };
     let dev = first.device();
-    let name = format!("{kernel}_{}", suffix(dtype)?);
+    let streams = if n == 4 { "_n4" } else { "" };
+    let name = format!("{kernel}{streams}_{}", suffix(dtype)?);
     let func = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
+    let blocks = if out_f32 { tokens.div_ceil(8) } else { tokens };
     let cfg = LaunchConfig {
-        grid_dim: (tokens as u32, 1, 1),
+        grid_dim: (blocks as u32, 1, 1),
         block_dim: (256, 1, 1),
         shared_mem_bytes: 0,
     };
-    let (n32, c32) = (n as i32, c as i32);
+    let (n32, c32, tokens32) = (n as i32, c as i32, tokens as i32);
     macro_rules! run {
         ($t:ty) => {{
             let f32s: Vec<CudaView<f32>> = args
@@ -563,14 +567,14 @@ pub fn mix(
             }
             let result = if out_f32 {
                 let o = out::<f32>(dev, len)?;
-                b.arg(&o).arg(&n32).arg(&c32);
+                b.arg(&o).arg(&n32).arg(&c32).arg(&tokens32);
                 // SAFETY: one block per token reads its inputs and writes its `len / tokens`
                 // outputs.
                 unsafe { b.launch(cfg) }.w()?;
                 CudaStorage::wrap_cuda_slice(o, dev.clone())
             } else {
                 let o = out::<$t>(dev, len)?;
-                b.arg(&o).arg(&n32).arg(&c32);
+                b.arg(&o).arg(&n32).arg(&c32).arg(&tokens32);
                 // SAFETY: as above.
                 unsafe { b.launch(cfg) }.w()?;
                 CudaStorage::wrap_cuda_slice(o, dev.clone())

@@ -488,80 +488,96 @@ FOR_DTYPES(HEAD_KERNELS)
 // Multi-stream residual mixing (HC, mHC), per token: the state s is (n, c), coefficients f32.
 //   pre-mix:  h[c] = sum_i pre[i] s[i][c]
 //   post-mix: y[j][c] = sum_i res[j][i] s[i][c] + post[j] out[c], coef = [res | post] (n, n+1)
-// One block per token; threads stride over the channels; per-token sums over the channels
-// (the coefficients' gradients) are reduced across the block.
+// One block per token, threads striding over the channels; the coefficients' gradients (sums
+// over the channels) one warp per token, reduced with shuffles. Every kernel comes twice: for
+// any n <= MAXN, and for n = 4 (the papers' and the benchmarks'), where the per-token arrays
+// have compile-time indices and live in registers (with a run-time n they went to local
+// memory: the post-mix coefficients' gradient ran at a seventh of the memory's speed).
+// `tokens` is every kernel's last argument.
 #define MAXN 8
 
-// Sums k values of every thread over the block; the results land in out[0..k].
-__device__ void block_sums(float* v, int k, float* scratch /* 32 * k */, float* out) {
-    int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
-    for (int q = 0; q < k; q++) {
-        float x = v[q];
-        for (int o = 16; o > 0; o /= 2) x += __shfl_xor_sync(0xffffffff, x, o);
-        if (lane == 0) scratch[warp * k + q] = x;
-    }
-    __syncthreads();
-    for (int q = threadIdx.x; q < k; q += blockDim.x) {
-        float x = 0.0f;
-        for (int w = 0; w < warps; w++) x += scratch[w * k + q];
-        out[q] = x;
-    }
+__device__ __forceinline__ float warp_sum(float x) {
+    for (int o = 16; o > 0; o /= 2) x += __shfl_xor_sync(0xffffffff, x, o);
+    return x;
 }
 
-template <typename T>
-__device__ void premix_fwd(const T* s, const float* pre, T* h, int n, int c) {
+template <typename T, int NN>
+__device__ void premix_fwd(const T* s, const float* pre, T* h, int n_arg, int c) {
+    const int n = NN ? NN : n_arg;
     size_t tok = blockIdx.x;
     const T* st = s + tok * n * c;
     const float* p = pre + tok * n;
     for (int ch = threadIdx.x; ch < c; ch += blockDim.x) {
         float acc = 0.0f;
-        for (int i = 0; i < n; i++) acc += p[i] * to_f(st[i * c + ch]);
+#pragma unroll
+        for (int i = 0; i < (NN ? NN : MAXN); i++)
+            if (i < n) acc += p[i] * to_f(st[i * c + ch]);
         h[tok * c + ch] = from_f<T>(acc);
     }
 }
 
 // ds[i][c] = pre[i] dh[c], plus add[i][c] where given: the state's gradient so far
 // (fused/mix.rs `StateGrad`).
-template <typename T>
-__device__ void premix_bwd_s(const float* pre, const T* dh, const T* add, T* ds, int n, int c) {
+template <typename T, int NN>
+__device__ void premix_bwd_s(const float* pre, const T* dh, const T* add, T* ds, int n_arg,
+                             int c) {
+    const int n = NN ? NN : n_arg;
     size_t tok = blockIdx.x;
     const float* p = pre + tok * n;
     for (int ch = threadIdx.x; ch < c; ch += blockDim.x) {
         float g = to_f(dh[tok * c + ch]);
-        for (int i = 0; i < n; i++) {
+#pragma unroll
+        for (int i = 0; i < (NN ? NN : MAXN); i++) {
+            if (i >= n) break;
             size_t at = (tok * n + i) * c + ch;
             ds[at] = from_f<T>((add ? to_f(add[at]) : 0.0f) + p[i] * g);
         }
     }
 }
 
-// dpre[i] = sum_c s[i][c] dh[c] (f32).
-template <typename T>
-__device__ void premix_bwd_pre(const T* s, const T* dh, float* dpre, int n, int c) {
-    __shared__ float scratch[32 * MAXN];
-    size_t tok = blockIdx.x;
+// dpre[i] = sum_c s[i][c] dh[c] (f32), a warp a token.
+template <typename T, int NN>
+__device__ void premix_bwd_pre(const T* s, const T* dh, float* dpre, int n_arg, int c,
+                               int tokens) {
+    const int n = NN ? NN : n_arg;
+    size_t tok = (size_t)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+    if (tok >= (size_t)tokens) return;
+    int lane = threadIdx.x % 32;
     const T* st = s + tok * n * c;
     float acc[MAXN];
-    for (int i = 0; i < n; i++) acc[i] = 0.0f;
-    for (int ch = threadIdx.x; ch < c; ch += blockDim.x) {
+#pragma unroll
+    for (int i = 0; i < MAXN; i++) acc[i] = 0.0f;
+    for (int ch = lane; ch < c; ch += 32) {
         float g = to_f(dh[tok * c + ch]);
-        for (int i = 0; i < n; i++) acc[i] += to_f(st[i * c + ch]) * g;
+#pragma unroll
+        for (int i = 0; i < (NN ? NN : MAXN); i++)
+            if (i < n) acc[i] += to_f(st[i * c + ch]) * g;
     }
-    block_sums(acc, n, scratch, dpre + tok * n);
+#pragma unroll
+    for (int i = 0; i < (NN ? NN : MAXN); i++) {
+        float v = warp_sum(acc[i]);
+        if (i < n && lane == 0) dpre[tok * n + i] = v;
+    }
 }
 
-template <typename T>
-__device__ void postmix_fwd(const T* s, const float* coef, const T* out, T* y, int n, int c) {
+template <typename T, int NN>
+__device__ void postmix_fwd(const T* s, const float* coef, const T* out, T* y, int n_arg, int c) {
+    const int n = NN ? NN : n_arg;
     size_t tok = blockIdx.x;
     const T* st = s + tok * n * c;
     const float* k = coef + tok * n * (n + 1);
     for (int ch = threadIdx.x; ch < c; ch += blockDim.x) {
         float x[MAXN];
-        for (int i = 0; i < n; i++) x[i] = to_f(st[i * c + ch]);
+#pragma unroll
+        for (int i = 0; i < (NN ? NN : MAXN); i++) x[i] = i < n ? to_f(st[i * c + ch]) : 0.0f;
         float o = to_f(out[tok * c + ch]);
-        for (int j = 0; j < n; j++) {
+#pragma unroll
+        for (int j = 0; j < (NN ? NN : MAXN); j++) {
+            if (j >= n) break;
             float acc = k[j * (n + 1) + n] * o;
-            for (int i = 0; i < n; i++) acc += k[j * (n + 1) + i] * x[i];
+#pragma unroll
+            for (int i = 0; i < (NN ? NN : MAXN); i++)
+                if (i < n) acc += k[j * (n + 1) + i] * x[i];
             y[(tok * n + j) * c + ch] = from_f<T>(acc);
         }
     }
@@ -570,17 +586,24 @@ __device__ void postmix_fwd(const T* s, const float* coef, const T* out, T* y, i
 // From dy (n, c): ds[i][c] = sum_j res[j][i] dy[j][c] and dout[c] = sum_j post[j] dy[j][c].
 // g holds every token's ds (tokens, n, c) and then every token's dout (tokens, c), so that
 // both are contiguous pieces of it (one block a token: tokens = gridDim.x).
-template <typename T>
-__device__ void postmix_bwd_g(const float* coef, const T* dy, T* g, int n, int c) {
+template <typename T, int NN>
+__device__ void postmix_bwd_g(const float* coef, const T* dy, T* g, int n_arg, int c) {
+    const int n = NN ? NN : n_arg;
     size_t tok = blockIdx.x;
     const float* k = coef + tok * n * (n + 1);
     T* dout = g + (size_t)gridDim.x * n * c;
     for (int ch = threadIdx.x; ch < c; ch += blockDim.x) {
         float d[MAXN];
-        for (int j = 0; j < n; j++) d[j] = to_f(dy[(tok * n + j) * c + ch]);
-        for (int i = 0; i <= n; i++) {
+#pragma unroll
+        for (int j = 0; j < (NN ? NN : MAXN); j++)
+            d[j] = j < n ? to_f(dy[(tok * n + j) * c + ch]) : 0.0f;
+#pragma unroll
+        for (int i = 0; i <= (NN ? NN : MAXN); i++) {
+            if (i > n) break;
             float acc = 0.0f;
-            for (int j = 0; j < n; j++) acc += k[j * (n + 1) + i] * d[j];
+#pragma unroll
+            for (int j = 0; j < (NN ? NN : MAXN); j++)
+                if (j < n) acc += k[j * (n + 1) + i] * d[j];
             if (i < n)
                 g[(tok * n + i) * c + ch] = from_f<T>(acc);
             else
@@ -589,57 +612,79 @@ __device__ void postmix_bwd_g(const float* coef, const T* dy, T* g, int n, int c
     }
 }
 
-// dcoef[j][i] = sum_c dy[j][c] s[i][c], dcoef[j][n] = sum_c dy[j][c] out[c] (f32).
-template <typename T>
-__device__ void postmix_bwd_coef(const T* s, const T* out, const T* dy, float* dcoef, int n,
-                                 int c) {
-    __shared__ float scratch[32 * MAXN * (MAXN + 1)];
-    size_t tok = blockIdx.x;
+// dcoef[j][i] = sum_c dy[j][c] s[i][c], dcoef[j][n] = sum_c dy[j][c] out[c] (f32), a warp a
+// token.
+template <typename T, int NN>
+__device__ void postmix_bwd_coef(const T* s, const T* out, const T* dy, float* dcoef, int n_arg,
+                                 int c, int tokens) {
+    const int n = NN ? NN : n_arg;
+    constexpr int NM = NN ? NN : MAXN;
+    size_t tok = (size_t)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+    if (tok >= (size_t)tokens) return;
+    int lane = threadIdx.x % 32;
     const T* st = s + tok * n * c;
-    int m = n * (n + 1);
-    float acc[MAXN * (MAXN + 1)];
-    for (int q = 0; q < m; q++) acc[q] = 0.0f;
-    for (int ch = threadIdx.x; ch < c; ch += blockDim.x) {
-        float x[MAXN + 1];
-        for (int i = 0; i < n; i++) x[i] = to_f(st[i * c + ch]);
-        x[n] = to_f(out[tok * c + ch]);
-        for (int j = 0; j < n; j++) {
-            float d = to_f(dy[(tok * n + j) * c + ch]);
-            for (int i = 0; i <= n; i++) acc[j * (n + 1) + i] += d * x[i];
+    float acc[NM * (NM + 1)];
+#pragma unroll
+    for (int q = 0; q < NM * (NM + 1); q++) acc[q] = 0.0f;
+    for (int ch = lane; ch < c; ch += 32) {
+        float x[NM + 1];
+#pragma unroll
+        for (int i = 0; i < NM; i++) x[i] = i < n ? to_f(st[i * c + ch]) : 0.0f;
+        x[NM] = to_f(out[tok * c + ch]);
+#pragma unroll
+        for (int j = 0; j < NM; j++) {
+            float d = j < n ? to_f(dy[(tok * n + j) * c + ch]) : 0.0f;
+#pragma unroll
+            for (int i = 0; i <= NM; i++) acc[j * (NM + 1) + i] += d * x[i];
         }
     }
-    block_sums(acc, m, scratch, dcoef + tok * m);
+    // acc[j][NM] holds the out column; token row j's n + 1 entries are [s_0.. s_{n-1}, out].
+    float* dst = dcoef + tok * n * (n + 1);
+#pragma unroll
+    for (int j = 0; j < NM; j++) {
+#pragma unroll
+        for (int i = 0; i <= NM; i++) {
+            float v = warp_sum(acc[j * (NM + 1) + i]);
+            if (lane == 0 && j < n) {
+                if (i < n) dst[j * (n + 1) + i] = v;
+                else if (i == NM) dst[j * (n + 1) + n] = v;
+            }
+        }
+    }
 }
 
-#define MIX_KERNELS(NAME, T)                                                                  \
-    extern "C" __global__ void premix_fwd_##NAME(const T* s, const float* pre, T* h, int n,    \
-                                                 int c) {                                     \
-        premix_fwd<T>(s, pre, h, n, c);                                                       \
+#define MIX_KERNELS_N(NAME, T, NN, SUF)                                                       \
+    extern "C" __global__ void premix_fwd##SUF##_##NAME(const T* s, const float* pre, T* h,    \
+                                                        int n, int c, int tokens) {           \
+        premix_fwd<T, NN>(s, pre, h, n, c);                                                   \
     }                                                                                         \
-    extern "C" __global__ void premix_bwd_s_##NAME(const float* pre, const T* dh, T* ds,       \
-                                                   int n, int c) {                            \
-        premix_bwd_s<T>(pre, dh, nullptr, ds, n, c);                                          \
+    extern "C" __global__ void premix_bwd_s##SUF##_##NAME(const float* pre, const T* dh,       \
+                                                          T* ds, int n, int c, int tokens) {  \
+        premix_bwd_s<T, NN>(pre, dh, nullptr, ds, n, c);                                      \
     }                                                                                         \
-    extern "C" __global__ void premix_bwd_sa_##NAME(const float* pre, const T* dh,             \
-                                                    const T* add, T* ds, int n, int c) {      \
-        premix_bwd_s<T>(pre, dh, add, ds, n, c);                                              \
+    extern "C" __global__ void premix_bwd_sa##SUF##_##NAME(                                   \
+        const float* pre, const T* dh, const T* add, T* ds, int n, int c, int tokens) {       \
+        premix_bwd_s<T, NN>(pre, dh, add, ds, n, c);                                          \
     }                                                                                         \
-    extern "C" __global__ void premix_bwd_pre_##NAME(const T* s, const T* dh, float* dpre,     \
-                                                     int n, int c) {                          \
-        premix_bwd_pre<T>(s, dh, dpre, n, c);                                                 \
+    extern "C" __global__ void premix_bwd_pre##SUF##_##NAME(const T* s, const T* dh,           \
+                                                            float* dpre, int n, int c,        \
+                                                            int tokens) {                     \
+        premix_bwd_pre<T, NN>(s, dh, dpre, n, c, tokens);                                     \
     }                                                                                         \
-    extern "C" __global__ void postmix_fwd_##NAME(const T* s, const float* coef, const T* out, \
-                                                  T* y, int n, int c) {                       \
-        postmix_fwd<T>(s, coef, out, y, n, c);                                                \
+    extern "C" __global__ void postmix_fwd##SUF##_##NAME(const T* s, const float* coef,        \
+                                                         const T* out, T* y, int n, int c,    \
+                                                         int tokens) {                        \
+        postmix_fwd<T, NN>(s, coef, out, y, n, c);                                            \
     }                                                                                         \
-    extern "C" __global__ void postmix_bwd_g_##NAME(const float* coef, const T* dy, T* g,      \
-                                                    int n, int c) {                           \
-        postmix_bwd_g<T>(coef, dy, g, n, c);                                                  \
+    extern "C" __global__ void postmix_bwd_g##SUF##_##NAME(const float* coef, const T* dy,     \
+                                                           T* g, int n, int c, int tokens) {  \
+        postmix_bwd_g<T, NN>(coef, dy, g, n, c);                                              \
     }                                                                                         \
-    extern "C" __global__ void postmix_bwd_coef_##NAME(const T* s, const T* out, const T* dy,  \
-                                                       float* dcoef, int n, int c) {          \
-        postmix_bwd_coef<T>(s, out, dy, dcoef, n, c);                                         \
+    extern "C" __global__ void postmix_bwd_coef##SUF##_##NAME(                                \
+        const T* s, const T* out, const T* dy, float* dcoef, int n, int c, int tokens) {      \
+        postmix_bwd_coef<T, NN>(s, out, dy, dcoef, n, c, tokens);                             \
     }
+#define MIX_KERNELS(NAME, T) MIX_KERNELS_N(NAME, T, 0, ) MIX_KERNELS_N(NAME, T, 4, _n4)
 
 FOR_DTYPES(MIX_KERNELS)
 
