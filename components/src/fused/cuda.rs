@@ -805,6 +805,169 @@ pub fn muon_apply(
     Ok(())
 }
 
+/// Row-major C = alpha op(A) op(B) + beta C over a strided batch of bf16 matrices, C (m, n),
+/// op(A) (m, k), op(B) (k, n); A stored (m, k) or, transposed, (k, m); B (k, n) or (n, k).
+/// cuBLAS is column-major: a row-major matrix is its transpose there, so this is
+/// C^T = op(B)^T op(A)^T with the operands swapped.
+///
+/// # Safety
+/// The pointers must hold `batch` matrices of those sizes at those strides, on the stream of
+/// `blas`.
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_bf16_rows(
+    blas: &candle_core::cuda_backend::cudarc::cublas::CudaBlas,
+    (trans_a, trans_b): (bool, bool),
+    (m, n, k): (usize, usize, usize),
+    alpha: f32,
+    (a, stride_a): (u64, usize),
+    (b, stride_b): (u64, usize),
+    beta: f32,
+    (c, stride_c): (u64, usize),
+    batch: usize,
+) -> Result<()> {
+    use candle_core::cuda_backend::cudarc::cublas::{result, sys};
+    let op = |t: bool| match t {
+        true => sys::cublasOperation_t::CUBLAS_OP_T,
+        false => sys::cublasOperation_t::CUBLAS_OP_N,
+    };
+    let bf16 = sys::cudaDataType_t::CUDA_R_16BF;
+    result::gemm_strided_batched_ex(
+        *blas.handle(),
+        op(trans_b),
+        op(trans_a),
+        n as i32,
+        m as i32,
+        k as i32,
+        (&alpha) as *const f32 as *const _,
+        b as *const _,
+        bf16,
+        if trans_b { k } else { n } as i32,
+        stride_b as i64,
+        a as *const _,
+        bf16,
+        if trans_a { m } else { k } as i32,
+        stride_a as i64,
+        (&beta) as *const f32 as *const _,
+        c as *mut _,
+        bf16,
+        n as i32,
+        stride_c as i64,
+        batch as i32,
+        sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+        sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+    )
+    .w()
+}
+
+/// One Newton-Schulz round on a bf16 stack x (k, rows, cols); see newton_schulz.rs.
+pub fn ns_round(
+    x: &CudaStorage,
+    lx: &Layout,
+    (k, rows, cols): (usize, usize, usize),
+    (a, b, c): (f32, f32, f32),
+) -> Result<CudaStorage> {
+    use candle_core::cuda_backend::cudarc::driver::DevicePtr;
+    let dev = x.device();
+    let stream = dev.cuda_stream();
+    let blas = dev.cublas_handle();
+    let tall = rows > cols;
+    let s = rows.min(cols);
+    let xv = view::<bf16>(x, lx)?;
+    let gram = out::<bf16>(dev, k * s * s)?;
+    let poly = out::<bf16>(dev, k * s * s)?;
+    let next = out::<bf16>(dev, k * rows * cols)?;
+    let (xs, gs) = (rows * cols, s * s);
+    {
+        let (xp, _rx) = xv.device_ptr(&stream);
+        let (gp, _rg) = gram.device_ptr(&stream);
+        // SAFETY: x holds k matrices (rows, cols) at stride xs, gram k of (s, s) at gs.
+        unsafe {
+            match tall {
+                true => gemm_bf16_rows(
+                    &blas,
+                    (true, false),
+                    (s, s, rows),
+                    1.0,
+                    (xp, xs),
+                    (xp, xs),
+                    0.0,
+                    (gp, gs),
+                    k,
+                )?,
+                false => gemm_bf16_rows(
+                    &blas,
+                    (false, true),
+                    (s, s, cols),
+                    1.0,
+                    (xp, xs),
+                    (xp, xs),
+                    0.0,
+                    (gp, gs),
+                    k,
+                )?,
+            }
+        }
+    }
+    let func = dev.get_or_load_custom_func("ns_poly_init", MODULE, PTX)?;
+    let n = k * gs;
+    let (n64, s32) = (n as u64, s as i32);
+    let mut builder = func.builder();
+    builder
+        .arg(&gram)
+        .arg(&poly)
+        .arg(&n64)
+        .arg(&s32)
+        .arg(&a)
+        .arg(&b);
+    // SAFETY: reads and writes n values of the two stacks.
+    unsafe { builder.launch(flat_config(n)) }.w()?;
+    {
+        let (xp, _rx) = xv.device_ptr(&stream);
+        let (gp, _rg) = gram.device_ptr(&stream);
+        let (pp, _rp) = poly.device_ptr(&stream);
+        let (np, _rn) = next.device_ptr(&stream);
+        // SAFETY: as above; poly += c gram gram (s, s), then next = poly x or x poly.
+        unsafe {
+            gemm_bf16_rows(
+                &blas,
+                (false, false),
+                (s, s, s),
+                c,
+                (gp, gs),
+                (gp, gs),
+                1.0,
+                (pp, gs),
+                k,
+            )?;
+            match tall {
+                true => gemm_bf16_rows(
+                    &blas,
+                    (false, false),
+                    (rows, cols, cols),
+                    1.0,
+                    (xp, xs),
+                    (pp, gs),
+                    0.0,
+                    (np, xs),
+                    k,
+                )?,
+                false => gemm_bf16_rows(
+                    &blas,
+                    (false, false),
+                    (rows, cols, rows),
+                    1.0,
+                    (pp, gs),
+                    (xp, xs),
+                    0.0,
+                    (np, xs),
+                    k,
+                )?,
+            }
+        }
+    }
+    Ok(CudaStorage::wrap_cuda_slice(next, dev.clone()))
+}
+
 const FLASH_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/flash.ptx"));
 const FLASH: &str = "sweep_flash";
 

@@ -1100,3 +1100,15 @@ __device__ void muon_apply(float* w, const T* o, const float* f, size_t n, int c
     }
 
 FOR_DTYPES(MUON_KERNELS)
+
+// Newton-Schulz's polynomial's start (fused/newton_schulz.rs): p = b g + a I over a stack of
+// s x s Gram matrices, bf16; the round's GEMMs then add c g g into it and apply it.
+extern "C" __global__ void ns_poly_init(const __nv_bfloat16* g, __nv_bfloat16* p, size_t n,
+                                        int s, float a, float b) {
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (size_t)gridDim.x * blockDim.x) {
+        size_t e = i % ((size_t)s * s);
+        float v = b * __bfloat162float(g[i]) + (e / s == e % s ? a : 0.0f);
+        p[i] = __float2bfloat16(v);
+    }
+}

@@ -24,7 +24,8 @@
 //!   RMSNorm and projection (norm_proj.rs), which read the n-stream state once in its dtype;
 //! - AdamW's update (adam.rs), in place, and Muon's element-wise work around Newton-Schulz
 //!   (muon_step.rs): its momentum, the rounds' normalized input, NorMuon's row sums, the
-//!   weight update in place.
+//!   weight update in place; and Newton-Schulz's rounds as cuBLAS products with the a X
+//!   term folded into the polynomial (newton_schulz.rs).
 //!
 //! Each is a candle CustomOp with `bwd`, so autograd runs through it. The CUDA kernels
 //! (fused.cu, compiled to PTX by build.rs under the `cuda` feature) do the work on the GPU;
@@ -47,6 +48,7 @@ mod linear;
 mod mix;
 mod mlp;
 mod muon_step;
+mod newton_schulz;
 mod norm;
 mod norm_proj;
 mod sinkhorn;
@@ -65,6 +67,7 @@ pub use mlp::FusedMlp;
 pub use muon_step::{
     muon_apply, muon_prepare, row_sum_squares, MuonApply, MuonMomentum, MuonScale, RowSumSq,
 };
+pub use newton_schulz::newton_schulz_round;
 pub use norm::{RmsNormBwdG, RmsNormBwdX, RmsNormGain, RmsNormPlain};
 pub use norm_proj::{norm_proj, NormProj, NormProjBwdPhi, NormProjBwdX, NORM_PROJ_MAX_COLS};
 pub use sinkhorn::{Sinkhorn, SinkhornBwd, SINKHORN_MAX_ITERS, SINKHORN_MAX_STREAMS};

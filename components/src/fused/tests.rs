@@ -1301,3 +1301,27 @@ fn the_shared_state_gradient_matches_on_the_gpu() -> Result<()> {
     }
     Ok(())
 }
+
+/// On a GPU: a Newton-Schulz round through cuBLAS (bf16, the a X term folded into the
+/// polynomial) against candle's ops in f32 on the CPU from the same bf16 values, wide and
+/// tall stacks (each matrix of Frobenius norm about 1, as the rounds see them).
+#[cfg(feature = "cuda")]
+#[test]
+fn newton_schulz_round_matches_the_composite() -> Result<()> {
+    let Some(gpu) = gpu() else {
+        return Ok(());
+    };
+    for shape in [(3usize, 256usize, 512usize), (2, 512, 256)] {
+        let scale = 1.0 / ((shape.1 * shape.2) as f64).sqrt();
+        let x = (randn(200, shape, 1.0)? * scale)?.to_dtype(DType::BF16)?;
+        let coeffs = (3.4445, -4.7750, 2.0315);
+        let cpu = newton_schulz_round(&x.to_dtype(DType::F32)?, coeffs)?;
+        let cuda = newton_schulz_round(&x.to_device(&gpu)?, coeffs)?;
+        assert_eq!(cuda.dtype(), DType::BF16);
+        let cuda = cuda.to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
+        let top = cpu.abs()?.max_all()?.to_scalar::<f32>()?;
+        let d = max_diff(&cpu, &cuda)? / top;
+        assert!(d < 2e-2, "{shape:?}: {d}");
+    }
+    Ok(())
+}

@@ -13,7 +13,7 @@ use registry::{restored, Entry, Optimizer, Param, ParamDoc, Role, Spec, Stepper}
 use serde::{Deserialize, Serialize};
 
 use super::adamw::{check_adam, AdamW, AdamWState};
-use crate::fused::{muon_apply, muon_prepare, row_sum_squares};
+use crate::fused::{muon_apply, muon_prepare, newton_schulz_round, row_sum_squares};
 
 /// The quintic's coefficients (modded-nanogpt): chosen to push small singular values up as
 /// fast as possible, at the price of leaving them in a band around 1 rather than at 1.
@@ -125,20 +125,8 @@ pub fn newton_schulz(g: &Tensor, steps: usize, dtype: DType) -> Result<Tensor> {
 /// polynomial as X (b A' + c A'^2) with A' = X^T X (X p(X^T X) = p(X X^T) X), so a tall stack
 /// needs no transposed copies.
 fn rounds(mut x: Tensor, steps: usize) -> Result<Tensor> {
-    let (a, b, c) = NS_COEFFS;
-    let r = x.rank();
-    let tall = x.dim(r - 2)? > x.dim(r - 1)?;
     for _ in 0..steps {
-        let gram = match tall {
-            true => x.t()?.matmul(&x)?,
-            false => x.matmul(&x.t()?)?,
-        };
-        let poly = ((&gram * b)? + (gram.matmul(&gram)? * c)?)?;
-        let mixed = match tall {
-            true => x.matmul(&poly)?,
-            false => poly.matmul(&x)?,
-        };
-        x = ((&x * a)? + mixed)?;
+        x = newton_schulz_round(&x, NS_COEFFS)?;
     }
     Ok(x)
 }
