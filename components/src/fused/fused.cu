@@ -851,8 +851,8 @@ extern "C" __global__ void sum_f32(const float* x, float* out, int n) {
 #define NP_TT 64        // tokens in a backward tile
 
 template <typename T, int M4>
-__device__ void norm_proj_part(const T* x, const float* phi, float* part, int n, int k, int m,
-                               int ksplit) {
+__device__ void norm_proj_part(const T* __restrict__ x, const float* __restrict__ phi,
+                               float* __restrict__ part, int n, int k, int m, int ksplit) {
     __shared__ float xs[NP_THREADS][NP_KC + 1];  // padded: thread t reads row t, column cc
     __shared__ __align__(16) float ps[NP_KC][4 * M4];
     int tid = threadIdx.x;
@@ -865,10 +865,24 @@ __device__ void norm_proj_part(const T* x, const float* phi, float* part, int n,
     float ss = 0.0f;
     for (int c0 = kb; c0 < ke; c0 += NP_KC) {
         int kc = min(NP_KC, ke - c0);
-        // Consecutive threads read consecutive columns of a token's row.
-        for (int e = tid; e < NP_THREADS * NP_KC; e += NP_THREADS) {
-            int r = e / NP_KC, cc = e % NP_KC, t = t0 + r;
-            xs[r][cc] = (t < n && cc < kc) ? to_f(x[(size_t)t * k + c0 + cc]) : 0.0f;
+        // Consecutive threads read consecutive 16-byte pieces of a token's row where the tile
+        // is whole and aligned (always, at the model's widths), else single values.
+        constexpr int V = 16 / sizeof(T);
+        bool whole = kc == NP_KC && k % V == 0 && (reinterpret_cast<size_t>(x) & 15) == 0;
+        if (whole) {
+            for (int e = tid; e < NP_THREADS * (NP_KC / V); e += NP_THREADS) {
+                int r = e / (NP_KC / V), q = e % (NP_KC / V), t = t0 + r;
+                uint4 raw = make_uint4(0, 0, 0, 0);
+                if (t < n) raw = *reinterpret_cast<const uint4*>(x + (size_t)t * k + c0 + q * V);
+                const T* v = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+                for (int i = 0; i < V; i++) xs[r][q * V + i] = to_f(v[i]);
+            }
+        } else {
+            for (int e = tid; e < NP_THREADS * NP_KC; e += NP_THREADS) {
+                int r = e / NP_KC, cc = e % NP_KC, t = t0 + r;
+                xs[r][cc] = (t < n && cc < kc) ? to_f(x[(size_t)t * k + c0 + cc]) : 0.0f;
+            }
         }
         for (int e = tid; e < NP_KC * 4 * M4; e += NP_THREADS) {
             int r = e / (4 * M4), j = e % (4 * M4);
@@ -919,8 +933,9 @@ extern "C" __global__ void norm_proj_sum(const float* part, float* z, int n, int
 // dx, plus add where given (the state's gradient so far). Thread c of block (i, .) owns
 // column c = NP_THREADS i + c of K and phi's row c (registers); the block walks tiles of NP_TT tokens, blockIdx.y, blockIdx.y + gridDim.y, ...
 template <typename T, int M4>
-__device__ void norm_proj_bwd_x(const T* x, const float* phi, const float* dzz, const T* add,
-                                T* dx, int n, int k, int m) {
+__device__ void norm_proj_bwd_x(const T* __restrict__ x, const float* __restrict__ phi,
+                                const float* __restrict__ dzz, const T* __restrict__ add,
+                                T* __restrict__ dx, int n, int k, int m) {
     __shared__ __align__(16) float dz[NP_TT][4 * M4];
     __shared__ float coef[NP_TT][2];  // r, -r^2 s / K
     int tid = threadIdx.x;
@@ -949,6 +964,7 @@ __device__ void norm_proj_bwd_x(const T* x, const float* phi, const float* dzz, 
         __syncthreads();
         if (c >= k) continue;
         int nt = min(NP_TT, n - t0);
+#pragma unroll 4
         for (int i = 0; i < nt; i++) {
             const float4* d4 = reinterpret_cast<const float4*>(dz[i]);
             float acc = 0.0f;
@@ -968,8 +984,8 @@ __device__ void norm_proj_bwd_x(const T* x, const float* phi, const float* dzz, 
 // Thread c of block (i, s) owns column c of K and sums x[t][c] r_t dz[t][.] over token slice
 // s in registers, then adds them into the zeroed dphi once.
 template <typename T, int M4>
-__device__ void norm_proj_bwd_phi(const T* x, const float* dzz, float* dphi, int n, int k, int m,
-                                  int tsplit) {
+__device__ void norm_proj_bwd_phi(const T* __restrict__ x, const float* __restrict__ dzz,
+                                  float* __restrict__ dphi, int n, int k, int m, int tsplit) {
     __shared__ __align__(16) float g[NP_TT][4 * M4];  // r dz of NP_TT tokens
     int tid = threadIdx.x;
     int c = blockIdx.x * NP_THREADS + tid;
@@ -989,6 +1005,7 @@ __device__ void norm_proj_bwd_phi(const T* x, const float* dzz, float* dphi, int
         }
         __syncthreads();
         if (c < k) {
+#pragma unroll 4
             for (int r = 0; r < nt; r++) {
                 float xv = to_f(x[(size_t)(t0 + r) * k + c]);
                 const float4* g4 = reinterpret_cast<const float4*>(g[r]);
