@@ -337,84 +337,60 @@ pub fn embedding_bwd(
     Ok(CudaStorage::wrap_cuda_slice(dw, dev.clone()))
 }
 
-/// act(x) (`dy` none) or dy * act'(x) over all elements.
+/// act(x) (`dy` none) or dy * act'(x) over all elements; SwiGLU's gate over hidden rows
+/// [g | u] (see activation.rs).
 pub fn activation(
     x: &CudaStorage,
     lx: &Layout,
     dy: Option<(&CudaStorage, &Layout)>,
     kind: i32,
 ) -> Result<CudaStorage> {
-    if kind == super::Kind::SwiGlu as i32 {
-        return glu(x, lx, dy);
-    }
     let dev = x.device();
     let n = lx.shape().elem_count();
     let which = if dy.is_some() { "bwd" } else { "fwd" };
-    let name = format!("act_{which}_{}", suffix(x.dtype())?);
+    // SwiGLU's gate reads hidden rows [g | u] and writes half as many values forward (as many
+    // backward); its kernels take (rows, hidden) where the element-wise ones take (n, kind).
+    let (stem, len, threads, size, int_arg) = if kind == super::Kind::SwiGlu as i32 {
+        let two_hidden = *lx.dims().last().unwrap_or(&0);
+        if two_hidden == 0 || !two_hidden.is_multiple_of(2) {
+            bail!("SwiGLU: hidden rows of odd width {two_hidden}");
+        }
+        let len = if dy.is_some() { n } else { n / 2 };
+        (
+            "glu",
+            len,
+            n / 2,
+            (n / two_hidden) as u64,
+            (two_hidden / 2) as i32,
+        )
+    } else {
+        ("act", n, n, n as u64, kind)
+    };
+    let name = format!("{stem}_{which}_{}", suffix(x.dtype())?);
     let func = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
-    let n64 = n as u64;
     // A grid-stride loop: enough blocks to fill the GPU, each thread several elements.
     let cfg = LaunchConfig {
-        grid_dim: (n.div_ceil(1024).min(65535) as u32, 1, 1),
+        grid_dim: (threads.div_ceil(1024).min(65535) as u32, 1, 1),
         block_dim: (1024, 1, 1),
         shared_mem_bytes: 0,
     };
     macro_rules! run {
         ($t:ty) => {{
             let xv = view::<$t>(x, lx)?;
-            let y = out::<$t>(dev, n)?;
+            let y = out::<$t>(dev, len)?;
             let mut b = func.builder();
             b.arg(&xv);
             let dyv = dy.map(|(s, l)| view::<$t>(s, l)).transpose()?;
             if let Some(d) = &dyv {
                 b.arg(d);
             }
-            b.arg(&y).arg(&n64).arg(&kind);
-            // SAFETY: reads n of x (and dy), writes n.
+            b.arg(&y).arg(&size).arg(&int_arg);
+            // SAFETY: reads n of x (and dy), writes the len values of y.
             unsafe { b.launch(cfg) }.w()?;
             CudaStorage::wrap_cuda_slice(y, dev.clone())
         }};
     }
     Ok(by_dtype!(x.dtype(), run))
-}
-
-/// SwiGLU's gate over hidden rows [g | u] (rows, 2 hidden): forward (rows, hidden), or with
-/// `dy` (rows, hidden) the backward (rows, 2 hidden); see activation.rs.
-fn glu(h: &CudaStorage, lh: &Layout, dy: Option<(&CudaStorage, &Layout)>) -> Result<CudaStorage> {
-    let dev = h.device();
-    let two_hidden = *lh.dims().last().unwrap_or(&0);
-    if !two_hidden.is_multiple_of(2) {
-        bail!("SwiGLU: hidden rows of odd width {two_hidden}");
-    }
-    let (rows, hidden) = (lh.shape().elem_count() / two_hidden.max(1), two_hidden / 2);
-    let which = if dy.is_some() { "bwd" } else { "fwd" };
-    let name = format!("glu_{which}_{}", suffix(h.dtype())?);
-    let func = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
-    let (rows64, hidden32) = (rows as u64, hidden as i32);
-    let n = rows * hidden;
-    let cfg = LaunchConfig {
-        grid_dim: (n.div_ceil(1024).min(65535) as u32, 1, 1),
-        block_dim: (1024, 1, 1),
-        shared_mem_bytes: 0,
-    };
-    macro_rules! run {
-        ($t:ty) => {{
-            let hv = view::<$t>(h, lh)?;
-            let y = out::<$t>(dev, if dy.is_some() { 2 * n } else { n })?;
-            let mut b = func.builder();
-            b.arg(&hv);
-            let dyv = dy.map(|(s, l)| view::<$t>(s, l)).transpose()?;
-            if let Some(d) = &dyv {
-                b.arg(d);
-            }
-            b.arg(&y).arg(&rows64).arg(&hidden32);
-            // SAFETY: reads rows x 2 hidden of h (and rows x hidden of dy), writes every
-            // element of y.
-            unsafe { b.launch(cfg) }.w()?;
-            CudaStorage::wrap_cuda_slice(y, dev.clone())
-        }};
-    }
-    Ok(by_dtype!(h.dtype(), run))
 }
 
 /// Gated attention's gate forward (`dout` none) or backward, [dy | dg]; see gate.rs.
