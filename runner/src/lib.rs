@@ -21,6 +21,7 @@ pub mod owner;
 pub mod parallel;
 pub mod plan;
 pub mod progress;
+mod recompute;
 pub mod spec;
 pub mod spikes;
 pub mod streams;

@@ -2,12 +2,16 @@
 //! residual scheme's stream, n_layers blocks of (attention, FFN) each behind its own
 //! RMSNorm, a final RMSNorm and the tied output head.
 
+use std::sync::Arc;
+
+use candle_core::backprop::GradStore;
 use candle_core::{DType, Result, Tensor};
 use components::fused::{cross_entropy_rows, embedding};
 use components::nn::RmsNorm;
 use registry::{Dims, Init, Param, ParamBuilder, Role, Stream, Sublayer};
 
 use crate::amplification::{rms, Amplification};
+use crate::recompute::{checkpointed, BlockFn, Sink};
 use crate::spec::Cell;
 use results::ParamCount;
 
@@ -20,12 +24,18 @@ struct Block {
 
 pub struct Gpt {
     wte: Tensor,
-    stream: Box<dyn Stream>,
-    blocks: Vec<Block>,
+    /// Shared with the recomputed blocks' backward passes (recompute.rs), which run after
+    /// the forward pass that built them.
+    stream: Arc<dyn Stream>,
+    blocks: Vec<Arc<Block>>,
     norm_f: RmsNorm,
-    params: Vec<Param>,
+    params: Arc<Vec<Param>>,
     /// The dtype of matmuls and activations; parameters stay f32 and are cast where used.
     compute: DType,
+    /// Rebuild each block's activations in the backward pass instead of keeping them.
+    recompute: bool,
+    /// The recomputed blocks' parameter gradients, until [`Gpt::gradients`] collects them.
+    sink: Sink,
 }
 
 impl Gpt {
@@ -36,16 +46,16 @@ impl Gpt {
             Init::Normal { std: 0.02 },
             Role::Embedding,
         )?;
-        let stream = cell.residual.build(dims, &p.pp("residual"))?;
+        let stream: Arc<dyn Stream> = cell.residual.build(dims, &p.pp("residual"))?.into();
         let blocks = (0..dims.n_layers)
             .map(|l| {
                 let b = p.pp(format!("blocks.{l}"));
-                Ok(Block {
+                Ok(Arc::new(Block {
                     attn_norm: RmsNorm::new(dims.d_model, &b.pp("attn_norm"))?,
                     attn: cell.attention.build(dims, &b.pp("attn"))?,
                     ffn_norm: RmsNorm::new(dims.d_model, &b.pp("ffn_norm"))?,
                     ffn: cell.ffn.build(dims, &b.pp("ffn"))?,
-                })
+                }))
             })
             .collect::<Result<Vec<_>>>()?;
         let norm_f = RmsNorm::new(dims.d_model, &p.pp("norm_f"))?;
@@ -54,9 +64,32 @@ impl Gpt {
             stream,
             blocks,
             norm_f,
-            params: p.params(),
+            params: Arc::new(p.params()),
             compute: DType::F32,
+            recompute: false,
+            sink: Sink::default(),
         })
+    }
+
+    /// With `on`, each block's activations are rebuilt in the backward pass (recompute.rs):
+    /// less memory for one more forward pass a step.
+    pub fn recomputing(mut self, on: bool) -> Self {
+        self.recompute = on;
+        self
+    }
+
+    /// The gradients of `loss` for the parameters, cut from the graph (`train::backward`),
+    /// with those the recomputed blocks' backward passes produced added in.
+    pub fn gradients(&self, loss: &Tensor) -> Result<GradStore> {
+        let mut grads = crate::train::backward(loss, &self.params)?;
+        for (var, g) in self.sink.drain() {
+            let total = match grads.get(&var) {
+                Some(a) => (a + g)?,
+                None => g,
+            };
+            grads.insert(&var, total);
+        }
+        Ok(grads)
     }
 
     /// Computes in `dtype` (bf16 for mixed precision) from the embedding on; the logits are
@@ -83,7 +116,7 @@ impl Gpt {
 
     /// The final hidden states as rows (B T, C) and the output head's weight (V, C).
     fn head_input(&self, idx: &Tensor) -> Result<(Tensor, Tensor)> {
-        let (_, state) = self.trunk(idx, &mut |_, _, _| Ok(()))?;
+        let (_, state) = self.trunk(idx, self.recompute, &mut |_, _, _| Ok(()))?;
         let x = self.norm_f.forward(&self.stream.reduce(&state)?)?;
         let (b, t, c) = x.dims3()?;
         Ok((x.reshape((b * t, c))?, self.wte.to_dtype(self.compute)?))
@@ -106,7 +139,7 @@ impl Gpt {
     /// The stream amplification of the residual path on a batch (see [`Amplification`]).
     pub fn amplification(&self, idx: &Tensor) -> Result<Amplification> {
         let mut amp = Amplification::default();
-        let (x, _) = self.trunk(idx, &mut |k, before, after| {
+        let (x, _) = self.trunk(idx, false, &mut |k, before, after| {
             let probe = self.stream.probe(k, before)?;
             amp.push(probe.mixing.as_ref(), rms(after)?)?;
             if after.rank() == 4 {
@@ -125,10 +158,12 @@ impl Gpt {
     }
 
     /// Embedding and blocks: returns the embedding (B, T, C) and the final stream state.
-    /// `hook(k, before, after)` sees the state around every sublayer k.
+    /// `hook(k, before, after)` sees the state around every sublayer k, unless the blocks
+    /// are `recomputed` (then it sees nothing: their states never reach the graph).
     fn trunk(
         &self,
         idx: &Tensor,
+        recomputed: bool,
         hook: &mut dyn FnMut(usize, &Tensor, &Tensor) -> Result<()>,
     ) -> Result<(Tensor, Tensor)> {
         let (b, t) = idx.dims2()?;
@@ -138,15 +173,13 @@ impl Gpt {
             .to_dtype(self.compute)?;
         let mut state = self.stream.expand(&x)?;
         for (l, block) in self.blocks.iter().enumerate() {
-            let attn = |h: &Tensor| block.attn.forward(&block.attn_norm.forward(h)?);
-            let ffn = |h: &Tensor| block.ffn.forward(&block.ffn_norm.forward(h)?);
-            for (k, f) in [
-                (2 * l, &attn as &dyn Fn(&Tensor) -> Result<Tensor>),
-                (2 * l + 1, &ffn),
-            ] {
-                let next = self.stream.sublayer(k, &state, f)?;
-                hook(k, &state, &next)?;
-                state = next;
+            if recomputed {
+                let (stream, block) = (self.stream.clone(), block.clone());
+                let f: BlockFn =
+                    Arc::new(move |s| run_block(&*stream, &block, l, s, &mut |_, _, _| Ok(())));
+                state = checkpointed(f, &state, self.params.clone(), self.sink.clone())?;
+            } else {
+                state = run_block(&*self.stream, block, l, &state, hook)?;
             }
         }
         Ok((x, state))
@@ -172,6 +205,29 @@ impl Gpt {
 }
 
 /// Sum over rows of -log softmax(logits)[target], in f32: logits (N, V), targets (N,) u32.
+/// Block `l` (its attention and FFN sublayers, each behind its norm, through the stream) on
+/// `state`; `hook(k, before, after)` around each sublayer k.
+fn run_block(
+    stream: &dyn Stream,
+    block: &Block,
+    l: usize,
+    state: &Tensor,
+    hook: &mut dyn FnMut(usize, &Tensor, &Tensor) -> Result<()>,
+) -> Result<Tensor> {
+    let attn = |h: &Tensor| block.attn.forward(&block.attn_norm.forward(h)?);
+    let ffn = |h: &Tensor| block.ffn.forward(&block.ffn_norm.forward(h)?);
+    let mut state = state.clone();
+    for (k, f) in [
+        (2 * l, &attn as &dyn Fn(&Tensor) -> Result<Tensor>),
+        (2 * l + 1, &ffn),
+    ] {
+        let next = stream.sublayer(k, &state, f)?;
+        hook(k, &state, &next)?;
+        state = next;
+    }
+    Ok(state)
+}
+
 pub fn cross_entropy_sum(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
     cross_entropy_rows(logits, targets)?.sum_all()
 }
@@ -209,6 +265,73 @@ mod grad_tests {
             .filter(|e| e.slot == slot)
             .map(|e| e.parse("").unwrap().component)
             .collect()
+    }
+
+    #[test]
+    fn recomputed_blocks_give_the_same_loss_and_gradients() -> Result<()> {
+        // Every combination, after one step (so zero-initialized parameters carry gradient):
+        // the loss and every parameter's gradient with the blocks recomputed in the backward
+        // pass equal those of the graph that keeps them (the same ops on the same values).
+        let dims = Dims {
+            d_model: 16,
+            n_layers: 2,
+            vocab: 32,
+            seq_len: 8,
+        };
+        let optimizer = match &all(Slot::Optimizer)[0] {
+            Component::Optimizer(o) => o.clone(),
+            _ => unreachable!(),
+        };
+        let schedule = match &all(Slot::Schedule)[0] {
+            Component::Schedule(s) => s.clone(),
+            _ => unreachable!(),
+        };
+        let ids: Vec<u32> = (0..2 * 9).map(|i| (i * 5 + 1) % 32).collect();
+        let batch = Tensor::from_vec(ids, (2, 9), &Device::Cpu)?;
+        let (x, y) = (batch.narrow(1, 0, 8)?, batch.narrow(1, 1, 8)?);
+        for attention in all(Slot::Attention) {
+            for ffn in all(Slot::Ffn) {
+                for residual in all(Slot::Residual) {
+                    let (Component::Attention(a), Component::Ffn(f), Component::Residual(r)) =
+                        (&attention, &ffn, &residual)
+                    else {
+                        unreachable!()
+                    };
+                    let cell = Cell {
+                        attention: Arc::clone(a),
+                        ffn: Arc::clone(f),
+                        residual: Arc::clone(r),
+                        optimizer: optimizer.clone(),
+                        schedule: schedule.clone(),
+                    };
+                    let kept = Gpt::new(&cell, &dims, &ParamBuilder::new(1, &Device::Cpu))?;
+                    let mut opt = optimizer.build(kept.params(), DType::F32)?;
+                    opt.step(&kept.gradients(&kept.loss(&x, &y)?)?, 10.0)?;
+                    let rebuilt = Gpt::new(&cell, &dims, &ParamBuilder::new(1, &Device::Cpu))?
+                        .recomputing(true);
+                    for (r, k) in rebuilt.params().iter().zip(kept.params()) {
+                        r.var.set(k.var.as_tensor())?;
+                    }
+                    let (lk, lr) = (kept.loss(&x, &y)?, rebuilt.loss(&x, &y)?);
+                    let (gk, gr) = (kept.gradients(&lk)?, rebuilt.gradients(&lr)?);
+                    let (a, b) = (lk.to_scalar::<f32>()?, lr.to_scalar::<f32>()?);
+                    assert_eq!(a, b, "{cell:?}: loss");
+                    for (k, r) in kept.params().iter().zip(rebuilt.params()) {
+                        let want = gk.get(k.var.as_tensor()).expect("kept gradient");
+                        let got = gr.get(r.var.as_tensor()).unwrap_or_else(|| {
+                            panic!("{cell:?}: no recomputed gradient for {}", r.name)
+                        });
+                        let d = (want - got)?.abs()?.max_all()?.to_scalar::<f32>()?;
+                        assert!(d <= 1e-6, "{cell:?}: {} differs by {d}", k.name);
+                    }
+                    assert!(
+                        rebuilt.sink.drain().is_empty(),
+                        "{cell:?}: the sink was drained"
+                    );
+                }
+            }
+        }
+        Ok(())
     }
 
     #[test]

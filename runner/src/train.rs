@@ -207,6 +207,17 @@ pub fn build(trial: &Trial, dims: &Dims, precision: Precision, device: &Device) 
     )
 }
 
+/// The model a trial trains: [`build`], recomputing what `spec` says.
+pub fn build_for_training(
+    trial: &Trial,
+    dims: &Dims,
+    spec: &TrainSpec,
+    device: &Device,
+) -> Result<Gpt> {
+    let recompute = spec.recompute == crate::spec::Recompute::Blocks;
+    Ok(build(trial, dims, spec.precision, device)?.recomputing(recompute))
+}
+
 /// The gradients of `loss` for `params`, cut from the autograd graph. candle detaches the
 /// gradients of intermediate nodes but not those of variables: theirs still reference the
 /// step's forward graph, and optimizer state computed from them (m = b m + (1 - b) g) would
@@ -290,7 +301,7 @@ pub fn step_on(
     for (x, y) in step.micro {
         let l = model.loss(x, y)?;
         mark("forward and loss")?;
-        let g = backward(&l, params)?;
+        let g = model.gradients(&l)?;
         sum = Some(match sum {
             None => (l, g),
             Some((total, mut grads)) => {

@@ -223,7 +223,7 @@ fn run_trial(
 ) -> anyhow::Result<(Status, Option<String>, String)> {
     let device = setting.device;
     let built = catch_unwind(AssertUnwindSafe(|| {
-        train::build(trial, dims, setting.spec.precision, device)
+        train::build_for_training(trial, dims, setting.spec, device)
     }));
     let mut store = store;
     let model = match built {

@@ -90,6 +90,21 @@ pub struct TrainSpec {
     /// It changes the global batch, so it is part of the config (when not 1).
     #[serde(default = "one", skip_serializing_if = "is_one")]
     pub gpus_per_trial: usize,
+    /// Activations rebuilt in the backward pass instead of kept: `Blocks` reruns each block's
+    /// forward pass there, for less memory and one more forward pass a step. How a trial
+    /// computes, not what: left out of its config and id, like the checkpoints' settings.
+    #[serde(default, skip_serializing)]
+    pub recompute: Recompute,
+}
+
+/// What the backward pass rebuilds instead of the forward pass keeping it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Recompute {
+    /// Nothing: every activation the backward pass needs is kept.
+    #[default]
+    None,
+    /// Each block's activations: the graph keeps the blocks' inputs and outputs.
+    Blocks,
 }
 
 /// `Bf16`: bf16 matmuls and activations over f32 master weights; the optimizer state, norm

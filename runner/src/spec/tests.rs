@@ -85,6 +85,15 @@ fn trial_ids_depend_on_the_resolved_config_only() {
         "{}",
         bf16.trials[0].config
     );
+    // Recomputing activations changes how a trial computes, not what: the same trial.
+    let rebuilt = sweep(
+        "(attention: [Mha], ffn: [Gelu])",
+        &["train.recompute=Blocks"],
+    )
+    .unwrap();
+    assert_eq!(rebuilt.train.recompute, super::Recompute::Blocks);
+    assert_eq!(a.trials[0].id, rebuilt.trials[0].id);
+    assert!(!rebuilt.trials[0].config.contains("recompute"));
 }
 
 fn expand_trial_id(config: &str) -> String {

@@ -241,7 +241,7 @@ fn time(
     let dims = trial.dims.clone();
     // The device's memory pool outlives a configuration: its peak starts again with each.
     gpu::reset_peak(device)?;
-    let model = train::build(trial, &dims, spec.precision, device).context("building")?;
+    let model = train::build_for_training(trial, &dims, spec, device).context("building")?;
     parallel::share_weights(model.params(), group)?;
     let mut opt = trial
         .cell
