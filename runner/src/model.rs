@@ -267,6 +267,39 @@ mod grad_tests {
             .collect()
     }
 
+    /// Every (attention, FFN, residual) combination, with the first registered optimizer and
+    /// schedule.
+    fn every_cell() -> Vec<Cell> {
+        let optimizer = match &all(Slot::Optimizer)[0] {
+            Component::Optimizer(o) => o.clone(),
+            _ => unreachable!(),
+        };
+        let schedule = match &all(Slot::Schedule)[0] {
+            Component::Schedule(s) => s.clone(),
+            _ => unreachable!(),
+        };
+        let mut cells = Vec::new();
+        for attention in all(Slot::Attention) {
+            for ffn in all(Slot::Ffn) {
+                for residual in all(Slot::Residual) {
+                    let (Component::Attention(a), Component::Ffn(f), Component::Residual(r)) =
+                        (&attention, &ffn, &residual)
+                    else {
+                        unreachable!()
+                    };
+                    cells.push(Cell {
+                        attention: Arc::clone(a),
+                        ffn: Arc::clone(f),
+                        residual: Arc::clone(r),
+                        optimizer: optimizer.clone(),
+                        schedule: schedule.clone(),
+                    });
+                }
+            }
+        }
+        cells
+    }
+
     #[test]
     fn recomputed_blocks_give_the_same_loss_and_gradients() -> Result<()> {
         // Every combination, after one step (so zero-initialized parameters carry gradient):
@@ -278,58 +311,37 @@ mod grad_tests {
             vocab: 32,
             seq_len: 8,
         };
-        let optimizer = match &all(Slot::Optimizer)[0] {
-            Component::Optimizer(o) => o.clone(),
-            _ => unreachable!(),
-        };
-        let schedule = match &all(Slot::Schedule)[0] {
-            Component::Schedule(s) => s.clone(),
-            _ => unreachable!(),
-        };
         let ids: Vec<u32> = (0..2 * 9).map(|i| (i * 5 + 1) % 32).collect();
         let batch = Tensor::from_vec(ids, (2, 9), &Device::Cpu)?;
         let (x, y) = (batch.narrow(1, 0, 8)?, batch.narrow(1, 1, 8)?);
-        for attention in all(Slot::Attention) {
-            for ffn in all(Slot::Ffn) {
-                for residual in all(Slot::Residual) {
-                    let (Component::Attention(a), Component::Ffn(f), Component::Residual(r)) =
-                        (&attention, &ffn, &residual)
-                    else {
-                        unreachable!()
-                    };
-                    let cell = Cell {
-                        attention: Arc::clone(a),
-                        ffn: Arc::clone(f),
-                        residual: Arc::clone(r),
-                        optimizer: optimizer.clone(),
-                        schedule: schedule.clone(),
-                    };
-                    let kept = Gpt::new(&cell, &dims, &ParamBuilder::new(1, &Device::Cpu))?;
-                    let mut opt = optimizer.build(kept.params(), DType::F32)?;
-                    opt.step(&kept.gradients(&kept.loss(&x, &y)?)?, 10.0)?;
-                    let rebuilt = Gpt::new(&cell, &dims, &ParamBuilder::new(1, &Device::Cpu))?
-                        .recomputing(true);
-                    for (r, k) in rebuilt.params().iter().zip(kept.params()) {
-                        r.var.set(k.var.as_tensor())?;
-                    }
-                    let (lk, lr) = (kept.loss(&x, &y)?, rebuilt.loss(&x, &y)?);
-                    let (gk, gr) = (kept.gradients(&lk)?, rebuilt.gradients(&lr)?);
-                    let (a, b) = (lk.to_scalar::<f32>()?, lr.to_scalar::<f32>()?);
-                    assert_eq!(a, b, "{cell:?}: loss");
-                    for (k, r) in kept.params().iter().zip(rebuilt.params()) {
-                        let want = gk.get(k.var.as_tensor()).expect("kept gradient");
-                        let got = gr.get(r.var.as_tensor()).unwrap_or_else(|| {
-                            panic!("{cell:?}: no recomputed gradient for {}", r.name)
-                        });
-                        let d = (want - got)?.abs()?.max_all()?.to_scalar::<f32>()?;
-                        assert!(d <= 1e-6, "{cell:?}: {} differs by {d}", k.name);
-                    }
-                    assert!(
-                        rebuilt.sink.drain().is_empty(),
-                        "{cell:?}: the sink was drained"
-                    );
-                }
+        for cell in every_cell() {
+            let kept = Gpt::new(&cell, &dims, &ParamBuilder::new(1, &Device::Cpu))?;
+            let mut opt = cell.optimizer.build(kept.params(), DType::F32)?;
+            opt.step(&kept.gradients(&kept.loss(&x, &y)?)?, 10.0)?;
+            let rebuilt =
+                Gpt::new(&cell, &dims, &ParamBuilder::new(1, &Device::Cpu))?.recomputing(true);
+            for (r, k) in rebuilt.params().iter().zip(kept.params()) {
+                r.var.set(k.var.as_tensor())?;
             }
+            let (lk, lr) = (kept.loss(&x, &y)?, rebuilt.loss(&x, &y)?);
+            let (gk, gr) = (kept.gradients(&lk)?, rebuilt.gradients(&lr)?);
+            assert_eq!(
+                lk.to_scalar::<f32>()?,
+                lr.to_scalar::<f32>()?,
+                "{cell:?}: loss"
+            );
+            for (k, r) in kept.params().iter().zip(rebuilt.params()) {
+                let want = gk.get(k.var.as_tensor()).expect("kept gradient");
+                let got = gr
+                    .get(r.var.as_tensor())
+                    .unwrap_or_else(|| panic!("{cell:?}: no recomputed gradient for {}", r.name));
+                let d = (want - got)?.abs()?.max_all()?.to_scalar::<f32>()?;
+                assert!(d <= 1e-6, "{cell:?}: {} differs by {d}", k.name);
+            }
+            assert!(
+                rebuilt.sink.drain().is_empty(),
+                "{cell:?}: the sink was drained"
+            );
         }
         Ok(())
     }
@@ -342,94 +354,71 @@ mod grad_tests {
             vocab: 32,
             seq_len: 8,
         };
-        let optimizer = match &all(Slot::Optimizer)[0] {
-            Component::Optimizer(o) => o.clone(),
-            _ => unreachable!(),
-        };
-        let schedule = match &all(Slot::Schedule)[0] {
-            Component::Schedule(s) => s.clone(),
-            _ => unreachable!(),
-        };
         let ids: Vec<u32> = (0..2 * 9).map(|i| (i * 7 + 3) % 32).collect();
         let batch = Tensor::from_vec(ids, (2, 9), &Device::Cpu)?;
         let (x, y) = (batch.narrow(1, 0, 8)?, batch.narrow(1, 1, 8)?);
         let mut checked = 0;
-        for attention in all(Slot::Attention) {
-            for ffn in all(Slot::Ffn) {
-                for residual in all(Slot::Residual) {
-                    let (Component::Attention(a), Component::Ffn(f), Component::Residual(r)) =
-                        (&attention, &ffn, &residual)
-                    else {
-                        unreachable!()
-                    };
-                    let cell = Cell {
-                        attention: Arc::clone(a),
-                        ffn: Arc::clone(f),
-                        residual: Arc::clone(r),
-                        optimizer: optimizer.clone(),
-                        schedule: schedule.clone(),
-                    };
-                    let model = Gpt::new(&cell, &dims, &ParamBuilder::new(0, &Device::Cpu))?;
-                    // One step first, so parameters that start at zero by design (gates,
-                    // low-rank branches) have moved and every path carries gradient.
-                    let mut opt = optimizer.build(model.params(), candle_core::DType::F32)?;
-                    opt.step(&model.loss(&x, &y)?.backward()?, 10.0)?;
-                    let l32 = model.loss(&x, &y)?;
-                    let grads = l32.backward()?;
-                    for p in model.params() {
-                        let g = grads
-                            .get(p.var.as_tensor())
-                            .unwrap_or_else(|| panic!("{cell:?}: no gradient for {}", p.name));
-                        let n = g.sqr()?.sum_all()?.to_scalar::<f32>()?;
-                        assert!(
-                            n.is_finite() && n > 0.0,
-                            "{cell:?}: {} has |g|^2 = {n}",
-                            p.name
-                        );
-                    }
-
-                    // The same weights computing in bf16: the loss agrees to bf16 rounding,
-                    // and every f32 master weight gets an f32 gradient pointing the same way.
-                    let half = Gpt::new(&cell, &dims, &ParamBuilder::new(0, &Device::Cpu))?
-                        .computing_in(DType::BF16);
-                    for (h, p) in half.params().iter().zip(model.params()) {
-                        h.var.set(p.var.as_tensor())?;
-                    }
-                    let l16 = half.loss(&x, &y)?;
-                    assert_eq!(l16.dtype(), DType::F32);
-                    let (a, b) = (l32.to_scalar::<f32>()?, l16.to_scalar::<f32>()?);
-                    assert!((a - b).abs() < 0.02 * a, "{cell:?}: f32 {a} vs bf16 {b}");
-                    let g16 = l16.backward()?;
-                    let norm = |g: &Tensor| -> Result<f32> {
-                        Ok(g.sqr()?.sum_all()?.to_scalar::<f32>()?.sqrt())
-                    };
-                    let mut largest = 0f32;
-                    for p in model.params() {
-                        largest = largest.max(norm(grads.get(p.var.as_tensor()).unwrap())?);
-                    }
-                    for (h, p) in half.params().iter().zip(model.params()) {
-                        let g = g16.get(h.var.as_tensor()).unwrap_or_else(|| {
-                            panic!("{cell:?}: bf16, no gradient for {}", h.name)
-                        });
-                        assert_eq!(g.dtype(), DType::F32, "{}", h.name);
-                        let reference = grads.get(p.var.as_tensor()).unwrap();
-                        // Some gradients are zero in exact arithmetic (a scale in front of
-                        // an RMSNorm): in either precision they are rounding noise.
-                        if norm(reference)? < 1e-3 * largest {
-                            continue;
-                        }
-                        let dot = (g * reference)?.sum_all()?.to_scalar::<f32>()?;
-                        let norms = norm(g)? * norm(reference)?;
-                        assert!(
-                            dot / norms > 0.9,
-                            "{cell:?}: bf16 gradient of {} has cosine {} to f32's",
-                            h.name,
-                            dot / norms
-                        );
-                    }
-                    checked += 1;
-                }
+        for cell in every_cell() {
+            let model = Gpt::new(&cell, &dims, &ParamBuilder::new(0, &Device::Cpu))?;
+            // One step first, so parameters that start at zero by design (gates,
+            // low-rank branches) have moved and every path carries gradient.
+            let mut opt = cell
+                .optimizer
+                .build(model.params(), candle_core::DType::F32)?;
+            opt.step(&model.loss(&x, &y)?.backward()?, 10.0)?;
+            let l32 = model.loss(&x, &y)?;
+            let grads = l32.backward()?;
+            for p in model.params() {
+                let g = grads
+                    .get(p.var.as_tensor())
+                    .unwrap_or_else(|| panic!("{cell:?}: no gradient for {}", p.name));
+                let n = g.sqr()?.sum_all()?.to_scalar::<f32>()?;
+                assert!(
+                    n.is_finite() && n > 0.0,
+                    "{cell:?}: {} has |g|^2 = {n}",
+                    p.name
+                );
             }
+
+            // The same weights computing in bf16: the loss agrees to bf16 rounding,
+            // and every f32 master weight gets an f32 gradient pointing the same way.
+            let half = Gpt::new(&cell, &dims, &ParamBuilder::new(0, &Device::Cpu))?
+                .computing_in(DType::BF16);
+            for (h, p) in half.params().iter().zip(model.params()) {
+                h.var.set(p.var.as_tensor())?;
+            }
+            let l16 = half.loss(&x, &y)?;
+            assert_eq!(l16.dtype(), DType::F32);
+            let (a, b) = (l32.to_scalar::<f32>()?, l16.to_scalar::<f32>()?);
+            assert!((a - b).abs() < 0.02 * a, "{cell:?}: f32 {a} vs bf16 {b}");
+            let g16 = l16.backward()?;
+            let norm =
+                |g: &Tensor| -> Result<f32> { Ok(g.sqr()?.sum_all()?.to_scalar::<f32>()?.sqrt()) };
+            let mut largest = 0f32;
+            for p in model.params() {
+                largest = largest.max(norm(grads.get(p.var.as_tensor()).unwrap())?);
+            }
+            for (h, p) in half.params().iter().zip(model.params()) {
+                let g = g16
+                    .get(h.var.as_tensor())
+                    .unwrap_or_else(|| panic!("{cell:?}: bf16, no gradient for {}", h.name));
+                assert_eq!(g.dtype(), DType::F32, "{}", h.name);
+                let reference = grads.get(p.var.as_tensor()).unwrap();
+                // Some gradients are zero in exact arithmetic (a scale in front of
+                // an RMSNorm): in either precision they are rounding noise.
+                if norm(reference)? < 1e-3 * largest {
+                    continue;
+                }
+                let dot = (g * reference)?.sum_all()?.to_scalar::<f32>()?;
+                let norms = norm(g)? * norm(reference)?;
+                assert!(
+                    dot / norms > 0.9,
+                    "{cell:?}: bf16 gradient of {} has cosine {} to f32's",
+                    h.name,
+                    dot / norms
+                );
+            }
+            checked += 1;
         }
         assert!(checked >= 2, "only {checked} combinations");
         Ok(())
