@@ -15,8 +15,8 @@ pub use entry::{
 };
 pub use params::{Init, Param, ParamBuilder, Role};
 pub use slots::{
-    restored, Attention, Dims, Ffn, Optimizer, Probe, Residual, Schedule, Slot, Spec, Stepper,
-    Stream, Sublayer,
+    restored, Attention, Dims, Ffn, Optimizer, Probe, Ranks, Residual, Schedule, Slot, Spec,
+    Stepper, Stream, Sublayer,
 };
 
 // Re-exported so component files and the runner name one version of each.

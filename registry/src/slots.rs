@@ -182,11 +182,28 @@ pub trait Optimizer: Spec {
     fn build(&self, params: &[Param], compute: DType) -> Result<Box<dyn Stepper>>;
 }
 
+/// The ranks of a data-parallel trial, as an optimizer sees them: every rank holds the same
+/// averaged gradients and takes the same step, and may share the step's work out.
+pub trait Ranks {
+    fn rank(&self) -> usize;
+    fn world(&self) -> usize;
+    /// Rank `root`'s `t` (f32) on every rank.
+    fn broadcast(&self, t: &Tensor, root: usize) -> Result<Tensor>;
+}
+
 /// The optimizer state of one trial.
 pub trait Stepper: Send {
     /// One update from `grads`, each parameter group at its peak rate times `factor` (the
     /// schedule's value at this step). The gradients carry no autograd graph.
     fn step(&mut self, grads: &GradStore, factor: f64) -> Result<()>;
+
+    /// [`Stepper::step`] on every rank of `ranks` at once, the same update everywhere: an
+    /// optimizer whose step is expensive (Muon's orthogonalization) shares it out; the
+    /// others take their step as it is.
+    fn step_shared(&mut self, grads: &GradStore, factor: f64, ranks: &dyn Ranks) -> Result<()> {
+        let _ = ranks;
+        self.step(grads, factor)
+    }
 
     /// Everything a checkpoint needs to continue exactly as if never stopped: per-parameter
     /// tensors named `<parameter>.<what>` (`blocks.0.ffn.up.m`) and counters as one-element

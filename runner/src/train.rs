@@ -349,7 +349,10 @@ pub fn step_on(
         scale_grads(&mut grads, params, clip / gn)?;
     }
     mark("grad norm and clip")?;
-    opt.step(&grads, factor)?;
+    match group.world() {
+        1 => opt.step(&grads, factor)?,
+        _ => opt.step_shared(&grads, factor, &parallel::AsRanks(group))?,
+    }
     mark("optimizer")?;
     Ok(Ok(Stepped {
         loss: lv,

@@ -9,7 +9,7 @@ use std::collections::HashMap;
 
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Result, Tensor};
-use registry::{restored, Entry, Optimizer, Param, ParamDoc, Role, Spec, Stepper};
+use registry::{restored, Entry, Optimizer, Param, ParamDoc, Ranks, Role, Spec, Stepper};
 use serde::{Deserialize, Serialize};
 
 use super::adamw::{check_adam, AdamW, AdamWState};
@@ -233,11 +233,27 @@ pub(crate) fn normalize_rows(o: &Tensor, v: &Tensor, n: RowNorm) -> Result<(Tens
     Ok((normed, v))
 }
 
-impl Stepper for MuonState {
-    fn step(&mut self, grads: &GradStore, factor: f64) -> Result<()> {
-        let c = &self.cfg;
+/// One group's orthogonalized update before it is shared: the matrices present, the new
+/// momentum, and the update itself on the rank that computed it.
+struct Prepared {
+    present: Vec<bool>,
+    momentum: Tensor,
+    o: Option<Tensor>,
+}
+
+impl MuonState {
+    /// The step, with the groups' orthogonalizations shared out over `ranks` (group i on rank
+    /// i mod world) and their results broadcast: every rank ends with the same update, the
+    /// single-rank one, having run 1 / world of the Newton-Schulz rounds. The momentum, a
+    /// pass over each stack, is kept on every rank.
+    fn step_on(&mut self, grads: &GradStore, factor: f64, ranks: Option<&dyn Ranks>) -> Result<()> {
+        let c = self.cfg.clone();
         let lr = c.lr * factor;
-        for group in &mut self.groups {
+        let (rank, world) = ranks.map_or((0, 1), |r| (r.rank(), r.world()));
+        // First every group's momentum and this rank's orthogonalizations, so that no rank
+        // waits on another's rounds before its own are done; then the exchange and updates.
+        let mut prepared = Vec::with_capacity(self.groups.len());
+        for (i, group) in self.groups.iter().enumerate() {
             // A matrix without a gradient (unused by the loss) joins the stack with zeros, and
             // keeps its weights and state as they were.
             let present: Vec<Option<Tensor>> = group
@@ -254,11 +270,17 @@ impl Stepper for MuonState {
                 })
                 .collect::<Result<Vec<_>>>()?;
             let g = Tensor::stack(&g, 0)?;
+            let mine = i % world == rank;
             let (momentum, o) = if self.fused {
                 let prepared =
                     muon_prepare(&group.momentum, &g, c.momentum, c.nesterov, self.compute);
                 let (momentum, x) = prepared?;
-                (momentum, rounds(x, c.ns_steps)?)
+                let o = if mine {
+                    Some(rounds(x, c.ns_steps)?)
+                } else {
+                    None
+                };
+                (momentum, o)
             } else {
                 let momentum = ((&group.momentum * c.momentum)? + &g)?;
                 let u = if c.nesterov {
@@ -266,8 +288,36 @@ impl Stepper for MuonState {
                 } else {
                     momentum.clone()
                 };
-                (momentum, newton_schulz(&u, c.ns_steps, self.compute)?)
+                let o = match mine {
+                    true => Some(newton_schulz(&u, c.ns_steps, self.compute)?),
+                    false => None,
+                };
+                (momentum, o)
             };
+            let present = present.iter().map(Option::is_some).collect();
+            prepared.push(Prepared {
+                present,
+                momentum,
+                o,
+            });
+        }
+        for (i, (group, p)) in self.groups.iter_mut().zip(prepared).enumerate() {
+            let o = match (ranks, p.o) {
+                (Some(r), o) if world > 1 => {
+                    // The owner's update on every rank (broadcasts carry f32).
+                    let (k, rows, cols) = p.momentum.dims3()?;
+                    let dtype = if self.fused { self.compute } else { DType::F32 };
+                    let mine = match o {
+                        Some(o) => o.to_dtype(DType::F32)?,
+                        None => Tensor::zeros((k, rows, cols), DType::F32, p.momentum.device())?,
+                    };
+                    r.broadcast(&mine, i % world)?.to_dtype(dtype)?
+                }
+                (_, Some(o)) => o,
+                (_, None) => candle_core::bail!("muon: group {i} was orthogonalized nowhere"),
+            };
+            let present = p.present;
+            let momentum = p.momentum;
             let (k, rows, cols) = o.dims3()?;
             let shape_scale = (rows as f64 / cols as f64).max(1.0).sqrt();
             // The update is o times a factor per row, taken from o's row sums of squares in
@@ -299,9 +349,9 @@ impl Stepper for MuonState {
                     Some(f) => f,
                     None => Tensor::full((lr * shape_scale) as f32, (k, rows, 1), o.device())?,
                 };
-                for (i, p) in group.params.iter().enumerate() {
-                    if present[i].is_some() {
-                        muon_apply(p.var.as_tensor(), &o.get(i)?, &f.get(i)?, decay)?;
+                for (j, param) in group.params.iter().enumerate() {
+                    if present[j] {
+                        muon_apply(param.var.as_tensor(), &o.get(j)?, &f.get(j)?, decay)?;
                     }
                 }
             } else {
@@ -309,19 +359,19 @@ impl Stepper for MuonState {
                     Some(f) => o.broadcast_mul(&f)?,
                     None => (o * (lr * shape_scale))?,
                 };
-                for (i, p) in group.params.iter().enumerate() {
-                    if present[i].is_none() {
+                for (j, param) in group.params.iter().enumerate() {
+                    if !present[j] {
                         continue;
                     }
-                    let mut w = p.var.as_tensor().to_dtype(DType::F32)?;
+                    let mut w = param.var.as_tensor().to_dtype(DType::F32)?;
                     if c.weight_decay > 0.0 {
                         w = (w * decay)?;
                     }
-                    let w = (w - o.get(i)?)?;
-                    p.var.set(&w.to_dtype(p.var.dtype())?)?;
+                    let w = (w - o.get(j)?)?;
+                    param.var.set(&w.to_dtype(param.var.dtype())?)?;
                 }
             }
-            let all = present.iter().all(Option::is_some);
+            let all = present.iter().all(|&x| x);
             let keep_old = |new: Tensor, old: &Tensor| -> Result<Tensor> {
                 if all {
                     return Ok(new);
@@ -329,7 +379,7 @@ impl Stepper for MuonState {
                 let parts = present
                     .iter()
                     .enumerate()
-                    .map(|(i, g)| if g.is_some() { new.get(i) } else { old.get(i) })
+                    .map(|(j, &has)| if has { new.get(j) } else { old.get(j) })
                     .collect::<Result<Vec<_>>>()?;
                 Tensor::stack(&parts, 0)
             };
@@ -338,6 +388,18 @@ impl Stepper for MuonState {
                 group.row_v = Some(keep_old(new, old)?);
             }
         }
+        Ok(())
+    }
+}
+
+impl Stepper for MuonState {
+    fn step(&mut self, grads: &GradStore, factor: f64) -> Result<()> {
+        self.step_on(grads, factor, None)?;
+        self.adam.step(grads, factor)
+    }
+
+    fn step_shared(&mut self, grads: &GradStore, factor: f64, ranks: &dyn Ranks) -> Result<()> {
+        self.step_on(grads, factor, Some(ranks))?;
         self.adam.step(grads, factor)
     }
 

@@ -40,6 +40,22 @@ pub trait Group {
     fn broadcast(&self, t: &Tensor, root: usize) -> Result<Tensor>;
 }
 
+/// A group as the optimizers see it (registry's `Ranks`): Muon shares its orthogonalizations
+/// out over the ranks.
+pub struct AsRanks<'a>(pub &'a dyn Group);
+
+impl registry::Ranks for AsRanks<'_> {
+    fn rank(&self) -> usize {
+        self.0.rank()
+    }
+    fn world(&self) -> usize {
+        self.0.world()
+    }
+    fn broadcast(&self, t: &Tensor, root: usize) -> Result<Tensor> {
+        self.0.broadcast(t, root)
+    }
+}
+
 /// A trial on one device: nothing to exchange.
 pub struct Solo;
 

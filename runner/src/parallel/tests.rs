@@ -270,3 +270,78 @@ fn a_failing_rank_fails_the_trial_with_its_reason_and_the_others_stop() {
     assert_eq!(out.unwrap_err(), "rank 1 (cpu): out of memory at step 3");
     assert!(started.elapsed() < 10 * SECOND);
 }
+
+#[test]
+fn two_ranks_share_normuons_orthogonalizations_and_take_the_one_rank_step() {
+    // Four groups of hidden matrices (two of one shape, one tall, one square, one wide) and
+    // NorMuon, two steps with the same gradients: each rank orthogonalizes every other
+    // group and broadcasts it; both end with the weights the single-rank step gives.
+    let shapes = [(6usize, 10usize), (6, 10), (10, 4), (8, 8), (4, 12)];
+    let run = |ranks: Option<&dyn registry::Ranks>| -> Vec<Vec<f32>> {
+        let params: Vec<Param> = shapes
+            .iter()
+            .enumerate()
+            .map(|(i, &(r, c))| {
+                let values: Vec<f32> = (0..r * c)
+                    .map(|j| ((i * 31 + j * 7) % 17) as f32 / 17.0 - 0.5)
+                    .collect();
+                Param {
+                    name: format!("w{i}"),
+                    var: Var::from_vec(values, (r, c), &Device::Cpu).unwrap(),
+                    role: Role::Hidden,
+                }
+            })
+            .collect();
+        let entry = registry::lookup(registry::Slot::Optimizer, "NorMuon").unwrap();
+        let registry::Component::Optimizer(cfg) = entry.parse("(lr: 0.05)").unwrap().component
+        else {
+            unreachable!("an optimizer entry")
+        };
+        let mut opt = cfg.build(&params, candle_core::DType::F32).unwrap();
+        for step in 0..2 {
+            let mut loss = Tensor::zeros((), candle_core::DType::F32, &Device::Cpu).unwrap();
+            for (i, p) in params.iter().enumerate() {
+                let (r, c) = shapes[i];
+                let g: Vec<f32> = (0..r * c)
+                    .map(|j| ((i + step * 5 + j * 3) % 11) as f32 - 5.0)
+                    .collect();
+                let g = Tensor::from_vec(g, (r, c), &Device::Cpu).unwrap();
+                loss = (loss + (p.var.as_tensor() * g).unwrap().sum_all().unwrap()).unwrap();
+            }
+            let grads = loss.backward().unwrap();
+            match ranks {
+                Some(r) => opt.step_shared(&grads, 1.0, r).unwrap(),
+                None => opt.step(&grads, 1.0).unwrap(),
+            }
+        }
+        params
+            .iter()
+            .map(|p| {
+                p.var
+                    .as_tensor()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap()
+            })
+            .collect()
+    };
+    let alone = run(None);
+    let shared = on_ranks(2, 30 * SECOND, |g| run(Some(&AsRanks(&g))));
+    for (rank, weights) in shared.iter().enumerate() {
+        for (i, (a, b)) in alone.iter().zip(weights).enumerate() {
+            let d = a
+                .iter()
+                .zip(b)
+                .map(|(x, y)| (x - y).abs())
+                .fold(0f32, f32::max);
+            assert!(d <= 1e-6, "rank {rank}, matrix {i}: {d}");
+        }
+    }
+    // The step moved the matrices: not the identity, which would pass trivially.
+    let start = (0..60).map(|j| ((j * 7) % 17) as f32 / 17.0 - 0.5);
+    assert!(alone[0]
+        .iter()
+        .zip(start)
+        .any(|(a, b)| (a - b).abs() > 1e-3));
+}
