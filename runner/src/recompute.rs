@@ -43,7 +43,13 @@ pub(crate) fn checkpointed(
 ) -> Result<Tensor> {
     // Run outside the graph: detached from the input, and the output detached in turn, so
     // that the block's intermediate tensors are freed as soon as it returns.
-    let out = block(&state.detach())?.detach().contiguous()?;
+    let out = block(&state.detach())?.detach();
+    // The op hands over a copy of the output's storage (`try_clone`), which must then hold
+    // the output contiguous from its start (a fresh copy where it does not).
+    let out = match out.is_contiguous() && out.layout().start_offset() == 0 {
+        true => out,
+        false => out.force_contiguous()?,
+    };
     let op = Checkpoint {
         block,
         out: Mutex::new(Some(out)),
