@@ -4,6 +4,8 @@
 
 use candle_core::{bail, CpuStorage, InplaceOp2, InplaceOp3, Layout, Result};
 
+use super::{cpu_f32s, cpu_f32s_mut};
+
 /// One in-place update of an f32 tensor (see fused.cu `adam_update`):
 /// `FirstMoment`: m = p0 m + p1 g; `SecondMoment`: v = p0 v + p1 g^2;
 /// `Weight`: w = p0 w - p1 (m / p2) / (sqrt(v / p3) + p4).
@@ -18,20 +20,6 @@ pub enum AdamPart {
     FirstMoment = 0,
     SecondMoment = 1,
     Weight = 2,
-}
-
-fn f32s<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
-    match (s, l.contiguous_offsets()) {
-        (CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
-        _ => bail!("adam update: contiguous f32 tensors only"),
-    }
-}
-
-fn f32s_mut<'a>(s: &'a mut CpuStorage, l: &Layout) -> Result<&'a mut [f32]> {
-    match (s, l.contiguous_offsets()) {
-        (CpuStorage::F32(v), Some((a, b))) => Ok(&mut v[a..b]),
-        _ => bail!("adam update: contiguous f32 tensors only"),
-    }
 }
 
 impl AdamUpdate {
@@ -65,8 +53,8 @@ impl InplaceOp2 for AdamUpdate {
         if self.what == AdamPart::Weight {
             bail!("the weight update takes both moments");
         }
-        let a = f32s(s2, l2)?.to_vec();
-        self.cpu(f32s_mut(s1, l1)?, &a, None);
+        let a = cpu_f32s(s2, l2, "adam update")?.to_vec();
+        self.cpu(cpu_f32s_mut(s1, l1, "adam update")?, &a, None);
         Ok(())
     }
 
@@ -99,8 +87,11 @@ impl InplaceOp3 for AdamUpdate {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<()> {
-        let (a, b) = (f32s(s2, l2)?.to_vec(), f32s(s3, l3)?.to_vec());
-        self.cpu(f32s_mut(s1, l1)?, &a, Some(&b));
+        let (a, b) = (
+            cpu_f32s(s2, l2, "adam update")?.to_vec(),
+            cpu_f32s(s3, l3, "adam update")?.to_vec(),
+        );
+        self.cpu(cpu_f32s_mut(s1, l1, "adam update")?, &a, Some(&b));
         Ok(())
     }
 

@@ -238,6 +238,26 @@ pub(crate) fn cpu_values(s: &CpuStorage, l: &Layout, op: &str) -> Result<(Vec<f3
     })
 }
 
+/// The contiguous f32 values of an f32 CPU tensor, borrowed (optimizer state and masters).
+pub(crate) fn cpu_f32s<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
+    match (s, l.contiguous_offsets()) {
+        (CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
+        _ => bail!("{op}: contiguous f32 tensors only"),
+    }
+}
+
+/// [`cpu_f32s`], for a tensor updated in place.
+pub(crate) fn cpu_f32s_mut<'a>(
+    s: &'a mut CpuStorage,
+    l: &Layout,
+    op: &str,
+) -> Result<&'a mut [f32]> {
+    match (s, l.contiguous_offsets()) {
+        (CpuStorage::F32(v), Some((a, b))) => Ok(&mut v[a..b]),
+        _ => bail!("{op}: contiguous f32 tensors only"),
+    }
+}
+
 pub(crate) fn cpu_storage(values: Vec<f32>, dtype: DType) -> CpuStorage {
     match dtype {
         DType::BF16 => CpuStorage::BF16(values.into_iter().map(half::bf16::from_f32).collect()),

@@ -11,7 +11,7 @@ use candle_core::{
     Tensor,
 };
 
-use super::{cpu_storage, cpu_values};
+use super::{cpu_f32s, cpu_f32s_mut, cpu_storage, cpu_values};
 
 /// (momentum (k, R, C), g (k, R, C)), f32 -> flat [m' (k R C) | ss (k)]: m' = beta m + g, and
 /// ss the sum of squares of each matrix's update u = g + beta m' (Nesterov) or m'.
@@ -82,13 +82,6 @@ pub fn muon_apply(w: &Tensor, o: &Tensor, f: &Tensor, decay: f64) -> Result<()> 
     w.inplace_op3(&o.contiguous()?, &f.contiguous()?, &op)
 }
 
-fn f32_values<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
-    match (s, l.contiguous_offsets()) {
-        (CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
-        _ => bail!("{op}: contiguous f32 tensors only"),
-    }
-}
-
 /// (k, values per matrix) of a stack, checked against a second operand.
 fn stack_dims(l1: &Layout, l2: &Layout, op: &str) -> Result<(usize, usize)> {
     let (k, rows, cols) = l1.shape().dims3()?;
@@ -120,8 +113,8 @@ impl CustomOp2 for MuonMomentum {
     ) -> Result<(CpuStorage, Shape)> {
         let (k, per) = stack_dims(l1, l2, self.name())?;
         let (m, g) = (
-            f32_values(s1, l1, self.name())?,
-            f32_values(s2, l2, self.name())?,
+            cpu_f32s(s1, l1, self.name())?,
+            cpu_f32s(s2, l2, self.name())?,
         );
         let mut out = vec![0f32; k * per + k];
         for i in 0..k * per {
@@ -163,10 +156,10 @@ impl CustomOp3 for MuonScale {
     ) -> Result<(CpuStorage, Shape)> {
         let (k, per) = stack_dims(l1, l2, self.name())?;
         let (m, g) = (
-            f32_values(s1, l1, self.name())?,
-            f32_values(s2, l2, self.name())?,
+            cpu_f32s(s1, l1, self.name())?,
+            cpu_f32s(s2, l2, self.name())?,
         );
-        let ss = f32_values(s3, l3, self.name())?;
+        let ss = cpu_f32s(s3, l3, self.name())?;
         if ss.len() != k {
             bail!("{}: {} norms for {k} matrices", self.name(), ss.len());
         }
@@ -269,11 +262,8 @@ impl InplaceOp3 for MuonApply {
     ) -> Result<()> {
         let (_, cols) = apply_dims(l1, l2, l3)?;
         let (o, _) = cpu_values(s2, l2, self.name())?;
-        let f = f32_values(s3, l3, self.name())?.to_vec();
-        let (CpuStorage::F32(w), Some((a, b))) = (s1, l1.contiguous_offsets()) else {
-            bail!("{}: the weight must be contiguous f32", self.name());
-        };
-        for (i, w) in w[a..b].iter_mut().enumerate() {
+        let f = cpu_f32s(s3, l3, self.name())?.to_vec();
+        for (i, w) in cpu_f32s_mut(s1, l1, self.name())?.iter_mut().enumerate() {
             *w = self.decay * *w - f[i / cols] * o[i];
         }
         Ok(())
