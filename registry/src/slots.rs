@@ -193,16 +193,30 @@ pub trait Ranks {
 
 /// The optimizer state of one trial.
 pub trait Stepper: Send {
-    /// One update from `grads`, each parameter group at its peak rate times `factor` (the
-    /// schedule's value at this step). The gradients carry no autograd graph.
-    fn step(&mut self, grads: &GradStore, factor: f64) -> Result<()>;
+    /// One update from the gradients `grads` times `grad_scale` (gradient clipping's factor,
+    /// 1 without it), each parameter group at its peak rate times `factor` (the schedule's
+    /// value at this step). The gradients carry no autograd graph. An optimizer applies the
+    /// scale as it reads each gradient, which spares the step a pass over all of them.
+    ///
+    /// With `ranks`, every rank of a data-parallel trial takes the step at once, the same
+    /// update everywhere: an optimizer whose step is expensive (Muon's orthogonalization)
+    /// shares it out; the others take their step as it is.
+    fn step_scaled(
+        &mut self,
+        grads: &GradStore,
+        factor: f64,
+        grad_scale: f64,
+        ranks: Option<&dyn Ranks>,
+    ) -> Result<()>;
 
-    /// [`Stepper::step`] on every rank of `ranks` at once, the same update everywhere: an
-    /// optimizer whose step is expensive (Muon's orthogonalization) shares it out; the
-    /// others take their step as it is.
+    /// [`Stepper::step_scaled`] on the gradients as they are, on one rank.
+    fn step(&mut self, grads: &GradStore, factor: f64) -> Result<()> {
+        self.step_scaled(grads, factor, 1.0, None)
+    }
+
+    /// [`Stepper::step_scaled`] on the gradients as they are, on every rank of `ranks`.
     fn step_shared(&mut self, grads: &GradStore, factor: f64, ranks: &dyn Ranks) -> Result<()> {
-        let _ = ranks;
-        self.step(grads, factor)
+        self.step_scaled(grads, factor, 1.0, Some(ranks))
     }
 
     /// Everything a checkpoint needs to continue exactly as if never stopped: per-parameter

@@ -103,7 +103,7 @@ impl Gpt {
     /// reshape of them would cost the backward pass a copy of the largest tensor of the step.
     pub fn logits(&self, idx: &Tensor) -> Result<Tensor> {
         let (x, head) = self.head_input(idx)?;
-        x.matmul(&head.t()?)
+        x.matmul(&head.to_dtype(self.compute)?.t()?)
     }
 
     /// The logits (N, V) of the positions `rows` (N,) u32 of the rows (B T) of `idx` only:
@@ -111,15 +111,18 @@ impl Gpt {
     /// whole vocabulary is most of a small model's work.
     pub fn logits_at(&self, idx: &Tensor, rows: &Tensor) -> Result<Tensor> {
         let (x, head) = self.head_input(idx)?;
-        x.index_select(rows, 0)?.matmul(&head.t()?)
+        x.index_select(rows, 0)?
+            .matmul(&head.to_dtype(self.compute)?.t()?)
     }
 
-    /// The final hidden states as rows (B T, C) and the output head's weight (V, C).
+    /// The final hidden states as rows (B T, C) and the output head's f32 weight (V, C), which
+    /// the fused loss casts inside (no cast node, whose gradient would be zero-filled, added
+    /// and cast once more over the vocabulary's 100M values at the 1B shape).
     fn head_input(&self, idx: &Tensor) -> Result<(Tensor, Tensor)> {
         let (_, state) = self.trunk(idx, self.recompute, &mut |_, _, _| Ok(()))?;
         let x = self.norm_f.forward(&self.stream.reduce(&state)?)?;
         let (b, t, c) = x.dims3()?;
-        Ok((x.reshape((b * t, c))?, self.wte.to_dtype(self.compute)?))
+        Ok((x.reshape((b * t, c))?, self.wte.clone()))
     }
 
     /// Mean cross-entropy in nats per token of next tokens `targets` (B, T) given `idx`.

@@ -345,14 +345,16 @@ pub fn step_on(
     if !gn.is_finite() {
         return Ok(Err(format!("grad_norm is {gn}")));
     }
-    if clip > 0.0 && gn > clip {
-        scale_grads(&mut grads, params, clip / gn)?;
-    }
+    // Clipping's factor is applied by the optimizer as it reads each gradient (one pass over
+    // them fewer than scaling them here).
+    let grad_scale = match clip > 0.0 && gn > clip {
+        true => clip / gn,
+        false => 1.0,
+    };
     mark("grad norm and clip")?;
-    match group.world() {
-        1 => opt.step(&grads, factor)?,
-        _ => opt.step_shared(&grads, factor, &parallel::AsRanks(group))?,
-    }
+    let ranks = parallel::AsRanks(group);
+    let ranks = (group.world() > 1).then_some(&ranks as &dyn registry::Ranks);
+    opt.step_scaled(&grads, factor, grad_scale, ranks)?;
     mark("optimizer")?;
     Ok(Ok(Stepped {
         loss: lv,

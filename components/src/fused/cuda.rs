@@ -640,6 +640,89 @@ pub fn adam_update(
     Ok(())
 }
 
+/// One parameter's storages for [`adam_multi`].
+pub struct AdamParts<'a> {
+    pub w: (&'a CudaStorage, &'a Layout),
+    pub m: (&'a CudaStorage, &'a Layout),
+    pub v: (&'a CudaStorage, &'a Layout),
+    pub g: (&'a CudaStorage, &'a Layout),
+    pub decays: bool,
+}
+
+/// Elements per chunk of [`adam_multi`]: a thread block's share.
+const ADAM_CHUNK: usize = 1 << 18;
+
+/// AdamW's update of every parameter in one launch; see adam.rs. Block i takes chunk i of
+/// one parameter: its four pointers and (length, decays) in a table of five u64.
+pub fn adam_multi(parts: &[AdamParts], h: &super::AdamStep) -> Result<()> {
+    use candle_core::cuda_backend::cudarc::driver::DevicePtr;
+    let Some(first) = parts.first() else {
+        return Ok(());
+    };
+    let dev = first.w.0.device();
+    let stream = dev.cuda_stream();
+    let mut views = Vec::with_capacity(4 * parts.len());
+    for p in parts {
+        let n = p.w.1.shape().elem_count();
+        for (s, l) in [p.w, p.m, p.v, p.g] {
+            if l.shape().elem_count() != n || !l.is_contiguous() {
+                bail!("adam step: a weight of {n} values with a moment or gradient of another size, or not contiguous");
+            }
+            views.push(view::<f32>(s, l)?);
+        }
+    }
+    let mut table = Vec::<u64>::new();
+    let mut held = Vec::with_capacity(views.len());
+    for (p, four) in parts.iter().zip(views.chunks(4)) {
+        let n = p.w.1.shape().elem_count();
+        let mut ptrs = [0u64; 4];
+        for (ptr, v) in ptrs.iter_mut().zip(four) {
+            let (at, read) = v.device_ptr(&stream);
+            *ptr = at;
+            held.push(read);
+        }
+        for start in (0..n).step_by(ADAM_CHUNK) {
+            let len = (n - start).min(ADAM_CHUNK) as u64;
+            table.extend(ptrs.iter().map(|p| p + (start * 4) as u64));
+            table.push(len | (u64::from(p.decays) << 32));
+        }
+    }
+    let chunks = table.len() / 5;
+    if chunks == 0 {
+        return Ok(());
+    }
+    let dtable = dev.clone_htod(&table)?;
+    let func = dev.get_or_load_custom_func("adam_multi", MODULE, PTX)?;
+    let numbers = [
+        h.beta1,
+        h.beta2,
+        h.lr,
+        h.bias1,
+        h.bias2,
+        h.eps,
+        h.decay,
+        h.grad_scale,
+    ];
+    let mut b = func.builder();
+    b.arg(&dtable);
+    for x in &numbers {
+        b.arg(x);
+    }
+    let cfg = LaunchConfig {
+        grid_dim: (chunks as u32, 1, 1),
+        block_dim: (512, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: chunk i reads and writes len values at each of its pointers, inside storages
+    // that `held` keeps borrowed until the launch is queued (frees are ordered on the same
+    // stream). w, m and v are written through pointers taken for reading: they are the
+    // optimizer's own state and its parameters, which nothing else reads or writes during the
+    // step, and every use of them is ordered on this one stream.
+    unsafe { b.launch(cfg) }.w()?;
+    drop(held);
+    Ok(())
+}
+
 /// Blocks for the stack kernels of muon_step.rs: (blocks a matrix, k), 1024 threads.
 fn stack_config(k: usize, per: usize) -> LaunchConfig {
     let per_matrix = per.div_ceil(1024).min((2112 / k.max(1)).max(4));
@@ -654,10 +737,9 @@ fn stack_config(k: usize, per: usize) -> LaunchConfig {
 pub fn muon_momentum(
     (m, lm): (&CudaStorage, &Layout),
     (g, lg): (&CudaStorage, &Layout),
-    k: usize,
-    per: usize,
-    beta: f32,
-    nesterov: bool,
+    (k, per): (usize, usize),
+    (beta, nesterov): (f32, bool),
+    grad_scale: f32,
 ) -> Result<CudaStorage> {
     let dev = m.device();
     let func = dev.get_or_load_custom_func("muon_momentum", MODULE, PTX)?;
@@ -671,7 +753,8 @@ pub fn muon_momentum(
         .arg(&out)
         .arg(&per64)
         .arg(&beta)
-        .arg(&nest);
+        .arg(&nest)
+        .arg(&grad_scale);
     // SAFETY: block (i, j) reads and writes its share of matrix j and adds into out[k per + j].
     unsafe { b.launch(stack_config(k, per)) }.w()?;
     Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
@@ -684,6 +767,7 @@ pub fn muon_scale(
     (ss, lss): (&CudaStorage, &Layout),
     (k, per): (usize, usize),
     (beta, nesterov): (f32, bool),
+    grad_scale: f32,
     dtype: DType,
 ) -> Result<CudaStorage> {
     let dev = m.device();
@@ -705,7 +789,8 @@ pub fn muon_scale(
                 .arg(&x)
                 .arg(&per64)
                 .arg(&beta)
-                .arg(&nest);
+                .arg(&nest)
+                .arg(&grad_scale);
             // SAFETY: reads k per of m' and g and k norms, writes every element of x.
             unsafe { b.launch(stack_config(k, per)) }.w()?;
             CudaStorage::wrap_cuda_slice(x, dev.clone())
@@ -792,6 +877,26 @@ pub fn muon_apply(
 #[allow(clippy::too_many_arguments)]
 unsafe fn gemm_bf16_rows(
     blas: &candle_core::cuda_backend::cudarc::cublas::CudaBlas,
+    trans: (bool, bool),
+    mnk: (usize, usize, usize),
+    alpha: f32,
+    a: (u64, usize),
+    b: (u64, usize),
+    beta: f32,
+    c: (u64, usize),
+    batch: usize,
+) -> Result<()> {
+    gemm_rows(blas, trans, mnk, alpha, a, b, beta, c, false, batch)
+}
+
+/// [`gemm_bf16_rows`] with C in f32 when `c_f32` (the products accumulate in f32 either way,
+/// so an f32 C is the exact sum, not a rounded one cast back up).
+///
+/// # Safety
+/// As [`gemm_bf16_rows`], C holding f32 values when `c_f32`.
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_rows(
+    blas: &candle_core::cuda_backend::cudarc::cublas::CudaBlas,
     (trans_a, trans_b): (bool, bool),
     (m, n, k): (usize, usize, usize),
     alpha: f32,
@@ -799,6 +904,7 @@ unsafe fn gemm_bf16_rows(
     (b, stride_b): (u64, usize),
     beta: f32,
     (c, stride_c): (u64, usize),
+    c_f32: bool,
     batch: usize,
 ) -> Result<()> {
     use candle_core::cuda_backend::cudarc::cublas::{result, sys};
@@ -807,6 +913,10 @@ unsafe fn gemm_bf16_rows(
         false => sys::cublasOperation_t::CUBLAS_OP_N,
     };
     let bf16 = sys::cudaDataType_t::CUDA_R_16BF;
+    let c_type = match c_f32 {
+        true => sys::cudaDataType_t::CUDA_R_32F,
+        false => bf16,
+    };
     result::gemm_strided_batched_ex(
         *blas.handle(),
         op(trans_b),
@@ -825,7 +935,7 @@ unsafe fn gemm_bf16_rows(
         stride_a as i64,
         (&beta) as *const f32 as *const _,
         c as *mut _,
-        bf16,
+        c_type,
         n as i32,
         stride_c as i64,
         batch as i32,
@@ -942,6 +1052,88 @@ pub fn ns_round(
         }
     }
     Ok(CudaStorage::wrap_cuda_slice(next, dev.clone()))
+}
+
+/// dW = dy^T x in f32 from bf16 rows dy (rows, out) and x (rows, in): a linear layer's
+/// weight gradient straight into the f32 master's dtype, where a bf16 product would be cast
+/// up in one more pass (see linear.rs `weight_grad`).
+pub fn weight_grad(
+    (dy, ldy): (&CudaStorage, &Layout),
+    (x, lx): (&CudaStorage, &Layout),
+    (rows, d_out, d_in): (usize, usize, usize),
+) -> Result<CudaStorage> {
+    use candle_core::cuda_backend::cudarc::driver::DevicePtr;
+    let dev = dy.device();
+    let stream = dev.cuda_stream();
+    let blas = dev.cublas_handle();
+    let (dyv, xv) = (view::<bf16>(dy, ldy)?, view::<bf16>(x, lx)?);
+    if dyv.len() != rows * d_out || xv.len() != rows * d_in {
+        bail!(
+            "weight gradient: dy {:?} and x {:?} are not ({rows}, {d_out}) and ({rows}, {d_in})",
+            ldy.dims(),
+            lx.dims()
+        );
+    }
+    let dw = out::<f32>(dev, d_out * d_in)?;
+    {
+        let (dp, _rd) = dyv.device_ptr(&stream);
+        let (xp, _rx) = xv.device_ptr(&stream);
+        let (wp, _rw) = dw.device_ptr(&stream);
+        // SAFETY: dy holds (rows, d_out) and x (rows, d_in) bf16, dw (d_out, d_in) f32; one
+        // matrix, on the device's stream.
+        unsafe {
+            gemm_rows(
+                &blas,
+                (true, false),
+                (d_out, d_in, rows),
+                1.0,
+                (dp, 0),
+                (xp, 0),
+                0.0,
+                (wp, 0),
+                true,
+                1,
+            )?;
+        }
+    }
+    Ok(CudaStorage::wrap_cuda_slice(dw, dev.clone()))
+}
+
+/// x *= s in place, x f32 or bf16 and s one f32 on the device (read there: no wait for it).
+pub fn scale_by(
+    (x, lx): (&mut CudaStorage, &Layout),
+    (s, ls): (&CudaStorage, &Layout),
+) -> Result<()> {
+    let dev = x.device().clone();
+    let Some((start, end)) = lx.contiguous_offsets() else {
+        bail!("scale in place: the tensor scaled must be contiguous");
+    };
+    let sv = view::<f32>(s, ls)?;
+    if sv.len() != 1 {
+        bail!(
+            "scale in place: the factor has {} values, not one",
+            sv.len()
+        );
+    }
+    let n = end - start;
+    let n64 = n as u64;
+    let func =
+        dev.get_or_load_custom_func(&format!("scale_by_{}", suffix(x.dtype())?), MODULE, PTX)?;
+    macro_rules! run {
+        ($t:ty) => {{
+            let mut d = x.as_cuda_slice_mut::<$t>()?.slice_mut(start..end);
+            let mut b = func.builder();
+            b.arg(&mut d).arg(&sv).arg(&n64);
+            // SAFETY: reads one f32, updates n values in place.
+            unsafe { b.launch(flat_config(n)) }.w()?;
+        }};
+    }
+    match x.dtype() {
+        DType::F32 => run!(f32),
+        DType::BF16 => run!(bf16),
+        other => bail!("scale in place: {other:?} is not supported"),
+    }
+    Ok(())
 }
 
 const FLASH_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/flash.ptx"));

@@ -807,6 +807,42 @@ extern "C" __global__ void adam_update(float* dst, const float* a, const float* 
     }
 }
 
+// AdamW over every parameter in one launch (adam.rs `adam_step`): block i takes chunk i,
+// table[5 i ..] = (w, m, v, g, len | decays << 32), and updates its len values in place with
+// the arithmetic of adam_update's three modes, the gradient scaled by `gs` (clipping) first.
+extern "C" __global__ void adam_multi(const uint64_t* table, float b1, float b2, float lr,
+                                      float bias1, float bias2, float eps, float decay,
+                                      float gs) {
+    const uint64_t* c = table + 5 * (size_t)blockIdx.x;
+    float* __restrict__ w = reinterpret_cast<float*>(c[0]);
+    float* __restrict__ m = reinterpret_cast<float*>(c[1]);
+    float* __restrict__ v = reinterpret_cast<float*>(c[2]);
+    const float* __restrict__ g = reinterpret_cast<const float*>(c[3]);
+    uint32_t n = (uint32_t)(c[4] & 0xffffffffu);
+    float d = (c[4] >> 32) ? decay : 1.0f;
+    float c1 = 1.0f - b1, c2 = 1.0f - b2;
+    for (uint32_t i = threadIdx.x; i < n; i += blockDim.x) {
+        float gv = g[i] * gs;
+        float mv = b1 * m[i] + c1 * gv;
+        float vv = b2 * v[i] + c2 * gv * gv;
+        m[i] = mv;
+        v[i] = vv;
+        w[i] = d * w[i] - lr * (mv / bias1) / (sqrtf(vv / bias2) + eps);
+    }
+}
+
+// x *= s in place with s one f32 in device memory: a gradient scaled by another gradient (the
+// loss's incoming one) without reading it back to the host.
+#define SCALE_KERNELS(NAME, T)                                                                \
+    extern "C" __global__ void scale_by_##NAME(T* x, const float* s, size_t n) {              \
+        float f = s[0];                                                                       \
+        for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;                 \
+             i += (size_t)gridDim.x * blockDim.x)                                             \
+            x[i] = from_f<T>(to_f(x[i]) * f);                                                 \
+    }
+
+FOR_DTYPES(SCALE_KERNELS)
+
 // Sum of squares over many f32 tensors, for the gradient norm: block i takes chunk i (a
 // pointer and a length, at most a few ten thousand elements of one tensor) and writes its
 // sum; `sum_f32` adds the chunks' sums in one block, in a fixed order (the same bits every
@@ -1046,16 +1082,17 @@ FOR_DTYPES(NP_KERNELS)
 
 // Muon / NorMuon's element-wise work over a stack of k matrices of `per` values each
 // (fused/muon_step.rs); grids (blocks, k), blockIdx.y the matrix.
-// muon_momentum: m' = beta m + g into out[0, k per), and out[k per + i] += the sum over matrix
-// i of u^2, u = g + beta m' (Nesterov) or m' (the tail zeroed by the caller).
+// muon_momentum: m' = beta m + gs g into out[0, k per), and out[k per + i] += the sum over
+// matrix i of u^2, u = gs g + beta m' (Nesterov) or m' (the tail zeroed by the caller); gs is
+// gradient clipping's factor.
 extern "C" __global__ void muon_momentum(const float* m, const float* g, float* out, size_t per,
-                                         float beta, int nesterov) {
+                                         float beta, int nesterov, float gs) {
     __shared__ float scratch[32];
     size_t base = (size_t)blockIdx.y * per;
     float ss = 0.0f;
     for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < per;
          i += (size_t)gridDim.x * blockDim.x) {
-        float gv = g[base + i], mv = beta * m[base + i] + gv;
+        float gv = g[base + i] * gs, mv = beta * m[base + i] + gv;
         out[base + i] = mv;
         float u = nesterov ? gv + beta * mv : mv;
         ss += u * u;
@@ -1067,13 +1104,13 @@ extern "C" __global__ void muon_momentum(const float* m, const float* g, float* 
 // x = u / (|u|_F + 1e-7) per matrix in T: Newton-Schulz's input, u recomputed from m' and g.
 template <typename T>
 __device__ void muon_scale(const float* m, const float* g, const float* ss, T* x, size_t per,
-                           float beta, int nesterov) {
+                           float beta, int nesterov, float gs) {
     size_t base = (size_t)blockIdx.y * per;
     float inv = 1.0f / (sqrtf(ss[blockIdx.y]) + 1e-7f);
     for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < per;
          i += (size_t)gridDim.x * blockDim.x) {
         float mv = m[base + i];
-        float u = nesterov ? g[base + i] + beta * mv : mv;
+        float u = nesterov ? g[base + i] * gs + beta * mv : mv;
         x[base + i] = from_f<T>(u * inv);
     }
 }
@@ -1105,8 +1142,8 @@ __device__ void muon_apply(float* w, const T* o, const float* f, size_t n, int c
 #define MUON_KERNELS(NAME, T)                                                                 \
     extern "C" __global__ void muon_scale_##NAME(const float* m, const float* g,               \
                                                  const float* ss, T* x, size_t per,            \
-                                                 float beta, int nesterov) {                  \
-        muon_scale<T>(m, g, ss, x, per, beta, nesterov);                                      \
+                                                 float beta, int nesterov, float gs) {        \
+        muon_scale<T>(m, g, ss, x, per, beta, nesterov, gs);                                  \
     }                                                                                         \
     extern "C" __global__ void row_sumsq_##NAME(const T* o, float* rs, size_t rows, int cols) { \
         row_sumsq<T>(o, rs, rows, cols);                                                      \

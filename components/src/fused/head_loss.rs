@@ -14,12 +14,14 @@ use std::sync::Mutex;
 
 use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 
+use super::linear::{weight_grad, ScaleBy};
 use super::{CrossEntropy, CrossEntropyBwd};
 
-/// The summed cross-entropy of `x w^T` (rows of `x`: (N, d); `w`: (V, d), one row per token)
-/// against `targets` (N, u32), as a scalar f32 with gradients for `x` and `w`.
+/// The summed cross-entropy of `x w^T` (rows of `x`: (N, d); `w`: (V, d), one row per token,
+/// in any float dtype: cast to x's inside, so the cast is no node of the graph) against
+/// `targets` (N, u32), as a scalar f32 with gradients for `x` and for `w` in w's dtype.
 pub fn linear_cross_entropy_sum(x: &Tensor, w: &Tensor, targets: &Tensor) -> Result<Tensor> {
-    let (xd, wd) = (x.detach(), w.detach());
+    let (xd, wd) = (x.detach(), w.detach().to_dtype(x.dtype())?);
     let targets = targets.contiguous()?;
     let logits = xd.matmul(&wd.t()?)?;
     let rows = logits.apply_op2_no_bwd(&targets, &CrossEntropy)?;
@@ -27,7 +29,7 @@ pub fn linear_cross_entropy_sum(x: &Tensor, w: &Tensor, targets: &Tensor) -> Res
     let dlogits = logits.apply_op3_no_bwd(&targets, &ones, &CrossEntropyBwd)?;
     drop(logits);
     let dx = dlogits.matmul(&wd)?;
-    let dw = dlogits.t()?.matmul(&xd)?;
+    let dw = weight_grad(&dlogits, &xd, w.dtype())?;
     let op = Attach {
         grads: Mutex::new(Some((dx, dw))),
     };
@@ -87,15 +89,14 @@ impl CustomOp3 for Attach {
         let Some((dx, dw)) = taken else {
             bail!("linear-cross-entropy: its backward pass ran twice");
         };
-        // Scaled in f32: the incoming gradient is 1 / tokens, which bf16 would round by up
-        // to 0.4%, the same for every gradient of the step.
-        let g = grad_res.to_dtype(DType::F32)?;
-        let scaled = |d: &Tensor| {
-            d.to_dtype(DType::F32)?
-                .broadcast_mul(&g)?
-                .to_dtype(d.dtype())
-        };
-        Ok((None, Some(scaled(&dx)?), Some(scaled(&dw)?)))
+        // Scaled in f32 (the incoming gradient is 1 / tokens, which bf16 would round by up to
+        // 0.4%, the same for every gradient of the step), in place, with the factor read on
+        // the device: the two gradients are this op's own.
+        let g = grad_res.to_dtype(DType::F32)?.reshape(1)?.contiguous()?;
+        for d in [&dx, &dw] {
+            d.inplace_op2(&g, &ScaleBy)?;
+        }
+        Ok((None, Some(dx), Some(dw)))
     }
 }
 

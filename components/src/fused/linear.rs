@@ -7,7 +7,9 @@
 //! dtype, added once.
 
 use candle_core::backend::BackendStorage;
-use candle_core::{bail, CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
+use candle_core::{bail, CpuStorage, CustomOp2, DType, InplaceOp2, Layout, Result, Shape, Tensor};
+
+use super::{cpu_f32s, cpu_storage, cpu_values};
 
 /// (x (.., in) in the compute dtype, w (out, in) in any float dtype) -> (.., out) in x's.
 #[derive(Clone, Copy, Debug)]
@@ -97,7 +99,136 @@ impl CustomOp2 for FusedLinear {
         let x2 = x.detach().reshape(((), d_in))?;
         let dy = grad.detach().reshape(((), d_out))?;
         let dx = dy.matmul(&w16)?.reshape(x.shape())?;
-        let dw = dy.t()?.matmul(&x2)?.to_dtype(w.dtype())?;
+        let dw = weight_grad(&dy, &x2, w.dtype())?;
         Ok((Some(dx), Some(dw)))
+    }
+}
+
+/// A weight's gradient dy^T x in the weight's `dtype`, from rows dy (N, out) and x (N, in):
+/// (out, in). On CUDA from bf16 rows for an f32 weight, one product writing f32
+/// ([`WeightGrad`]), where a bf16 product would be cast up in a pass of its own over the
+/// weight (half a millisecond a layer at the 1B shape); otherwise the product in the rows'
+/// dtype, then cast.
+pub(super) fn weight_grad(dy: &Tensor, x: &Tensor, dtype: DType) -> Result<Tensor> {
+    let fused = dy.device().is_cuda()
+        && dy.dtype() == DType::BF16
+        && x.dtype() == DType::BF16
+        && dtype == DType::F32;
+    match fused {
+        true => dy
+            .contiguous()?
+            .apply_op2_no_bwd(&x.contiguous()?, &WeightGrad),
+        false => dy.t()?.matmul(x)?.to_dtype(dtype),
+    }
+}
+
+/// (dy (N, out), x (N, in)), both bf16 or both f32 -> dy^T x (out, in) in f32, the sums in
+/// f32 (see [`weight_grad`]).
+#[derive(Clone, Copy, Debug)]
+pub struct WeightGrad;
+
+/// (rows, out, in) of a weight gradient's operands, checked.
+fn grad_dims(ldy: &Layout, lx: &Layout) -> Result<(usize, usize, usize)> {
+    let ((n, d_out), (nx, d_in)) = (ldy.shape().dims2()?, lx.shape().dims2()?);
+    if n != nx || !ldy.is_contiguous() || !lx.is_contiguous() {
+        bail!(
+            "weight gradient: dy {:?} and x {:?} are not contiguous rows of one count",
+            ldy.dims(),
+            lx.dims()
+        );
+    }
+    Ok((n, d_out, d_in))
+}
+
+impl CustomOp2 for WeightGrad {
+    fn name(&self) -> &'static str {
+        "weight-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (n, d_out, d_in) = grad_dims(l1, l2)?;
+        let ((dy, _), (x, _)) = (
+            cpu_values(s1, l1, self.name())?,
+            cpu_values(s2, l2, self.name())?,
+        );
+        let mut dw = vec![0f32; d_out * d_in];
+        for r in 0..n {
+            for o in 0..d_out {
+                let g = dy[r * d_out + o];
+                let row = &mut dw[o * d_in..(o + 1) * d_in];
+                for (w, xv) in row.iter_mut().zip(&x[r * d_in..(r + 1) * d_in]) {
+                    *w += g * xv;
+                }
+            }
+        }
+        Ok((cpu_storage(dw, DType::F32), Shape::from((d_out, d_in))))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let dims = grad_dims(l1, l2)?;
+        if s1.dtype() != DType::BF16 || s2.dtype() != DType::BF16 {
+            bail!("weight gradient: the CUDA kernel takes bf16 rows");
+        }
+        let dw = super::cuda::weight_grad((s1, l1), (s2, l2), dims)?;
+        Ok((dw, Shape::from((dims.1, dims.2))))
+    }
+}
+
+/// In place, x *= s with s one f32 value in the same device's memory: a kept gradient scaled
+/// by the incoming one without reading it to the host (head_loss.rs).
+#[derive(Clone, Copy, Debug)]
+pub struct ScaleBy;
+
+impl InplaceOp2 for ScaleBy {
+    fn name(&self) -> &'static str {
+        "scale-by"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &mut CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<()> {
+        let s = cpu_f32s(s2, l2, self.name())?;
+        let [f] = s else {
+            bail!("scale in place: the factor has {} values, not one", s.len());
+        };
+        let Some((start, end)) = l1.contiguous_offsets() else {
+            bail!("scale in place: the tensor scaled must be contiguous");
+        };
+        match s1 {
+            CpuStorage::F32(v) => v[start..end].iter_mut().for_each(|x| *x *= f),
+            CpuStorage::BF16(v) => v[start..end]
+                .iter_mut()
+                .for_each(|x| *x = half::bf16::from_f32(x.to_f32() * f)),
+            _ => bail!("scale in place: f32 or bf16 only"),
+        }
+        Ok(())
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &mut candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<()> {
+        super::cuda::scale_by((s1, l1), (s2, l2))
     }
 }

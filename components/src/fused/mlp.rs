@@ -10,7 +10,7 @@
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tensor};
 
-use super::linear::{as_dtype, like};
+use super::linear::{as_dtype, like, weight_grad};
 use super::{Activation, ActivationBwd, Kind};
 
 /// (x (.., C), w_up (H, C) or, gated, (2 H, C), w_down (C, H)) -> (.., C) in x's dtype; the
@@ -107,11 +107,11 @@ impl CustomOp3 for FusedMlp {
         let dy = grad.detach().reshape(((), c))?;
         let h = x2.matmul(&up16.t()?)?;
         let a = h.apply_op1_no_bwd(&Activation(self.0))?;
-        let d_down = dy.t()?.matmul(&a)?.to_dtype(down.dtype())?;
+        let d_down = weight_grad(&dy, &a, down.dtype())?;
         let da = dy.matmul(&down16)?;
         let dh = h.apply_op2_no_bwd(&da, &ActivationBwd(self.0))?;
-        let d_up = dh.t()?.matmul(&x2)?;
+        let d_up = weight_grad(&dh, &x2, up.dtype())?;
         let dx = dh.matmul(&up16)?.reshape(x.shape())?;
-        Ok((Some(dx), Some(d_up.to_dtype(up.dtype())?), Some(d_down)))
+        Ok((Some(dx), Some(d_up), Some(d_down)))
     }
 }

@@ -54,14 +54,14 @@ mod norm_proj;
 mod sinkhorn;
 
 pub use activation::{Activation, ActivationBwd, Kind};
-pub use adam::{AdamPart, AdamUpdate};
+pub use adam::{adam_step, AdamPart, AdamSlot, AdamStep, AdamUpdate};
 pub use attention::CausalAttention;
 pub use embedding::{Embedding, EmbeddingBwd};
 pub use flash::{FlashAttention, FLASH_HEAD_DIMS};
 pub use gate::{SigmoidGate, SigmoidGateBwd};
 pub use head::{HeadPrep, HeadPrepBwd};
 pub use head_loss::linear_cross_entropy_sum;
-pub use linear::FusedLinear;
+pub use linear::{FusedLinear, ScaleBy, WeightGrad};
 pub use mix::{MixBwd, PostMix, PreMix, StateGrad, MAX_STREAMS};
 pub use mlp::FusedMlp;
 pub use muon_step::{

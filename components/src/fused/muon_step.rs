@@ -13,19 +13,23 @@ use candle_core::{
 
 use super::{cpu_f32s, cpu_f32s_mut, cpu_storage, cpu_values};
 
-/// (momentum (k, R, C), g (k, R, C)), f32 -> flat [m' (k R C) | ss (k)]: m' = beta m + g, and
-/// ss the sum of squares of each matrix's update u = g + beta m' (Nesterov) or m'.
+/// (momentum (k, R, C), g (k, R, C)), f32 -> flat [m' (k R C) | ss (k)]: m' = beta m + s g,
+/// and ss the sum of squares of each matrix's update u = s g + beta m' (Nesterov) or m', with
+/// s = `grad_scale` (gradient clipping's factor, applied as g is read).
 #[derive(Clone, Copy, Debug)]
 pub struct MuonMomentum {
     pub beta: f32,
     pub nesterov: bool,
+    pub grad_scale: f32,
 }
 
-/// (m', g, ss) -> u / (|u|_F + 1e-7) (k, R, C) in `dtype`: Newton-Schulz's input.
+/// (m', g, ss) -> u / (|u|_F + 1e-7) (k, R, C) in `dtype`: Newton-Schulz's input, u as in
+/// [`MuonMomentum`].
 #[derive(Clone, Copy, Debug)]
 pub struct MuonScale {
     pub beta: f32,
     pub nesterov: bool,
+    pub grad_scale: f32,
     pub dtype: DType,
 }
 
@@ -41,19 +45,22 @@ pub struct MuonApply {
 }
 
 /// The front half of a Muon step on a stack: the new momentum and Newton-Schulz's normalized
-/// input in `dtype` (two kernels on CUDA; the same arithmetic on the CPU).
+/// input in `dtype` (two kernels on CUDA; the same arithmetic on the CPU), from the gradients
+/// `g` times `grad_scale`.
 pub fn muon_prepare(
     momentum: &Tensor,
     g: &Tensor,
-    beta: f64,
-    nesterov: bool,
+    (beta, nesterov): (f64, bool),
+    grad_scale: f64,
     dtype: DType,
 ) -> Result<(Tensor, Tensor)> {
     let (k, rows, cols) = g.dims3()?;
     let n = k * rows * cols;
+    let grad_scale = grad_scale as f32;
     let op = MuonMomentum {
         beta: beta as f32,
         nesterov,
+        grad_scale,
     };
     let out = momentum
         .contiguous()?
@@ -63,6 +70,7 @@ pub fn muon_prepare(
     let scale = MuonScale {
         beta: beta as f32,
         nesterov,
+        grad_scale,
         dtype,
     };
     let x = m.apply_op3_no_bwd(g, &ss, &scale)?;
@@ -118,9 +126,10 @@ impl CustomOp2 for MuonMomentum {
         );
         let mut out = vec![0f32; k * per + k];
         for i in 0..k * per {
-            let mv = self.beta * m[i] + g[i];
+            let gv = g[i] * self.grad_scale;
+            let mv = self.beta * m[i] + gv;
             out[i] = mv;
-            let u = update(mv, g[i], self.beta, self.nesterov);
+            let u = update(mv, gv, self.beta, self.nesterov);
             out[k * per + i / per] += u * u;
         }
         Ok((CpuStorage::F32(out), Shape::from(k * per + k)))
@@ -135,7 +144,13 @@ impl CustomOp2 for MuonMomentum {
         l2: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         let (k, per) = stack_dims(l1, l2, self.name())?;
-        let out = super::cuda::muon_momentum((s1, l1), (s2, l2), k, per, self.beta, self.nesterov)?;
+        let out = super::cuda::muon_momentum(
+            (s1, l1),
+            (s2, l2),
+            (k, per),
+            (self.beta, self.nesterov),
+            self.grad_scale,
+        )?;
         Ok((out, Shape::from(k * per + k)))
     }
 }
@@ -164,7 +179,10 @@ impl CustomOp3 for MuonScale {
             bail!("{}: {} norms for {k} matrices", self.name(), ss.len());
         }
         let x = (0..k * per)
-            .map(|i| update(m[i], g[i], self.beta, self.nesterov) / (ss[i / per].sqrt() + 1e-7))
+            .map(|i| {
+                let gv = g[i] * self.grad_scale;
+                update(m[i], gv, self.beta, self.nesterov) / (ss[i / per].sqrt() + 1e-7)
+            })
             .collect();
         Ok((cpu_storage(x, self.dtype), l1.shape().clone()))
     }
@@ -190,6 +208,7 @@ impl CustomOp3 for MuonScale {
             (s3, l3),
             (k, per),
             (beta, nesterov),
+            self.grad_scale,
             self.dtype,
         )?;
         Ok((x, l1.shape().clone()))

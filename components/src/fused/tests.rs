@@ -1181,7 +1181,8 @@ fn muon_stack_kernels_match_the_cpu_ops() -> Result<()> {
     for dtype in [DType::F32, DType::BF16] {
         let run = |d: &Device| -> Result<Vec<Tensor>> {
             let (m, g) = (m.to_device(d)?, g.to_device(d)?);
-            let (m2, x) = muon_prepare(&m, &g, 0.95, true, dtype)?;
+            // A clipping factor that is not one: the kernels scale g as they read it.
+            let (m2, x) = muon_prepare(&m, &g, (0.95, true), 0.3, dtype)?;
             let rs = row_sum_squares(&x)?;
             let w = w.to_device(d)?.copy()?;
             muon_apply(&w, &x.get(1)?, &f.to_device(d)?, 0.99)?;
@@ -1322,6 +1323,217 @@ fn newton_schulz_round_matches_the_composite() -> Result<()> {
         let top = cpu.abs()?.max_all()?.to_scalar::<f32>()?;
         let d = max_diff(&cpu, &cuda)? / top;
         assert!(d < 2e-2, "{shape:?}: {d}");
+    }
+    Ok(())
+}
+
+#[test]
+fn weight_gradient_op_sums_row_products_in_f32() -> Result<()> {
+    // Hand-worked: dy = [[1, 2], [3, -1]], x = [[0.5, 1, -2], [2, 0, 1]]:
+    // dW[o][i] = sum_r dy[r][o] x[r][i] = [[1*0.5 + 3*2, 1 + 0, -2 + 3], [1 - 2, 2, -4 - 1]].
+    let dy = Tensor::new(&[[1f32, 2.0], [3.0, -1.0]], &Device::Cpu)?;
+    let x = Tensor::new(&[[0.5f32, 1.0, -2.0], [2.0, 0.0, 1.0]], &Device::Cpu)?;
+    let dw = dy.apply_op2_no_bwd(&x, &WeightGrad)?;
+    assert_eq!(dw.dtype(), DType::F32);
+    assert_eq!(
+        dw.to_vec2::<f32>()?,
+        vec![vec![6.5, 1.0, 1.0], vec![-1.0, 2.0, -5.0]]
+    );
+    // From bf16 rows: the product of the rounded values, summed in f32 (a second
+    // implementation: candle's f32 matmul of the same values).
+    let (dy, x) = (
+        randn(170, (64, 24), 1.0)?.to_dtype(DType::BF16)?,
+        randn(171, (64, 40), 1.0)?.to_dtype(DType::BF16)?,
+    );
+    let want = dy
+        .to_dtype(DType::F32)?
+        .t()?
+        .matmul(&x.to_dtype(DType::F32)?)?;
+    let got = dy.apply_op2_no_bwd(&x, &WeightGrad)?;
+    assert_eq!(got.dtype(), DType::F32);
+    assert!(max_diff(&got, &want)? < 1e-5);
+    Ok(())
+}
+
+#[test]
+fn scale_in_place_multiplies_by_the_factor_on_the_device() -> Result<()> {
+    let f = Tensor::new(&[0.25f32], &Device::Cpu)?;
+    let x = Tensor::new(&[4f32, -2.0, 1.0], &Device::Cpu)?;
+    x.inplace_op2(&f, &ScaleBy)?;
+    assert_eq!(x.to_vec1::<f32>()?, vec![1.0, -0.5, 0.25]);
+    // bf16: the product in f32, rounded once (3 * 0.25 = 0.75 is exact in bf16).
+    let h = Tensor::new(&[3f32, 10.0], &Device::Cpu)?.to_dtype(DType::BF16)?;
+    h.inplace_op2(&f, &ScaleBy)?;
+    assert_eq!(h.to_dtype(DType::F32)?.to_vec1::<f32>()?, vec![0.75, 2.5]);
+    // A factor of two values is refused.
+    let two = Tensor::new(&[1f32, 2.0], &Device::Cpu)?;
+    assert!(x.inplace_op2(&two, &ScaleBy).is_err());
+    Ok(())
+}
+
+/// On a GPU: the weight gradient's f32-output product and the in-place scale against their
+/// CPU ops, at a linear layer's size (2048 rows into a 512 x 768 weight).
+#[cfg(feature = "cuda")]
+#[test]
+fn weight_gradient_and_scale_kernels_match_the_cpu_ops() -> Result<()> {
+    let Some(gpu) = gpu() else {
+        return Ok(());
+    };
+    let (dy, x) = (
+        randn(172, (2048, 512), 1.0)?.to_dtype(DType::BF16)?,
+        randn(173, (2048, 768), 1.0)?.to_dtype(DType::BF16)?,
+    );
+    let cpu = dy.apply_op2_no_bwd(&x, &WeightGrad)?;
+    let cuda = dy
+        .to_device(&gpu)?
+        .apply_op2_no_bwd(&x.to_device(&gpu)?, &WeightGrad)?;
+    assert_eq!(cuda.dtype(), DType::F32);
+    // Sums of 2048 products of size ~1: f32 accumulation in another order.
+    let d = max_diff(&cpu, &cuda.to_device(&Device::Cpu)?)?;
+    assert!(d < 1e-3, "weight gradient: {d}");
+    for dtype in [DType::F32, DType::BF16] {
+        let v = randn(174, (3, 1000), 1.0)?.to_dtype(dtype)?;
+        let f = Tensor::new(&[1f32 / 8192.0], &Device::Cpu)?;
+        let on_gpu = v.to_device(&gpu)?;
+        on_gpu.inplace_op2(&f.to_device(&gpu)?, &ScaleBy)?;
+        v.inplace_op2(&f, &ScaleBy)?;
+        let d = max_diff(&v, &on_gpu.to_device(&Device::Cpu)?)?;
+        assert_eq!(d, 0.0, "{dtype:?}: one rounding of the same f32 product");
+    }
+    Ok(())
+}
+
+/// On a GPU: the head and loss from bf16 rows and the f32 head weight (as training calls it)
+/// against the same function on the CPU, loss and both gradients, through a mean so that the
+/// incoming gradient is not one.
+#[cfg(feature = "cuda")]
+#[test]
+fn the_head_loss_on_the_gpu_matches_the_cpu() -> Result<()> {
+    let Some(gpu) = gpu() else {
+        return Ok(());
+    };
+    let x = randn(175, (256, 64), 1.0)?.to_dtype(DType::BF16)?;
+    let w = randn(176, (500, 64), 0.2)?;
+    let t = Tensor::from_vec(
+        (0..256u32).map(|i| (i * 37 + 11) % 500).collect::<Vec<_>>(),
+        256,
+        &Device::Cpu,
+    )?;
+    let run = |dev: &Device| -> Result<Vec<Tensor>> {
+        let (xv, wv) = (
+            Var::from_tensor(&x.to_device(dev)?)?,
+            Var::from_tensor(&w.to_device(dev)?)?,
+        );
+        let loss = (linear_cross_entropy_sum(xv.as_tensor(), wv.as_tensor(), &t.to_device(dev)?)?
+            / 256.0)?;
+        let g = loss.backward()?;
+        let dw = g.get(wv.as_tensor()).expect("a head gradient").clone();
+        assert_eq!(dw.dtype(), DType::F32, "the f32 weight's gradient is f32");
+        let dx = g.get(xv.as_tensor()).expect("an input gradient").clone();
+        [loss, dx, dw]
+            .iter()
+            .map(|t| t.to_device(&Device::Cpu))
+            .collect()
+    };
+    let (cpu, cuda) = (run(&Device::Cpu)?, run(&gpu)?);
+    for (i, (a, b)) in cpu.iter().zip(&cuda).enumerate() {
+        let size = a.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+        let d = max_diff(a, b)?;
+        assert!(d <= 2e-2 * size, "#{i}: {d} of {size}");
+    }
+    Ok(())
+}
+
+/// Slots of three sizes (one over a chunk of the CUDA kernel's, one under a warp), the last
+/// without decay, on `dev`: (w, m, v, g) each.
+fn adam_slots(dev: &Device) -> Result<Vec<[Tensor; 4]>> {
+    [(300_001usize, 190u64), (1000, 191), (7, 192)]
+        .iter()
+        .map(|&(n, seed)| {
+            let w = randn(seed, n, 1.0)?.to_device(dev)?;
+            let m = (randn(seed + 10, n, 0.1)?).to_device(dev)?;
+            let v = (randn(seed + 20, n, 0.1)?.sqr()?).to_device(dev)?;
+            let g = randn(seed + 30, n, 1.0)?.to_device(dev)?;
+            Ok([w, m, v, g])
+        })
+        .collect()
+}
+
+fn adam_numbers(grad_scale: f32) -> AdamStep {
+    AdamStep {
+        beta1: 0.9,
+        beta2: 0.95,
+        lr: 1e-2,
+        bias1: 0.19,
+        bias2: 0.0975,
+        eps: 1e-8,
+        decay: 0.999,
+        grad_scale,
+    }
+}
+
+fn adam_on(slots: &[[Tensor; 4]], h: &AdamStep) -> Result<()> {
+    let views: Vec<AdamSlot> = slots
+        .iter()
+        .enumerate()
+        .map(|(i, [w, m, v, g])| AdamSlot {
+            w,
+            m,
+            v,
+            g,
+            decays: i + 1 < slots.len(),
+        })
+        .collect();
+    adam_step(&views, h)
+}
+
+#[test]
+fn adam_step_scales_the_gradients_it_reads() -> Result<()> {
+    // The step with clipping's factor s equals the step on the gradients times s (scaled
+    // beforehand), and a slot that does not decay keeps d = 1.
+    let (a, b) = (adam_slots(&Device::Cpu)?, adam_slots(&Device::Cpu)?);
+    adam_on(&a, &adam_numbers(0.25))?;
+    let scaled: Vec<[Tensor; 4]> = b
+        .iter()
+        .map(|[w, m, v, g]| Ok([w.clone(), m.clone(), v.clone(), (g * 0.25)?]))
+        .collect::<Result<_>>()?;
+    adam_on(&scaled, &adam_numbers(1.0))?;
+    for (x, y) in a.iter().zip(&scaled) {
+        for i in 0..3 {
+            assert_eq!(max_diff(&x[i], &y[i])?, 0.0, "tensor {i}");
+        }
+    }
+    // By hand for the last (non-decaying) slot's first value: m and v from the scaled g,
+    // then w - lr m^ / (sqrt(v^) + eps).
+    let [w0, m0, v0, g0] = adam_slots(&Device::Cpu)?.pop().expect("three slots");
+    let first = |t: &Tensor| -> Result<f32> { Ok(t.to_vec1::<f32>()?[0]) };
+    let (w, m, v, g) = (first(&w0)?, first(&m0)?, first(&v0)?, first(&g0)? * 0.25);
+    let m1 = 0.9 * m + 0.1 * g;
+    let v1 = 0.95 * v + 0.05 * g * g;
+    let want = w - 1e-2 * (m1 / 0.19) / ((v1 / 0.0975).sqrt() + 1e-8);
+    let got = first(&a[2][0])?;
+    assert!((got - want).abs() < 1e-6, "{got} vs {want}");
+    Ok(())
+}
+
+/// On a GPU: AdamW's one-launch update of every parameter against the CPU's per-parameter
+/// ops, two steps with a clipping factor.
+#[cfg(feature = "cuda")]
+#[test]
+fn adam_step_kernel_matches_the_cpu_ops() -> Result<()> {
+    let Some(gpu) = gpu() else {
+        return Ok(());
+    };
+    let (cpu, cuda) = (adam_slots(&Device::Cpu)?, adam_slots(&gpu)?);
+    for _ in 0..2 {
+        adam_on(&cpu, &adam_numbers(0.7))?;
+        adam_on(&cuda, &adam_numbers(0.7))?;
+    }
+    for (i, (a, b)) in cpu.iter().zip(&cuda).enumerate() {
+        for j in 0..3 {
+            let d = max_diff(&a[j], &b[j].to_device(&Device::Cpu)?)?;
+            assert!(d < 1e-6, "slot {i} tensor {j}: {d}");
+        }
     }
     Ok(())
 }

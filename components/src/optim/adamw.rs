@@ -6,10 +6,10 @@ use std::collections::HashMap;
 
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Result, Tensor};
-use registry::{restored, Entry, Optimizer, Param, ParamDoc, Spec, Stepper};
+use registry::{restored, Entry, Optimizer, Param, ParamDoc, Ranks, Spec, Stepper};
 use serde::{Deserialize, Serialize};
 
-use crate::fused::{AdamPart, AdamUpdate};
+use crate::fused::{adam_step, AdamSlot, AdamStep};
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -99,49 +99,69 @@ impl AdamWState {
 }
 
 impl Stepper for AdamWState {
-    fn step(&mut self, grads: &GradStore, factor: f64) -> Result<()> {
+    fn step_scaled(
+        &mut self,
+        grads: &GradStore,
+        factor: f64,
+        grad_scale: f64,
+        _ranks: Option<&dyn Ranks>,
+    ) -> Result<()> {
         self.t += 1;
         let c = &self.cfg;
         let lr = c.lr * factor;
         let bias1 = 1.0 - c.beta1.powi(self.t);
         let bias2 = 1.0 - c.beta2.powi(self.t);
+        let decays = |s: &Slot| s.param.role.decays() && c.weight_decay > 0.0;
+        let fused = self.slots.iter().all(|s| {
+            grads.get(s.param.var.as_tensor()).is_none_or(|g| {
+                s.m.device().is_cuda()
+                    && s.param.var.dtype() == DType::F32
+                    && g.dtype() == DType::F32
+            })
+        });
+        if fused {
+            // Every parameter in one launch, in place (fused/adam.rs); the same arithmetic
+            // as below, clipping's factor applied as each gradient is read.
+            let slots: Vec<AdamSlot> = self
+                .slots
+                .iter()
+                .filter_map(|s| {
+                    let g = grads.get(s.param.var.as_tensor())?;
+                    Some(AdamSlot {
+                        w: s.param.var.as_tensor(),
+                        m: &s.m,
+                        v: &s.v,
+                        g,
+                        decays: decays(s),
+                    })
+                })
+                .collect();
+            let step = AdamStep {
+                beta1: c.beta1 as f32,
+                beta2: c.beta2 as f32,
+                lr: lr as f32,
+                bias1: bias1 as f32,
+                bias2: bias2 as f32,
+                eps: c.eps as f32,
+                decay: (1.0 - lr * c.weight_decay) as f32,
+                grad_scale: grad_scale as f32,
+            };
+            return adam_step(&slots, &step);
+        }
         for s in &mut self.slots {
             let Some(g) = grads.get(s.param.var.as_tensor()) else {
                 continue;
             };
-            let g = g.to_dtype(DType::F32)?;
-            let decays = s.param.role.decays() && c.weight_decay > 0.0;
-            if s.m.device().is_cuda() && s.param.var.dtype() == DType::F32 {
-                // In place, three kernels (fused/adam.rs); the same arithmetic as below.
-                let g = g.contiguous()?;
-                let (b1, b2) = (c.beta1 as f32, c.beta2 as f32);
-                let part = |what, p| AdamUpdate { what, p };
-                s.m.inplace_op2(
-                    &g,
-                    &part(AdamPart::FirstMoment, [b1, 1.0 - b1, 0.0, 0.0, 0.0]),
-                )?;
-                s.v.inplace_op2(
-                    &g,
-                    &part(AdamPart::SecondMoment, [b2, 1.0 - b2, 0.0, 0.0, 0.0]),
-                )?;
-                let decay = if decays {
-                    1.0 - lr * c.weight_decay
-                } else {
-                    1.0
-                };
-                let p = [decay, lr, bias1, bias2, c.eps].map(|x| x as f32);
-                s.param
-                    .var
-                    .as_tensor()
-                    .inplace_op3(&s.m, &s.v, &part(AdamPart::Weight, p))?;
-                continue;
+            let mut g = g.to_dtype(DType::F32)?;
+            if grad_scale != 1.0 {
+                g = (g * grad_scale)?;
             }
             s.m = ((&s.m * c.beta1)? + (&g * (1.0 - c.beta1))?)?;
             s.v = ((&s.v * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
             let m_hat = (&s.m / bias1)?;
             let v_hat = (&s.v / bias2)?;
             let mut w = s.param.var.as_tensor().to_dtype(DType::F32)?;
-            if decays {
+            if s.param.role.decays() && c.weight_decay > 0.0 {
                 w = (w * (1.0 - lr * c.weight_decay))?;
             }
             let update = (m_hat / (v_hat.sqrt()? + c.eps)?)?;

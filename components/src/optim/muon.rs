@@ -246,7 +246,13 @@ impl MuonState {
     /// i mod world) and their results broadcast: every rank ends with the same update, the
     /// single-rank one, having run 1 / world of the Newton-Schulz rounds. The momentum, a
     /// pass over each stack, is kept on every rank.
-    fn step_on(&mut self, grads: &GradStore, factor: f64, ranks: Option<&dyn Ranks>) -> Result<()> {
+    fn step_on(
+        &mut self,
+        grads: &GradStore,
+        factor: f64,
+        grad_scale: f64,
+        ranks: Option<&dyn Ranks>,
+    ) -> Result<()> {
         let c = self.cfg.clone();
         let lr = c.lr * factor;
         let (rank, world) = ranks.map_or((0, 1), |r| (r.rank(), r.world()));
@@ -272,8 +278,8 @@ impl MuonState {
             let g = Tensor::stack(&g, 0)?;
             let mine = i % world == rank;
             let (momentum, o) = if self.fused {
-                let prepared =
-                    muon_prepare(&group.momentum, &g, c.momentum, c.nesterov, self.compute);
+                let beta = (c.momentum, c.nesterov);
+                let prepared = muon_prepare(&group.momentum, &g, beta, grad_scale, self.compute);
                 let (momentum, x) = prepared?;
                 let o = if mine {
                     Some(rounds(x, c.ns_steps)?)
@@ -282,6 +288,10 @@ impl MuonState {
                 };
                 (momentum, o)
             } else {
+                let g = match grad_scale {
+                    1.0 => g,
+                    s => (g * s)?,
+                };
                 let momentum = ((&group.momentum * c.momentum)? + &g)?;
                 let u = if c.nesterov {
                     (&g + (&momentum * c.momentum)?)?
@@ -393,14 +403,15 @@ impl MuonState {
 }
 
 impl Stepper for MuonState {
-    fn step(&mut self, grads: &GradStore, factor: f64) -> Result<()> {
-        self.step_on(grads, factor, None)?;
-        self.adam.step(grads, factor)
-    }
-
-    fn step_shared(&mut self, grads: &GradStore, factor: f64, ranks: &dyn Ranks) -> Result<()> {
-        self.step_on(grads, factor, Some(ranks))?;
-        self.adam.step(grads, factor)
+    fn step_scaled(
+        &mut self,
+        grads: &GradStore,
+        factor: f64,
+        grad_scale: f64,
+        ranks: Option<&dyn Ranks>,
+    ) -> Result<()> {
+        self.step_on(grads, factor, grad_scale, ranks)?;
+        self.adam.step_scaled(grads, factor, grad_scale, None)
     }
 
     fn state(&self) -> Result<Vec<(String, Tensor)>> {
@@ -556,6 +567,55 @@ mod tests {
             (g[0] - 0.995).abs() < 1e-6 && (g[1] - 1.005).abs() < 1e-6,
             "{g:?}"
         );
+        Ok(())
+    }
+
+    #[test]
+    fn a_clipping_factor_is_the_step_on_scaled_gradients() -> Result<()> {
+        // Muon and NorMuon (both groups: a hidden matrix and a gain) given clipping's factor s
+        // take the steps they take on the gradients times s, over two steps (the second
+        // carries momentum and NorMuon's row statistics).
+        let optimizers: [Box<dyn Optimizer>; 2] = [
+            Box::new(Muon::default()),
+            Box::new(crate::optim::normuon::NorMuon::default()),
+        ];
+        for opt in optimizers {
+            let make = || -> Result<Vec<Param>> {
+                Ok(vec![
+                    Param {
+                        name: "w".into(),
+                        var: Var::from_tensor(&randn(6, (4, 8), 1.0)?)?,
+                        role: Role::Hidden,
+                    },
+                    Param {
+                        name: "g".into(),
+                        var: Var::from_tensor(&randn(7, 4, 1.0)?)?,
+                        role: Role::Gain,
+                    },
+                ])
+            };
+            let (a, b) = (make()?, make()?);
+            let (mut sa, mut sb) = (opt.build(&a, DType::F32)?, opt.build(&b, DType::F32)?);
+            for (step, seed) in [(0, 8u64), (1, 9)] {
+                let grads_of = |ps: &[Param], scale: f64| -> Result<GradStore> {
+                    let mut loss = Tensor::new(0f32, &Device::Cpu)?;
+                    for (i, p) in ps.iter().enumerate() {
+                        let w = (randn(seed + 10 * i as u64, p.var.shape(), 1.0)? * scale)?;
+                        loss = (loss + (p.var.as_tensor() * w)?.sum_all()?)?;
+                    }
+                    loss.backward()
+                };
+                sa.step_scaled(&grads_of(&a, 1.0)?, 1.0, 0.3, None)?;
+                sb.step(&grads_of(&b, 0.3)?, 1.0)?;
+                for (x, y) in a.iter().zip(&b) {
+                    let d = (x.var.as_tensor() - y.var.as_tensor())?
+                        .abs()?
+                        .max_all()?
+                        .to_scalar::<f32>()?;
+                    assert!(d < 1e-6, "step {step}, {}: {d}", x.name);
+                }
+            }
+        }
         Ok(())
     }
 
