@@ -4,7 +4,10 @@
 use candle_core::{DType, Result, Tensor};
 use registry::{Dims, ParamBuilder, Role, Sublayer};
 
-use crate::fused::{causal_softmax, CausalAttention, FlashAttention, HeadPrep, FLASH_HEAD_DIMS};
+use crate::fused::{
+    attention_sublayer, causal_softmax, sublayer_fits, AttentionPlan, AttentionWeights,
+    CausalAttention, FlashAttention, HeadPrep, FLASH_HEAD_DIMS,
+};
 use crate::nn::{out_proj_std, rms_norm, rows, unrows, Linear, Rope, INIT_STD, NORM_EPS};
 
 /// The head layout and position options an attention component resolves to.
@@ -198,22 +201,58 @@ impl CausalSelfAttention {
         y.transpose(1, 2)?.reshape((b * t, c))
     }
 
+    /// The whole sublayer on `x` as one node of the graph (fused/attention_sublayer.rs) where
+    /// flash attention applies, gated by `gate`'s projection when given; None elsewhere.
+    pub(crate) fn fused_sublayer(
+        &self,
+        x: &Tensor,
+        gate: Option<&Tensor>,
+    ) -> Result<Option<Tensor>> {
+        if !(sublayer_fits(x) && FLASH_HEAD_DIMS.contains(&self.head_dim)) {
+            return Ok(None);
+        }
+        let t = x.dim(1)?;
+        let plan = AttentionPlan {
+            q: self.head_prep(t, self.shape.heads),
+            k: self.head_prep(t, self.shape.kv_heads),
+            table: self.table_for(t)?,
+            scale: 1.0 / (self.head_dim as f64).sqrt(),
+        };
+        let weights = AttentionWeights {
+            q: self.q.weight(),
+            k: self.k.weight(),
+            v: self.v.weight(),
+            o: self.o.weight(),
+            gate,
+        };
+        attention_sublayer(x, &weights, &plan).map(Some)
+    }
+
+    /// The RoPE table (2, t, hd) of the first t positions.
+    fn table_for(&self, t: usize) -> Result<Tensor> {
+        match self.table.dim(1)? {
+            full if full == t => Ok(self.table.clone()),
+            _ => self.table.narrow(1, 0, t)?.contiguous(),
+        }
+    }
+
+    /// The fused head op for n heads of sequences of t.
+    fn head_prep(&self, t: usize, n: usize) -> HeadPrep {
+        HeadPrep {
+            seq: t,
+            heads: n,
+            norm: self.shape.qk_norm,
+            eps: NORM_EPS as f32,
+        }
+    }
+
     /// A query or key projection, rows (B T, n hd), as n heads (B, n, T, hd), QK-normed and
     /// rotated as the shape says: one fused op on CUDA (fused/head.rs), composites on the CPU.
     fn heads(&self, y: &Tensor, b: usize, t: usize, n: usize) -> Result<Tensor> {
         let hd = self.head_dim;
         if y.device().is_cuda() {
-            let table = match self.table.dim(1)? {
-                full if full == t => self.table.clone(),
-                _ => self.table.narrow(1, 0, t)?.contiguous()?,
-            };
-            let op = HeadPrep {
-                seq: t,
-                heads: n,
-                norm: self.shape.qk_norm,
-                eps: NORM_EPS as f32,
-            };
-            return y.contiguous()?.apply_op2(&table, op);
+            let table = self.table_for(t)?;
+            return y.contiguous()?.apply_op2(&table, self.head_prep(t, n));
         }
         let mut heads = y.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()?;
         if self.shape.qk_norm {
@@ -233,6 +272,9 @@ impl CausalSelfAttention {
 
 impl Sublayer for CausalSelfAttention {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if let Some(y) = self.fused_sublayer(x, None)? {
+            return Ok(y);
+        }
         match self.attend_flash(x)? {
             Some(y) => self.o.forward(&y),
             None => unrows(&self.o.forward(&self.attend_rows(x)?)?, x),

@@ -81,6 +81,10 @@ impl GatedAttention {
 
 impl Sublayer for GatedAttention {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        // Where flash attention applies, the whole sublayer with its gate is one node.
+        if let Some(y) = self.attn.fused_sublayer(x, Some(self.gate.weight()))? {
+            return Ok(y);
+        }
         let logits = self.gate.forward(x)?;
         if x.device().is_cuda() {
             // The gate as one op each way (fused/gate.rs).

@@ -152,4 +152,99 @@ mod tests {
         .unwrap_err();
         assert_eq!(err, "heads = 3 does not divide d_model = 16");
     }
+
+    /// On a GPU: every attention sublayer where flash attention applies (bf16, heads of 64 and
+    /// 128), which trains as one node of the graph (fused/attention_sublayer.rs), against the
+    /// same weights in f32 on the CPU (the composites): the output and the gradients of the
+    /// input and of every weight, within bf16's rounding.
+    #[cfg(feature = "cuda")]
+    #[test]
+    fn the_fused_sublayers_match_the_cpu_composites() -> Result<()> {
+        use candle_core::DType;
+        let Ok(gpu) = Device::new_cuda(0) else {
+            eprintln!("skipped: no CUDA device");
+            return Ok(());
+        };
+        let c = 256;
+        let dims = Dims {
+            d_model: c,
+            n_layers: 2,
+            vocab: 32,
+            seq_len: 96,
+        };
+        let variants: Vec<(&str, Box<dyn Attention>)> = vec![
+            (
+                "Gqa, heads of 128",
+                Box::new(Gqa {
+                    heads: 2,
+                    kv_heads: 1,
+                    ..Gqa::default()
+                }),
+            ),
+            (
+                "Gqa, heads of 64, QK-norm",
+                Box::new(Gqa {
+                    heads: 4,
+                    kv_heads: 2,
+                    qk_norm: true,
+                    ..Gqa::default()
+                }),
+            ),
+            (
+                "GatedGqa, elementwise",
+                Box::new(GatedGqa {
+                    heads: 4,
+                    kv_heads: 2,
+                    ..GatedGqa::default()
+                }),
+            ),
+            (
+                "GatedGqa, headwise",
+                Box::new(GatedGqa {
+                    heads: 2,
+                    kv_heads: 2,
+                    gate: Gate::Headwise,
+                    ..GatedGqa::default()
+                }),
+            ),
+        ];
+        let x = randn(7, (2, 96, c), 1.0)?;
+        let w = randn(8, (2, 96, c), 1.0)?;
+        for (name, attention) in &variants {
+            let run = |d: &Device, dtype: DType| -> Result<Vec<(String, Tensor)>> {
+                let p = ParamBuilder::new(3, d);
+                let layer = attention.build(&dims, &p)?;
+                // Gates start at zero weight by design in some models: move them off it.
+                for q in p.params() {
+                    let moved =
+                        (q.var.as_tensor() + randn(9, q.var.shape(), 0.02)?.to_device(d)?)?;
+                    q.var.set(&moved)?;
+                }
+                let xv = candle_core::Var::from_tensor(&x.to_device(d)?.to_dtype(dtype)?)?;
+                let y = layer.forward(xv.as_tensor())?;
+                let grads = (y.to_dtype(DType::F32)? * w.to_device(d)?)?
+                    .sum_all()?
+                    .backward()?;
+                let mut out = vec![("y".to_string(), y.clone())];
+                out.push(("dx".into(), grads.get(xv.as_tensor()).expect("dx").clone()));
+                for q in p.params() {
+                    let g = grads
+                        .get(q.var.as_tensor())
+                        .unwrap_or_else(|| panic!("{name}: no gradient for {}", q.name));
+                    out.push((q.name.clone(), g.clone()));
+                }
+                out.into_iter()
+                    .map(|(n, t)| Ok((n, t.to_dtype(DType::F32)?.to_device(&Device::Cpu)?)))
+                    .collect()
+            };
+            let (cpu, cuda) = (run(&Device::Cpu, DType::F32)?, run(&gpu, DType::BF16)?);
+            assert_eq!(cpu.len(), cuda.len());
+            for ((what, a), (_, b)) in cpu.iter().zip(&cuda) {
+                let scale = a.abs()?.max_all()?.to_scalar::<f32>()?;
+                let d = max_diff(a, b)? / scale;
+                assert!(d < 3e-2, "{name}, {what}: {d} of {scale}");
+            }
+        }
+        Ok(())
+    }
 }

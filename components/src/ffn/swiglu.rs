@@ -5,7 +5,7 @@ use registry::{Dims, Entry, Ffn, ParamBuilder, ParamDoc, Role, Spec, Sublayer};
 use serde::{Deserialize, Serialize};
 
 use super::{check_mult, hidden_width};
-use crate::fused::{FusedMlp, Kind};
+use crate::fused::swiglu_mlp;
 use crate::nn::{out_proj_std, rows, unrows, Linear, INIT_STD};
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -36,11 +36,10 @@ struct Layer {
 impl Sublayer for Layer {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         if x.device().is_cuda() {
-            // One op (fused/mlp.rs): the gate's and the up projection's weights stacked, so
+            // One node (fused/mlp.rs): the gate's and the up projection's weights stacked, so
             // that both are one GEMM and the gate one kernel each way.
-            let up = Tensor::cat(&[self.gate.weight(), self.up.weight()], 0)?;
-            let mlp = FusedMlp(Kind::SwiGlu);
-            return x.contiguous()?.apply_op3(&up, self.down.weight(), mlp);
+            let (gate, up, down) = (self.gate.weight(), self.up.weight(), self.down.weight());
+            return swiglu_mlp(x, gate, up, down);
         }
         let r = rows(x)?;
         let h = (self.gate.forward(&r)?.silu()? * self.up.forward(&r)?)?;

@@ -1099,6 +1099,42 @@ pub fn weight_grad(
     Ok(CudaStorage::wrap_cuda_slice(dw, dev.clone()))
 }
 
+/// dst (n, c) += a (n, k) b (k, c), bf16, in place; see linear.rs `AddProduct`.
+pub fn add_product(
+    (dst, ld): (&mut CudaStorage, &Layout),
+    (a, la): (&CudaStorage, &Layout),
+    (b, lb): (&CudaStorage, &Layout),
+    (n, k, c): (usize, usize, usize),
+) -> Result<()> {
+    use candle_core::cuda_backend::cudarc::driver::{DevicePtr, DevicePtrMut};
+    let dev = dst.device().clone();
+    let stream = dev.cuda_stream();
+    let blas = dev.cublas_handle();
+    let (av, bv) = (view::<bf16>(a, la)?, view::<bf16>(b, lb)?);
+    let start = ld.start_offset();
+    let mut d = dst
+        .as_cuda_slice_mut::<bf16>()?
+        .slice_mut(start..start + n * c);
+    let (ap, _ra) = av.device_ptr(&stream);
+    let (bp, _rb) = bv.device_ptr(&stream);
+    let (dp, _rd) = d.device_ptr_mut(&stream);
+    // SAFETY: a holds (n, k), b (k, c) and dst (n, c) bf16 values, contiguous, on the
+    // device's stream; dst = a b + dst.
+    unsafe {
+        gemm_bf16_rows(
+            &blas,
+            (false, false),
+            (n, c, k),
+            1.0,
+            (ap, 0),
+            (bp, 0),
+            1.0,
+            (dp, 0),
+            1,
+        )
+    }
+}
+
 /// x *= s in place, x f32 or bf16 and s one f32 on the device (read there: no wait for it).
 pub fn scale_by(
     (x, lx): (&mut CudaStorage, &Layout),

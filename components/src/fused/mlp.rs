@@ -8,9 +8,10 @@
 //! linear layer makes join the graph either (see linear.rs).
 
 use candle_core::backend::BackendStorage;
-use candle_core::{bail, CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tensor};
+use candle_core::{bail, CpuStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape, Tensor};
 
 use super::linear::{as_dtype, like, weight_grad};
+use super::node::node;
 use super::{Activation, ActivationBwd, Kind};
 
 /// (x (.., C), w_up (H, C) or, gated, (2 H, C), w_down (C, H)) -> (.., C) in x's dtype; the
@@ -100,18 +101,61 @@ impl CustomOp3 for FusedMlp {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        // Detached: nothing computed here joins the autograd graph.
         let (up16, down16) = (like(up, x)?, like(down, x)?);
-        let c = up.dim(1)?;
-        let x2 = x.detach().reshape(((), c))?;
-        let dy = grad.detach().reshape(((), c))?;
-        let h = x2.matmul(&up16.t()?)?;
-        let a = h.apply_op1_no_bwd(&Activation(self.0))?;
-        let d_down = weight_grad(&dy, &a, down.dtype())?;
-        let da = dy.matmul(&down16)?;
-        let dh = h.apply_op2_no_bwd(&da, &ActivationBwd(self.0))?;
-        let d_up = weight_grad(&dh, &x2, up.dtype())?;
-        let dx = dh.matmul(&up16)?.reshape(x.shape())?;
+        let dtypes = (up.dtype(), down.dtype());
+        let (dx, d_up, d_down) = backward(self.0, x, (&up16, &down16), grad, dtypes)?;
         Ok((Some(dx), Some(d_up), Some(d_down)))
     }
+}
+
+/// The MLP's backward pass from its input x, its weights in x's dtype (up stacked when
+/// gated) and the output's gradient: (dx, d_up, d_down), the weights' in `dtypes`. Detached:
+/// nothing computed here joins the autograd graph. The hidden activations are recomputed.
+fn backward(
+    kind: Kind,
+    x: &Tensor,
+    (up16, down16): (&Tensor, &Tensor),
+    grad: &Tensor,
+    (up_dtype, down_dtype): (DType, DType),
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let c = up16.dim(1)?;
+    let x2 = x.detach().reshape(((), c))?;
+    let dy = grad.detach().reshape(((), c))?;
+    let h = x2.matmul(&up16.t()?)?;
+    let a = h.apply_op1_no_bwd(&Activation(kind))?;
+    let d_down = weight_grad(&dy, &a, down_dtype)?;
+    let da = dy.matmul(down16)?;
+    let dh = h.apply_op2_no_bwd(&da, &ActivationBwd(kind))?;
+    let d_up = weight_grad(&dh, &x2, up_dtype)?;
+    let dx = dh.matmul(up16)?.reshape(x.shape())?;
+    Ok((dx, d_up, d_down))
+}
+
+/// SwiGLU's MLP down(silu(g x) (u x)) as one node of the graph over its three weights
+/// (node.rs): the gate's and the up projection's weights stacked in x's dtype outside the
+/// graph, so that both are one GEMM, and the stack's gradient handed back as its two halves.
+/// Stacked inside the graph (as [`FusedMlp`]'s one up weight) the f32 masters would be
+/// concatenated every step, and each half's gradient zero-filled and added once more.
+pub fn swiglu_mlp(x: &Tensor, gate: &Tensor, up: &Tensor, down: &Tensor) -> Result<Tensor> {
+    let xd = x.detach().contiguous()?;
+    let stacked = Tensor::cat(&[&like(gate, &xd)?, &like(up, &xd)?], 0)?;
+    let down16 = like(down, &xd)?;
+    let y = xd.apply_op3_no_bwd(&stacked, &down16, &FusedMlp(Kind::SwiGlu))?;
+    let (hidden, dtypes) = (gate.dim(0)?, (gate.dtype(), up.dtype(), down.dtype()));
+    if dtypes.0 != dtypes.1 {
+        bail!(
+            "SwiGLU: the gate's weight is {:?} and the up projection's {:?}",
+            dtypes.0,
+            dtypes.1
+        );
+    }
+    let backward = move |dy: &Tensor| -> Result<(Option<Tensor>, Vec<Tensor>)> {
+        let weights = (&stacked, &down16);
+        let (dx, d_stacked, d_down) =
+            backward(Kind::SwiGlu, &xd, weights, dy, (dtypes.0, dtypes.2))?;
+        let d_gate = d_stacked.narrow(0, 0, hidden)?;
+        let d_up = d_stacked.narrow(0, hidden, hidden)?;
+        Ok((Some(dx), vec![d_gate, d_up, d_down]))
+    };
+    node(x, &[gate, up, down], y, Box::new(backward))
 }

@@ -18,7 +18,9 @@
 //! - attention heads' layout, QK-norm and RoPE (head.rs), some twenty kernels as composites;
 //! - the attention core (attention.rs), whose (B, H, T, T) temporaries it keeps out of the
 //!   gradient store and out of memory between the passes; in bf16 with heads of 64 or 128, flash
-//!   attention (flash.rs), whose score tiles never leave the chip;
+//!   attention (flash.rs), whose score tiles never leave the chip, and there the whole
+//!   attention sublayer as one node (attention_sublayer.rs: projections, heads, flash
+//!   attention, gate, output projection; node.rs lets one node take any number of weights);
 //! - mHC's stream mixing (mix.rs) and Sinkhorn rounds (sinkhorn.rs), tiny per-token matrix
 //!   work that composites spread over hundreds of launches a layer, and its coefficients'
 //!   RMSNorm and projection (norm_proj.rs), which read the n-stream state once in its dtype;
@@ -37,6 +39,7 @@
 mod activation;
 mod adam;
 mod attention;
+mod attention_sublayer;
 #[cfg(feature = "cuda")]
 mod cuda;
 mod embedding;
@@ -49,6 +52,7 @@ mod mix;
 mod mlp;
 mod muon_step;
 mod newton_schulz;
+mod node;
 mod norm;
 mod norm_proj;
 mod sinkhorn;
@@ -56,18 +60,20 @@ mod sinkhorn;
 pub use activation::{Activation, ActivationBwd, Kind};
 pub use adam::{adam_step, AdamPart, AdamSlot, AdamStep, AdamUpdate};
 pub use attention::CausalAttention;
+pub use attention_sublayer::{attention_sublayer, sublayer_fits, AttentionPlan, AttentionWeights};
 pub use embedding::{Embedding, EmbeddingBwd};
 pub use flash::{FlashAttention, FLASH_HEAD_DIMS};
 pub use gate::{SigmoidGate, SigmoidGateBwd};
 pub use head::{HeadPrep, HeadPrepBwd};
 pub use head_loss::linear_cross_entropy_sum;
-pub use linear::{FusedLinear, ScaleBy, WeightGrad};
+pub use linear::{AddProduct, FusedLinear, ScaleBy, WeightGrad};
 pub use mix::{MixBwd, PostMix, PreMix, StateGrad, MAX_STREAMS};
-pub use mlp::FusedMlp;
+pub use mlp::{swiglu_mlp, FusedMlp};
 pub use muon_step::{
     muon_apply, muon_prepare, row_sum_squares, MuonApply, MuonMomentum, MuonScale, RowSumSq,
 };
 pub use newton_schulz::newton_schulz_round;
+pub use node::{node, NodeBackward};
 pub use norm::{RmsNormBwdG, RmsNormBwdX, RmsNormGain, RmsNormPlain};
 pub use norm_proj::{norm_proj, NormProj, NormProjBwdPhi, NormProjBwdX, NORM_PROJ_MAX_COLS};
 pub use sinkhorn::{Sinkhorn, SinkhornBwd, SINKHORN_MAX_ITERS, SINKHORN_MAX_STREAMS};

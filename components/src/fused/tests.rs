@@ -992,23 +992,30 @@ fn norm_proj_kernels_match_the_cpu_op() -> Result<()> {
 fn swiglu_mlp_op_matches_the_composite_forward_and_backward() -> Result<()> {
     // The op stacks gate and up as one (2 H, C) weight; the composite is the layer's CPU path,
     // down(silu(x g^T) (x u^T)), with candle's silu. Both weights get their own gradients back
-    // through the stacking.
+    // through the stacking. And the same as one node over the three weights (the layer's CUDA
+    // path, `swiglu_mlp`), the stack made outside the graph and its gradient handed back in
+    // halves.
     let (b, t, c, hidden) = (2, 3, 6, 10);
     let x = Var::from_tensor(&randn(120, (b, t, c), 1.0)?)?;
     let gate = Var::from_tensor(&randn(121, (hidden, c), 0.5)?)?;
     let up = Var::from_tensor(&randn(122, (hidden, c), 0.5)?)?;
     let down = Var::from_tensor(&randn(123, (c, hidden), 0.5)?)?;
     let w = randn(124, (b, t, c), 1.0)?;
-    let run = |fused: bool| -> Result<Vec<Tensor>> {
-        let y = if fused {
-            let stacked = Tensor::cat(&[gate.as_tensor(), up.as_tensor()], 0)?;
-            x.as_tensor()
-                .apply_op3(&stacked, down.as_tensor(), FusedMlp(Kind::SwiGlu))?
-        } else {
-            let r = x.as_tensor().reshape((b * t, c))?;
-            let g = r.matmul(&gate.as_tensor().t()?)?.silu()?;
-            let h = (g * r.matmul(&up.as_tensor().t()?)?)?;
-            h.matmul(&down.as_tensor().t()?)?.reshape((b, t, c))?
+    let (xt, g, u, d) = (
+        x.as_tensor(),
+        gate.as_tensor(),
+        up.as_tensor(),
+        down.as_tensor(),
+    );
+    let run = |how: usize| -> Result<Vec<Tensor>> {
+        let y = match how {
+            0 => {
+                let r = xt.reshape((b * t, c))?;
+                let h = (r.matmul(&g.t()?)?.silu()? * r.matmul(&u.t()?)?)?;
+                h.matmul(&d.t()?)?.reshape((b, t, c))?
+            }
+            1 => xt.apply_op3(&Tensor::cat(&[g, u], 0)?, d, FusedMlp(Kind::SwiGlu))?,
+            _ => swiglu_mlp(xt, g, u, d)?,
         };
         let grads = (&y * &w)?.sum_all()?.backward()?;
         let mut out = vec![y];
@@ -1017,9 +1024,12 @@ fn swiglu_mlp_op_matches_the_composite_forward_and_backward() -> Result<()> {
         }
         Ok(out)
     };
-    for (i, (a, b)) in run(true)?.iter().zip(run(false)?).enumerate() {
-        assert_eq!(a.dims(), b.dims(), "#{i}");
-        assert!(max_diff(a, &b)? < 1e-5, "#{i}: {}", max_diff(a, &b)?);
+    let composite = run(0)?;
+    for how in [1, 2] {
+        for (i, (a, b)) in run(how)?.iter().zip(&composite).enumerate() {
+            assert_eq!(a.dims(), b.dims(), "{how} #{i}");
+            assert!(max_diff(a, b)? < 1e-5, "{how} #{i}: {}", max_diff(a, b)?);
+        }
     }
     Ok(())
 }
@@ -1542,5 +1552,90 @@ fn adam_step_kernel_matches_the_cpu_ops() -> Result<()> {
             assert!(d < 1e-6, "slot {i} tensor {j}: {d}");
         }
     }
+    Ok(())
+}
+
+#[test]
+fn a_node_over_any_number_of_weights_backpropagates_like_its_composite() -> Result<()> {
+    // y = (x w1 + w2) w3 elementwise, three weights (a link of two and a link of one), as a
+    // node with its backward pass by hand, against autograd through the composite; the input
+    // is read a second time outside the node, so its gradients from both add.
+    let (x0, w10, w20, w30) = (
+        randn(180, (3, 5), 1.0)?,
+        randn(181, (3, 5), 1.0)?,
+        randn(182, (3, 5), 1.0)?,
+        randn(183, (3, 5), 1.0)?,
+    );
+    let r = randn(184, (3, 5), 1.0)?;
+    let run = |fused: bool| -> Result<Vec<Tensor>> {
+        let vars = [&x0, &w10, &w20, &w30].map(|t| Var::from_tensor(t).expect("a variable"));
+        let [x, w1, w2, w3] = vars.each_ref().map(|v| v.as_tensor().clone());
+        let y = if fused {
+            let inner = ((&x * &w1)? + &w2)?.detach();
+            let y = (&inner * &w3)?.detach();
+            let (xd, w1d, w3d) = (x.detach(), w1.detach(), w3.detach());
+            let backward: NodeBackward = Box::new(move |dy: &Tensor| {
+                let dx = (dy * (&w1d * &w3d)?)?;
+                let dw1 = (dy * (&xd * &w3d)?)?;
+                let dw2 = (dy * &w3d)?;
+                let dw3 = (dy * &inner)?;
+                Ok((Some(dx), vec![dw1, dw2, dw3]))
+            });
+            node(&x, &[&w1, &w2, &w3], y, backward)?
+        } else {
+            (((&x * &w1)? + &w2)? * &w3)?
+        };
+        let loss = ((&y * &r)?.sum_all()? + x.sqr()?.sum_all()?)?;
+        let grads = loss.backward()?;
+        let mut out = vec![y];
+        for v in &vars {
+            out.push(grads.get(v.as_tensor()).expect("every gradient").clone());
+        }
+        Ok(out)
+    };
+    let (fused, composite) = (run(true)?, run(false)?);
+    for (i, (a, b)) in fused.iter().zip(&composite).enumerate() {
+        assert!(max_diff(a, b)? < 1e-6, "#{i}");
+    }
+    Ok(())
+}
+
+#[test]
+fn add_product_adds_the_product_in_place() -> Result<()> {
+    // dst = [[1, 0], [0, 1]] + [[1, 2, 0], [0, 1, -1]] [[1, 0], [0, 1], [2, 3]]
+    //     = [[1 + 1, 0 + 2], [0 - 2, 1 + 1 - 3]] = [[2, 2], [-2, -1]].
+    let dst = Tensor::new(&[[1f32, 0.0], [0.0, 1.0]], &Device::Cpu)?;
+    let a = Tensor::new(&[[1f32, 2.0, 0.0], [0.0, 1.0, -1.0]], &Device::Cpu)?;
+    let b = Tensor::new(&[[1f32, 0.0], [0.0, 1.0], [2.0, 3.0]], &Device::Cpu)?;
+    dst.inplace_op3(&a, &b, &AddProduct)?;
+    assert_eq!(
+        dst.to_vec2::<f32>()?,
+        vec![vec![2.0, 2.0], vec![-2.0, -1.0]]
+    );
+    // Operands that do not fit are refused.
+    assert!(dst.inplace_op3(&b, &a, &AddProduct).is_err());
+    Ok(())
+}
+
+/// On a GPU: the in-place product in bf16 against its CPU op, at a projection's size.
+#[cfg(feature = "cuda")]
+#[test]
+fn add_product_kernel_matches_the_cpu_op() -> Result<()> {
+    let Some(gpu) = gpu() else {
+        return Ok(());
+    };
+    let dst = randn(185, (512, 256), 1.0)?.to_dtype(DType::BF16)?;
+    let a = randn(186, (512, 384), 1.0)?.to_dtype(DType::BF16)?;
+    let b = randn(187, (384, 256), 0.1)?.to_dtype(DType::BF16)?;
+    let on_gpu = dst.to_device(&gpu)?;
+    on_gpu.inplace_op3(&a.to_device(&gpu)?, &b.to_device(&gpu)?, &AddProduct)?;
+    dst.inplace_op3(&a, &b, &AddProduct)?;
+    let scale = dst
+        .to_dtype(DType::F32)?
+        .abs()?
+        .max_all()?
+        .to_scalar::<f32>()?;
+    let d = max_diff(&dst, &on_gpu.to_device(&Device::Cpu)?)?;
+    assert!(d < 1e-2 * scale, "{d} of {scale}");
     Ok(())
 }

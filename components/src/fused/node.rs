@@ -1,0 +1,252 @@
+//! A whole computation as one autograd node over its input and any number of weights.
+//!
+//! candle's gradient store zero-fills and then adds the first gradient of every node, so a
+//! sublayer built from ops pays a pass or two over each intermediate's size in the backward
+//! pass (the attention sublayer: about ten of the activations' size a layer), and a custom op
+//! takes at most three tensors. Here the caller computes the output outside the graph and
+//! hands it over with a backward function; the node joins the graph as
+//!
+//! ```text
+//! link_1 = Link(0, w_1, w_2), link_2 = Link(link_1, w_3, w_4), ..., y = Output(x, link_n)
+//! ```
+//!
+//! where the links are scalars that carry the weights two at a time. The output's backward
+//! runs the caller's function once, returns the input's gradient and leaves the weights' for
+//! the links, which autograd visits after it (they are its ancestors) and which hand them on.
+
+use std::sync::{Arc, Mutex};
+
+use candle_core::backend::BackendStorage;
+use candle_core::{
+    bail, CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor,
+};
+
+/// The backward pass of a [`node`]: from the output's gradient, the input's (or none) and
+/// every weight's, in the order the weights were given.
+pub type NodeBackward =
+    Box<dyn FnOnce(&Tensor) -> Result<(Option<Tensor>, Vec<Tensor>)> + Send + Sync>;
+
+/// `y`, computed outside the graph from `x` and `weights`, as one node of the graph whose
+/// backward pass is `backward`.
+pub fn node(x: &Tensor, weights: &[&Tensor], y: Tensor, backward: NodeBackward) -> Result<Tensor> {
+    let grads = Arc::new(Mutex::new(Vec::new()));
+    let mut link = Tensor::zeros((), DType::F32, x.device())?;
+    for (i, pair) in weights.chunks(2).enumerate() {
+        let op = Link {
+            grads: grads.clone(),
+            first: 2 * i,
+        };
+        link = match pair {
+            [a, b] => link.apply_op3(a, b, op)?,
+            [a] => link.apply_op2(a, op)?,
+            _ => unreachable!("chunks of two"),
+        };
+    }
+    // Handed over as the op's output storage, which must hold it contiguous from its start.
+    let y = match y.is_contiguous() && y.layout().start_offset() == 0 {
+        true => y.detach(),
+        false => y.force_contiguous()?.detach(),
+    };
+    let op = Output {
+        y: Mutex::new(Some(y)),
+        backward: Mutex::new(Some(backward)),
+        grads,
+        weights: weights.len(),
+    };
+    x.apply_op2(&link, op)
+}
+
+/// A scalar zero on `device`: what a link outputs and the gradient it passes on.
+fn zero(device: &candle_core::Device) -> Result<Tensor> {
+    Tensor::zeros((), DType::F32, device)
+}
+
+/// Carries weights `first` and `first + 1` into the graph; see the module's text.
+struct Link {
+    grads: Arc<Mutex<Vec<Option<Tensor>>>>,
+    first: usize,
+}
+
+impl Link {
+    fn take(&self, i: usize) -> Result<Tensor> {
+        let mut grads = self.grads.lock().expect("the lock is never poisoned");
+        match grads.get_mut(i).and_then(Option::take) {
+            Some(g) => Ok(g),
+            None => bail!("node: weight {i}'s gradient was not computed (or taken twice)"),
+        }
+    }
+
+    fn scalar_cpu() -> (CpuStorage, Shape) {
+        (CpuStorage::F32(vec![0.0]), Shape::from(()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn scalar_cuda(s: &candle_core::CudaStorage) -> Result<(candle_core::CudaStorage, Shape)> {
+        use candle_core::backend::BackendDevice;
+        let shape = Shape::from(());
+        Ok((s.device().zeros_impl(&shape, DType::F32)?, shape))
+    }
+}
+
+impl CustomOp2 for Link {
+    fn name(&self) -> &'static str {
+        "node-link"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        Ok(Self::scalar_cpu())
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        _: &Layout,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        Self::scalar_cuda(s1)
+    }
+
+    fn bwd(
+        &self,
+        prev: &Tensor,
+        _w: &Tensor,
+        _res: &Tensor,
+        _grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        Ok((Some(zero(prev.device())?), Some(self.take(self.first)?)))
+    }
+}
+
+impl CustomOp3 for Link {
+    fn name(&self) -> &'static str {
+        "node-link"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        Ok(Self::scalar_cpu())
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        _: &Layout,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        Self::scalar_cuda(s1)
+    }
+
+    fn bwd(
+        &self,
+        prev: &Tensor,
+        _a: &Tensor,
+        _b: &Tensor,
+        _res: &Tensor,
+        _grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (a, b) = (self.take(self.first)?, self.take(self.first + 1)?);
+        Ok((Some(zero(prev.device())?), Some(a), Some(b)))
+    }
+}
+
+/// The node's output: the handed-over `y`, and the backward pass that fills the links'
+/// gradients.
+struct Output {
+    y: Mutex<Option<Tensor>>,
+    backward: Mutex<Option<NodeBackward>>,
+    grads: Arc<Mutex<Vec<Option<Tensor>>>>,
+    weights: usize,
+}
+
+impl Output {
+    fn take_y(&self) -> Result<Tensor> {
+        match self.y.lock().expect("the lock is never poisoned").take() {
+            Some(y) => Ok(y),
+            None => bail!("node: its output was already taken"),
+        }
+    }
+}
+
+impl CustomOp2 for Output {
+    fn name(&self) -> &'static str {
+        "node"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let y = self.take_y()?;
+        let (storage, layout) = y.storage_and_layout();
+        let Storage::Cpu(s) = &*storage else {
+            bail!("node: its output is on another device than its input");
+        };
+        Ok((s.try_clone(layout)?, y.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let y = self.take_y()?;
+        let (storage, layout) = y.storage_and_layout();
+        let Storage::Cuda(s) = &*storage else {
+            bail!("node: its output is on another device than its input");
+        };
+        Ok((s.try_clone(layout)?, y.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        _link: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let Some(backward) = self
+            .backward
+            .lock()
+            .expect("the lock is never poisoned")
+            .take()
+        else {
+            bail!("node: a second backward pass");
+        };
+        let (dx, dw) = backward(grad)?;
+        if dw.len() != self.weights {
+            bail!(
+                "node: {} weight gradients for {} weights",
+                dw.len(),
+                self.weights
+            );
+        }
+        *self.grads.lock().expect("the lock is never poisoned") =
+            dw.into_iter().map(Some).collect();
+        Ok((dx, Some(zero(x.device())?)))
+    }
+}
