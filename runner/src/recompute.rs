@@ -9,8 +9,8 @@
 
 use std::sync::{Arc, Mutex};
 
-use candle_core::backend::BackendStorage;
-use candle_core::{bail, CpuStorage, CustomOp1, Layout, Result, Shape, Storage, Tensor, Var};
+use candle_core::{bail, CpuStorage, CustomOp1, Layout, Result, Shape, Tensor, Var};
+use components::fused::{scalar_zero_cpu, HandOver};
 use registry::Param;
 
 /// A block: the stream state before it to the state after it.
@@ -43,16 +43,10 @@ pub(crate) fn checkpointed(
 ) -> Result<Tensor> {
     // Run outside the graph: detached from the input, and the output detached in turn, so
     // that the block's intermediate tensors are freed as soon as it returns.
-    let out = block(&state.detach())?.detach();
-    // The op hands over a copy of the output's storage (`try_clone`), which must then hold
-    // the output contiguous from its start (a fresh copy where it does not).
-    let out = match out.is_contiguous() && out.layout().start_offset() == 0 {
-        true => out,
-        false => out.force_contiguous()?,
-    };
+    let out = block(&state.detach())?;
     let op = Checkpoint {
         block,
-        out: Mutex::new(Some(out)),
+        out: HandOver::new(&out)?,
         params,
         sink,
     };
@@ -62,18 +56,9 @@ pub(crate) fn checkpointed(
 struct Checkpoint {
     block: BlockFn,
     /// The forward pass's result, handed over once as the op's output.
-    out: Mutex<Option<Tensor>>,
+    out: HandOver,
     params: Arc<Vec<Param>>,
     sink: Sink,
-}
-
-impl Checkpoint {
-    fn take_out(&self) -> Result<Tensor> {
-        match self.out.lock().expect("the lock is never poisoned").take() {
-            Some(out) => Ok(out),
-            None => bail!("recompute: the block's output was already taken"),
-        }
-    }
 }
 
 impl CustomOp1 for Checkpoint {
@@ -82,12 +67,7 @@ impl CustomOp1 for Checkpoint {
     }
 
     fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
-        let out = self.take_out()?;
-        let (storage, layout) = out.storage_and_layout();
-        let Storage::Cpu(s) = &*storage else {
-            bail!("recompute: the block ran on another device than its input");
-        };
-        Ok((s.try_clone(layout)?, out.shape().clone()))
+        self.out.cpu()
     }
 
     #[cfg(feature = "cuda")]
@@ -96,12 +76,7 @@ impl CustomOp1 for Checkpoint {
         _: &candle_core::CudaStorage,
         _: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let out = self.take_out()?;
-        let (storage, layout) = out.storage_and_layout();
-        let Storage::Cuda(s) = &*storage else {
-            bail!("recompute: the block ran on another device than its input");
-        };
-        Ok((s.try_clone(layout)?, out.shape().clone()))
+        self.out.cuda()
     }
 
     fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
@@ -133,7 +108,7 @@ impl CustomOp1 for Seed {
     }
 
     fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
-        Ok((CpuStorage::F32(vec![0.0]), Shape::from(())))
+        Ok(scalar_zero_cpu())
     }
 
     #[cfg(feature = "cuda")]
@@ -142,12 +117,7 @@ impl CustomOp1 for Seed {
         s: &candle_core::CudaStorage,
         _: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        use candle_core::backend::BackendDevice;
-        let shape = Shape::from(());
-        Ok((
-            s.device().zeros_impl(&shape, candle_core::DType::F32)?,
-            shape,
-        ))
+        components::fused::scalar_zero_cuda(s)
     }
 
     fn bwd(&self, _y: &Tensor, _res: &Tensor, _grad: &Tensor) -> Result<Option<Tensor>> {

@@ -73,7 +73,9 @@ pub use muon_step::{
     muon_apply, muon_prepare, row_sum_squares, MuonApply, MuonMomentum, MuonScale, RowSumSq,
 };
 pub use newton_schulz::newton_schulz_round;
-pub use node::{node, NodeBackward};
+#[cfg(feature = "cuda")]
+pub use node::scalar_zero_cuda;
+pub use node::{node, scalar_zero_cpu, HandOver, NodeBackward};
 pub use norm::{RmsNormBwdG, RmsNormBwdX, RmsNormGain, RmsNormPlain};
 pub use norm_proj::{norm_proj, NormProj, NormProjBwdPhi, NormProjBwdX, NORM_PROJ_MAX_COLS};
 pub use sinkhorn::{Sinkhorn, SinkhornBwd, SINKHORN_MAX_ITERS, SINKHORN_MAX_STREAMS};

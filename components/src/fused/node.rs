@@ -17,6 +17,7 @@
 use std::sync::{Arc, Mutex};
 
 use candle_core::backend::BackendStorage;
+
 use candle_core::{
     bail, CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor,
 };
@@ -42,13 +43,8 @@ pub fn node(x: &Tensor, weights: &[&Tensor], y: Tensor, backward: NodeBackward) 
             _ => unreachable!("chunks of two"),
         };
     }
-    // Handed over as the op's output storage, which must hold it contiguous from its start.
-    let y = match y.is_contiguous() && y.layout().start_offset() == 0 {
-        true => y.detach(),
-        false => y.force_contiguous()?.detach(),
-    };
     let op = Output {
-        y: Mutex::new(Some(y)),
+        y: HandOver::new(&y)?,
         backward: Mutex::new(Some(backward)),
         grads,
         weights: weights.len(),
@@ -75,16 +71,60 @@ impl Link {
             None => bail!("node: weight {i}'s gradient was not computed (or taken twice)"),
         }
     }
+}
 
-    fn scalar_cpu() -> (CpuStorage, Shape) {
-        (CpuStorage::F32(vec![0.0]), Shape::from(()))
+/// A custom op's output storage for a scalar f32 zero (on the CPU).
+pub fn scalar_zero_cpu() -> (CpuStorage, Shape) {
+    (CpuStorage::F32(vec![0.0]), Shape::from(()))
+}
+
+/// A custom op's output storage for a scalar f32 zero, on `s`'s GPU.
+#[cfg(feature = "cuda")]
+pub fn scalar_zero_cuda(s: &candle_core::CudaStorage) -> Result<(candle_core::CudaStorage, Shape)> {
+    use candle_core::backend::BackendDevice;
+    let shape = Shape::from(());
+    Ok((s.device().zeros_impl(&shape, DType::F32)?, shape))
+}
+
+/// A tensor computed outside the graph, handed over once as a custom op's output: a copy of
+/// its storage (`try_clone`), which therefore holds it contiguous from its start.
+pub struct HandOver(Mutex<Option<Tensor>>);
+
+impl HandOver {
+    pub fn new(t: &Tensor) -> Result<Self> {
+        let t = match t.is_contiguous() && t.layout().start_offset() == 0 {
+            true => t.detach(),
+            false => t.force_contiguous()?.detach(),
+        };
+        Ok(Self(Mutex::new(Some(t))))
     }
 
+    fn take(&self) -> Result<Tensor> {
+        match self.0.lock().expect("the lock is never poisoned").take() {
+            Some(t) => Ok(t),
+            None => bail!("an op's output was handed over twice"),
+        }
+    }
+
+    /// The storage and shape for `cpu_fwd`.
+    pub fn cpu(&self) -> Result<(CpuStorage, Shape)> {
+        let t = self.take()?;
+        let (storage, layout) = t.storage_and_layout();
+        let Storage::Cpu(s) = &*storage else {
+            bail!("an op's output was computed on another device than its input");
+        };
+        Ok((s.try_clone(layout)?, t.shape().clone()))
+    }
+
+    /// The storage and shape for `cuda_fwd`.
     #[cfg(feature = "cuda")]
-    fn scalar_cuda(s: &candle_core::CudaStorage) -> Result<(candle_core::CudaStorage, Shape)> {
-        use candle_core::backend::BackendDevice;
-        let shape = Shape::from(());
-        Ok((s.device().zeros_impl(&shape, DType::F32)?, shape))
+    pub fn cuda(&self) -> Result<(candle_core::CudaStorage, Shape)> {
+        let t = self.take()?;
+        let (storage, layout) = t.storage_and_layout();
+        let Storage::Cuda(s) = &*storage else {
+            bail!("an op's output was computed on another device than its input");
+        };
+        Ok((s.try_clone(layout)?, t.shape().clone()))
     }
 }
 
@@ -100,7 +140,7 @@ impl CustomOp2 for Link {
         _: &CpuStorage,
         _: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        Ok(Self::scalar_cpu())
+        Ok(scalar_zero_cpu())
     }
 
     #[cfg(feature = "cuda")]
@@ -111,7 +151,7 @@ impl CustomOp2 for Link {
         _: &candle_core::CudaStorage,
         _: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        Self::scalar_cuda(s1)
+        scalar_zero_cuda(s1)
     }
 
     fn bwd(
@@ -139,7 +179,7 @@ impl CustomOp3 for Link {
         _: &CpuStorage,
         _: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        Ok(Self::scalar_cpu())
+        Ok(scalar_zero_cpu())
     }
 
     #[cfg(feature = "cuda")]
@@ -152,7 +192,7 @@ impl CustomOp3 for Link {
         _: &candle_core::CudaStorage,
         _: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        Self::scalar_cuda(s1)
+        scalar_zero_cuda(s1)
     }
 
     fn bwd(
@@ -171,19 +211,10 @@ impl CustomOp3 for Link {
 /// The node's output: the handed-over `y`, and the backward pass that fills the links'
 /// gradients.
 struct Output {
-    y: Mutex<Option<Tensor>>,
+    y: HandOver,
     backward: Mutex<Option<NodeBackward>>,
     grads: Arc<Mutex<Vec<Option<Tensor>>>>,
     weights: usize,
-}
-
-impl Output {
-    fn take_y(&self) -> Result<Tensor> {
-        match self.y.lock().expect("the lock is never poisoned").take() {
-            Some(y) => Ok(y),
-            None => bail!("node: its output was already taken"),
-        }
-    }
 }
 
 impl CustomOp2 for Output {
@@ -198,12 +229,7 @@ impl CustomOp2 for Output {
         _: &CpuStorage,
         _: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let y = self.take_y()?;
-        let (storage, layout) = y.storage_and_layout();
-        let Storage::Cpu(s) = &*storage else {
-            bail!("node: its output is on another device than its input");
-        };
-        Ok((s.try_clone(layout)?, y.shape().clone()))
+        self.y.cpu()
     }
 
     #[cfg(feature = "cuda")]
@@ -214,12 +240,7 @@ impl CustomOp2 for Output {
         _: &candle_core::CudaStorage,
         _: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let y = self.take_y()?;
-        let (storage, layout) = y.storage_and_layout();
-        let Storage::Cuda(s) = &*storage else {
-            bail!("node: its output is on another device than its input");
-        };
-        Ok((s.try_clone(layout)?, y.shape().clone()))
+        self.y.cuda()
     }
 
     fn bwd(
