@@ -1325,3 +1325,30 @@ fn report_html_is_one_self_contained_page_with_every_chart_and_trial() {
     assert!(page.contains("name: &quot;tiny&quot;"), "the sweep file");
     assert!(page.contains(&format!("by sweep {}", env!("CARGO_PKG_VERSION"))));
 }
+
+#[test]
+fn memory_searches_are_refused_off_the_gpu_and_on_several_devices() {
+    // A CPU does not report running out of memory (the process would be killed), and the
+    // search measures one device.
+    let dir = workdir("bench-memory-flags");
+    std::fs::write(dir.join("s.ron"), sweep_text(GRID)).unwrap();
+    for (args, needle) in [
+        (
+            vec!["bench", "s.ron", "--largest-batch"],
+            "--largest-batch measures a GPU's memory: give --device cuda",
+        ),
+        (
+            vec!["bench", "s.ron", "--memory-gib", "79", "--device", "cpu"],
+            "--memory-gib measures a GPU's memory",
+        ),
+        (
+            vec!["bench", "s.ron", "--largest-batch", "--device", "cpu,cpu"],
+            "--device cpu,cpu: lists 2 device(s) for train.gpus_per_trial = 1",
+        ),
+    ] {
+        let out = sweep(&dir, &args);
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains(needle), "{args:?}: `{needle}` not in: {err}");
+    }
+}

@@ -52,6 +52,35 @@ pub fn reset_peak(device: &Device) -> Result<()> {
     Ok(())
 }
 
+/// Device memory held outside the allocator's pool until dropped, so that what trains beside
+/// it sees a smaller GPU (`sweep bench --memory-gib`).
+pub struct Hold {
+    bytes: u64,
+    /// The device and the allocation's address.
+    #[cfg(feature = "cuda")]
+    held: Option<(candle_core::CudaDevice, u64)>,
+}
+
+impl Hold {
+    /// The bytes held.
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+}
+
+/// Holds all of `device`'s free memory but `keep` bytes; an error on the CPU, or when less
+/// than `keep` is free.
+pub fn hold_all_but(device: &Device, keep: u64) -> Result<Hold> {
+    match device {
+        #[cfg(feature = "cuda")]
+        Device::Cuda(d) => cuda::hold_all_but(d, keep),
+        _ => {
+            let _ = keep;
+            candle_core::bail!("holding device memory needs a CUDA device, not {device:?}")
+        }
+    }
+}
+
 /// The number of CUDA devices this process can see (0 without the `cuda` feature or a driver).
 pub fn count() -> usize {
     #[cfg(feature = "cuda")]
@@ -116,6 +145,42 @@ mod cuda {
         let pool = pool(d)?;
         // SAFETY: the memory attributes written here are cuuint64_t.
         check(unsafe { sys::cuMemPoolSetAttribute(pool, attr, (&mut value as *mut u64).cast()) })
+    }
+
+    /// See [`super::hold_all_but`]: one cuMemAlloc of the free memory less `keep`, outside
+    /// the stream-ordered pool the tensors come from (so the pool's peak does not count it).
+    pub fn hold_all_but(d: &CudaDevice, keep: u64) -> Result<super::Hold> {
+        let ctx = d.cuda_stream().context().clone();
+        ctx.bind_to_thread().map_err(candle_core::Error::wrap)?;
+        let (mut free, mut total) = (0usize, 0usize);
+        // SAFETY: two out-pointers for the context bound above.
+        check(unsafe { sys::cuMemGetInfo_v2(&mut free, &mut total) })?;
+        let Some(bytes) = (free as u64).checked_sub(keep).filter(|&b| b > 0) else {
+            candle_core::bail!(
+                "the device has {:.1} GiB free, not more than the {:.1} GiB asked to keep",
+                free as f64 / GIB,
+                keep as f64 / GIB
+            );
+        };
+        let mut ptr = 0;
+        // SAFETY: an out-pointer; the allocation is freed by `Hold`'s drop.
+        check(unsafe { sys::cuMemAlloc_v2(&mut ptr, bytes as usize) })?;
+        Ok(super::Hold {
+            bytes,
+            held: Some((d.clone(), ptr)),
+        })
+    }
+
+    const GIB: f64 = (1u64 << 30) as f64;
+
+    impl Drop for super::Hold {
+        fn drop(&mut self) {
+            if let Some((d, ptr)) = self.held.take() {
+                let _ = d.cuda_stream().context().bind_to_thread();
+                // SAFETY: the pointer cuMemAlloc gave `hold_all_but`, freed once.
+                unsafe { sys::cuMemFree_v2(ptr) };
+            }
+        }
     }
 
     fn check(r: sys::CUresult) -> Result<()> {

@@ -17,7 +17,7 @@ use crate::devices::parse_devices;
 use crate::error::{exit, InputError};
 use crate::gpu;
 use crate::parallel::{self, Rank};
-use crate::spec::{Sweep, Trial};
+use crate::spec::{Sweep, TrainSpec, Trial};
 use crate::train::{self, Phases, Step};
 
 /// Time training steps of each configuration of a sweep file.
@@ -53,6 +53,24 @@ pub struct Args {
     /// The device's dense bf16 peak in TFLOP/s, for MFU [default: 989 on H100 and H200].
     #[arg(long, value_name = "TFLOPS")]
     pub peak_tflops: Option<f64>,
+    /// Find each configuration's largest batch (at the file's seq_len) whose training steps
+    /// fit in the device's memory, instead of timing the file's batch: batches double from
+    /// 1 until one runs out of memory, then the gap is bisected; each try is one warm-up and
+    /// one timed step. One device.
+    #[arg(long, conflicts_with_all = ["phases", "gpus_per_trial"])]
+    pub largest_batch: bool,
+    /// Train as if the device had only GIB free: the rest of its free memory is held for the
+    /// bench's duration (an 80 GB card has about 79 GiB free). One device.
+    #[arg(long, value_name = "GIB")]
+    pub memory_gib: Option<f64>,
+}
+
+/// How many steps a configuration trains for, and whether its phases are timed.
+#[derive(Clone, Copy)]
+struct Counts {
+    warmup: usize,
+    steps: usize,
+    phases: bool,
 }
 
 /// One configuration's measurements.
@@ -95,8 +113,62 @@ pub fn exec(mut args: Args) -> anyhow::Result<u8> {
         ))
         .into());
     }
-    let timeout = parallel::collective_timeout()?;
+    let one_device = |flag: &str| -> Result<(), InputError> {
+        match devices.len() {
+            1 => Ok(()),
+            n => Err(InputError::new(format!(
+                "{flag} measures one device; --device {} lists {n}",
+                args.device
+            ))),
+        }
+    };
+    // One device for the whole bench where it measures one (each new device object loads
+    // the kernels again).
+    let single = match args.memory_gib.is_some() || args.largest_batch {
+        true => {
+            let flag = match args.largest_batch {
+                true => "--largest-batch",
+                false => "--memory-gib",
+            };
+            one_device(flag)?;
+            if !devices[0].starts_with("cuda") {
+                // A CPU does not report running out of memory: the process is killed.
+                return Err(InputError::new(format!(
+                    "{flag} measures a GPU's memory: give --device cuda (or cuda:N), not {}",
+                    devices[0]
+                ))
+                .into());
+            }
+            let device = crate::devices::device_of(&devices[0])?;
+            gpu::prepare(&device)?;
+            Some(device)
+        }
+        false => None,
+    };
+    let _held = match (args.memory_gib, &single) {
+        (Some(gib), Some(device)) => {
+            if !(gib.is_finite() && gib > 0.0) {
+                return Err(InputError::new(format!(
+                    "--memory-gib {gib}: give the memory to leave free in GiB, e.g. 79"
+                ))
+                .into());
+            }
+            let hold = gpu::hold_all_but(device, (gib * (1u64 << 30) as f64) as u64)
+                .with_context(|| format!("--memory-gib {gib}"))?;
+            eprintln!(
+                "holding {:.1} GiB of {}: {gib} GiB stay free",
+                hold.bytes() as f64 / (1u64 << 30) as f64,
+                devices[0]
+            );
+            Some(hold)
+        }
+        _ => None,
+    };
     let data = Dataset::load(&sweep.data, &sweep.source, sweep.train.seq_len)?;
+    if let (true, Some(device)) = (args.largest_batch, &single) {
+        return largest_batches(&args, &sweep, &data, device);
+    }
+    let timeout = parallel::collective_timeout()?;
     let tokens = spec.global_batch() * spec.seq_len;
     let mut header_shown = false;
     let mut failed = 0;
@@ -107,7 +179,12 @@ pub fn exec(mut args: Args) -> anyhow::Result<u8> {
         } else {
             &trial.label
         };
-        let body = |rank: Rank| time(&args, &sweep, trial, &data, rank);
+        let counts = Counts {
+            warmup: args.warmup,
+            steps: args.steps,
+            phases: args.phases,
+        };
+        let body = |rank: Rank| time(counts, spec, trial, &data, rank);
         let abandon = |why: &str| -> std::convert::Infallible {
             println!("| {label} | failed: {why} ||||||");
             std::process::exit(i32::from(exit::FAILED))
@@ -231,13 +308,13 @@ fn flops_per_token(params: u64, dims: &registry::Dims, seq_len: usize) -> f64 {
 /// synchronization, so the median is the step's wall time on the device (every rank takes
 /// part in every step; rank 0's times and memory are reported). MFU is left to the caller.
 fn time(
-    args: &Args,
-    sweep: &Sweep,
+    counts: Counts,
+    spec: &TrainSpec,
     trial: &Trial,
     data: &Dataset,
     rank: Rank,
 ) -> anyhow::Result<Timing> {
-    let (spec, device, group) = (&sweep.train, &rank.device, rank.group.as_ref());
+    let (device, group) = (&rank.device, rank.group.as_ref());
     let dims = trial.dims.clone();
     // The device's memory pool outlives a configuration: its peak starts again with each.
     gpu::reset_peak(device)?;
@@ -261,13 +338,13 @@ fn time(
             Err(what) => anyhow::bail!("diverged: {what}"),
         }
     };
-    for _ in 0..args.warmup {
+    for _ in 0..counts.warmup {
         step(None)?;
     }
     device.synchronize()?;
-    let mut times = Vec::with_capacity(args.steps);
-    let mut losses = Vec::with_capacity(args.steps);
-    for _ in 0..args.steps {
+    let mut times = Vec::with_capacity(counts.steps);
+    let mut losses = Vec::with_capacity(counts.steps);
+    for _ in 0..counts.steps {
         let started = Instant::now();
         losses.push(step(None)?);
         device.synchronize()?;
@@ -275,8 +352,8 @@ fn time(
     }
     let peak_bytes = gpu::peak_bytes(device);
     let mut phases = Phases::new(device);
-    if args.phases {
-        for _ in 0..args.steps {
+    if counts.phases {
+        for _ in 0..counts.steps {
             phases.start()?;
             step(Some(&mut phases))?;
         }
@@ -295,6 +372,128 @@ fn time(
     })
 }
 
+/// `--largest-batch`: for each configuration, the largest batch that trains on `device`
+/// without running out of memory, with its step time and peak memory.
+fn largest_batches(
+    args: &Args,
+    sweep: &Sweep,
+    data: &Dataset,
+    device: &candle_core::Device,
+) -> anyhow::Result<u8> {
+    let seq = sweep.train.seq_len;
+    println!(
+        "sweep bench {} --largest-batch: {}, seq {seq}{}",
+        args.file
+            .as_deref()
+            .map(|f| f.display().to_string())
+            .unwrap_or_default(),
+        gpu::describe(device),
+        args.memory_gib
+            .map_or(String::new(), |g| format!(", {g} GiB free")),
+    );
+    println!();
+    println!("| configuration | largest batch | tokens/step | step | peak memory | first batch that did not fit |");
+    println!("|---|---|---|---|---|---|");
+    let mut failed = 0;
+    for trial in sweep.trials.iter().filter(|t| t.seed == sweep.seeds[0]) {
+        let label = if trial.label.is_empty() {
+            "-"
+        } else {
+            &trial.label
+        };
+        let mut best: Option<(usize, Timing)> = None;
+        let fits = |batch: usize| -> anyhow::Result<bool> {
+            let spec = TrainSpec {
+                batch,
+                ..sweep.train.clone()
+            };
+            let counts = Counts {
+                warmup: 1,
+                steps: 1,
+                phases: false,
+            };
+            let rank = Rank {
+                device: device.clone(),
+                group: Box::new(parallel::Solo),
+            };
+            match time(counts, &spec, trial, data, rank) {
+                Ok(t) => {
+                    if best.as_ref().is_none_or(|(b, _)| batch > *b) {
+                        best = Some((batch, t));
+                    }
+                    Ok(true)
+                }
+                Err(e) if out_of_memory(&e) => Ok(false),
+                Err(e) => Err(e),
+            }
+        };
+        match largest_fitting(fits) {
+            Ok((_, first_failing)) => match best {
+                Some((b, t)) => println!(
+                    "| {label} | {b} | {} | {:.1} ms | {} | {} |",
+                    b * seq,
+                    1e3 * t.step_s,
+                    t.peak_bytes.map_or("-".into(), |p| format!(
+                        "{:.1} GiB",
+                        p as f64 / (1u64 << 30) as f64
+                    )),
+                    first_failing.map_or("none up to the limit".into(), |f| f.to_string()),
+                ),
+                None => println!("| {label} | none: batch 1 does not fit |||||"),
+            },
+            Err(e) => {
+                failed += 1;
+                println!("| {label} | failed: {e:#} |||||");
+            }
+        }
+    }
+    Ok(if failed > 0 { exit::FAILED } else { exit::OK })
+}
+
+/// The most batches [`largest_fitting`] tries.
+const LARGEST_BATCH: usize = 1 << 16;
+
+/// The largest batch for which `fits` holds, assuming that it holds up to some batch and not
+/// beyond: 1, 2, 4, ... until it fails (or [`LARGEST_BATCH`]), then bisection between the
+/// last that fit and the first that did not. Returns (the largest that fit, if any; the
+/// smallest seen not to fit, if any).
+fn largest_fitting(
+    mut fits: impl FnMut(usize) -> anyhow::Result<bool>,
+) -> anyhow::Result<(Option<usize>, Option<usize>)> {
+    let (mut good, mut bad) = (None::<usize>, None::<usize>);
+    let mut b = 1;
+    while b <= LARGEST_BATCH {
+        if fits(b)? {
+            good = Some(b);
+            b *= 2;
+        } else {
+            bad = Some(b);
+            break;
+        }
+    }
+    if let (Some(mut lo), Some(mut hi)) = (good, bad) {
+        while hi - lo > 1 {
+            let mid = lo + (hi - lo) / 2;
+            match fits(mid)? {
+                true => lo = mid,
+                false => hi = mid,
+            }
+        }
+        (good, bad) = (Some(lo), Some(hi));
+    }
+    Ok((good, bad))
+}
+
+/// Whether a training error is the device running out of memory (CUDA's
+/// CUDA_ERROR_OUT_OF_MEMORY, as candle and cudarc word it, or cuBLAS failing to allocate its
+/// workspace).
+fn out_of_memory(e: &anyhow::Error) -> bool {
+    let text = format!("{e:#}").to_lowercase();
+    ["out_of_memory", "out of memory", "alloc_failed"]
+        .iter()
+        .any(|what| text.contains(what))
+}
+
 /// The dense bf16 tensor-core peak of GPUs whose name says what they are, in TFLOP/s.
 fn dense_bf16_peak(name: &str) -> Option<f64> {
     [("H100", 989.0), ("H200", 989.0), ("A100", 312.0)]
@@ -306,6 +505,35 @@ fn dense_bf16_peak(name: &str) -> Option<f64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_largest_batch_is_found_by_doubling_then_bisecting() -> anyhow::Result<()> {
+        // Batches up to 37 fit: 1, 2, 4, 8, 16, 32 fit, 64 does not, then 48, 40, 36, 38, 37.
+        let mut tried = Vec::new();
+        let found = largest_fitting(|b| {
+            tried.push(b);
+            Ok(b <= 37)
+        })?;
+        assert_eq!(found, (Some(37), Some(38)));
+        assert_eq!(tried, vec![1, 2, 4, 8, 16, 32, 64, 48, 40, 36, 38, 37]);
+        // Nothing fits; everything fits up to the limit.
+        assert_eq!(largest_fitting(|_| Ok(false))?, (None, Some(1)));
+        assert_eq!(largest_fitting(|_| Ok(true))?, (Some(LARGEST_BATCH), None));
+        // Another error is not a batch that does not fit: it ends the search.
+        assert!(largest_fitting(|b| match b {
+            4 => anyhow::bail!("a broken kernel"),
+            _ => Ok(true),
+        })
+        .is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn out_of_memory_is_told_apart_from_other_errors() {
+        let oom = anyhow::anyhow!("DriverError(CUDA_ERROR_OUT_OF_MEMORY, \"out of memory\")");
+        assert!(out_of_memory(&oom.context("building")));
+        assert!(!out_of_memory(&anyhow::anyhow!("shape mismatch in matmul")));
+    }
 
     #[test]
     fn known_gpus_have_their_datasheet_peak() {
