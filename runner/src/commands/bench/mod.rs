@@ -427,7 +427,7 @@ fn largest_batches(
                 Err(e) => Err(e),
             }
         };
-        match largest_fitting(fits) {
+        match largest_fitting(sweep.train.batch, fits) {
             Ok((_, first_failing)) => match best {
                 Some((b, t)) => println!(
                     "| {label} | {b} | {} | {:.1} ms | {} | {} |",
@@ -450,29 +450,44 @@ fn largest_batches(
     Ok(if failed > 0 { exit::FAILED } else { exit::OK })
 }
 
-/// The most batches [`largest_fitting`] tries.
+/// The largest batch [`largest_fitting`] tries.
 const LARGEST_BATCH: usize = 1 << 16;
 
 /// The largest batch for which `fits` holds, assuming that it holds up to some batch and not
-/// beyond: 1, 2, 4, ... until it fails (or [`LARGEST_BATCH`]), then bisection between the
-/// last that fit and the first that did not. Returns (the largest that fit, if any; the
-/// smallest seen not to fit, if any).
+/// beyond, to within an eighth: from `start`, doubling while it fits (up to
+/// [`LARGEST_BATCH`]) or halving until it does, then bisecting between the last batch that
+/// fit and the first that did not until they are within an eighth of the former (each try is
+/// a model built and trained). Returns (the largest seen to fit, if any; the smallest seen
+/// not to fit, if any).
 fn largest_fitting(
+    start: usize,
     mut fits: impl FnMut(usize) -> anyhow::Result<bool>,
 ) -> anyhow::Result<(Option<usize>, Option<usize>)> {
     let (mut good, mut bad) = (None::<usize>, None::<usize>);
-    let mut b = 1;
-    while b <= LARGEST_BATCH {
-        if fits(b)? {
+    let mut b = start.clamp(1, LARGEST_BATCH);
+    if fits(b)? {
+        good = Some(b);
+        while b < LARGEST_BATCH {
+            b = (2 * b).min(LARGEST_BATCH);
+            if !fits(b)? {
+                bad = Some(b);
+                break;
+            }
             good = Some(b);
-            b *= 2;
-        } else {
+        }
+    } else {
+        bad = Some(b);
+        while b > 1 {
+            b /= 2;
+            if fits(b)? {
+                good = Some(b);
+                break;
+            }
             bad = Some(b);
-            break;
         }
     }
     if let (Some(mut lo), Some(mut hi)) = (good, bad) {
-        while hi - lo > 1 {
+        while hi - lo > (lo / 8).max(1) {
             let mid = lo + (hi - lo) / 2;
             match fits(mid)? {
                 true => lo = mid,
@@ -508,19 +523,34 @@ mod tests {
 
     #[test]
     fn the_largest_batch_is_found_by_doubling_then_bisecting() -> anyhow::Result<()> {
-        // Batches up to 37 fit: 1, 2, 4, 8, 16, 32 fit, 64 does not, then 48, 40, 36, 38, 37.
-        let mut tried = Vec::new();
-        let found = largest_fitting(|b| {
-            tried.push(b);
-            Ok(b <= 37)
-        })?;
-        assert_eq!(found, (Some(37), Some(38)));
-        assert_eq!(tried, vec![1, 2, 4, 8, 16, 32, 64, 48, 40, 36, 38, 37]);
+        // Batches up to 37 fit. From 1: 1 to 32 fit, 64 does not, then 48 and 40 do not and
+        // 36 does, within an eighth of 40. From 8 the same doubling. From 100: halving to 50
+        // (no) and 25 (yes), then 37 fits and 43 and 40 do not: 40 is within an eighth of 37.
+        for (start, want, trials) in [
+            (
+                1,
+                (Some(36), Some(40)),
+                vec![1, 2, 4, 8, 16, 32, 64, 48, 40, 36],
+            ),
+            (8, (Some(36), Some(40)), vec![8, 16, 32, 64, 48, 40, 36]),
+            (100, (Some(37), Some(40)), vec![100, 50, 25, 37, 43, 40]),
+        ] {
+            let mut tried = Vec::new();
+            let found = largest_fitting(start, |b| {
+                tried.push(b);
+                Ok(b <= 37)
+            })?;
+            assert_eq!(found, want, "from {start}");
+            assert_eq!(tried, trials, "from {start}");
+        }
         // Nothing fits; everything fits up to the limit.
-        assert_eq!(largest_fitting(|_| Ok(false))?, (None, Some(1)));
-        assert_eq!(largest_fitting(|_| Ok(true))?, (Some(LARGEST_BATCH), None));
+        assert_eq!(largest_fitting(4, |_| Ok(false))?, (None, Some(1)));
+        assert_eq!(
+            largest_fitting(4, |_| Ok(true))?,
+            (Some(LARGEST_BATCH), None)
+        );
         // Another error is not a batch that does not fit: it ends the search.
-        assert!(largest_fitting(|b| match b {
+        assert!(largest_fitting(1, |b| match b {
             4 => anyhow::bail!("a broken kernel"),
             _ => Ok(true),
         })
