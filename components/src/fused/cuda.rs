@@ -368,11 +368,28 @@ pub fn activation(
     };
     let name = format!("{stem}_{which}_{}", suffix(x.dtype())?);
     let func = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
-    // A grid-stride loop: enough blocks to fill the GPU, each thread several elements.
-    let cfg = LaunchConfig {
-        grid_dim: (threads.div_ceil(1024).min(65535) as u32, 1, 1),
-        block_dim: (1024, 1, 1),
-        shared_mem_bytes: 0,
+    // Grid-stride loops: enough blocks to fill the GPU, each thread a pack of 16 bytes (see
+    // fused.cu `Pack`) or several. SwiGLU's gate takes rows across grid.y and a row's packs
+    // across grid.x, which spares the kernel a division per element.
+    let pack = 16 / x.dtype().size_in_bytes();
+    let cfg = match stem {
+        "glu" => {
+            let (rows, hidden) = (size as usize, int_arg as usize);
+            LaunchConfig {
+                grid_dim: (
+                    hidden.div_ceil(pack).div_ceil(256).max(1) as u32,
+                    rows.clamp(1, 65535) as u32,
+                    1,
+                ),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            }
+        }
+        _ => LaunchConfig {
+            grid_dim: (threads.div_ceil(pack * 1024).clamp(1, 65535) as u32, 1, 1),
+            block_dim: (1024, 1, 1),
+            shared_mem_bytes: 0,
+        },
     };
     macro_rules! run {
         ($t:ty) => {{

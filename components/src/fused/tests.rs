@@ -207,11 +207,17 @@ fn cuda_kernels_match_the_cpu_ops() -> Result<()> {
                 assert!(d < tol, "{dtype:?} {shape:?} rms norm #{i}: {d}");
             }
         }
-        // Activations over an MLP's hidden width.
-        for kind in [Kind::GeluErf, Kind::Relu2, Kind::SwiGlu] {
-            let x = (randn(9, (512, 3072), 1.0)? * 2.0)?.to_dtype(dtype)?;
-            let width = if kind.gated() { 1536 } else { 3072 };
-            let w = randn(10, (512, width), 1.0)?;
+        // Activations over an MLP's hidden width; the kernels move 16-byte packs, and the
+        // second shape's widths (3070, SwiGLU's 1535) are no multiple of a pack: the
+        // one-at-a-time paths and an element-wise tail.
+        let shapes = [(512usize, 3072usize), (511, 3070)];
+        for (kind, (rows, cols)) in [Kind::GeluErf, Kind::Relu2, Kind::SwiGlu]
+            .into_iter()
+            .flat_map(|k| shapes.map(|s| (k, s)))
+        {
+            let x = (randn(9, (rows, cols), 1.0)? * 2.0)?.to_dtype(dtype)?;
+            let width = if kind.gated() { cols / 2 } else { cols };
+            let w = randn(10, (rows, width), 1.0)?;
             let run = |d: &Device| -> Result<(Tensor, Tensor)> {
                 let v = Var::from_tensor(&x.to_device(d)?)?;
                 let y = v.as_tensor().apply_op1(Activation(kind))?;
@@ -226,8 +232,14 @@ fn cuda_kernels_match_the_cpu_ops() -> Result<()> {
             let ((y1, g1), (y2, g2)) = (run(&Device::Cpu)?, run(&gpu)?);
             // Values up to ~16 (relu2 of 4): bf16's 2^-8 relative is 0.06 there.
             let atol = if dtype == DType::F32 { 1e-4 } else { 0.1 };
-            assert!(max_diff(&y1, &y2)? < atol, "{dtype:?} {kind:?}");
-            assert!(max_diff(&g1, &g2)? < atol, "{dtype:?} {kind:?} grad");
+            assert!(
+                max_diff(&y1, &y2)? < atol,
+                "{dtype:?} {kind:?} {rows}x{cols}"
+            );
+            assert!(
+                max_diff(&g1, &g2)? < atol,
+                "{dtype:?} {kind:?} {rows}x{cols} grad"
+            );
         }
         // Attention heads at the benchmark's shape per sequence: 12 heads of 64, 1024 positions.
         let rope = crate::nn::Rope::new(64, 1024, 10_000.0, &Device::Cpu)?;
