@@ -16,6 +16,34 @@ template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float
     return __float2bfloat16(x);
 }
 
+// 16 bytes of T (8 bf16 or 4 f32) moved as one load or store: the element-wise kernels below
+// read and write through these where every pointer is 16-byte aligned and the row length is
+// a multiple of the vector, and one value at a time otherwise.
+template <typename T>
+struct Pack {
+    static constexpr int N = 16 / sizeof(T);
+    union {
+        uint4 raw;
+        T v[16 / sizeof(T)];
+    };
+};
+
+template <typename T>
+__device__ __forceinline__ Pack<T> load_pack(const T* p, size_t i) {
+    Pack<T> k;
+    k.raw = reinterpret_cast<const uint4*>(p)[i];
+    return k;
+}
+
+template <typename T>
+__device__ __forceinline__ void store_pack(T* p, size_t i, const Pack<T>& k) {
+    reinterpret_cast<uint4*>(p)[i] = k.raw;
+}
+
+__device__ __forceinline__ bool aligned16(const void* p) {
+    return (reinterpret_cast<uintptr_t>(p) & 15) == 0;
+}
+
 // Block-wide reductions; blockDim.x is a multiple of 32. `scratch` holds 32 floats. The
 // result is returned to every thread.
 __device__ float block_max(float v, float* scratch) {
@@ -171,11 +199,19 @@ __device__ void cross_entropy_bwd(const T* logits, const uint32_t* targets, cons
 FOR_DTYPES(KERNELS)
 
 // RMSNorm over rows of length c: y = x / sqrt(mean(x^2) + eps) * g (g in f32, or none). One
-// warp per row; each lane strides over the row.
+// warp per row; each lane strides over the row, a pack at a time where it can.
 template <typename T>
 __device__ float row_rstd(const T* x, int c, float eps) {
+    constexpr int V = Pack<T>::N;
+    int lane = threadIdx.x % 32;
+    int packs = (c % V == 0 && aligned16(x)) ? c / V : 0;
     float ss = 0.0f;
-    for (int j = threadIdx.x % 32; j < c; j += 32) {
+    for (int p = lane; p < packs; p += 32) {
+        Pack<T> k = load_pack(x, p);
+#pragma unroll
+        for (int e = 0; e < V; ++e) ss += to_f(k.v[e]) * to_f(k.v[e]);
+    }
+    for (int j = packs * V + lane; j < c; j += 32) {
         float v = to_f(x[j]);
         ss += v * v;
     }
@@ -183,14 +219,27 @@ __device__ float row_rstd(const T* x, int c, float eps) {
     return rsqrtf(ss / c + eps);
 }
 
+// The rows of the two kernels below are read and written in 16-byte packs where the row
+// length is a multiple of the pack and the pointers are aligned, a value at a time otherwise
+// (`packs` 0): a warp's scalar bf16 loads move 64 bytes, a pack's 512.
 template <typename T>
 __device__ void rms_norm_fwd(const T* x, const float* g, T* y, int rows, int c, float eps) {
+    constexpr int V = Pack<T>::N;
     int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
     if (row >= rows) return;
     const T* xr = x + (size_t)row * c;
     T* yr = y + (size_t)row * c;
     float r = row_rstd(xr, c, eps);
-    for (int j = threadIdx.x % 32; j < c; j += 32)
+    int lane = threadIdx.x % 32;
+    int packs = (c % V == 0 && aligned16(xr) && aligned16(yr)) ? c / V : 0;
+    for (int p = lane; p < packs; p += 32) {
+        Pack<T> k = load_pack(xr, p);
+#pragma unroll
+        for (int e = 0; e < V; ++e)
+            k.v[e] = from_f<T>(to_f(k.v[e]) * r * (g ? g[p * V + e] : 1.0f));
+        store_pack(yr, p, k);
+    }
+    for (int j = packs * V + lane; j < c; j += 32)
         yr[j] = from_f<T>(to_f(xr[j]) * r * (g ? g[j] : 1.0f));
 }
 
@@ -198,18 +247,37 @@ __device__ void rms_norm_fwd(const T* x, const float* g, T* y, int rows, int c, 
 template <typename T>
 __device__ void rms_norm_bwd_x(const T* x, const float* g, const T* dy, T* dx, int rows, int c,
                                float eps) {
+    constexpr int V = Pack<T>::N;
     int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
     if (row >= rows) return;
     const T* xr = x + (size_t)row * c;
     const T* dyr = dy + (size_t)row * c;
     T* dxr = dx + (size_t)row * c;
     float r = row_rstd(xr, c, eps);
+    int lane = threadIdx.x % 32;
+    bool fits = c % V == 0 && aligned16(xr) && aligned16(dyr) && aligned16(dxr);
+    int packs = fits ? c / V : 0;
     float dot = 0.0f;
-    for (int j = threadIdx.x % 32; j < c; j += 32)
+    for (int p = lane; p < packs; p += 32) {
+        Pack<T> xk = load_pack(xr, p), dk = load_pack(dyr, p);
+#pragma unroll
+        for (int e = 0; e < V; ++e)
+            dot += to_f(dk.v[e]) * (g ? g[p * V + e] : 1.0f) * to_f(xk.v[e]) * r;
+    }
+    for (int j = packs * V + lane; j < c; j += 32)
         dot += to_f(dyr[j]) * (g ? g[j] : 1.0f) * to_f(xr[j]) * r;
     for (int o = 16; o > 0; o /= 2) dot += __shfl_xor_sync(0xffffffff, dot, o);
     dot /= c;
-    for (int j = threadIdx.x % 32; j < c; j += 32) {
+    for (int p = lane; p < packs; p += 32) {
+        Pack<T> xk = load_pack(xr, p), dk = load_pack(dyr, p);
+#pragma unroll
+        for (int e = 0; e < V; ++e) {
+            float xh = to_f(xk.v[e]) * r;
+            xk.v[e] = from_f<T>(r * (to_f(dk.v[e]) * (g ? g[p * V + e] : 1.0f) - xh * dot));
+        }
+        store_pack(dxr, p, xk);
+    }
+    for (int j = packs * V + lane; j < c; j += 32) {
         float xh = to_f(xr[j]) * r;
         dxr[j] = from_f<T>(r * (to_f(dyr[j]) * (g ? g[j] : 1.0f) - xh * dot));
     }
@@ -293,34 +361,6 @@ __device__ __forceinline__ float act_df(float x, int kind) {
         return 0.5f * (1.0f + erff(x * 0.70710678118654752f)) +
                x * 0.39894228040143268f * __expf(-0.5f * x * x);
     return 2.0f * fmaxf(x, 0.0f);
-}
-
-// 16 bytes of T (8 bf16 or 4 f32) moved as one load or store: the element-wise kernels below
-// read and write through these where every pointer is 16-byte aligned and the row length is
-// a multiple of the vector, and one value at a time otherwise.
-template <typename T>
-struct Pack {
-    static constexpr int N = 16 / sizeof(T);
-    union {
-        uint4 raw;
-        T v[16 / sizeof(T)];
-    };
-};
-
-template <typename T>
-__device__ __forceinline__ Pack<T> load_pack(const T* p, size_t i) {
-    Pack<T> k;
-    k.raw = reinterpret_cast<const uint4*>(p)[i];
-    return k;
-}
-
-template <typename T>
-__device__ __forceinline__ void store_pack(T* p, size_t i, const Pack<T>& k) {
-    reinterpret_cast<uint4*>(p)[i] = k.raw;
-}
-
-__device__ __forceinline__ bool aligned16(const void* p) {
-    return (reinterpret_cast<uintptr_t>(p) & 15) == 0;
 }
 
 template <typename T>
