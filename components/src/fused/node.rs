@@ -17,7 +17,6 @@
 use std::sync::{Arc, Mutex};
 
 use candle_core::backend::BackendStorage;
-
 use candle_core::{
     bail, CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor,
 };
