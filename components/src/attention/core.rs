@@ -6,7 +6,7 @@ use registry::{Dims, ParamBuilder, Role, Sublayer};
 
 use crate::fused::{
     attention_sublayer, causal_softmax, sublayer_fits, AttentionPlan, AttentionWeights,
-    CausalAttention, FlashAttention, HeadPrep, FLASH_HEAD_DIMS,
+    CausalAttention, HeadPrep, FLASH_HEAD_DIMS,
 };
 use crate::nn::{out_proj_std, rms_norm, rows, unrows, Linear, Rope, INIT_STD, NORM_EPS};
 
@@ -136,36 +136,14 @@ impl CausalSelfAttention {
     }
 
     /// (B, T, C) -> per-head outputs before the output projection, (B, T, C). Gated variants
-    /// multiply this by their gate before calling [`Self::project`].
+    /// multiply this by their gate before calling [`Self::project`]. Where flash attention
+    /// applies the sublayers train as one node instead ([`Self::fused_sublayer`]).
     pub fn attend(&self, x: &Tensor) -> Result<Tensor> {
-        match self.attend_flash(x)? {
-            Some(y) => Ok(y),
-            None => unrows(&self.attend_rows(x)?, x),
-        }
+        unrows(&self.attend_rows(x)?, x)
     }
 
-    /// Flash attention (bf16 on CUDA, heads of 64 or 128) on (B, T, C) as it is: the
-    /// projections, the heads op and the kernels take it without the reshapes to rows and
-    /// back, each a node whose gradient candle zero-fills and adds. None where it does not
-    /// apply.
-    fn attend_flash(&self, x: &Tensor) -> Result<Option<Tensor>> {
-        let (b, t, _) = x.dims3()?;
-        let (h, kv) = (self.shape.heads, self.shape.kv_heads);
-        let fits = cfg!(feature = "cuda")
-            && x.device().is_cuda()
-            && x.dtype() == DType::BF16
-            && FLASH_HEAD_DIMS.contains(&self.head_dim);
-        if !fits {
-            return Ok(None);
-        }
-        let q = self.heads(&self.q.forward(x)?, b, t, h)?;
-        let k = self.heads(&self.k.forward(x)?, b, t, kv)?;
-        let v = self.v.forward(x)?;
-        let scale = 1.0 / (self.head_dim as f64).sqrt();
-        Ok(Some(q.apply_op3(&k, &v, FlashAttention::new(scale))?))
-    }
-
-    /// (B, T, C) -> per-head outputs as rows (B T, C), where flash attention does not apply.
+    /// (B, T, C) -> per-head outputs as rows (B T, C), through the cuBLAS attention op on CUDA
+    /// and the composites on the CPU.
     fn attend_rows(&self, x: &Tensor) -> Result<Tensor> {
         let (b, t, c) = x.dims3()?;
         let (h, kv, hd) = (self.shape.heads, self.shape.kv_heads, self.head_dim);
@@ -275,10 +253,7 @@ impl Sublayer for CausalSelfAttention {
         if let Some(y) = self.fused_sublayer(x, None)? {
             return Ok(y);
         }
-        match self.attend_flash(x)? {
-            Some(y) => self.o.forward(&y),
-            None => unrows(&self.o.forward(&self.attend_rows(x)?)?, x),
-        }
+        unrows(&self.o.forward(&self.attend_rows(x)?)?, x)
     }
 }
 

@@ -8,11 +8,12 @@
 //! in place (linear.rs `AddProduct`), and takes each weight's gradient in f32 from one
 //! product.
 
-use candle_core::{CustomOp2, CustomOp3, DType, Result, Tensor, D};
+use candle_core::{CustomOp2, CustomOp3, DType, Result, Tensor};
 
 use super::linear::{like, weight_grad};
 use super::node::node;
 use super::{AddProduct, FlashAttention, FusedLinear, HeadPrep, SigmoidGate};
+use crate::nn::rows;
 
 /// The sublayer's weights, (out, in) each, in any float dtype (the f32 masters in training):
 /// the projections and, for gated attention, the gate's (C or heads outputs).
@@ -60,10 +61,6 @@ pub fn attention_sublayer(
     let (qp, kp, table) = (plan.q, plan.k, plan.table.clone());
     let backward = move |dy: &Tensor| -> Result<(Option<Tensor>, Vec<Tensor>)> {
         let (wq, wk, wv, wo) = (&owned[0], &owned[1], &owned[2], &owned[3]);
-        let rows = |t: &Tensor| -> Result<Tensor> {
-            let width = t.dim(D::Minus1)?;
-            t.contiguous()?.reshape(((), width))
-        };
         let dy = rows(dy)?;
         let d_gated = dy.matmul(&like(wo, &xd)?)?.reshape(a.shape())?;
         let d_wo = weight_grad(&dy, &rows(&gated)?, wo.dtype())?;

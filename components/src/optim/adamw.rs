@@ -161,7 +161,7 @@ impl Stepper for AdamWState {
             let m_hat = (&s.m / bias1)?;
             let v_hat = (&s.v / bias2)?;
             let mut w = s.param.var.as_tensor().to_dtype(DType::F32)?;
-            if s.param.role.decays() && c.weight_decay > 0.0 {
+            if decays(s) {
                 w = (w * (1.0 - lr * c.weight_decay))?;
             }
             let update = (m_hat / (v_hat.sqrt()? + c.eps)?)?;
