@@ -11,11 +11,14 @@ clipping at 1.0.
     python3 benches/torch_peer.py --config baseline          # sweeps/bench-1b.ron, cell 0
     python3 benches/torch_peer.py --config goedel            # cell 1 (AdamW)
     python3 benches/torch_peer.py --config goedel-normuon    # cell 2 (NorMuon)
+    python3 benches/torch_peer.py --config d384              # sweeps/bench-d384.ron, PreNorm
+    python3 benches/torch_peer.py --config d384-hc|d384-hc-dynamic|d384-mhc   # its other rows
     ... [--compile] [--steps 20] [--warmup 5] [--batch B] [--seq T] [--layers L]
 
 - Configurations: gpt2 (12 x 768, 12 heads, QK-norm, Gelu), gpt2-mhc (the same with Mhc(4)),
   baseline (24 x 2048, Gqa 16/4, SwiGlu, PreNorm), goedel (GatedGqa elementwise, Relu2,
-  Mhc(4)), goedel-normuon (goedel trained with NorMuon).
+  Mhc(4)), goedel-normuon (goedel trained with NorMuon), d384 (6 x 384, Mha of 6 heads,
+  SwiGlu, bytes) with PreNorm, Hc (static or dynamic) or Mhc(4).
 - AdamW (fused); NorMuon: Nesterov momentum 0.95, 5 Newton-Schulz rounds in bf16 batched
   over the hidden matrices of one shape, per-row second moment (beta2 0.95) and rescale to
   the orthogonalized update's norm, shape scale max(1, rows/cols)^0.5; AdamW for the rest.
@@ -34,21 +37,35 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "runner", "src", "export"))
 from modeling_sweep import SweepConfig, SweepForCausalLM  # noqa: E402
 
-V = 50304
+GPT2_VOCAB = 50304
 
 CONFIGS = {
-    # name: (layers, d_model, heads, kv_heads, qk_norm, gated, ffn, streams, optimizer, batch, seq)
-    "gpt2": (12, 768, 12, 12, True, False, "Gelu", 1, "adamw", 16, 1024),
-    "gpt2-mhc": (12, 768, 12, 12, True, False, "Gelu", 4, "adamw", 16, 1024),
-    "baseline": (24, 2048, 16, 4, False, False, "SwiGlu", 1, "adamw", 8, 1024),
-    "goedel": (24, 2048, 16, 4, False, True, "Relu2", 4, "adamw", 8, 1024),
-    "goedel-normuon": (24, 2048, 16, 4, False, True, "Relu2", 4, "normuon", 8, 1024),
+    # name: (layers, d_model, heads, kv_heads, qk_norm, gated, ffn, residual, optimizer,
+    #        batch, seq, vocab)
+    "gpt2": (12, 768, 12, 12, True, False, "Gelu", "PreNorm", "adamw", 16, 1024, GPT2_VOCAB),
+    "gpt2-mhc": (12, 768, 12, 12, True, False, "Gelu", "Mhc", "adamw", 16, 1024, GPT2_VOCAB),
+    "baseline": (24, 2048, 16, 4, False, False, "SwiGlu", "PreNorm", "adamw", 8, 1024, GPT2_VOCAB),
+    "goedel": (24, 2048, 16, 4, False, True, "Relu2", "Mhc", "adamw", 8, 1024, GPT2_VOCAB),
+    "goedel-normuon": (24, 2048, 16, 4, False, True, "Relu2", "Mhc", "normuon", 8, 1024, GPT2_VOCAB),
+    # sweeps/bench-d384.ron: 6 x 384, Mha with 6 heads of 64, SwiGlu, bytes, batch 32 x 256.
+    "d384": (6, 384, 6, 6, False, False, "SwiGlu", "PreNorm", "adamw", 32, 256, 256),
+    "d384-hc": (6, 384, 6, 6, False, False, "SwiGlu", "Hc", "adamw", 32, 256, 256),
+    "d384-hc-dynamic": (6, 384, 6, 6, False, False, "SwiGlu", "HcDynamic", "adamw", 32, 256, 256),
+    "d384-mhc": (6, 384, 6, 6, False, False, "SwiGlu", "Mhc", "adamw", 32, 256, 256),
+}
+
+# The residual spec of each name above, as the sweep files write them (4 streams).
+RESIDUALS = {
+    "PreNorm": {"kind": "PreNorm"},
+    "Hc": {"kind": "Hc", "streams": 4, "dynamic": False},
+    "HcDynamic": {"kind": "Hc", "streams": 4, "dynamic": True},
+    "Mhc": {"kind": "Mhc", "streams": 4, "sinkhorn_iters": 20},
 }
 
 
 def model_config(cfg, seq):
     """The SweepConfig of a bench configuration (the sizes sweep's components resolve to)."""
-    layers, d, heads, kv, qk_norm, gated, ffn, streams = cfg[:8]
+    layers, d, heads, kv, qk_norm, gated, ffn, residual = cfg[:8]
     # Hidden widths as ffn/mod.rs rounds them: SwiGlu 8/3 d, Gelu and Relu2 4 d.
     mult = 8 / 3 if ffn == "SwiGlu" else 4.0
     hidden = max(1, int(mult * d / 8 + 0.5)) * 8
@@ -61,23 +78,20 @@ def model_config(cfg, seq):
         "qk_norm": qk_norm,
         "gate": "Elementwise",
     }
-    residual = {"kind": "Mhc", "streams": streams, "sinkhorn_iters": 20} if streams > 1 else {
-        "kind": "PreNorm"
-    }
     return SweepConfig(
-        vocab_size=V,
+        vocab_size=cfg[11],
         d_model=d,
         n_layers=layers,
         seq_len=seq,
         attention=attention,
         ffn={"kind": ffn, "hidden": hidden},
-        residual=residual,
+        residual=RESIDUALS[residual],
     )
 
 
 def loss_of(model, x, y):
     logits = model(input_ids=x).logits
-    return F.cross_entropy(logits.float().view(-1, V), y.view(-1))
+    return F.cross_entropy(logits.float().flatten(0, 1), y.view(-1))
 
 def newton_schulz(g, steps=5):
     """Stacked (k, rows, cols) in bf16, as Muon's reference does, on the wide orientation."""
@@ -151,8 +165,9 @@ def main():
     else:
         opts = [torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), fused=True)]
     step_fn = torch.compile(loss_of) if a.compile else loss_of
-    x = torch.randint(0, V, (b, t), device="cuda")
-    y = torch.randint(0, V, (b, t), device="cuda")
+    vocab = cfg[11]
+    x = torch.randint(0, vocab, (b, t), device="cuda")
+    y = torch.randint(0, vocab, (b, t), device="cuda")
     times = []
     for i in range(a.warmup + a.steps):
         torch.cuda.synchronize()
