@@ -8,6 +8,7 @@ use std::process::Command;
 fn main() {
     println!("cargo::rerun-if-changed=src/fused/fused.cu");
     println!("cargo::rerun-if-changed=src/fused/flash.cu");
+    println!("cargo::rerun-if-changed=src/fused/mma.cuh");
     println!("cargo::rerun-if-env-changed=NVCC");
     if std::env::var_os("CARGO_FEATURE_CUDA").is_none() {
         return;

@@ -607,12 +607,60 @@ pub fn sinkhorn(
     for a in &args {
         b.arg(a);
     }
+    // A warp a block: a thread keeps its rounds in local memory (about 5 KB), so the kernel is
+    // bound by the multiprocessors it reaches, and 8192 tokens in blocks of 128 left half of
+    // an H200's 132 idle.
     let cfg = LaunchConfig {
-        grid_dim: (tokens.div_ceil(128) as u32, 1, 1),
-        block_dim: (128, 1, 1),
+        grid_dim: (tokens.div_ceil(32) as u32, 1, 1),
+        block_dim: (32, 1, 1),
         shared_mem_bytes: 0,
     };
     // SAFETY: each thread reads its token's n * n logits (and gradients), writes as many.
+    unsafe { b.launch(cfg) }.w()?;
+    Ok(CudaStorage::wrap_cuda_slice(y, dev.clone()))
+}
+
+/// mHC's coefficients (`dout` none) or their backward rows, one thread per token; see
+/// mhc_coef.rs.
+pub fn mhc_coef(
+    op: &super::MhcCoef,
+    (z, lz): (&CudaStorage, &Layout),
+    (p, lp): (&CudaStorage, &Layout),
+    dout: Option<(&CudaStorage, &Layout)>,
+    rows: usize,
+    w: usize,
+) -> Result<CudaStorage> {
+    use super::CoefPart;
+    let dev = z.device();
+    let n = op.n;
+    let (name, width) = match (op.part, dout.is_some()) {
+        (CoefPart::Pre, false) => ("mhc_pre_fwd", n),
+        (CoefPart::Res, false) => ("mhc_res_fwd", n * (n + 1)),
+        (CoefPart::Pre, true) => ("mhc_pre_bwd", w + super::packed_len(n)),
+        (CoefPart::Res, true) => ("mhc_res_bwd", w + super::packed_len(n)),
+    };
+    let func = dev.get_or_load_custom_func(name, MODULE, PTX)?;
+    let (zv, pv) = (view::<f32>(z, lz)?, view::<f32>(p, lp)?);
+    let d = dout.map(|(s, l)| view::<f32>(s, l)).transpose()?;
+    let y = out::<f32>(dev, rows * width)?;
+    let args = [rows as i32, n as i32, w as i32, op.iters as i32];
+    let mut b = func.builder();
+    b.arg(&zv).arg(&pv);
+    if let Some(d) = &d {
+        b.arg(d);
+    }
+    b.arg(&y);
+    for a in &args {
+        b.arg(a);
+    }
+    // A warp a block, as Sinkhorn's (its rounds live in each thread's local memory).
+    let cfg = LaunchConfig {
+        grid_dim: (rows.div_ceil(32) as u32, 1, 1),
+        block_dim: (32, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: each thread reads its token's row of z (and of dout) and p, and writes its
+    // token's row of the output.
     unsafe { b.launch(cfg) }.w()?;
     Ok(CudaStorage::wrap_cuda_slice(y, dev.clone()))
 }
@@ -1438,6 +1486,18 @@ fn norm_proj_kernel(stem: &str, m: usize, dtype: DType) -> Result<String> {
     Ok(format!("{stem}_m{width}_{}", suffix(dtype)?))
 }
 
+/// Whether the tensor-core kernels (fused.cu `norm_proj_*_tc`) take this projection: a bf16
+/// state starting on 16 bytes, at most 32 logits, K whole blocks of 256 columns.
+fn norm_proj_tc(x: &CudaStorage, lx: &Layout, k: usize, m: usize) -> bool {
+    x.dtype() == DType::BF16
+        && m <= 32
+        && k.is_multiple_of(256)
+        && lx.start_offset().is_multiple_of(8)
+}
+
+/// Warps of a tensor-core normed-projection block (fused.cu NPT_WARPS).
+const NPT_WARPS: usize = 8;
+
 /// z_ext (n, m + 1) f32 of mHC's normed projection; see norm_proj.rs.
 #[allow(clippy::too_many_arguments)]
 pub fn norm_proj_fwd(
@@ -1451,22 +1511,82 @@ pub fn norm_proj_fwd(
     eps: f32,
 ) -> Result<CudaStorage> {
     let dev = x.device();
+    let p = view::<f32>(phi, lphi)?;
+    let (n32, k32, m32) = (n as i32, k as i32, m as i32);
+    let (part, ksplit) = if norm_proj_tc(x, lx, k, m) {
+        // Blocks of 256 tokens times K slices of whole 64-column steps, a few blocks a
+        // multiprocessor.
+        let token_blocks = n.div_ceil(32 * NPT_WARPS);
+        let steps = k / 64;
+        let span = 64 * steps.div_ceil((528 / token_blocks).clamp(1, steps));
+        let ksplit = k.div_ceil(span);
+        let part = out::<f32>(dev, ksplit * n * (m + 1))?;
+        let func = dev.get_or_load_custom_func("norm_proj_part_tc", MODULE, PTX)?;
+        let xv = view::<bf16>(x, lx)?;
+        let span32 = span as i32;
+        let mut b = func.builder();
+        b.arg(&xv)
+            .arg(&p)
+            .arg(&part)
+            .arg(&n32)
+            .arg(&k32)
+            .arg(&m32)
+            .arg(&span32);
+        let cfg = LaunchConfig {
+            grid_dim: (token_blocks as u32, ksplit as u32, 1),
+            block_dim: ((32 * NPT_WARPS) as u32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: block (i, s) reads tokens 256 i.. of x over columns [s span, (s + 1) span)
+        // and phi's rows there, and writes those tokens' partials of split s once.
+        unsafe { b.launch(cfg) }.w()?;
+        (part, ksplit)
+    } else {
+        (
+            norm_proj_part_cuda(x, lx, &p, n, k, m)?,
+            norm_proj_ksplit(n, k),
+        )
+    };
+    let sum_fn = dev.get_or_load_custom_func("norm_proj_sum", MODULE, PTX)?;
+    let s32 = ksplit as i32;
+    let z = out::<f32>(dev, n * (m + 1))?;
+    let mut b = sum_fn.builder();
+    b.arg(&part)
+        .arg(&z)
+        .arg(&n32)
+        .arg(&k32)
+        .arg(&m32)
+        .arg(&s32)
+        .arg(&eps);
+    // SAFETY: one thread per output reads its ksplit partials.
+    unsafe { b.launch(flat_config(n * (m + 1))) }.w()?;
+    Ok(CudaStorage::wrap_cuda_slice(z, dev.clone()))
+}
+
+/// The forward partials on the CUDA cores (fused.cu `norm_proj_part`), any dtype and width.
+fn norm_proj_part_cuda(
+    x: &CudaStorage,
+    lx: &Layout,
+    p: &CudaView<'_, f32>,
+    n: usize,
+    k: usize,
+    m: usize,
+) -> Result<CudaSlice<f32>> {
+    let dev = x.device();
     let part_fn = dev.get_or_load_custom_func(
         &norm_proj_kernel("norm_proj_part", m, x.dtype())?,
         MODULE,
         PTX,
     )?;
-    let sum_fn = dev.get_or_load_custom_func("norm_proj_sum", MODULE, PTX)?;
     let ksplit = norm_proj_ksplit(n, k);
     let part = out::<f32>(dev, ksplit * n * (m + 1))?;
-    let p = view::<f32>(phi, lphi)?;
     let (n32, k32, m32, s32) = (n as i32, k as i32, m as i32, ksplit as i32);
     macro_rules! run {
         ($t:ty) => {{
             let xv = view::<$t>(x, lx)?;
             let mut b = part_fn.builder();
             b.arg(&xv)
-                .arg(&p)
+                .arg(p)
                 .arg(&part)
                 .arg(&n32)
                 .arg(&k32)
@@ -1484,18 +1604,7 @@ pub fn norm_proj_fwd(
         }};
     }
     by_dtype!(x.dtype(), run);
-    let z = out::<f32>(dev, n * (m + 1))?;
-    let mut b = sum_fn.builder();
-    b.arg(&part)
-        .arg(&z)
-        .arg(&n32)
-        .arg(&k32)
-        .arg(&m32)
-        .arg(&s32)
-        .arg(&eps);
-    // SAFETY: one thread per output reads its ksplit partials.
-    unsafe { b.launch(flat_config(n * (m + 1))) }.w()?;
-    Ok(CudaStorage::wrap_cuda_slice(z, dev.clone()))
+    Ok(part)
 }
 
 /// dx (n, k) in x's dtype of mHC's normed projection, plus `add` where given.
@@ -1513,15 +1622,18 @@ pub fn norm_proj_bwd_x(
     m: usize,
 ) -> Result<CudaStorage> {
     let dev = x.device();
-    let func = dev.get_or_load_custom_func(
-        &norm_proj_kernel("norm_proj_bwd_x", m, x.dtype())?,
-        MODULE,
-        PTX,
-    )?;
+    let tc =
+        norm_proj_tc(x, lx, k, m) && add.is_none_or(|(_, l)| l.start_offset().is_multiple_of(8));
+    let name = match tc {
+        true => "norm_proj_bwd_x_tc".to_string(),
+        false => norm_proj_kernel("norm_proj_bwd_x", m, x.dtype())?,
+    };
+    let func = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
     let (p, d) = (view::<f32>(phi, lphi)?, view::<f32>(dzz, ldzz)?);
     let (n32, k32, m32) = (n as i32, k as i32, m as i32);
-    // Column blocks times enough token strides for a few blocks a multiprocessor; each block
-    // loads its phi rows once for all its tiles of 64 tokens.
+    // Column blocks (256 columns, as threads or as 8 warps of 32) times enough token strides
+    // for a few blocks a multiprocessor; each block loads its phi rows once for all its tiles
+    // of 64 tokens.
     let column_blocks = k.div_ceil(NP_THREADS);
     let strides = n.div_ceil(64).min((1056 / column_blocks).max(1));
     let cfg = LaunchConfig {
@@ -1562,6 +1674,9 @@ pub fn norm_proj_bwd_phi(
     m: usize,
 ) -> Result<CudaStorage> {
     let dev = x.device();
+    if norm_proj_tc(x, lx, k, m) {
+        return norm_proj_bwd_phi_blas(x, lx, dzz, ldzz, n, k, m);
+    }
     let func = dev.get_or_load_custom_func(
         &norm_proj_kernel("norm_proj_bwd_phi", m, x.dtype())?,
         MODULE,
@@ -1596,5 +1711,55 @@ pub fn norm_proj_bwd_phi(
         }};
     }
     by_dtype!(x.dtype(), run);
+    Ok(CudaStorage::wrap_cuda_slice(dphi, dev.clone()))
+}
+
+/// dphi = x^T g, g = r dz rounded to bf16 (N, M), on cuBLAS with f32 sums and output: a bf16
+/// state's phi gradient at the cost of reading the state once, as every linear layer's
+/// weight gradient is taken from bf16 operands.
+fn norm_proj_bwd_phi_blas(
+    x: &CudaStorage,
+    lx: &Layout,
+    dzz: &CudaStorage,
+    ldzz: &Layout,
+    n: usize,
+    k: usize,
+    m: usize,
+) -> Result<CudaStorage> {
+    use candle_core::cuda_backend::cudarc::driver::DevicePtr;
+    let dev = x.device();
+    let stream = dev.cuda_stream();
+    let d = view::<f32>(dzz, ldzz)?;
+    let g = out::<bf16>(dev, n * m)?;
+    let func = dev.get_or_load_custom_func("norm_proj_g_bf16", MODULE, PTX)?;
+    let (n32, m32) = (n as i32, m as i32);
+    let mut b = func.builder();
+    b.arg(&d).arg(&g).arg(&n32).arg(&m32);
+    // SAFETY: one thread per element of g reads its token's dz and r.
+    unsafe { b.launch(flat_config(n * m)) }.w()?;
+    let xv = view::<bf16>(x, lx)?;
+    let dphi = out::<f32>(dev, k * m)?;
+    let blas = dev.cublas_handle();
+    {
+        let (xp, _rx) = xv.device_ptr(&stream);
+        let (gp, _rg) = g.device_ptr(&stream);
+        let (pp, _rp) = dphi.device_ptr(&stream);
+        // SAFETY: x holds (n, k) and g (n, m) bf16, dphi (k, m) f32; one matrix, on the
+        // device's stream.
+        unsafe {
+            gemm_rows(
+                &blas,
+                (true, false),
+                (k, m, n),
+                1.0,
+                (xp, 0),
+                (gp, 0),
+                0.0,
+                (pp, 0),
+                true,
+                1,
+            )?;
+        }
+    }
     Ok(CudaStorage::wrap_cuda_slice(dphi, dev.clone()))
 }

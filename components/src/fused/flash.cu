@@ -11,10 +11,7 @@
 // h / (H / KV), so grouped heads are read where they are, never widened. Log-sum-exp
 // (B, H, T) f32, in base 2 of the scaled scores.
 //
-// Fragment layout of m16n8k16 (PTX ISA, "Matrix Fragments for mma.m16n8k16"), lane = 4 g + t:
-// A (16 x 16) a0: (g, 2t..2t+1), a1: (g+8, 2t..), a2: (g, 2t+8..), a3: (g+8, 2t+8..);
-// B (16 x 8) b0: (k 2t..2t+1, n g), b1: (k 2t+8.., n g); C (16 x 8) c0, c1: (g, 2t..2t+1),
-// c2, c3: (g+8, 2t..2t+1). A C tile pair is therefore already an A fragment: the
+// In m16n8k16's fragment layout (mma.cuh) a C tile pair is already an A fragment: the
 // probabilities go from one product to the next without leaving registers.
 //
 // Tiles sit in shared memory as rows (a token's HD values), HD + 8 bf16 apart so that the
@@ -27,6 +24,8 @@
 #include <cuda_bf16.h>
 #include <stdint.h>
 
+#include "mma.cuh"
+
 #define BLK 64       // queries a block of the forward and dQ kernels; keys a block of all
 #define KV_STEP 32   // queries a step of the dK/dV kernel, whose registers hold dK and dV
 #define THREADS 128  // four warps of 16 rows
@@ -34,14 +33,6 @@
 typedef __nv_bfloat16 bf16;
 
 extern __shared__ __align__(16) unsigned char flash_smem[];
-
-__device__ __forceinline__ void mma(float* c, const uint32_t* a, uint32_t b0, uint32_t b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-        "{%8,%9}, {%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
 
 // Four 8 x 8 bf16 matrices from shared memory; lane l gives the address of row l % 8 of
 // matrix l / 8, and register i receives matrix i in the fragment layout (row g, cols 2t..).
@@ -58,11 +49,6 @@ __device__ __forceinline__ void ldsm4t(uint32_t* r, const bf16* row) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                  : "r"(a));
-}
-
-__device__ __forceinline__ uint32_t pack(float lo, float hi) {
-    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-    return *reinterpret_cast<uint32_t*>(&v);
 }
 
 // A tile of shared rows, HD wide, HD + 8 apart.

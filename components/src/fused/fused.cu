@@ -8,6 +8,8 @@
 #include <cuda_bf16.h>
 #include <stdint.h>
 
+#include "mma.cuh"
+
 __device__ __forceinline__ float to_f(float x) { return x; }
 __device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
 template <typename T> __device__ __forceinline__ T from_f(float x);
@@ -824,8 +826,10 @@ struct SkRound {
 };
 
 // Forward from logits l into m0 (after exp) and the rounds; returns nothing, fills `out`.
+// With `keep` false every round reuses rounds[0] (the forward kernel, which needs none of
+// them afterwards, so its thread's scratch stays small enough for the L1 cache).
 __device__ void sk_forward(const float* l, int n, int iters, float* a_exp, float* m0,
-                           SkRound* rounds, float* out) {
+                           SkRound* rounds, float* out, bool keep) {
     float a[SK_N * SK_N];
     for (int j = 0; j < n; j++) {  // columns: subtract log-sum-exp
         float mx = -INFINITY, s = 0.0f;
@@ -846,7 +850,7 @@ __device__ void sk_forward(const float* l, int n, int iters, float* a_exp, float
     }
     const float* prev = m0;
     for (int k = 0; k + 1 < iters; k++) {
-        SkRound* r = &rounds[k];
+        SkRound* r = &rounds[keep ? k : 0];
         for (int j = 0; j < n; j++) {
             float s = 0.0f;
             for (int i = 0; i < n; i++) s += prev[i * n + j];
@@ -869,20 +873,18 @@ extern "C" __global__ void sinkhorn_fwd(const float* logits, float* out, int tok
     int tok = blockIdx.x * blockDim.x + threadIdx.x;
     if (tok >= tokens) return;
     float a_exp[SK_N * SK_N], m0[SK_N * SK_N];
-    SkRound rounds[SK_IT];
-    sk_forward(logits + (size_t)tok * n * n, n, iters, a_exp, m0, rounds, out + (size_t)tok * n * n);
+    SkRound round;
+    sk_forward(logits + (size_t)tok * n * n, n, iters, a_exp, m0, &round,
+               out + (size_t)tok * n * n, false);
 }
 
-extern "C" __global__ void sinkhorn_bwd(const float* logits, const float* dout, float* dl,
-                                        int tokens, int n, int iters) {
-    int tok = blockIdx.x * blockDim.x + threadIdx.x;
-    if (tok >= tokens) return;
+// dl of one token's logits l from dout: the rounds recomputed, then run in reverse.
+__device__ void sk_backward(const float* l, const float* dout, float* dl, int n, int iters) {
     float a_exp[SK_N * SK_N], m0[SK_N * SK_N], y[SK_N * SK_N];
     SkRound rounds[SK_IT];
-    const float* l = logits + (size_t)tok * n * n;
-    sk_forward(l, n, iters, a_exp, m0, rounds, y);
+    sk_forward(l, n, iters, a_exp, m0, rounds, y, true);
     float g[SK_N * SK_N];
-    for (int q = 0; q < n * n; q++) g[q] = dout[(size_t)tok * n * n + q];
+    for (int q = 0; q < n * n; q++) g[q] = dout[q];
     // y = x / s along an axis: dx = (dy - sum(dy y)) / s along it.
     for (int k = iters - 2; k >= 0; k--) {
         SkRound* r = &rounds[k];
@@ -911,9 +913,99 @@ extern "C" __global__ void sinkhorn_bwd(const float* logits, const float* dout, 
     for (int j = 0; j < n; j++) {
         float s = 0.0f;
         for (int i = 0; i < n; i++) s += g[i * n + j];
-        for (int i = 0; i < n; i++)
-            dl[(size_t)tok * n * n + i * n + j] = g[i * n + j] - a_exp[i * n + j] * s;
+        for (int i = 0; i < n; i++) dl[i * n + j] = g[i * n + j] - a_exp[i * n + j] * s;
     }
+}
+
+extern "C" __global__ void sinkhorn_bwd(const float* logits, const float* dout, float* dl,
+                                        int tokens, int n, int iters) {
+    int tok = blockIdx.x * blockDim.x + threadIdx.x;
+    if (tok >= tokens) return;
+    size_t at = (size_t)tok * n * n;
+    sk_backward(logits + at, dout + at, dl + at, n, iters);
+}
+
+// mHC's per-token coefficients (fused/mhc_coef.rs) from its logits z (rows of w >= 2n + n^2)
+// and the packed parameters p = [a (3) | b_pre (n) | b_post (n) | b_res (n^2)], one thread a
+// token: pre = sigmoid(a0 z_pre + b_pre) (n); coef = [res | post] (n, n + 1) with
+// post = 2 sigmoid(a1 z_post + b_post) and res = Sinkhorn(a2 z_res + b_res). The backward
+// kernels write a row of w + P: z's gradient (zero past its own columns), then the token's
+// part of p's (summed over tokens by the caller).
+__device__ __forceinline__ float sigmoid_t(float v) { return 0.5f * (tanhf(0.5f * v) + 1.0f); }
+
+extern "C" __global__ void mhc_pre_fwd(const float* z, const float* p, float* pre, int tokens,
+                                       int n, int w, int iters) {
+    int tok = blockIdx.x * blockDim.x + threadIdx.x;
+    if (tok >= tokens) return;
+    const float* zr = z + (size_t)tok * w;
+    for (int i = 0; i < n; i++) pre[(size_t)tok * n + i] = sigmoid_t(p[0] * zr[i] + p[3 + i]);
+}
+
+extern "C" __global__ void mhc_pre_bwd(const float* z, const float* p, const float* dpre,
+                                       float* out, int tokens, int n, int w, int iters) {
+    int tok = blockIdx.x * blockDim.x + threadIdx.x;
+    if (tok >= tokens) return;
+    const float* zr = z + (size_t)tok * w;
+    int np = 3 + 2 * n + n * n;
+    float* o = out + (size_t)tok * (w + np);
+    for (int j = 0; j < w + np; j++) o[j] = 0.0f;
+    float da = 0.0f;
+    for (int i = 0; i < n; i++) {
+        float s = sigmoid_t(p[0] * zr[i] + p[3 + i]);
+        float dl = dpre[(size_t)tok * n + i] * s * (1.0f - s);
+        o[i] = p[0] * dl;
+        da += dl * zr[i];
+        o[w + 3 + i] = dl;
+    }
+    o[w] = da;
+}
+
+extern "C" __global__ void mhc_res_fwd(const float* z, const float* p, float* coef, int tokens,
+                                       int n, int w, int iters) {
+    int tok = blockIdx.x * blockDim.x + threadIdx.x;
+    if (tok >= tokens) return;
+    const float* zr = z + (size_t)tok * w;
+    float l[SK_N * SK_N], res[SK_N * SK_N], a_exp[SK_N * SK_N], m0[SK_N * SK_N];
+    for (int q = 0; q < n * n; q++) l[q] = p[2] * zr[2 * n + q] + p[3 + 2 * n + q];
+    SkRound round;
+    sk_forward(l, n, iters, a_exp, m0, &round, res, false);
+    float* c = coef + (size_t)tok * n * (n + 1);
+    for (int i = 0; i < n; i++) {
+        for (int j = 0; j < n; j++) c[i * (n + 1) + j] = res[i * n + j];
+        c[i * (n + 1) + n] = 2.0f * sigmoid_t(p[1] * zr[n + i] + p[3 + n + i]);
+    }
+}
+
+extern "C" __global__ void mhc_res_bwd(const float* z, const float* p, const float* dcoef,
+                                       float* out, int tokens, int n, int w, int iters) {
+    int tok = blockIdx.x * blockDim.x + threadIdx.x;
+    if (tok >= tokens) return;
+    const float* zr = z + (size_t)tok * w;
+    const float* dc = dcoef + (size_t)tok * n * (n + 1);
+    int np = 3 + 2 * n + n * n;
+    float* o = out + (size_t)tok * (w + np);
+    for (int j = 0; j < w + np; j++) o[j] = 0.0f;
+    float l[SK_N * SK_N], dres[SK_N * SK_N], dl[SK_N * SK_N];
+    for (int q = 0; q < n * n; q++) {
+        l[q] = p[2] * zr[2 * n + q] + p[3 + 2 * n + q];
+        dres[q] = dc[(q / n) * (n + 1) + q % n];
+    }
+    sk_backward(l, dres, dl, n, iters);
+    float da1 = 0.0f, da2 = 0.0f;
+    for (int i = 0; i < n; i++) {
+        float s = sigmoid_t(p[1] * zr[n + i] + p[3 + n + i]);
+        float d = dc[i * (n + 1) + n] * 2.0f * s * (1.0f - s);
+        o[n + i] = p[1] * d;
+        da1 += d * zr[n + i];
+        o[w + 3 + n + i] = d;
+    }
+    for (int q = 0; q < n * n; q++) {
+        o[2 * n + q] = p[2] * dl[q];
+        da2 += dl[q] * zr[2 * n + q];
+        o[w + 3 + 2 * n + q] = dl[q];
+    }
+    o[w + 1] = da1;
+    o[w + 2] = da2;
 }
 
 // AdamW's update in place, f32, one kernel per tensor:
@@ -1203,6 +1295,228 @@ __device__ void norm_proj_bwd_phi(const T* __restrict__ x, const float* __restri
     }
 #define NP_KERNELS(NAME, T) NP_KERNELS_M(NAME, T, 6, 24) NP_KERNELS_M(NAME, T, 16, 64)
 FOR_DTYPES(NP_KERNELS)
+
+// The same three products on the tensor cores, for a bf16 state, M <= 32 and K a multiple of
+// 256 (every mHC of up to 4 streams at the model's widths). On the CUDA cores above they are
+// bound by the multiply-adds (N K M of each, 1.6 G at the Goedel-1B shape); here by reading
+// the state. phi is split into a bf16 pair hi + lo (2^-17 of its value) and both halves are
+// multiplied, as are the pairs of dz in dx, so the sums keep f32's precision on the bf16
+// products; the state is exact in bf16. dphi runs through cuBLAS (cuda.rs).
+#define NPT_WARPS 8
+#define NPT_KC 64                // K columns a forward step
+#define NPT_PS (NPT_KC + 32)     // phi^T's shared rows: 48 words apart, 16-byte reads conflict-free
+#define NPT_TT 64                // tokens a backward tile
+#define NPT_DS 40                // dz's shared rows: 20 words apart, 4-byte reads conflict-free
+
+__device__ __forceinline__ void split_bf16(float v, __nv_bfloat16* hi, __nv_bfloat16* lo) {
+    *hi = __float2bfloat16(v);
+    *lo = __float2bfloat16(v - __bfloat162float(*hi));
+}
+
+__device__ __forceinline__ uint32_t word(const uint4& v, int i) {
+    return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
+}
+
+// Forward partials as norm_proj_part's: a warp owns 32 tokens (two m-tiles) of the block's
+// 256 and the block a K slice of `span` columns. Since a sum over K may take its terms in any
+// order, lane (g, t) loads 16 contiguous bytes, columns 8t..8t+7 of each 32-column half, of
+// its rows g and g + 8 and uses them as the fragment's k = 2t.., 2t+8.. of two products
+// (words 2s and 2s + 1 for step s); phi^T is read in the same order from shared memory. The
+// partial sums of squares come from the same registers.
+extern "C" __global__ void norm_proj_part_tc(const __nv_bfloat16* __restrict__ x,
+                                             const float* __restrict__ phi,
+                                             float* __restrict__ part, int n, int k, int m,
+                                             int span) {
+    __shared__ __align__(16) __nv_bfloat16 ph[32][NPT_PS], pl[32][NPT_PS];
+    int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+    int tok0 = (blockIdx.x * NPT_WARPS + warp) * 32;
+    int kb = blockIdx.y * span, ke = min(k, kb + span);
+    float acc[2][4][4], ss[2][2];
+#pragma unroll
+    for (int i = 0; i < 2; i++) {
+        ss[i][0] = ss[i][1] = 0.0f;
+#pragma unroll
+        for (int nt = 0; nt < 4; nt++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) acc[i][nt][e] = 0.0f;
+    }
+    for (int c0 = kb; c0 < ke; c0 += NPT_KC) {
+        __syncthreads();  // the previous step's phi is no longer read
+        for (int e = threadIdx.x; e < NPT_KC * 32; e += blockDim.x) {
+            int r = e % NPT_KC, j = e / NPT_KC;
+            float v = j < m ? phi[(size_t)(c0 + r) * m + j] : 0.0f;
+            split_bf16(v, &ph[j][r], &pl[j][r]);
+        }
+        __syncthreads();
+        uint4 xa[2][2][2];  // [m-tile][rows g, g + 8][half]
+#pragma unroll
+        for (int mt = 0; mt < 2; mt++)
+#pragma unroll
+            for (int rh = 0; rh < 2; rh++) {
+                int row = tok0 + 16 * mt + 8 * rh + g;
+#pragma unroll
+                for (int h = 0; h < 2; h++) {
+                    uint4 v = make_uint4(0, 0, 0, 0);
+                    if (row < n)
+                        v = *reinterpret_cast<const uint4*>(x + (size_t)row * k + c0 + 32 * h + 8 * t);
+                    xa[mt][rh][h] = v;
+                    const __nv_bfloat16* b = reinterpret_cast<const __nv_bfloat16*>(&v);
+#pragma unroll
+                    for (int i = 0; i < 8; i++) {
+                        float f = __bfloat162float(b[i]);
+                        ss[mt][rh] += f * f;
+                    }
+                }
+            }
+#pragma unroll
+        for (int h = 0; h < 2; h++)
+#pragma unroll
+            for (int nt = 0; nt < 4; nt++) {
+                uint4 bh = *reinterpret_cast<const uint4*>(&ph[nt * 8 + g][32 * h + 8 * t]);
+                uint4 bl = *reinterpret_cast<const uint4*>(&pl[nt * 8 + g][32 * h + 8 * t]);
+#pragma unroll
+                for (int s = 0; s < 2; s++)
+#pragma unroll
+                    for (int mt = 0; mt < 2; mt++) {
+                        uint32_t a[4] = {word(xa[mt][0][h], 2 * s), word(xa[mt][1][h], 2 * s),
+                                         word(xa[mt][0][h], 2 * s + 1),
+                                         word(xa[mt][1][h], 2 * s + 1)};
+                        mma(acc[mt][nt], a, word(bh, 2 * s), word(bh, 2 * s + 1));
+                        mma(acc[mt][nt], a, word(bl, 2 * s), word(bl, 2 * s + 1));
+                    }
+            }
+    }
+#pragma unroll
+    for (int mt = 0; mt < 2; mt++)
+#pragma unroll
+        for (int rh = 0; rh < 2; rh++) {
+            float v = ss[mt][rh];
+            v += __shfl_xor_sync(0xffffffff, v, 1);
+            v += __shfl_xor_sync(0xffffffff, v, 2);
+            int row = tok0 + 16 * mt + 8 * rh + g;
+            if (row >= n) continue;
+            float* out = part + ((size_t)blockIdx.y * n + row) * (m + 1);
+#pragma unroll
+            for (int nt = 0; nt < 4; nt++)
+#pragma unroll
+                for (int e = 0; e < 2; e++) {
+                    int j = nt * 8 + 2 * t + e;
+                    if (j < m) out[j] = acc[mt][nt][2 * rh + e];
+                }
+            if (t == 0) out[m] = v;
+        }
+}
+
+// dx = r (dz phi^T) - x r^2 s / K (+ add) with the M sums on the tensor cores: a warp owns 32
+// columns of K, its block 256, and walks tiles of 64 tokens (blockIdx.y, + gridDim.y, ...),
+// staging their dz as bf16 pairs in shared memory. B's column n of tile nt is the state's
+// column 4 n + nt of the warp's 32, so that lane (g, t) ends with 8 contiguous columns,
+// 8t..8t+7, of its rows g and g + 8: x, add and dx move as 16 bytes. phi's fragments are
+// loaded once, into registers.
+extern "C" __global__ void norm_proj_bwd_x_tc(const __nv_bfloat16* __restrict__ x,
+                                              const float* __restrict__ phi,
+                                              const float* __restrict__ dzz,
+                                              const __nv_bfloat16* __restrict__ add,
+                                              __nv_bfloat16* __restrict__ dx, int n, int k, int m) {
+    __shared__ __align__(16) __nv_bfloat16 dh[NPT_TT][NPT_DS], dl[NPT_TT][NPT_DS];
+    __shared__ float coef[NPT_TT][2];  // r, -r^2 s / K
+    int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+    int base = (blockIdx.x * NPT_WARPS + warp) * 32;
+    int w = 2 * (m + 1);
+    uint32_t bh[4][2][2], bl[4][2][2];  // [tile][k step][b0, b1]
+#pragma unroll
+    for (int nt = 0; nt < 4; nt++)
+#pragma unroll
+        for (int s = 0; s < 2; s++)
+#pragma unroll
+            for (int q = 0; q < 2; q++) {
+                int c = base + 4 * g + nt, j = 16 * s + 8 * q + 2 * t;
+                float v0 = j < m ? phi[(size_t)c * m + j] : 0.0f;
+                float v1 = j + 1 < m ? phi[(size_t)c * m + j + 1] : 0.0f;
+                __nv_bfloat16 h0, l0, h1, l1;
+                split_bf16(v0, &h0, &l0);
+                split_bf16(v1, &h1, &l1);
+                bh[nt][s][q] = pack(__bfloat162float(h0), __bfloat162float(h1));
+                bl[nt][s][q] = pack(__bfloat162float(l0), __bfloat162float(l1));
+            }
+    for (int t0 = blockIdx.y * NPT_TT; t0 < n; t0 += gridDim.y * NPT_TT) {
+        __syncthreads();  // the previous tile is no longer read
+        for (int e = threadIdx.x; e < NPT_TT * 32; e += blockDim.x) {
+            int r = e / 32, j = e % 32, tok = t0 + r;
+            float v = (tok < n && j < m) ? dzz[(size_t)tok * w + j] : 0.0f;
+            split_bf16(v, &dh[r][j], &dl[r][j]);
+        }
+        if (threadIdx.x < NPT_TT) {
+            int tok = t0 + threadIdx.x;
+            float r = 0.0f, s = 0.0f;
+            if (tok < n) {
+                const float* row = dzz + (size_t)tok * w;
+                r = row[2 * m + 1];
+                for (int j = 0; j < m; j++) s += row[j] * row[m + 1 + j];
+            }
+            coef[threadIdx.x][0] = r;
+            coef[threadIdx.x][1] = -r * r * s / k;
+        }
+        __syncthreads();
+#pragma unroll 1
+        for (int mt = 0; mt < NPT_TT / 16; mt++) {
+            int r0 = 16 * mt;
+            if (t0 + r0 >= n) break;
+            uint32_t ah[2][4], al[2][4];
+#pragma unroll
+            for (int s = 0; s < 2; s++) {
+                int j = 16 * s + 2 * t;
+                ah[s][0] = *reinterpret_cast<const uint32_t*>(&dh[r0 + g][j]);
+                ah[s][1] = *reinterpret_cast<const uint32_t*>(&dh[r0 + g + 8][j]);
+                ah[s][2] = *reinterpret_cast<const uint32_t*>(&dh[r0 + g][j + 8]);
+                ah[s][3] = *reinterpret_cast<const uint32_t*>(&dh[r0 + g + 8][j + 8]);
+                al[s][0] = *reinterpret_cast<const uint32_t*>(&dl[r0 + g][j]);
+                al[s][1] = *reinterpret_cast<const uint32_t*>(&dl[r0 + g + 8][j]);
+                al[s][2] = *reinterpret_cast<const uint32_t*>(&dl[r0 + g][j + 8]);
+                al[s][3] = *reinterpret_cast<const uint32_t*>(&dl[r0 + g + 8][j + 8]);
+            }
+            float acc[4][4];
+#pragma unroll
+            for (int nt = 0; nt < 4; nt++) {
+#pragma unroll
+                for (int e = 0; e < 4; e++) acc[nt][e] = 0.0f;
+#pragma unroll
+                for (int s = 0; s < 2; s++) {
+                    mma(acc[nt], ah[s], bh[nt][s][0], bh[nt][s][1]);
+                    mma(acc[nt], ah[s], bl[nt][s][0], bl[nt][s][1]);
+                    mma(acc[nt], al[s], bh[nt][s][0], bh[nt][s][1]);
+                }
+            }
+#pragma unroll
+            for (int rh = 0; rh < 2; rh++) {
+                int rl = r0 + 8 * rh + g, tok = t0 + rl;
+                if (tok >= n) continue;
+                float r = coef[rl][0], c1 = coef[rl][1];
+                size_t at = (size_t)tok * k + base + 8 * t;
+                Pack<__nv_bfloat16> xv = load_pack(x + at, 0), o;
+                Pack<__nv_bfloat16> av;
+                av.raw = add ? load_pack(add + at, 0).raw : make_uint4(0, 0, 0, 0);
+#pragma unroll
+                for (int e = 0; e < 8; e++) {
+                    float d = acc[e % 4][2 * rh + e / 4];
+                    o.v[e] = __float2bfloat16(__bfloat162float(av.v[e]) + r * d +
+                                              c1 * __bfloat162float(xv.v[e]));
+                }
+                store_pack(dx + at, 0, o);
+            }
+        }
+    }
+}
+
+// g = r dz (N, M) bf16 from dzz, the right operand of dphi = x^T g on cuBLAS.
+extern "C" __global__ void norm_proj_g_bf16(const float* dzz, __nv_bfloat16* g, int n, int m) {
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (size_t)n * m) return;
+    size_t tok = i / m;
+    int j = i % m;
+    const float* row = dzz + tok * 2 * (m + 1);
+    g[i] = __float2bfloat16(row[j] * row[2 * m + 1]);
+}
 
 // Muon / NorMuon's element-wise work over a stack of k matrices of `per` values each
 // (fused/muon_step.rs); grids (blocks, k), blockIdx.y the matrix.

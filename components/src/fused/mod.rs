@@ -22,8 +22,10 @@
 //!   attention sublayer as one node (attention_sublayer.rs: projections, heads, flash
 //!   attention, gate, output projection; node.rs lets one node take any number of weights);
 //! - mHC's stream mixing (mix.rs) and Sinkhorn rounds (sinkhorn.rs), tiny per-token matrix
-//!   work that composites spread over hundreds of launches a layer, and its coefficients'
-//!   RMSNorm and projection (norm_proj.rs), which read the n-stream state once in its dtype;
+//!   work that composites spread over hundreds of launches a layer, its coefficients'
+//!   RMSNorm and projection (norm_proj.rs), which read the n-stream state once in its dtype
+//!   (on the tensor cores in bf16), and the coefficients from the projection's logits
+//!   (mhc_coef.rs: sigmoids, biases and Sinkhorn, one kernel each way);
 //! - AdamW's update (adam.rs), in place, and Muon's element-wise work around Newton-Schulz
 //!   (muon_step.rs): its momentum, the rounds' normalized input, NorMuon's row sums, the
 //!   weight update in place; and Newton-Schulz's rounds as cuBLAS products with the a X
@@ -48,6 +50,7 @@ mod gate;
 mod head;
 mod head_loss;
 mod linear;
+mod mhc_coef;
 mod mix;
 mod mlp;
 mod muon_step;
@@ -67,6 +70,9 @@ pub use gate::{SigmoidGate, SigmoidGateBwd};
 pub use head::{HeadPrep, HeadPrepBwd};
 pub use head_loss::linear_cross_entropy_sum;
 pub use linear::{AddProduct, FusedLinear, ScaleBy, WeightGrad};
+pub use mhc_coef::{
+    mhc_coefficients, pack_params, packed_len, CoefPart, MhcCoef, MhcCoefBwd, MHC_COEF_MAX_STREAMS,
+};
 pub use mix::{MixBwd, PostMix, PreMix, StateGrad, MAX_STREAMS};
 pub use mlp::{swiglu_mlp, FusedMlp};
 pub use muon_step::{
@@ -77,7 +83,9 @@ pub use newton_schulz::newton_schulz_round;
 pub use node::scalar_zero_cuda;
 pub use node::{node, scalar_zero_cpu, HandOver, NodeBackward};
 pub use norm::{RmsNormBwdG, RmsNormBwdX, RmsNormGain, RmsNormPlain};
-pub use norm_proj::{norm_proj, NormProj, NormProjBwdPhi, NormProjBwdX, NORM_PROJ_MAX_COLS};
+pub use norm_proj::{
+    norm_proj, norm_proj_ext, NormProj, NormProjBwdPhi, NormProjBwdX, NORM_PROJ_MAX_COLS,
+};
 pub use sinkhorn::{Sinkhorn, SinkhornBwd, SINKHORN_MAX_ITERS, SINKHORN_MAX_STREAMS};
 
 use candle_core::{

@@ -46,16 +46,26 @@ pub struct NormProjBwdPhi;
 pub fn norm_proj(x: &Tensor, phi: &Tensor, eps: f64, acc: Option<&StateGrad>) -> Result<Tensor> {
     let (k, m) = phi.dims2()?;
     if x.device().is_cuda() && m <= NORM_PROJ_MAX_COLS {
-        let phi = phi.to_dtype(DType::F32)?.contiguous()?;
-        let op = NormProj {
-            eps: eps as f32,
-            acc: acc.cloned(),
-        };
-        let z = x.contiguous()?.apply_op2(&phi, op)?;
-        return z.narrow(1, 0, m);
+        return norm_proj_ext(x, phi, eps, acc)?.narrow(1, 0, m);
     }
     let rows = x.reshape(((), k))?;
     super::rms_norm(&rows.to_dtype(DType::F32)?, None, eps)?.matmul(&phi.to_dtype(DType::F32)?)
+}
+
+/// The op's whole output z_ext = [z | r] (N, M + 1) on any device (M at most
+/// [`NORM_PROJ_MAX_COLS`]), for readers that take z from its rows as they are (mhc_coef.rs).
+pub fn norm_proj_ext(
+    x: &Tensor,
+    phi: &Tensor,
+    eps: f64,
+    acc: Option<&StateGrad>,
+) -> Result<Tensor> {
+    let phi = phi.to_dtype(DType::F32)?.contiguous()?;
+    let op = NormProj {
+        eps: eps as f32,
+        acc: acc.cloned(),
+    };
+    x.contiguous()?.apply_op2(&phi, op)
 }
 
 /// (N, K, M): rows of x, phi's (K, M), checked against each other.

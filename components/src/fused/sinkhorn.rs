@@ -87,7 +87,13 @@ fn forward(l: &[f32], n: usize, iters: usize) -> (Vec<f32>, Vec<f32>, Vec<Round>
     (a_exp, m0, rounds, prev)
 }
 
-fn backward(l: &[f32], dout: &[f32], n: usize, iters: usize) -> Vec<f32> {
+/// One token's doubly stochastic matrix from its logits (the CPU's arithmetic of the kernels).
+pub(super) fn sinkhorn_forward(l: &[f32], n: usize, iters: usize) -> Vec<f32> {
+    forward(l, n, iters).3
+}
+
+/// One token's logits' gradient from the result's, the rounds recomputed and run in reverse.
+pub(super) fn sinkhorn_backward(l: &[f32], dout: &[f32], n: usize, iters: usize) -> Vec<f32> {
     let (a_exp, m0, rounds, _) = forward(l, n, iters);
     let mut g = dout.to_vec();
     for r in rounds.iter().rev() {
@@ -134,7 +140,7 @@ impl CustomOp1 for Sinkhorn {
         let (x, _) = cpu_values(s, l, self.name())?;
         let out = x
             .chunks(n * n)
-            .flat_map(|t| forward(t, n, self.iters).3)
+            .flat_map(|t| sinkhorn_forward(t, n, self.iters))
             .collect();
         Ok((CpuStorage::F32(out), l.shape().clone()))
     }
@@ -174,7 +180,7 @@ impl CustomOp2 for SinkhornBwd {
         let out = x
             .chunks(n * n)
             .zip(g.chunks(n * n))
-            .flat_map(|(t, d)| backward(t, d, n, self.iters))
+            .flat_map(|(t, d)| sinkhorn_backward(t, d, n, self.iters))
             .collect();
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }

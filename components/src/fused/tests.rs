@@ -689,6 +689,95 @@ fn sinkhorn_op_matches_the_composite_forward_and_backward() -> Result<()> {
     Ok(())
 }
 
+/// mHC's coefficients from logits z (N, w) and the parameters, by the two ops or by candle's
+/// ops (residual/mhc.rs's CPU arithmetic), on z's device: [pre (N, n), coef (N, n, n + 1)]
+/// and the gradients of z, a, b_pre, b_post and b_res under loss = sum(W1 pre) + sum(W2 coef).
+fn mhc_coef_both(z: &Tensor, n: usize, iters: usize, fused: bool) -> Result<Vec<Tensor>> {
+    let dev = z.device();
+    let (rows, _) = z.dims2()?;
+    let var = |seed: u64, shape: &[usize], scale: f64, shift: f64| -> Result<Var> {
+        Var::from_tensor(&((randn(seed, shape, scale)? + shift)?.to_device(dev)?))
+    };
+    let zv = Var::from_tensor(z)?;
+    let a = var(140, &[3], 0.5, 0.2)?;
+    let b_pre = var(141, &[n], 1.0, 0.0)?;
+    let b_post = var(142, &[n], 1.0, 0.0)?;
+    let b_res = var(143, &[n, n], 2.0, 0.0)?;
+    let (pre, coef) = if fused {
+        let p = pack_params(&a, &b_pre, &b_post, &b_res)?;
+        let (pre, coef) = mhc_coefficients(zv.as_tensor(), &p, (1, rows, n), iters)?;
+        (pre.squeeze(0)?, coef.squeeze(0)?)
+    } else {
+        let z = zv.as_tensor();
+        let part = |start: usize, len: usize, i: usize, bias: &Tensor| -> Result<Tensor> {
+            z.narrow(1, start, len)?
+                .broadcast_mul(&a.narrow(0, i, 1)?)?
+                .broadcast_add(bias)
+        };
+        let pre = crate::nn::sigmoid(&part(0, n, 0, &b_pre)?)?;
+        let post = (crate::nn::sigmoid(&part(n, n, 1, &b_post)?)? * 2.0)?;
+        let logits = part(2 * n, n * n, 2, &b_res.flatten_all()?)?.reshape((rows, n, n))?;
+        let res = crate::residual::sinkhorn(&logits, iters)?;
+        (pre, Tensor::cat(&[&res, &post.unsqueeze(2)?], 2)?)
+    };
+    let w1 = randn(144, pre.shape(), 1.0)?.to_device(dev)?;
+    let w2 = randn(145, coef.shape(), 1.0)?.to_device(dev)?;
+    let grads = ((&pre * &w1)?.sum_all()? + (&coef * &w2)?.sum_all()?)?.backward()?;
+    let mut out = vec![pre, coef];
+    for v in [&zv, &a, &b_pre, &b_post, &b_res] {
+        out.push(grads.get(v.as_tensor()).expect("a gradient").clone());
+    }
+    Ok(out)
+}
+
+#[test]
+fn mhc_coef_ops_match_the_composite_forward_and_backward() -> Result<()> {
+    // 4 streams from the projection's rows of 2n + n^2 + 1 = 25 (the last, r, is not a
+    // logit: its gradient must be zero), 2 streams from rows of exactly 8; 1 and 20 rounds.
+    for (rows, n, w, iters, seed) in [(37, 4, 25, 20, 150), (5, 2, 8, 1, 151)] {
+        let z = (randn(seed, (rows, w), 1.0)? * 2.0)?;
+        let fused = mhc_coef_both(&z, n, iters, true)?;
+        let composite = mhc_coef_both(&z, n, iters, false)?;
+        for (i, (a, b)) in fused.iter().zip(&composite).enumerate() {
+            assert_eq!(a.dims(), b.dims(), "n {n} #{i}");
+            let d = max_diff(a, b)?;
+            assert!(d < 2e-5, "n {n} #{i}: {d}");
+        }
+        if w > 2 * n + n * n {
+            let dz_r = fused[2].narrow(1, w - 1, 1)?.abs()?.max_all()?;
+            assert_eq!(dz_r.to_scalar::<f32>()?, 0.0);
+        }
+        // Each token's carried mixing is doubly stochastic, and post lies in (0, 2).
+        let res = fused[1].narrow(2, 0, n)?;
+        let rows_err = (res.sum(2)? - 1.0)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(rows_err < 1e-5, "{rows_err}");
+        let post = fused[1].narrow(2, n, 1)?.flatten_all()?.to_vec1::<f32>()?;
+        assert!(post.iter().all(|&v| v > 0.0 && v < 2.0));
+    }
+    Ok(())
+}
+
+#[cfg(feature = "cuda")]
+#[test]
+fn mhc_coef_kernels_match_the_cpu_ops() -> Result<()> {
+    let Some(gpu) = gpu() else {
+        return Ok(());
+    };
+    // A partial warp of tokens and the Goedel-1B shape's 8192 tokens, 4 streams, 20 rounds.
+    for rows in [45, 8192] {
+        let z = (randn(152, (rows, 25), 1.0)? * 2.0)?;
+        let cpu = mhc_coef_both(&z, 4, 20, true)?;
+        let on_gpu = mhc_coef_both(&z.to_device(&gpu)?, 4, 20, true)?;
+        for (i, (a, b)) in cpu.iter().zip(&on_gpu).enumerate() {
+            let b = b.to_device(&Device::Cpu)?;
+            let scale = 1.0 + a.abs()?.max_all()?.to_scalar::<f32>()?;
+            let d = max_diff(a, &b)? / scale;
+            assert!(d < 1e-5, "{rows} rows #{i}: {d}");
+        }
+    }
+    Ok(())
+}
+
 #[test]
 fn adam_update_in_place_follows_adamw_by_hand() -> Result<()> {
     // One step from m = v = 0 with g = (1, -2), w = (0.5, 0.5), lr 0.1, decay 0.99, eps 1e-8,
@@ -978,8 +1067,14 @@ fn norm_proj_kernels_match_the_cpu_op() -> Result<()> {
         return Ok(());
     };
     // A partial token tile and K slice; the Goedel-1B shape's n C = 8192 (4 x 2048) and its
-    // 24 logits over 1030 tokens; n = 5's 35 logits.
-    for (n, k, m) in [(77, 200, 24), (1030, 8192, 24), (300, 640, 35)] {
+    // 24 logits over 1030 tokens, and d384's 1536 over 45 (both on the tensor cores in bf16:
+    // K whole blocks of 256, partial token tiles); n = 5's 35 logits.
+    for (n, k, m) in [
+        (77, 200, 24),
+        (1030, 8192, 24),
+        (45, 1536, 24),
+        (300, 640, 35),
+    ] {
         for dtype in [DType::F32, DType::BF16] {
             let x = randn(130, (n, k), 1.0)?.to_dtype(dtype)?;
             let phi = randn(131, (k, m), 0.05)?;

@@ -12,7 +12,7 @@ use candle_core::{Result, Tensor, D};
 use registry::{Dims, Entry, Init, ParamBuilder, ParamDoc, Probe, Residual, Role, Spec, Stream};
 use serde::{Deserialize, Serialize};
 
-use super::{check_streams, connect, identity, merge, replicate, token_mean};
+use super::{check_streams, connect, identity, merge, replicate, token_mean, Mixing};
 use crate::fused::{norm_proj, StateGrad};
 use crate::nn::NORM_EPS;
 
@@ -127,14 +127,12 @@ impl Stream for HcStream {
         let acc = connection.dynamic.as_ref().map(|_| StateGrad::default());
         let co = connection.coefficients(state, acc.as_ref())?;
         // h = A_m^T H, H' = A_r^T H + B^T F(h).
-        connect(
-            state,
-            &co.a_m,
-            &co.a_r.transpose(2, 3)?,
-            &co.b,
-            f,
-            acc.as_ref(),
-        )
+        let mixing = Mixing::Split {
+            pre: co.a_m,
+            res: co.a_r.transpose(2, 3)?,
+            post: co.b,
+        };
+        connect(state, mixing, f, acc.as_ref())
     }
 
     fn reduce(&self, state: &Tensor) -> Result<Tensor> {

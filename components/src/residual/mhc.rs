@@ -21,8 +21,11 @@ use candle_core::{Result, Tensor, D};
 use registry::{Dims, Entry, Init, ParamBuilder, ParamDoc, Probe, Residual, Role, Spec, Stream};
 use serde::{Deserialize, Serialize};
 
-use super::{check_streams, connect, identity, merge, replicate, sinkhorn, token_mean};
-use crate::fused::{norm_proj, StateGrad};
+use super::{check_streams, connect, identity, merge, replicate, sinkhorn, token_mean, Mixing};
+use crate::fused::{
+    mhc_coefficients, norm_proj, norm_proj_ext, pack_params, StateGrad, MHC_COEF_MAX_STREAMS,
+    NORM_PROJ_MAX_COLS, SINKHORN_MAX_ITERS,
+};
 use crate::nn::{sigmoid, NORM_EPS};
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -61,13 +64,6 @@ struct Connection {
     b_res: Tensor,  // (n, n)
 }
 
-/// Per-token coefficients: pre and post (B, T, n, 1), res (B, T, n, n); all f32.
-struct Coefficients {
-    pre: Tensor,
-    post: Tensor,
-    res: Tensor,
-}
-
 struct MhcStream {
     n: usize,
     iters: usize,
@@ -75,17 +71,25 @@ struct MhcStream {
 }
 
 impl MhcStream {
-    fn coefficients(
-        &self,
-        k: usize,
-        state: &Tensor,
-        acc: Option<&StateGrad>,
-    ) -> Result<Coefficients> {
+    /// Per-token coefficients, f32: on the GPU as the fused mixing takes them, from two ops
+    /// over the projection's logits (fused/mhc_coef.rs); else pre and post (B, T, n, 1) and
+    /// res (B, T, n, n) from candle's ops, the arithmetic both paths are tested against.
+    fn coefficients(&self, k: usize, state: &Tensor, acc: Option<&StateGrad>) -> Result<Mixing> {
         let c = &self.connections[k];
         let n = self.n;
         let (b, t, _, _) = state.dims4()?;
-        // RMSNorm over each token's n C values and the projection, in f32 (one op on CUDA,
-        // taking the state as it is: rows of n C).
+        let fused = state.device().is_cuda()
+            && n <= MHC_COEF_MAX_STREAMS
+            && self.iters <= SINKHORN_MAX_ITERS
+            && c.phi.dim(1)? <= NORM_PROJ_MAX_COLS;
+        if fused {
+            // The projection's z_ext = [z | r] as it is: the ops read the logits from its rows.
+            let z = norm_proj_ext(state, &c.phi, NORM_EPS, acc)?;
+            let p = pack_params(&c.a, &c.b_pre, &c.b_post, &c.b_res)?;
+            let (pre, coef) = mhc_coefficients(&z, &p, (b, t, n), self.iters)?;
+            return Ok(Mixing::Packed { pre, coef });
+        }
+        // RMSNorm over each token's n C values and the projection, in f32.
         let z = norm_proj(state, &c.phi, NORM_EPS, acc)?; // (BT, 2n + n^2)
         let a = |i: usize| c.a.narrow(0, i, 1);
         let part = |start: usize, len: usize, i: usize, bias: &Tensor| -> Result<Tensor> {
@@ -97,7 +101,7 @@ impl MhcStream {
         let post = (sigmoid(&part(n, n, 1, &c.b_post)?)? * 2.0)?;
         let res_logits = part(2 * n, n * n, 2, &c.b_res.flatten_all()?)?;
         let res = sinkhorn(&res_logits.reshape((b * t, n, n))?, self.iters)?;
-        Ok(Coefficients {
+        Ok(Mixing::Split {
             pre: pre.reshape((b, t, n, 1))?,
             post: post.reshape((b, t, n, 1))?,
             res: res.reshape((b, t, n, n))?,
@@ -118,8 +122,8 @@ impl Stream for MhcStream {
     ) -> Result<Tensor> {
         // The state's three readers share one gradient buffer (fused/mix.rs `StateGrad`).
         let acc = StateGrad::default();
-        let co = self.coefficients(k, state, Some(&acc))?;
-        connect(state, &co.pre, &co.res, &co.post, f, Some(&acc))
+        let mixing = self.coefficients(k, state, Some(&acc))?;
+        connect(state, mixing, f, Some(&acc))
     }
 
     fn reduce(&self, state: &Tensor) -> Result<Tensor> {
@@ -127,7 +131,7 @@ impl Stream for MhcStream {
     }
 
     fn probe(&self, k: usize, state: &Tensor) -> Result<Probe> {
-        let res = self.coefficients(k, state, None)?.res;
+        let res = self.coefficients(k, state, None)?.res()?;
         let err = |dim: D| -> Result<f32> {
             (res.sum(dim)? - 1.0)?
                 .abs()?

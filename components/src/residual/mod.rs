@@ -25,18 +25,52 @@ pub(crate) fn merge(state: &Tensor) -> Result<Tensor> {
     state.mean(2)
 }
 
+/// A hyper-connection's coefficients, as a scheme computes them.
+pub(crate) enum Mixing {
+    /// pre and post (.., n, 1), res (.., n, n), leading dimensions (B, T) or broadcast from
+    /// (1, 1); any dtype.
+    Split {
+        pre: Tensor,
+        res: Tensor,
+        post: Tensor,
+    },
+    /// As the fused mixing ops take them (fused/mhc_coef.rs makes them so): pre (B, T, n)
+    /// and coef = [res | post] (B, T, n, n + 1), f32, contiguous.
+    Packed { pre: Tensor, coef: Tensor },
+}
+
+impl Mixing {
+    /// The carried mixing res (.., n, n).
+    pub(crate) fn res(&self) -> Result<Tensor> {
+        match self {
+            Mixing::Split { res, .. } => Ok(res.clone()),
+            Mixing::Packed { coef, .. } => coef.narrow(D::Minus1, 0, coef.dim(D::Minus1)? - 1),
+        }
+    }
+
+    /// (pre, res, post) as [`Mixing::Split`] holds them.
+    fn split(self) -> Result<(Tensor, Tensor, Tensor)> {
+        match self {
+            Mixing::Split { pre, res, post } => Ok((pre, res, post)),
+            Mixing::Packed { pre, coef } => {
+                let n = coef.dim(D::Minus1)? - 1;
+                let res = coef.narrow(D::Minus1, 0, n)?;
+                let post = coef.narrow(D::Minus1, n, 1)?;
+                Ok((pre.unsqueeze(D::Minus1)?, res, post))
+            }
+        }
+    }
+}
+
 /// One hyper-connection around sublayer `f`, the step HC and mHC share:
-/// x' = res x + post F(pre^T x) on the stream axis of x (B, T, n, C), with pre and post
-/// (.., n, 1) and res (.., n, n) whose leading dimensions are (B, T) or broadcast from (1, 1).
-/// Matmuls, not broadcast multiply-and-sum: candle's CPU reductions over a size-n axis are
-/// far slower. The coefficients are cast to the state's dtype. `acc`: the state's gradient
-/// cell shared with the coefficients' normed projection (fused/mix.rs `StateGrad`), for the
-/// schemes whose coefficients come from it.
+/// x' = res x + post F(pre^T x) on the stream axis of x (B, T, n, C). Matmuls, not broadcast
+/// multiply-and-sum: candle's CPU reductions over a size-n axis are far slower. The
+/// coefficients are cast to the state's dtype. `acc`: the state's gradient cell shared with
+/// the coefficients' normed projection (fused/mix.rs `StateGrad`), for the schemes whose
+/// coefficients come from it.
 pub(crate) fn connect(
     state: &Tensor,
-    pre: &Tensor,
-    res: &Tensor,
-    post: &Tensor,
+    mixing: Mixing,
     f: &dyn Fn(&Tensor) -> Result<Tensor>,
     acc: Option<&StateGrad>,
 ) -> Result<Tensor> {
@@ -48,13 +82,19 @@ pub(crate) fn connect(
                 .broadcast_as((b, t, n, cols))?
                 .contiguous()
         };
+        let (pre, coef) = match mixing {
+            Mixing::Packed { pre, coef } => (pre, coef),
+            Mixing::Split { pre, res, post } => (
+                per_token(&pre, 1)?.squeeze(3)?,
+                Tensor::cat(&[per_token(&res, n)?, per_token(&post, 1)?], 3)?,
+            ),
+        };
         let state = state.contiguous()?;
-        let pre = per_token(pre, 1)?.squeeze(3)?;
         let h = state.apply_op2(&pre, PreMix { acc: acc.cloned() })?;
         let out = f(&h)?.contiguous()?;
-        let coef = Tensor::cat(&[per_token(res, n)?, per_token(post, 1)?], 3)?;
         return state.apply_op3(&coef, &out, PostMix { acc: acc.cloned() });
     }
+    let (pre, res, post) = mixing.split()?;
     let dtype = state.dtype();
     let h = pre
         .to_dtype(dtype)?
