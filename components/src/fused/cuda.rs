@@ -633,10 +633,14 @@ pub fn mhc_coef(
     use super::CoefPart;
     let dev = z.device();
     let n = op.n;
+    // Four streams' mixing takes a quad of threads a token (fused.cu `mhc_res_fwd4`).
+    let quad = op.part == CoefPart::Res && n == 4;
     let (name, width) = match (op.part, dout.is_some()) {
         (CoefPart::Pre, false) => ("mhc_pre_fwd", n),
+        (CoefPart::Res, false) if quad => ("mhc_res_fwd4", n * (n + 1)),
         (CoefPart::Res, false) => ("mhc_res_fwd", n * (n + 1)),
         (CoefPart::Pre, true) => ("mhc_pre_bwd", w + super::packed_len(n)),
+        (CoefPart::Res, true) if quad => ("mhc_res_bwd4", w + super::packed_len(n)),
         (CoefPart::Res, true) => ("mhc_res_bwd", w + super::packed_len(n)),
     };
     let func = dev.get_or_load_custom_func(name, MODULE, PTX)?;
@@ -653,16 +657,64 @@ pub fn mhc_coef(
     for a in &args {
         b.arg(a);
     }
-    // A warp a block, as Sinkhorn's (its rounds live in each thread's local memory).
-    let cfg = LaunchConfig {
-        grid_dim: (rows.div_ceil(32) as u32, 1, 1),
-        block_dim: (32, 1, 1),
-        shared_mem_bytes: 0,
+    // A warp a block, as Sinkhorn's (its rounds live in each thread's local memory), or
+    // blocks of 32 quads.
+    let cfg = match quad {
+        true => LaunchConfig {
+            grid_dim: (rows.div_ceil(32) as u32, 1, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        },
+        false => LaunchConfig {
+            grid_dim: (rows.div_ceil(32) as u32, 1, 1),
+            block_dim: (32, 1, 1),
+            shared_mem_bytes: 0,
+        },
     };
-    // SAFETY: each thread reads its token's row of z (and of dout) and p, and writes its
-    // token's row of the output.
+    // SAFETY: each thread (or quad) reads its token's row of z (and of dout) and p, and
+    // writes its token's row of the output (a quad: each thread its own columns).
     unsafe { b.launch(cfg) }.w()?;
     Ok(CudaStorage::wrap_cuda_slice(y, dev.clone()))
+}
+
+/// The streams of x (tokens, n, c) summed into (tokens, c) (`spread` false) or y (tokens, c)
+/// spread over n streams, times `scale`; see streams.rs.
+pub fn streams(
+    x: &CudaStorage,
+    l: &Layout,
+    spread: bool,
+    (tokens, n, c): (usize, usize, usize),
+    scale: f32,
+) -> Result<CudaStorage> {
+    let dev = x.device();
+    let stem = if spread {
+        "streams_spread"
+    } else {
+        "streams_sum"
+    };
+    let func =
+        dev.get_or_load_custom_func(&format!("{stem}_{}", suffix(x.dtype())?), MODULE, PTX)?;
+    let len = if spread { tokens * n * c } else { tokens * c };
+    let (t64, n32, c32) = (tokens as u64, n as i32, c as i32);
+    macro_rules! run {
+        ($t:ty) => {{
+            let xv = view::<$t>(x, l)?;
+            let y = out::<$t>(dev, len)?;
+            let mut b = func.builder();
+            b.arg(&xv).arg(&y).arg(&t64).arg(&n32).arg(&c32).arg(&scale);
+            // A grid-stride loop over the smaller side's elements, 8 bf16 or 4 f32 each
+            // where c allows: a few blocks a multiprocessor.
+            let cfg = LaunchConfig {
+                grid_dim: ((tokens * c).div_ceil(8 * 256).clamp(1, 1056) as u32, 1, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: every output element is written once, from the inputs of its token.
+            unsafe { b.launch(cfg) }.w()?;
+            CudaStorage::wrap_cuda_slice(y, dev.clone())
+        }};
+    }
+    Ok(by_dtype!(x.dtype(), run))
 }
 
 /// One in-place AdamW update of an f32 tensor; see adam.rs.

@@ -1008,6 +1008,233 @@ extern "C" __global__ void mhc_res_bwd(const float* z, const float* p, const flo
     o[w + 2] = da2;
 }
 
+// The same for 4 streams with a token's 4 x 4 matrix spread over a quad of threads, one row
+// each: a thread's row lives in registers (the width is a constant), column sums are two
+// shuffles, and a warp serves 8 tokens, so the GPU holds four times the threads of the
+// token-a-thread kernels above, whose chains of dependent local-memory accesses (a runtime n
+// indexes every array) left it waiting. The backward pass keeps each round's row of m, its
+// row sum and the column sums (9 floats) in local memory.
+#define Q4 4
+
+__device__ __forceinline__ float quad_sum(float v) {
+    v += __shfl_xor_sync(0xffffffff, v, 1);
+    return v + __shfl_xor_sync(0xffffffff, v, 2);
+}
+
+__device__ __forceinline__ float quad_max(float v) {
+    v = fmaxf(v, __shfl_xor_sync(0xffffffff, v, 1));
+    return fmaxf(v, __shfl_xor_sync(0xffffffff, v, 2));
+}
+
+struct Sk4Round {
+    float m[Q4], rowsum, colsum[Q4];
+};
+
+// Row i of Sinkhorn's result from row i of the logits (sk_forward's arithmetic): a_exp and
+// m0 of the first, log-domain, round; with `rounds`, every later round's state.
+__device__ __forceinline__ void sk4_forward(const float* l, int iters, float* a_exp, float* m0,
+                                            Sk4Round* rounds, float* out) {
+    float a[Q4];
+#pragma unroll
+    for (int j = 0; j < Q4; j++) {
+        float mx = quad_max(l[j]);
+        float lse = mx + logf(quad_sum(expf(l[j] - mx)));
+        a[j] = l[j] - lse;
+        a_exp[j] = expf(a[j]);
+    }
+    float mx = fmaxf(fmaxf(a[0], a[1]), fmaxf(a[2], a[3])), s = 0.0f;
+#pragma unroll
+    for (int j = 0; j < Q4; j++) s += expf(a[j] - mx);
+    float lse = mx + logf(s);
+    float prev[Q4];
+#pragma unroll
+    for (int j = 0; j < Q4; j++) prev[j] = m0[j] = expf(a[j] - lse);
+    for (int k = 0; k + 1 < iters; k++) {
+        float c[Q4], colsum[Q4], rowsum = 0.0f;
+#pragma unroll
+        for (int j = 0; j < Q4; j++) {
+            colsum[j] = quad_sum(prev[j]);
+            c[j] = prev[j] / colsum[j];
+            rowsum += c[j];
+        }
+#pragma unroll
+        for (int j = 0; j < Q4; j++) prev[j] = c[j] / rowsum;
+        if (rounds) {
+            Sk4Round* r = &rounds[k];
+#pragma unroll
+            for (int j = 0; j < Q4; j++) {
+                r->m[j] = prev[j];
+                r->colsum[j] = colsum[j];
+            }
+            r->rowsum = rowsum;
+        }
+    }
+#pragma unroll
+    for (int j = 0; j < Q4; j++) out[j] = prev[j];
+}
+
+// dl (row i) from dout (row i), as sk_backward; c = m rowsum is rebuilt from the round.
+__device__ __forceinline__ void sk4_backward(const float* l, const float* dout, float* dl,
+                                             int iters) {
+    float a_exp[Q4], m0[Q4], y[Q4], g[Q4];
+    Sk4Round rounds[SK_IT];
+    sk4_forward(l, iters, a_exp, m0, rounds, y);
+#pragma unroll
+    for (int j = 0; j < Q4; j++) g[j] = dout[j];
+    for (int k = iters - 2; k >= 0; k--) {
+        const Sk4Round* r = &rounds[k];
+        float m[Q4], d = 0.0f;
+#pragma unroll
+        for (int j = 0; j < Q4; j++) {
+            m[j] = r->m[j];
+            d += g[j] * m[j];
+        }
+#pragma unroll
+        for (int j = 0; j < Q4; j++) {
+            g[j] = (g[j] - d) / r->rowsum;
+            float dc = quad_sum(g[j] * m[j] * r->rowsum);
+            g[j] = (g[j] - dc) / r->colsum[j];
+        }
+    }
+    float s = 0.0f;
+#pragma unroll
+    for (int j = 0; j < Q4; j++) {
+        g[j] *= m0[j];
+        s += g[j];
+    }
+#pragma unroll
+    for (int j = 0; j < Q4; j++) {
+        g[j] -= m0[j] * s;
+        dl[j] = g[j] - a_exp[j] * quad_sum(g[j]);
+    }
+}
+
+extern "C" __global__ void mhc_res_fwd4(const float* z, const float* p, float* coef, int tokens,
+                                        int n_arg, int w, int iters) {
+    const int n = Q4;
+    int q = blockIdx.x * blockDim.x + threadIdx.x, i = q % Q4;
+    bool live = q / Q4 < tokens;
+    int tok = live ? q / Q4 : tokens - 1;  // a quad past the end computes the last token, unwritten
+    const float* zr = z + (size_t)tok * w;
+    float l[Q4], res[Q4], a_exp[Q4], m0[Q4];
+#pragma unroll
+    for (int j = 0; j < Q4; j++) l[j] = p[2] * zr[2 * n + n * i + j] + p[3 + 2 * n + n * i + j];
+    sk4_forward(l, iters, a_exp, m0, nullptr, res);
+    if (!live) return;
+    float* c = coef + (size_t)tok * n * (n + 1) + i * (n + 1);
+#pragma unroll
+    for (int j = 0; j < Q4; j++) c[j] = res[j];
+    c[n] = 2.0f * sigmoid_t(p[1] * zr[n + i] + p[3 + n + i]);
+}
+
+// Thread i of a quad writes its row's columns of the output row (mhc_res_bwd's layout).
+extern "C" __global__ void mhc_res_bwd4(const float* z, const float* p, const float* dcoef,
+                                        float* out, int tokens, int n_arg, int w, int iters) {
+    const int n = Q4, np = 3 + 2 * n + n * n;
+    int q = blockIdx.x * blockDim.x + threadIdx.x, i = q % Q4;
+    bool live = q / Q4 < tokens;
+    int tok = live ? q / Q4 : tokens - 1;
+    const float* zr = z + (size_t)tok * w;
+    const float* dc = dcoef + (size_t)tok * n * (n + 1) + i * (n + 1);
+    float l[Q4], dres[Q4], dl[Q4];
+#pragma unroll
+    for (int j = 0; j < Q4; j++) {
+        l[j] = p[2] * zr[2 * n + n * i + j] + p[3 + 2 * n + n * i + j];
+        dres[j] = dc[j];
+    }
+    sk4_backward(l, dres, dl, iters);
+    float s = sigmoid_t(p[1] * zr[n + i] + p[3 + n + i]);
+    float d = dc[n] * 2.0f * s * (1.0f - s);
+    float da2 = 0.0f;
+#pragma unroll
+    for (int j = 0; j < Q4; j++) da2 += dl[j] * zr[2 * n + n * i + j];
+    float da1 = quad_sum(d * zr[n + i]);
+    da2 = quad_sum(da2);
+    if (!live) return;
+    float* o = out + (size_t)tok * (w + np);
+    o[i] = 0.0f;
+    o[n + i] = p[1] * d;
+#pragma unroll
+    for (int j = 0; j < Q4; j++) {
+        o[2 * n + n * i + j] = p[2] * dl[j];
+        o[w + 3 + 2 * n + n * i + j] = dl[j];
+    }
+    for (int j = 2 * n + n * n + i; j < w; j += Q4) o[j] = 0.0f;
+    o[w + 3 + i] = 0.0f;
+    o[w + 3 + n + i] = d;
+    if (i == 0) {
+        o[w] = 0.0f;
+        o[w + 1] = da1;
+        o[w + 2] = da2;
+    }
+}
+
+// The n streams of a state (tokens, n, C) summed, times `scale`, into (tokens, C), and a
+// (tokens, C) tensor spread, times `scale`, over n streams (fused/streams.rs): mHC's merge
+// and replicate, and each other's backward. Candle's reduction over a size-n axis and its
+// strided broadcast copy took 0.5 and 0.7 ms at the Goedel-1B shape; these are one pass
+// each, 16 bytes a thread where C allows.
+template <typename T>
+__device__ void streams_sum(const T* x, T* y, size_t tokens, int n, int c, float scale) {
+    constexpr int V = Pack<T>::N;
+    bool vec = c % V == 0 && aligned16(x) && aligned16(y);
+    int per = vec ? c / V : c;
+    for (size_t e = (size_t)blockIdx.x * blockDim.x + threadIdx.x; e < tokens * per;
+         e += (size_t)gridDim.x * blockDim.x) {
+        size_t tok = e / per;
+        int q = e % per;
+        if (vec) {
+            float acc[V] = {};
+            for (int i = 0; i < n; i++) {
+                Pack<T> v = load_pack(x, (tok * n + i) * per + q);
+#pragma unroll
+                for (int u = 0; u < V; u++) acc[u] += to_f(v.v[u]);
+            }
+            Pack<T> o;
+#pragma unroll
+            for (int u = 0; u < V; u++) o.v[u] = from_f<T>(acc[u] * scale);
+            store_pack(y, tok * per + q, o);
+        } else {
+            float acc = 0.0f;
+            for (int i = 0; i < n; i++) acc += to_f(x[(tok * n + i) * c + q]);
+            y[tok * c + q] = from_f<T>(acc * scale);
+        }
+    }
+}
+
+template <typename T>
+__device__ void streams_spread(const T* y, T* x, size_t tokens, int n, int c, float scale) {
+    constexpr int V = Pack<T>::N;
+    bool vec = c % V == 0 && aligned16(x) && aligned16(y);
+    int per = vec ? c / V : c;
+    for (size_t e = (size_t)blockIdx.x * blockDim.x + threadIdx.x; e < tokens * per;
+         e += (size_t)gridDim.x * blockDim.x) {
+        size_t tok = e / per;
+        int q = e % per;
+        if (vec) {
+            Pack<T> v = load_pack(y, e), o;
+#pragma unroll
+            for (int u = 0; u < V; u++) o.v[u] = from_f<T>(to_f(v.v[u]) * scale);
+            for (int i = 0; i < n; i++) store_pack(x, (tok * n + i) * per + q, o);
+        } else {
+            T v = from_f<T>(to_f(y[e]) * scale);
+            for (int i = 0; i < n; i++) x[(tok * n + i) * c + q] = v;
+        }
+    }
+}
+
+#define STREAMS_KERNELS(NAME, T)                                                              \
+    extern "C" __global__ void streams_sum_##NAME(const T* x, T* y, size_t tokens, int n,     \
+                                                  int c, float scale) {                       \
+        streams_sum<T>(x, y, tokens, n, c, scale);                                            \
+    }                                                                                         \
+    extern "C" __global__ void streams_spread_##NAME(const T* y, T* x, size_t tokens, int n,  \
+                                                     int c, float scale) {                    \
+        streams_spread<T>(y, x, tokens, n, c, scale);                                         \
+    }
+
+FOR_DTYPES(STREAMS_KERNELS)
+
 // AdamW's update in place, f32, one kernel per tensor:
 //   mode 0: m = p0 m + p1 g          (a = g)
 //   mode 1: v = p0 v + p1 g^2        (a = g)
@@ -1441,21 +1668,21 @@ extern "C" __global__ void norm_proj_bwd_x_tc(const __nv_bfloat16* __restrict__ 
             }
     for (int t0 = blockIdx.y * NPT_TT; t0 < n; t0 += gridDim.y * NPT_TT) {
         __syncthreads();  // the previous tile is no longer read
+        // A warp stages a token at a time, lane j its dz_j, and sums dz_j z_j by shuffles.
         for (int e = threadIdx.x; e < NPT_TT * 32; e += blockDim.x) {
             int r = e / 32, j = e % 32, tok = t0 + r;
-            float v = (tok < n && j < m) ? dzz[(size_t)tok * w + j] : 0.0f;
+            const float* row = dzz + (size_t)tok * w;
+            bool in = tok < n && j < m;
+            float v = in ? row[j] : 0.0f;
             split_bf16(v, &dh[r][j], &dl[r][j]);
-        }
-        if (threadIdx.x < NPT_TT) {
-            int tok = t0 + threadIdx.x;
-            float r = 0.0f, s = 0.0f;
-            if (tok < n) {
-                const float* row = dzz + (size_t)tok * w;
-                r = row[2 * m + 1];
-                for (int j = 0; j < m; j++) s += row[j] * row[m + 1 + j];
+            float s = in ? v * row[m + 1 + j] : 0.0f;
+#pragma unroll
+            for (int o = 16; o > 0; o /= 2) s += __shfl_xor_sync(0xffffffff, s, o);
+            if (j == 0) {
+                float rr = tok < n ? row[2 * m + 1] : 0.0f;
+                coef[r][0] = rr;
+                coef[r][1] = -rr * rr * s / k;
             }
-            coef[threadIdx.x][0] = r;
-            coef[threadIdx.x][1] = -r * r * s / k;
         }
         __syncthreads();
 #pragma unroll 1
@@ -1475,6 +1702,16 @@ extern "C" __global__ void norm_proj_bwd_x_tc(const __nv_bfloat16* __restrict__ 
                 al[s][2] = *reinterpret_cast<const uint32_t*>(&dl[r0 + g][j + 8]);
                 al[s][3] = *reinterpret_cast<const uint32_t*>(&dl[r0 + g + 8][j + 8]);
             }
+            // The tile's x and add, requested before the products so that their latency
+            // overlaps them.
+            Pack<__nv_bfloat16> xv[2], av[2];
+#pragma unroll
+            for (int rh = 0; rh < 2; rh++) {
+                int tok = t0 + r0 + 8 * rh + g;
+                size_t at = (size_t)min(tok, n - 1) * k + base + 8 * t;
+                xv[rh] = load_pack(x + at, 0);
+                av[rh].raw = add ? load_pack(add + at, 0).raw : make_uint4(0, 0, 0, 0);
+            }
             float acc[4][4];
 #pragma unroll
             for (int nt = 0; nt < 4; nt++) {
@@ -1493,14 +1730,12 @@ extern "C" __global__ void norm_proj_bwd_x_tc(const __nv_bfloat16* __restrict__ 
                 if (tok >= n) continue;
                 float r = coef[rl][0], c1 = coef[rl][1];
                 size_t at = (size_t)tok * k + base + 8 * t;
-                Pack<__nv_bfloat16> xv = load_pack(x + at, 0), o;
-                Pack<__nv_bfloat16> av;
-                av.raw = add ? load_pack(add + at, 0).raw : make_uint4(0, 0, 0, 0);
+                Pack<__nv_bfloat16> o;
 #pragma unroll
                 for (int e = 0; e < 8; e++) {
                     float d = acc[e % 4][2 * rh + e / 4];
-                    o.v[e] = __float2bfloat16(__bfloat162float(av.v[e]) + r * d +
-                                              c1 * __bfloat162float(xv.v[e]));
+                    o.v[e] = __float2bfloat16(__bfloat162float(av[rh].v[e]) + r * d +
+                                              c1 * __bfloat162float(xv[rh].v[e]));
                 }
                 store_pack(dx + at, 0, o);
             }

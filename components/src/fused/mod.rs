@@ -59,6 +59,7 @@ mod node;
 mod norm;
 mod norm_proj;
 mod sinkhorn;
+mod streams;
 
 pub use activation::{Activation, ActivationBwd, Kind};
 pub use adam::{adam_step, AdamPart, AdamSlot, AdamStep, AdamUpdate};
@@ -87,6 +88,7 @@ pub use norm_proj::{
     norm_proj, norm_proj_ext, NormProj, NormProjBwdPhi, NormProjBwdX, NORM_PROJ_MAX_COLS,
 };
 pub use sinkhorn::{Sinkhorn, SinkhornBwd, SINKHORN_MAX_ITERS, SINKHORN_MAX_STREAMS};
+pub use streams::Streams;
 
 use candle_core::{
     backend::BackendStorage, bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout,

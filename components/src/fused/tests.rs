@@ -763,16 +763,89 @@ fn mhc_coef_kernels_match_the_cpu_ops() -> Result<()> {
     let Some(gpu) = gpu() else {
         return Ok(());
     };
-    // A partial warp of tokens and the Goedel-1B shape's 8192 tokens, 4 streams, 20 rounds.
-    for rows in [45, 8192] {
-        let z = (randn(152, (rows, 25), 1.0)? * 2.0)?;
-        let cpu = mhc_coef_both(&z, 4, 20, true)?;
-        let on_gpu = mhc_coef_both(&z.to_device(&gpu)?, 4, 20, true)?;
+    // A partial warp of tokens and the Goedel-1B shape's 8192 tokens with 4 streams (a quad
+    // of threads a token), 20 rounds; 3 streams (a thread a token) from rows of 16.
+    for (rows, n, w) in [(45, 4, 25), (8192, 4, 25), (45, 3, 16)] {
+        let z = (randn(152, (rows, w), 1.0)? * 2.0)?;
+        let cpu = mhc_coef_both(&z, n, 20, true)?;
+        let on_gpu = mhc_coef_both(&z.to_device(&gpu)?, n, 20, true)?;
         for (i, (a, b)) in cpu.iter().zip(&on_gpu).enumerate() {
             let b = b.to_device(&Device::Cpu)?;
             let scale = 1.0 + a.abs()?.max_all()?.to_scalar::<f32>()?;
             let d = max_diff(a, &b)? / scale;
-            assert!(d < 1e-5, "{rows} rows #{i}: {d}");
+            assert!(d < 1e-5, "{rows} rows, {n} streams #{i}: {d}");
+        }
+    }
+    Ok(())
+}
+
+/// The streams' mean and copy by the op or by candle's ops, values and gradients.
+fn streams_both(x: &Tensor, spread: bool, n: usize, fused: bool) -> Result<[(Tensor, Tensor); 1]> {
+    let scale = if spread { 1.0 } else { 1.0 / n as f32 };
+    let op = Streams { spread, n, scale };
+    let [a, b] = both_ways(
+        x,
+        &|x| x.apply_op1(op),
+        &|x| match spread {
+            true => {
+                let (b, t, c) = x.dims3()?;
+                x.unsqueeze(2)?.broadcast_as((b, t, n, c))?.contiguous()
+            }
+            false => x.mean(2),
+        },
+        160,
+    )?;
+    Ok([if fused { a } else { b }])
+}
+
+#[test]
+fn streams_op_matches_the_composite_forward_and_backward() -> Result<()> {
+    // 3 streams of 5 channels (no 16-byte packs on the GPU) and 4 of 16.
+    for (n, c) in [(3, 5), (4, 16)] {
+        for spread in [false, true] {
+            let x = match spread {
+                true => randn(161, (2, 3, c), 1.0)?,
+                false => randn(161, (2, 3, n, c), 1.0)?,
+            };
+            let [(y1, g1)] = streams_both(&x, spread, n, true)?;
+            let [(y2, g2)] = streams_both(&x, spread, n, false)?;
+            assert_eq!(y1.dims(), y2.dims());
+            assert!(max_diff(&y1, &y2)? < 1e-6, "{n} x {c} spread {spread}");
+            assert!(max_diff(&g1, &g2)? < 1e-6, "{n} x {c} spread {spread}");
+        }
+    }
+    Ok(())
+}
+
+#[cfg(feature = "cuda")]
+#[test]
+fn streams_kernels_match_the_cpu_op() -> Result<()> {
+    let Some(gpu) = gpu() else {
+        return Ok(());
+    };
+    for dtype in [DType::F32, DType::BF16] {
+        for (n, c, spread) in [
+            (3, 5, false),
+            (3, 5, true),
+            (4, 2048, false),
+            (4, 2048, true),
+        ] {
+            let x = match spread {
+                true => randn(162, (2, 33, c), 1.0)?,
+                false => randn(162, (2, 33, n, c), 1.0)?,
+            }
+            .to_dtype(dtype)?;
+            let [(y1, g1)] = streams_both(&x, spread, n, true)?;
+            let [(y2, g2)] = streams_both(&x.to_device(&gpu)?, spread, n, true)?;
+            let tol = if dtype == DType::F32 { 1e-6 } else { 1e-2 };
+            assert!(
+                max_diff(&y1, &y2.to_device(&Device::Cpu)?)? < tol,
+                "{dtype:?} {n} {c}"
+            );
+            assert!(
+                max_diff(&g1, &g2.to_device(&Device::Cpu)?)? < tol,
+                "{dtype:?} {n} {c}"
+            );
         }
     }
     Ok(())

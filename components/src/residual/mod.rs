@@ -9,12 +9,21 @@ pub mod prenorm;
 use candle_core::{DType, Result, Tensor, D};
 
 use crate::fused::{
-    PostMix, PreMix, Sinkhorn, StateGrad, MAX_STREAMS, SINKHORN_MAX_ITERS, SINKHORN_MAX_STREAMS,
+    PostMix, PreMix, Sinkhorn, StateGrad, Streams, MAX_STREAMS, SINKHORN_MAX_ITERS,
+    SINKHORN_MAX_STREAMS,
 };
 
 /// Embedding (B, T, C) -> n identical streams (B, T, n, C), as both HC papers start.
 pub(crate) fn replicate(x: &Tensor, n: usize) -> Result<Tensor> {
     let (b, t, c) = x.dims3()?;
+    if x.device().is_cuda() {
+        let op = Streams {
+            spread: true,
+            n,
+            scale: 1.0,
+        };
+        return x.contiguous()?.apply_op1(op);
+    }
     x.unsqueeze(2)?.broadcast_as((b, t, n, c))?.contiguous()
 }
 
@@ -22,6 +31,15 @@ pub(crate) fn replicate(x: &Tensor, n: usize) -> Result<Tensor> {
 /// makes the two equal up to its epsilon, and the mean keeps the stream at the embedding's
 /// scale, so an n-stream model at init is the plain residual network exactly.
 pub(crate) fn merge(state: &Tensor) -> Result<Tensor> {
+    if state.device().is_cuda() {
+        let n = state.dim(2)?;
+        let op = Streams {
+            spread: false,
+            n,
+            scale: 1.0 / n as f32,
+        };
+        return state.contiguous()?.apply_op1(op);
+    }
     state.mean(2)
 }
 
