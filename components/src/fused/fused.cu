@@ -650,6 +650,26 @@ __device__ void premix_bwd_s(const float* pre, const T* dh, const T* add, T* ds,
     const int n = NN ? NN : n_arg;
     size_t tok = blockIdx.x;
     const float* p = pre + tok * n;
+    constexpr int V = Pack<T>::N;
+    if (c % V == 0 && aligned16(dh) && aligned16(ds) && (!add || aligned16(add))) {
+        // 16 bytes a thread: single bf16 loads ran this at a third of the memory's speed.
+        int cv = c / V;
+        for (int q = threadIdx.x; q < cv; q += blockDim.x) {
+            Pack<T> g = load_pack(dh, tok * cv + q);
+#pragma unroll
+            for (int i = 0; i < (NN ? NN : MAXN); i++) {
+                if (i >= n) break;
+                size_t at = (tok * n + i) * cv + q;
+                Pack<T> a, o;
+                a.raw = add ? load_pack(add, at).raw : make_uint4(0, 0, 0, 0);
+#pragma unroll
+                for (int u = 0; u < V; u++)
+                    o.v[u] = from_f<T>((add ? to_f(a.v[u]) : 0.0f) + p[i] * to_f(g.v[u]));
+                store_pack(ds, at, o);
+            }
+        }
+        return;
+    }
     for (int ch = threadIdx.x; ch < c; ch += blockDim.x) {
         float g = to_f(dh[tok * c + ch]);
 #pragma unroll
@@ -673,11 +693,26 @@ __device__ void premix_bwd_pre(const T* s, const T* dh, float* dpre, int n_arg, 
     float acc[MAXN];
 #pragma unroll
     for (int i = 0; i < MAXN; i++) acc[i] = 0.0f;
-    for (int ch = lane; ch < c; ch += 32) {
-        float g = to_f(dh[tok * c + ch]);
+    constexpr int V = Pack<T>::N;
+    if (c % V == 0 && aligned16(s) && aligned16(dh)) {
+        int cv = c / V;
+        for (int q = lane; q < cv; q += 32) {
+            Pack<T> g = load_pack(dh, tok * cv + q);
 #pragma unroll
-        for (int i = 0; i < (NN ? NN : MAXN); i++)
-            if (i < n) acc[i] += to_f(st[i * c + ch]) * g;
+            for (int i = 0; i < (NN ? NN : MAXN); i++) {
+                if (i >= n) break;
+                Pack<T> x = load_pack(s, (tok * n + i) * cv + q);
+#pragma unroll
+                for (int u = 0; u < V; u++) acc[i] += to_f(x.v[u]) * to_f(g.v[u]);
+            }
+        }
+    } else {
+        for (int ch = lane; ch < c; ch += 32) {
+            float g = to_f(dh[tok * c + ch]);
+#pragma unroll
+            for (int i = 0; i < (NN ? NN : MAXN); i++)
+                if (i < n) acc[i] += to_f(st[i * c + ch]) * g;
+        }
     }
 #pragma unroll
     for (int i = 0; i < (NN ? NN : MAXN); i++) {
@@ -752,7 +787,28 @@ __device__ void postmix_bwd_coef(const T* s, const T* out, const T* dy, float* d
     float acc[NM * (NM + 1)];
 #pragma unroll
     for (int q = 0; q < NM * (NM + 1); q++) acc[q] = 0.0f;
-    for (int ch = lane; ch < c; ch += 32) {
+    constexpr int V = Pack<T>::N;
+    bool vec = c % V == 0 && aligned16(s) && aligned16(out) && aligned16(dy);
+    for (int q = lane; vec && q < c / V; q += 32) {
+        int cv = c / V;
+        Pack<T> xp[NM + 1], dp[NM];
+#pragma unroll
+        for (int i = 0; i < NM; i++) {
+            xp[i].raw = i < n ? load_pack(s, (tok * n + i) * cv + q).raw : make_uint4(0, 0, 0, 0);
+            dp[i].raw = i < n ? load_pack(dy, (tok * n + i) * cv + q).raw : make_uint4(0, 0, 0, 0);
+        }
+        xp[NM] = load_pack(out, tok * cv + q);
+#pragma unroll
+        for (int u = 0; u < V; u++) {
+#pragma unroll
+            for (int j = 0; j < NM; j++) {
+                float d = to_f(dp[j].v[u]);
+#pragma unroll
+                for (int i = 0; i <= NM; i++) acc[j * (NM + 1) + i] += d * to_f(xp[i].v[u]);
+            }
+        }
+    }
+    for (int ch = lane; !vec && ch < c; ch += 32) {
         float x[NM + 1];
 #pragma unroll
         for (int i = 0; i < NM; i++) x[i] = i < n ? to_f(st[i * c + ch]) : 0.0f;

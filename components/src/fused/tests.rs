@@ -339,9 +339,10 @@ fn cuda_kernels_match_the_cpu_ops() -> Result<()> {
                 "{dtype:?} attention on rows #{i}"
             );
         }
-        // Four-stream mixing at the model's width (the kernels for n = 4), and three streams
-        // over 77 tokens (the kernels for any n; a partial block of the per-warp sums).
-        for (b, t, n, c) in [(2, 256, 4, 768), (1, 77, 3, 200)] {
+        // Four-stream mixing at the model's width (the kernels for n = 4), three streams
+        // over 77 tokens (the kernels for any n; a partial block of the per-warp sums), and
+        // a width of 7, which no 16-byte piece divides (one value a thread).
+        for (b, t, n, c) in [(2, 256, 4, 768), (1, 77, 3, 200), (1, 5, 3, 7)] {
             let st = randn(50, (b, t, n, c), 1.0)?.to_dtype(dtype)?;
             let pre = randn(51, (b, t, n), 1.0)?;
             let coef = randn(52, (b, t, n, n + 1), 1.0)?;
@@ -779,23 +780,28 @@ fn mhc_coef_kernels_match_the_cpu_ops() -> Result<()> {
     Ok(())
 }
 
-/// The streams' mean and copy by the op or by candle's ops, values and gradients.
-fn streams_both(x: &Tensor, spread: bool, n: usize, fused: bool) -> Result<[(Tensor, Tensor); 1]> {
-    let scale = if spread { 1.0 } else { 1.0 / n as f32 };
-    let op = Streams { spread, n, scale };
-    let [a, b] = both_ways(
-        x,
-        &|x| x.apply_op1(op),
-        &|x| match spread {
-            true => {
-                let (b, t, c) = x.dims3()?;
-                x.unsqueeze(2)?.broadcast_as((b, t, n, c))?.contiguous()
-            }
-            false => x.mean(2),
-        },
-        160,
-    )?;
-    Ok([if fused { a } else { b }])
+/// The streams' mean and copy by the op or by candle's ops on x's device: the value and x's
+/// gradient under loss = sum(W y).
+fn streams_both(x: &Tensor, spread: bool, n: usize, fused: bool) -> Result<(Tensor, Tensor)> {
+    let v = Var::from_tensor(x)?;
+    let y = match (fused, spread) {
+        (true, _) => {
+            let scale = if spread { 1.0 } else { 1.0 / n as f32 };
+            v.as_tensor().apply_op1(Streams { spread, n, scale })?
+        }
+        (false, true) => {
+            let (b, t, c) = x.dims3()?;
+            v.as_tensor()
+                .unsqueeze(2)?
+                .broadcast_as((b, t, n, c))?
+                .contiguous()?
+        }
+        (false, false) => v.as_tensor().mean(2)?,
+    };
+    let w = randn(160, y.shape(), 1.0)?.to_device(x.device())?;
+    let grads = (y.to_dtype(DType::F32)? * w)?.sum_all()?.backward()?;
+    let g = grads.get(v.as_tensor()).expect("a gradient").clone();
+    Ok((y, g))
 }
 
 #[test]
@@ -807,8 +813,8 @@ fn streams_op_matches_the_composite_forward_and_backward() -> Result<()> {
                 true => randn(161, (2, 3, c), 1.0)?,
                 false => randn(161, (2, 3, n, c), 1.0)?,
             };
-            let [(y1, g1)] = streams_both(&x, spread, n, true)?;
-            let [(y2, g2)] = streams_both(&x, spread, n, false)?;
+            let (y1, g1) = streams_both(&x, spread, n, true)?;
+            let (y2, g2) = streams_both(&x, spread, n, false)?;
             assert_eq!(y1.dims(), y2.dims());
             assert!(max_diff(&y1, &y2)? < 1e-6, "{n} x {c} spread {spread}");
             assert!(max_diff(&g1, &g2)? < 1e-6, "{n} x {c} spread {spread}");
@@ -835,8 +841,8 @@ fn streams_kernels_match_the_cpu_op() -> Result<()> {
                 false => randn(162, (2, 33, n, c), 1.0)?,
             }
             .to_dtype(dtype)?;
-            let [(y1, g1)] = streams_both(&x, spread, n, true)?;
-            let [(y2, g2)] = streams_both(&x.to_device(&gpu)?, spread, n, true)?;
+            let (y1, g1) = streams_both(&x, spread, n, true)?;
+            let (y2, g2) = streams_both(&x.to_device(&gpu)?, spread, n, true)?;
             let tol = if dtype == DType::F32 { 1e-6 } else { 1e-2 };
             assert!(
                 max_diff(&y1, &y2.to_device(&Device::Cpu)?)? < tol,
