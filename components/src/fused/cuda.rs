@@ -620,34 +620,41 @@ pub fn sinkhorn(
     Ok(CudaStorage::wrap_cuda_slice(y, dev.clone()))
 }
 
-/// mHC's coefficients (`dout` none) or their backward rows, one thread per token; see
-/// mhc_coef.rs.
-pub fn mhc_coef(
-    op: &super::MhcCoef,
+/// The multi-stream schemes' coefficients (`dout` none) or their backward rows, one thread
+/// (or quad) per token; see stream_coef.rs.
+pub fn stream_coef(
+    op: &super::StreamCoef,
     (z, lz): (&CudaStorage, &Layout),
     (p, lp): (&CudaStorage, &Layout),
     dout: Option<(&CudaStorage, &Layout)>,
     rows: usize,
     w: usize,
 ) -> Result<CudaStorage> {
-    use super::CoefPart;
+    use super::{CoefPart, Scheme};
     let dev = z.device();
     let n = op.n;
-    // Four streams' mixing takes a quad of threads a token (fused.cu `mhc_res_fwd4`).
-    let quad = op.part == CoefPart::Res && n == 4;
-    let (name, width) = match (op.part, dout.is_some()) {
-        (CoefPart::Pre, false) => ("mhc_pre_fwd", n),
-        (CoefPart::Res, false) if quad => ("mhc_res_fwd4", n * (n + 1)),
-        (CoefPart::Res, false) => ("mhc_res_fwd", n * (n + 1)),
-        (CoefPart::Pre, true) => ("mhc_pre_bwd", w + super::packed_len(n)),
-        (CoefPart::Res, true) if quad => ("mhc_res_bwd4", w + super::packed_len(n)),
-        (CoefPart::Res, true) => ("mhc_res_bwd", w + super::packed_len(n)),
+    let (iters, stem) = match op.scheme {
+        Scheme::Mhc { iters } => (iters, "mhc"),
+        Scheme::Hc => (0, "hc"),
     };
-    let func = dev.get_or_load_custom_func(name, MODULE, PTX)?;
+    // mHC's four streams take a quad of threads a token (fused.cu `mhc_res_fwd4`).
+    let quad = stem == "mhc" && op.part == CoefPart::Res && n == 4;
+    let part = match op.part {
+        CoefPart::Pre => "pre",
+        CoefPart::Res => "res",
+    };
+    let pass = if dout.is_some() { "bwd" } else { "fwd" };
+    let name = format!("{stem}_{part}_{pass}{}", if quad { "4" } else { "" });
+    let width = match (op.part, dout.is_some()) {
+        (_, true) => w + op.scheme.packed_len(n),
+        (CoefPart::Pre, false) => n,
+        (CoefPart::Res, false) => n * (n + 1),
+    };
+    let func = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
     let (zv, pv) = (view::<f32>(z, lz)?, view::<f32>(p, lp)?);
     let d = dout.map(|(s, l)| view::<f32>(s, l)).transpose()?;
     let y = out::<f32>(dev, rows * width)?;
-    let args = [rows as i32, n as i32, w as i32, op.iters as i32];
+    let args = [rows as i32, n as i32, w as i32, iters as i32];
     let mut b = func.builder();
     b.arg(&zv).arg(&pv);
     if let Some(d) = &d {

@@ -981,7 +981,7 @@ extern "C" __global__ void sinkhorn_bwd(const float* logits, const float* dout, 
     sk_backward(logits + at, dout + at, dl + at, n, iters);
 }
 
-// mHC's per-token coefficients (fused/mhc_coef.rs) from its logits z (rows of w >= 2n + n^2)
+// mHC's per-token coefficients (fused/stream_coef.rs) from its logits z (rows of w >= 2n + n^2)
 // and the packed parameters p = [a (3) | b_pre (n) | b_post (n) | b_res (n^2)], one thread a
 // token: pre = sigmoid(a0 z_pre + b_pre) (n); coef = [res | post] (n, n + 1) with
 // post = 2 sigmoid(a1 z_post + b_post) and res = Sinkhorn(a2 z_res + b_res). The backward
@@ -1062,6 +1062,76 @@ extern "C" __global__ void mhc_res_bwd(const float* z, const float* p, const flo
     }
     o[w + 1] = da1;
     o[w + 2] = da2;
+}
+
+// Dynamic HC's coefficients (fused/stream_coef.rs), one thread a token, z as n stream rows
+// of r = w / n logits: pre_i = p0 tanh(z[i][0]) + p[2 + i], post_j = p1 tanh(z[j][1]) +
+// p[2 + n + j], res[j][i] = p0 tanh(z[i][2 + j]) + p[2 + 2n + n i + j].
+extern "C" __global__ void hc_pre_fwd(const float* z, const float* p, float* pre, int tokens,
+                                      int n, int w, int iters) {
+    int tok = blockIdx.x * blockDim.x + threadIdx.x;
+    if (tok >= tokens) return;
+    const float* zr = z + (size_t)tok * w;
+    int r = w / n;
+    for (int i = 0; i < n; i++) pre[(size_t)tok * n + i] = p[0] * tanhf(zr[i * r]) + p[2 + i];
+}
+
+extern "C" __global__ void hc_pre_bwd(const float* z, const float* p, const float* dpre,
+                                      float* out, int tokens, int n, int w, int iters) {
+    int tok = blockIdx.x * blockDim.x + threadIdx.x;
+    if (tok >= tokens) return;
+    const float* zr = z + (size_t)tok * w;
+    int r = w / n, np = 2 + 2 * n + n * n;
+    float* o = out + (size_t)tok * (w + np);
+    for (int j = 0; j < w + np; j++) o[j] = 0.0f;
+    float ds = 0.0f;
+    for (int i = 0; i < n; i++) {
+        float u = tanhf(zr[i * r]), g = dpre[(size_t)tok * n + i];
+        o[i * r] = p[0] * g * (1.0f - u * u);
+        ds += g * u;
+        o[w + 2 + i] = g;
+    }
+    o[w] = ds;
+}
+
+extern "C" __global__ void hc_res_fwd(const float* z, const float* p, float* coef, int tokens,
+                                      int n, int w, int iters) {
+    int tok = blockIdx.x * blockDim.x + threadIdx.x;
+    if (tok >= tokens) return;
+    const float* zr = z + (size_t)tok * w;
+    int r = w / n;
+    float* c = coef + (size_t)tok * n * (n + 1);
+    for (int j = 0; j < n; j++) {
+        for (int i = 0; i < n; i++)
+            c[j * (n + 1) + i] = p[0] * tanhf(zr[i * r + 2 + j]) + p[2 + 2 * n + i * n + j];
+        c[j * (n + 1) + n] = p[1] * tanhf(zr[j * r + 1]) + p[2 + n + j];
+    }
+}
+
+extern "C" __global__ void hc_res_bwd(const float* z, const float* p, const float* dcoef,
+                                      float* out, int tokens, int n, int w, int iters) {
+    int tok = blockIdx.x * blockDim.x + threadIdx.x;
+    if (tok >= tokens) return;
+    const float* zr = z + (size_t)tok * w;
+    const float* dc = dcoef + (size_t)tok * n * (n + 1);
+    int r = w / n, np = 2 + 2 * n + n * n;
+    float* o = out + (size_t)tok * (w + np);
+    for (int j = 0; j < w + np; j++) o[j] = 0.0f;
+    float da = 0.0f, db = 0.0f;
+    for (int j = 0; j < n; j++) {
+        for (int i = 0; i < n; i++) {
+            float g = dc[j * (n + 1) + i], u = tanhf(zr[i * r + 2 + j]);
+            o[i * r + 2 + j] = p[0] * g * (1.0f - u * u);
+            da += g * u;
+            o[w + 2 + 2 * n + i * n + j] = g;
+        }
+        float g = dc[j * (n + 1) + n], u = tanhf(zr[j * r + 1]);
+        o[j * r + 1] = p[1] * g * (1.0f - u * u);
+        db += g * u;
+        o[w + 2 + n + j] = g;
+    }
+    o[w] = da;
+    o[w + 1] = db;
 }
 
 // The same for 4 streams with a token's 4 x 4 matrix spread over a quad of threads, one row

@@ -24,8 +24,9 @@
 //! - mHC's stream mixing (mix.rs) and Sinkhorn rounds (sinkhorn.rs), tiny per-token matrix
 //!   work that composites spread over hundreds of launches a layer, its coefficients'
 //!   RMSNorm and projection (norm_proj.rs), which read the n-stream state once in its dtype
-//!   (on the tensor cores in bf16), and the coefficients from the projection's logits
-//!   (mhc_coef.rs: sigmoids, biases and Sinkhorn, one kernel each way);
+//!   (on the tensor cores in bf16), the coefficients from the projection's logits
+//!   (stream_coef.rs: mHC's sigmoids, biases and Sinkhorn, dynamic HC's tanh, one kernel
+//!   each way), and the streams' mean and copy (streams.rs);
 //! - AdamW's update (adam.rs), in place, and Muon's element-wise work around Newton-Schulz
 //!   (muon_step.rs): its momentum, the rounds' normalized input, NorMuon's row sums, the
 //!   weight update in place; and Newton-Schulz's rounds as cuBLAS products with the a X
@@ -50,7 +51,6 @@ mod gate;
 mod head;
 mod head_loss;
 mod linear;
-mod mhc_coef;
 mod mix;
 mod mlp;
 mod muon_step;
@@ -59,6 +59,7 @@ mod node;
 mod norm;
 mod norm_proj;
 mod sinkhorn;
+mod stream_coef;
 mod streams;
 
 pub use activation::{Activation, ActivationBwd, Kind};
@@ -71,9 +72,6 @@ pub use gate::{SigmoidGate, SigmoidGateBwd};
 pub use head::{HeadPrep, HeadPrepBwd};
 pub use head_loss::linear_cross_entropy_sum;
 pub use linear::{AddProduct, FusedLinear, ScaleBy, WeightGrad};
-pub use mhc_coef::{
-    mhc_coefficients, pack_params, packed_len, CoefPart, MhcCoef, MhcCoefBwd, MHC_COEF_MAX_STREAMS,
-};
 pub use mix::{MixBwd, PostMix, PreMix, StateGrad, MAX_STREAMS};
 pub use mlp::{swiglu_mlp, FusedMlp};
 pub use muon_step::{
@@ -88,6 +86,10 @@ pub use norm_proj::{
     norm_proj, norm_proj_ext, NormProj, NormProjBwdPhi, NormProjBwdX, NORM_PROJ_MAX_COLS,
 };
 pub use sinkhorn::{Sinkhorn, SinkhornBwd, SINKHORN_MAX_ITERS, SINKHORN_MAX_STREAMS};
+pub use stream_coef::{
+    pack_params, stream_coefficients, CoefPart, Scheme, StreamCoef, StreamCoefBwd,
+    HC_COEF_MAX_STREAMS, MHC_COEF_MAX_STREAMS,
+};
 pub use streams::Streams;
 
 use candle_core::{

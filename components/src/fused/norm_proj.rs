@@ -53,7 +53,7 @@ pub fn norm_proj(x: &Tensor, phi: &Tensor, eps: f64, acc: Option<&StateGrad>) ->
 }
 
 /// The op's whole output z_ext = [z | r] (N, M + 1) on any device (M at most
-/// [`NORM_PROJ_MAX_COLS`]), for readers that take z from its rows as they are (mhc_coef.rs).
+/// [`NORM_PROJ_MAX_COLS`]), for readers that take z from its rows as they are (stream_coef.rs).
 pub fn norm_proj_ext(
     x: &Tensor,
     phi: &Tensor,

@@ -705,8 +705,9 @@ fn mhc_coef_both(z: &Tensor, n: usize, iters: usize, fused: bool) -> Result<Vec<
     let b_post = var(142, &[n], 1.0, 0.0)?;
     let b_res = var(143, &[n, n], 2.0, 0.0)?;
     let (pre, coef) = if fused {
-        let p = pack_params(&a, &b_pre, &b_post, &b_res)?;
-        let (pre, coef) = mhc_coefficients(zv.as_tensor(), &p, (1, rows, n), iters)?;
+        let p = pack_params(&[&a, &b_pre, &b_post, &b_res])?;
+        let scheme = Scheme::Mhc { iters };
+        let (pre, coef) = stream_coefficients(zv.as_tensor(), &p, (1, rows, n), scheme)?;
         (pre.squeeze(0)?, coef.squeeze(0)?)
     } else {
         let z = zv.as_tensor();
@@ -770,6 +771,85 @@ fn mhc_coef_kernels_match_the_cpu_ops() -> Result<()> {
         let z = (randn(152, (rows, w), 1.0)? * 2.0)?;
         let cpu = mhc_coef_both(&z, n, 20, true)?;
         let on_gpu = mhc_coef_both(&z.to_device(&gpu)?, n, 20, true)?;
+        for (i, (a, b)) in cpu.iter().zip(&on_gpu).enumerate() {
+            let b = b.to_device(&Device::Cpu)?;
+            let scale = 1.0 + a.abs()?.max_all()?.to_scalar::<f32>()?;
+            let d = max_diff(a, &b)? / scale;
+            assert!(d < 1e-5, "{rows} rows, {n} streams #{i}: {d}");
+        }
+    }
+    Ok(())
+}
+
+/// Dynamic HC's coefficients from logits z (N, n w) (n stream rows of w a token) by the two
+/// ops or by candle's ops (residual/hc.rs's CPU arithmetic), on z's device: [pre, coef] and
+/// the gradients of z, s_alpha, s_beta, a_m, b and a_r, as [`mhc_coef_both`].
+fn hc_coef_both(z: &Tensor, n: usize, fused: bool) -> Result<Vec<Tensor>> {
+    let dev = z.device();
+    let (rows, width) = z.dims2()?;
+    let w = width / n;
+    let var = |seed: u64, shape: &[usize], scale: f64| -> Result<Var> {
+        Var::from_tensor(&randn(seed, shape, scale)?.to_device(dev)?)
+    };
+    let zv = Var::from_tensor(z)?;
+    let (s_alpha, s_beta) = (var(170, &[1], 0.5)?, var(171, &[1], 0.5)?);
+    let (a_m, b, a_r) = (
+        var(172, &[n, 1], 1.0)?,
+        var(173, &[n, 1], 1.0)?,
+        var(174, &[n, n], 1.0)?,
+    );
+    let (pre, coef) = if fused {
+        let p = pack_params(&[&s_alpha, &s_beta, &a_m, &b, &a_r])?;
+        let (pre, coef) = stream_coefficients(zv.as_tensor(), &p, (1, rows, n), Scheme::Hc)?;
+        (pre.squeeze(0)?, coef.squeeze(0)?)
+    } else {
+        let u = zv.as_tensor().reshape((rows, n, w))?.tanh()?;
+        let alpha = |x: Tensor| x.broadcast_mul(&s_alpha);
+        let pre = alpha(u.narrow(2, 0, 1)?)?.broadcast_add(&a_m)?.squeeze(2)?;
+        let post = u
+            .narrow(2, 1, 1)?
+            .broadcast_mul(&s_beta)?
+            .broadcast_add(&b)?;
+        let a = alpha(u.narrow(2, 2, n)?)?.broadcast_add(&a_r)?;
+        (pre, Tensor::cat(&[&a.transpose(1, 2)?, &post], 2)?)
+    };
+    let w1 = randn(175, pre.shape(), 1.0)?.to_device(dev)?;
+    let w2 = randn(176, coef.shape(), 1.0)?.to_device(dev)?;
+    let grads = ((&pre * &w1)?.sum_all()? + (&coef * &w2)?.sum_all()?)?.backward()?;
+    let mut out = vec![pre, coef];
+    for v in [&zv, &s_alpha, &s_beta, &a_m, &b, &a_r] {
+        out.push(grads.get(v.as_tensor()).expect("a gradient").clone());
+    }
+    Ok(out)
+}
+
+#[test]
+fn hc_coef_ops_match_the_composite_forward_and_backward() -> Result<()> {
+    // 4 streams from the projection's rows of n + 3 (its last, r, not a logit), 3 streams
+    // from rows of exactly n + 2.
+    for (rows, n, w, seed) in [(37, 4, 7, 177), (5, 3, 5, 178)] {
+        let z = (randn(seed, (rows, n * w), 1.0)? * 2.0)?;
+        let fused = hc_coef_both(&z, n, true)?;
+        let composite = hc_coef_both(&z, n, false)?;
+        for (i, (a, b)) in fused.iter().zip(&composite).enumerate() {
+            assert_eq!(a.dims(), b.dims(), "n {n} #{i}");
+            let d = max_diff(a, b)?;
+            assert!(d < 2e-5, "n {n} #{i}: {d}");
+        }
+    }
+    Ok(())
+}
+
+#[cfg(feature = "cuda")]
+#[test]
+fn hc_coef_kernels_match_the_cpu_ops() -> Result<()> {
+    let Some(gpu) = gpu() else {
+        return Ok(());
+    };
+    for (rows, n, w) in [(45, 4, 7), (8192, 4, 7), (45, 3, 5)] {
+        let z = (randn(179, (rows, n * w), 1.0)? * 2.0)?;
+        let cpu = hc_coef_both(&z, n, true)?;
+        let on_gpu = hc_coef_both(&z.to_device(&gpu)?, n, true)?;
         for (i, (a, b)) in cpu.iter().zip(&on_gpu).enumerate() {
             let b = b.to_device(&Device::Cpu)?;
             let scale = 1.0 + a.abs()?.max_all()?.to_scalar::<f32>()?;

@@ -13,7 +13,10 @@ use registry::{Dims, Entry, Init, ParamBuilder, ParamDoc, Probe, Residual, Role,
 use serde::{Deserialize, Serialize};
 
 use super::{check_streams, connect, identity, merge, replicate, token_mean, Mixing};
-use crate::fused::{norm_proj, StateGrad};
+use crate::fused::{
+    norm_proj, norm_proj_ext, pack_params, stream_coefficients, Scheme, StateGrad,
+    HC_COEF_MAX_STREAMS,
+};
 use crate::nn::NORM_EPS;
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -53,14 +56,6 @@ struct Connection {
     dynamic: Option<Dynamic>,
 }
 
-/// The coefficients for one state: a_m (.., n, 1), a_r (.., n, n), b (.., n, 1), with leading
-/// (B, T) dimensions when dynamic and (1, 1) when static.
-struct Coefficients {
-    a_m: Tensor,
-    a_r: Tensor,
-    b: Tensor,
-}
-
 impl Connection {
     fn new(k: usize, n: usize, dims: &Dims, dynamic: bool, p: &ParamBuilder) -> Result<Self> {
         let home: Vec<f32> = (0..n).map(|i| if i == k % n { 1.0 } else { 0.0 }).collect();
@@ -81,25 +76,43 @@ impl Connection {
         })
     }
 
-    fn coefficients(&self, state: &Tensor, acc: Option<&StateGrad>) -> Result<Coefficients> {
+    /// The mixing for one state: h = A_m^T H, H' = A_r^T H + B^T F(h), so pre = a_m, res =
+    /// a_r^T and post = b, with leading (B, T) dimensions when dynamic and (1, 1) when
+    /// static. Dynamic on the GPU: two ops over the projection's logits (fused/stream_coef.rs).
+    fn coefficients(&self, state: &Tensor, acc: Option<&StateGrad>) -> Result<Mixing> {
         let lift = |t: &Tensor| t.unsqueeze(0)?.unsqueeze(0);
         let (a_m, a_r, b) = (lift(&self.a_m)?, lift(&self.a_r)?, lift(&self.b)?);
         let Some(d) = &self.dynamic else {
-            return Ok(Coefficients { a_m, a_r, b });
+            let res = a_r.transpose(2, 3)?;
+            return Ok(Mixing::Split {
+                pre: a_m,
+                res,
+                post: b,
+            });
         };
         let (bs, t, n, _) = state.dims4()?;
+        if state.device().is_cuda() && n <= HC_COEF_MAX_STREAMS {
+            // z_ext (B T n, n + 3) as it is: a token's n stream rows side by side.
+            let z = norm_proj_ext(state, &d.w, NORM_EPS, acc)?;
+            let z = z.reshape((bs * t, ()))?;
+            let p = pack_params(&[&d.s_alpha, &d.s_beta, &self.a_m, &self.b, &self.a_r])?;
+            let (pre, coef) = stream_coefficients(&z, &p, (bs, t, n), Scheme::Hc)?;
+            return Ok(Mixing::Packed { pre, coef });
+        }
         // Coefficients in f32 whatever the activations' dtype (`connect` casts them): each
-        // stream row's RMSNorm and projection, one op on CUDA (fused/norm_proj.rs).
+        // stream row's RMSNorm and projection.
         let z = norm_proj(state, &d.w, NORM_EPS, acc)?
             .tanh()?
             .reshape((bs, t, n, n + 2))?;
         let alpha = |x: Tensor| x.broadcast_mul(&d.s_alpha);
-        Ok(Coefficients {
-            a_m: alpha(z.narrow(D::Minus1, 0, 1)?)?.broadcast_add(&a_m)?,
-            b: z.narrow(D::Minus1, 1, 1)?
+        let a_r = alpha(z.narrow(D::Minus1, 2, n)?)?.broadcast_add(&a_r)?;
+        Ok(Mixing::Split {
+            pre: alpha(z.narrow(D::Minus1, 0, 1)?)?.broadcast_add(&a_m)?,
+            res: a_r.transpose(2, 3)?,
+            post: z
+                .narrow(D::Minus1, 1, 1)?
                 .broadcast_mul(&d.s_beta)?
                 .broadcast_add(&b)?,
-            a_r: alpha(z.narrow(D::Minus1, 2, n)?)?.broadcast_add(&a_r)?,
         })
     }
 }
@@ -125,13 +138,7 @@ impl Stream for HcStream {
         // static ones have no such reader.
         let connection = &self.connections[k];
         let acc = connection.dynamic.as_ref().map(|_| StateGrad::default());
-        let co = connection.coefficients(state, acc.as_ref())?;
-        // h = A_m^T H, H' = A_r^T H + B^T F(h).
-        let mixing = Mixing::Split {
-            pre: co.a_m,
-            res: co.a_r.transpose(2, 3)?,
-            post: co.b,
-        };
+        let mixing = connection.coefficients(state, acc.as_ref())?;
         connect(state, mixing, f, acc.as_ref())
     }
 
@@ -140,9 +147,9 @@ impl Stream for HcStream {
     }
 
     fn probe(&self, k: usize, state: &Tensor) -> Result<Probe> {
-        let a_r = self.connections[k].coefficients(state, None)?.a_r;
+        let res = self.connections[k].coefficients(state, None)?.res()?;
         Ok(Probe {
-            mixing: Some(token_mean(&a_r, self.n)?.t()?.contiguous()?),
+            mixing: Some(token_mean(&res, self.n)?),
             extra: Vec::new(),
         })
     }

@@ -23,8 +23,8 @@ use serde::{Deserialize, Serialize};
 
 use super::{check_streams, connect, identity, merge, replicate, sinkhorn, token_mean, Mixing};
 use crate::fused::{
-    mhc_coefficients, norm_proj, norm_proj_ext, pack_params, StateGrad, MHC_COEF_MAX_STREAMS,
-    NORM_PROJ_MAX_COLS, SINKHORN_MAX_ITERS,
+    norm_proj, norm_proj_ext, pack_params, stream_coefficients, Scheme, StateGrad,
+    MHC_COEF_MAX_STREAMS, NORM_PROJ_MAX_COLS, SINKHORN_MAX_ITERS,
 };
 use crate::nn::{sigmoid, NORM_EPS};
 
@@ -72,7 +72,7 @@ struct MhcStream {
 
 impl MhcStream {
     /// Per-token coefficients, f32: on the GPU as the fused mixing takes them, from two ops
-    /// over the projection's logits (fused/mhc_coef.rs); else pre and post (B, T, n, 1) and
+    /// over the projection's logits (fused/stream_coef.rs); else pre and post (B, T, n, 1) and
     /// res (B, T, n, n) from candle's ops, the arithmetic both paths are tested against.
     fn coefficients(&self, k: usize, state: &Tensor, acc: Option<&StateGrad>) -> Result<Mixing> {
         let c = &self.connections[k];
@@ -85,8 +85,9 @@ impl MhcStream {
         if fused {
             // The projection's z_ext = [z | r] as it is: the ops read the logits from its rows.
             let z = norm_proj_ext(state, &c.phi, NORM_EPS, acc)?;
-            let p = pack_params(&c.a, &c.b_pre, &c.b_post, &c.b_res)?;
-            let (pre, coef) = mhc_coefficients(&z, &p, (b, t, n), self.iters)?;
+            let p = pack_params(&[&c.a, &c.b_pre, &c.b_post, &c.b_res])?;
+            let scheme = Scheme::Mhc { iters: self.iters };
+            let (pre, coef) = stream_coefficients(&z, &p, (b, t, n), scheme)?;
             return Ok(Mixing::Packed { pre, coef });
         }
         // RMSNorm over each token's n C values and the projection, in f32.

@@ -52,7 +52,7 @@ pub(crate) enum Mixing {
         res: Tensor,
         post: Tensor,
     },
-    /// As the fused mixing ops take them (fused/mhc_coef.rs makes them so): pre (B, T, n)
+    /// As the fused mixing ops take them (fused/stream_coef.rs makes them so): pre (B, T, n)
     /// and coef = [res | post] (B, T, n, n + 1), f32, contiguous.
     Packed { pre: Tensor, coef: Tensor },
 }
