@@ -593,29 +593,43 @@ pub fn sinkhorn(
     } else {
         "sinkhorn_fwd"
     };
-    let func = dev.get_or_load_custom_func(name, MODULE, PTX)?;
-    let x = view::<f32>(logits, l)?;
-    let d = dout.map(|(s, l)| view::<f32>(s, l)).transpose()?;
-    let y = out::<f32>(dev, tokens * n * n)?;
+    let mut inputs = vec![view::<f32>(logits, l)?];
+    inputs.extend(dout.map(|(s, l)| view::<f32>(s, l)).transpose()?);
     let args = [tokens as i32, n as i32, iters as i32];
+    per_token(dev, name, &inputs, tokens * n * n, &args, tokens, 1)
+}
+
+/// Launches the per-token kernel `name` (Sinkhorn's, the stream coefficients'): its f32
+/// `inputs`, its f32 output of `len` values, then the i32 `args`; `threads` a token, 32
+/// tokens a block. A warp a block for a thread a token: a thread keeps Sinkhorn's rounds in
+/// local memory (about 5 KB), so the kernels are bound by the multiprocessors they reach, and
+/// 8192 tokens in blocks of 128 left half of an H200's 132 idle.
+fn per_token(
+    dev: &CudaDevice,
+    name: &str,
+    inputs: &[CudaView<'_, f32>],
+    len: usize,
+    args: &[i32],
+    tokens: usize,
+    threads: usize,
+) -> Result<CudaStorage> {
+    let func = dev.get_or_load_custom_func(name, MODULE, PTX)?;
+    let y = out::<f32>(dev, len)?;
     let mut b = func.builder();
-    b.arg(&x);
-    if let Some(d) = &d {
-        b.arg(d);
+    for x in inputs {
+        b.arg(x);
     }
     b.arg(&y);
-    for a in &args {
+    for a in args {
         b.arg(a);
     }
-    // A warp a block: a thread keeps its rounds in local memory (about 5 KB), so the kernel is
-    // bound by the multiprocessors it reaches, and 8192 tokens in blocks of 128 left half of
-    // an H200's 132 idle.
     let cfg = LaunchConfig {
         grid_dim: (tokens.div_ceil(32) as u32, 1, 1),
-        block_dim: (32, 1, 1),
+        block_dim: ((32 * threads) as u32, 1, 1),
         shared_mem_bytes: 0,
     };
-    // SAFETY: each thread reads its token's n * n logits (and gradients), writes as many.
+    // SAFETY: a token's threads read its rows of the inputs (and the shared parameters) and
+    // write its row of the output, each thread its own part of it.
     unsafe { b.launch(cfg) }.w()?;
     Ok(CudaStorage::wrap_cuda_slice(y, dev.clone()))
 }
@@ -650,38 +664,18 @@ pub fn stream_coef(
         (CoefPart::Pre, false) => n,
         (CoefPart::Res, false) => n * (n + 1),
     };
-    let func = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
-    let (zv, pv) = (view::<f32>(z, lz)?, view::<f32>(p, lp)?);
-    let d = dout.map(|(s, l)| view::<f32>(s, l)).transpose()?;
-    let y = out::<f32>(dev, rows * width)?;
+    let mut inputs = vec![view::<f32>(z, lz)?, view::<f32>(p, lp)?];
+    inputs.extend(dout.map(|(s, l)| view::<f32>(s, l)).transpose()?);
     let args = [rows as i32, n as i32, w as i32, iters as i32];
-    let mut b = func.builder();
-    b.arg(&zv).arg(&pv);
-    if let Some(d) = &d {
-        b.arg(d);
-    }
-    b.arg(&y);
-    for a in &args {
-        b.arg(a);
-    }
-    // A warp a block, as Sinkhorn's (its rounds live in each thread's local memory), or
-    // blocks of 32 quads.
-    let cfg = match quad {
-        true => LaunchConfig {
-            grid_dim: (rows.div_ceil(32) as u32, 1, 1),
-            block_dim: (128, 1, 1),
-            shared_mem_bytes: 0,
-        },
-        false => LaunchConfig {
-            grid_dim: (rows.div_ceil(32) as u32, 1, 1),
-            block_dim: (32, 1, 1),
-            shared_mem_bytes: 0,
-        },
-    };
-    // SAFETY: each thread (or quad) reads its token's row of z (and of dout) and p, and
-    // writes its token's row of the output (a quad: each thread its own columns).
-    unsafe { b.launch(cfg) }.w()?;
-    Ok(CudaStorage::wrap_cuda_slice(y, dev.clone()))
+    per_token(
+        dev,
+        &name,
+        &inputs,
+        rows * width,
+        &args,
+        rows,
+        if quad { 4 } else { 1 },
+    )
 }
 
 /// The streams of x (tokens, n, c) summed into (tokens, c) (`spread` false) or y (tokens, c)

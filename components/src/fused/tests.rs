@@ -759,6 +759,19 @@ fn mhc_coef_ops_match_the_composite_forward_and_backward() -> Result<()> {
     Ok(())
 }
 
+/// Each tensor of `b` (any device) within `tol` of `a`'s, relative to 1 + a's largest value.
+#[cfg(feature = "cuda")]
+fn assert_close_rel(a: &[Tensor], b: &[Tensor], tol: f32, what: &str) -> Result<()> {
+    assert_eq!(a.len(), b.len(), "{what}");
+    for (i, (a, b)) in a.iter().zip(b).enumerate() {
+        let b = b.to_device(&Device::Cpu)?;
+        let scale = 1.0 + a.abs()?.max_all()?.to_scalar::<f32>()?;
+        let d = max_diff(a, &b)? / scale;
+        assert!(d < tol, "{what} #{i}: {d}");
+    }
+    Ok(())
+}
+
 #[cfg(feature = "cuda")]
 #[test]
 fn mhc_coef_kernels_match_the_cpu_ops() -> Result<()> {
@@ -771,12 +784,12 @@ fn mhc_coef_kernels_match_the_cpu_ops() -> Result<()> {
         let z = (randn(152, (rows, w), 1.0)? * 2.0)?;
         let cpu = mhc_coef_both(&z, n, 20, true)?;
         let on_gpu = mhc_coef_both(&z.to_device(&gpu)?, n, 20, true)?;
-        for (i, (a, b)) in cpu.iter().zip(&on_gpu).enumerate() {
-            let b = b.to_device(&Device::Cpu)?;
-            let scale = 1.0 + a.abs()?.max_all()?.to_scalar::<f32>()?;
-            let d = max_diff(a, &b)? / scale;
-            assert!(d < 1e-5, "{rows} rows, {n} streams #{i}: {d}");
-        }
+        assert_close_rel(
+            &cpu,
+            &on_gpu,
+            1e-5,
+            &format!("mHC, {rows} rows, {n} streams"),
+        )?;
     }
     Ok(())
 }
@@ -850,12 +863,12 @@ fn hc_coef_kernels_match_the_cpu_ops() -> Result<()> {
         let z = (randn(179, (rows, n * w), 1.0)? * 2.0)?;
         let cpu = hc_coef_both(&z, n, true)?;
         let on_gpu = hc_coef_both(&z.to_device(&gpu)?, n, true)?;
-        for (i, (a, b)) in cpu.iter().zip(&on_gpu).enumerate() {
-            let b = b.to_device(&Device::Cpu)?;
-            let scale = 1.0 + a.abs()?.max_all()?.to_scalar::<f32>()?;
-            let d = max_diff(a, &b)? / scale;
-            assert!(d < 1e-5, "{rows} rows, {n} streams #{i}: {d}");
-        }
+        assert_close_rel(
+            &cpu,
+            &on_gpu,
+            1e-5,
+            &format!("HC, {rows} rows, {n} streams"),
+        )?;
     }
     Ok(())
 }
