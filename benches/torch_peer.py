@@ -146,6 +146,7 @@ def main():
     ap.add_argument("--batch", type=int)
     ap.add_argument("--seq", type=int)
     ap.add_argument("--layers", type=int)
+    ap.add_argument("--profile", action="store_true", help="after timing, print one step's CUDA kernels by time")
     a = ap.parse_args()
     cfg = list(CONFIGS[a.config])
     if a.layers:
@@ -169,9 +170,8 @@ def main():
     x = torch.randint(0, vocab, (b, t), device="cuda")
     y = torch.randint(0, vocab, (b, t), device="cuda")
     times = []
-    for i in range(a.warmup + a.steps):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
+
+    def train_step():
         with torch.autocast("cuda", dtype=torch.bfloat16):
             loss = step_fn(model, x, y)
         loss.backward()
@@ -179,6 +179,12 @@ def main():
         for o in opts:
             o.step()
             o.zero_grad(set_to_none=True)
+        return loss
+
+    for i in range(a.warmup + a.steps):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        loss = train_step()
         torch.cuda.synchronize()
         if i >= a.warmup:
             times.append(time.perf_counter() - t0)
@@ -192,6 +198,14 @@ def main():
         f"loss {loss.item():.3f} ({torch.cuda.get_device_name()})",
         flush=True,
     )
+    if a.profile:
+        # One more step under the profiler: the kernels sweep's own profile is set against.
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            train_step()
+            torch.cuda.synchronize()
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=70))
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 //! carry no gradient (DESIGN.md): using them would silently freeze the layers below.
 
 use candle_core::{DType, Device, Result, Tensor, D};
-use registry::{Init, ParamBuilder, Role};
+use registry::{Detached, Init, ParamBuilder, Role};
 
 /// Seeded standard-normal values times `std`, for tests: candle's CPU RNG cannot be seeded,
 /// and tests must be deterministic.
@@ -44,6 +44,16 @@ impl RmsNorm {
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         crate::fused::rms_norm(x, Some(&self.gain), NORM_EPS)
+    }
+
+    /// The norm outside the autograd graph on the GPU, where its backward pass adds the
+    /// input's gradient into the one handed over (fused/norm.rs); None on the CPU, whose
+    /// composite has no such form.
+    pub fn detached(&self, x: &Tensor) -> Result<Option<Detached>> {
+        if !x.device().is_cuda() {
+            return Ok(None);
+        }
+        crate::fused::rms_norm_outside(x, &self.gain, NORM_EPS as f32).map(Some)
     }
 }
 

@@ -5,10 +5,12 @@
 //! defaults), an implementation of its slot's trait, and an `inventory::submit!` of an
 //! [`Entry`]. Nothing else in the workspace names it; [`lookup`] and [`entries`] find it.
 
+mod detached;
 mod entry;
 mod params;
 mod slots;
 
+pub use detached::{add_into, Backward, Detached, Grads};
 pub use entry::{
     entries, lookup, nearest, registry, Component, Config, Entry, LookupError, ParamDoc,
     ParamsError, Parsed, Registry,

@@ -6,6 +6,7 @@ use std::fmt;
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Result, Tensor};
 
+use crate::detached::Detached;
 use crate::params::{Param, ParamBuilder};
 
 /// Where a component plugs into a model. A closed set: a new component fills one of these;
@@ -92,6 +93,13 @@ pub trait Spec: fmt::Debug + Send + Sync + 'static {
 /// A sublayer body: maps the normed input (B, T, C) to an update (B, T, C).
 pub trait Sublayer: Send + Sync {
     fn forward(&self, x: &Tensor) -> Result<Tensor>;
+
+    /// The same output computed outside the autograd graph, with its backward pass, where
+    /// the sublayer has one of its own (its fused paths); None where it has not, and the
+    /// trunk then takes its gradients from a graph of its own (runner/src/trunk.rs).
+    fn detached(&self, _x: &Tensor) -> Result<Option<Detached>> {
+        Ok(None)
+    }
 }
 
 /// A token mixer (causal self-attention and its variants).
@@ -149,6 +157,21 @@ pub trait Stream: Send + Sync {
 
     /// Turns the state back into one (B, T, C) stream for the final norm and the head.
     fn reduce(&self, state: &Tensor) -> Result<Tensor>;
+
+    /// [`Stream::sublayer`] outside the autograd graph: the next state and the backward
+    /// pass to the state's gradient and the scheme's and the sublayer's weights'. `f` is the
+    /// sublayer with its pre-norm, detached in turn. None where the scheme has no such form
+    /// on this input; the trunk then runs `sublayer` under a graph of its own. The backward
+    /// pass may write into the storage of the gradient it is given (the trunk hands each
+    /// one over once), so that the residual's gradient and the sublayer's add in place.
+    fn sublayer_detached(
+        &self,
+        _k: usize,
+        _state: &Tensor,
+        _f: &dyn Fn(&Tensor) -> Result<Detached>,
+    ) -> Result<Option<Detached>> {
+        Ok(None)
+    }
 
     /// What sublayer `k` does to the stream state, for the amplification metrics; `state` is
     /// the state it is applied to. The default is the plain residual's identity.

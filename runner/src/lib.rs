@@ -21,13 +21,13 @@ pub mod owner;
 pub mod parallel;
 pub mod plan;
 pub mod progress;
-mod recompute;
 pub mod spec;
 pub mod spikes;
 pub mod streams;
 pub mod supervise;
 pub mod tensor_file;
 pub mod train;
+mod trunk;
 
 /// `CARGO_PKG_VERSION+git describe`, recorded with every sweep and trial.
 pub const CODE_VERSION: &str = env!("SWEEP_CODE_VERSION");

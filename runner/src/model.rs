@@ -8,11 +8,11 @@ use candle_core::backprop::GradStore;
 use candle_core::{DType, Result, Tensor};
 use components::fused::{cross_entropy_rows, embedding};
 use components::nn::RmsNorm;
-use registry::{Dims, Init, Param, ParamBuilder, Role, Stream, Sublayer};
+use registry::{Detached, Dims, Init, Param, ParamBuilder, Role, Stream, Sublayer};
 
 use crate::amplification::{rms, Amplification};
-use crate::recompute::{checkpointed, BlockFn, Sink};
 use crate::spec::Cell;
+use crate::trunk::{local, trunk, BlockFn, Sink, Step};
 use results::ParamCount;
 
 struct Block {
@@ -34,7 +34,9 @@ pub struct Gpt {
     compute: DType,
     /// Rebuild each block's activations in the backward pass instead of keeping them.
     recompute: bool,
-    /// The recomputed blocks' parameter gradients, until [`Gpt::gradients`] collects them.
+    /// Run the blocks outside the autograd graph, as one node of it (trunk.rs).
+    outside: bool,
+    /// The trunk's parameter gradients, until [`Gpt::gradients`] collects them.
     sink: Sink,
 }
 
@@ -59,6 +61,7 @@ impl Gpt {
             })
             .collect::<Result<Vec<_>>>()?;
         let norm_f = RmsNorm::new(dims.d_model, &p.pp("norm_f"))?;
+        let outside = wte.device().is_cuda();
         Ok(Self {
             wte,
             stream,
@@ -67,19 +70,27 @@ impl Gpt {
             params: Arc::new(p.params()),
             compute: DType::F32,
             recompute: false,
+            outside,
             sink: Sink::default(),
         })
     }
 
-    /// With `on`, each block's activations are rebuilt in the backward pass (recompute.rs):
-    /// less memory for one more forward pass a step.
+    /// With `on`, each block's activations are rebuilt in the backward pass (trunk.rs): less
+    /// memory for one more forward pass a step.
     pub fn recomputing(mut self, on: bool) -> Self {
         self.recompute = on;
         self
     }
 
+    /// With `on`, the blocks run outside the autograd graph as one node of it (trunk.rs), as
+    /// they do by default on a GPU; off, every op of theirs is a node (the CPU's default).
+    pub fn outside_the_graph(mut self, on: bool) -> Self {
+        self.outside = on;
+        self
+    }
+
     /// The gradients of `loss` for the parameters, cut from the graph (`train::backward`),
-    /// with those the recomputed blocks' backward passes produced added in.
+    /// with those the trunk's backward pass produced put beside them.
     pub fn gradients(&self, loss: &Tensor) -> Result<GradStore> {
         let mut grads = crate::train::backward(loss, &self.params)?;
         for (var, g) in self.sink.drain() {
@@ -119,7 +130,10 @@ impl Gpt {
     /// the fused loss casts inside (no cast node, whose gradient would be zero-filled, added
     /// and cast once more over the vocabulary's 100M values at the 1B shape).
     fn head_input(&self, idx: &Tensor) -> Result<(Tensor, Tensor)> {
-        let (_, state) = self.trunk(idx, self.recompute, &mut |_, _, _| Ok(()))?;
+        let state = match self.outside || self.recompute {
+            true => self.trunk_outside(idx)?,
+            false => self.trunk(idx, &mut |_, _, _| Ok(()))?.1,
+        };
         let x = self.norm_f.forward(&self.stream.reduce(&state)?)?;
         let (b, t, c) = x.dims3()?;
         Ok((x.reshape((b * t, c))?, self.wte.clone()))
@@ -142,7 +156,7 @@ impl Gpt {
     /// The stream amplification of the residual path on a batch (see [`Amplification`]).
     pub fn amplification(&self, idx: &Tensor) -> Result<Amplification> {
         let mut amp = Amplification::default();
-        let (x, _) = self.trunk(idx, false, &mut |k, before, after| {
+        let (x, _) = self.trunk(idx, &mut |k, before, after| {
             let probe = self.stream.probe(k, before)?;
             amp.push(probe.mixing.as_ref(), rms(after)?)?;
             if after.rank() == 4 {
@@ -160,32 +174,43 @@ impl Gpt {
         Ok(amp)
     }
 
-    /// Embedding and blocks: returns the embedding (B, T, C) and the final stream state.
-    /// `hook(k, before, after)` sees the state around every sublayer k, unless the blocks
-    /// are `recomputed` (then it sees nothing: their states never reach the graph).
+    /// The embedding (B, T, C) of the tokens `idx` (B, T), in the compute dtype.
+    fn embed(&self, idx: &Tensor) -> Result<Tensor> {
+        let (b, t) = idx.dims2()?;
+        let c = self.wte.dim(1)?;
+        embedding(&self.wte, &idx.flatten_all()?)?
+            .reshape((b, t, c))?
+            .to_dtype(self.compute)
+    }
+
+    /// Embedding and blocks as a graph of ops: returns the embedding (B, T, C) and the final
+    /// stream state. `hook(k, before, after)` sees the state around every sublayer k.
     fn trunk(
         &self,
         idx: &Tensor,
-        recomputed: bool,
         hook: &mut dyn FnMut(usize, &Tensor, &Tensor) -> Result<()>,
     ) -> Result<(Tensor, Tensor)> {
-        let (b, t) = idx.dims2()?;
-        let c = self.wte.dim(1)?;
-        let x = embedding(&self.wte, &idx.flatten_all()?)?
-            .reshape((b, t, c))?
-            .to_dtype(self.compute)?;
+        let x = self.embed(idx)?;
         let mut state = self.stream.expand(&x)?;
         for (l, block) in self.blocks.iter().enumerate() {
-            if recomputed {
-                let (stream, block) = (self.stream.clone(), block.clone());
-                let f: BlockFn =
-                    Arc::new(move |s| run_block(&*stream, &block, l, s, &mut |_, _, _| Ok(())));
-                state = checkpointed(f, &state, self.params.clone(), self.sink.clone())?;
-            } else {
-                state = run_block(&*self.stream, block, l, &state, hook)?;
-            }
+            state = run_block(&*self.stream, block, l, &state, hook)?;
         }
         Ok((x, state))
+    }
+
+    /// The final stream state with the blocks outside the graph, one node of it (trunk.rs),
+    /// recomputed in the backward pass where the model is set to.
+    fn trunk_outside(&self, idx: &Tensor) -> Result<Tensor> {
+        let state = self.stream.expand(&self.embed(idx)?)?;
+        let (stream, blocks) = (self.stream.clone(), self.blocks.clone());
+        let f: BlockFn = Arc::new(move |l, s| block_outside(&*stream, &blocks[l], l, s));
+        trunk(
+            &state,
+            self.blocks.len(),
+            f,
+            self.recompute,
+            self.sink.clone(),
+        )
     }
 
     pub fn params(&self) -> &[Param] {
@@ -229,6 +254,55 @@ fn run_block(
         state = next;
     }
     Ok(state)
+}
+
+/// Block `l` on `state` outside the graph: the next state and its two sublayers' steps.
+fn block_outside(
+    stream: &dyn Stream,
+    block: &Block,
+    l: usize,
+    state: &Tensor,
+) -> Result<(Tensor, Vec<Step>)> {
+    let mut state = state.clone();
+    let mut steps = Vec::with_capacity(2);
+    for (k, norm, sub) in [
+        (2 * l, &block.attn_norm, &*block.attn),
+        (2 * l + 1, &block.ffn_norm, &*block.ffn),
+    ] {
+        let d = sublayer_outside(stream, k, norm, sub, &state)?;
+        state = d.y.clone();
+        steps.push(d.into());
+    }
+    Ok((state, steps))
+}
+
+/// Sublayer k (`sub` behind `norm`) on `state` outside the graph: through the residual
+/// scheme's and the sublayer's detached forms where they have them, else under a graph of
+/// their own (trunk.rs `local`).
+fn sublayer_outside(
+    stream: &dyn Stream,
+    k: usize,
+    norm: &RmsNorm,
+    sub: &dyn Sublayer,
+    state: &Tensor,
+) -> Result<Detached> {
+    let f = |h: &Tensor| -> Result<Detached> {
+        let Some(normed) = norm.detached(h)? else {
+            return local(&|x| sub.forward(&norm.forward(x)?), h);
+        };
+        let body = match sub.detached(&normed.y)? {
+            Some(d) => d,
+            None => local(&|x| sub.forward(x), &normed.y)?,
+        };
+        Ok(normed.then(body))
+    };
+    match stream.sublayer_detached(k, state, &f)? {
+        Some(d) => Ok(d),
+        None => local(
+            &|s| stream.sublayer(k, s, &|h| sub.forward(&norm.forward(h)?)),
+            state,
+        ),
+    }
 }
 
 pub fn cross_entropy_sum(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
@@ -304,10 +378,12 @@ mod grad_tests {
     }
 
     #[test]
-    fn recomputed_blocks_give_the_same_loss_and_gradients() -> Result<()> {
+    fn the_trunk_outside_the_graph_gives_the_same_loss_and_gradients() -> Result<()> {
         // Every combination, after one step (so zero-initialized parameters carry gradient):
-        // the loss and every parameter's gradient with the blocks recomputed in the backward
-        // pass equal those of the graph that keeps them (the same ops on the same values).
+        // the loss and every parameter's gradient with the blocks outside the graph as one
+        // node (trunk.rs), kept or recomputed in the backward pass, equal those of the graph
+        // of ops (the same ops on the same values; the gradients' sums may run in another
+        // order).
         let dims = Dims {
             d_model: 16,
             n_layers: 2,
@@ -319,32 +395,39 @@ mod grad_tests {
         let (x, y) = (batch.narrow(1, 0, 8)?, batch.narrow(1, 1, 8)?);
         for cell in every_cell() {
             let kept = Gpt::new(&cell, &dims, &ParamBuilder::new(1, &Device::Cpu))?;
+            assert!(!kept.outside, "the CPU's default is the graph of ops");
             let mut opt = cell.optimizer.build(kept.params(), DType::F32)?;
             opt.step(&kept.gradients(&kept.loss(&x, &y)?)?, 10.0)?;
-            let rebuilt =
-                Gpt::new(&cell, &dims, &ParamBuilder::new(1, &Device::Cpu))?.recomputing(true);
-            for (r, k) in rebuilt.params().iter().zip(kept.params()) {
-                r.var.set(k.var.as_tensor())?;
+            let lk = kept.loss(&x, &y)?;
+            let gk = kept.gradients(&lk)?;
+            for recompute in [false, true] {
+                let other = Gpt::new(&cell, &dims, &ParamBuilder::new(1, &Device::Cpu))?
+                    .outside_the_graph(true)
+                    .recomputing(recompute);
+                for (r, k) in other.params().iter().zip(kept.params()) {
+                    r.var.set(k.var.as_tensor())?;
+                }
+                let lr = other.loss(&x, &y)?;
+                let gr = other.gradients(&lr)?;
+                let what = format!("{cell:?}, recompute {recompute}");
+                assert_eq!(
+                    lk.to_scalar::<f32>()?,
+                    lr.to_scalar::<f32>()?,
+                    "{what}: loss"
+                );
+                for (k, r) in kept.params().iter().zip(other.params()) {
+                    let want = gk.get(k.var.as_tensor()).expect("kept gradient");
+                    let got = gr
+                        .get(r.var.as_tensor())
+                        .unwrap_or_else(|| panic!("{what}: no gradient for {}", r.name));
+                    let d = (want - got)?.abs()?.max_all()?.to_scalar::<f32>()?;
+                    assert!(d <= 1e-6, "{what}: {} differs by {d}", k.name);
+                }
+                assert!(
+                    other.sink.drain().is_empty(),
+                    "{what}: the sink was drained"
+                );
             }
-            let (lk, lr) = (kept.loss(&x, &y)?, rebuilt.loss(&x, &y)?);
-            let (gk, gr) = (kept.gradients(&lk)?, rebuilt.gradients(&lr)?);
-            assert_eq!(
-                lk.to_scalar::<f32>()?,
-                lr.to_scalar::<f32>()?,
-                "{cell:?}: loss"
-            );
-            for (k, r) in kept.params().iter().zip(rebuilt.params()) {
-                let want = gk.get(k.var.as_tensor()).expect("kept gradient");
-                let got = gr
-                    .get(r.var.as_tensor())
-                    .unwrap_or_else(|| panic!("{cell:?}: no recomputed gradient for {}", r.name));
-                let d = (want - got)?.abs()?.max_all()?.to_scalar::<f32>()?;
-                assert!(d <= 1e-6, "{cell:?}: {} differs by {d}", k.name);
-            }
-            assert!(
-                rebuilt.sink.drain().is_empty(),
-                "{cell:?}: the sink was drained"
-            );
         }
         Ok(())
     }

@@ -2,11 +2,11 @@
 //! implementation behind every attention component (Mha is the case kv_heads = heads).
 
 use candle_core::{DType, Result, Tensor};
-use registry::{Dims, ParamBuilder, Role, Sublayer};
+use registry::{Detached, Dims, ParamBuilder, Role, Sublayer};
 
 use crate::fused::{
-    attention_sublayer, causal_softmax, sublayer_fits, AttentionPlan, AttentionWeights,
-    CausalAttention, HeadPrep, FLASH_HEAD_DIMS,
+    attention_sublayer_detached, causal_softmax, node, sublayer_fits, AttentionPlan,
+    AttentionWeights, CausalAttention, HeadPrep, FLASH_HEAD_DIMS,
 };
 use crate::nn::{out_proj_std, rms_norm, rows, unrows, Linear, Rope, INIT_STD, NORM_EPS};
 
@@ -179,13 +179,13 @@ impl CausalSelfAttention {
         y.transpose(1, 2)?.reshape((b * t, c))
     }
 
-    /// The whole sublayer on `x` as one node of the graph (fused/attention_sublayer.rs) where
-    /// flash attention applies, gated by `gate`'s projection when given; None elsewhere.
+    /// The whole sublayer on `x` outside the graph (fused/attention_sublayer.rs) where flash
+    /// attention applies, gated by `gate`'s projection when given; None elsewhere.
     pub(crate) fn fused_sublayer(
         &self,
         x: &Tensor,
         gate: Option<&Tensor>,
-    ) -> Result<Option<Tensor>> {
+    ) -> Result<Option<Detached>> {
         if !(sublayer_fits(x) && FLASH_HEAD_DIMS.contains(&self.head_dim)) {
             return Ok(None);
         }
@@ -203,7 +203,7 @@ impl CausalSelfAttention {
             o: self.o.weight(),
             gate,
         };
-        attention_sublayer(x, &weights, &plan).map(Some)
+        attention_sublayer_detached(x, &weights, &plan).map(Some)
     }
 
     /// The RoPE table (2, t, hd) of the first t positions.
@@ -250,10 +250,15 @@ impl CausalSelfAttention {
 
 impl Sublayer for CausalSelfAttention {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        if let Some(y) = self.fused_sublayer(x, None)? {
-            return Ok(y);
+        // Where flash attention applies, the whole sublayer is one node of the graph.
+        if let Some(d) = self.fused_sublayer(x, None)? {
+            return node(x, d);
         }
         unrows(&self.o.forward(&self.attend_rows(x)?)?, x)
+    }
+
+    fn detached(&self, x: &Tensor) -> Result<Option<Detached>> {
+        self.fused_sublayer(x, None)
     }
 }
 

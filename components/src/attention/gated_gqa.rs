@@ -6,11 +6,11 @@
 //! which removes the attention sink.
 
 use candle_core::{Result, Tensor};
-use registry::{Attention, Dims, Entry, ParamBuilder, ParamDoc, Role, Spec, Sublayer};
+use registry::{Attention, Detached, Dims, Entry, ParamBuilder, ParamDoc, Role, Spec, Sublayer};
 use serde::{Deserialize, Serialize};
 
 use super::{gqa::Gqa, CausalSelfAttention};
-use crate::fused::SigmoidGate;
+use crate::fused::{node, SigmoidGate};
 use crate::nn::{sigmoid, Linear, INIT_STD};
 
 /// Which values share one gate.
@@ -82,8 +82,8 @@ impl GatedAttention {
 impl Sublayer for GatedAttention {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         // Where flash attention applies, the whole sublayer with its gate is one node.
-        if let Some(y) = self.attn.fused_sublayer(x, Some(self.gate.weight()))? {
-            return Ok(y);
+        if let Some(d) = self.attn.fused_sublayer(x, Some(self.gate.weight()))? {
+            return node(x, d);
         }
         let logits = self.gate.forward(x)?;
         if x.device().is_cuda() {
@@ -95,6 +95,10 @@ impl Sublayer for GatedAttention {
             );
         }
         self.forward_with_gate(x, &sigmoid(&logits)?)
+    }
+
+    fn detached(&self, x: &Tensor) -> Result<Option<Detached>> {
+        self.attn.fused_sublayer(x, Some(self.gate.weight()))
     }
 }
 

@@ -3,9 +3,9 @@ pub mod relu2;
 pub mod swiglu;
 
 use candle_core::{Result, Tensor};
-use registry::{Dims, ParamBuilder, Role, Sublayer};
+use registry::{Detached, Dims, ParamBuilder, Role, Sublayer};
 
-use crate::fused::{activation, FusedMlp, Kind};
+use crate::fused::{activation, mlp_outside, FusedMlp, Kind};
 use crate::nn::{out_proj_std, rows, unrows, Linear, INIT_STD};
 
 /// The two-matrix MLP down(act(up x)) that Gelu and Relu2 differ in the activation of.
@@ -36,6 +36,14 @@ impl Sublayer for Mlp {
         }
         let h = activation(&self.up.forward(&rows(x)?)?, self.act)?;
         unrows(&self.down.forward(&h)?, x)
+    }
+
+    fn detached(&self, x: &Tensor) -> Result<Option<Detached>> {
+        if !x.device().is_cuda() {
+            return Ok(None);
+        }
+        let (up, down) = (self.up.weight(), self.down.weight());
+        mlp_outside(self.act, x, up, down).map(Some)
     }
 }
 

@@ -1,11 +1,11 @@
 //! SwiGLU feed-forward network (Shazeer 2020, arXiv 2002.05202): down(silu(gate(x)) * up(x)).
 
 use candle_core::{Result, Tensor};
-use registry::{Dims, Entry, Ffn, ParamBuilder, ParamDoc, Role, Spec, Sublayer};
+use registry::{Detached, Dims, Entry, Ffn, ParamBuilder, ParamDoc, Role, Spec, Sublayer};
 use serde::{Deserialize, Serialize};
 
 use super::{check_mult, hidden_width};
-use crate::fused::swiglu_mlp;
+use crate::fused::{swiglu_mlp, swiglu_outside};
 use crate::nn::{out_proj_std, rows, unrows, Linear, INIT_STD};
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -44,6 +44,14 @@ impl Sublayer for Layer {
         let r = rows(x)?;
         let h = (self.gate.forward(&r)?.silu()? * self.up.forward(&r)?)?;
         unrows(&self.down.forward(&h)?, x)
+    }
+
+    fn detached(&self, x: &Tensor) -> Result<Option<Detached>> {
+        if !x.device().is_cuda() {
+            return Ok(None);
+        }
+        let (gate, up, down) = (self.gate.weight(), self.up.weight(), self.down.weight());
+        swiglu_outside(x, gate, up, down).map(Some)
     }
 }
 

@@ -9,6 +9,7 @@
 //! product.
 
 use candle_core::{CustomOp2, CustomOp3, DType, Result, Tensor};
+use registry::{add_into, Detached, Grads};
 
 use super::linear::{like, weight_grad};
 use super::node::node;
@@ -35,12 +36,21 @@ pub struct AttentionPlan {
 }
 
 /// (B, T, C) -> (B, T, C): the sublayer on the normed input `x` (bf16 on a GPU; heads of a
-/// size flash attention takes).
+/// size flash attention takes), as one node of the graph.
 pub fn attention_sublayer(
     x: &Tensor,
     w: &AttentionWeights,
     plan: &AttentionPlan,
 ) -> Result<Tensor> {
+    node(x, attention_sublayer_detached(x, w, plan)?)
+}
+
+/// [`attention_sublayer`] outside the graph: its output and backward pass.
+pub fn attention_sublayer_detached(
+    x: &Tensor,
+    w: &AttentionWeights,
+    plan: &AttentionPlan,
+) -> Result<Detached> {
     let xd = x.detach().contiguous()?;
     let linear = |input: &Tensor, weight: &Tensor| input.apply_op2_no_bwd(weight, &FusedLinear);
     let (q_lin, k_lin, v) = (linear(&xd, w.q)?, linear(&xd, w.k)?, linear(&xd, w.v)?);
@@ -59,7 +69,7 @@ pub fn attention_sublayer(
     weights.extend(w.gate);
     let owned: Vec<Tensor> = weights.iter().map(|t| (*t).clone()).collect();
     let (qp, kp, table) = (plan.q, plan.k, plan.table.clone());
-    let backward = move |dy: &Tensor| -> Result<(Option<Tensor>, Vec<Tensor>)> {
+    let backward = move |dy: &Tensor, into: Option<Tensor>| -> Result<Grads> {
         let (wq, wk, wv, wo) = (&owned[0], &owned[1], &owned[2], &owned[3]);
         let dy = rows(dy)?;
         let d_gated = dy.matmul(&like(wo, &xd)?)?.reshape(a.shape())?;
@@ -84,10 +94,20 @@ pub fn attention_sublayer(
             .expect("the heads' gradient");
         let x_rows = rows(&xd)?;
         let mut grads = Vec::with_capacity(owned.len());
-        // The input's gradient: the query's product, then the others added into it.
+        // The input's gradient: the query's product (added into `into` when given), then the
+        // others added into it.
         let (dq_rows, dk_rows, dv_rows) = (rows(&dq_lin)?, rows(&dk_lin)?, rows(&dv)?);
-        let dx = dq_rows.matmul(&like(wq, &xd)?)?;
         let mut readers = vec![(&dk_rows, wk), (&dv_rows, wv)];
+        let dx = match into {
+            Some(acc) if acc.dtype() == xd.dtype() && acc.dims() == xd.dims() => {
+                readers.insert(0, (&dq_rows, wq));
+                rows(&acc)?.contiguous()?
+            }
+            other => {
+                let dx = dq_rows.matmul(&like(wq, &xd)?)?;
+                add_into(dx, other.map(|a| rows(&a)).transpose()?)?
+            }
+        };
         let dl_rows = d_logits.as_ref().map(rows).transpose()?;
         if let (Some(d), Some(wg)) = (&dl_rows, owned.get(4)) {
             readers.push((d, wg));
@@ -100,15 +120,23 @@ pub fn attention_sublayer(
             )?;
         }
         for (d, weight) in [(&dq_rows, wq), (&dk_rows, wk), (&dv_rows, wv)] {
-            grads.push(weight_grad(d, &x_rows, weight.dtype())?);
+            grads.push(Some(weight_grad(d, &x_rows, weight.dtype())?));
         }
-        grads.push(d_wo);
+        grads.push(Some(d_wo));
         if let (Some(d), Some(wg)) = (&dl_rows, owned.get(4)) {
-            grads.push(weight_grad(d, &x_rows, wg.dtype())?);
+            grads.push(Some(weight_grad(d, &x_rows, wg.dtype())?));
         }
-        Ok((Some(dx.reshape(xd.shape())?), grads))
+        Ok(Grads {
+            input: Some(dx.reshape(xd.shape())?),
+            weights: grads,
+        })
     };
-    node(x, &weights, y, Box::new(backward))
+    let weights = weights.into_iter().cloned().collect();
+    Ok(Detached {
+        y,
+        weights,
+        backward: Box::new(backward),
+    })
 }
 
 /// Whether [`attention_sublayer`] takes this input: bf16 on a GPU of a `cuda` build.

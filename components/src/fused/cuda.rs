@@ -241,7 +241,7 @@ pub fn rms_norm(
                 None => b.arg(&null),
             };
             if let Some(d) = &dyv {
-                b.arg(d);
+                b.arg(d).arg(&null); // no gradient to add into
             }
             b.arg(&y).arg(&rows32).arg(&c32).arg(&eps);
             // SAFETY: reads rows * c of x (and dy) and c gains, writes rows * c outputs.
@@ -250,6 +250,55 @@ pub fn rms_norm(
         }};
     }
     Ok(by_dtype!(x.dtype(), run))
+}
+
+/// RMSNorm's input gradient added into `acc` in place (acc += dx), with an optional gain.
+pub fn rms_norm_bwd_x_into(
+    (acc, lacc): (&mut CudaStorage, &Layout),
+    (x, lx): (&CudaStorage, &Layout),
+    gain: Option<(&CudaStorage, &Layout)>,
+    (dy, ldy): (&CudaStorage, &Layout),
+    eps: f32,
+) -> Result<()> {
+    use candle_core::cuda_backend::cudarc::driver::DevicePtrMut;
+    let dev = x.device().clone();
+    let (rows, c) = super::norm::rows_cols(lx)?;
+    if acc.dtype() != x.dtype() || !lacc.is_contiguous() || lacc.shape() != lx.shape() {
+        bail!("rms norm: the gradient to add into does not fit the input");
+    }
+    let name = format!("rms_norm_bwd_x_{}", suffix(x.dtype())?);
+    let func = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
+    let g = gain_ptr(gain)?;
+    let null = 0u64;
+    let (rows32, c32) = (rows as i32, c as i32);
+    let stream = dev.cuda_stream();
+    let start = lacc.start_offset();
+    macro_rules! run {
+        ($t:ty) => {{
+            let (xv, dyv) = (view::<$t>(x, lx)?, view::<$t>(dy, ldy)?);
+            let mut a = acc
+                .as_cuda_slice_mut::<$t>()?
+                .slice_mut(start..start + rows * c);
+            let (ap, _guard) = a.device_ptr_mut(&stream);
+            let mut b = func.builder();
+            b.arg(&xv);
+            match &g {
+                Some(g) => b.arg(g),
+                None => b.arg(&null),
+            };
+            b.arg(&dyv)
+                .arg(&ap)
+                .arg(&ap)
+                .arg(&rows32)
+                .arg(&c32)
+                .arg(&eps);
+            // SAFETY: reads rows * c of x, dy and acc and c gains, writes rows * c values of
+            // acc, each after reading it in the same thread.
+            unsafe { b.launch(row_config(rows)) }.w()?;
+        }};
+    }
+    by_dtype!(x.dtype(), run);
+    Ok(())
 }
 
 pub fn rms_norm_bwd_g(

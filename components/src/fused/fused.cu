@@ -245,19 +245,22 @@ __device__ void rms_norm_fwd(const T* x, const float* g, T* y, int rows, int c, 
         yr[j] = from_f<T>(to_f(xr[j]) * r * (g ? g[j] : 1.0f));
 }
 
-// dx = r (dxh - xh mean(dxh xh)), with xh = x r and dxh = dy g.
+// dx = r (dxh - xh mean(dxh xh)), with xh = x r and dxh = dy g; plus acc where given (acc
+// may be dx itself: each element is read and then written by the same thread).
 template <typename T>
-__device__ void rms_norm_bwd_x(const T* x, const float* g, const T* dy, T* dx, int rows, int c,
-                               float eps) {
+__device__ void rms_norm_bwd_x(const T* x, const float* g, const T* dy, const T* acc, T* dx,
+                               int rows, int c, float eps) {
     constexpr int V = Pack<T>::N;
     int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
     if (row >= rows) return;
     const T* xr = x + (size_t)row * c;
     const T* dyr = dy + (size_t)row * c;
     T* dxr = dx + (size_t)row * c;
+    const T* ar = acc ? acc + (size_t)row * c : nullptr;
     float r = row_rstd(xr, c, eps);
     int lane = threadIdx.x % 32;
-    bool fits = c % V == 0 && aligned16(xr) && aligned16(dyr) && aligned16(dxr);
+    bool fits = c % V == 0 && aligned16(xr) && aligned16(dyr) && aligned16(dxr) &&
+                (!ar || aligned16(ar));
     int packs = fits ? c / V : 0;
     float dot = 0.0f;
     for (int p = lane; p < packs; p += 32) {
@@ -271,17 +274,20 @@ __device__ void rms_norm_bwd_x(const T* x, const float* g, const T* dy, T* dx, i
     for (int o = 16; o > 0; o /= 2) dot += __shfl_xor_sync(0xffffffff, dot, o);
     dot /= c;
     for (int p = lane; p < packs; p += 32) {
-        Pack<T> xk = load_pack(xr, p), dk = load_pack(dyr, p);
+        Pack<T> xk = load_pack(xr, p), dk = load_pack(dyr, p), ak;
+        if (ar) ak = load_pack(ar, p);
 #pragma unroll
         for (int e = 0; e < V; ++e) {
             float xh = to_f(xk.v[e]) * r;
-            xk.v[e] = from_f<T>(r * (to_f(dk.v[e]) * (g ? g[p * V + e] : 1.0f) - xh * dot));
+            float v = r * (to_f(dk.v[e]) * (g ? g[p * V + e] : 1.0f) - xh * dot);
+            xk.v[e] = from_f<T>(ar ? to_f(ak.v[e]) + v : v);
         }
         store_pack(dxr, p, xk);
     }
     for (int j = packs * V + lane; j < c; j += 32) {
         float xh = to_f(xr[j]) * r;
-        dxr[j] = from_f<T>(r * (to_f(dyr[j]) * (g ? g[j] : 1.0f) - xh * dot));
+        float v = r * (to_f(dyr[j]) * (g ? g[j] : 1.0f) - xh * dot);
+        dxr[j] = from_f<T>(ar ? to_f(ar[j]) + v : v);
     }
 }
 
@@ -340,8 +346,9 @@ extern "C" __global__ void embedding_bwd(const float* dout, const uint32_t* ids,
         rms_norm_fwd<T>(x, g, y, rows, c, eps);                                                \
     }                                                                                          \
     extern "C" __global__ void rms_norm_bwd_x_##NAME(const T* x, const float* g, const T* dy,   \
-                                                     T* dx, int rows, int c, float eps) {      \
-        rms_norm_bwd_x<T>(x, g, dy, dx, rows, c, eps);                                         \
+                                                     const T* acc, T* dx, int rows, int c,     \
+                                                     float eps) {                              \
+        rms_norm_bwd_x<T>(x, g, dy, acc, dx, rows, c, eps);                                    \
     }                                                                                          \
     extern "C" __global__ void rms_norm_bwd_g_##NAME(const T* x, const T* dy, float* dg,        \
                                                      int rows, int c, float eps) {             \

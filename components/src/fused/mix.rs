@@ -27,7 +27,7 @@ pub const MAX_STREAMS: usize = 8;
 pub struct StateGrad(Arc<Mutex<Option<Tensor>>>);
 
 impl StateGrad {
-    fn put(&self, grad: Tensor) {
+    pub fn put(&self, grad: Tensor) {
         *self.0.lock().expect("the lock is never poisoned") = Some(grad);
     }
 

@@ -10,9 +10,11 @@
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape, Tensor};
 
+use registry::{add_into, Detached, Grads};
+
 use super::linear::{as_dtype, like, weight_grad};
 use super::node::node;
-use super::{Activation, ActivationBwd, Kind};
+use super::{Activation, ActivationBwd, AddProduct, Kind};
 
 /// (x (.., C), w_up (H, C) or, gated, (2 H, C), w_down (C, H)) -> (.., C) in x's dtype; the
 /// weights in any float dtype (their gradients come back in it).
@@ -131,31 +133,100 @@ fn backward(
     Ok((dx, d_up, d_down))
 }
 
-/// SwiGLU's MLP down(silu(g x) (u x)) as one node of the graph over its three weights
-/// (node.rs): the gate's and the up projection's weights stacked in x's dtype outside the
-/// graph, so that both are one GEMM, and the stack's gradient handed back as its two halves.
-/// Stacked inside the graph (as [`FusedMlp`]'s one up weight) the f32 masters would be
-/// concatenated every step, and each half's gradient zero-filled and added once more.
-pub fn swiglu_mlp(x: &Tensor, gate: &Tensor, up: &Tensor, down: &Tensor) -> Result<Tensor> {
+/// The MLP on `x` outside the graph, with its weights in x's dtype (`up16` stacked when
+/// gated) and `weights` the masters they were cast from (`up` as one or, `split`, as the
+/// gate's and the up projection's halves), whose gradients come back in `dtypes` (up's,
+/// down's). Unlike [`FusedMlp`]'s backward pass, this one keeps the pre-activations h for
+/// its backward pass instead of recomputing their GEMM: one GEMM a layer less for h's
+/// memory (the activation is still recomputed from h, a pass over it).
+fn mlp_detached(
+    kind: Kind,
+    x: &Tensor,
+    (up16, down16): (Tensor, Tensor),
+    weights: Vec<Tensor>,
+    split: Option<usize>,
+    (up_dtype, down_dtype): (DType, DType),
+) -> Result<Detached> {
     let xd = x.detach().contiguous()?;
-    let stacked = Tensor::cat(&[&like(gate, &xd)?, &like(up, &xd)?], 0)?;
-    let down16 = like(down, &xd)?;
-    let y = xd.apply_op3_no_bwd(&stacked, &down16, &FusedMlp(Kind::SwiGlu))?;
-    let (hidden, dtypes) = (gate.dim(0)?, (gate.dtype(), up.dtype(), down.dtype()));
-    if dtypes.0 != dtypes.1 {
+    let c = up16.dim(1)?;
+    let x2 = xd.reshape(((), c))?;
+    let h = x2.matmul(&up16.t()?)?;
+    let y = h
+        .apply_op1_no_bwd(&Activation(kind))?
+        .matmul(&down16.t()?)?
+        .reshape(xd.shape())?;
+    let backward = move |dy: &Tensor, into: Option<Tensor>| -> Result<Grads> {
+        let dy = dy.detach().reshape(((), c))?;
+        let a = h.apply_op1_no_bwd(&Activation(kind))?;
+        let d_down = weight_grad(&dy, &a, down_dtype)?;
+        let da = dy.matmul(&down16)?;
+        let dh = h.apply_op2_no_bwd(&da, &ActivationBwd(kind))?;
+        let d_up = weight_grad(&dh, &x2, up_dtype)?;
+        let dx = match into {
+            Some(acc)
+                if x2.dtype() == DType::BF16
+                    && acc.dtype() == DType::BF16
+                    && acc.dims() == xd.dims() =>
+            {
+                let acc = acc.reshape(((), c))?.contiguous()?;
+                acc.inplace_op3(&dh, &up16, &AddProduct)?;
+                acc
+            }
+            other => add_into(
+                dh.matmul(&up16)?,
+                other.map(|a| a.reshape(((), c))).transpose()?,
+            )?,
+        };
+        let mut grads = match split {
+            Some(hidden) => vec![
+                Some(d_up.narrow(0, 0, hidden)?),
+                Some(d_up.narrow(0, hidden, hidden)?),
+            ],
+            None => vec![Some(d_up)],
+        };
+        grads.push(Some(d_down));
+        Ok(Grads {
+            input: Some(dx.reshape(xd.shape())?),
+            weights: grads,
+        })
+    };
+    Ok(Detached {
+        y,
+        weights,
+        backward: Box::new(backward),
+    })
+}
+
+/// The two-matrix MLP down(act(up x)) outside the graph, from the f32 masters (or any float
+/// dtype: their gradients come back in it).
+pub fn mlp_outside(kind: Kind, x: &Tensor, up: &Tensor, down: &Tensor) -> Result<Detached> {
+    let casts = (like(up, x)?, like(down, x)?);
+    let dtypes = (up.dtype(), down.dtype());
+    mlp_detached(kind, x, casts, vec![up.clone(), down.clone()], None, dtypes)
+}
+
+/// SwiGLU's MLP down(silu(g x) (u x)) as one node of the graph (node.rs); see
+/// [`swiglu_outside`].
+pub fn swiglu_mlp(x: &Tensor, gate: &Tensor, up: &Tensor, down: &Tensor) -> Result<Tensor> {
+    node(x, swiglu_outside(x, gate, up, down)?)
+}
+
+/// SwiGLU's MLP outside the graph over its three weights: the gate's and the up
+/// projection's weights stacked in x's dtype, so that both are one GEMM, and the stack's
+/// gradient handed back as its two halves. Stacked inside the graph (as [`FusedMlp`]'s one
+/// up weight) the f32 masters would be concatenated every step, and each half's gradient
+/// zero-filled and added once more.
+pub fn swiglu_outside(x: &Tensor, gate: &Tensor, up: &Tensor, down: &Tensor) -> Result<Detached> {
+    if gate.dtype() != up.dtype() {
         bail!(
             "SwiGLU: the gate's weight is {:?} and the up projection's {:?}",
-            dtypes.0,
-            dtypes.1
+            gate.dtype(),
+            up.dtype()
         );
     }
-    let backward = move |dy: &Tensor| -> Result<(Option<Tensor>, Vec<Tensor>)> {
-        let weights = (&stacked, &down16);
-        let (dx, d_stacked, d_down) =
-            backward(Kind::SwiGlu, &xd, weights, dy, (dtypes.0, dtypes.2))?;
-        let d_gate = d_stacked.narrow(0, 0, hidden)?;
-        let d_up = d_stacked.narrow(0, hidden, hidden)?;
-        Ok((Some(dx), vec![d_gate, d_up, d_down]))
-    };
-    node(x, &[gate, up, down], y, Box::new(backward))
+    let stacked = Tensor::cat(&[&like(gate, x)?, &like(up, x)?], 0)?;
+    let weights = vec![gate.clone(), up.clone(), down.clone()];
+    let dtypes = (gate.dtype(), down.dtype());
+    let casts = (stacked, like(down, x)?);
+    mlp_detached(Kind::SwiGlu, x, casts, weights, Some(gate.dim(0)?), dtypes)
 }

@@ -65,7 +65,9 @@ mod streams;
 pub use activation::{Activation, ActivationBwd, Kind};
 pub use adam::{adam_step, AdamPart, AdamSlot, AdamStep, AdamUpdate};
 pub use attention::CausalAttention;
-pub use attention_sublayer::{attention_sublayer, sublayer_fits, AttentionPlan, AttentionWeights};
+pub use attention_sublayer::{
+    attention_sublayer, attention_sublayer_detached, sublayer_fits, AttentionPlan, AttentionWeights,
+};
 pub use embedding::{Embedding, EmbeddingBwd};
 pub use flash::{FlashAttention, FLASH_HEAD_DIMS};
 pub use gate::{SigmoidGate, SigmoidGateBwd};
@@ -73,15 +75,17 @@ pub use head::{HeadPrep, HeadPrepBwd};
 pub use head_loss::linear_cross_entropy_sum;
 pub use linear::{AddProduct, FusedLinear, ScaleBy, WeightGrad};
 pub use mix::{MixBwd, PostMix, PreMix, StateGrad, MAX_STREAMS};
-pub use mlp::{swiglu_mlp, FusedMlp};
+pub use mlp::{mlp_outside, swiglu_mlp, swiglu_outside, FusedMlp};
 pub use muon_step::{
     muon_apply, muon_prepare, row_sum_squares, MuonApply, MuonMomentum, MuonScale, RowSumSq,
 };
 pub use newton_schulz::newton_schulz_round;
 #[cfg(feature = "cuda")]
 pub use node::scalar_zero_cuda;
-pub use node::{node, scalar_zero_cpu, HandOver, NodeBackward};
-pub use norm::{RmsNormBwdG, RmsNormBwdX, RmsNormGain, RmsNormPlain};
+pub use node::{node, scalar_zero_cpu, HandOver};
+pub use norm::{
+    rms_norm_outside, RmsNormBwdG, RmsNormBwdX, RmsNormBwdXInto, RmsNormGain, RmsNormPlain,
+};
 pub use norm_proj::{
     norm_proj, norm_proj_ext, NormProj, NormProjBwdPhi, NormProjBwdX, NORM_PROJ_MAX_COLS,
 };

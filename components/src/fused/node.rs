@@ -20,15 +20,16 @@ use candle_core::backend::BackendStorage;
 use candle_core::{
     bail, CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor,
 };
+use registry::{Backward, Detached, Grads};
 
-/// The backward pass of a [`node`]: from the output's gradient, the input's (or none) and
-/// every weight's, in the order the weights were given.
-pub type NodeBackward =
-    Box<dyn FnOnce(&Tensor) -> Result<(Option<Tensor>, Vec<Tensor>)> + Send + Sync>;
-
-/// `y`, computed outside the graph from `x` and `weights`, as one node of the graph whose
-/// backward pass is `backward`.
-pub fn node(x: &Tensor, weights: &[&Tensor], y: Tensor, backward: NodeBackward) -> Result<Tensor> {
+/// `d.y`, computed outside the graph from `x` and `d.weights`, as one node of the graph
+/// whose backward pass is `d.backward`.
+pub fn node(x: &Tensor, d: Detached) -> Result<Tensor> {
+    let Detached {
+        y,
+        weights,
+        backward,
+    } = d;
     let grads = Arc::new(Mutex::new(Vec::new()));
     let mut link = Tensor::zeros((), DType::F32, x.device())?;
     for (i, pair) in weights.chunks(2).enumerate() {
@@ -63,11 +64,12 @@ struct Link {
 }
 
 impl Link {
-    fn take(&self, i: usize) -> Result<Tensor> {
+    /// Weight i's gradient (None where it took none), once.
+    fn take(&self, i: usize) -> Result<Option<Tensor>> {
         let mut grads = self.grads.lock().expect("the lock is never poisoned");
-        match grads.get_mut(i).and_then(Option::take) {
-            Some(g) => Ok(g),
-            None => bail!("node: weight {i}'s gradient was not computed (or taken twice)"),
+        match grads.get_mut(i) {
+            Some(g) => Ok(g.take()),
+            None => bail!("node: weight {i}'s gradient was not computed"),
         }
     }
 }
@@ -160,7 +162,7 @@ impl CustomOp2 for Link {
         _res: &Tensor,
         _grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        Ok((Some(zero(prev.device())?), Some(self.take(self.first)?)))
+        Ok((Some(zero(prev.device())?), self.take(self.first)?))
     }
 }
 
@@ -203,7 +205,7 @@ impl CustomOp3 for Link {
         _grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (a, b) = (self.take(self.first)?, self.take(self.first + 1)?);
-        Ok((Some(zero(prev.device())?), Some(a), Some(b)))
+        Ok((Some(zero(prev.device())?), a, b))
     }
 }
 
@@ -211,7 +213,7 @@ impl CustomOp3 for Link {
 /// gradients.
 struct Output {
     y: HandOver,
-    backward: Mutex<Option<NodeBackward>>,
+    backward: Mutex<Option<Backward>>,
     grads: Arc<Mutex<Vec<Option<Tensor>>>>,
     weights: usize,
 }
@@ -257,7 +259,10 @@ impl CustomOp2 for Output {
         else {
             bail!("node: a second backward pass");
         };
-        let (dx, dw) = backward(grad)?;
+        let Grads {
+            input: dx,
+            weights: dw,
+        } = backward(grad, None)?;
         if dw.len() != self.weights {
             bail!(
                 "node: {} weight gradients for {} weights",
@@ -265,8 +270,7 @@ impl CustomOp2 for Output {
                 self.weights
             );
         }
-        *self.grads.lock().expect("the lock is never poisoned") =
-            dw.into_iter().map(Some).collect();
+        *self.grads.lock().expect("the lock is never poisoned") = dw;
         Ok((dx, Some(zero(x.device())?)))
     }
 }

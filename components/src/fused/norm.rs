@@ -3,8 +3,10 @@
 //! backward on every activation-sized tensor; a model has four of them a layer.
 
 use candle_core::{
-    bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor,
+    bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, InplaceOp3, Layout, Result, Shape,
+    Tensor,
 };
+use registry::{add_into, Detached, Grads};
 
 use super::{cpu_storage, cpu_values};
 
@@ -24,6 +26,15 @@ pub struct RmsNormGain {
 #[derive(Clone, Copy, Debug)]
 pub struct RmsNormBwdX {
     pub eps: f32,
+}
+
+/// In place on a gradient acc of x's shape: acc += dL/dx of [`RmsNormGain`] with `gain`,
+/// from (x, dy). The residual's gradient and the norm's meet in one pass, where an add
+/// after the norm's backward would be a pass of its own.
+#[derive(Clone, Debug)]
+pub struct RmsNormBwdXInto {
+    pub eps: f32,
+    pub gain: Tensor,
 }
 
 /// dL/dg of [`RmsNormGain`] from (x, dy): (C,) f32.
@@ -214,6 +225,100 @@ impl CustomOp3 for RmsNormBwdX {
         let out = super::cuda::rms_norm(s1, l1, Some((s2, l2)), Some((s3, l3)), self.eps)?;
         Ok((out, l1.shape().clone()))
     }
+}
+
+impl InplaceOp3 for RmsNormBwdXInto {
+    fn name(&self) -> &'static str {
+        "rms-norm-bwd-x-into"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &mut CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<()> {
+        let name = self.name();
+        let (x, _) = cpu_values(s2, l2, name)?;
+        let (dy, _) = cpu_values(s3, l3, name)?;
+        let g = self
+            .gain
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        let (_, c) = rows_cols(l2)?;
+        if !l1.is_contiguous() || l1.shape() != l2.shape() {
+            bail!("{name}: the gradient to add into does not fit the input");
+        }
+        let dx = cpu_bwd_x(&x, Some(&g), &dy, c, self.eps);
+        let start = l1.start_offset();
+        match s1 {
+            CpuStorage::F32(a) => a[start..start + dx.len()]
+                .iter_mut()
+                .zip(&dx)
+                .for_each(|(a, d)| *a += d),
+            CpuStorage::BF16(a) => a[start..start + dx.len()]
+                .iter_mut()
+                .zip(&dx)
+                .for_each(|(a, d)| *a = half::bf16::from_f32(a.to_f32() + d)),
+            _ => bail!("{name}: f32 or bf16 only"),
+        }
+        Ok(())
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &mut candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<()> {
+        let gain = self.gain.to_dtype(DType::F32)?.contiguous()?;
+        let (storage, lg) = gain.storage_and_layout();
+        let candle_core::Storage::Cuda(g) = &*storage else {
+            bail!("rms norm: the gain is not on the GPU");
+        };
+        super::cuda::rms_norm_bwd_x_into((s1, l1), (s2, l2), Some((g, lg)), (s3, l3), self.eps)
+    }
+}
+
+/// RMSNorm with a gain on `x` outside the autograd graph: y and the backward pass to x (added
+/// in place into the gradient handed over, where it fits) and to the gain.
+pub fn rms_norm_outside(x: &Tensor, gain: &Tensor, eps: f32) -> Result<Detached> {
+    let x = x.detach().contiguous()?;
+    let g32 = gain.detach().to_dtype(DType::F32)?;
+    let y = x.apply_op2_no_bwd(&g32, &RmsNormGain { eps })?;
+    let backward = move |dy: &Tensor, into: Option<Tensor>| -> Result<Grads> {
+        let dy = dy.contiguous()?;
+        let dx = match into {
+            Some(acc) if acc.dtype() == x.dtype() && acc.dims() == x.dims() => {
+                let acc = acc.contiguous()?;
+                let op = RmsNormBwdXInto {
+                    eps,
+                    gain: g32.clone(),
+                };
+                acc.inplace_op3(&x, &dy, &op)?;
+                acc
+            }
+            other => add_into(x.apply_op3_no_bwd(&g32, &dy, &RmsNormBwdX { eps })?, other)?,
+        };
+        let dg = x.apply_op2_no_bwd(&dy, &RmsNormBwdG { eps })?;
+        Ok(Grads {
+            input: Some(dx),
+            weights: vec![Some(dg)],
+        })
+    };
+    Ok(Detached {
+        y,
+        weights: vec![gain.clone()],
+        backward: Box::new(backward),
+    })
 }
 
 impl CustomOp2 for RmsNormBwdG {

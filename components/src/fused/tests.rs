@@ -1,6 +1,7 @@
 use super::*;
 use crate::nn::randn;
 use candle_core::{Device, Var};
+use registry::{Backward, Detached, Grads};
 
 fn max_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
     let a = a.to_dtype(DType::F32)?;
@@ -1855,14 +1856,25 @@ fn a_node_over_any_number_of_weights_backpropagates_like_its_composite() -> Resu
             let inner = ((&x * &w1)? + &w2)?.detach();
             let y = (&inner * &w3)?.detach();
             let (xd, w1d, w3d) = (x.detach(), w1.detach(), w3.detach());
-            let backward: NodeBackward = Box::new(move |dy: &Tensor| {
+            let backward: Backward = Box::new(move |dy: &Tensor, into| {
                 let dx = (dy * (&w1d * &w3d)?)?;
                 let dw1 = (dy * (&xd * &w3d)?)?;
                 let dw2 = (dy * &w3d)?;
                 let dw3 = (dy * &inner)?;
-                Ok((Some(dx), vec![dw1, dw2, dw3]))
+                Ok(Grads {
+                    input: Some(registry::add_into(dx, into)?),
+                    weights: vec![Some(dw1), Some(dw2), Some(dw3)],
+                })
             });
-            node(&x, &[&w1, &w2, &w3], y, backward)?
+            let weights = vec![w1.clone(), w2.clone(), w3.clone()];
+            node(
+                &x,
+                Detached {
+                    y,
+                    weights,
+                    backward,
+                },
+            )?
         } else {
             (((&x * &w1)? + &w2)? * &w3)?
         };
@@ -1918,5 +1930,139 @@ fn add_product_kernel_matches_the_cpu_op() -> Result<()> {
         .to_scalar::<f32>()?;
     let d = max_diff(&dst, &on_gpu.to_device(&Device::Cpu)?)?;
     assert!(d < 1e-2 * scale, "{d} of {scale}");
+    Ok(())
+}
+
+/// A detached computation (registry's `Detached`) against autograd through `composite` over
+/// the same input and weights: the output, the input's gradient handed back with `into`
+/// added, and every weight's, for the output's gradient `r`. Returns the largest gap, relative to 1 + the largest value
+/// of the composite's tensor.
+fn detached_gap(
+    d: Detached,
+    composite: &dyn Fn(&Tensor, &[Tensor]) -> Result<Tensor>,
+    x: &Tensor,
+    r: &Tensor,
+    into: &Tensor,
+) -> Result<f32> {
+    let xv = Var::from_tensor(&x.to_dtype(DType::F32)?)?;
+    let wv: Vec<Var> = d
+        .weights
+        .iter()
+        .map(|w| Var::from_tensor(&w.to_dtype(DType::F32)?.copy()?))
+        .collect::<Result<_>>()?;
+    let ws: Vec<Tensor> = wv.iter().map(|v| v.as_tensor().clone()).collect();
+    let y = composite(xv.as_tensor(), &ws)?;
+    let grads = (&y * r.to_dtype(DType::F32)?)?.sum_all()?.backward()?;
+    let want_dx =
+        (grads.get(xv.as_tensor()).expect("the input's gradient") + into.to_dtype(DType::F32)?)?;
+    let rel = |a: &Tensor, want: &Tensor| -> Result<f32> {
+        let scale = 1.0 + want.abs()?.max_all()?.to_scalar::<f32>()?;
+        Ok(max_diff(&a.to_device(&Device::Cpu)?, &want.to_device(&Device::Cpu)?)? / scale)
+    };
+    let mut gap = rel(&d.y.to_dtype(DType::F32)?, &y)?;
+    let into = into.copy()?;
+    let got = (d.backward)(&r.to_dtype(d.y.dtype())?, Some(into))?;
+    let dx = got.input.expect("the input's gradient");
+    gap = gap.max(rel(&dx.to_dtype(DType::F32)?, &want_dx)?);
+    assert_eq!(got.weights.len(), ws.len());
+    for (g, w) in got.weights.iter().zip(&ws) {
+        let want = grads.get(w).expect("a weight's gradient");
+        let g = g
+            .as_ref()
+            .expect("a weight's gradient")
+            .to_dtype(DType::F32)?;
+        gap = gap.max(rel(&g, want)?);
+    }
+    Ok(gap)
+}
+
+/// The detached norm and MLPs on `dev` in `dtype` against their composites, with a gradient
+/// to add into: the largest gap of each.
+fn detached_gaps(dev: &Device, dtype: DType) -> Result<Vec<(&'static str, f32)>> {
+    let (b, t, c, hidden) = (2, 3, 16, 24);
+    let on = |t: Tensor| t.to_dtype(dtype)?.to_device(dev);
+    let x = on(randn(190, (b, t, c), 1.0)?)?;
+    let r = on(randn(191, (b, t, c), 1.0)?)?;
+    let into = on(randn(192, (b, t, c), 1.0)?)?;
+    let gain = (randn(193, c, 0.3)? + 1.0)?.to_device(dev)?;
+    let (gate, up) = (
+        randn(194, (hidden, c), 0.3)?.to_device(dev)?,
+        randn(195, (hidden, c), 0.3)?.to_device(dev)?,
+    );
+    let down = randn(196, (c, hidden), 0.3)?.to_device(dev)?;
+    let rows = |x: &Tensor| x.reshape((b * t, c));
+    let norm = |x: &Tensor, w: &[Tensor]| -> Result<Tensor> {
+        let ms = x.sqr()?.mean_keepdim(candle_core::D::Minus1)?;
+        x.broadcast_div(&(ms + crate::nn::NORM_EPS)?.sqrt()?)?
+            .broadcast_mul(&w[0])
+    };
+    let mut gaps = vec![(
+        "norm",
+        detached_gap(
+            rms_norm_outside(&x, &gain, crate::nn::NORM_EPS as f32)?,
+            &norm,
+            &x,
+            &r,
+            &into,
+        )?,
+    )];
+    for kind in [Kind::GeluErf, Kind::Relu2] {
+        let mlp = |x: &Tensor, w: &[Tensor]| -> Result<Tensor> {
+            let h = activation(&rows(x)?.matmul(&w[0].t()?)?, kind)?;
+            h.matmul(&w[1].t()?)?.reshape((b, t, c))
+        };
+        let d = mlp_outside(kind, &x, &up, &down)?;
+        gaps.push(("mlp", detached_gap(d, &mlp, &x, &r, &into)?));
+    }
+    let swiglu = |x: &Tensor, w: &[Tensor]| -> Result<Tensor> {
+        let x = rows(x)?;
+        let h = (x.matmul(&w[0].t()?)?.silu()? * x.matmul(&w[1].t()?)?)?;
+        h.matmul(&w[2].t()?)?.reshape((b, t, c))
+    };
+    let d = swiglu_outside(&x, &gate, &up, &down)?;
+    gaps.push(("swiglu", detached_gap(d, &swiglu, &x, &r, &into)?));
+    // The norm, then the MLP on its output: `then` chains the backward passes, `into`
+    // reaching the norm's.
+    let both = |x: &Tensor, w: &[Tensor]| -> Result<Tensor> {
+        let h = norm(x, &w[..1])?;
+        let a = activation(&rows(&h)?.matmul(&w[1].t()?)?, Kind::Relu2)?;
+        a.matmul(&w[2].t()?)?.reshape((b, t, c))
+    };
+    let normed = rms_norm_outside(&x, &gain, crate::nn::NORM_EPS as f32)?;
+    let body = mlp_outside(Kind::Relu2, &normed.y, &up, &down)?;
+    gaps.push((
+        "norm then mlp",
+        detached_gap(normed.then(body), &both, &x, &r, &into)?,
+    ));
+    Ok(gaps)
+}
+
+#[test]
+fn detached_norm_and_mlps_match_their_composites() -> Result<()> {
+    // f32 on the CPU: the same arithmetic in another order. In bf16 the detached forms round
+    // their activations and the gradient they add into; the composite runs in f32 from the
+    // same rounded inputs.
+    for (dtype, tol) in [(DType::F32, 1e-5), (DType::BF16, 2e-2)] {
+        for (what, gap) in detached_gaps(&Device::Cpu, dtype)? {
+            assert!(gap < tol, "{what} {dtype:?}: {gap}");
+        }
+    }
+    Ok(())
+}
+
+/// On a GPU: the same in bf16 and f32, through the kernels (the norm's backward adding into
+/// the gradient in place, the MLPs' input gradients added by cuBLAS in bf16).
+#[cfg(feature = "cuda")]
+#[test]
+fn detached_norm_and_mlps_on_the_gpu_match_their_composites() -> Result<()> {
+    let Some(gpu) = gpu() else {
+        return Ok(());
+    };
+    for (dtype, tol) in [(DType::F32, 1e-4), (DType::BF16, 2e-2)] {
+        for (what, gap) in detached_gaps(&gpu, dtype)? {
+            eprintln!("{what} {dtype:?}: {gap}");
+            assert!(gap < tol, "{what} {dtype:?}: {gap}");
+        }
+    }
     Ok(())
 }

@@ -9,13 +9,16 @@
 //! bounds A_r: that is what mHC's constraint fixes, and the amplification metrics show.
 
 use candle_core::{Result, Tensor, D};
-use registry::{Dims, Entry, Init, ParamBuilder, ParamDoc, Probe, Residual, Role, Spec, Stream};
+use registry::{
+    Detached, Dims, Entry, Init, ParamBuilder, ParamDoc, Probe, Residual, Role, Spec, Stream,
+};
 use serde::{Deserialize, Serialize};
 
+use super::outside::{connect_outside, fixed, projected};
 use super::{check_streams, connect, identity, merge, replicate, token_mean, Mixing};
 use crate::fused::{
     norm_proj, norm_proj_ext, pack_params, stream_coefficients, Scheme, StateGrad,
-    HC_COEF_MAX_STREAMS,
+    HC_COEF_MAX_STREAMS, MAX_STREAMS,
 };
 use crate::nn::NORM_EPS;
 
@@ -74,6 +77,27 @@ impl Connection {
             b: p.tensor("b", (n, 1), Init::Const(1.0), Role::Mixing)?,
             dynamic,
         })
+    }
+
+    /// The sublayer on `state` outside the graph through the fused ops (residual/outside.rs),
+    /// on any device.
+    fn outside(&self, state: &Tensor, f: &dyn Fn(&Tensor) -> Result<Detached>) -> Result<Detached> {
+        let coefficients = match &self.dynamic {
+            Some(d) => {
+                let parts = [&d.s_alpha, &d.s_beta, &self.a_m, &self.b, &self.a_r];
+                projected(state, &d.w, &parts, Scheme::Hc, NORM_EPS)?
+            }
+            None => {
+                let (b, t, _, _) = state.dims4()?;
+                // pre = a_m, coef = [a_r^T | b] (residual/mod.rs `connect`).
+                let build = |w: &[Tensor]| -> Result<(Tensor, Tensor)> {
+                    let coef = Tensor::cat(&[&w[1].t()?, &w[2]], 1)?;
+                    Ok((w[0].flatten_all()?, coef))
+                };
+                fixed((b, t), &[&self.a_m, &self.a_r, &self.b], &build)?
+            }
+        };
+        connect_outside(state, coefficients, f)
     }
 
     /// The mixing for one state: h = A_m^T H, H' = A_r^T H + B^T F(h), so pre = a_m, res =
@@ -144,6 +168,23 @@ impl Stream for HcStream {
 
     fn reduce(&self, state: &Tensor) -> Result<Tensor> {
         merge(state)
+    }
+
+    fn sublayer_detached(
+        &self,
+        k: usize,
+        state: &Tensor,
+        f: &dyn Fn(&Tensor) -> Result<Detached>,
+    ) -> Result<Option<Detached>> {
+        // Where `connect` takes the fused ops: on the GPU, within their numbers of streams.
+        let limit = match self.connections[k].dynamic {
+            Some(_) => HC_COEF_MAX_STREAMS,
+            None => MAX_STREAMS,
+        };
+        if !state.device().is_cuda() || self.n > limit {
+            return Ok(None);
+        }
+        self.connections[k].outside(state, f).map(Some)
     }
 
     fn probe(&self, k: usize, state: &Tensor) -> Result<Probe> {

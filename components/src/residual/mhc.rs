@@ -18,9 +18,12 @@
 //! are computed in f32 whatever the activations' dtype.
 
 use candle_core::{Result, Tensor, D};
-use registry::{Dims, Entry, Init, ParamBuilder, ParamDoc, Probe, Residual, Role, Spec, Stream};
+use registry::{
+    Detached, Dims, Entry, Init, ParamBuilder, ParamDoc, Probe, Residual, Role, Spec, Stream,
+};
 use serde::{Deserialize, Serialize};
 
+use super::outside::{connect_outside, projected};
 use super::{check_streams, connect, identity, merge, replicate, sinkhorn, token_mean, Mixing};
 use crate::fused::{
     norm_proj, norm_proj_ext, pack_params, stream_coefficients, Scheme, StateGrad,
@@ -71,6 +74,29 @@ struct MhcStream {
 }
 
 impl MhcStream {
+    /// Whether the fused ops take sublayer k's coefficients on this state (on the GPU).
+    fn fused(&self, k: usize, state: &Tensor) -> Result<bool> {
+        Ok(state.device().is_cuda()
+            && self.n <= MHC_COEF_MAX_STREAMS
+            && self.iters <= SINKHORN_MAX_ITERS
+            && self.connections[k].phi.dim(1)? <= NORM_PROJ_MAX_COLS)
+    }
+
+    /// Sublayer k outside the graph through the fused ops (residual/outside.rs), on any
+    /// device: the projection, the two coefficient ops and the mixing.
+    fn outside(
+        &self,
+        k: usize,
+        state: &Tensor,
+        f: &dyn Fn(&Tensor) -> Result<Detached>,
+    ) -> Result<Detached> {
+        let c = &self.connections[k];
+        let parts = [&c.a, &c.b_pre, &c.b_post, &c.b_res];
+        let scheme = Scheme::Mhc { iters: self.iters };
+        let coefficients = projected(state, &c.phi, &parts, scheme, NORM_EPS)?;
+        connect_outside(state, coefficients, f)
+    }
+
     /// Per-token coefficients, f32: on the GPU as the fused mixing takes them, from two ops
     /// over the projection's logits (fused/stream_coef.rs); else pre and post (B, T, n, 1) and
     /// res (B, T, n, n) from candle's ops, the arithmetic both paths are tested against.
@@ -78,11 +104,7 @@ impl MhcStream {
         let c = &self.connections[k];
         let n = self.n;
         let (b, t, _, _) = state.dims4()?;
-        let fused = state.device().is_cuda()
-            && n <= MHC_COEF_MAX_STREAMS
-            && self.iters <= SINKHORN_MAX_ITERS
-            && c.phi.dim(1)? <= NORM_PROJ_MAX_COLS;
-        if fused {
+        if self.fused(k, state)? {
             // The projection's z_ext = [z | r] as it is: the ops read the logits from its rows.
             let z = norm_proj_ext(state, &c.phi, NORM_EPS, acc)?;
             let p = pack_params(&[&c.a, &c.b_pre, &c.b_post, &c.b_res])?;
@@ -129,6 +151,18 @@ impl Stream for MhcStream {
 
     fn reduce(&self, state: &Tensor) -> Result<Tensor> {
         merge(state)
+    }
+
+    fn sublayer_detached(
+        &self,
+        k: usize,
+        state: &Tensor,
+        f: &dyn Fn(&Tensor) -> Result<Detached>,
+    ) -> Result<Option<Detached>> {
+        match self.fused(k, state)? {
+            true => self.outside(k, state, f).map(Some),
+            false => Ok(None),
+        }
     }
 
     fn probe(&self, k: usize, state: &Tensor) -> Result<Probe> {

@@ -4,6 +4,7 @@
 pub mod hc;
 pub mod laurel;
 pub mod mhc;
+mod outside;
 pub mod prenorm;
 
 use candle_core::{DType, Result, Tensor, D};

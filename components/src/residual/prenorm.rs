@@ -2,7 +2,7 @@
 //! x + F(RMSNorm(x)). One stream; the sublayer applies its own norm.
 
 use candle_core::{Result, Tensor};
-use registry::{Dims, Entry, ParamBuilder, Residual, Spec, Stream};
+use registry::{Backward, Detached, Dims, Entry, ParamBuilder, Residual, Spec, Stream};
 use serde::{Deserialize, Serialize};
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -29,6 +29,34 @@ impl Stream for Plain {
 
     fn reduce(&self, state: &Tensor) -> Result<Tensor> {
         Ok(state.clone())
+    }
+
+    fn sublayer_detached(
+        &self,
+        _k: usize,
+        state: &Tensor,
+        f: &dyn Fn(&Tensor) -> Result<Detached>,
+    ) -> Result<Option<Detached>> {
+        let Detached {
+            y,
+            weights,
+            backward,
+        } = f(state)?;
+        let next = (state + y)?;
+        // d state = g + f's input gradient, which f's backward pass (its norm's) adds into g
+        // in place: the trunk hands each gradient over once.
+        let backward: Backward = Box::new(move |g, into| {
+            let acc = match into {
+                Some(a) => (a + g)?,
+                None => g.clone(),
+            };
+            backward(g, Some(acc))
+        });
+        Ok(Some(Detached {
+            y: next,
+            weights,
+            backward,
+        }))
     }
 }
 
