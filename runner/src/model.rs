@@ -2,6 +2,7 @@
 //! residual scheme's stream, n_layers blocks of (attention, FFN) each behind its own
 //! RMSNorm, a final RMSNorm and the tied output head.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 
 use candle_core::backprop::GradStore;
@@ -61,7 +62,9 @@ impl Gpt {
             })
             .collect::<Result<Vec<_>>>()?;
         let norm_f = RmsNorm::new(dims.d_model, &p.pp("norm_f"))?;
-        let outside = wte.device().is_cuda();
+        // SWEEP_TRUNK_GRAPH=1 keeps the GPU's blocks in the graph of ops, for comparing the
+        // two paths' losses and speed (BENCHMARKS.md).
+        let outside = wte.device().is_cuda() && std::env::var_os("SWEEP_TRUNK_GRAPH").is_none();
         Ok(Self {
             wte,
             stream,
@@ -93,7 +96,21 @@ impl Gpt {
     /// with those the trunk's backward pass produced put beside them.
     pub fn gradients(&self, loss: &Tensor) -> Result<GradStore> {
         let mut grads = crate::train::backward(loss, &self.params)?;
+        let known: HashSet<_> = self.params.iter().map(|p| p.var.as_tensor().id()).collect();
         for (var, g) in self.sink.drain() {
+            if !known.contains(&var.id()) {
+                candle_core::bail!(
+                    "a trunk step gave a gradient for a tensor that is not a parameter of \
+                     the model (a detached copy of one?), shape {:?}",
+                    var.dims()
+                );
+            }
+            // Contiguous from the start of its storage, as the gradient store's own are: the
+            // multi-tensor kernels (the norm, AdamW) take each gradient as one run of values.
+            let g = match g.is_contiguous() && g.layout().start_offset() == 0 {
+                true => g,
+                false => g.force_contiguous()?,
+            };
             let total = match grads.get(&var) {
                 Some(a) => (a + g)?,
                 None => g,

@@ -196,15 +196,22 @@ impl Stream for HcStream {
     }
 }
 
-impl Residual for Hc {
-    fn build(&self, dims: &Dims, p: &ParamBuilder) -> Result<Box<dyn Stream>> {
+impl Hc {
+    /// The stream state's scheme with its parameters, one connection a sublayer.
+    fn stream(&self, dims: &Dims, p: &ParamBuilder) -> Result<HcStream> {
         let connections = (0..dims.n_sublayers())
             .map(|k| Connection::new(k, self.streams, dims, self.dynamic, &p.pp(k)))
             .collect::<Result<_>>()?;
-        Ok(Box::new(HcStream {
+        Ok(HcStream {
             n: self.streams,
             connections,
-        }))
+        })
+    }
+}
+
+impl Residual for Hc {
+    fn build(&self, dims: &Dims, p: &ParamBuilder) -> Result<Box<dyn Stream>> {
+        Ok(Box::new(self.stream(dims, p)?))
     }
 
     /// The width and depth connections on the n streams (pre: n -> 1, res: n -> n, post:
@@ -241,4 +248,39 @@ inventory::submit! {
             ParamDoc { name: "dynamic", doc: "add input-dependent coefficients s * tanh(norm(H) W)" },
         ],
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::residual::outside::check::{outside_gap, scramble};
+    use candle_core::Device;
+
+    #[test]
+    fn the_sublayer_outside_the_graph_matches_the_composite() -> Result<()> {
+        // Dynamic and static: the fused ops' CPU arithmetic, detached, against candle's
+        // composite under autograd, at parameters away from their initial values.
+        let (b, t, n, c) = (2, 3, 3, 8);
+        let dims = Dims {
+            d_model: c,
+            n_layers: 1,
+            vocab: 2,
+            seq_len: t,
+        };
+        for dynamic in [true, false] {
+            let p = ParamBuilder::new(6, &Device::Cpu);
+            let stream = Hc {
+                streams: n,
+                dynamic,
+            }
+            .stream(&dims, &p)?;
+            scramble(&p)?;
+            let outside = |s: &Tensor, f: &dyn Fn(&Tensor) -> Result<Detached>| {
+                stream.connections[0].outside(s, f)
+            };
+            let gap = outside_gap(&stream, &outside, (b, t, n, c))?;
+            assert!(gap < 1e-4, "dynamic {dynamic}: {gap}");
+        }
+        Ok(())
+    }
 }

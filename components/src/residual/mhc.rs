@@ -182,8 +182,9 @@ impl Stream for MhcStream {
     }
 }
 
-impl Residual for Mhc {
-    fn build(&self, dims: &Dims, p: &ParamBuilder) -> Result<Box<dyn Stream>> {
+impl Mhc {
+    /// The stream state's scheme with its parameters, one connection a sublayer.
+    fn stream(&self, dims: &Dims, p: &ParamBuilder) -> Result<MhcStream> {
         let n = self.streams;
         let connections = (0..dims.n_sublayers())
             .map(|k| {
@@ -206,11 +207,17 @@ impl Residual for Mhc {
                 })
             })
             .collect::<Result<_>>()?;
-        Ok(Box::new(MhcStream {
+        Ok(MhcStream {
             n,
             iters: self.sinkhorn_iters,
             connections,
-        }))
+        })
+    }
+}
+
+impl Residual for Mhc {
+    fn build(&self, dims: &Dims, p: &ParamBuilder) -> Result<Box<dyn Stream>> {
+        Ok(Box::new(self.stream(dims, p)?))
     }
 
     /// The mixing of the n streams as Hc's, and phi projecting the normed state (n C) to
@@ -236,4 +243,36 @@ inventory::submit! {
             ParamDoc { name: "sinkhorn_iters", doc: "Sinkhorn-Knopp rounds (columns, then rows)" },
         ],
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::residual::outside::check::{outside_gap, scramble};
+    use candle_core::Device;
+
+    #[test]
+    fn the_sublayer_outside_the_graph_matches_the_composite() -> Result<()> {
+        // The fused ops' CPU arithmetic, detached, against candle's composite under autograd
+        // (Sinkhorn's rounds by ops), at parameters away from their initial values; the
+        // weights' gradients found by the tensors the detached form names.
+        let (b, t, n, c) = (2, 3, 4, 8);
+        let dims = Dims {
+            d_model: c,
+            n_layers: 1,
+            vocab: 2,
+            seq_len: t,
+        };
+        let p = ParamBuilder::new(5, &Device::Cpu);
+        let stream = Mhc {
+            streams: n,
+            sinkhorn_iters: 20,
+        }
+        .stream(&dims, &p)?;
+        scramble(&p)?;
+        let outside = |s: &Tensor, f: &dyn Fn(&Tensor) -> Result<Detached>| stream.outside(0, s, f);
+        let gap = outside_gap(&stream, &outside, (b, t, n, c))?;
+        assert!(gap < 1e-4, "{gap}");
+        Ok(())
+    }
 }

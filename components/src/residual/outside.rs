@@ -59,12 +59,21 @@ pub(crate) fn projected(
     let project = NormProj { eps, acc: None };
     let z = x.apply_op2_no_bwd(&phi32, &project)?; // z_ext = [z | r], rows of phi's K
     let zt = z.reshape((b * t, ()))?; // a token's rows side by side
-    let parts: Vec<Tensor> = parts.iter().map(|p| p.detach()).collect();
-    let p = pack_params(&parts.iter().collect::<Vec<_>>())?;
+    let p = pack_params(
+        &parts
+            .iter()
+            .map(|p| p.detach())
+            .collect::<Vec<_>>()
+            .iter()
+            .collect::<Vec<_>>(),
+    )?;
     let op = move |part| StreamCoef { scheme, part, n };
     let pre = zt.apply_op2_no_bwd(&p, &op(CoefPart::Pre))?;
     let coef = zt.apply_op2_no_bwd(&p, &op(CoefPart::Res))?;
     let (pre4, coef4) = (pre.reshape((b, t, n))?, coef.reshape((b, t, n, n + 1))?);
+    // The parameters' own tensors: the step finds their gradients by them (a detached copy
+    // is another tensor).
+    let parts: Vec<Tensor> = parts.iter().map(|p| (*p).clone()).collect();
     let mut weights = vec![phi.clone()];
     weights.extend(parts.iter().cloned());
     let phi_dtype = phi.dtype();
@@ -196,6 +205,60 @@ pub(crate) fn connect_outside(
     })
 }
 
+/// Checks for the schemes' detached forms (mhc.rs, hc.rs tests).
+#[cfg(test)]
+pub(crate) mod check {
+    use super::*;
+    use crate::nn::randn;
+    use candle_core::Var;
+    use registry::{ParamBuilder, Stream};
+
+    /// Sets every parameter `p` built to random values, so that none is at a special point.
+    pub(crate) fn scramble(p: &ParamBuilder) -> Result<()> {
+        for (i, param) in p.params().iter().enumerate() {
+            let v = randn(300 + i as u64, param.var.shape().clone(), 0.5)?;
+            param.var.set(&(v + param.var.as_tensor())?)?;
+        }
+        Ok(())
+    }
+
+    /// Sublayer 0 of `stream` on a random state, by `outside` (the detached form) against
+    /// autograd through the stream's `sublayer` (the composite, on the CPU), the sublayer a
+    /// weighted copy h w: the largest gap of the next state, the state's gradient and every
+    /// weight's, each weight's looked up in the graph by the tensor the detached form names.
+    pub(crate) fn outside_gap(
+        stream: &dyn Stream,
+        outside: &dyn Fn(&Tensor, &dyn Fn(&Tensor) -> Result<Detached>) -> Result<Detached>,
+        (b, t, n, c): (usize, usize, usize, usize),
+    ) -> Result<f32> {
+        let state = Var::from_tensor(&randn(20, (b, t, n, c), 1.0)?)?;
+        let w = Var::from_tensor(&randn(21, c, 1.0)?)?;
+        let r = randn(22, (b, t, n, c), 1.0)?;
+        let detached = outside(state.as_tensor(), &tests::body(w.as_tensor()))?;
+        let wt = w.as_tensor().clone();
+        let graph = stream.sublayer(0, state.as_tensor(), &move |h| h.broadcast_mul(&wt))?;
+        let grads = (&graph * &r)?.sum_all()?.backward()?;
+        let diff = |a: &Tensor, b: &Tensor| -> Result<f32> {
+            (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()
+        };
+        let mut worst = diff(&detached.y, &graph)?;
+        let weights = detached.weights.clone();
+        let got = (detached.backward)(&r, None)?;
+        let dstate = got.input.expect("the state's gradient");
+        worst = worst.max(diff(
+            &dstate,
+            grads.get(state.as_tensor()).expect("dstate"),
+        )?);
+        for (wt, g) in weights.iter().zip(&got.weights) {
+            let want = grads
+                .get(wt)
+                .expect("every weight named is a variable of the composite's graph");
+            worst = worst.max(diff(g.as_ref().expect("a weight's gradient"), want)?);
+        }
+        Ok(worst)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -204,7 +267,7 @@ mod tests {
     use candle_core::Var;
 
     /// The sublayer both ways: y = h w (w (C,) across the channels), detached by hand.
-    fn body(w: &Tensor) -> impl Fn(&Tensor) -> Result<Detached> + '_ {
+    pub(crate) fn body(w: &Tensor) -> impl Fn(&Tensor) -> Result<Detached> + '_ {
         move |h: &Tensor| {
             let (h, wd) = (h.detach(), w.detach());
             let y = h.broadcast_mul(&wd)?;
