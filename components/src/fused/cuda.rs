@@ -317,7 +317,7 @@ pub fn rms_norm_bwd_g(
     // Tiles of NORM_G_TILE rows over at most four blocks a multiprocessor, each block summing
     // its tiles in shared memory first, so that the global atomic adds are blocks x c, not
     // rows x c.
-    const NORM_G_TILE: usize = 32;
+    const NORM_G_TILE: usize = 16;
     let cfg = LaunchConfig {
         grid_dim: (rows.div_ceil(NORM_G_TILE).min(528) as u32, 1, 1),
         block_dim: (32 * WARPS as u32, 1, 1),
@@ -457,6 +457,66 @@ pub fn activation(
         }};
     }
     Ok(by_dtype!(x.dtype(), run))
+}
+
+/// [a; b] (f32) as one bf16 run of values; see stack.rs.
+pub fn stack_cast(
+    a: &CudaStorage,
+    la: &Layout,
+    b: &CudaStorage,
+    lb: &Layout,
+) -> Result<CudaStorage> {
+    let dev = a.device();
+    let (na, nb) = (la.shape().elem_count(), lb.shape().elem_count());
+    let func = dev.get_or_load_custom_func("stack_cast_bf16", MODULE, PTX)?;
+    let cfg = LaunchConfig {
+        grid_dim: ((na + nb).div_ceil(4 * 1024).clamp(1, 65535) as u32, 1, 1),
+        block_dim: (1024, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let (av, bv) = (view::<f32>(a, la)?, view::<f32>(b, lb)?);
+    let y = out::<bf16>(dev, na + nb)?;
+    let (na64, nb64) = (na as u64, nb as u64);
+    let mut bld = func.builder();
+    bld.arg(&av).arg(&bv).arg(&y).arg(&na64).arg(&nb64);
+    // SAFETY: reads na values of a and nb of b, writes na + nb.
+    unsafe { bld.launch(cfg) }.w()?;
+    Ok(CudaStorage::wrap_cuda_slice(y, dev.clone()))
+}
+
+/// a + b elementwise, both contiguous of one dtype and size; see add.rs.
+pub fn add(a: &CudaStorage, la: &Layout, b: &CudaStorage, lb: &Layout) -> Result<CudaStorage> {
+    let dev = a.device();
+    let n = la.shape().elem_count();
+    if a.dtype() != b.dtype() || lb.shape().elem_count() != n {
+        bail!(
+            "add: {:?} {:?} and {:?} {:?}",
+            a.dtype(),
+            la.dims(),
+            b.dtype(),
+            lb.dims()
+        );
+    }
+    let func = dev.get_or_load_custom_func(&format!("add_{}", suffix(a.dtype())?), MODULE, PTX)?;
+    let pack = 16 / a.dtype().size_in_bytes();
+    let cfg = LaunchConfig {
+        grid_dim: (n.div_ceil(pack * 1024).clamp(1, 65535) as u32, 1, 1),
+        block_dim: (1024, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let size = n as u64;
+    macro_rules! run {
+        ($t:ty) => {{
+            let (av, bv) = (view::<$t>(a, la)?, view::<$t>(b, lb)?);
+            let y = out::<$t>(dev, n)?;
+            let mut bld = func.builder();
+            bld.arg(&av).arg(&bv).arg(&y).arg(&size);
+            // SAFETY: reads n values of a and b, writes the n of y.
+            unsafe { bld.launch(cfg) }.w()?;
+            CudaStorage::wrap_cuda_slice(y, dev.clone())
+        }};
+    }
+    Ok(by_dtype!(a.dtype(), run))
 }
 
 /// Gated attention's gate forward (`dout` none) or backward, [dy | dg]; see gate.rs.

@@ -147,6 +147,53 @@ __device__ void row_log_sum_exp(const T* x, int v, float* scratch, float* m_out,
     *s_out = block_sum(sum, scratch);
 }
 
+// A cross-entropy row held in registers: up to CE_PACKS 16-byte packs a thread, so that the
+// row is read from memory once (the vocabulary of GPT-2's tokenizer, 50,304 bf16 logits, is
+// 6,288 packs: seven a thread of a 1024-thread block).
+#define CE_PACKS 8
+
+template <typename T>
+struct CeRow {
+    Pack<T> k[CE_PACKS];
+    float m, sum;
+};
+
+// Whether the row of v logits at x fits the register path.
+template <typename T>
+__device__ __forceinline__ bool ce_fits(const T* x, int v) {
+    constexpr int V = Pack<T>::N;
+    return v % V == 0 && aligned16(x) && v / V <= CE_PACKS * (int)blockDim.x;
+}
+
+// Loads the row and takes its max and sum of exp(x - max) from the registers.
+template <typename T>
+__device__ void ce_load(const T* x, int v, float* scratch, CeRow<T>& row) {
+    constexpr int V = Pack<T>::N;
+    int packs = v / V;
+    float m = -INFINITY;
+#pragma unroll
+    for (int i = 0; i < CE_PACKS; ++i) {
+        int p = threadIdx.x + i * blockDim.x;
+        if (p < packs) {
+            row.k[i] = load_pack(x, p);
+#pragma unroll
+            for (int e = 0; e < V; ++e) m = fmaxf(m, to_f(row.k[i].v[e]));
+        }
+    }
+    m = block_max(m, scratch);
+    float sum = 0.0f;
+#pragma unroll
+    for (int i = 0; i < CE_PACKS; ++i) {
+        int p = threadIdx.x + i * blockDim.x;
+        if (p < packs) {
+#pragma unroll
+            for (int e = 0; e < V; ++e) sum += __expf(to_f(row.k[i].v[e]) - m);
+        }
+    }
+    row.m = m;
+    row.sum = block_sum(sum, scratch);
+}
+
 // Logits (rows, v) and targets (rows) -> loss (rows) = logsumexp(x) - x[target], in f32.
 template <typename T>
 __device__ void cross_entropy_fwd(const T* logits, const uint32_t* targets, float* loss, int v) {
@@ -154,7 +201,14 @@ __device__ void cross_entropy_fwd(const T* logits, const uint32_t* targets, floa
     size_t row = blockIdx.x;
     const T* x = logits + row * v;
     float m, sum;
-    row_log_sum_exp(x, v, scratch, &m, &sum);
+    if (ce_fits(x, v)) {
+        CeRow<T> r;
+        ce_load(x, v, scratch, r);
+        m = r.m;
+        sum = r.sum;
+    } else {
+        row_log_sum_exp(x, v, scratch, &m, &sum);
+    }
     if (threadIdx.x == 0) loss[row] = logf(sum) + m - to_f(x[targets[row]]);
 }
 
@@ -166,10 +220,32 @@ __device__ void cross_entropy_bwd(const T* logits, const uint32_t* targets, cons
     size_t row = blockIdx.x;
     const T* x = logits + row * v;
     T* out = grad + row * v;
+    uint32_t t = targets[row];
+    if (ce_fits(x, v) && aligned16(out)) {
+        constexpr int V = Pack<T>::N;
+        CeRow<T> r;
+        ce_load(x, v, scratch, r);
+        float scale = g[row] / r.sum;
+        int packs = v / V;
+#pragma unroll
+        for (int i = 0; i < CE_PACKS; ++i) {
+            int p = threadIdx.x + i * blockDim.x;
+            if (p < packs) {
+                Pack<T> o;
+#pragma unroll
+                for (int e = 0; e < V; ++e) {
+                    int j = p * V + e;
+                    float d = __expf(to_f(r.k[i].v[e]) - r.m) * scale - (j == (int)t ? g[row] : 0.0f);
+                    o.v[e] = from_f<T>(d);
+                }
+                store_pack(out, p, o);
+            }
+        }
+        return;
+    }
     float m, sum;
     row_log_sum_exp(x, v, scratch, &m, &sum);
     float scale = g[row] / sum;
-    uint32_t t = targets[row];
     for (int j = threadIdx.x; j < v; j += blockDim.x) {
         float d = __expf(to_f(x[j]) - m) * scale - (j == (int)t ? g[row] : 0.0f);
         out[j] = from_f<T>(d);
@@ -293,16 +369,20 @@ __device__ void rms_norm_bwd_x(const T* x, const float* g, const T* dy, const T*
 
 // dg[j] = sum over rows of dy[., j] xh[., j]. A block takes NORM_G_TILE rows at a time: its
 // warps first put the rows' 1 / rms in shared memory, then each thread adds up its own columns
-// over the tile (coalesced reads, no atomics), keeping the sums in shared memory; the block adds
-// them to dg (zeroed by the caller) once. (An earlier version gave each warp whole rows and had
+// (a 16-byte pack of them where the rows allow) over the tile, coalesced and without atomics,
+// keeping the sums in shared memory; the block adds them to dg (zeroed by the caller) once. (An earlier version gave each warp whole rows and had
 // the block's warps meet in shared-memory atomics: a tenth of the bandwidth.)
-#define NORM_G_TILE 32
+#define NORM_G_TILE 16
 template <typename T>
 __device__ void rms_norm_bwd_g(const T* x, const T* dy, float* dg, int rows, int c, float eps) {
+    constexpr int V = Pack<T>::N;
     extern __shared__ float acc[];  // c floats, then NORM_G_TILE
     float* rs = acc + c;
     for (int j = threadIdx.x; j < c; j += blockDim.x) acc[j] = 0.0f;
     int warps = blockDim.x / 32, warp = threadIdx.x / 32;
+    // Rows of whole 16-byte packs: each thread sums a pack of columns (all rows start
+    // aligned when the first does and c is a multiple of the pack).
+    int packs = (c % V == 0 && aligned16(x) && aligned16(dy)) ? c / V : 0;
     for (int r0 = blockIdx.x * NORM_G_TILE; r0 < rows; r0 += gridDim.x * NORM_G_TILE) {
         int n = min(NORM_G_TILE, rows - r0);
         __syncthreads();  // the previous tile's rs are no longer read
@@ -311,7 +391,20 @@ __device__ void rms_norm_bwd_g(const T* x, const T* dy, float* dg, int rows, int
             if (threadIdx.x % 32 == 0) rs[i] = r;
         }
         __syncthreads();
-        for (int j = threadIdx.x; j < c; j += blockDim.x) {
+        for (int p = threadIdx.x; p < packs; p += blockDim.x) {
+            float s[V];
+#pragma unroll
+            for (int e = 0; e < V; ++e) s[e] = 0.0f;
+            for (int i = 0; i < n; ++i) {
+                size_t row = (size_t)(r0 + i) * c;
+                Pack<T> xk = load_pack(x + row, p), dk = load_pack(dy + row, p);
+#pragma unroll
+                for (int e = 0; e < V; ++e) s[e] += to_f(dk.v[e]) * to_f(xk.v[e]) * rs[i];
+            }
+#pragma unroll
+            for (int e = 0; e < V; ++e) acc[p * V + e] += s[e];
+        }
+        for (int j = packs * V + threadIdx.x; j < c; j += blockDim.x) {
             float s = 0.0f;
             for (int i = 0; i < n; ++i) {
                 size_t k = (size_t)(r0 + i) * c + j;
@@ -413,6 +506,50 @@ __device__ void act_bwd(const T* x, const T* dy, T* dx, size_t n, int kind) {
     }
 
 FOR_DTYPES(ACT_KERNELS)
+
+// out = a + b, elementwise: the residual's sum, 16 bytes a thread (candle's own add moves a
+// value a thread through its strided-index path).
+#define ADD_KERNELS(NAME, T)                                                                  \
+    extern "C" __global__ void add_##NAME(const T* a, const T* b, T* out, size_t n) {          \
+        constexpr int V = Pack<T>::N;                                                         \
+        size_t stride = (size_t)gridDim.x * blockDim.x;                                       \
+        size_t first = (size_t)blockIdx.x * blockDim.x + threadIdx.x;                         \
+        size_t packs = (aligned16(a) && aligned16(b) && aligned16(out)) ? n / V : 0;          \
+        for (size_t i = first; i < packs; i += stride) {                                      \
+            Pack<T> x = load_pack(a, i), y = load_pack(b, i);                                 \
+            _Pragma("unroll") for (int e = 0; e < V; ++e)                                     \
+                x.v[e] = from_f<T>(to_f(x.v[e]) + to_f(y.v[e]));                              \
+            store_pack(out, i, x);                                                            \
+        }                                                                                     \
+        for (size_t i = packs * V + first; i < n; i += stride)                                \
+            out[i] = from_f<T>(to_f(a[i]) + to_f(b[i]));                                      \
+    }
+
+FOR_DTYPES(ADD_KERNELS)
+
+// [a; b] of f32 values a (na) and b (nb) cast to bf16 in one pass: SwiGLU's gate and up
+// weights as the one matrix its GEMM takes, where two casts and a concatenation moved the
+// bf16 copy twice more. Four values a thread (16 bytes read, 8 written) where na allows.
+extern "C" __global__ void stack_cast_bf16(const float* a, const float* b, __nv_bfloat16* out,
+                                           size_t na, size_t nb) {
+    size_t stride = (size_t)gridDim.x * blockDim.x;
+    size_t first = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    size_t n = na + nb;
+    bool quads = na % 4 == 0 && nb % 4 == 0 && aligned16(a) && aligned16(b);
+    size_t fours = quads ? n / 4 : 0;
+    for (size_t q = first; q < fours; q += stride) {
+        size_t i = q * 4;
+        float4 v = i < na ? reinterpret_cast<const float4*>(a)[q]
+                          : reinterpret_cast<const float4*>(b)[(i - na) / 4];
+        __nv_bfloat162 lo = __floats2bfloat162_rn(v.x, v.y), hi = __floats2bfloat162_rn(v.z, v.w);
+        uint2 packed;
+        packed.x = *reinterpret_cast<uint32_t*>(&lo);
+        packed.y = *reinterpret_cast<uint32_t*>(&hi);
+        reinterpret_cast<uint2*>(out)[q] = packed;
+    }
+    for (size_t i = fours * 4 + first; i < n; i += stride)
+        out[i] = __float2bfloat16(i < na ? a[i] : b[i - na]);
+}
 
 // SwiGLU's gate on the MLP's hidden rows h = [g | u] (rows, 2 hidden): y = silu(g) u, and its
 // backward dg = dy u silu'(g), du = dy silu(g), with silu'(g) = s (1 + g (1 - s)), s = sigmoid(g).

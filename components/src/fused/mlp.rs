@@ -224,7 +224,7 @@ pub fn swiglu_outside(x: &Tensor, gate: &Tensor, up: &Tensor, down: &Tensor) -> 
             up.dtype()
         );
     }
-    let stacked = Tensor::cat(&[&like(gate, x)?, &like(up, x)?], 0)?;
+    let stacked = super::stack_as(gate, up, x.dtype())?;
     let weights = vec![gate.clone(), up.clone(), down.clone()];
     let dtypes = (gate.dtype(), down.dtype());
     let casts = (stacked, like(down, x)?);

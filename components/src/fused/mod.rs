@@ -41,6 +41,7 @@
 
 mod activation;
 mod adam;
+mod add;
 mod attention;
 mod attention_sublayer;
 #[cfg(feature = "cuda")]
@@ -59,11 +60,13 @@ mod node;
 mod norm;
 mod norm_proj;
 mod sinkhorn;
+mod stack;
 mod stream_coef;
 mod streams;
 
 pub use activation::{Activation, ActivationBwd, Kind};
 pub use adam::{adam_step, AdamPart, AdamSlot, AdamStep, AdamUpdate};
+pub use add::{add_outside, Add};
 pub use attention::CausalAttention;
 pub use attention_sublayer::{
     attention_sublayer, attention_sublayer_detached, sublayer_fits, AttentionPlan, AttentionWeights,
@@ -90,6 +93,7 @@ pub use norm_proj::{
     norm_proj, norm_proj_ext, NormProj, NormProjBwdPhi, NormProjBwdX, NORM_PROJ_MAX_COLS,
 };
 pub use sinkhorn::{Sinkhorn, SinkhornBwd, SINKHORN_MAX_ITERS, SINKHORN_MAX_STREAMS};
+pub use stack::{stack_as, StackCast};
 pub use stream_coef::{
     pack_params, stream_coefficients, CoefPart, Scheme, StreamCoef, StreamCoefBwd,
     HC_COEF_MAX_STREAMS, MHC_COEF_MAX_STREAMS,

@@ -151,22 +151,27 @@ fn cuda_kernels_match_the_cpu_ops() -> Result<()> {
                 "{dtype:?} {shape:?} softmax grad"
             );
         }
-        // The GPT-2 vocabulary: 50304 logits a row.
-        let (rows, v) = (64, 50304);
-        let logits = (randn(3, (rows, v), 1.0)? * 2.0)?.to_dtype(dtype)?;
-        let targets: Vec<u32> = (0..rows as u32).map(|i| (i * 7919) % v as u32).collect();
-        let t = Tensor::new(targets.as_slice(), &Device::Cpu)?;
-        let run = |d: &Device| -> Result<(Tensor, Tensor)> {
-            let x = Var::from_tensor(&logits.to_device(d)?)?;
-            let l = x.as_tensor().apply_op2(&t.to_device(d)?, CrossEntropy)?;
-            let g = l.sum_all()?.backward()?.get(x.as_tensor()).unwrap().clone();
-            Ok((l.to_device(&Device::Cpu)?, g.to_device(&Device::Cpu)?))
-        };
-        let ((l1, g1), (l2, g2)) = (run(&Device::Cpu)?, run(&gpu)?);
-        assert!(max_diff(&l1, &l2)? < 1e-3, "{dtype:?} cross-entropy");
-        // The target's entry is p - 1, near -1: bf16 keeps it to 2^-8.
-        let gtol = if dtype == DType::F32 { 1e-5 } else { 1e-2 };
-        assert!(max_diff(&g1, &g2)? < gtol, "{dtype:?} cross-entropy grad");
+        // The GPT-2 vocabulary: 50304 logits a row (held in registers), 256 (bytes, few
+        // threads) and 1001 (no whole number of packs: the looping path).
+        for (rows, v) in [(64, 50304), (9, 256), (7, 1001)] {
+            let logits = (randn(3, (rows, v), 1.0)? * 2.0)?.to_dtype(dtype)?;
+            let targets: Vec<u32> = (0..rows as u32).map(|i| (i * 7919) % v as u32).collect();
+            let t = Tensor::new(targets.as_slice(), &Device::Cpu)?;
+            let run = |d: &Device| -> Result<(Tensor, Tensor)> {
+                let x = Var::from_tensor(&logits.to_device(d)?)?;
+                let l = x.as_tensor().apply_op2(&t.to_device(d)?, CrossEntropy)?;
+                let g = l.sum_all()?.backward()?.get(x.as_tensor()).unwrap().clone();
+                Ok((l.to_device(&Device::Cpu)?, g.to_device(&Device::Cpu)?))
+            };
+            let ((l1, g1), (l2, g2)) = (run(&Device::Cpu)?, run(&gpu)?);
+            assert!(max_diff(&l1, &l2)? < 1e-3, "{dtype:?} {v} cross-entropy");
+            // The target's entry is p - 1, near -1: bf16 keeps it to 2^-8.
+            let gtol = if dtype == DType::F32 { 1e-5 } else { 1e-2 };
+            assert!(
+                max_diff(&g1, &g2)? < gtol,
+                "{dtype:?} {v} cross-entropy grad"
+            );
+        }
         // RMSNorm: model rows (768) with a gain, and head rows (64) without.
         // 17,000 rows: a partial tile of the gain's kernel and blocks taking several tiles.
         // (300, 100): rows of no whole number of 16-byte packs, read a value at a time.
@@ -2063,6 +2068,92 @@ fn detached_norm_and_mlps_on_the_gpu_match_their_composites() -> Result<()> {
             eprintln!("{what} {dtype:?}: {gap}");
             assert!(gap < tol, "{what} {dtype:?}: {gap}");
         }
+    }
+    Ok(())
+}
+
+/// On a GPU: the residual's sum and the norm's input gradient added in place, against their
+/// CPU ops, at rows of whole 16-byte packs and not (the kernels' two paths), f32 and bf16.
+#[cfg(feature = "cuda")]
+#[test]
+fn add_and_norm_into_kernels_match_the_cpu_ops() -> Result<()> {
+    let Some(gpu) = gpu() else {
+        return Ok(());
+    };
+    for dtype in [DType::F32, DType::BF16] {
+        let tol = if dtype == DType::F32 { 1e-5 } else { 3e-2 };
+        for shape in [(512, 2048), (300, 100), (17, 7)] {
+            let on = |t: Tensor, d: &Device| t.to_dtype(dtype)?.to_device(d);
+            let (a, b) = (randn(200, shape, 1.0)?, randn(201, shape, 1.0)?);
+            let (x, dy, acc) = (
+                randn(202, shape, 1.0)?,
+                randn(203, shape, 1.0)?,
+                randn(204, shape, 1.0)?,
+            );
+            let gain = randn(205, shape.1, 1.0)?;
+            let run = |d: &Device| -> Result<Vec<Tensor>> {
+                let sum = on(a.clone(), d)?.apply_op2_no_bwd(&on(b.clone(), d)?, &Add)?;
+                let into = on(acc.clone(), d)?;
+                let op = RmsNormBwdXInto {
+                    eps: 1e-6,
+                    gain: gain.to_device(d)?,
+                };
+                into.inplace_op3(&on(x.clone(), d)?, &on(dy.clone(), d)?, &op)?;
+                [sum, into]
+                    .iter()
+                    .map(|t| t.to_device(&Device::Cpu))
+                    .collect()
+            };
+            let (cpu, cuda) = (run(&Device::Cpu)?, run(&gpu)?);
+            for (i, (c, g)) in cpu.iter().zip(&cuda).enumerate() {
+                let d = max_diff(c, g)?;
+                assert!(d < tol, "{dtype:?} {shape:?} #{i}: {d}");
+            }
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn the_residual_sum_op_adds() -> Result<()> {
+    let a = Tensor::new(&[[1f32, 2.0], [3.0, -4.0]], &Device::Cpu)?;
+    let b = Tensor::new(&[[0.5f32, -2.0], [1.0, 4.0]], &Device::Cpu)?;
+    let s = a.apply_op2_no_bwd(&b, &Add)?;
+    assert_eq!(s.to_vec2::<f32>()?, vec![vec![1.5, 0.0], vec![4.0, 0.0]]);
+    assert!(a.apply_op2_no_bwd(&b.t()?.narrow(0, 0, 1)?, &Add).is_err());
+    Ok(())
+}
+
+#[test]
+fn stacking_two_weights_in_bf16_is_their_casts_concatenated() -> Result<()> {
+    let (a, b) = (randn(210, (3, 5), 1.0)?, randn(211, (2, 5), 1.0)?);
+    let want = Tensor::cat(&[&a.to_dtype(DType::BF16)?, &b.to_dtype(DType::BF16)?], 0)?;
+    let got = a.apply_op2_no_bwd(&b, &StackCast)?;
+    assert_eq!(got.dtype(), DType::BF16);
+    assert_eq!(max_diff(&got, &want)?, 0.0);
+    assert!(a.apply_op2_no_bwd(&b.t()?, &StackCast).is_err());
+    Ok(())
+}
+
+/// On a GPU: the stacking kernel against its CPU op, bit for bit (both round to nearest),
+/// at rows of whole quads of values and not.
+#[cfg(feature = "cuda")]
+#[test]
+fn the_stacking_kernel_matches_the_cpu_op() -> Result<()> {
+    let Some(gpu) = gpu() else {
+        return Ok(());
+    };
+    for (ra, rb, c) in [(300, 200, 64), (3, 2, 5)] {
+        let (a, b) = (randn(212, (ra, c), 1.0)?, randn(213, (rb, c), 1.0)?);
+        let cpu = a.apply_op2_no_bwd(&b, &StackCast)?;
+        let cuda = a
+            .to_device(&gpu)?
+            .apply_op2_no_bwd(&b.to_device(&gpu)?, &StackCast)?;
+        assert_eq!(
+            max_diff(&cpu, &cuda.to_device(&Device::Cpu)?)?,
+            0.0,
+            "{ra} {rb} {c}"
+        );
     }
     Ok(())
 }

@@ -42,7 +42,7 @@ impl Stream for Plain {
             weights,
             backward,
         } = f(state)?;
-        let next = (state + y)?;
+        let next = crate::fused::add_outside(state, &y)?;
         // d state = g + f's input gradient, which f's backward pass (its norm's) adds into g
         // in place: the trunk hands each gradient over once.
         let backward: Backward = Box::new(move |g, into| {
