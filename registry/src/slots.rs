@@ -158,6 +158,17 @@ pub trait Stream: Send + Sync {
     /// Turns the state back into one (B, T, C) stream for the final norm and the head.
     fn reduce(&self, state: &Tensor) -> Result<Tensor>;
 
+    /// [`Stream::expand`] outside the autograd graph, with its backward pass; None where the
+    /// scheme has no such form (the trunk then runs `expand` under a graph of its own).
+    fn expand_detached(&self, _x: &Tensor) -> Result<Option<Detached>> {
+        Ok(None)
+    }
+
+    /// [`Stream::reduce`] outside the autograd graph, likewise.
+    fn reduce_detached(&self, _state: &Tensor) -> Result<Option<Detached>> {
+        Ok(None)
+    }
+
     /// [`Stream::sublayer`] outside the autograd graph: the next state and the backward
     /// pass to the state's gradient and the scheme's and the sublayer's weights'. `f` is the
     /// sublayer with its pre-norm, detached in turn. None where the scheme has no such form

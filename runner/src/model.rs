@@ -13,7 +13,7 @@ use registry::{Detached, Dims, Init, Param, ParamBuilder, Role, Stream, Sublayer
 
 use crate::amplification::{rms, Amplification};
 use crate::spec::Cell;
-use crate::trunk::{local, trunk, BlockFn, Sink, Step};
+use crate::trunk::{local, loss_outside, reshaped, trunk, BlockFn, Model, Sink, Step};
 use results::ParamCount;
 
 struct Block {
@@ -159,6 +159,9 @@ impl Gpt {
     /// Mean cross-entropy in nats per token of next tokens `targets` (B, T) given `idx`.
     pub fn loss(&self, idx: &Tensor, targets: &Tensor) -> Result<Tensor> {
         let targets = targets.flatten_all()?;
+        if self.outside || self.recompute {
+            return self.loss_outside(idx, &targets)? / targets.elem_count() as f64;
+        }
         let sum = if idx.device().is_cuda() {
             // The logits never reach the autograd graph (see fused::linear_cross_entropy_sum);
             // the CPU keeps the composite, whose numbers the README reports.
@@ -168,6 +171,59 @@ impl Gpt {
             cross_entropy_sum(&self.logits(idx)?, &targets)?
         };
         sum / targets.elem_count() as f64
+    }
+
+    /// The summed loss with the whole model outside the graph, one node of it over the
+    /// embedding's weight (trunk.rs `loss_outside`): its backward pass gives every gradient
+    /// to the sink, none to candle's gradient store.
+    fn loss_outside(&self, idx: &Tensor, targets: &Tensor) -> Result<Tensor> {
+        let (b, t) = idx.dims2()?;
+        let c = self.wte.dim(1)?;
+        let stream = &*self.stream;
+        let expand = |x: &Tensor| -> Result<Detached> {
+            match stream.expand_detached(x)? {
+                Some(d) => Ok(d),
+                None => local(&|x| stream.expand(x), x),
+            }
+        };
+        let head = |s: &Tensor| -> Result<Detached> {
+            // On the GPU each part has its detached form; else one graph of their own, the
+            // composite (whose numbers the CPU reports).
+            if let Some(reduced) = stream.reduce_detached(s)? {
+                if let Some(normed) = self.norm_f.detached(&reduced.y)? {
+                    let rows = reshaped(&normed.y, (b * t, c))?;
+                    let loss = components::fused::linear_cross_entropy_outside(
+                        &rows.y, &self.wte, targets,
+                    )?;
+                    return Ok(reduced.then(normed).then(rows).then(loss));
+                }
+            }
+            let composite = |s: &Tensor| -> Result<Tensor> {
+                let x = self
+                    .norm_f
+                    .forward(&stream.reduce(s)?)?
+                    .reshape((b * t, c))?;
+                if x.device().is_cuda() {
+                    return components::fused::linear_cross_entropy_sum(&x, &self.wte, targets);
+                }
+                cross_entropy_sum(&x.matmul(&self.wte.to_dtype(self.compute)?.t()?)?, targets)
+            };
+            local(&composite, s)
+        };
+        let (stream, blocks) = (self.stream.clone(), self.blocks.clone());
+        let block: BlockFn = Arc::new(move |l, s| block_outside(&*stream, &blocks[l], l, s));
+        let model = Model {
+            wte: &self.wte,
+            ids: &idx.flatten_all()?,
+            shape: (b, t),
+            compute: self.compute,
+            expand: &expand,
+            blocks: self.blocks.len(),
+            block,
+            recompute: self.recompute,
+            head: &head,
+        };
+        loss_outside(model, self.sink.clone())
     }
 
     /// The stream amplification of the residual path on a batch (see [`Amplification`]).

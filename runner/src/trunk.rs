@@ -16,8 +16,8 @@
 
 use std::sync::{Arc, Mutex};
 
-use candle_core::{bail, CpuStorage, CustomOp1, Layout, Result, Shape, Tensor, Var};
-use components::fused::{scalar_zero_cpu, HandOver};
+use candle_core::{bail, CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor, Var};
+use components::fused::{scalar_zero_cpu, Embedding, EmbeddingAdd, EmbeddingBwd, HandOver};
 use registry::{add_into, Backward, Detached, Grads};
 
 /// One sublayer's backward pass and the weights whose gradients it gives.
@@ -64,15 +64,14 @@ enum Tape {
     Input(Tensor),
 }
 
-/// `blocks` blocks on `state` as one node of the graph; `recompute` keeps each block's input
-/// instead of its activations.
-pub(crate) fn trunk(
+/// The blocks on `state` outside the graph: the last state and what the backward pass needs
+/// of each block.
+fn run_blocks(
     state: &Tensor,
     blocks: usize,
-    block: BlockFn,
+    block: &BlockFn,
     recompute: bool,
-    sink: Sink,
-) -> Result<Tensor> {
+) -> Result<(Tensor, Vec<Tape>)> {
     let mut s = state.detach();
     let mut tape = Vec::with_capacity(blocks);
     for l in 0..blocks {
@@ -83,6 +82,67 @@ pub(crate) fn trunk(
         });
         s = next;
     }
+    Ok((s, tape))
+}
+
+/// Hands each step's weights' gradients to the sink, and returns the gradient of the step's
+/// input.
+fn back_through_step(step: Step, g: &Tensor, sink: &Sink, what: &str) -> Result<Tensor> {
+    let Grads { input, weights } = (step.backward)(g, None)?;
+    if weights.len() != step.weights.len() {
+        bail!(
+            "trunk: {what} gave {} weight gradients for {} weights",
+            weights.len(),
+            step.weights.len()
+        );
+    }
+    for (w, dw) in step.weights.into_iter().zip(weights) {
+        if let Some(dw) = dw {
+            sink.push(w, dw);
+        }
+    }
+    input
+        .ok_or_else(|| candle_core::Error::Msg(format!("trunk: {what} gave its input no gradient")))
+}
+
+/// The backward pass through the blocks from the last state's gradient `g` (the caller's
+/// own: the steps may write it in place) to the first state's.
+fn back_through_blocks(
+    tape: Vec<Tape>,
+    block: &BlockFn,
+    mut g: Tensor,
+    sink: &Sink,
+) -> Result<Tensor> {
+    for (l, kept) in tape.into_iter().enumerate().rev() {
+        let steps = match kept {
+            Tape::Kept(steps) => steps,
+            Tape::Input(input) => block(l, &input)?.1,
+        };
+        for step in steps.into_iter().rev() {
+            g = back_through_step(step, &g, sink, &format!("block {l}"))?;
+        }
+    }
+    Ok(g)
+}
+
+/// A gradient of our own: the steps may write the gradient they are handed in place.
+fn own(grad: &Tensor) -> Result<Tensor> {
+    match grad.is_contiguous() {
+        true => grad.copy(),
+        false => grad.contiguous(),
+    }
+}
+
+/// `blocks` blocks on `state` as one node of the graph; `recompute` keeps each block's input
+/// instead of its activations.
+pub(crate) fn trunk(
+    state: &Tensor,
+    blocks: usize,
+    block: BlockFn,
+    recompute: bool,
+    sink: Sink,
+) -> Result<Tensor> {
+    let (s, tape) = run_blocks(state, blocks, &block, recompute)?;
     let op = Trunk {
         out: HandOver::new(&s)?,
         tape: Mutex::new(Some(tape)),
@@ -122,38 +182,140 @@ impl CustomOp1 for Trunk {
         let Some(tape) = self.tape.lock().expect("the lock is never poisoned").take() else {
             bail!("trunk: a second backward pass");
         };
-        // A copy of our own: the steps may write the gradient they are handed in place.
-        let mut g = match grad.is_contiguous() {
-            true => grad.copy()?,
-            false => grad.contiguous()?,
+        back_through_blocks(tape, &self.block, own(grad)?, &self.sink).map(Some)
+    }
+}
+
+/// The whole loss outside the graph, from the token embedding to the head: what
+/// [`loss_outside`] runs.
+pub(crate) struct Model<'a> {
+    /// The tied embedding and head (V, C), f32.
+    pub wte: &'a Tensor,
+    /// The tokens' ids (N,) u32 and their (B, T).
+    pub ids: &'a Tensor,
+    pub shape: (usize, usize),
+    /// The blocks' dtype.
+    pub compute: DType,
+    /// The embedding (B, T, C) to the first state.
+    pub expand: &'a dyn Fn(&Tensor) -> Result<Detached>,
+    pub blocks: usize,
+    pub block: BlockFn,
+    pub recompute: bool,
+    /// The last state to the summed loss (a scalar), the head's weight among its weights.
+    pub head: &'a dyn Fn(&Tensor) -> Result<Detached>,
+}
+
+/// The summed loss of `m` as one node of the graph over the embedding's weight: its
+/// backward pass runs the head's, the blocks' and the embedding's, and hands every
+/// parameter's gradient to `sink` (the embedding's rows added into the tied head's gradient
+/// in place), none to the graph.
+pub(crate) fn loss_outside(m: Model, sink: Sink) -> Result<Tensor> {
+    let (b, t) = m.shape;
+    let c = m.wte.dim(1)?;
+    let rows = m.wte.detach().apply_op2_no_bwd(m.ids, &Embedding)?;
+    let x = rows.reshape((b, t, c))?.to_dtype(m.compute)?;
+    let expand = (m.expand)(&x)?;
+    let (last, tape) = run_blocks(&expand.y, m.blocks, &m.block, m.recompute)?;
+    let head = (m.head)(&last)?;
+    let op = Whole {
+        out: HandOver::new(&head.y)?,
+        parts: Mutex::new(Some(Parts {
+            expand: expand.into(),
+            tape,
+            head: head.into(),
+        })),
+        block: m.block,
+        ids: m.ids.clone(),
+        sink,
+    };
+    m.wte.apply_op1(op)
+}
+
+/// What [`Whole`]'s backward pass runs.
+struct Parts {
+    expand: Step,
+    tape: Vec<Tape>,
+    head: Step,
+}
+
+struct Whole {
+    out: HandOver,
+    parts: Mutex<Option<Parts>>,
+    block: BlockFn,
+    ids: Tensor,
+    sink: Sink,
+}
+
+impl CustomOp1 for Whole {
+    fn name(&self) -> &'static str {
+        "model"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        self.out.cpu()
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        self.out.cuda()
+    }
+
+    fn bwd(&self, wte: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let Some(parts) = self
+            .parts
+            .lock()
+            .expect("the lock is never poisoned")
+            .take()
+        else {
+            bail!("model: a second backward pass");
         };
-        for (l, kept) in tape.into_iter().enumerate().rev() {
-            let steps = match kept {
-                Tape::Kept(steps) => steps,
-                Tape::Input(input) => (self.block)(l, &input)?.1,
-            };
-            for step in steps.into_iter().rev() {
-                let Grads { input, weights } = (step.backward)(&g, None)?;
-                if weights.len() != step.weights.len() {
-                    bail!(
-                        "trunk: block {l} gave {} weight gradients for {} weights",
-                        weights.len(),
-                        step.weights.len()
-                    );
-                }
-                for (w, dw) in step.weights.into_iter().zip(weights) {
-                    if let Some(dw) = dw {
-                        self.sink.push(w, dw);
-                    }
-                }
-                g = match input {
-                    Some(d) => d,
-                    None => bail!("trunk: block {l} gave the stream state no gradient"),
+        // The head's gradients stay here until the embedding's rows are added to wte's.
+        let head = Sink::default();
+        let g = back_through_step(parts.head, grad, &head, "the head")?;
+        let g = back_through_blocks(parts.tape, &self.block, g, &self.sink)?;
+        let dx = back_through_step(parts.expand, &g, &self.sink, "the stream's expand")?;
+        let c = wte.dim(1)?;
+        let rows = dx.to_dtype(DType::F32)?.reshape(((), c))?;
+        let mut added = false;
+        for (w, dw) in head.drain() {
+            if w.id() == wte.id() && !added {
+                let dw = match dw.is_contiguous() && dw.layout().start_offset() == 0 {
+                    true => dw,
+                    false => dw.force_contiguous()?,
                 };
+                dw.inplace_op3(&rows, &self.ids, &EmbeddingAdd)?;
+                added = true;
+                self.sink.push(w, dw);
+            } else {
+                self.sink.push(w, dw);
             }
         }
-        Ok(Some(g))
+        if !added {
+            let dense = rows.apply_op2_no_bwd(&self.ids, &EmbeddingBwd { vocab: wte.dim(0)? })?;
+            self.sink.push(wte.clone(), dense);
+        }
+        Ok(None)
     }
+}
+
+/// `x` reshaped to `shape` outside the graph; the gradient reshaped back.
+pub(crate) fn reshaped(x: &Tensor, shape: (usize, usize)) -> Result<Detached> {
+    let back = x.shape().clone();
+    let backward: Backward = Box::new(move |g, into| {
+        Ok(Grads {
+            input: Some(add_into(g.reshape(back)?, into)?),
+            weights: Vec::new(),
+        })
+    });
+    Ok(Detached {
+        y: x.reshape(shape)?,
+        weights: Vec::new(),
+        backward,
+    })
 }
 
 /// `f` on `x` under a graph of its own: its output and a backward pass that seeds that graph

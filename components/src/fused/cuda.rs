@@ -386,6 +386,32 @@ pub fn embedding_bwd(
     Ok(CudaStorage::wrap_cuda_slice(dw, dev.clone()))
 }
 
+/// dw[ids[i]] += rows[i] in place on the (vocab, C) f32 gradient dw (embedding.rs).
+pub fn embedding_add(
+    (dw, ldw): (&mut CudaStorage, &Layout),
+    (rows, lrows): (&CudaStorage, &Layout),
+    (ids, lids): (&CudaStorage, &Layout),
+    n: usize,
+    c: usize,
+) -> Result<()> {
+    use candle_core::cuda_backend::cudarc::driver::DevicePtrMut;
+    let dev = rows.device().clone();
+    let stream = dev.cuda_stream();
+    let func = dev.get_or_load_custom_func("embedding_bwd", MODULE, PTX)?;
+    let (rv, iv) = (view::<f32>(rows, lrows)?, view::<u32>(ids, lids)?);
+    let Some((start, end)) = ldw.contiguous_offsets() else {
+        bail!("embedding-add: the gradient must be contiguous");
+    };
+    let mut d = dw.as_cuda_slice_mut::<f32>()?.slice_mut(start..end);
+    let (dp, _guard) = d.device_ptr_mut(&stream);
+    let (n32, c32) = (n as i32, c as i32);
+    let mut b = func.builder();
+    b.arg(&rv).arg(&iv).arg(&dp).arg(&n32).arg(&c32);
+    // SAFETY: ids below dw's rows (checked by the caller's embedding); adds n * c values.
+    unsafe { b.launch(flat_config(n * c)) }.w()?;
+    Ok(())
+}
+
 /// act(x) (`dy` none) or dy * act'(x) over all elements; SwiGLU's gate over hidden rows
 /// [g | u] (see activation.rs).
 pub fn activation(

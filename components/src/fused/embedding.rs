@@ -2,7 +2,7 @@
 //! `index_add`, whose CUDA kernel walks all B T token ids in one thread per channel (one block
 //! for the whole batch); here every (token, channel) is a thread adding atomically.
 
-use candle_core::{bail, CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
+use candle_core::{bail, CpuStorage, CustomOp2, InplaceOp3, Layout, Result, Shape, Tensor};
 
 use super::{cpu_targets, cpu_values};
 
@@ -15,6 +15,13 @@ pub struct Embedding;
 pub struct EmbeddingBwd {
     pub vocab: usize,
 }
+
+/// In place on the weights' gradient dw (vocab, C) f32: dw[ids[i]] += rows[i] for the (N, C)
+/// f32 gradient of the rows and the (N,) ids. The tied head's gradient and the embedding's
+/// meet in one tensor, where the embedding's own gradient was a zero-filled (vocab, C) tensor
+/// that candle's gradient store then added to the head's.
+#[derive(Clone, Copy, Debug)]
+pub struct EmbeddingAdd;
 
 fn check(l_ids: &Layout, vocab: usize, ids: &[u32]) -> Result<()> {
     if l_ids.dims().len() != 1 {
@@ -117,4 +124,66 @@ impl CustomOp2 for EmbeddingBwd {
             Shape::from((self.vocab, c)),
         ))
     }
+}
+
+impl InplaceOp3 for EmbeddingAdd {
+    fn name(&self) -> &'static str {
+        "embedding-add"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &mut CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<()> {
+        let (vocab, c) = add_dims(l1, l2, l3)?;
+        let (rows, _) = cpu_values(s2, l2, self.name())?;
+        let ids = cpu_targets(s3, l3)?;
+        check(l3, vocab, &ids)?;
+        let CpuStorage::F32(dw) = s1 else {
+            bail!("embedding-add: the gradient must be f32");
+        };
+        let dw = &mut dw[l1.start_offset()..];
+        for (r, &i) in ids.iter().enumerate() {
+            for j in 0..c {
+                dw[i as usize * c + j] += rows[r * c + j];
+            }
+        }
+        Ok(())
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &mut candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<()> {
+        let (_, c) = add_dims(l1, l2, l3)?;
+        let n = l3.shape().elem_count();
+        super::cuda::embedding_add((s1, l1), (s2, l2), (s3, l3), n, c)
+    }
+}
+
+/// (vocab, C) of [`EmbeddingAdd`]'s operands, checked: dw (vocab, C) contiguous, rows (N, C),
+/// ids (N,).
+fn add_dims(ldw: &Layout, lrows: &Layout, lids: &Layout) -> Result<(usize, usize)> {
+    let (vocab, c) = ldw.shape().dims2()?;
+    let (n, rc) = lrows.shape().dims2()?;
+    if rc != c || lids.dims() != [n] || !ldw.is_contiguous() {
+        bail!(
+            "embedding-add: dw {:?}, rows {:?}, ids {:?} do not fit",
+            ldw.dims(),
+            lrows.dims(),
+            lids.dims()
+        );
+    }
+    Ok((vocab, c))
 }

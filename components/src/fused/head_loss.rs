@@ -14,6 +14,8 @@ use std::sync::Mutex;
 
 use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 
+use registry::{add_into, Detached, Grads};
+
 use super::linear::{weight_grad, ScaleBy};
 use super::{CrossEntropy, CrossEntropyBwd};
 
@@ -21,6 +23,16 @@ use super::{CrossEntropy, CrossEntropyBwd};
 /// in any float dtype: cast to x's inside, so the cast is no node of the graph) against
 /// `targets` (N, u32), as a scalar f32 with gradients for `x` and for `w` in w's dtype.
 pub fn linear_cross_entropy_sum(x: &Tensor, w: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    let (sum, dx, dw) = loss_and_grads(x, w, targets)?;
+    let op = Attach {
+        grads: Mutex::new(Some((dx, dw))),
+    };
+    sum.apply_op3(x, w, op)
+}
+
+/// The summed loss and the gradients of x and w for an incoming gradient of 1, computed
+/// outside the graph.
+fn loss_and_grads(x: &Tensor, w: &Tensor, targets: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
     let (xd, wd) = (x.detach(), w.detach().to_dtype(x.dtype())?);
     let targets = targets.contiguous()?;
     let logits = xd.matmul(&wd.t()?)?;
@@ -30,10 +42,36 @@ pub fn linear_cross_entropy_sum(x: &Tensor, w: &Tensor, targets: &Tensor) -> Res
     drop(logits);
     let dx = dlogits.matmul(&wd)?;
     let dw = weight_grad(&dlogits, &xd, w.dtype())?;
-    let op = Attach {
-        grads: Mutex::new(Some((dx, dw))),
+    Ok((rows.sum_all()?, dx, dw))
+}
+
+/// [`linear_cross_entropy_sum`] outside the graph (registry's `Detached`): the summed loss,
+/// and a backward pass that scales the gradients it computed beside it by the incoming one.
+pub fn linear_cross_entropy_outside(x: &Tensor, w: &Tensor, targets: &Tensor) -> Result<Detached> {
+    let (sum, dx, dw) = loss_and_grads(x, w, targets)?;
+    let backward = move |g: &Tensor, into: Option<Tensor>| -> Result<Grads> {
+        scale_in_place(&[&dx, &dw], g)?;
+        Ok(Grads {
+            input: Some(add_into(dx, into)?),
+            weights: vec![Some(dw)],
+        })
     };
-    rows.sum_all()?.apply_op3(x, w, op)
+    Ok(Detached {
+        y: sum,
+        weights: vec![w.clone()],
+        backward: Box::new(backward),
+    })
+}
+
+/// Scales the gradients in place by the scalar `g`, in f32 (the incoming gradient is
+/// 1 / tokens, which bf16 would round by up to 0.4%, the same for every gradient of the
+/// step), the factor read on the device.
+fn scale_in_place(grads: &[&Tensor], g: &Tensor) -> Result<()> {
+    let g = g.to_dtype(DType::F32)?.reshape(1)?.contiguous()?;
+    for d in grads {
+        d.inplace_op2(&g, &ScaleBy)?;
+    }
+    Ok(())
 }
 
 /// Passes the loss through unchanged, with the gradients of `x` and `w` computed beside it.
@@ -89,13 +127,8 @@ impl CustomOp3 for Attach {
         let Some((dx, dw)) = taken else {
             bail!("linear-cross-entropy: its backward pass ran twice");
         };
-        // Scaled in f32 (the incoming gradient is 1 / tokens, which bf16 would round by up to
-        // 0.4%, the same for every gradient of the step), in place, with the factor read on
-        // the device: the two gradients are this op's own.
-        let g = grad_res.to_dtype(DType::F32)?.reshape(1)?.contiguous()?;
-        for d in [&dx, &dw] {
-            d.inplace_op2(&g, &ScaleBy)?;
-        }
+        // In place: the two gradients are this op's own.
+        scale_in_place(&[&dx, &dw], grad_res)?;
         Ok((None, Some(dx), Some(dw)))
     }
 }

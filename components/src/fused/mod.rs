@@ -71,11 +71,11 @@ pub use attention::CausalAttention;
 pub use attention_sublayer::{
     attention_sublayer, attention_sublayer_detached, sublayer_fits, AttentionPlan, AttentionWeights,
 };
-pub use embedding::{Embedding, EmbeddingBwd};
+pub use embedding::{Embedding, EmbeddingAdd, EmbeddingBwd};
 pub use flash::{FlashAttention, FLASH_HEAD_DIMS};
 pub use gate::{SigmoidGate, SigmoidGateBwd};
 pub use head::{HeadPrep, HeadPrepBwd};
-pub use head_loss::linear_cross_entropy_sum;
+pub use head_loss::{linear_cross_entropy_outside, linear_cross_entropy_sum};
 pub use linear::{AddProduct, FusedLinear, ScaleBy, WeightGrad};
 pub use mix::{MixBwd, PostMix, PreMix, StateGrad, MAX_STREAMS};
 pub use mlp::{mlp_outside, swiglu_mlp, swiglu_outside, FusedMlp};

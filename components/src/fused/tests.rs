@@ -2093,7 +2093,9 @@ fn add_and_norm_into_kernels_match_the_cpu_ops() -> Result<()> {
             let gain = randn(205, shape.1, 1.0)?;
             let run = |d: &Device| -> Result<Vec<Tensor>> {
                 let sum = on(a.clone(), d)?.apply_op2_no_bwd(&on(b.clone(), d)?, &Add)?;
-                let into = on(acc.clone(), d)?;
+                // A copy of its own: in f32 on the CPU, `on` would hand back acc's storage,
+                // which the op writes.
+                let into = on(acc.copy()?, d)?;
                 let op = RmsNormBwdXInto {
                     eps: 1e-6,
                     gain: gain.to_device(d)?,

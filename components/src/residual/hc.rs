@@ -15,7 +15,9 @@ use registry::{
 use serde::{Deserialize, Serialize};
 
 use super::outside::{connect_outside, fixed, projected};
-use super::{check_streams, connect, identity, merge, replicate, token_mean, Mixing};
+use super::{
+    check_streams, connect, identity, merge, replicate, streams_outside, token_mean, Mixing,
+};
 use crate::fused::{
     norm_proj, norm_proj_ext, pack_params, stream_coefficients, Scheme, StateGrad,
     HC_COEF_MAX_STREAMS, MAX_STREAMS,
@@ -168,6 +170,14 @@ impl Stream for HcStream {
 
     fn reduce(&self, state: &Tensor) -> Result<Tensor> {
         merge(state)
+    }
+
+    fn expand_detached(&self, x: &Tensor) -> Result<Option<Detached>> {
+        streams_outside(x, self.n, true)
+    }
+
+    fn reduce_detached(&self, state: &Tensor) -> Result<Option<Detached>> {
+        streams_outside(state, self.n, false)
     }
 
     fn sublayer_detached(

@@ -24,7 +24,10 @@ use registry::{
 use serde::{Deserialize, Serialize};
 
 use super::outside::{connect_outside, projected};
-use super::{check_streams, connect, identity, merge, replicate, sinkhorn, token_mean, Mixing};
+use super::{
+    check_streams, connect, identity, merge, replicate, sinkhorn, streams_outside, token_mean,
+    Mixing,
+};
 use crate::fused::{
     norm_proj, norm_proj_ext, pack_params, stream_coefficients, Scheme, StateGrad,
     MHC_COEF_MAX_STREAMS, NORM_PROJ_MAX_COLS, SINKHORN_MAX_ITERS,
@@ -151,6 +154,14 @@ impl Stream for MhcStream {
 
     fn reduce(&self, state: &Tensor) -> Result<Tensor> {
         merge(state)
+    }
+
+    fn expand_detached(&self, x: &Tensor) -> Result<Option<Detached>> {
+        streams_outside(x, self.n, true)
+    }
+
+    fn reduce_detached(&self, state: &Tensor) -> Result<Option<Detached>> {
+        streams_outside(state, self.n, false)
     }
 
     fn sublayer_detached(

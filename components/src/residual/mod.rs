@@ -8,6 +8,7 @@ mod outside;
 pub mod prenorm;
 
 use candle_core::{DType, Result, Tensor, D};
+use registry::{add_into, Detached, Grads};
 
 use crate::fused::{
     PostMix, PreMix, Sinkhorn, StateGrad, Streams, MAX_STREAMS, SINKHORN_MAX_ITERS,
@@ -42,6 +43,48 @@ pub(crate) fn merge(state: &Tensor) -> Result<Tensor> {
         return state.contiguous()?.apply_op1(op);
     }
     state.mean(2)
+}
+
+/// [`replicate`] (`spread`) or [`merge`] outside the graph on the GPU, each the other's
+/// backward pass; None on the CPU, whose composites have no such form.
+pub(crate) fn streams_outside(x: &Tensor, n: usize, spread: bool) -> Result<Option<Detached>> {
+    if !x.device().is_cuda() {
+        return Ok(None);
+    }
+    let scale = if spread { 1.0 } else { 1.0 / n as f32 };
+    let op = Streams { spread, n, scale };
+    let y = x.contiguous()?.apply_op1_no_bwd(&op)?;
+    let back = Streams {
+        spread: !spread,
+        ..op
+    };
+    let backward = move |g: &Tensor, into: Option<Tensor>| -> Result<Grads> {
+        let dx = g.contiguous()?.apply_op1_no_bwd(&back)?;
+        Ok(Grads {
+            input: Some(add_into(dx, into)?),
+            weights: Vec::new(),
+        })
+    };
+    Ok(Some(Detached {
+        y,
+        weights: Vec::new(),
+        backward: Box::new(backward),
+    }))
+}
+
+/// The identity outside the graph: the plain residual's expand and reduce.
+pub(crate) fn identity_outside(x: &Tensor) -> Detached {
+    let backward = |g: &Tensor, into: Option<Tensor>| -> Result<Grads> {
+        Ok(Grads {
+            input: Some(add_into(g.clone(), into)?),
+            weights: Vec::new(),
+        })
+    };
+    Detached {
+        y: x.clone(),
+        weights: Vec::new(),
+        backward: Box::new(backward),
+    }
 }
 
 /// A hyper-connection's coefficients, as a scheme computes them.

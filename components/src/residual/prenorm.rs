@@ -31,6 +31,14 @@ impl Stream for Plain {
         Ok(state.clone())
     }
 
+    fn expand_detached(&self, x: &Tensor) -> Result<Option<Detached>> {
+        Ok(Some(super::identity_outside(x)))
+    }
+
+    fn reduce_detached(&self, state: &Tensor) -> Result<Option<Detached>> {
+        Ok(Some(super::identity_outside(state)))
+    }
+
     fn sublayer_detached(
         &self,
         _k: usize,
