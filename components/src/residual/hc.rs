@@ -14,7 +14,7 @@ use registry::{
 };
 use serde::{Deserialize, Serialize};
 
-use super::outside::{connect_outside, fixed, projected};
+use super::outside::{connect_outside, fixed, projected, Coefficients};
 use super::{
     check_streams, connect, identity, merge, replicate, streams_outside, token_mean, Mixing,
 };
@@ -91,12 +91,7 @@ impl Connection {
             }
             None => {
                 let (b, t, _, _) = state.dims4()?;
-                // pre = a_m, coef = [a_r^T | b] (residual/mod.rs `connect`).
-                let build = |w: &[Tensor]| -> Result<(Tensor, Tensor)> {
-                    let coef = Tensor::cat(&[&w[1].t()?, &w[2]], 1)?;
-                    Ok((w[0].flatten_all()?, coef))
-                };
-                fixed((b, t), &[&self.a_m, &self.a_r, &self.b], &build)?
+                static_coefficients((b, t), &[&self.a_m, &self.a_r, &self.b])?
             }
         };
         connect_outside(state, coefficients, f)
@@ -141,6 +136,27 @@ impl Connection {
                 .broadcast_add(&b)?,
         })
     }
+}
+
+/// Static HC's coefficients outside the graph from [a_m (n, 1), a_r (n, n), b (n, 1)]:
+/// pre = a_m and coef = [a_r^T | b] (residual/mod.rs `connect`) for every token, and
+/// their gradients from the tokens' sums by hand.
+pub(crate) fn static_coefficients(
+    tokens: (usize, usize),
+    weights: &[&Tensor; 3],
+) -> Result<Coefficients> {
+    let [a_m, a_r, b] = *weights;
+    let n = a_m.dim(0)?;
+    let pre1 = a_m.detach().flatten_all()?;
+    let coef1 = Tensor::cat(&[&a_r.detach().t()?, &b.detach()], 1)?;
+    let grads = move |dpre: &Tensor, dcoef: &Tensor| -> Result<Vec<Option<Tensor>>> {
+        Ok(vec![
+            Some(dpre.reshape((n, 1))?),
+            Some(dcoef.narrow(1, 0, n)?.t()?.contiguous()?),
+            Some(dcoef.narrow(1, n, 1)?.contiguous()?),
+        ])
+    };
+    fixed(tokens, weights, (pre1, coef1), Box::new(grads))
 }
 
 struct HcStream {

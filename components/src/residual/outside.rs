@@ -107,21 +107,15 @@ pub(crate) fn projected(
     })
 }
 
-/// Static coefficients, the same for every token: pre (n,) and coef (n, n + 1) from the
-/// weights `weights` by `build`, spread over the (B, T) tokens; their gradients are the
-/// tokens' sums, taken back to the weights through `build` under a graph of its own (a few
-/// values).
+/// Static coefficients, the same for every token: pre (n,) and coef (n, n + 1), made from
+/// `weights` outside the graph, spread over the (B, T) tokens. Their gradients are the
+/// tokens' sums, which `grads` takes back to the weights (in their order).
 pub(crate) fn fixed(
     (b, t): (usize, usize),
     weights: &[&Tensor],
-    build: &dyn Fn(&[Tensor]) -> Result<(Tensor, Tensor)>,
+    (pre1, coef1): (Tensor, Tensor),
+    grads: Box<dyn FnOnce(&Tensor, &Tensor) -> Result<Vec<Option<Tensor>>> + Send + Sync>,
 ) -> Result<Coefficients> {
-    let vars = weights
-        .iter()
-        .map(|w| candle_core::Var::from_tensor(&w.detach()))
-        .collect::<Result<Vec<_>>>()?;
-    let inputs: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
-    let (pre1, coef1) = build(&inputs)?;
     let n = pre1.dim(0)?;
     let spread = |x: &Tensor, shape: &[usize]| -> Result<Tensor> {
         x.detach()
@@ -133,16 +127,11 @@ pub(crate) fn fixed(
     let coef = spread(&coef1, &[b, t, n, n + 1])?;
     let backward: CoefBackward = Box::new(move |dpre, dcoef, ds| {
         let dpre1 = dpre.reshape((b * t, n))?.sum(0)?;
-        let dcoef1 = dcoef.reshape((b * t, n * (n + 1)))?.sum(0)?;
-        let dcoef1 = dcoef1.reshape((n, n + 1))?;
-        let seed = ((&pre1 * dpre1.to_dtype(pre1.dtype())?)?.sum_all()?
-            + (&coef1 * dcoef1.to_dtype(coef1.dtype())?)?.sum_all()?)?;
-        let grads = seed.backward()?;
-        let out = inputs
-            .iter()
-            .map(|w| grads.get(w).map(Tensor::detach))
-            .collect();
-        Ok((ds, out))
+        let dcoef1 = dcoef
+            .reshape((b * t, n * (n + 1)))?
+            .sum(0)?
+            .reshape((n, n + 1))?;
+        Ok((ds, grads(&dpre1, &dcoef1)?))
     });
     Ok(Coefficients {
         pre,
@@ -387,11 +376,8 @@ mod tests {
             v(15, &[n, 1], 1.0)?,
         );
         let r = randn(16, (b, t, n, c), 1.0)?;
-        let build = |w: &[Tensor]| -> Result<(Tensor, Tensor)> {
-            Ok((w[0].flatten_all()?, Tensor::cat(&[&w[1].t()?, &w[2]], 1)?))
-        };
         let weights = [a_m.as_tensor(), a_r.as_tensor(), bw.as_tensor()];
-        let coefficients = fixed((b, t), &weights, &build)?;
+        let coefficients = super::super::hc::static_coefficients((b, t), &weights)?;
         let detached = connect_outside(state.as_tensor(), coefficients, &body(&w))?;
         let lift = |x: &Tensor| x.unsqueeze(0)?.unsqueeze(0);
         let mixing = super::super::Mixing::Split {
