@@ -18,6 +18,11 @@ type CoefBackward = Box<
     dyn FnOnce(&Tensor, &Tensor, Tensor) -> Result<(Tensor, Vec<Option<Tensor>>)> + Send + Sync,
 >;
 
+/// From the tokens' summed coefficient gradients (dpre (n,), dcoef (n, n + 1)), the static
+/// coefficients' weights'.
+pub(crate) type FixedGrads =
+    Box<dyn FnOnce(&Tensor, &Tensor) -> Result<Vec<Option<Tensor>>> + Send + Sync>;
+
 /// A sublayer's coefficients as the fused mixing takes them, pre (B, T, n) and coef =
 /// [res | post] (B, T, n, n + 1), f32, with the weights they come from and the backward pass
 /// to those.
@@ -114,7 +119,7 @@ pub(crate) fn fixed(
     (b, t): (usize, usize),
     weights: &[&Tensor],
     (pre1, coef1): (Tensor, Tensor),
-    grads: Box<dyn FnOnce(&Tensor, &Tensor) -> Result<Vec<Option<Tensor>>> + Send + Sync>,
+    grads: FixedGrads,
 ) -> Result<Coefficients> {
     let n = pre1.dim(0)?;
     let spread = |x: &Tensor, shape: &[usize]| -> Result<Tensor> {
@@ -211,13 +216,17 @@ pub(crate) mod check {
         Ok(())
     }
 
+    /// A scheme's detached sublayer 0 on a state, given the detached sublayer body.
+    pub(crate) type Outside<'a> =
+        &'a dyn Fn(&Tensor, &dyn Fn(&Tensor) -> Result<Detached>) -> Result<Detached>;
+
     /// Sublayer 0 of `stream` on a random state, by `outside` (the detached form) against
     /// autograd through the stream's `sublayer` (the composite, on the CPU), the sublayer a
     /// weighted copy h w: the largest gap of the next state, the state's gradient and every
     /// weight's, each weight's looked up in the graph by the tensor the detached form names.
     pub(crate) fn outside_gap(
         stream: &dyn Stream,
-        outside: &dyn Fn(&Tensor, &dyn Fn(&Tensor) -> Result<Detached>) -> Result<Detached>,
+        outside: Outside,
         (b, t, n, c): (usize, usize, usize, usize),
     ) -> Result<f32> {
         let state = Var::from_tensor(&randn(20, (b, t, n, c), 1.0)?)?;
