@@ -488,6 +488,12 @@ mod grad_tests {
                     lr.to_scalar::<f32>()?,
                     "{what}: loss"
                 );
+                // The logits (scoring's path: the blocks as one node, the head in the graph).
+                let gap = (kept.logits(&x)? - other.logits(&x)?)?
+                    .abs()?
+                    .max_all()?
+                    .to_scalar::<f32>()?;
+                assert_eq!(gap, 0.0, "{what}: logits");
                 for (k, r) in kept.params().iter().zip(other.params()) {
                     let want = gk.get(k.var.as_tensor()).expect("kept gradient");
                     let got = gr
