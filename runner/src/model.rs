@@ -95,7 +95,14 @@ impl Gpt {
     /// The gradients of `loss` for the parameters, cut from the graph (`train::backward`),
     /// with those the trunk's backward pass produced put beside them.
     pub fn gradients(&self, loss: &Tensor) -> Result<GradStore> {
-        let mut grads = crate::train::backward(loss, &self.params)?;
+        let mut grads = match crate::train::backward(loss, &self.params) {
+            Ok(grads) => grads,
+            Err(e) => {
+                // What a failed backward pass left in the sink is no step's gradient.
+                self.sink.drain();
+                return Err(e);
+            }
+        };
         let known: HashSet<_> = self.params.iter().map(|p| p.var.as_tensor().id()).collect();
         for (var, g) in self.sink.drain() {
             if !known.contains(&var.id()) {
