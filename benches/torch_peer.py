@@ -13,7 +13,7 @@ clipping at 1.0.
     python3 benches/torch_peer.py --config goedel-normuon    # cell 2 (NorMuon)
     python3 benches/torch_peer.py --config d384              # sweeps/bench-d384.ron, PreNorm
     python3 benches/torch_peer.py --config d384-hc|d384-hc-dynamic|d384-mhc   # its other rows
-    ... [--compile] [--steps 20] [--warmup 5] [--batch B] [--seq T] [--layers L]
+    ... [--compile] [--steps 20] [--warmup 5] [--batch B] [--seq T] [--layers L] [--profile]
 
 - Configurations: gpt2 (12 x 768, 12 heads, QK-norm, Gelu), gpt2-mhc (the same with Mhc(4)),
   baseline (24 x 2048, Gqa 16/4, SwiGlu, PreNorm), goedel (GatedGqa elementwise, Relu2,
@@ -25,6 +25,8 @@ clipping at 1.0.
 
 Prints tokens/s, MFU (6 N + 12 L d T FLOPs per token against 989 TFLOP/s), the median step
 time and the peak memory PyTorch allocated. Random tokens: throughput does not depend on them.
+`--profile` then prints one more step's CUDA kernels by time (torch.profiler), to set beside
+sweep's kernels under ncu (BENCHMARKS.md).
 """
 import argparse
 import os
