@@ -143,47 +143,10 @@ pub(crate) fn trunk(
     sink: Sink,
 ) -> Result<Tensor> {
     let (s, tape) = run_blocks(state, blocks, &block, recompute)?;
-    let op = Trunk {
-        out: HandOver::new(&s)?,
-        tape: Mutex::new(Some(tape)),
-        block,
-        sink,
-    };
-    state.apply_op1(op)
-}
-
-struct Trunk {
-    /// The last block's output, handed over once as the op's output.
-    out: HandOver,
-    tape: Mutex<Option<Vec<Tape>>>,
-    block: BlockFn,
-    sink: Sink,
-}
-
-impl CustomOp1 for Trunk {
-    fn name(&self) -> &'static str {
-        "trunk"
-    }
-
-    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
-        self.out.cpu()
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        _: &candle_core::CudaStorage,
-        _: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        self.out.cuda()
-    }
-
-    fn bwd(&self, _x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let Some(tape) = self.tape.lock().expect("the lock is never poisoned").take() else {
-            bail!("trunk: a second backward pass");
-        };
-        back_through_blocks(tape, &self.block, own(grad)?, &self.sink).map(Some)
-    }
+    let backward: NodeBackward = Box::new(move |_state, grad| {
+        back_through_blocks(tape, &block, own(grad)?, &sink).map(Some)
+    });
+    state.apply_op1(Node::new("trunk", &s, backward)?)
 }
 
 /// The whole loss outside the graph, from the token embedding to the head: what
@@ -217,38 +180,56 @@ pub(crate) fn loss_outside(m: Model, sink: Sink) -> Result<Tensor> {
     let expand = (m.expand)(&x)?;
     let (last, tape) = run_blocks(&expand.y, m.blocks, &m.block, m.recompute)?;
     let head = (m.head)(&last)?;
-    let op = Whole {
-        out: HandOver::new(&head.y)?,
-        parts: Mutex::new(Some(Parts {
-            expand: expand.into(),
-            tape,
-            head: head.into(),
-        })),
-        block: m.block,
-        ids: m.ids.clone(),
-        sink,
-    };
-    m.wte.apply_op1(op)
+    let (loss, expand, head): (Tensor, Step, Step) = (head.y.clone(), expand.into(), head.into());
+    let (block, ids) = (m.block, m.ids.clone());
+    let backward: NodeBackward = Box::new(move |wte, grad| {
+        // The head's gradients stay here until the embedding's rows are added to wte's.
+        let heads = Sink::default();
+        let g = back_through_step(head, grad, &heads, "the head")?;
+        let g = back_through_blocks(tape, &block, g, &sink)?;
+        let dx = back_through_step(expand, &g, &sink, "the stream's expand")?;
+        let rows = dx.to_dtype(DType::F32)?.reshape(((), wte.dim(1)?))?;
+        let mut added = false;
+        for (w, dw) in heads.drain() {
+            if w.id() == wte.id() && !added {
+                dw.inplace_op3(&rows, &ids, &EmbeddingAdd)?;
+                added = true;
+            }
+            sink.push(w, dw);
+        }
+        if !added {
+            let dense = rows.apply_op2_no_bwd(&ids, &EmbeddingBwd { vocab: wte.dim(0)? })?;
+            sink.push(wte.clone(), dense);
+        }
+        Ok(None)
+    });
+    m.wte.apply_op1(Node::new("model", &loss, backward)?)
 }
 
-/// What [`Whole`]'s backward pass runs.
-struct Parts {
-    expand: Step,
-    tape: Vec<Tape>,
-    head: Step,
-}
+/// The backward pass of a [`Node`]: from its input and its output's gradient, the input's.
+type NodeBackward = Box<dyn FnOnce(&Tensor, &Tensor) -> Result<Option<Tensor>> + Send + Sync>;
 
-struct Whole {
+/// A result computed outside the graph, handed over once as a custom op's output, with the
+/// backward pass that takes its gradient on: the trunk's node and the whole loss's.
+struct Node {
+    name: &'static str,
     out: HandOver,
-    parts: Mutex<Option<Parts>>,
-    block: BlockFn,
-    ids: Tensor,
-    sink: Sink,
+    backward: Mutex<Option<NodeBackward>>,
 }
 
-impl CustomOp1 for Whole {
+impl Node {
+    fn new(name: &'static str, out: &Tensor, backward: NodeBackward) -> Result<Self> {
+        Ok(Node {
+            name,
+            out: HandOver::new(out)?,
+            backward: Mutex::new(Some(backward)),
+        })
+    }
+}
+
+impl CustomOp1 for Node {
     fn name(&self) -> &'static str {
-        "model"
+        self.name
     }
 
     fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
@@ -264,41 +245,16 @@ impl CustomOp1 for Whole {
         self.out.cuda()
     }
 
-    fn bwd(&self, wte: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let Some(parts) = self
-            .parts
+    fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let taken = self
+            .backward
             .lock()
             .expect("the lock is never poisoned")
-            .take()
-        else {
-            bail!("model: a second backward pass");
-        };
-        // The head's gradients stay here until the embedding's rows are added to wte's.
-        let head = Sink::default();
-        let g = back_through_step(parts.head, grad, &head, "the head")?;
-        let g = back_through_blocks(parts.tape, &self.block, g, &self.sink)?;
-        let dx = back_through_step(parts.expand, &g, &self.sink, "the stream's expand")?;
-        let c = wte.dim(1)?;
-        let rows = dx.to_dtype(DType::F32)?.reshape(((), c))?;
-        let mut added = false;
-        for (w, dw) in head.drain() {
-            if w.id() == wte.id() && !added {
-                let dw = match dw.is_contiguous() && dw.layout().start_offset() == 0 {
-                    true => dw,
-                    false => dw.force_contiguous()?,
-                };
-                dw.inplace_op3(&rows, &self.ids, &EmbeddingAdd)?;
-                added = true;
-                self.sink.push(w, dw);
-            } else {
-                self.sink.push(w, dw);
-            }
+            .take();
+        match taken {
+            Some(backward) => backward(x, grad),
+            None => bail!("{}: a second backward pass", self.name),
         }
-        if !added {
-            let dense = rows.apply_op2_no_bwd(&self.ids, &EmbeddingBwd { vocab: wte.dim(0)? })?;
-            self.sink.push(wte.clone(), dense);
-        }
-        Ok(None)
     }
 }
 
