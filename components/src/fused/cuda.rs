@@ -1431,6 +1431,8 @@ const FLASH: &str = "sweep_flash";
 /// Queries or keys per thread block of flash.cu, queries per step of its dK/dV kernel, and
 /// its threads.
 const FLASH_BLOCK: usize = 64;
+/// Queries a block of the forward kernel (flash.cu FWD_Q).
+const FLASH_FWD_Q: usize = 128;
 const FLASH_KV_STEP: usize = 32;
 const FLASH_THREADS: u32 = 128;
 
@@ -1494,12 +1496,13 @@ impl FlashDims {
     }
 
     /// The shared memory of a pass's block, as flash.cu lays it out: tiles of rows hd + 8
-    /// bf16 apart, two buffers of what is loaded in the loop (K and V; K and V once and Q,
-    /// dO of a step with two f32 per query; Q and dO once and K, V).
+    /// bf16 apart, what is loaded once and two buffers of what is loaded in the loop (Q, then
+    /// K and V; K and V, then Q and dO of a step with two f32 per query; Q and dO, then K
+    /// and V).
     fn shared_bytes(&self, pass: FlashPass) -> u32 {
         let row = (self.hd + 8) * 2;
         let bytes = match pass {
-            FlashPass::Fwd => 4 * FLASH_BLOCK * row,
+            FlashPass::Fwd => (FLASH_FWD_Q + 4 * FLASH_BLOCK) * row,
             FlashPass::Dot => 0,
             FlashPass::Kv => (2 * FLASH_BLOCK + 4 * FLASH_KV_STEP) * row + 4 * FLASH_KV_STEP * 4,
             FlashPass::Q => 6 * FLASH_BLOCK * row,
@@ -1507,10 +1510,15 @@ impl FlashDims {
         bytes as u32
     }
 
-    /// Grid (blocks, heads) of 128 threads with the pass's shared memory.
+    /// Grid (blocks, heads) of 128 threads with the pass's shared memory: the forward
+    /// pass's blocks of FLASH_FWD_Q queries, the others' of FLASH_BLOCK queries or keys.
     fn config(&self, pass: FlashPass, heads: usize) -> LaunchConfig {
+        let blocks = match pass {
+            FlashPass::Fwd => self.t.div_ceil(FLASH_FWD_Q),
+            _ => self.blocks(),
+        };
         LaunchConfig {
-            grid_dim: (self.blocks() as u32, heads as u32, 1),
+            grid_dim: (blocks as u32, heads as u32, 1),
             block_dim: (FLASH_THREADS, 1, 1),
             shared_mem_bytes: self.shared_bytes(pass),
         }

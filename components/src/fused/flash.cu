@@ -1,8 +1,8 @@
 // Causal flash attention (Dao et al. 2022, arXiv 2205.14135; the FlashAttention-2 split of
 // the work, arXiv 2307.08691) for bf16 and head dimensions 64 and 128, on the tensor cores
 // through mma.sync m16n8k16. The scores and probabilities never reach memory: a thread block
-// holds 64 queries (16 a warp) and walks the key blocks at or before them with an online
-// softmax. The backward pass recomputes them from the saved log-sum-exp, in two kernels
+// of the forward pass holds 128 queries (32 a warp) and walks the key blocks at or before
+// them with an online softmax. The backward pass recomputes them from the saved log-sum-exp, in two kernels
 // (keys' and values' gradients by key block, queries' by query block), so that no gradient
 // is accumulated with atomics and every run gives the same bits.
 //
@@ -26,7 +26,8 @@
 
 #include "mma.cuh"
 
-#define BLK 64       // queries a block of the forward and dQ kernels; keys a block of all
+#define BLK 64       // queries a block of the dQ kernel; keys a block of all
+#define FWD_Q 128    // queries a block of the forward kernel, 32 a warp
 #define KV_STEP 32   // queries a step of the dK/dV kernel, whose registers hold dK and dV
 #define THREADS 128  // four warps of 16 rows
 
@@ -208,35 +209,44 @@ constexpr int row_bytes() {
     return (HD + 8) * 2;
 }
 
-// Grid (query blocks, B H); shared: two buffers of K and V of a key block, the next block
-// loading while the current one is used. Writes O (rows) and the log-sum-exp.
+// Grid (query blocks of FWD_Q, B H); shared: the block's Q, then two buffers of K and V of a
+// key block, the next block loading while the current one is used. A warp holds 32 queries
+// as two m-tiles, so that each K fragment read from shared memory serves four products, not
+// two (with 16 rows a warp the forward pass was bound by those reads). Q's fragments are
+// read from shared memory too, and P V runs one m-tile at a time, leaving the registers to
+// the two tiles' output and scores (Q K^T's chunks are not unrolled for the same reason:
+// at HD 128 the kernel sits at 255 registers). Writes O (rows) and the log-sum-exp.
 template <int HD>
 __device__ __forceinline__ void fwd(const bf16* q, const bf16* k, const bf16* v, bf16* o,
                                     float* lse, int H, int KV, int T, float scale_log2) {
+    Tile<HD> qs = reinterpret_cast<Tile<HD>>(flash_smem);
     // Buffer i: K at kbuf(i), V BLK rows after it.
-    Tile<HD> smem = reinterpret_cast<Tile<HD>>(flash_smem);
-    auto kbuf = [&](int i) { return smem + i * 2 * BLK; };
-    auto [qb, b, h, g, t, w0, q0, kp, vp] = query_tile<HD>(k, v, H, KV, T);
+    auto kbuf = [&](int i) { return qs + FWD_Q + i * 2 * BLK; };
+    int qb = gridDim.x - 1 - blockIdx.x;  // the longest rows first
+    int b = blockIdx.y / H, h = blockIdx.y % H, kvh = h / (H / KV);
+    int lane = threadIdx.x % 32, g = lane >> 2, t = lane & 3, lm = lane >> 3;
+    int w0 = (int)(threadIdx.x / 32) * 32, q0 = qb * FWD_Q + w0;
+    const bf16* kp = k + (size_t)(b * KV + kvh) * T * HD;
+    const bf16* vp = v + ((size_t)b * T * KV + kvh) * HD;
     size_t kvstride = (size_t)KV * HD;
 
-    // Q passes through the second K buffer on its way to registers.
-    stage_async<HD>(kbuf(1), q + (size_t)(b * H + h) * T * HD, HD, qb * BLK, BLK, T);
+    stage_async<HD>(qs, q + (size_t)(b * H + h) * T * HD, HD, qb * FWD_Q, FWD_Q, T);
     stage_async<HD>(kbuf(0), kp, HD, 0, BLK, T);
     stage_async<HD>(kbuf(0) + BLK, vp, kvstride, 0, BLK, T);
     cp_commit();
-    cp_wait<0>();
-    __syncthreads();
-    uint32_t qa[HD / 16][4];
+    float acc[2][HD / 8][4];
+    zero<HD / 8>(acc[0]);
+    zero<HD / 8>(acc[1]);
+    // Per thread and m-tile, rows g and g + 8: running max and (this thread's share of) the
+    // sum.
+    float m[2][2], l[2][2];
 #pragma unroll
-    for (int kk = 0; kk < HD / 16; ++kk) frag_a<HD>(qa[kk], kbuf(1), w0, kk);
-    __syncthreads();
-    float acc[HD / 8][4];
-    zero<HD / 8>(acc);
-    // Per thread, rows g and g + 8: running max and (this thread's share of) the sum.
-    float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
+    for (int i = 0; i < 2; ++i) m[i][0] = m[i][1] = -INFINITY, l[i][0] = l[i][1] = 0.0f;
+    // The last key block any query of the block sees.
+    int last = min((qb * FWD_Q + FWD_Q - 1) / BLK, (T - 1) / BLK);
 
-    for (int kb = 0; kb <= qb; ++kb) {
-        if (kb < qb) {
+    for (int kb = 0; kb <= last; ++kb) {
+        if (kb < last) {
             Tile<HD> next = kbuf((kb + 1) & 1);
             stage_async<HD>(next, kp, HD, (kb + 1) * BLK, BLK, T);
             stage_async<HD>(next + BLK, vp, kvstride, (kb + 1) * BLK, BLK, T);
@@ -245,66 +255,106 @@ __device__ __forceinline__ void fwd(const bf16* q, const bf16* k, const bf16* v,
         cp_wait<1>();  // this block's tiles have landed; the next one's may still travel
         __syncthreads();
         Tile<HD> ks = kbuf(kb & 1), vs = ks + BLK;
-        float s[BLK / 8][4];
-        zero<BLK / 8>(s);
-        gemm_bt<HD, HD / 16, BLK / 8>(s, qa, nullptr, 0, ks, 0);
-        float mx[2] = {-INFINITY, -INFINITY};
+        // A warp whose queries all come before the block has nothing to add (and the block
+        // must still meet at the barriers).
+        if (kb * BLK <= q0 + 31) {
+            float s[2][BLK / 8][4];
+            zero<BLK / 8>(s[0]);
+            zero<BLK / 8>(s[1]);
+#pragma unroll 1
+            for (int kk = 0; kk < HD / 16; ++kk) {
+                uint32_t af[2][4];
+                frag_a<HD>(af[0], qs, w0, kk);
+                frag_a<HD>(af[1], qs, w0 + 16, kk);
 #pragma unroll
-        for (int nt = 0; nt < BLK / 8; ++nt) {
+                for (int nt = 0; nt < BLK / 8; nt += 2) {
+                    // Matrices: (n-tile nt, k lo), (nt, k hi), (nt + 1, k lo), (nt + 1, k hi).
+                    uint32_t bf[4];
+                    ldsm4(bf, &ks[(nt + (lm >> 1)) * 8 + (lane & 7)][kk * 16 + (lm & 1) * 8]);
 #pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                float x = s[nt][e] * scale_log2;
-                if (kb == qb && kb * BLK + C_COL(nt, e) > q0 + C_ROW(e)) x = -INFINITY;
-                s[nt][e] = x;
-                mx[e >> 1] = fmaxf(mx[e >> 1], x);
+                    for (int mt = 0; mt < 2; ++mt) {
+                        mma(s[mt][nt], af[mt], bf[0], bf[1]);
+                        mma(s[mt][nt + 1], af[mt], bf[2], bf[3]);
+                    }
+                }
+            }
+            bool diagonal = kb * BLK + BLK - 1 > q0;
+#pragma unroll
+            for (int mt = 0; mt < 2; ++mt) {
+                float mx[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+                for (int nt = 0; nt < BLK / 8; ++nt) {
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) {
+                        float x = s[mt][nt][e] * scale_log2;
+                        if (diagonal && kb * BLK + C_COL(nt, e) > q0 + mt * 16 + C_ROW(e))
+                            x = -INFINITY;
+                        s[mt][nt][e] = x;
+                        mx[e >> 1] = fmaxf(mx[e >> 1], x);
+                    }
+                }
+                float alpha[2];
+#pragma unroll
+                for (int r = 0; r < 2; ++r) {
+                    mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffff, mx[r], 1));
+                    mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffff, mx[r], 2));
+                    // Every row sees key 0, in block 0: from there on its max is finite.
+                    float mn = fmaxf(m[mt][r], mx[r]);
+                    alpha[r] = exp2f(m[mt][r] - mn);
+                    m[mt][r] = mn;
+                    l[mt][r] *= alpha[r];
+                }
+#pragma unroll
+                for (int nt = 0; nt < BLK / 8; ++nt) {
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) {
+                        float p = exp2f(s[mt][nt][e] - m[mt][e >> 1]);
+                        s[mt][nt][e] = p;
+                        l[mt][e >> 1] += p;
+                    }
+                }
+#pragma unroll
+                for (int nt = 0; nt < HD / 8; ++nt) {
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) acc[mt][nt][e] *= alpha[e >> 1];
+                }
+                // O += P V for this m-tile.
+                uint32_t pa[BLK / 16][4];
+                to_a<BLK / 8>(pa, s[mt]);
+#pragma unroll
+                for (int kk = 0; kk < BLK / 16; ++kk) {
+#pragma unroll
+                    for (int nt = 0; nt < HD / 8; nt += 2) {
+                        uint32_t bf[4];
+                        ldsm4t(bf, &vs[kk * 16 + (lm & 1) * 8 + (lane & 7)][(nt + (lm >> 1)) * 8]);
+                        mma(acc[mt][nt], pa[kk], bf[0], bf[1]);
+                        mma(acc[mt][nt + 1], pa[kk], bf[2], bf[3]);
+                    }
+                }
             }
         }
-        float alpha[2];
+        __syncthreads();  // every warp is done with the buffer the next load overwrites
+    }
+    size_t ostride = (size_t)H * HD;
+#pragma unroll
+    for (int mt = 0; mt < 2; ++mt) {
+        float inv[2];
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
-            mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffff, mx[r], 1));
-            mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffff, mx[r], 2));
-            // Key kb * BLK is visible to every row of the block, so the new max is finite.
-            float mn = fmaxf(m[r], mx[r]);
-            alpha[r] = exp2f(m[r] - mn);
-            m[r] = mn;
-            l[r] *= alpha[r];
-        }
-#pragma unroll
-        for (int nt = 0; nt < BLK / 8; ++nt) {
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                float p = exp2f(s[nt][e] - m[e >> 1]);
-                s[nt][e] = p;
-                l[e >> 1] += p;
-            }
+            l[mt][r] += __shfl_xor_sync(0xffffffff, l[mt][r], 1);
+            l[mt][r] += __shfl_xor_sync(0xffffffff, l[mt][r], 2);
+            inv[r] = 1.0f / l[mt][r];
+            int row = q0 + mt * 16 + g + r * 8;
+            if (t == 0 && row < T) lse[(size_t)(b * H + h) * T + row] = m[mt][r] + log2f(l[mt][r]);
         }
 #pragma unroll
         for (int nt = 0; nt < HD / 8; ++nt) {
 #pragma unroll
-            for (int e = 0; e < 4; ++e) acc[nt][e] *= alpha[e >> 1];
+            for (int e = 0; e < 4; ++e) acc[mt][nt][e] *= inv[e >> 1];
         }
-        uint32_t pa[BLK / 16][4];
-        to_a<BLK / 8>(pa, s);
-        gemm_b<HD, BLK / 16, HD / 8>(acc, pa, vs, 0);
-        __syncthreads();  // every warp is done with the buffer the next load overwrites
+        store_rows<HD>(o + (size_t)b * T * ostride + (size_t)h * HD, ostride, q0 + mt * 16, T,
+                       acc[mt], 1.0f);
     }
-    float inv[2];
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-        l[r] += __shfl_xor_sync(0xffffffff, l[r], 1);
-        l[r] += __shfl_xor_sync(0xffffffff, l[r], 2);
-        inv[r] = 1.0f / l[r];
-        int row = q0 + g + r * 8;
-        if (t == 0 && row < T) lse[(size_t)(b * H + h) * T + row] = m[r] + log2f(l[r]);
-    }
-#pragma unroll
-    for (int nt = 0; nt < HD / 8; ++nt) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) acc[nt][e] *= inv[e >> 1];
-    }
-    size_t ostride = (size_t)H * HD;
-    store_rows<HD>(o + (size_t)b * T * ostride + (size_t)h * HD, ostride, q0, T, acc, 1.0f);
 }
 
 // D = rowsum(dO * O) per (b, h, query), the softmax backward's correction; one warp a row.

@@ -1062,7 +1062,7 @@ fn mlp_op_matches_the_composite_forward_and_backward() -> Result<()> {
 /// On a GPU: flash attention (bf16) against the attention op on cuBLAS in f32 from the same
 /// bf16-rounded inputs, grouped-query heads widened for the reference: the output and the
 /// three gradients, for both head dimensions and lengths that are and are not whole blocks
-/// of 64 (and of the dK/dV kernel's steps of 32).
+/// of 64 (and of the forward kernel's 128 queries, and of the dK/dV kernel's steps of 32).
 #[cfg(feature = "cuda")]
 #[test]
 fn flash_attention_matches_the_attention_op_in_f32() -> Result<()> {
