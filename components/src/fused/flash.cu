@@ -74,6 +74,19 @@ __device__ __forceinline__ void stage_async(Tile<HD> dst, const bf16* base, size
     }
 }
 
+// Copies n floats (from base + r0) into shared memory with cp.async, 4 bytes a thread;
+// those at or past `valid` are zeros. Part of the thread's next committed group.
+__device__ __forceinline__ void stage_floats_async(float* dst, const float* base, int r0, int n,
+                                                   int valid) {
+    for (int i = threadIdx.x; i < n; i += THREADS) {
+        bool in = r0 + i < valid;
+        const float* src = in ? base + r0 + i : base;
+        uint32_t d = (uint32_t)__cvta_generic_to_shared(dst + i);
+        asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(d), "l"(src),
+                     "r"(in ? 4 : 0));
+    }
+}
+
 __device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 
 // Waits until at most N of this thread's committed groups are still in flight.
@@ -407,12 +420,10 @@ __device__ __forceinline__ void bwd_kv(const bf16* q, const bf16* k, const bf16*
         stage_async<HD>(qbuf(buf), q + (size_t)(b * H + h) * T * HD, HD, s0, KV_STEP, T);
         stage_async<HD>(qbuf(buf) + KV_STEP, dout + (size_t)b * T * ostride + (size_t)h * HD,
                         ostride, s0, KV_STEP, T);
-        const float* lp = lse + (size_t)(b * H + h) * T;
-        const float* dp = dsum + (size_t)(b * H + h) * T;
-        for (int i = threadIdx.x; i < KV_STEP; i += THREADS) {
-            lbuf(buf)[i] = s0 + i < T ? lp[s0 + i] : 0.0f;
-            lbuf(buf)[KV_STEP + i] = s0 + i < T ? dp[s0 + i] : 0.0f;
-        }
+        // Through cp.async too: a plain load here would hold its warp, and at the next
+        // barrier the block, for the load's whole latency every step.
+        stage_floats_async(lbuf(buf), lse + (size_t)(b * H + h) * T, s0, KV_STEP, T);
+        stage_floats_async(lbuf(buf) + KV_STEP, dsum + (size_t)(b * H + h) * T, s0, KV_STEP, T);
     };
     stage_async<HD>(ks, k + (size_t)(b * KV + kvh) * T * HD, HD, kb * BLK, BLK, T);
     stage_async<HD>(vs, v + ((size_t)b * T * KV + kvh) * HD, kvstride, kb * BLK, BLK, T);
