@@ -1434,6 +1434,8 @@ const FLASH_BLOCK: usize = 64;
 /// Queries a block of the forward kernel (flash.cu FWD_Q).
 const FLASH_FWD_Q: usize = 128;
 const FLASH_KV_STEP: usize = 32;
+/// Keys a step of the dQ kernel (flash.cu KQ).
+const FLASH_Q_STEP: usize = 32;
 const FLASH_THREADS: u32 = 128;
 
 /// A bf16 input of flash.cu: contiguous and 16-byte aligned (the kernels load 8 at a time).
@@ -1462,10 +1464,10 @@ pub struct FlashDims {
 #[derive(Clone, Copy)]
 enum FlashPass {
     Fwd,
-    Dot,
     Kv,
     Q,
 }
+
 
 impl FlashDims {
     fn ints(&self) -> (i32, i32, i32) {
@@ -1480,7 +1482,6 @@ impl FlashDims {
     fn kernel(&self, dev: &CudaDevice, pass: FlashPass) -> Result<CudaFunction> {
         let name = match pass {
             FlashPass::Fwd => "fwd",
-            FlashPass::Dot => "dot",
             FlashPass::Kv => "kv",
             FlashPass::Q => "q",
         };
@@ -1498,27 +1499,27 @@ impl FlashDims {
     /// The shared memory of a pass's block, as flash.cu lays it out: tiles of rows hd + 8
     /// bf16 apart, what is loaded once and two buffers of what is loaded in the loop (Q, then
     /// K and V; K and V, then Q and dO of a step with two f32 per query; Q and dO, then K
-    /// and V).
+    /// and V of a key step).
     fn shared_bytes(&self, pass: FlashPass) -> u32 {
         let row = (self.hd + 8) * 2;
         let bytes = match pass {
             FlashPass::Fwd => (FLASH_FWD_Q + 4 * FLASH_BLOCK) * row,
-            FlashPass::Dot => 0,
             FlashPass::Kv => (2 * FLASH_BLOCK + 4 * FLASH_KV_STEP) * row + 4 * FLASH_KV_STEP * 4,
-            FlashPass::Q => 6 * FLASH_BLOCK * row,
+            FlashPass::Q => (2 * FLASH_BLOCK + 4 * FLASH_Q_STEP) * row,
         };
         bytes as u32
     }
 
-    /// Grid (blocks, heads) of 128 threads with the pass's shared memory: the forward
+    /// Grid (heads, blocks) of 128 threads with the pass's shared memory: the forward
     /// pass's blocks of FLASH_FWD_Q queries, the others' of FLASH_BLOCK queries or keys.
+    /// Heads on x: blocks start x first, so the longest blocks of every head start first.
     fn config(&self, pass: FlashPass, heads: usize) -> LaunchConfig {
         let blocks = match pass {
             FlashPass::Fwd => self.t.div_ceil(FLASH_FWD_Q),
             _ => self.blocks(),
         };
         LaunchConfig {
-            grid_dim: (blocks as u32, heads as u32, 1),
+            grid_dim: (heads as u32, blocks as u32, 1),
             block_dim: (FLASH_THREADS, 1, 1),
             shared_mem_bytes: self.shared_bytes(pass),
         }
@@ -1575,14 +1576,22 @@ pub fn flash_bwd(
     let (h, kvh, t) = d.ints();
     let scale_log2 = scale * std::f32::consts::LOG2_E;
 
-    let rows = d.b * d.t * d.h;
-    let dsum = out::<f32>(dev, rows)?;
-    let func = d.kernel(dev, FlashPass::Dot)?;
-    let rows32 = rows as i32;
+    // The dQ kernel first: it also writes D = rowsum(dO O) of its rows, which the dK/dV
+    // kernel reads.
+    let dsum = out::<f32>(dev, d.b * d.h * d.t)?;
+    let dq = out::<bf16>(dev, d.b * d.h * d.t * d.hd)?;
+    let func = d.kernel(dev, FlashPass::Q)?;
     let mut b = stream.launch_builder(&func);
-    b.arg(&ov).arg(&dov).arg(&dsum).arg(&h).arg(&t).arg(&rows32);
-    // SAFETY: reads `rows` rows of hd of O and dO, writes one sum per row.
-    unsafe { b.launch(row_config(rows)) }.w()?;
+    b.arg(&qv).arg(&kv).arg(&vv).arg(&ov).arg(&dov).arg(&lsev);
+    b.arg(&dsum)
+        .arg(&dq)
+        .arg(&h)
+        .arg(&kvh)
+        .arg(&t)
+        .arg(&scale_log2)
+        .arg(&scale);
+    // SAFETY: each block writes the dQ rows and D of its own query block, every row once.
+    unsafe { b.launch(d.config(FlashPass::Q, d.b * d.h)) }.w()?;
 
     let dk = out::<bf16>(dev, d.b * d.kv * d.t * d.hd)?;
     let dv = out::<bf16>(dev, d.b * d.t * d.kv * d.hd)?;
@@ -1598,19 +1607,6 @@ pub fn flash_bwd(
         .arg(&scale);
     // SAFETY: each block writes the dK and dV rows of its own key block, every row once.
     unsafe { b.launch(d.config(FlashPass::Kv, d.b * d.kv)) }.w()?;
-
-    let dq = out::<bf16>(dev, d.b * d.h * d.t * d.hd)?;
-    let func = d.kernel(dev, FlashPass::Q)?;
-    let mut b = stream.launch_builder(&func);
-    b.arg(&qv).arg(&kv).arg(&vv).arg(&dov).arg(&lsev).arg(&dsum);
-    b.arg(&dq)
-        .arg(&h)
-        .arg(&kvh)
-        .arg(&t)
-        .arg(&scale_log2)
-        .arg(&scale);
-    // SAFETY: each block writes the dQ rows of its own query block, every row once.
-    unsafe { b.launch(d.config(FlashPass::Q, d.b * d.h)) }.w()?;
 
     let wrap = |s| CudaStorage::wrap_cuda_slice(s, dev.clone());
     Ok((wrap(dq), wrap(dk), wrap(dv)))

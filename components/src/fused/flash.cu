@@ -2,9 +2,10 @@
 // the work, arXiv 2307.08691) for bf16 and head dimensions 64 and 128, on the tensor cores
 // through mma.sync m16n8k16. The scores and probabilities never reach memory: a thread block
 // of the forward pass holds 128 queries (32 a warp) and walks the key blocks at or before
-// them with an online softmax. The backward pass recomputes them from the saved log-sum-exp, in two kernels
-// (keys' and values' gradients by key block, queries' by query block), so that no gradient
-// is accumulated with atomics and every run gives the same bits.
+// them with an online softmax. The backward pass recomputes them from the saved log-sum-exp,
+// in two kernels (queries' gradients by query block, which also takes the softmax's
+// correction D for its rows, then keys' and values' by key block), so that no gradient is
+// accumulated with atomics and every run gives the same bits.
 //
 // Layouts, as attention.rs uses them: Q (B, H, T, HD) and K (B, KV, T, HD) contiguous; V and
 // the output as rows (B T, KV HD) and (B T, H HD); query head h reads key/value head
@@ -29,6 +30,7 @@
 #define BLK 64       // queries a block of the dQ kernel; keys a block of all
 #define FWD_Q 128    // queries a block of the forward kernel, 32 a warp
 #define KV_STEP 32   // queries a step of the dK/dV kernel, whose registers hold dK and dV
+#define KQ 32        // keys a step of the dQ kernel: 70 KB of shared memory, three blocks an SM
 #define THREADS 128  // four warps of 16 rows
 
 typedef __nv_bfloat16 bf16;
@@ -189,10 +191,12 @@ __device__ __forceinline__ void store_rows(bf16* dst, size_t stride, int r0, int
 #define C_ROW(e) (g + ((e) >> 1) * 8)
 #define C_COL(nt, e) ((nt) * 8 + 2 * t + ((e) & 1))
 
-// Where a thread of a kernel over query blocks (grid (query blocks, B H)) stands: its query
+// Where a thread of a kernel over query blocks (grid (B H, query blocks)) stands: its query
 // block, batch and head, its lane's g and t, its warp's first row in the block and first
-// query, and its key/value head's K and V. The longest rows go first: block x counts down
-// from the last query block.
+// query, and its key/value head's K and V. Blocks start in the order of their index, x
+// first: with the heads on x and block y counting down from the last query block, the
+// longest rows of every head start before any shorter one, and the grid ends on short
+// blocks instead of waiting on a late long one.
 struct QueryTile {
     int qb, b, h, g, t, w0, q0;
     const bf16* kp;
@@ -202,8 +206,8 @@ struct QueryTile {
 template <int HD>
 __device__ __forceinline__ QueryTile query_tile(const bf16* k, const bf16* v, int H, int KV,
                                                 int T) {
-    int qb = gridDim.x - 1 - blockIdx.x;
-    int b = blockIdx.y / H, h = blockIdx.y % H, kvh = h / (H / KV);
+    int qb = gridDim.y - 1 - blockIdx.y;
+    int b = blockIdx.x / H, h = blockIdx.x % H, kvh = h / (H / KV);
     int lane = threadIdx.x % 32, w0 = (int)(threadIdx.x / 32) * 16;
     return {qb,
             b,
@@ -222,7 +226,7 @@ constexpr int row_bytes() {
     return (HD + 8) * 2;
 }
 
-// Grid (query blocks of FWD_Q, B H); shared: the block's Q, then two buffers of K and V of a
+// Grid (B H, query blocks of FWD_Q); shared: the block's Q, then two buffers of K and V of a
 // key block, the next block loading while the current one is used. A warp holds 32 queries
 // as two m-tiles, so that each K fragment read from shared memory serves four products, not
 // two (with 16 rows a warp the forward pass was bound by those reads). Q's fragments are
@@ -235,8 +239,8 @@ __device__ __forceinline__ void fwd(const bf16* q, const bf16* k, const bf16* v,
     Tile<HD> qs = reinterpret_cast<Tile<HD>>(flash_smem);
     // Buffer i: K at kbuf(i), V BLK rows after it.
     auto kbuf = [&](int i) { return qs + FWD_Q + i * 2 * BLK; };
-    int qb = gridDim.x - 1 - blockIdx.x;  // the longest rows first
-    int b = blockIdx.y / H, h = blockIdx.y % H, kvh = h / (H / KV);
+    int qb = gridDim.y - 1 - blockIdx.y;  // the longest rows first (query_tile)
+    int b = blockIdx.x / H, h = blockIdx.x % H, kvh = h / (H / KV);
     int lane = threadIdx.x % 32, g = lane >> 2, t = lane & 3, lm = lane >> 3;
     int w0 = (int)(threadIdx.x / 32) * 32, q0 = qb * FWD_Q + w0;
     const bf16* kp = k + (size_t)(b * KV + kvh) * T * HD;
@@ -370,22 +374,7 @@ __device__ __forceinline__ void fwd(const bf16* q, const bf16* k, const bf16* v,
     }
 }
 
-// D = rowsum(dO * O) per (b, h, query), the softmax backward's correction; one warp a row.
-template <int HD>
-__device__ __forceinline__ void bwd_dot(const bf16* o, const bf16* dout, float* d, int H,
-                                        int T, int rows) {
-    int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x % 32;
-    if (row >= rows) return;  // row = (b T + tok) H + h, the rows layout's order
-    const bf16* x = o + (size_t)row * HD;
-    const bf16* y = dout + (size_t)row * HD;
-    float s = 0.0f;
-    for (int i = lane; i < HD; i += 32) s += __bfloat162float(x[i]) * __bfloat162float(y[i]);
-    for (int off = 16; off > 0; off /= 2) s += __shfl_xor_sync(0xffffffff, s, off);
-    int h = row % H, tok = (row / H) % T, b = row / H / T;
-    if (lane == 0) d[(size_t)(b * H + h) * T + tok] = s;
-}
-
-// Grid (key blocks, B KV); shared: K and V of the block, then two buffers of Q and dO of a
+// Grid (B KV, key blocks); shared: K and V of the block, then two buffers of Q and dO of a
 // step of KV_STEP queries with their log-sum-exp and D, the next step loading while the
 // current one is used. dK (B, KV, T, HD) and dV (rows) of one key block, summed over the
 // query heads that share it and the queries at or after it. A warp owns 16 keys and computes
@@ -403,8 +392,8 @@ __device__ __forceinline__ void bwd_kv(const bf16* q, const bf16* k, const bf16*
     auto qbuf = [&](int i) { return vs + BLK + i * 2 * KV_STEP; };
     float* lse_smem = reinterpret_cast<float*>(qbuf(2));
     auto lbuf = [&](int i) { return lse_smem + i * 2 * KV_STEP; };
-    int kb = blockIdx.x;
-    int b = blockIdx.y / KV, kvh = blockIdx.y % KV, rep = H / KV;
+    int kb = blockIdx.y;  // the first key blocks see the most queries: they start first
+    int b = blockIdx.x / KV, kvh = blockIdx.x % KV, rep = H / KV;
     int lane = threadIdx.x % 32, g = lane >> 2, t = lane & 3;
     int w0 = (int)(threadIdx.x / 32) * 16, k0 = kb * BLK + w0;
     size_t kvstride = (size_t)KV * HD, ostride = (size_t)H * HD;
@@ -467,62 +456,100 @@ __device__ __forceinline__ void bwd_kv(const bf16* q, const bf16* k, const bf16*
     store_rows<HD>(dv + ((size_t)b * T * KV + kvh) * HD, kvstride, k0, T, dva, 1.0f);
 }
 
-// Grid (query blocks, B H); shared: Q and dO of the block, two buffers of K and V of a key
-// block. dQ (B, H, T, HD) of one query block over the key blocks at or before it.
+// D = rowsum(dO * O) of the rows r0.. (16, those at or past T skipped) of a warp, the softmax
+// backward's correction: written to `d` (B, H, T) for the dK/dV kernel, and rows g and g + 8
+// returned in dr as the fragment layout holds them.
+template <int HD>
+__device__ __forceinline__ void row_dots(const bf16* o, const bf16* dout, size_t stride, int r0,
+                                         int T, float* d, float* dr) {
+    int lane = threadIdx.x % 32, g = lane >> 2;
+    // Unrolled, so that all 16 rows' loads are in flight at once.
+#pragma unroll
+    for (int r = 0; r < 16; ++r) {
+        int row = r0 + r;
+        float s = 0.0f;
+        if (row < T) {
+            const __nv_bfloat162* x =
+                reinterpret_cast<const __nv_bfloat162*>(o + (size_t)row * stride);
+            const __nv_bfloat162* y =
+                reinterpret_cast<const __nv_bfloat162*>(dout + (size_t)row * stride);
+            for (int i = lane; i < HD / 2; i += 32) {
+                float2 a = __bfloat1622float2(x[i]), c = __bfloat1622float2(y[i]);
+                s += a.x * c.x + a.y * c.y;
+            }
+        }
+        for (int off = 16; off > 0; off /= 2) s += __shfl_xor_sync(0xffffffff, s, off);
+        if (lane == 0 && row < T) d[row] = s;
+        if (g == (r & 7)) dr[r >> 3] = s;
+    }
+}
+
+// Grid (B H, query blocks); shared: Q and dO of the block, two buffers of K and V of KQ keys.
+// dQ (B, H, T, HD) of one query block over the keys at or before it, and D of its rows
+// (row_dots), which the dK/dV kernel after it reads. Steps of 32 keys rather than 64 leave
+// room for three blocks an SM (shared memory and, with the launch bound, 168 registers), and
+// took the kernel from 326 to 289 us at (8, 16, 4, 1024, 128) on an H200 (ncu).
 template <int HD>
 __device__ __forceinline__ void bwd_q(const bf16* q, const bf16* k, const bf16* v,
-                                      const bf16* dout, const float* lse, const float* dsum,
-                                      bf16* dq, int H, int KV, int T, float scale_log2,
-                                      float scale) {
+                                      const bf16* o, const bf16* dout, const float* lse,
+                                      float* dsum, bf16* dq, int H, int KV, int T,
+                                      float scale_log2, float scale) {
     Tile<HD> qs = reinterpret_cast<Tile<HD>>(flash_smem);
     Tile<HD> os = qs + BLK;
-    // Buffer i: K at kbuf(i), V BLK rows after it.
-    auto kbuf = [&](int i) { return os + BLK + i * 2 * BLK; };
+    // Buffer i: K at kbuf(i), V KQ rows after it.
+    auto kbuf = [&](int i) { return os + BLK + i * 2 * KQ; };
     auto [qb, b, h, g, t, w0, q0, kp, vp] = query_tile<HD>(k, v, H, KV, T);
     size_t ostride = (size_t)H * HD, kvstride = (size_t)KV * HD;
+    const bf16* dop = dout + (size_t)b * T * ostride + (size_t)h * HD;
     stage_async<HD>(qs, q + (size_t)(b * H + h) * T * HD, HD, qb * BLK, BLK, T);
-    stage_async<HD>(os, dout + (size_t)b * T * ostride + (size_t)h * HD, ostride, qb * BLK, BLK,
-                    T);
-    stage_async<HD>(kbuf(0), kp, HD, 0, BLK, T);
-    stage_async<HD>(kbuf(0) + BLK, vp, kvstride, 0, BLK, T);
+    stage_async<HD>(os, dop, ostride, qb * BLK, BLK, T);
+    stage_async<HD>(kbuf(0), kp, HD, 0, KQ, T);
+    stage_async<HD>(kbuf(0) + KQ, vp, kvstride, 0, KQ, T);
     cp_commit();
+    // While the first tiles travel.
     float lr[2], dr[2];
+    row_dots<HD>(o + (size_t)b * T * ostride + (size_t)h * HD, dop, ostride, q0, T,
+                 dsum + (size_t)(b * H + h) * T, dr);
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
         int row = q0 + g + r * 8;
         lr[r] = row < T ? lse[(size_t)(b * H + h) * T + row] : 0.0f;
-        dr[r] = row < T ? dsum[(size_t)(b * H + h) * T + row] : 0.0f;
     }
     float dqa[HD / 8][4];
     zero<HD / 8>(dqa);
+    // The last key step any query of the block sees.
+    int last = min((qb * BLK + BLK - 1) / KQ, (T - 1) / KQ);
 
-    for (int kb = 0; kb <= qb; ++kb) {
-        if (kb < qb) {
+    for (int kb = 0; kb <= last; ++kb) {
+        if (kb < last) {
             Tile<HD> next = kbuf((kb + 1) & 1);
-            stage_async<HD>(next, kp, HD, (kb + 1) * BLK, BLK, T);
-            stage_async<HD>(next + BLK, vp, kvstride, (kb + 1) * BLK, BLK, T);
+            stage_async<HD>(next, kp, HD, (kb + 1) * KQ, KQ, T);
+            stage_async<HD>(next + KQ, vp, kvstride, (kb + 1) * KQ, KQ, T);
         }
         cp_commit();
         cp_wait<1>();
         __syncthreads();
-        Tile<HD> ks = kbuf(kb & 1), vs = ks + BLK;
-        float s[BLK / 8][4], dp[BLK / 8][4];
-        zero<BLK / 8>(s);
-        zero<BLK / 8>(dp);
-        gemm_bt<HD, HD / 16, BLK / 8>(s, nullptr, qs, w0, ks, 0);   // S = Q K^T
-        gemm_bt<HD, HD / 16, BLK / 8>(dp, nullptr, os, w0, vs, 0);  // dP = dO V^T
+        Tile<HD> ks = kbuf(kb & 1), vs = ks + KQ;
+        // A warp whose queries all come before the step's keys has nothing to add.
+        if (kb * KQ <= q0 + 15) {
+            float s[KQ / 8][4], dp[KQ / 8][4];
+            zero<KQ / 8>(s);
+            zero<KQ / 8>(dp);
+            gemm_bt<HD, HD / 16, KQ / 8>(s, nullptr, qs, w0, ks, 0);   // S = Q K^T
+            gemm_bt<HD, HD / 16, KQ / 8>(dp, nullptr, os, w0, vs, 0);  // dP = dO V^T
 #pragma unroll
-        for (int nt = 0; nt < BLK / 8; ++nt) {
+            for (int nt = 0; nt < KQ / 8; ++nt) {
 #pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                bool seen = kb * BLK + C_COL(nt, e) <= q0 + C_ROW(e);
-                float p = seen ? exp2f(s[nt][e] * scale_log2 - lr[e >> 1]) : 0.0f;
-                dp[nt][e] = p * (dp[nt][e] - dr[e >> 1]);  // dS
+                for (int e = 0; e < 4; ++e) {
+                    bool seen = kb * KQ + C_COL(nt, e) <= q0 + C_ROW(e);
+                    float p = seen ? exp2f(s[nt][e] * scale_log2 - lr[e >> 1]) : 0.0f;
+                    dp[nt][e] = p * (dp[nt][e] - dr[e >> 1]);  // dS
+                }
             }
+            uint32_t sa[KQ / 16][4];
+            to_a<KQ / 8>(sa, dp);
+            gemm_b<HD, KQ / 16, HD / 8>(dqa, sa, ks, 0);  // dQ += dS K
         }
-        uint32_t sa[BLK / 16][4];
-        to_a<BLK / 8>(sa, dp);
-        gemm_b<HD, BLK / 16, HD / 8>(dqa, sa, ks, 0);  // dQ += dS K
         __syncthreads();  // every warp is done with the buffer the next load overwrites
     }
     store_rows<HD>(dq + (size_t)(b * H + h) * T * HD, HD, q0, T, dqa, scale);
@@ -535,20 +562,17 @@ __device__ __forceinline__ void bwd_q(const bf16* q, const bf16* k, const bf16* 
                          int H, int KV, int T, float scale_log2) {                             \
         fwd<HD>(q, k, v, o, lse, H, KV, T, scale_log2);                                       \
     }                                                                                         \
-    extern "C" __global__ void flash_dot_hd##HD(const bf16* o, const bf16* dout, float* d,   \
-                                                int H, int T, int rows) {                     \
-        bwd_dot<HD>(o, dout, d, H, T, rows);                                                  \
-    }                                                                                         \
     extern "C" __global__ void __launch_bounds__(THREADS) flash_kv_hd##HD(                   \
         const bf16* q, const bf16* k, const bf16* v, const bf16* dout, const float* lse,      \
         const float* dsum, bf16* dk, bf16* dv, int H, int KV, int T, float scale_log2,        \
         float scale) {                                                                        \
         bwd_kv<HD>(q, k, v, dout, lse, dsum, dk, dv, H, KV, T, scale_log2, scale);            \
     }                                                                                         \
-    extern "C" __global__ void __launch_bounds__(THREADS) flash_q_hd##HD(                    \
-        const bf16* q, const bf16* k, const bf16* v, const bf16* dout, const float* lse,      \
-        const float* dsum, bf16* dq, int H, int KV, int T, float scale_log2, float scale) {   \
-        bwd_q<HD>(q, k, v, dout, lse, dsum, dq, H, KV, T, scale_log2, scale);                 \
+    extern "C" __global__ void __launch_bounds__(THREADS, 3) flash_q_hd##HD(                 \
+        const bf16* q, const bf16* k, const bf16* v, const bf16* o, const bf16* dout,         \
+        const float* lse, float* dsum, bf16* dq, int H, int KV, int T, float scale_log2,      \
+        float scale) {                                                                        \
+        bwd_q<HD>(q, k, v, o, dout, lse, dsum, dq, H, KV, T, scale_log2, scale);              \
     }
 
 FLASH_KERNELS(64)
