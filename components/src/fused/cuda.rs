@@ -1468,7 +1468,6 @@ enum FlashPass {
     Q,
 }
 
-
 impl FlashDims {
     fn ints(&self) -> (i32, i32, i32) {
         (self.h as i32, self.kv as i32, self.t as i32)
