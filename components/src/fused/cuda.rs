@@ -1437,8 +1437,6 @@ const FLASH_KV_STEP: usize = 32;
 /// Keys a step of the dQ kernel (flash.cu KQ).
 const FLASH_Q_STEP: usize = 32;
 const FLASH_THREADS: u32 = 128;
-/// Threads of the dK/dV kernel (flash.cu KV_THREADS): two warps to each 16 keys.
-const FLASH_KV_THREADS: u32 = 256;
 
 /// A bf16 input of flash.cu: contiguous and 16-byte aligned (the kernels load 8 at a time).
 fn flash_view<'a>(s: &'a CudaStorage, l: &Layout) -> Result<CudaView<'a, bf16>> {
@@ -1499,40 +1497,29 @@ impl FlashDims {
 
     /// The shared memory of a pass's block, as flash.cu lays it out: tiles of rows hd + 8
     /// bf16 apart, what is loaded once and two buffers of what is loaded in the loop (Q, then
-    /// K and V; K and V, then Q and dO of a step with two f32 per query, and the warps'
-    /// partial scores; Q and dO, then K and V of a key step).
+    /// K and V; K and V, then Q and dO of a step with two f32 per query; Q and dO, then K
+    /// and V of a key step).
     fn shared_bytes(&self, pass: FlashPass) -> u32 {
         let row = (self.hd + 8) * 2;
         let bytes = match pass {
             FlashPass::Fwd => (FLASH_FWD_Q + 4 * FLASH_BLOCK) * row,
-            // The f32 log-sum-exp and D of two steps, then every thread's partial scores
-            // (S^T and dP^T over half the head, KV_STEP values).
-            FlashPass::Kv => {
-                (2 * FLASH_BLOCK + 4 * FLASH_KV_STEP) * row
-                    + 4 * FLASH_KV_STEP * 4
-                    + FLASH_KV_THREADS as usize * FLASH_KV_STEP * 4
-            }
+            FlashPass::Kv => (2 * FLASH_BLOCK + 4 * FLASH_KV_STEP) * row + 4 * FLASH_KV_STEP * 4,
             FlashPass::Q => (2 * FLASH_BLOCK + 4 * FLASH_Q_STEP) * row,
         };
         bytes as u32
     }
 
-    /// Grid (heads, blocks) of 128 threads (256 for dK/dV) with the pass's shared memory:
-    /// the forward pass's blocks of FLASH_FWD_Q queries, the others' of FLASH_BLOCK queries
-    /// or keys. Heads on x: blocks start x first, so the longest blocks of every head start
-    /// first.
+    /// Grid (heads, blocks) of 128 threads with the pass's shared memory: the forward
+    /// pass's blocks of FLASH_FWD_Q queries, the others' of FLASH_BLOCK queries or keys.
+    /// Heads on x: blocks start x first, so the longest blocks of every head start first.
     fn config(&self, pass: FlashPass, heads: usize) -> LaunchConfig {
         let blocks = match pass {
             FlashPass::Fwd => self.t.div_ceil(FLASH_FWD_Q),
             _ => self.blocks(),
         };
-        let threads = match pass {
-            FlashPass::Kv => FLASH_KV_THREADS,
-            _ => FLASH_THREADS,
-        };
         LaunchConfig {
             grid_dim: (heads as u32, blocks as u32, 1),
-            block_dim: (threads, 1, 1),
+            block_dim: (FLASH_THREADS, 1, 1),
             shared_mem_bytes: self.shared_bytes(pass),
         }
     }

@@ -32,7 +32,6 @@
 #define KV_STEP 32   // queries a step of the dK/dV kernel, whose registers hold dK and dV
 #define KQ 32        // keys a step of the dQ kernel: 70 KB of shared memory, three blocks an SM
 #define THREADS 128  // four warps of 16 rows
-#define KV_THREADS 256  // the dK/dV kernel's eight warps: two to 16 keys, each half of HD
 
 typedef __nv_bfloat16 bf16;
 
@@ -63,11 +62,11 @@ using Tile = bf16 (*)[HD + 8];
 // the bytes go from memory to shared memory without passing through registers, and the block
 // computes on the previous tile while they travel. Rows at or past `valid` are filled with
 // zeros (a source size of 0). Consecutive threads take consecutive 16 bytes of a row: whole
-// lines from memory. Completed by cp_wait and a barrier. NTHR: the block's threads.
-template <int HD, int NTHR = THREADS>
+// lines from memory. Completed by cp_wait and a barrier.
+template <int HD>
 __device__ __forceinline__ void stage_async(Tile<HD> dst, const bf16* base, size_t stride, int r0,
                                             int n, int valid) {
-    for (int i = threadIdx.x; i < n * HD / 8; i += NTHR) {
+    for (int i = threadIdx.x; i < n * HD / 8; i += THREADS) {
         int r = i / (HD / 8), c = (i % (HD / 8)) * 8;
         bool in = r0 + r < valid;
         const bf16* src = in ? base + (size_t)(r0 + r) * stride + c : base;
@@ -78,12 +77,10 @@ __device__ __forceinline__ void stage_async(Tile<HD> dst, const bf16* base, size
 }
 
 // Copies n floats (from base + r0) into shared memory with cp.async, 4 bytes a thread;
-// those at or past `valid` are zeros. Part of the thread's next committed group; NTHR as
-// stage_async's.
-template <int NTHR = THREADS>
+// those at or past `valid` are zeros. Part of the thread's next committed group.
 __device__ __forceinline__ void stage_floats_async(float* dst, const float* base, int r0, int n,
                                                    int valid) {
-    for (int i = threadIdx.x; i < n; i += NTHR) {
+    for (int i = threadIdx.x; i < n; i += THREADS) {
         bool in = r0 + i < valid;
         const float* src = in ? base + r0 + i : base;
         uint32_t d = (uint32_t)__cvta_generic_to_shared(dst + i);
@@ -100,26 +97,26 @@ __device__ __forceinline__ void cp_wait() {
     asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }
 
-// The A fragments (16 rows from r0, k-chunk kk from column c0) of a shared tile.
+// The A fragments (16 rows from r0, k-chunk kk) of a shared tile.
 template <int HD>
-__device__ __forceinline__ void frag_a(uint32_t* a, Tile<HD> src, int r0, int kk, int c0 = 0) {
+__device__ __forceinline__ void frag_a(uint32_t* a, Tile<HD> src, int r0, int kk) {
     int l = threadIdx.x % 32, m = l >> 3;
-    ldsm4(a, &src[r0 + (m & 1) * 8 + (l & 7)][c0 + kk * 16 + (m >> 1) * 8]);
+    ldsm4(a, &src[r0 + (m & 1) * 8 + (l & 7)][kk * 16 + (m >> 1) * 8]);
 }
 
 // acc (16 x 8 n-tiles, NT of them) += A B for B = src^T: row n of the shared tile is column
-// n of B (Q K^T with K's rows as src), over KCH k-chunks from column c0. A as KCH k-chunks
-// in registers (a) or, with `asrc`, read from 16 shared rows at ar0 chunk by chunk.
+// n of B (Q K^T with K's rows as src). A as KCH k-chunks in registers (a) or, with `asrc`,
+// read from 16 shared rows at ar0 chunk by chunk.
 template <int HD, int KCH, int NT>
 __device__ __forceinline__ void gemm_bt(float (*acc)[4], const uint32_t (*a)[4], Tile<HD> asrc,
-                                        int ar0, Tile<HD> src, int n0, int c0 = 0) {
+                                        int ar0, Tile<HD> src, int n0) {
     int l = threadIdx.x % 32, m = l >> 3;
 #pragma unroll
     for (int kk = 0; kk < KCH; kk += 2) {
         uint32_t af[2][4];
         if (asrc) {
-            frag_a<HD>(af[0], asrc, ar0, kk, c0);
-            frag_a<HD>(af[1], asrc, ar0, kk + 1, c0);
+            frag_a<HD>(af[0], asrc, ar0, kk);
+            frag_a<HD>(af[1], asrc, ar0, kk + 1);
         } else {
 #pragma unroll
             for (int i = 0; i < 4; ++i) af[0][i] = a[kk][i], af[1][i] = a[kk + 1][i];
@@ -128,18 +125,18 @@ __device__ __forceinline__ void gemm_bt(float (*acc)[4], const uint32_t (*a)[4],
         for (int nt = 0; nt < NT; ++nt) {
             // Matrices: (n-tile nt, k kk lo), (nt, kk hi), (nt, kk+1 lo), (nt, kk+1 hi).
             uint32_t b[4];
-            ldsm4(b, &src[n0 + nt * 8 + (l & 7)][c0 + kk * 16 + m * 8]);
+            ldsm4(b, &src[n0 + nt * 8 + (l & 7)][kk * 16 + m * 8]);
             mma(acc[nt], af[0], b[0], b[1]);
             mma(acc[nt], af[1], b[2], b[3]);
         }
     }
 }
 
-// acc (16 x 8 n-tiles, NT of them, n from column c0) += A B for B = the shared rows k0.. of
+// acc (16 x 8 n-tiles, NT of them, n from column 0) += A B for B = the shared rows k0.. of
 // src as they are (P V with V's rows as src), A as KCH k-chunks in registers.
 template <int HD, int KCH, int NT>
 __device__ __forceinline__ void gemm_b(float (*acc)[4], const uint32_t (*a)[4], Tile<HD> src,
-                                       int k0, int c0 = 0) {
+                                       int k0) {
     int l = threadIdx.x % 32, m = l >> 3;
 #pragma unroll
     for (int kk = 0; kk < KCH; ++kk) {
@@ -147,7 +144,7 @@ __device__ __forceinline__ void gemm_b(float (*acc)[4], const uint32_t (*a)[4], 
         for (int nt = 0; nt < NT; nt += 2) {
             // Matrices: (k kk lo, n-tile nt), (kk hi, nt), (kk lo, nt+1), (kk hi, nt+1).
             uint32_t b[4];
-            ldsm4t(b, &src[k0 + kk * 16 + (m & 1) * 8 + (l & 7)][c0 + (nt + (m >> 1)) * 8]);
+            ldsm4t(b, &src[k0 + kk * 16 + (m & 1) * 8 + (l & 7)][(nt + (m >> 1)) * 8]);
             mma(acc[nt], a[kk], b[0], b[1]);
             mma(acc[nt + 1], a[kk], b[2], b[3]);
         }
@@ -173,7 +170,7 @@ __device__ __forceinline__ void zero(float (*c)[4]) {
 }
 
 // Writes 16 rows (from r0, rows at or past `valid` skipped) of a 16 x HD accumulator, times
-// `scale`, to dst rows `stride` apart (HD: the accumulator's width, a whole row or part).
+// `scale`, to dst rows `stride` apart.
 template <int HD>
 __device__ __forceinline__ void store_rows(bf16* dst, size_t stride, int r0, int valid,
                                            const float (*acc)[4], float scale) {
@@ -377,61 +374,48 @@ __device__ __forceinline__ void fwd(const bf16* q, const bf16* k, const bf16* v,
     }
 }
 
-// Grid (B KV, key blocks) of KV_THREADS; shared: K and V of the block, then two buffers of Q
-// and dO of a step of KV_STEP queries with their log-sum-exp and D, the next step loading
-// while the current one is used, then the warps' partial scores. dK (B, KV, T, HD) and dV
-// (rows) of one key block, summed over the query heads that share it and the queries at or
-// after it. The transposed products (keys x queries) keep a warp's keys rows of its tiles.
-//
-// Two warps share 16 keys, each holding dK and dV of one half of HD: at heads of 128 a warp
-// that held them whole took 239 registers, two blocks of four warps an SM, too few warps to
-// hide the products' latency. The pair computes S^T = K Q^T and dP^T = V dO^T over its two
-// halves of HD, and each adds the other's part through shared memory (a + b in one warp is
-// b + a in the other: the two hold the same bits).
+// Grid (B KV, key blocks); shared: K and V of the block, then two buffers of Q and dO of a
+// step of KV_STEP queries with their log-sum-exp and D, the next step loading while the
+// current one is used. dK (B, KV, T, HD) and dV (rows) of one key block, summed over the
+// query heads that share it and the queries at or after it. A warp owns 16 keys and computes
+// the transposed products (keys x queries) so its keys stay rows of its tiles; K and V are
+// read from shared memory, leaving the registers to dK and dV.
 template <int HD>
 __device__ __forceinline__ void bwd_kv(const bf16* q, const bf16* k, const bf16* v,
                                        const bf16* dout, const float* lse, const float* dsum,
                                        bf16* dk, bf16* dv, int H, int KV, int T,
                                        float scale_log2, float scale) {
-    // HH: the half of HD a warp holds; NP: the partial scores a thread shares.
-    constexpr int HH = HD / 2, NP = 2 * (KV_STEP / 8) * 4;
     Tile<HD> ks = reinterpret_cast<Tile<HD>>(flash_smem);
     Tile<HD> vs = ks + BLK;
     // Buffer i: Q at qbuf(i), dO KV_STEP rows after it; log-sum-exp at lbuf(i), D KV_STEP
-    // after it; then the partial scores, thread by thread within a warp's (conflict-free).
+    // after it.
     auto qbuf = [&](int i) { return vs + BLK + i * 2 * KV_STEP; };
     float* lse_smem = reinterpret_cast<float*>(qbuf(2));
     auto lbuf = [&](int i) { return lse_smem + i * 2 * KV_STEP; };
     int kb = blockIdx.y;  // the first key blocks see the most queries: they start first
     int b = blockIdx.x / KV, kvh = blockIdx.x % KV, rep = H / KV;
-    int lane = threadIdx.x % 32, g = lane >> 2, t = lane & 3, warp = threadIdx.x / 32;
-    int half = warp >> 2, c0 = half * HH, w0 = (warp & 3) * 16, k0 = kb * BLK + w0;
-    float* mine = lse_smem + 4 * KV_STEP + warp * NP * 32 + lane;
-    const float* theirs = lse_smem + 4 * KV_STEP + (warp ^ 4) * NP * 32 + lane;
+    int lane = threadIdx.x % 32, g = lane >> 2, t = lane & 3;
+    int w0 = (int)(threadIdx.x / 32) * 16, k0 = kb * BLK + w0;
     size_t kvstride = (size_t)KV * HD, ostride = (size_t)H * HD;
-    float dka[HH / 8][4], dva[HH / 8][4];
-    zero<HH / 8>(dka);
-    zero<HH / 8>(dva);
+    float dka[HD / 8][4], dva[HD / 8][4];
+    zero<HD / 8>(dka);
+    zero<HD / 8>(dva);
     // The steps: every query head of this key/value head, and its queries from this key
     // block's own (the first that see it) to the end.
     int first = kb * BLK / KV_STEP, per_head = (T + KV_STEP - 1) / KV_STEP - first;
     int items = rep * per_head;
     auto issue = [&](int item, int buf) {
         int h = kvh * rep + item / per_head, s0 = (first + item % per_head) * KV_STEP;
-        const bf16* qp = q + (size_t)(b * H + h) * T * HD;
-        const bf16* dop = dout + (size_t)b * T * ostride + (size_t)h * HD;
-        stage_async<HD, KV_THREADS>(qbuf(buf), qp, HD, s0, KV_STEP, T);
-        stage_async<HD, KV_THREADS>(qbuf(buf) + KV_STEP, dop, ostride, s0, KV_STEP, T);
+        stage_async<HD>(qbuf(buf), q + (size_t)(b * H + h) * T * HD, HD, s0, KV_STEP, T);
+        stage_async<HD>(qbuf(buf) + KV_STEP, dout + (size_t)b * T * ostride + (size_t)h * HD,
+                        ostride, s0, KV_STEP, T);
         // Through cp.async too: a plain load here would hold its warp, and at the next
         // barrier the block, for the load's whole latency every step.
-        size_t row0 = (size_t)(b * H + h) * T;
-        stage_floats_async<KV_THREADS>(lbuf(buf), lse + row0, s0, KV_STEP, T);
-        stage_floats_async<KV_THREADS>(lbuf(buf) + KV_STEP, dsum + row0, s0, KV_STEP, T);
+        stage_floats_async(lbuf(buf), lse + (size_t)(b * H + h) * T, s0, KV_STEP, T);
+        stage_floats_async(lbuf(buf) + KV_STEP, dsum + (size_t)(b * H + h) * T, s0, KV_STEP, T);
     };
-    const bf16* kp = k + (size_t)(b * KV + kvh) * T * HD;
-    const bf16* vp = v + ((size_t)b * T * KV + kvh) * HD;
-    stage_async<HD, KV_THREADS>(ks, kp, HD, kb * BLK, BLK, T);
-    stage_async<HD, KV_THREADS>(vs, vp, kvstride, kb * BLK, BLK, T);
+    stage_async<HD>(ks, k + (size_t)(b * KV + kvh) * T * HD, HD, kb * BLK, BLK, T);
+    stage_async<HD>(vs, v + ((size_t)b * T * KV + kvh) * HD, kvstride, kb * BLK, BLK, T);
     issue(0, 0);
     cp_commit();
 
@@ -444,23 +428,12 @@ __device__ __forceinline__ void bwd_kv(const bf16* q, const bf16* k, const bf16*
         Tile<HD> qs = qbuf(buf), ds = qs + KV_STEP;
         const float* ls = lbuf(buf);
         const float* dd = ls + KV_STEP;
-        // This half's part of S^T (16 keys x KV_STEP queries) = K Q^T and dP^T = V dO^T.
+        // S^T (16 keys x KV_STEP queries) = K Q^T, dP^T = V dO^T.
         float st[KV_STEP / 8][4], dpt[KV_STEP / 8][4];
         zero<KV_STEP / 8>(st);
         zero<KV_STEP / 8>(dpt);
-        gemm_bt<HD, HH / 16, KV_STEP / 8>(st, nullptr, ks, w0, qs, 0, c0);
-        gemm_bt<HD, HH / 16, KV_STEP / 8>(dpt, nullptr, vs, w0, ds, 0, c0);
-#pragma unroll
-        for (int i = 0; i < NP / 2; ++i) {
-            mine[i * 32] = st[i / 4][i % 4];
-            mine[(NP / 2 + i) * 32] = dpt[i / 4][i % 4];
-        }
-        __syncthreads();  // both parts are in place
-#pragma unroll
-        for (int i = 0; i < NP / 2; ++i) {
-            st[i / 4][i % 4] += theirs[i * 32];
-            dpt[i / 4][i % 4] += theirs[(NP / 2 + i) * 32];
-        }
+        gemm_bt<HD, HD / 16, KV_STEP / 8>(st, nullptr, ks, w0, qs, 0);
+        gemm_bt<HD, HD / 16, KV_STEP / 8>(dpt, nullptr, vs, w0, ds, 0);
 #pragma unroll
         for (int nt = 0; nt < KV_STEP / 8; ++nt) {
 #pragma unroll
@@ -475,14 +448,12 @@ __device__ __forceinline__ void bwd_kv(const bf16* q, const bf16* k, const bf16*
         uint32_t pa[KV_STEP / 16][4], sa[KV_STEP / 16][4];
         to_a<KV_STEP / 8>(pa, st);
         to_a<KV_STEP / 8>(sa, dpt);
-        gemm_b<HD, KV_STEP / 16, HH / 8>(dva, pa, ds, 0, c0);  // dV += P^T dO, this half
-        gemm_b<HD, KV_STEP / 16, HH / 8>(dka, sa, qs, 0, c0);  // dK += dS^T Q
-        // Every warp is done with the buffer the next load overwrites, and with its
-        // partner's partial scores.
-        __syncthreads();
+        gemm_b<HD, KV_STEP / 16, HD / 8>(dva, pa, ds, 0);  // dV += P^T dO
+        gemm_b<HD, KV_STEP / 16, HD / 8>(dka, sa, qs, 0);  // dK += dS^T Q
+        __syncthreads();  // every warp is done with the buffer the next load overwrites
     }
-    store_rows<HH>(dk + (size_t)(b * KV + kvh) * T * HD + c0, HD, k0, T, dka, scale);
-    store_rows<HH>(dv + ((size_t)b * T * KV + kvh) * HD + c0, kvstride, k0, T, dva, 1.0f);
+    store_rows<HD>(dk + (size_t)(b * KV + kvh) * T * HD, HD, k0, T, dka, scale);
+    store_rows<HD>(dv + ((size_t)b * T * KV + kvh) * HD, kvstride, k0, T, dva, 1.0f);
 }
 
 // D = rowsum(dO * O) of the rows r0.. (16, those at or past T skipped) of a warp, the softmax
@@ -591,7 +562,7 @@ __device__ __forceinline__ void bwd_q(const bf16* q, const bf16* k, const bf16* 
                          int H, int KV, int T, float scale_log2) {                             \
         fwd<HD>(q, k, v, o, lse, H, KV, T, scale_log2);                                       \
     }                                                                                         \
-    extern "C" __global__ void __launch_bounds__(KV_THREADS, 2) flash_kv_hd##HD(             \
+    extern "C" __global__ void __launch_bounds__(THREADS) flash_kv_hd##HD(                   \
         const bf16* q, const bf16* k, const bf16* v, const bf16* dout, const float* lse,      \
         const float* dsum, bf16* dk, bf16* dv, int H, int KV, int T, float scale_log2,        \
         float scale) {                                                                        \
