@@ -1,0 +1,107 @@
+#!/usr/bin/env bash
+# The standard measurement of a lease on the GPU machine, from what benches/gpu/pack.sh put
+# in .gpu/ (carry [".gpu"]); run from the repository's root there:
+#
+#   bash benches/gpu/measure.sh [PART ...]      (default: tests checks attention 1b gpt2 d384)
+#
+# Parts: tests (the components' CUDA tests), checks (flash-check.ron on the GPU in f32 and
+# bf16 against the CPU's f32 run, heads of 64 and 128), attention (the kernels alone at the
+# three shapes of BENCHMARKS.md, beside PyTorch's SDPA), 1b (sweeps/bench-1b.ron with phases),
+# gpt2, d384, peers (the torch.compile peers of the 1B baseline and of GPT-2), ncu (flash
+# attention's kernels at the 1B shape: time, occupancy, stall reasons), gutenberg (the 1B
+# pair trained 300 steps, pack.sh --gutenberg). Everything goes to $OUT/all.txt, whose tail
+# is printed last; the CPU reference runs are written to $OUT/ref/ for the next lease.
+set -u
+G=.gpu
+R="bash $G/run-on-gpu.sh"
+S=/tmp/sweep
+O=$OUT/all.txt
+parts=${*:-tests checks attention 1b gpt2 d384}
+mkdir -p "$OUT/ref"
+D1="data=Text(path: \"$PWD/$G/val.txt\", tokenizer: Gpt2)"
+DT="data=Text(path: \"$PWD/$G/input.txt\", tokenizer: Gpt2)"
+DB="data=Text(path: \"$PWD/$G/input.txt\", tokenizer: Bytes)"
+step() { echo "== $1 ($(date +%T))"; }
+has() { [[ " $parts " == *" $1 "* ]]; }
+{
+xz -dc $G/sweep.xz > $S && chmod +x $S
+xz -dc $G/tests.xz > /tmp/tests && chmod +x /tmp/tests
+xz -dc $G/val.txt.xz > $G/val.txt
+echo "commit $(cat $G/COMMIT); $(nvidia-smi --query-gpu=name --format=csv,noheader); parts: $parts"
+# The CPU reference runs of `checks` (a few minutes on the machine's cores) beside the tests,
+# and done before anything is timed.
+refs=""
+if has checks; then
+    for d in 128 256; do
+        [ -f $G/ref/flash-$d.db ] && continue
+        $R $S run $G/flash-check.ron --db $G/ref/flash-$d.db --device cpu --set model.d_model=$d \
+            > /tmp/cpu-$d.log 2>&1 || tail -5 /tmp/cpu-$d.log &
+        refs="$refs $!"
+    done
+fi
+if has tests; then
+    step tests
+    $R /tmp/tests 2>&1 | grep -E "test result|FAILED|panicked" | head -30
+fi
+if has checks; then
+    step checks
+    [ -n "$refs" ] && wait $refs
+    for d in 128 256; do
+        ref=$G/ref/flash-$d.db
+        cp "$ref" "$OUT/ref/"
+        for p in F32 Bf16; do
+            $R $S run $G/flash-check.ron --db /tmp/$p-$d.db --device cuda --set model.d_model=$d \
+                --set train.precision=$p > /tmp/$p-$d.log 2>&1 || tail -5 /tmp/$p-$d.log
+            echo "d_model $d, $p: $(python3 benches/gpu/cmp_losses.py "$ref" /tmp/$p-$d.db)"
+        done
+    done
+fi
+if has attention; then
+    step attention
+    for s in 8,16,4,1024,128 1,16,4,4096,128 8,12,12,1024,64; do
+        $R $S bench --attention $s --device cuda --steps 20 --warmup 5 2>&1 | grep "^attention\|flash"
+        python3 benches/torch_attention.py --shape $s 2>&1 | grep "^| [A-Z]"
+    done
+fi
+if has 1b; then
+    step 1b
+    $R $S bench sweeps/bench-1b.ron --device cuda --steps 4 --warmup 2 --phases --set "$D1" 2>&1 | grep "^| [a-z]\|phases"
+fi
+if has gpt2; then
+    step gpt2
+    $R $S bench sweeps/bench-gpt2.ron --device cuda --steps 20 --warmup 5 --set "$DT" 2>&1 | grep "^| [a-z]"
+fi
+if has d384; then
+    step d384
+    $R $S bench sweeps/bench-d384.ron --device cuda --steps 30 --warmup 5 --set "$DB" 2>&1 | grep "^| [a-z]"
+fi
+if has peers; then
+    step peers
+    python3 benches/torch_peer.py --config baseline --compile 2>&1 | tail -1
+    python3 benches/torch_peer.py --config gpt2 --compile 2>&1 | tail -1
+fi
+if has ncu; then
+    step ncu
+    $R ncu --clock-control none -k regex:flash_ --launch-count 3 --section SpeedOfLight \
+        --section Occupancy --section WarpStateStats \
+        --metrics 'regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio' \
+        $S bench --attention 8,16,4,1024,128 --device cuda --steps 1 --warmup 0 > "$OUT/ncu.txt" 2>&1
+    grep -E "^  flash_|Duration|Achieved Occupancy|stalled_(barrier|long_scoreboard|short_scoreboard|wait|math_pipe_throttle|not_selected)_per" \
+        "$OUT/ncu.txt"
+fi
+if has gutenberg; then
+    step gutenberg
+    P=$PWD/$G
+    xz -dc $G/train-00.txt.xz > $G/train-00.txt && tar -C $G -xJf $G/eval.tar.xz
+    $R $S run sweeps/goedel-1b-gutenberg.ron --device cuda --db "$OUT/gutenberg.db" \
+        --set train.steps=300 \
+        --set "data=Text(path: \"$P/train-00.txt\", tokenizer: Gpt2, val_fraction: 0.02)" \
+        --set "evals=[Text(name: \"gutenberg_books\", path: \"$P/val.txt\"), Text(name: \"wikitext2\", path: \"$P/wikitext2.txt\")]" \
+        --set "benchmark_dir=\"$P/eval\"" > "$OUT/gutenberg.log" 2>&1
+    echo "rc $?"
+    python3 benches/gpu/dump_trials.py "$OUT/gutenberg.db" | grep -v "^amax/.*/l[0-9]\|^stream_rms/l\|^streams/"
+    rm -rf "$OUT"/gutenberg.checkpoints  # the final weights, 5 GB a trial: too large to bring back
+fi
+step done
+} > "$O" 2>&1
+tail -c 11000 "$O"
