@@ -8,9 +8,11 @@
 # bf16 against the CPU's f32 run, heads of 64 and 128), attention (the kernels alone at the
 # three shapes of BENCHMARKS.md, beside PyTorch's SDPA), 1b (sweeps/bench-1b.ron with phases),
 # gpt2, d384, peers (the torch.compile peers of the 1B baseline and of GPT-2), ncu (flash
-# attention's kernels at the 1B shape: time, occupancy, stall reasons), gutenberg (the 1B
-# pair trained 300 steps, pack.sh --gutenberg). Everything goes to $OUT/all.txt, whose tail
-# is printed last; the CPU reference runs are written to $OUT/ref/ for the next lease.
+# attention's kernels at the 1B shape: time, occupancy, stall reasons), wgmma (Hopper's
+# warpgroup products against the layouts a flash attention on them would use, wgmma_probe.cu,
+# compiled there), gutenberg (the 1B pair trained 300 steps, pack.sh --gutenberg).
+# Everything goes to $OUT/all.txt, whose tail is printed last; the CPU reference runs are
+# written to $OUT/ref/ for the next lease.
 set -u
 G=.gpu
 R="bash $G/run-on-gpu.sh"
@@ -88,6 +90,11 @@ if has ncu; then
         $S bench --attention 8,16,4,1024,128 --device cuda --steps 1 --warmup 0 > "$OUT/ncu.txt" 2>&1
     grep -E "^  flash_|Duration|Achieved Occupancy|stalled_(barrier|long_scoreboard|short_scoreboard|wait|math_pipe_throttle|not_selected)_per" \
         "$OUT/ncu.txt"
+fi
+if has wgmma; then
+    step wgmma
+    nvcc -O2 -gencode arch=compute_90a,code=sm_90a -o /tmp/wgmma_probe benches/gpu/wgmma_probe.cu \
+        && /tmp/wgmma_probe
 fi
 if has gutenberg; then
     step gutenberg
