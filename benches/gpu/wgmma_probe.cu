@@ -95,9 +95,11 @@ __device__ __forceinline__ void wgmma_n128_r_t1(float* d, const uint32_t* a, uin
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(1));
 }
 
+// A's and B's descriptors; K step s starts (s / 4) * atom + (s % 4) * step bytes into the
+// tile (four steps of 16 span a 64-wide swizzle atom; the next atom sits `atom` bytes on).
 struct Case {
-    uint32_t lbo_a, sbo_a, swz_a, astep;  // A's descriptor and its start's step a K step
-    uint32_t lbo_b, sbo_b, swz_b, bstep;
+    uint32_t lbo_a, sbo_a, swz_a, astep, aatom;
+    uint32_t lbo_b, sbo_b, swz_b, bstep, batom;
     int ksteps;
 };
 
@@ -121,7 +123,7 @@ __global__ void __launch_bounds__(128) probe(const uint4* a_img, int a_bytes, co
     float d[N / 2];
     for (int i = 0; i < N / 2; ++i) d[i] = 0.0f;
     for (int s = 0; s < c.ksteps; ++s) {
-        uint64_t db = make_desc(sb + s * c.bstep, c.lbo_b, c.sbo_b, c.swz_b);
+        uint64_t db = make_desc(sb + (s / 4) * c.batom + (s % 4) * c.bstep, c.lbo_b, c.sbo_b, c.swz_b);
         asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
         if constexpr (AREG) {
             int K = 16 * c.ksteps, r0 = warp * 16 + g, k0 = s * 16 + 2 * t;
@@ -138,7 +140,7 @@ __global__ void __launch_bounds__(128) probe(const uint4* a_img, int a_bytes, co
                 if constexpr (TB) wgmma_n128_r_t1(d, a, db); else wgmma_n128_r_t0(d, a, db);
             }
         } else {
-            uint64_t da = make_desc(sa + s * c.astep, c.lbo_a, c.sbo_a, c.swz_a);
+            uint64_t da = make_desc(sa + (s / 4) * c.aatom + (s % 4) * c.astep, c.lbo_a, c.sbo_a, c.swz_a);
             if constexpr (N == 64) {
                 if constexpr (TB) wgmma_n64_s_t1(d, da, db); else wgmma_n64_s_t0(d, da, db);
             } else {
@@ -240,7 +242,7 @@ static bool check(const Run& r) {
 int main() {
     unsigned seed = 12345;
     // A (64 x K) and B as K x N (n, k) values, K up to 64, N up to 128.
-    const int M = 64, KMAX = 64, NMAX = 128;
+    const int M = 64, KMAX = 128, NMAX = 128;
     std::vector<float> A(M * KMAX), B(KMAX * NMAX);
     for (auto& x : A) x = value(seed);
     for (auto& x : B) x = value(seed);
@@ -268,20 +270,24 @@ int main() {
             for (int n = 0; n < 64; ++n)
                 for (int k = 0; k < 16; ++k) put(r.b_img, kmajor_plain(n, k, 128, 256), B[k * NMAX + n]);
             uint32_t l = swap ? 256 : 128, s = swap ? 128 : 256;
-            r.c = {l, s, 0, 0, l, s, 0, 0, 1};
+            r.c = {l, s, 0, 0, 0, l, s, 0, 0, 0, 1};
             any |= check(r);
         }
         failed_groups += !any;
     }
-    // 2. K-major, 128-byte swizzle, K = 64 in four steps of 16 (32 bytes along the row each):
-    //    S = Q K^T with Q's and K's rows as they would be staged.
-    {
-        Run r{"K-major, 128B swizzle, K 64 (Q K^T)", 64, false, 0, {}, std::vector<bf16>(16384), std::vector<bf16>(16384), {}, want(64, 64)};
+    // 2. K-major, 128-byte swizzle, K = 64 and 128 (heads of 64 and 128) in steps of 16 (32
+    //    bytes along the row each; past 64 the next atom, 64 rows x 128 bytes on): S = Q K^T
+    //    with Q's and K's rows as they would be staged.
+    for (int K : {64, 128}) {
+        char name[64];
+        snprintf(name, sizeof name, "K-major, 128B swizzle, K %d (Q K^T)", K);
+        Run r{"", 64, false, 0, {}, std::vector<bf16>(16384), std::vector<bf16>(16384), {}, want(64, K)};
+        r.name = name;
         for (int m = 0; m < M; ++m)
-            for (int k = 0; k < 64; ++k) put(r.a_img, kmajor_sw128(m, k, 64), A[m * KMAX + k]);
+            for (int k = 0; k < K; ++k) put(r.a_img, kmajor_sw128(m, k, 64), A[m * KMAX + k]);
         for (int n = 0; n < 64; ++n)
-            for (int k = 0; k < 64; ++k) put(r.b_img, kmajor_sw128(n, k, 64), B[k * NMAX + n]);
-        r.c = {16, 1024, 1, 32, 16, 1024, 1, 32, 4};
+            for (int k = 0; k < K; ++k) put(r.b_img, kmajor_sw128(n, k, 64), B[k * NMAX + n]);
+        r.c = {16, 1024, 1, 32, 8192, 16, 1024, 1, 32, 8192, K / 16};
         failed_groups += !check(r);
     }
     // 3. B as K x N rows (N contiguous: V's rows), 128-byte swizzle, read transposed, K = 64
@@ -306,7 +312,7 @@ int main() {
                         for (int m = 0; m < M; ++m)
                             for (int k = 0; k < 64; ++k) r.a_rows[m * 64 + k] = __float2bfloat16(A[m * KMAX + k]);
                     }
-                    r.c = {16, 1024, 1, 32, lbo, sbo, 1, 2048, 4};
+                    r.c = {16, 1024, 1, 32, 8192, lbo, sbo, 1, 2048, 8192, 4};
                     any |= check(r);
                 }
             }
