@@ -1427,6 +1427,9 @@ pub fn scale_by(
 
 const FLASH_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/flash.ptx"));
 const FLASH: &str = "sweep_flash";
+use super::FlashKernels;
+const FLASH90_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/flash_sm90.ptx"));
+const FLASH90: &str = "sweep_flash90";
 
 /// Queries or keys per thread block of flash.cu, queries per step of its dK/dV kernel, and
 /// its threads.
@@ -1437,6 +1440,25 @@ const FLASH_KV_STEP: usize = 32;
 /// Keys a step of the dQ kernel (flash.cu KQ).
 const FLASH_Q_STEP: usize = 32;
 const FLASH_THREADS: u32 = 128;
+/// flash_sm90.cu: 64 rows (a warpgroup, 128 threads) a block and a step (QS), and the bytes
+/// of a row of a warp's staging of dS^T (DS_ROW).
+const FLASH90_ROWS: usize = 64;
+const FLASH90_DS_ROW: usize = 144;
+
+impl FlashKernels {
+    /// The fastest the device runs: wgmma on a Hopper GPU, unless `SWEEP_FLASH=mma` asks for
+    /// mma.sync (to compare the two in one process).
+    pub fn for_device(dev: &CudaDevice) -> Result<Self> {
+        static FORCE_MMA: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        let force = *FORCE_MMA.get_or_init(|| std::env::var("SWEEP_FLASH").as_deref() == Ok("mma"));
+        let (major, _) = dev.cuda_stream().context().compute_capability().w()?;
+        Ok(if major == 9 && !force {
+            Self::Wgmma
+        } else {
+            Self::Mma
+        })
+    }
+}
 
 /// A bf16 input of flash.cu: contiguous and 16-byte aligned (the kernels load 8 at a time).
 fn flash_view<'a>(s: &'a CudaStorage, l: &Layout) -> Result<CudaView<'a, bf16>> {
@@ -1450,7 +1472,7 @@ fn flash_view<'a>(s: &'a CudaStorage, l: &Layout) -> Result<CudaView<'a, bf16>> 
 }
 
 /// The inputs' sizes: batch, query heads, key/value heads, tokens, head dimension (one of
-/// [`super::FLASH_HEAD_DIMS`]).
+/// [`super::FLASH_HEAD_DIMS`]), and the kernels that run.
 #[derive(Clone, Copy, Debug)]
 pub struct FlashDims {
     pub b: usize,
@@ -1458,9 +1480,10 @@ pub struct FlashDims {
     pub kv: usize,
     pub t: usize,
     pub hd: usize,
+    pub kernels: FlashKernels,
 }
 
-/// The passes of flash.cu, each a kernel per head dimension.
+/// The passes of flash.cu and flash_sm90.cu, each a kernel per head dimension.
 #[derive(Clone, Copy)]
 enum FlashPass {
     Fwd,
@@ -1473,10 +1496,6 @@ impl FlashDims {
         (self.h as i32, self.kv as i32, self.t as i32)
     }
 
-    fn blocks(&self) -> usize {
-        self.t.div_ceil(FLASH_BLOCK)
-    }
-
     /// The pass's kernel for this head dimension, allowed the shared memory it asks for.
     fn kernel(&self, dev: &CudaDevice, pass: FlashPass) -> Result<CudaFunction> {
         let name = match pass {
@@ -1484,8 +1503,16 @@ impl FlashDims {
             FlashPass::Kv => "kv",
             FlashPass::Q => "q",
         };
-        let name = format!("flash_{name}_hd{}", self.hd);
-        let func = dev.get_or_load_custom_func(&name, FLASH, FLASH_PTX)?;
+        let func = match self.kernels {
+            FlashKernels::Mma => {
+                let name = format!("flash_{name}_hd{}", self.hd);
+                dev.get_or_load_custom_func(&name, FLASH, FLASH_PTX)?
+            }
+            FlashKernels::Wgmma => {
+                let name = format!("flash90_{name}_hd{}", self.hd);
+                dev.get_or_load_custom_func(&name, FLASH90, FLASH90_PTX)?
+            }
+        };
         // Past 48 KiB a kernel's dynamic shared memory must be allowed explicitly.
         let bytes = self.shared_bytes(pass);
         if bytes > 48 << 10 {
@@ -1495,31 +1522,49 @@ impl FlashDims {
         Ok((*func).clone())
     }
 
-    /// The shared memory of a pass's block, as flash.cu lays it out: tiles of rows hd + 8
-    /// bf16 apart, what is loaded once and two buffers of what is loaded in the loop (Q, then
-    /// K and V; K and V, then Q and dO of a step with two f32 per query; Q and dO, then K
-    /// and V of a key step).
+    /// The shared memory of a pass's block, as the kernels lay it out. flash.cu: tiles of
+    /// rows hd + 8 bf16 apart, what is loaded once and two buffers of what is loaded in the
+    /// loop (Q, then K and V; K and V, then Q and dO of a step with two f32 per query; Q and
+    /// dO, then K and V of a key step). flash_sm90.cu: tiles of 64 rows hd bf16 apart
+    /// (swizzled): Q and two of K and of V; K and V, two of Q and of dO, their f32 rows and
+    /// the warps' staging of dS^T; two of dS^T (64 x 64) and of K. And 1 KB to align them to.
     fn shared_bytes(&self, pass: FlashPass) -> u32 {
-        let row = (self.hd + 8) * 2;
-        let bytes = match pass {
-            FlashPass::Fwd => (FLASH_FWD_Q + 4 * FLASH_BLOCK) * row,
-            FlashPass::Kv => (2 * FLASH_BLOCK + 4 * FLASH_KV_STEP) * row + 4 * FLASH_KV_STEP * 4,
-            FlashPass::Q => (2 * FLASH_BLOCK + 4 * FLASH_Q_STEP) * row,
+        let bytes = match self.kernels {
+            FlashKernels::Mma => {
+                let row = (self.hd + 8) * 2;
+                match pass {
+                    FlashPass::Fwd => (FLASH_FWD_Q + 4 * FLASH_BLOCK) * row,
+                    FlashPass::Kv => {
+                        (2 * FLASH_BLOCK + 4 * FLASH_KV_STEP) * row + 4 * FLASH_KV_STEP * 4
+                    }
+                    FlashPass::Q => (2 * FLASH_BLOCK + 4 * FLASH_Q_STEP) * row,
+                }
+            }
+            FlashKernels::Wgmma => {
+                let (tile, n) = (FLASH90_ROWS * self.hd * 2, FLASH90_ROWS);
+                1024 + match pass {
+                    FlashPass::Fwd => 5 * tile,
+                    FlashPass::Kv => 6 * tile + 4 * n * 4 + 4 * 16 * FLASH90_DS_ROW,
+                    FlashPass::Q => 2 * (n * n * 2 + tile),
+                }
+            }
         };
         bytes as u32
     }
 
-    /// Grid (heads, blocks) of 128 threads with the pass's shared memory: the forward
-    /// pass's blocks of FLASH_FWD_Q queries, the others' of FLASH_BLOCK queries or keys.
-    /// Heads on x: blocks start x first, so the longest blocks of every head start first.
+    /// Grid (heads, blocks) with the pass's threads and shared memory. flash.cu: blocks of
+    /// FLASH_FWD_Q queries (forward) or FLASH_BLOCK queries or keys, 128 threads; flash_sm90.cu:
+    /// 64 rows, one warpgroup. Heads on x: blocks start x first, so the longest blocks of every
+    /// head start first.
     fn config(&self, pass: FlashPass, heads: usize) -> LaunchConfig {
-        let blocks = match pass {
-            FlashPass::Fwd => self.t.div_ceil(FLASH_FWD_Q),
-            _ => self.blocks(),
+        let (rows, threads) = match (self.kernels, pass) {
+            (FlashKernels::Mma, FlashPass::Fwd) => (FLASH_FWD_Q, FLASH_THREADS),
+            (FlashKernels::Mma, _) => (FLASH_BLOCK, FLASH_THREADS),
+            (FlashKernels::Wgmma, _) => (FLASH90_ROWS, 128),
         };
         LaunchConfig {
-            grid_dim: (heads as u32, blocks as u32, 1),
-            block_dim: (FLASH_THREADS, 1, 1),
+            grid_dim: (heads as u32, self.t.div_ceil(rows) as u32, 1),
+            block_dim: (threads, 1, 1),
             shared_mem_bytes: self.shared_bytes(pass),
         }
     }
@@ -1575,6 +1620,9 @@ pub fn flash_bwd(
     let (h, kvh, t) = d.ints();
     let scale_log2 = scale * std::f32::consts::LOG2_E;
 
+    if d.kernels == FlashKernels::Wgmma {
+        return flash90_bwd(dev, [&qv, &kv, &vv, &ov, &dov], &lsev, d, scale);
+    }
     // The dQ kernel first: it also writes D = rowsum(dO O) of its rows, which the dK/dV
     // kernel reads.
     let dsum = out::<f32>(dev, d.b * d.h * d.t)?;
@@ -1606,6 +1654,65 @@ pub fn flash_bwd(
         .arg(&scale);
     // SAFETY: each block writes the dK and dV rows of its own key block, every row once.
     unsafe { b.launch(d.config(FlashPass::Kv, d.b * d.kv)) }.w()?;
+
+    let wrap = |s| CudaStorage::wrap_cuda_slice(s, dev.clone());
+    Ok((wrap(dq), wrap(dk), wrap(dv)))
+}
+
+/// flash_bwd on flash_sm90.cu: D = rowsum(dO O) first, then dK and dV with dS^T (bf16, a
+/// square of the length rounded up to 64 per batch and head, written where it is causal and
+/// read back there), then dQ = dS K from it: S and dP are computed once, not twice.
+fn flash90_bwd(
+    dev: &CudaDevice,
+    [q, k, v, o, dout]: [&CudaView<'_, bf16>; 5],
+    lse: &CudaView<'_, f32>,
+    d: FlashDims,
+    scale: f32,
+) -> Result<(CudaStorage, CudaStorage, CudaStorage)> {
+    let stream = dev.cuda_stream();
+    let (h, kvh, t) = d.ints();
+    let scale_log2 = scale * std::f32::consts::LOG2_E;
+    let tp = d.t.div_ceil(FLASH90_ROWS) * FLASH90_ROWS;
+
+    let dsum = out::<f32>(dev, d.b * d.h * d.t)?;
+    let name = format!("flash90_dsum_hd{}", d.hd);
+    let func = dev.get_or_load_custom_func(&name, FLASH90, FLASH90_PTX)?;
+    let mut b = stream.launch_builder(&func);
+    b.arg(o).arg(dout).arg(&dsum).arg(&h).arg(&t);
+    let cfg = LaunchConfig {
+        grid_dim: ((d.b * d.h) as u32, (tp / FLASH90_ROWS) as u32, 1),
+        block_dim: (128, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: each warp writes D of its own 16 rows, those before T.
+    unsafe { b.launch(cfg) }.w()?;
+
+    // Every element the dQ kernel reads is written by the dK/dV kernel: no zero fill.
+    let dst = out::<bf16>(dev, d.b * d.h * tp * tp)?;
+    let dk = out::<bf16>(dev, d.b * d.kv * d.t * d.hd)?;
+    let dv = out::<bf16>(dev, d.b * d.t * d.kv * d.hd)?;
+    let func = d.kernel(dev, FlashPass::Kv)?;
+    let mut b = stream.launch_builder(&func);
+    b.arg(q).arg(k).arg(v).arg(dout).arg(lse).arg(&dsum);
+    b.arg(&dk).arg(&dv).arg(&dst);
+    b.arg(&h).arg(&kvh).arg(&t).arg(&scale_log2).arg(&scale);
+    // SAFETY: each block writes the dK and dV rows of its own key block, and its rows of
+    // dS^T for every query step at or after it, each once.
+    unsafe { b.launch(d.config(FlashPass::Kv, d.b * d.kv)) }.w()?;
+
+    let dq = out::<bf16>(dev, d.b * d.h * d.t * d.hd)?;
+    let func = d.kernel(dev, FlashPass::Q)?;
+    let mut b = stream.launch_builder(&func);
+    b.arg(k)
+        .arg(&dst)
+        .arg(&dq)
+        .arg(&h)
+        .arg(&kvh)
+        .arg(&t)
+        .arg(&scale);
+    // SAFETY: each block reads the dS^T tiles at or before its diagonal (all written above)
+    // and writes the dQ rows of its own query block once.
+    unsafe { b.launch(d.config(FlashPass::Q, d.b * d.h)) }.w()?;
 
     let wrap = |s| CudaStorage::wrap_cuda_slice(s, dev.clone());
     Ok((wrap(dq), wrap(dk), wrap(dv)))

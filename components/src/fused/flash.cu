@@ -22,18 +22,13 @@
 //
 // Compiled to PTX by components/build.rs under the `cuda` feature.
 
-#include <cuda_bf16.h>
-#include <stdint.h>
-
-#include "mma.cuh"
+#include "flash.cuh"
 
 #define BLK 64       // queries a block of the dQ kernel; keys a block of all
 #define FWD_Q 128    // queries a block of the forward kernel, 32 a warp
 #define KV_STEP 32   // queries a step of the dK/dV kernel, whose registers hold dK and dV
 #define KQ 32        // keys a step of the dQ kernel: 70 KB of shared memory, three blocks an SM
 #define THREADS 128  // four warps of 16 rows
-
-typedef __nv_bfloat16 bf16;
 
 extern __shared__ __align__(16) unsigned char flash_smem[];
 
@@ -74,27 +69,6 @@ __device__ __forceinline__ void stage_async(Tile<HD> dst, const bf16* base, size
         asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src),
                      "r"(in ? 16 : 0));
     }
-}
-
-// Copies n floats (from base + r0) into shared memory with cp.async, 4 bytes a thread;
-// those at or past `valid` are zeros. Part of the thread's next committed group.
-__device__ __forceinline__ void stage_floats_async(float* dst, const float* base, int r0, int n,
-                                                   int valid) {
-    for (int i = threadIdx.x; i < n; i += THREADS) {
-        bool in = r0 + i < valid;
-        const float* src = in ? base + r0 + i : base;
-        uint32_t d = (uint32_t)__cvta_generic_to_shared(dst + i);
-        asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(d), "l"(src),
-                     "r"(in ? 4 : 0));
-    }
-}
-
-__device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-
-// Waits until at most N of this thread's committed groups are still in flight.
-template <int N>
-__device__ __forceinline__ void cp_wait() {
-    asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }
 
 // The A fragments (16 rows from r0, k-chunk kk) of a shared tile.
@@ -150,46 +124,6 @@ __device__ __forceinline__ void gemm_b(float (*acc)[4], const uint32_t (*a)[4], 
         }
     }
 }
-
-// The C tiles of a 16 x (8 NT) product as A fragments of the next product (bf16).
-template <int NT>
-__device__ __forceinline__ void to_a(uint32_t (*a)[4], const float (*c)[4]) {
-#pragma unroll
-    for (int kk = 0; kk < NT / 2; ++kk) {
-        a[kk][0] = pack(c[2 * kk][0], c[2 * kk][1]);
-        a[kk][1] = pack(c[2 * kk][2], c[2 * kk][3]);
-        a[kk][2] = pack(c[2 * kk + 1][0], c[2 * kk + 1][1]);
-        a[kk][3] = pack(c[2 * kk + 1][2], c[2 * kk + 1][3]);
-    }
-}
-
-template <int N>
-__device__ __forceinline__ void zero(float (*c)[4]) {
-#pragma unroll
-    for (int i = 0; i < N; ++i) c[i][0] = c[i][1] = c[i][2] = c[i][3] = 0.0f;
-}
-
-// Writes 16 rows (from r0, rows at or past `valid` skipped) of a 16 x HD accumulator, times
-// `scale`, to dst rows `stride` apart.
-template <int HD>
-__device__ __forceinline__ void store_rows(bf16* dst, size_t stride, int r0, int valid,
-                                           const float (*acc)[4], float scale) {
-    int lane = threadIdx.x % 32, g = lane >> 2, t = lane & 3;
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-        int row = r0 + g + r * 8;
-        if (row >= valid) continue;
-#pragma unroll
-        for (int nt = 0; nt < HD / 8; ++nt) {
-            *reinterpret_cast<__nv_bfloat162*>(dst + (size_t)row * stride + nt * 8 + 2 * t) =
-                __floats2bfloat162_rn(acc[nt][2 * r] * scale, acc[nt][2 * r + 1] * scale);
-        }
-    }
-}
-
-// Row/column of C element e of n-tile nt, relative to the tile's origin.
-#define C_ROW(e) (g + ((e) >> 1) * 8)
-#define C_COL(nt, e) ((nt) * 8 + 2 * t + ((e) & 1))
 
 // Where a thread of a kernel over query blocks (grid (B H, query blocks)) stands: its query
 // block, batch and head, its lane's g and t, its warp's first row in the block and first
@@ -411,8 +345,8 @@ __device__ __forceinline__ void bwd_kv(const bf16* q, const bf16* k, const bf16*
                         ostride, s0, KV_STEP, T);
         // Through cp.async too: a plain load here would hold its warp, and at the next
         // barrier the block, for the load's whole latency every step.
-        stage_floats_async(lbuf(buf), lse + (size_t)(b * H + h) * T, s0, KV_STEP, T);
-        stage_floats_async(lbuf(buf) + KV_STEP, dsum + (size_t)(b * H + h) * T, s0, KV_STEP, T);
+        stage_floats_async<THREADS>(lbuf(buf), lse + (size_t)(b * H + h) * T, s0, KV_STEP, T);
+        stage_floats_async<THREADS>(lbuf(buf) + KV_STEP, dsum + (size_t)(b * H + h) * T, s0, KV_STEP, T);
     };
     stage_async<HD>(ks, k + (size_t)(b * KV + kvh) * T * HD, HD, kb * BLK, BLK, T);
     stage_async<HD>(vs, v + ((size_t)b * T * KV + kvh) * HD, kvstride, kb * BLK, BLK, T);
@@ -454,34 +388,6 @@ __device__ __forceinline__ void bwd_kv(const bf16* q, const bf16* k, const bf16*
     }
     store_rows<HD>(dk + (size_t)(b * KV + kvh) * T * HD, HD, k0, T, dka, scale);
     store_rows<HD>(dv + ((size_t)b * T * KV + kvh) * HD, kvstride, k0, T, dva, 1.0f);
-}
-
-// D = rowsum(dO * O) of the rows r0.. (16, those at or past T skipped) of a warp, the softmax
-// backward's correction: written to `d` (B, H, T) for the dK/dV kernel, and rows g and g + 8
-// returned in dr as the fragment layout holds them.
-template <int HD>
-__device__ __forceinline__ void row_dots(const bf16* o, const bf16* dout, size_t stride, int r0,
-                                         int T, float* d, float* dr) {
-    int lane = threadIdx.x % 32, g = lane >> 2;
-    // Unrolled, so that all 16 rows' loads are in flight at once.
-#pragma unroll
-    for (int r = 0; r < 16; ++r) {
-        int row = r0 + r;
-        float s = 0.0f;
-        if (row < T) {
-            const __nv_bfloat162* x =
-                reinterpret_cast<const __nv_bfloat162*>(o + (size_t)row * stride);
-            const __nv_bfloat162* y =
-                reinterpret_cast<const __nv_bfloat162*>(dout + (size_t)row * stride);
-            for (int i = lane; i < HD / 2; i += 32) {
-                float2 a = __bfloat1622float2(x[i]), c = __bfloat1622float2(y[i]);
-                s += a.x * c.x + a.y * c.y;
-            }
-        }
-        for (int off = 16; off > 0; off /= 2) s += __shfl_xor_sync(0xffffffff, s, off);
-        if (lane == 0 && row < T) d[row] = s;
-        if (g == (r & 7)) dr[r >> 3] = s;
-    }
 }
 
 // Grid (B H, query blocks); shared: Q and dO of the block, two buffers of K and V of KQ keys.

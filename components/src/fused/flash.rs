@@ -17,6 +17,18 @@ pub struct FlashAttention {
     /// The forward pass's log-sum-exp (B, H, T) f32, kept for the backward pass: the one
     /// number per query that lets it recompute the probabilities tile by tile.
     lse: Mutex<Option<Tensor>>,
+    /// The kernels, where not the device's fastest (a test's comparison of the two).
+    kernels: Option<FlashKernels>,
+}
+
+/// Which of flash attention's two sets of kernels runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FlashKernels {
+    /// flash.cu: mma.sync, on every GPU from sm_80.
+    Mma,
+    /// flash_sm90.cu: Hopper's warpgroup products (wgmma), on GPUs of compute capability
+    /// 9.0 only (their PTX is compute_90a's).
+    Wgmma,
 }
 
 /// The head dimensions flash.cu has kernels for.
@@ -27,6 +39,16 @@ impl FlashAttention {
         Self {
             scale,
             lse: Mutex::new(None),
+            kernels: None,
+        }
+    }
+
+    /// The same with the given kernels, which the GPU must run (wgmma on compute
+    /// capability 9.0 only).
+    pub fn with_kernels(scale: f64, kernels: FlashKernels) -> Self {
+        Self {
+            kernels: Some(kernels),
+            ..Self::new(scale)
         }
     }
 
@@ -106,7 +128,16 @@ impl CustomOp3 for FlashAttention {
         l3: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         let FlashShape { b, h, kv, t, hd } = dims(l1, l2, l3)?;
-        let d = super::cuda::FlashDims { b, h, kv, t, hd };
+        use candle_core::backend::BackendStorage;
+        let kernels = resolve(self.kernels, s1.device())?;
+        let d = super::cuda::FlashDims {
+            b,
+            h,
+            kv,
+            t,
+            hd,
+            kernels,
+        };
         let (o, lse) = super::cuda::flash_fwd((s1, l1), (s2, l2), (s3, l3), d, self.scale as f32)?;
         let lse = cuda_tensor(lse, (b, h, t));
         *self.lse.lock().expect("the lock is never poisoned") = Some(lse);
@@ -126,7 +157,11 @@ impl CustomOp3 for FlashAttention {
         let Some(lse) = self.lse.lock().expect("the lock is never poisoned").take() else {
             bail!("flash attention: a backward pass without its forward pass (or a second one)")
         };
-        let (dq, dk, dv) = backward([q, k, v, out, &grad.contiguous()?, &lse], self.scale)?;
+        let (dq, dk, dv) = backward(
+            [q, k, v, out, &grad.contiguous()?, &lse],
+            self.scale,
+            self.kernels,
+        )?;
         Ok((Some(dq), Some(dk), Some(dv)))
     }
 }
@@ -134,9 +169,23 @@ impl CustomOp3 for FlashAttention {
 #[cfg(feature = "cuda")]
 use super::cuda_tensor;
 
+/// The kernels asked for, or else the device's fastest.
+#[cfg(feature = "cuda")]
+fn resolve(kernels: Option<FlashKernels>, dev: &candle_core::CudaDevice) -> Result<FlashKernels> {
+    match kernels {
+        Some(k) => Ok(k),
+        None => FlashKernels::for_device(dev),
+    }
+}
+
 /// The three gradients from Q, K, V, the output, its gradient and the log-sum-exp.
 #[cfg(feature = "cuda")]
-fn backward(t: [&Tensor; 6], scale: f64) -> Result<(Tensor, Tensor, Tensor)> {
+fn backward(
+    t: [&Tensor; 6],
+    scale: f64,
+    kernels: Option<FlashKernels>,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    use candle_core::backend::BackendStorage;
     use candle_core::Storage;
     let guards = t.map(|x| x.storage_and_layout());
     let mut s = Vec::with_capacity(6);
@@ -153,12 +202,14 @@ fn backward(t: [&Tensor; 6], scale: f64) -> Result<(Tensor, Tensor, Tensor)> {
         t: tok,
         hd,
     } = dims(s[0].1, s[1].1, s[2].1)?;
+    let kernels = resolve(kernels, s[0].0.device())?;
     let d = super::cuda::FlashDims {
         b,
         h,
         kv,
         t: tok,
         hd,
+        kernels,
     };
     let (dq, dk, dv) = super::cuda::flash_bwd(s[0], s[1], s[2], s[3], s[4], s[5], d, scale as f32)?;
     Ok((
@@ -169,6 +220,6 @@ fn backward(t: [&Tensor; 6], scale: f64) -> Result<(Tensor, Tensor, Tensor)> {
 }
 
 #[cfg(not(feature = "cuda"))]
-fn backward(_: [&Tensor; 6], _: f64) -> Result<(Tensor, Tensor, Tensor)> {
+fn backward(_: [&Tensor; 6], _: f64, _: Option<FlashKernels>) -> Result<(Tensor, Tensor, Tensor)> {
     bail!("flash attention runs on CUDA only")
 }

@@ -72,7 +72,7 @@ pub use attention_sublayer::{
     attention_sublayer, attention_sublayer_detached, sublayer_fits, AttentionPlan, AttentionWeights,
 };
 pub use embedding::{Embedding, EmbeddingAdd, EmbeddingBwd};
-pub use flash::{FlashAttention, FLASH_HEAD_DIMS};
+pub use flash::{FlashAttention, FlashKernels, FLASH_HEAD_DIMS};
 pub use gate::{SigmoidGate, SigmoidGateBwd};
 pub use head::{HeadPrep, HeadPrepBwd};
 pub use head_loss::{linear_cross_entropy_outside, linear_cross_entropy_sum};

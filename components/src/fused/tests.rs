@@ -1062,69 +1062,79 @@ fn mlp_op_matches_the_composite_forward_and_backward() -> Result<()> {
 /// On a GPU: flash attention (bf16) against the attention op on cuBLAS in f32 from the same
 /// bf16-rounded inputs, grouped-query heads widened for the reference: the output and the
 /// three gradients, for both head dimensions and lengths that are and are not whole blocks
-/// of 64 (and of the forward kernel's 128 queries, and of the dK/dV kernel's steps of 32).
+/// of 64 (and of the forward kernel's 128 queries, and of the dK/dV kernel's steps of 32),
+/// with each set of kernels the GPU runs (mma.sync, and wgmma on a Hopper GPU).
 #[cfg(feature = "cuda")]
 #[test]
 fn flash_attention_matches_the_attention_op_in_f32() -> Result<()> {
     let Some(gpu) = gpu() else {
         return Ok(());
     };
-    for (b, h, kv, t, hd, seed) in [
-        (2, 4, 2, 200, 64, 110),
-        (1, 12, 12, 1024, 64, 120),
-        (2, 2, 1, 1, 64, 130),
-        (2, 4, 1, 200, 128, 150),
-        (1, 16, 4, 1024, 128, 160),
-        (1, 2, 2, 33, 128, 170),
-        (2, 2, 1, 1, 128, 180),
-    ] {
-        let round = |x: Tensor| x.to_dtype(DType::BF16)?.to_dtype(DType::F32);
-        let q0 = round(randn(seed, (b, h, t, hd), 1.0)?)?;
-        let k0 = round(randn(seed + 1, (b, kv, t, hd), 1.0)?)?;
-        let v0 = round(randn(seed + 2, (b * t, kv * hd), 1.0)?)?;
-        let w = randn(seed + 3, (b * t, h * hd), 1.0)?.to_device(&gpu)?;
-        let scale = 1.0 / (hd as f64).sqrt();
-        let run = |flash: bool| -> Result<Vec<Tensor>> {
-            let dtype = if flash { DType::BF16 } else { DType::F32 };
-            let mut vars = Vec::new();
-            for x in [&q0, &k0, &v0] {
-                vars.push(Var::from_tensor(&x.to_device(&gpu)?.to_dtype(dtype)?)?);
-            }
-            let [q, k, v] = [0, 1, 2].map(|i| vars[i].as_tensor());
-            let y = if flash {
-                assert!(FlashAttention::fits(q));
-                q.apply_op3(k, v, FlashAttention::new(scale))?
-            } else {
-                let widen = |y: &Tensor| -> Result<Tensor> {
-                    y.unsqueeze(2)?
-                        .broadcast_as((b, kv, h / kv, t, hd))?
-                        .reshape((b, h, t, hd))
+    let Device::Cuda(dev) = &gpu else {
+        unreachable!("gpu() gives a CUDA device")
+    };
+    let mut sets = vec![FlashKernels::Mma];
+    if FlashKernels::for_device(dev)? == FlashKernels::Wgmma {
+        sets.push(FlashKernels::Wgmma);
+    }
+    for kernels in sets {
+        for (b, h, kv, t, hd, seed) in [
+            (2, 4, 2, 200, 64, 110),
+            (1, 12, 12, 1024, 64, 120),
+            (2, 2, 1, 1, 64, 130),
+            (2, 4, 1, 200, 128, 150),
+            (1, 16, 4, 1024, 128, 160),
+            (1, 2, 2, 33, 128, 170),
+            (2, 2, 1, 1, 128, 180),
+        ] {
+            let round = |x: Tensor| x.to_dtype(DType::BF16)?.to_dtype(DType::F32);
+            let q0 = round(randn(seed, (b, h, t, hd), 1.0)?)?;
+            let k0 = round(randn(seed + 1, (b, kv, t, hd), 1.0)?)?;
+            let v0 = round(randn(seed + 2, (b * t, kv * hd), 1.0)?)?;
+            let w = randn(seed + 3, (b * t, h * hd), 1.0)?.to_device(&gpu)?;
+            let scale = 1.0 / (hd as f64).sqrt();
+            let run = |flash: bool| -> Result<Vec<Tensor>> {
+                let dtype = if flash { DType::BF16 } else { DType::F32 };
+                let mut vars = Vec::new();
+                for x in [&q0, &k0, &v0] {
+                    vars.push(Var::from_tensor(&x.to_device(&gpu)?.to_dtype(dtype)?)?);
+                }
+                let [q, k, v] = [0, 1, 2].map(|i| vars[i].as_tensor());
+                let y = if flash {
+                    assert!(FlashAttention::fits(q));
+                    q.apply_op3(k, v, FlashAttention::with_kernels(scale, kernels))?
+                } else {
+                    let widen = |y: &Tensor| -> Result<Tensor> {
+                        y.unsqueeze(2)?
+                            .broadcast_as((b, kv, h / kv, t, hd))?
+                            .reshape((b, h, t, hd))
+                    };
+                    let vh = v.reshape((b, t, kv, hd))?.transpose(1, 2)?.contiguous()?;
+                    let op = CausalAttention { scale, rows: false };
+                    let y = q.apply_op3(&widen(k)?, &widen(&vh)?, op)?;
+                    y.transpose(1, 2)?.reshape((b * t, h * hd))?
                 };
-                let vh = v.reshape((b, t, kv, hd))?.transpose(1, 2)?.contiguous()?;
-                let op = CausalAttention { scale, rows: false };
-                let y = q.apply_op3(&widen(k)?, &widen(&vh)?, op)?;
-                y.transpose(1, 2)?.reshape((b * t, h * hd))?
+                let grads = (y.to_dtype(DType::F32)? * &w)?.sum_all()?.backward()?;
+                let mut out = vec![y];
+                for x in [q, k, v] {
+                    out.push(grads.get(x).expect("a gradient").clone());
+                }
+                out.iter()
+                    .map(|x| x.to_dtype(DType::F32)?.to_device(&Device::Cpu))
+                    .collect()
             };
-            let grads = (y.to_dtype(DType::F32)? * &w)?.sum_all()?.backward()?;
-            let mut out = vec![y];
-            for x in [q, k, v] {
-                out.push(grads.get(x).expect("a gradient").clone());
+            let (got, want) = (run(true)?, run(false)?);
+            for (i, (a, e)) in got.iter().zip(&want).enumerate() {
+                assert_eq!(a.dims(), e.dims(), "{i}");
+                // Relative to the largest value (with one key, dQ is exactly zero).
+                let scale = e.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+                let err = max_diff(a, e)? / scale.max(1e-3);
+                // bf16 keeps 8 bits: the probabilities and outputs are rounded to 1 part in 256.
+                assert!(
+                    err < 2e-2,
+                    "{kernels:?} (b {b}, h {h}, kv {kv}, t {t}, hd {hd}) #{i}: {err}"
+                );
             }
-            out.iter()
-                .map(|x| x.to_dtype(DType::F32)?.to_device(&Device::Cpu))
-                .collect()
-        };
-        let (got, want) = (run(true)?, run(false)?);
-        for (i, (a, e)) in got.iter().zip(&want).enumerate() {
-            assert_eq!(a.dims(), e.dims(), "{i}");
-            // Relative to the largest value (with one key, dQ is exactly zero).
-            let scale = e.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
-            let err = max_diff(a, e)? / scale.max(1e-3);
-            // bf16 keeps 8 bits: the probabilities and outputs are rounded to 1 part in 256.
-            assert!(
-                err < 2e-2,
-                "(b {b}, h {h}, kv {kv}, t {t}, hd {hd}) #{i}: {err}"
-            );
         }
     }
     Ok(())
