@@ -172,6 +172,46 @@ __device__ __forceinline__ Lane lane_of() {
     return {(int)threadIdx.x / WG, lane >> 2, lane & 3, (int)(threadIdx.x % WG) / 32 * 16};
 }
 
+// One key block's online softmax for a warp's rows g and g + 8: the scores s (64 x 64 of
+// the group, raw) become probabilities, masked past the diagonal where the block reaches
+// it; m and l (running max and this thread's share of the sum) move on, and alpha is what
+// the output's rows are scaled by.
+__device__ __forceinline__ void softmax_step(float* s, float* m, float* l, float* alpha,
+                                             int key0, int row0, float scale_log2) {
+    int lane = threadIdx.x % 32, g = lane >> 2, t = lane & 3;
+    bool diagonal = key0 + QS - 1 > row0;
+    float mx[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+    for (int j = 0; j < QS / 8; ++j) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            float x = s[4 * j + e] * scale_log2;
+            if (diagonal && key0 + C_COL(j, e) > row0 + C_ROW(e)) x = -INFINITY;
+            s[4 * j + e] = x;
+            mx[e >> 1] = fmaxf(mx[e >> 1], x);
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffff, mx[r], 1));
+        mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffff, mx[r], 2));
+        // Every row sees key 0, in block 0: from there on its max is finite.
+        float mn = fmaxf(m[r], mx[r]);
+        alpha[r] = exp2f(m[r] - mn);
+        m[r] = mn;
+        l[r] *= alpha[r];
+    }
+#pragma unroll
+    for (int j = 0; j < QS / 8; ++j) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            float p = exp2f(s[4 * j + e] - m[e >> 1]);
+            s[4 * j + e] = p;
+            l[e >> 1] += p;
+        }
+    }
+}
+
 // Grid (B H, query blocks of 64 WGS, longest first); shared: Q of the block, then two
 // buffers of K and V of QS keys. A warpgroup holds 64 queries; the groups of a block share
 // the key tiles. Writes O (rows) and the log-sum-exp, as flash.cu's forward kernel.
@@ -217,38 +257,8 @@ __device__ __forceinline__ void fwd90(const bf16* q, const bf16* k, const bf16* 
             wg_commit();
             wg_wait<0>();
             hold<QS / 2>(s);
-            bool diagonal = kb * QS + QS - 1 > q0 + w0;
-            float mx[2] = {-INFINITY, -INFINITY};
-#pragma unroll
-            for (int j = 0; j < QS / 8; ++j) {
-#pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    float x = s[4 * j + e] * scale_log2;
-                    if (diagonal && kb * QS + C_COL(j, e) > q0 + w0 + C_ROW(e)) x = -INFINITY;
-                    s[4 * j + e] = x;
-                    mx[e >> 1] = fmaxf(mx[e >> 1], x);
-                }
-            }
             float alpha[2];
-#pragma unroll
-            for (int r = 0; r < 2; ++r) {
-                mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffff, mx[r], 1));
-                mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffff, mx[r], 2));
-                // Every row sees key 0, in block 0: from there on its max is finite.
-                float mn = fmaxf(m[r], mx[r]);
-                alpha[r] = exp2f(m[r] - mn);
-                m[r] = mn;
-                l[r] *= alpha[r];
-            }
-#pragma unroll
-            for (int j = 0; j < QS / 8; ++j) {
-#pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    float p = exp2f(s[4 * j + e] - m[e >> 1]);
-                    s[4 * j + e] = p;
-                    l[e >> 1] += p;
-                }
-            }
+            softmax_step(s, m, l, alpha, kb * QS, q0 + w0, scale_log2);
 #pragma unroll
             for (int j = 0; j < HD / 8; ++j) {
 #pragma unroll
@@ -276,46 +286,6 @@ __device__ __forceinline__ void fwd90(const bf16* q, const bf16* k, const bf16* 
     for (int i = 0; i < HD / 2; ++i) acc[i] *= inv[(i & 3) >> 1];
     store_rows<HD>(o + (size_t)b * T * ostride + (size_t)h * HD, ostride, q0 + w0, T,
                    reinterpret_cast<const float(*)[4]>(acc), 1.0f);
-}
-
-// One key block's online softmax for a warp's rows g and g + 8: the scores s (64 x 64 of
-// the group, raw) become probabilities, masked past the diagonal where the block reaches
-// it; m and l (running max and this thread's share of the sum) move on, and alpha is what
-// the output's rows are scaled by.
-__device__ __forceinline__ void softmax_step(float* s, float* m, float* l, float* alpha,
-                                             int key0, int row0, float scale_log2) {
-    int lane = threadIdx.x % 32, g = lane >> 2, t = lane & 3;
-    bool diagonal = key0 + QS - 1 > row0;
-    float mx[2] = {-INFINITY, -INFINITY};
-#pragma unroll
-    for (int j = 0; j < QS / 8; ++j) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-            float x = s[4 * j + e] * scale_log2;
-            if (diagonal && key0 + C_COL(j, e) > row0 + C_ROW(e)) x = -INFINITY;
-            s[4 * j + e] = x;
-            mx[e >> 1] = fmaxf(mx[e >> 1], x);
-        }
-    }
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-        mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffff, mx[r], 1));
-        mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffff, mx[r], 2));
-        // Every row sees key 0, in block 0: from there on its max is finite.
-        float mn = fmaxf(m[r], mx[r]);
-        alpha[r] = exp2f(m[r] - mn);
-        m[r] = mn;
-        l[r] *= alpha[r];
-    }
-#pragma unroll
-    for (int j = 0; j < QS / 8; ++j) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-            float p = exp2f(s[4 * j + e] - m[e >> 1]);
-            s[4 * j + e] = p;
-            l[e >> 1] += p;
-        }
-    }
 }
 
 // The forward pass with the next block's scores in flight under this block's softmax, as
