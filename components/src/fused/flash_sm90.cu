@@ -172,6 +172,28 @@ __device__ __forceinline__ Lane lane_of() {
     return {(int)threadIdx.x / WG, lane >> 2, lane & 3, (int)(threadIdx.x % WG) / 32 * 16};
 }
 
+// The forward pass's end for a warp's 16 rows from row0 of head (b, h): the sums completed
+// across the quad, the log-sum-exp written, the output normalized and stored as rows.
+template <int HD>
+__device__ __forceinline__ void finish_rows(float* acc, const float* m, float* l, bf16* o,
+                                            float* lse, int b, int h, int H, int T, int row0) {
+    int lane = threadIdx.x % 32, g = lane >> 2, t = lane & 3;
+    size_t ostride = (size_t)H * HD;
+    float inv[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        l[r] += __shfl_xor_sync(0xffffffff, l[r], 1);
+        l[r] += __shfl_xor_sync(0xffffffff, l[r], 2);
+        inv[r] = 1.0f / l[r];
+        int row = row0 + g + r * 8;
+        if (t == 0 && row < T) lse[(size_t)(b * H + h) * T + row] = m[r] + log2f(l[r]);
+    }
+#pragma unroll
+    for (int i = 0; i < HD / 2; ++i) acc[i] *= inv[(i & 3) >> 1];
+    store_rows<HD>(o + (size_t)b * T * ostride + (size_t)h * HD, ostride, row0, T,
+                   reinterpret_cast<const float(*)[4]>(acc), 1.0f);
+}
+
 // One key block's online softmax for a warp's rows g and g + 8: the scores s (64 x 64 of
 // the group, raw) become probabilities, masked past the diagonal where the block reaches
 // it; m and l (running max and this thread's share of the sum) move on, and alpha is what
@@ -272,20 +294,7 @@ __device__ __forceinline__ void fwd90(const bf16* q, const bf16* k, const bf16* 
         }
         __syncthreads();  // every group is done with the buffer the next load overwrites
     }
-    size_t ostride = (size_t)H * HD;
-    float inv[2];
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-        l[r] += __shfl_xor_sync(0xffffffff, l[r], 1);
-        l[r] += __shfl_xor_sync(0xffffffff, l[r], 2);
-        inv[r] = 1.0f / l[r];
-        int row = q0 + w0 + g + r * 8;
-        if (t == 0 && row < T) lse[(size_t)(b * H + h) * T + row] = m[r] + log2f(l[r]);
-    }
-#pragma unroll
-    for (int i = 0; i < HD / 2; ++i) acc[i] *= inv[(i & 3) >> 1];
-    store_rows<HD>(o + (size_t)b * T * ostride + (size_t)h * HD, ostride, q0 + w0, T,
-                   reinterpret_cast<const float(*)[4]>(acc), 1.0f);
+    finish_rows<HD>(acc, m, l, o, lse, b, h, H, T, q0 + w0);
 }
 
 // The forward pass with the next block's scores in flight under this block's softmax, as
@@ -303,7 +312,7 @@ __device__ __forceinline__ void fwd90p(const bf16* q, const bf16* k, const bf16*
     int qb = gridDim.y - 1 - blockIdx.y;
     int b = blockIdx.x / H, h = blockIdx.x % H, kvh = h / (H / KV);
     Lane ln = lane_of();  // named, not bound: the lambda below captures them
-    int g = ln.g, t = ln.t, w0 = ln.w0;
+    int w0 = ln.w0;
     int q0 = qb * QS;
     const bf16* kp = k + (size_t)(b * KV + kvh) * T * HD;
     const bf16* vp = v + ((size_t)b * T * KV + kvh) * HD;
@@ -378,20 +387,7 @@ __device__ __forceinline__ void fwd90p(const bf16* q, const bf16* k, const bf16*
     }
     wg_wait<0>();
     hold<HD / 2>(acc);
-    size_t ostride = (size_t)H * HD;
-    float inv[2];
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-        l[r] += __shfl_xor_sync(0xffffffff, l[r], 1);
-        l[r] += __shfl_xor_sync(0xffffffff, l[r], 2);
-        inv[r] = 1.0f / l[r];
-        int row = q0 + w0 + g + r * 8;
-        if (t == 0 && row < T) lse[(size_t)(b * H + h) * T + row] = m[r] + log2f(l[r]);
-    }
-#pragma unroll
-    for (int i = 0; i < HD / 2; ++i) acc[i] *= inv[(i & 3) >> 1];
-    store_rows<HD>(o + (size_t)b * T * ostride + (size_t)h * HD, ostride, q0 + w0, T,
-                   reinterpret_cast<const float(*)[4]>(acc), 1.0f);
+    finish_rows<HD>(acc, m, l, o, lse, b, h, H, T, q0 + w0);
 }
 
 // Bytes between the rows of a warp's staging of dS^T: 64 bf16 and 16 bytes, so that the
