@@ -713,6 +713,48 @@ pub fn mix(
     Ok(by_dtype!(dtype, run))
 }
 
+/// The post-mix's backward pass in one kernel (fused.cu `postmix_bwd_all`): from coef
+/// (f32), the state, the sublayer's output and dy, `[ds | dout]` in the compute dtype (as
+/// `postmix_bwd_g` lays them out) and dcoef (tokens, n, n + 1) f32.
+pub fn postmix_bwd_all(
+    [coef, s, o, dy]: [(&CudaStorage, &Layout); 4],
+    tokens: usize,
+    n: usize,
+    c: usize,
+) -> Result<(CudaStorage, CudaStorage)> {
+    let dev = s.0.device();
+    let dtype = s.0.dtype();
+    let streams = if n == 4 { "_n4" } else { "" };
+    let name = format!("postmix_bwd_all{streams}_{}", suffix(dtype)?);
+    let func = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
+    let cfg = LaunchConfig {
+        grid_dim: (tokens.div_ceil(8) as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let (n32, c32, tokens32) = (n as i32, c as i32, tokens as i32);
+    let kv = view::<f32>(coef.0, coef.1)?;
+    let dcoef = out::<f32>(dev, tokens * n * (n + 1))?;
+    macro_rules! run {
+        ($t:ty) => {{
+            let (sv, ov, dv) = (
+                view::<$t>(s.0, s.1)?,
+                view::<$t>(o.0, o.1)?,
+                view::<$t>(dy.0, dy.1)?,
+            );
+            let g = out::<$t>(dev, tokens * (n + 1) * c)?;
+            let mut b = func.builder();
+            b.arg(&kv).arg(&sv).arg(&ov).arg(&dv).arg(&g).arg(&dcoef);
+            b.arg(&n32).arg(&c32).arg(&tokens32);
+            // SAFETY: warp t of the grid writes token t's ds, dout and dcoef, each once.
+            unsafe { b.launch(cfg) }.w()?;
+            CudaStorage::wrap_cuda_slice(g, dev.clone())
+        }};
+    }
+    let g = by_dtype!(dtype, run);
+    Ok((g, CudaStorage::wrap_cuda_slice(dcoef, dev.clone())))
+}
+
 /// Sinkhorn forward (`dout` none) or backward, one thread per token.
 pub fn sinkhorn(
     logits: &CudaStorage,
@@ -1905,7 +1947,19 @@ fn norm_proj_part_cuda(
     Ok(part)
 }
 
-/// dx (n, k) in x's dtype of mHC's normed projection, plus `add` where given.
+/// The pre-mix's part of the state's gradient, pre[t][i] dh[t][ch], for the normed
+/// projection's backward kernel to add: pre (tokens, streams) f32 and dh (tokens, channels)
+/// in the state's dtype.
+#[derive(Clone, Copy)]
+pub struct PreMixPart<'a> {
+    pub pre: (&'a CudaStorage, &'a Layout),
+    pub dh: (&'a CudaStorage, &'a Layout),
+    pub streams: usize,
+    pub channels: usize,
+}
+
+/// dx (n, k) in x's dtype of mHC's normed projection, plus `add` and the pre-mix's part
+/// where given.
 #[allow(clippy::too_many_arguments)]
 pub fn norm_proj_bwd_x(
     x: &CudaStorage,
@@ -1915,13 +1969,16 @@ pub fn norm_proj_bwd_x(
     dzz: &CudaStorage,
     ldzz: &Layout,
     add: Option<(&CudaStorage, &Layout)>,
+    premix: Option<PreMixPart>,
     n: usize,
     k: usize,
     m: usize,
 ) -> Result<CudaStorage> {
     let dev = x.device();
-    let tc =
-        norm_proj_tc(x, lx, k, m) && add.is_none_or(|(_, l)| l.start_offset().is_multiple_of(8));
+    let on16 = |l: &Layout| l.start_offset().is_multiple_of(8);
+    let tc = norm_proj_tc(x, lx, k, m)
+        && add.is_none_or(|(_, l)| on16(l))
+        && premix.is_none_or(|p| on16(p.dh.1) && p.channels.is_multiple_of(8));
     let name = match tc {
         true => "norm_proj_bwd_x_tc".to_string(),
         false => norm_proj_kernel("norm_proj_bwd_x", m, x.dtype())?,
@@ -1943,6 +2000,9 @@ pub fn norm_proj_bwd_x(
         ($t:ty) => {{
             let xv = view::<$t>(x, lx)?;
             let av = add.map(|(s, l)| view::<$t>(s, l)).transpose()?;
+            let pre = premix.map(|p| view::<f32>(p.pre.0, p.pre.1)).transpose()?;
+            let dh = premix.map(|p| view::<$t>(p.dh.0, p.dh.1)).transpose()?;
+            let (ns, cs) = premix.map_or((0, 0), |p| (p.streams as i32, p.channels as i32));
             let dx = out::<$t>(dev, n * k)?;
             let null = 0u64;
             let mut b = func.builder();
@@ -1951,7 +2011,11 @@ pub fn norm_proj_bwd_x(
                 Some(a) => b.arg(a),
                 None => b.arg(&null),
             };
-            b.arg(&dx).arg(&n32).arg(&k32).arg(&m32);
+            match (&pre, &dh) {
+                (Some(pre), Some(dh)) => b.arg(pre).arg(dh),
+                _ => b.arg(&null).arg(&null),
+            };
+            b.arg(&dx).arg(&n32).arg(&k32).arg(&m32).arg(&ns).arg(&cs);
             // SAFETY: block (i, j) writes dx at columns 256 i.. of the token tiles j, j +
             // strides, ..: every element once.
             unsafe { b.launch(cfg) }.w()?;

@@ -979,6 +979,108 @@ __device__ void postmix_bwd_coef(const T* s, const T* out, const T* dy, float* d
     }
 }
 
+// The post-mix's whole backward pass in one read of dy, a warp a token: postmix_bwd_g's ds
+// and dout (into g, laid out as there) and postmix_bwd_coef's dcoef, which read dy twice
+// between them. The token's coefficients sit in registers.
+template <typename T, int NN>
+__device__ void postmix_bwd_all(const float* coef, const T* s, const T* out, const T* dy, T* g,
+                                float* dcoef, int n_arg, int c, int tokens) {
+    const int n = NN ? NN : n_arg;
+    constexpr int NM = NN ? NN : MAXN;
+    size_t tok = (size_t)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+    if (tok >= (size_t)tokens) return;
+    int lane = threadIdx.x % 32;
+    T* dout = g + (size_t)tokens * n * c;
+    float kk[NM * (NM + 1)];  // kk[j][i], row j's n + 1 entries at stride NM + 1
+#pragma unroll
+    for (int j = 0; j < NM; j++)
+#pragma unroll
+        for (int i = 0; i <= NM; i++) {
+            int src = i < NM ? i : n;  // the post column sits at n in coef, at NM here
+            kk[j * (NM + 1) + i] =
+                (j < n && (i < n || i == NM)) ? coef[(tok * n + j) * (n + 1) + src] : 0.0f;
+        }
+    float acc[NM * (NM + 1)];
+#pragma unroll
+    for (int q = 0; q < NM * (NM + 1); q++) acc[q] = 0.0f;
+    constexpr int V = Pack<T>::N;
+    // With C whole packs, dout (after every token's ds) starts on 16 bytes as g does.
+    bool vec = c % V == 0 && aligned16(s) && aligned16(out) && aligned16(dy) && aligned16(g);
+    for (int q = lane; vec && q < c / V; q += 32) {
+        int cv = c / V;
+        Pack<T> xp[NM + 1], dp[NM];
+#pragma unroll
+        for (int i = 0; i < NM; i++) {
+            xp[i].raw = i < n ? load_pack(s, (tok * n + i) * cv + q).raw : make_uint4(0, 0, 0, 0);
+            dp[i].raw = i < n ? load_pack(dy, (tok * n + i) * cv + q).raw : make_uint4(0, 0, 0, 0);
+        }
+        xp[NM] = load_pack(out, tok * cv + q);
+        float d[NM][V];
+#pragma unroll
+        for (int j = 0; j < NM; j++)
+#pragma unroll
+            for (int u = 0; u < V; u++) d[j][u] = to_f(dp[j].v[u]);
+#pragma unroll
+        for (int u = 0; u < V; u++)
+#pragma unroll
+            for (int j = 0; j < NM; j++)
+#pragma unroll
+                for (int i = 0; i <= NM; i++) acc[j * (NM + 1) + i] += d[j][u] * to_f(xp[i].v[u]);
+#pragma unroll
+        for (int i = 0; i <= NM; i++) {
+            if (i < NM && i >= n) continue;
+            Pack<T> o;
+#pragma unroll
+            for (int u = 0; u < V; u++) {
+                float a = 0.0f;
+#pragma unroll
+                for (int j = 0; j < NM; j++) a += kk[j * (NM + 1) + i] * d[j][u];
+                o.v[u] = from_f<T>(a);
+            }
+            if (i < NM)
+                store_pack(g, (tok * n + i) * cv + q, o);
+            else
+                store_pack(dout, tok * cv + q, o);
+        }
+    }
+    for (int ch = lane; !vec && ch < c; ch += 32) {
+        float x[NM + 1], d[NM];
+#pragma unroll
+        for (int i = 0; i < NM; i++) {
+            x[i] = i < n ? to_f(s[(tok * n + i) * c + ch]) : 0.0f;
+            d[i] = i < n ? to_f(dy[(tok * n + i) * c + ch]) : 0.0f;
+        }
+        x[NM] = to_f(out[tok * c + ch]);
+#pragma unroll
+        for (int j = 0; j < NM; j++)
+#pragma unroll
+            for (int i = 0; i <= NM; i++) acc[j * (NM + 1) + i] += d[j] * x[i];
+#pragma unroll
+        for (int i = 0; i <= NM; i++) {
+            if (i < NM && i >= n) continue;
+            float a = 0.0f;
+#pragma unroll
+            for (int j = 0; j < NM; j++) a += kk[j * (NM + 1) + i] * d[j];
+            if (i < NM)
+                g[(tok * n + i) * c + ch] = from_f<T>(a);
+            else
+                dout[tok * c + ch] = from_f<T>(a);
+        }
+    }
+    float* dst = dcoef + tok * n * (n + 1);
+#pragma unroll
+    for (int j = 0; j < NM; j++) {
+#pragma unroll
+        for (int i = 0; i <= NM; i++) {
+            float v = warp_sum(acc[j * (NM + 1) + i]);
+            if (lane == 0 && j < n) {
+                if (i < n) dst[j * (n + 1) + i] = v;
+                else if (i == NM) dst[j * (n + 1) + n] = v;
+            }
+        }
+    }
+}
+
 #define MIX_KERNELS_N(NAME, T, NN, SUF)                                                       \
     extern "C" __global__ void premix_fwd##SUF##_##NAME(const T* s, const float* pre, T* h,    \
                                                         int n, int c, int tokens) {           \
@@ -1009,6 +1111,11 @@ __device__ void postmix_bwd_coef(const T* s, const T* out, const T* dy, float* d
     extern "C" __global__ void postmix_bwd_coef##SUF##_##NAME(                                \
         const T* s, const T* out, const T* dy, float* dcoef, int n, int c, int tokens) {      \
         postmix_bwd_coef<T, NN>(s, out, dy, dcoef, n, c, tokens);                             \
+    }                                                                                         \
+    extern "C" __global__ void postmix_bwd_all##SUF##_##NAME(                                 \
+        const float* coef, const T* s, const T* out, const T* dy, T* g, float* dcoef, int n,  \
+        int c, int tokens) {                                                                  \
+        postmix_bwd_all<T, NN>(coef, s, out, dy, g, dcoef, n, c, tokens);                     \
     }
 #define MIX_KERNELS(NAME, T) MIX_KERNELS_N(NAME, T, 0, ) MIX_KERNELS_N(NAME, T, 4, _n4)
 
@@ -1679,12 +1786,16 @@ extern "C" __global__ void norm_proj_sum(const float* part, float* z, int n, int
     z[i] = j < m ? v * r : r;
 }
 
-// dx, plus add where given (the state's gradient so far). Thread c of block (i, .) owns
+// dx, plus add where given (the state's gradient so far) and, where pre is, the pre-mix's
+// part of the state's gradient (premix_bwd_s, folded in to save its own pass over the state):
+// pre[t][i] dh[t][ch] at the flat index e = (t ns + i) cs + ch of x, whichever rows of K
+// the projection takes (mHC's of ns cs, dynamic HC's of cs). Thread c of block (i, .) owns
 // column c = NP_THREADS i + c of K and phi's row c (registers); the block walks tiles of NP_TT tokens, blockIdx.y, blockIdx.y + gridDim.y, ...
 template <typename T, int M4>
 __device__ void norm_proj_bwd_x(const T* __restrict__ x, const float* __restrict__ phi,
                                 const float* __restrict__ dzz, const T* __restrict__ add,
-                                T* __restrict__ dx, int n, int k, int m) {
+                                const float* __restrict__ pre, const T* __restrict__ dh,
+                                T* __restrict__ dx, int n, int k, int m, int ns, int cs) {
     __shared__ __align__(16) float dz[NP_TT][4 * M4];
     __shared__ float coef[NP_TT][2];  // r, -r^2 s / K
     int tid = threadIdx.x;
@@ -1725,6 +1836,7 @@ __device__ void norm_proj_bwd_x(const T* __restrict__ x, const float* __restrict
             }
             size_t at = (size_t)(t0 + i) * k + c;
             float base = add ? to_f(add[at]) : 0.0f;
+            if (pre) base += pre[at / cs] * to_f(dh[at / ((size_t)ns * cs) * cs + at % cs]);
             dx[at] = from_f<T>(base + coef[i][0] * acc + coef[i][1] * to_f(x[at]));
         }
     }
@@ -1782,9 +1894,9 @@ __device__ void norm_proj_bwd_phi(const T* __restrict__ x, const float* __restri
         norm_proj_part<T, M4>(x, phi, part, n, k, m, ksplit);                                  \
     }                                                                                          \
     extern "C" __global__ void norm_proj_bwd_x_m##MS##_##NAME(                                  \
-        const T* x, const float* phi, const float* dzz, const T* add, T* dx, int n, int k,      \
-        int m) {                                                                               \
-        norm_proj_bwd_x<T, M4>(x, phi, dzz, add, dx, n, k, m);                                 \
+        const T* x, const float* phi, const float* dzz, const T* add, const float* pre,         \
+        const T* dh, T* dx, int n, int k, int m, int ns, int cs) {                             \
+        norm_proj_bwd_x<T, M4>(x, phi, dzz, add, pre, dh, dx, n, k, m, ns, cs);                \
     }                                                                                          \
     extern "C" __global__ void norm_proj_bwd_phi_m##MS##_##NAME(                                \
         const T* x, const float* dzz, float* dphi, int n, int k, int m, int tsplit) {           \
@@ -1904,9 +2016,9 @@ extern "C" __global__ void norm_proj_part_tc(const __nv_bfloat16* __restrict__ x
         }
 }
 
-// dx = r (dz phi^T) - x r^2 s / K (+ add) with the M sums on the tensor cores: a warp owns 32
-// columns of K, its block 256, and walks tiles of 64 tokens (blockIdx.y, + gridDim.y, ...),
-// staging their dz as bf16 pairs in shared memory. B's column n of tile nt is the state's
+// dx = r (dz phi^T) - x r^2 s / K (+ add, + pre dh as in norm_proj_bwd_x) with the M sums on
+// the tensor cores: a warp owns 32 columns of K, its block 256, and walks tiles of 64 tokens
+// (blockIdx.y, + gridDim.y, ...), staging their dz as bf16 pairs in shared memory. B's column n of tile nt is the state's
 // column 4 n + nt of the warp's 32, so that lane (g, t) ends with 8 contiguous columns,
 // 8t..8t+7, of its rows g and g + 8: x, add and dx move as 16 bytes. phi's fragments are
 // loaded once, into registers.
@@ -1914,7 +2026,10 @@ extern "C" __global__ void norm_proj_bwd_x_tc(const __nv_bfloat16* __restrict__ 
                                               const float* __restrict__ phi,
                                               const float* __restrict__ dzz,
                                               const __nv_bfloat16* __restrict__ add,
-                                              __nv_bfloat16* __restrict__ dx, int n, int k, int m) {
+                                              const float* __restrict__ pre,
+                                              const __nv_bfloat16* __restrict__ dh_in,
+                                              __nv_bfloat16* __restrict__ dx, int n, int k, int m,
+                                              int ns, int cs) {
     __shared__ __align__(16) __nv_bfloat16 dh[NPT_TT][NPT_DS], dl[NPT_TT][NPT_DS];
     __shared__ float coef[NPT_TT][2];  // r, -r^2 s / K
     int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
@@ -1974,13 +2089,20 @@ extern "C" __global__ void norm_proj_bwd_x_tc(const __nv_bfloat16* __restrict__ 
             }
             // The tile's x and add, requested before the products so that their latency
             // overlaps them.
-            Pack<__nv_bfloat16> xv[2], av[2];
+            Pack<__nv_bfloat16> xv[2], av[2], hv[2];
+            float pv[2] = {0.0f, 0.0f};
 #pragma unroll
             for (int rh = 0; rh < 2; rh++) {
-                int tok = t0 + r0 + 8 * rh + g;
-                size_t at = (size_t)min(tok, n - 1) * k + base + 8 * t;
+                int tok = min(t0 + r0 + 8 * rh + g, n - 1);
+                size_t at = (size_t)tok * k + base + 8 * t;
                 xv[rh] = load_pack(x + at, 0);
                 av[rh].raw = add ? load_pack(add + at, 0).raw : make_uint4(0, 0, 0, 0);
+                hv[rh].raw = make_uint4(0, 0, 0, 0);
+                if (pre) {
+                    // The lane's 8 values lie in one stream row (C is a multiple of 8).
+                    pv[rh] = pre[at / cs];
+                    hv[rh] = load_pack(dh_in + at / ((size_t)ns * cs) * cs + at % cs, 0);
+                }
             }
             float acc[4][4];
 #pragma unroll
@@ -2004,7 +2126,8 @@ extern "C" __global__ void norm_proj_bwd_x_tc(const __nv_bfloat16* __restrict__ 
 #pragma unroll
                 for (int e = 0; e < 8; e++) {
                     float d = acc[e % 4][2 * rh + e / 4];
-                    o.v[e] = __float2bfloat16(__bfloat162float(av[rh].v[e]) + r * d +
+                    o.v[e] = __float2bfloat16(__bfloat162float(av[rh].v[e]) +
+                                              pv[rh] * __bfloat162float(hv[rh].v[e]) + r * d +
                                               c1 * __bfloat162float(xv[rh].v[e]));
                 }
                 store_pack(dx + at, 0, o);

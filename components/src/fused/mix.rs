@@ -227,12 +227,7 @@ impl CustomOp3 for PostMix {
         _res: &Tensor,
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let dy = dy.contiguous()?;
-        let g = coef.apply_op2_no_bwd(&dy, &MixBwd::PostStateOut)?;
-        let split = s.elem_count();
-        let ds = g.narrow(0, 0, split)?.reshape(s.shape())?;
-        let dout = g.narrow(0, split, out.elem_count())?.reshape(out.shape())?;
-        let dcoef = s.apply_op3_no_bwd(out, &dy, &MixBwd::PostCoef)?;
+        let (ds, dcoef, dout) = post_mix_backward(s, coef, out, dy)?;
         match &self.acc {
             Some(acc) => {
                 acc.put(ds);
@@ -241,6 +236,55 @@ impl CustomOp3 for PostMix {
             None => Ok((Some(ds), Some(dcoef), Some(dout))),
         }
     }
+}
+
+/// The post-mix's gradients (ds, dcoef, dout) from the state, coef, the sublayer's output and
+/// dy. On CUDA one kernel reads dy once for all three; elsewhere (and as its reference) the
+/// two ops, `PostStateOut` for ds and dout and `PostCoef` for dcoef.
+pub(crate) fn post_mix_backward(
+    s: &Tensor,
+    coef: &Tensor,
+    out: &Tensor,
+    dy: &Tensor,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let dy = dy.contiguous()?;
+    let split = s.elem_count();
+    #[cfg(feature = "cuda")]
+    if s.device().is_cuda() {
+        let (tokens, n, c) = state_dims(s.layout())?;
+        let coef_shape = with_last(s.layout(), 1, &[n + 1]);
+        if dy.dims() != s.dims() || out.elem_count() != tokens * c || coef.shape() != &coef_shape {
+            bail!(
+                "post-mix backward: state {:?}, coef {:?}, out {:?}, dy {:?}",
+                s.dims(),
+                coef.dims(),
+                out.dims(),
+                dy.dims()
+            );
+        }
+        let (coef_c, s_c, out_c) = (coef.contiguous()?, s.contiguous()?, out.contiguous()?);
+        let guards = [&coef_c, &s_c, &out_c, &dy].map(|t| t.storage_and_layout());
+        let mut parts = Vec::with_capacity(4);
+        for (storage, layout) in &guards {
+            let candle_core::Storage::Cuda(st) = &**storage else {
+                bail!("post-mix backward: an input is not on the GPU");
+            };
+            parts.push((st, *layout));
+        }
+        let (g, dcoef) =
+            super::cuda::postmix_bwd_all([parts[0], parts[1], parts[2], parts[3]], tokens, n, c)?;
+        let g = super::cuda_tensor(g, tokens * (n + 1) * c);
+        return Ok((
+            g.narrow(0, 0, split)?.reshape(s.shape())?,
+            super::cuda_tensor(dcoef, coef.shape().clone()),
+            g.narrow(0, split, out.elem_count())?.reshape(out.shape())?,
+        ));
+    }
+    let g = coef.apply_op2_no_bwd(&dy, &MixBwd::PostStateOut)?;
+    let ds = g.narrow(0, 0, split)?.reshape(s.shape())?;
+    let dout = g.narrow(0, split, out.elem_count())?.reshape(out.shape())?;
+    let dcoef = s.apply_op3_no_bwd(out, &dy, &MixBwd::PostCoef)?;
+    Ok((ds, dcoef, dout))
 }
 
 impl MixBwd {

@@ -90,7 +90,8 @@ pub use norm::{
     rms_norm_outside, RmsNormBwdG, RmsNormBwdX, RmsNormBwdXInto, RmsNormGain, RmsNormPlain,
 };
 pub use norm_proj::{
-    norm_proj, norm_proj_ext, NormProj, NormProjBwdPhi, NormProjBwdX, NORM_PROJ_MAX_COLS,
+    norm_proj, norm_proj_backward, norm_proj_ext, NormProj, NormProjBwdPhi, NormProjBwdX,
+    NORM_PROJ_MAX_COLS,
 };
 pub use sinkhorn::{Sinkhorn, SinkhornBwd, SINKHORN_MAX_ITERS, SINKHORN_MAX_STREAMS};
 pub use stack::{stack_as, StackCast};

@@ -26,10 +26,15 @@ pub struct NormProj {
 }
 
 /// (x, phi, dzz (N, 2 (M + 1)) = [dz_ext | z_ext]) -> dx (N, K) in x's dtype, plus `add`
-/// (x's shape and dtype) where given.
+/// (x's shape and dtype) where given, and plus the pre-mix's part of the state's gradient
+/// where `premix` = (pre (tokens, n) f32, dh (tokens, C) in x's dtype) is given, x holding
+/// tokens n C values: pre[t][i] dh[t][ch] at x's flat index (t n + i) C + ch (mix.rs
+/// `MixBwd::PreState`, folded into this pass over the state rather than one of its own),
+/// whichever rows the projection takes: mHC's of n C, dynamic HC's of C.
 #[derive(Clone, Debug, Default)]
 pub struct NormProjBwdX {
     pub add: Option<Tensor>,
+    pub premix: Option<(Tensor, Tensor)>,
 }
 
 /// (x, dzz) -> dphi (K, M) f32.
@@ -179,15 +184,29 @@ impl CustomOp2 for NormProj {
         z_ext: &Tensor,
         dz_ext: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        // r's own column of dz_ext is zero: only z leaves the op (see `norm_proj`).
-        let dzz = Tensor::cat(&[dz_ext, z_ext], 1)?.contiguous()?;
         // Upstream of the sublayer's mixing ops, this op's backward pass runs last: it adds
         // their part of the state's gradient and returns the whole.
         let add = self.acc.as_ref().and_then(StateGrad::take);
-        let dx = x.apply_op3_no_bwd(phi, &dzz, &NormProjBwdX { add })?;
-        let dphi = x.apply_op2_no_bwd(&dzz, &NormProjBwdPhi)?;
+        let (dx, dphi) =
+            norm_proj_backward(x, phi, z_ext, dz_ext, NormProjBwdX { add, premix: None })?;
         Ok((Some(dx), Some(dphi)))
     }
+}
+
+/// The normed projection's gradients (dx, dphi) from its input x, phi (f32), its output
+/// z_ext and that output's gradient, dx with what `into` adds (see [`NormProjBwdX`]).
+pub fn norm_proj_backward(
+    x: &Tensor,
+    phi: &Tensor,
+    z_ext: &Tensor,
+    dz_ext: &Tensor,
+    into: NormProjBwdX,
+) -> Result<(Tensor, Tensor)> {
+    // r's own column of dz_ext is zero: only z leaves the op (see `norm_proj`).
+    let dzz = Tensor::cat(&[dz_ext, z_ext], 1)?.contiguous()?;
+    let dx = x.apply_op3_no_bwd(phi, &dzz, &into)?;
+    let dphi = x.apply_op2_no_bwd(&dzz, &NormProjBwdPhi)?;
+    Ok((dx, dphi))
 }
 
 /// M from dzz (N, 2 (M + 1)), checked against x's N rows.
@@ -225,6 +244,14 @@ impl CustomOp3 for NormProjBwdX {
             let add = add.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
             dx.iter_mut().zip(add).for_each(|(d, a)| *d += a);
         }
+        if let Some((pre, dh)) = &self.premix {
+            let (ns, cs) = check_premix(pre, dh, n * k)?;
+            let values = |t: &Tensor| t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>();
+            let (pre, dh) = (values(pre)?, values(dh)?);
+            for (e, d) in dx.iter_mut().enumerate() {
+                *d += pre[e / cs] * dh[e / (ns * cs) * cs + e % cs];
+            }
+        }
         Ok((cpu_storage(dx, dtype), l1.shape().clone()))
     }
 
@@ -242,20 +269,65 @@ impl CustomOp3 for NormProjBwdX {
         if dzz_cols(n, l1, l3)? != m {
             bail!("norm-proj backward: dzz {:?} for M = {m}", l3.dims());
         }
-        let dx = match &self.add {
-            Some(add) => {
-                check_add(add, l1)?;
-                let (storage, layout) = add.storage_and_layout();
-                let candle_core::Storage::Cuda(a) = &*storage else {
-                    bail!("norm-proj backward: the gradient to add is not on the GPU");
-                };
-                let add = Some((a, layout));
-                super::cuda::norm_proj_bwd_x(s1, l1, s2, l2, s3, l3, add, n, k, m)?
-            }
-            None => super::cuda::norm_proj_bwd_x(s1, l1, s2, l2, s3, l3, None, n, k, m)?,
+        if let Some(add) = &self.add {
+            check_add(add, l1)?;
+        }
+        let (streams, channels) = match &self.premix {
+            Some((pre, dh)) => check_premix(pre, dh, n * k)?,
+            None => (0, 0),
         };
+        let on_gpu = |t: &Tensor| -> Result<()> {
+            match t.device().is_cuda() && t.is_contiguous() {
+                true => Ok(()),
+                false => bail!("norm-proj backward: an input to add is not contiguous on the GPU"),
+            }
+        };
+        let given: Vec<&Tensor> = self
+            .add
+            .iter()
+            .chain(self.premix.iter().flat_map(|(p, h)| [p, h]))
+            .collect();
+        given.iter().try_for_each(|t| on_gpu(t))?;
+        let guards: Vec<_> = given.iter().map(|t| t.storage_and_layout()).collect();
+        let mut parts = Vec::with_capacity(3);
+        for (storage, layout) in &guards {
+            let candle_core::Storage::Cuda(st) = &**storage else {
+                bail!("norm-proj backward: an input to add is not on the GPU");
+            };
+            parts.push((st, *layout));
+        }
+        let add = self.add.as_ref().map(|_| parts[0]);
+        let skip = usize::from(add.is_some());
+        let premix = self.premix.as_ref().map(|_| super::cuda::PreMixPart {
+            pre: parts[skip],
+            dh: parts[skip + 1],
+            streams,
+            channels,
+        });
+        let dx = super::cuda::norm_proj_bwd_x(s1, l1, s2, l2, s3, l3, add, premix, n, k, m)?;
         Ok((dx, l1.shape().clone()))
     }
+}
+
+/// The pre-mix's part must be pre (tokens, n) f32 and dh (tokens, C), contiguous, for x's
+/// `count` = tokens n C values: (n, C).
+fn check_premix(pre: &Tensor, dh: &Tensor, count: usize) -> Result<(usize, usize)> {
+    let (ns, cs) = (pre.dims().last(), dh.dims().last());
+    let (ns, cs) = (ns.copied().unwrap_or(0), cs.copied().unwrap_or(0));
+    let fits = ns > 0
+        && cs > 0
+        && pre.elem_count() * cs == count
+        && dh.elem_count() * ns == count
+        && pre.dtype() == DType::F32;
+    if !fits || !pre.is_contiguous() || !dh.is_contiguous() {
+        bail!(
+            "norm-proj backward: pre {:?} ({:?}) and dh {:?} are not a pre-mix of {count} values",
+            pre.dims(),
+            pre.dtype(),
+            dh.dims()
+        );
+    }
+    Ok((ns, cs))
 }
 
 /// The gradient to add must have x's shape and dtype, contiguous.

@@ -1285,6 +1285,89 @@ fn norm_proj_kernels_match_the_cpu_op() -> Result<()> {
     Ok(())
 }
 
+/// dx of the normed projection with the post-mix's part and the pre-mix's folded in, for
+/// `tokens` of n streams of C: mHC's rows of n C (`hc_rows` false) or dynamic HC's of C.
+fn norm_proj_dx_with_mixing(
+    (tokens, n, c, m): (usize, usize, usize, usize),
+    hc_rows: bool,
+    dtype: DType,
+    dev: &Device,
+    folded: bool,
+) -> Result<Tensor> {
+    let (rows, k) = if hc_rows {
+        (tokens * n, c)
+    } else {
+        (tokens, n * c)
+    };
+    let on = |t: Tensor| -> Result<Tensor> { t.to_device(dev) };
+    let x = on(randn(140, (rows, k), 1.0)?.to_dtype(dtype)?)?;
+    let phi = on(randn(141, (k, m), 0.05)?)?;
+    let dzz = on(randn(142, (rows, 2 * (m + 1)), 1.0)?)?;
+    let add = on(randn(143, (rows, k), 1.0)?.to_dtype(dtype)?)?;
+    let pre = on(randn(144, (tokens, n), 1.0)?)?;
+    let dh = on(randn(145, (tokens, c), 1.0)?.to_dtype(dtype)?)?;
+    if folded {
+        let op = NormProjBwdX {
+            add: Some(add),
+            premix: Some((pre, dh)),
+        };
+        return x.apply_op3_no_bwd(&phi, &dzz, &op);
+    }
+    // The pre-mix's own op adds its part to the post-mix's; the projection adds the sum.
+    let add = add.reshape((tokens, n, c))?;
+    let sum = pre.apply_op3_no_bwd(&dh, &add, &MixBwd::PreStateAdd)?;
+    let op = NormProjBwdX {
+        add: Some(sum.reshape((rows, k))?),
+        premix: None,
+    };
+    x.apply_op3_no_bwd(&phi, &dzz, &op)
+}
+
+#[test]
+fn norm_proj_backward_folds_the_pre_mix_part_as_its_own_op_adds_it() -> Result<()> {
+    for (shape, hc_rows) in [((7, 4, 24, 24), false), ((9, 3, 16, 5), true)] {
+        let folded = norm_proj_dx_with_mixing(shape, hc_rows, DType::F32, &Device::Cpu, true)?;
+        let apart = norm_proj_dx_with_mixing(shape, hc_rows, DType::F32, &Device::Cpu, false)?;
+        assert!(max_diff(&folded, &apart)? < 1e-5, "{shape:?} {hc_rows}");
+    }
+    Ok(())
+}
+
+/// On a GPU: the folded pre-mix part in both backward kernels (tensor cores: bf16, K whole
+/// blocks of 256; CUDA cores otherwise) against the CPU op.
+#[cfg(feature = "cuda")]
+#[test]
+fn norm_proj_backward_kernels_fold_the_pre_mix_part_as_the_cpu_op() -> Result<()> {
+    let Some(gpu) = gpu() else {
+        return Ok(());
+    };
+    // The Goedel-1B width over a partial token tile; d384's; dynamic HC's rows of C; n = 3
+    // over a width no tensor-core block divides.
+    let cases = [
+        ((70, 4, 2048, 24), false),
+        ((45, 4, 384, 24), false),
+        ((33, 4, 256, 6), true),
+        ((20, 3, 40, 15), false),
+    ];
+    for (shape, hc_rows) in cases {
+        for dtype in [DType::F32, DType::BF16] {
+            let cpu = norm_proj_dx_with_mixing(shape, hc_rows, dtype, &Device::Cpu, true)?;
+            let on_gpu = norm_proj_dx_with_mixing(shape, hc_rows, dtype, &gpu, true)?;
+            // bf16: dx is rounded once on each side, a unit of the last place apart at most.
+            let tol = if dtype == DType::F32 { 1e-5 } else { 1e-2 };
+            let scale = 1.0
+                + cpu
+                    .to_dtype(DType::F32)?
+                    .abs()?
+                    .max_all()?
+                    .to_scalar::<f32>()?;
+            let d = max_diff(&cpu, &on_gpu.to_device(&Device::Cpu)?)? / scale;
+            assert!(d < tol, "{shape:?} hc rows {hc_rows} {dtype:?}: {d}");
+        }
+    }
+    Ok(())
+}
+
 #[test]
 fn swiglu_mlp_op_matches_the_composite_forward_and_backward() -> Result<()> {
     // The op stacks gate and up as one (2 H, C) weight; the composite is the layer's CPU path,

@@ -9,13 +9,17 @@ use candle_core::{bail, CustomOp2, CustomOp3, DType, Result, Tensor};
 use registry::{add_into, Detached, Grads};
 
 use crate::fused::{
-    pack_params, CoefPart, MixBwd, NormProj, PostMix, PreMix, Scheme, StateGrad, StreamCoef,
+    norm_proj_backward, pack_params, CoefPart, MixBwd, NormProj, NormProjBwdX, PostMix, PreMix,
+    Scheme, StreamCoef,
 };
 
-/// From the coefficients' gradients (dpre (B, T, n), dcoef (B, T, n, n + 1)) and the state's
-/// gradient from the mixing, the state's whole gradient and the coefficients' weights'.
+/// From the coefficients' gradients (dpre (B, T, n), dcoef (B, T, n, n + 1)), the state's
+/// gradient from the post-mix and the pre-mix's (pre, dh), whose part of the state's gradient
+/// is pre[i] dh for stream i, the state's whole gradient and the coefficients' weights'.
 type CoefBackward = Box<
-    dyn FnOnce(&Tensor, &Tensor, Tensor) -> Result<(Tensor, Vec<Option<Tensor>>)> + Send + Sync,
+    dyn FnOnce(&Tensor, &Tensor, Tensor, (Tensor, Tensor)) -> Result<(Tensor, Vec<Option<Tensor>>)>
+        + Send
+        + Sync,
 >;
 
 /// From the tokens' summed coefficient gradients (dpre (n,), dcoef (n, n + 1)), the static
@@ -82,24 +86,20 @@ pub(crate) fn projected(
     let mut weights = vec![phi.clone()];
     weights.extend(parts.iter().cloned());
     let phi_dtype = phi.dtype();
-    let backward: CoefBackward = Box::new(move |dpre, dcoef, ds| {
+    let backward: CoefBackward = Box::new(move |dpre, dcoef, ds, premix| {
         let (dz1, dp1) = op(CoefPart::Pre).bwd(&zt, &p, &pre, &dpre.reshape(pre.shape())?)?;
         let (dz2, dp2) = op(CoefPart::Res).bwd(&zt, &p, &coef, &dcoef.reshape(coef.shape())?)?;
         let (Some(dz1), Some(dp1), Some(dz2), Some(dp2)) = (dz1, dp1, dz2, dp2) else {
             bail!("stream coefficients: a backward pass gave no gradient");
         };
         let dz = (dz1 + dz2)?.reshape(z.shape())?;
-        // The projection's backward pass adds the mixing's part of the state's gradient.
-        let add = StateGrad::default();
-        add.put(ds);
-        let project = NormProj {
-            eps,
-            acc: Some(add),
+        // The projection's backward pass adds the mixing's parts of the state's gradient, the
+        // post-mix's and the pre-mix's, in its one pass over the state.
+        let into = NormProjBwdX {
+            add: Some(ds),
+            premix: Some(premix),
         };
-        let (dx, dphi) = project.bwd(&x, &phi32, &z, &dz)?;
-        let (Some(dx), Some(dphi)) = (dx, dphi) else {
-            bail!("norm-proj: the backward pass gave no gradient");
-        };
+        let (dx, dphi) = norm_proj_backward(&x, &phi32, &z, &dz, into)?;
         let mut grads = vec![Some(dphi.to_dtype(phi_dtype)?)];
         grads.extend(unpack(&(dp1 + dp2)?, &parts)?);
         Ok((dx, grads))
@@ -130,7 +130,8 @@ pub(crate) fn fixed(
     };
     let pre = spread(&pre1, &[b, t, n])?;
     let coef = spread(&coef1, &[b, t, n, n + 1])?;
-    let backward: CoefBackward = Box::new(move |dpre, dcoef, ds| {
+    let backward: CoefBackward = Box::new(move |dpre, dcoef, ds, (pre, dh)| {
+        let ds = pre.apply_op3_no_bwd(&dh, &ds, &MixBwd::PreStateAdd)?;
         let dpre1 = dpre.reshape((b * t, n))?.sum(0)?;
         let dcoef1 = dcoef
             .reshape((b * t, n * (n + 1)))?
@@ -182,9 +183,8 @@ pub(crate) fn connect_outside(
             bail!("a mixed sublayer gave its input no gradient");
         };
         let dh = dh.contiguous()?;
-        let ds = pre.apply_op3_no_bwd(&dh, &ds.contiguous()?, &MixBwd::PreStateAdd)?;
         let dpre = state.apply_op2_no_bwd(&dh, &MixBwd::PrePre)?;
-        let (dstate, mut grads) = coef_backward(&dpre, &dcoef, ds)?;
+        let (dstate, mut grads) = coef_backward(&dpre, &dcoef, ds.contiguous()?, (pre, dh))?;
         debug_assert_eq!(grads.len(), ours);
         grads.extend(inner.weights);
         Ok(Grads {
@@ -260,7 +260,7 @@ pub(crate) mod check {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::fused::{norm_proj_ext, stream_coefficients};
+    use crate::fused::{norm_proj_ext, stream_coefficients, StateGrad};
     use crate::nn::randn;
     use candle_core::Var;
 

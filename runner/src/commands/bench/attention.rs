@@ -71,6 +71,9 @@ pub fn exec(shape: &str, device: &str, steps: usize, warmup: usize) -> anyhow::R
         .into());
     };
     let dev = device_of(name)?;
+    // The memory pool keeps what it has, as in training: without it, every pass would take
+    // the backward pass's dS^T buffer (268 MB at the 1B shape) back from the driver.
+    gpu::prepare(&dev)?;
     let bf16 = |dims: (usize, usize, usize, usize)| -> candle_core::Result<Tensor> {
         Tensor::randn(0f32, 1.0, dims, &dev)?.to_dtype(DType::BF16)
     };
