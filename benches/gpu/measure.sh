@@ -10,7 +10,8 @@
 # gpt2, d384, peers (the torch.compile peers of the 1B baseline and of GPT-2), ncu (flash
 # attention's kernels at the 1B shape: time, occupancy, stall reasons), wgmma (Hopper's
 # warpgroup products against the layouts a flash attention on them would use, wgmma_probe.cu,
-# compiled there), gutenberg (the 1B pair trained 300 steps, pack.sh --gutenberg).
+# compiled there), profile (every kernel of the Goedel stack's step at 2 layers, ncu's times), ncu-mhc
+# (mHC's state-sized kernels under ncu's memory sections), gutenberg (the 1B pair trained 300 steps, pack.sh --gutenberg).
 # Everything goes to $OUT/all.txt, whose tail is printed last; the CPU reference runs are
 # written to $OUT/ref/ for the next lease.
 set -u
@@ -90,6 +91,27 @@ if has ncu; then
         $S bench --attention 8,16,4,1024,128 --device cuda --steps 1 --warmup 0 > "$OUT/ncu.txt" 2>&1
     grep -E "^  flash_|Duration|Achieved Occupancy|stalled_(barrier|long_scoreboard|short_scoreboard|wait|math_pipe_throttle|not_selected)_per" \
         "$OUT/ncu.txt"
+fi
+if has profile; then
+    step profile
+    # Every kernel of the Goedel stack's step at 2 layers of the 1B shape (two steps, the
+    # second summed), through ncu's kernel times.
+    $R ncu --clock-control none --metrics gpu__time_duration.sum --csv --print-units base \
+        $S bench benches/gpu/profile-goedel.ron --device cuda --steps 1 --warmup 1 --set "$D1" \
+        > "$OUT/profile.csv" 2>/tmp/profile.err || tail -5 /tmp/profile.err
+    python3 benches/gpu/kernel_times.py "$OUT/profile.csv"
+fi
+if has ncu-mhc; then
+    step ncu-mhc
+    # mHC's state-sized kernels at the 1B shape (2 layers): memory throughput and stalls.
+    $R ncu --clock-control none -k regex:"${NCU_K:-norm_proj_(bwd_x|part)_tc|postmix_fwd}" --launch-count ${NCU_N:-3} \
+        --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy \
+        --section WarpStateStats \
+        --metrics 'regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio' \
+        $S bench benches/gpu/profile-goedel.ron --device cuda --steps 1 --warmup 0 --set "$D1" \
+        > "$OUT/ncu-mhc.txt" 2>&1
+    grep -E "^  [a-z_0-9]+.*\(|Duration|DRAM Throughput|Memory Throughput|L2 Hit|L1/TEX Hit|Achieved Occupancy|Registers Per|Warp Cycles Per Issued|stalled_(barrier|long_scoreboard|short_scoreboard|wait|math_pipe_throttle|not_selected|lg_throttle|mio_throttle|drain|membar)_per" \
+        "$OUT/ncu-mhc.txt" | head -80
 fi
 if has wgmma; then
     step wgmma

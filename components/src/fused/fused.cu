@@ -2016,13 +2016,42 @@ extern "C" __global__ void norm_proj_part_tc(const __nv_bfloat16* __restrict__ x
         }
 }
 
+// What a lane of norm_proj_bwd_x_tc reads of its rows g and g + 8 of an m-tile: x, add and
+// the pre-mix's dh at its 8 columns, and pre there.
+struct NptRows {
+    Pack<__nv_bfloat16> x[2], a[2], h[2];
+    float p[2];
+};
+
+__device__ __forceinline__ void npt_fetch(NptRows& o, const __nv_bfloat16* __restrict__ x,
+                                          const __nv_bfloat16* __restrict__ add,
+                                          const float* __restrict__ pre,
+                                          const __nv_bfloat16* __restrict__ dh, int tok0, int n,
+                                          int k, int col, int ns, int cs) {
+#pragma unroll
+    for (int rh = 0; rh < 2; rh++) {
+        int tok = min(tok0 + 8 * rh, n - 1);  // rows past the end read the last, unused
+        size_t at = (size_t)tok * k + col;
+        o.x[rh] = load_pack(x + at, 0);
+        o.a[rh].raw = add ? load_pack(add + at, 0).raw : make_uint4(0, 0, 0, 0);
+        o.h[rh].raw = make_uint4(0, 0, 0, 0);
+        o.p[rh] = 0.0f;
+        if (pre) {
+            // The lane's 8 values lie in one stream row (C is a multiple of 8).
+            o.p[rh] = pre[at / cs];
+            o.h[rh] = load_pack(dh + at / ((size_t)ns * cs) * cs + at % cs, 0);
+        }
+    }
+}
+
 // dx = r (dz phi^T) - x r^2 s / K (+ add, + pre dh as in norm_proj_bwd_x) with the M sums on
 // the tensor cores: a warp owns 32 columns of K, its block 256, and walks tiles of 64 tokens
 // (blockIdx.y, + gridDim.y, ...), staging their dz as bf16 pairs in shared memory. B's column n of tile nt is the state's
 // column 4 n + nt of the warp's 32, so that lane (g, t) ends with 8 contiguous columns,
 // 8t..8t+7, of its rows g and g + 8: x, add and dx move as 16 bytes. phi's fragments are
 // loaded once, into registers.
-extern "C" __global__ void norm_proj_bwd_x_tc(const __nv_bfloat16* __restrict__ x,
+extern "C" __global__ void __launch_bounds__(256, 3)
+norm_proj_bwd_x_tc(const __nv_bfloat16* __restrict__ x,
                                               const float* __restrict__ phi,
                                               const float* __restrict__ dzz,
                                               const __nv_bfloat16* __restrict__ add,
@@ -2035,7 +2064,12 @@ extern "C" __global__ void norm_proj_bwd_x_tc(const __nv_bfloat16* __restrict__ 
     int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
     int base = (blockIdx.x * NPT_WARPS + warp) * 32;
     int w = 2 * (m + 1);
-    uint32_t bh[4][2][2], bl[4][2][2];  // [tile][k step][b0, b1]
+    // phi's fragments, high and low bf16 halves, [tile][k step][b0, b1] at bh(..)/bl(..):
+    // in shared memory, a lane's own words 32 apart, so that a block's registers leave room
+    // for three blocks a multiprocessor (the kernel is bound by the latency of its loads).
+    __shared__ uint32_t frag[NPT_WARPS][32][32];
+    auto bh = [&](int nt, int s, int q) { return frag[warp][(nt * 2 + s) * 2 + q][lane]; };
+    auto bl = [&](int nt, int s, int q) { return frag[warp][16 + (nt * 2 + s) * 2 + q][lane]; };
 #pragma unroll
     for (int nt = 0; nt < 4; nt++)
 #pragma unroll
@@ -2048,8 +2082,10 @@ extern "C" __global__ void norm_proj_bwd_x_tc(const __nv_bfloat16* __restrict__ 
                 __nv_bfloat16 h0, l0, h1, l1;
                 split_bf16(v0, &h0, &l0);
                 split_bf16(v1, &h1, &l1);
-                bh[nt][s][q] = pack(__bfloat162float(h0), __bfloat162float(h1));
-                bl[nt][s][q] = pack(__bfloat162float(l0), __bfloat162float(l1));
+                frag[warp][(nt * 2 + s) * 2 + q][lane] =
+                    pack(__bfloat162float(h0), __bfloat162float(h1));
+                frag[warp][16 + (nt * 2 + s) * 2 + q][lane] =
+                    pack(__bfloat162float(l0), __bfloat162float(l1));
             }
     for (int t0 = blockIdx.y * NPT_TT; t0 < n; t0 += gridDim.y * NPT_TT) {
         __syncthreads();  // the previous tile is no longer read
@@ -2073,64 +2109,54 @@ extern "C" __global__ void norm_proj_bwd_x_tc(const __nv_bfloat16* __restrict__ 
 #pragma unroll 1
         for (int mt = 0; mt < NPT_TT / 16; mt++) {
             int r0 = 16 * mt;
-            if (t0 + r0 >= n) break;
-            uint32_t ah[2][4], al[2][4];
-#pragma unroll
-            for (int s = 0; s < 2; s++) {
-                int j = 16 * s + 2 * t;
-                ah[s][0] = *reinterpret_cast<const uint32_t*>(&dh[r0 + g][j]);
-                ah[s][1] = *reinterpret_cast<const uint32_t*>(&dh[r0 + g + 8][j]);
-                ah[s][2] = *reinterpret_cast<const uint32_t*>(&dh[r0 + g][j + 8]);
-                ah[s][3] = *reinterpret_cast<const uint32_t*>(&dh[r0 + g + 8][j + 8]);
-                al[s][0] = *reinterpret_cast<const uint32_t*>(&dl[r0 + g][j]);
-                al[s][1] = *reinterpret_cast<const uint32_t*>(&dl[r0 + g + 8][j]);
-                al[s][2] = *reinterpret_cast<const uint32_t*>(&dl[r0 + g][j + 8]);
-                al[s][3] = *reinterpret_cast<const uint32_t*>(&dl[r0 + g + 8][j + 8]);
-            }
-            // The tile's x and add, requested before the products so that their latency
-            // overlaps them.
-            Pack<__nv_bfloat16> xv[2], av[2], hv[2];
-            float pv[2] = {0.0f, 0.0f};
-#pragma unroll
-            for (int rh = 0; rh < 2; rh++) {
-                int tok = min(t0 + r0 + 8 * rh + g, n - 1);
-                size_t at = (size_t)tok * k + base + 8 * t;
-                xv[rh] = load_pack(x + at, 0);
-                av[rh].raw = add ? load_pack(add + at, 0).raw : make_uint4(0, 0, 0, 0);
-                hv[rh].raw = make_uint4(0, 0, 0, 0);
-                if (pre) {
-                    // The lane's 8 values lie in one stream row (C is a multiple of 8).
-                    pv[rh] = pre[at / cs];
-                    hv[rh] = load_pack(dh_in + at / ((size_t)ns * cs) * cs + at % cs, 0);
-                }
-            }
-            float acc[4][4];
-#pragma unroll
-            for (int nt = 0; nt < 4; nt++) {
-#pragma unroll
-                for (int e = 0; e < 4; e++) acc[nt][e] = 0.0f;
+            {
+                if (t0 + r0 >= n) break;
+                // The m-tile's x, add and pre-mix rows, requested before the products so that
+                // their latency overlaps them.
+                NptRows cur;
+                npt_fetch(cur, x, add, pre, dh_in, t0 + r0 + g, n, k, base + 8 * t, ns, cs);
+                uint32_t ah[2][4], al[2][4];
 #pragma unroll
                 for (int s = 0; s < 2; s++) {
-                    mma(acc[nt], ah[s], bh[nt][s][0], bh[nt][s][1]);
-                    mma(acc[nt], ah[s], bl[nt][s][0], bl[nt][s][1]);
-                    mma(acc[nt], al[s], bh[nt][s][0], bh[nt][s][1]);
+                    int j = 16 * s + 2 * t;
+                    ah[s][0] = *reinterpret_cast<const uint32_t*>(&dh[r0 + g][j]);
+                    ah[s][1] = *reinterpret_cast<const uint32_t*>(&dh[r0 + g + 8][j]);
+                    ah[s][2] = *reinterpret_cast<const uint32_t*>(&dh[r0 + g][j + 8]);
+                    ah[s][3] = *reinterpret_cast<const uint32_t*>(&dh[r0 + g + 8][j + 8]);
+                    al[s][0] = *reinterpret_cast<const uint32_t*>(&dl[r0 + g][j]);
+                    al[s][1] = *reinterpret_cast<const uint32_t*>(&dl[r0 + g + 8][j]);
+                    al[s][2] = *reinterpret_cast<const uint32_t*>(&dl[r0 + g][j + 8]);
+                    al[s][3] = *reinterpret_cast<const uint32_t*>(&dl[r0 + g + 8][j + 8]);
                 }
-            }
+                float acc[4][4];
 #pragma unroll
-            for (int rh = 0; rh < 2; rh++) {
-                int rl = r0 + 8 * rh + g, tok = t0 + rl;
-                if (tok >= n) continue;
-                float r = coef[rl][0], c1 = coef[rl][1];
-                size_t at = (size_t)tok * k + base + 8 * t;
-                Pack<__nv_bfloat16> o;
+                for (int nt = 0; nt < 4; nt++) {
 #pragma unroll
-                for (int e = 0; e < 8; e++) {
-                    float d = acc[e % 4][2 * rh + e / 4];
-                    o.v[e] = __float2bfloat16(__bfloat162float(av[rh].v[e]) +
-                                              pv[rh] * __bfloat162float(hv[rh].v[e]) + r * d +
-                                              c1 * __bfloat162float(xv[rh].v[e]));
+                    for (int e = 0; e < 4; e++) acc[nt][e] = 0.0f;
+#pragma unroll
+                    for (int s = 0; s < 2; s++) {
+                        uint32_t h0 = bh(nt, s, 0), h1 = bh(nt, s, 1);
+                        mma(acc[nt], ah[s], h0, h1);
+                        mma(acc[nt], ah[s], bl(nt, s, 0), bl(nt, s, 1));
+                        mma(acc[nt], al[s], h0, h1);
+                    }
                 }
-                store_pack(dx + at, 0, o);
+#pragma unroll
+                for (int rh = 0; rh < 2; rh++) {
+                    int rl = r0 + 8 * rh + g, tok = t0 + rl;
+                    if (tok >= n) continue;
+                    float r = coef[rl][0], c1 = coef[rl][1];
+                    size_t at = (size_t)tok * k + base + 8 * t;
+                    Pack<__nv_bfloat16> o;
+#pragma unroll
+                    for (int e = 0; e < 8; e++) {
+                        float d = acc[e % 4][2 * rh + e / 4];
+                        o.v[e] = __float2bfloat16(__bfloat162float(cur.a[rh].v[e]) +
+                                                  cur.p[rh] * __bfloat162float(cur.h[rh].v[e]) +
+                                                  r * d + c1 * __bfloat162float(cur.x[rh].v[e]));
+                    }
+                    store_pack(dx + at, 0, o);
+                }
             }
         }
     }
