@@ -4,6 +4,7 @@
 // GPU machine:
 //   nvcc -O3 -gencode arch=compute_90a,code=sm_90a -I components/src/fused \
 //       -o /tmp/flash90_check benches/gpu/flash90_check.cu && /tmp/flash90_check
+// (add -DFWD_WGS_HD128=1 and the like, flash_sm90.cu's entry points, to time other choices)
 // prints, per shape, the largest difference of O, the log-sum-exp, dQ, dK and dV relative to
 // the largest value, and each pass's time in both.
 
@@ -108,7 +109,8 @@ int main() {
         int row = (HD + 8) * 2;
         int m_fwd = (128 + 4 * 64) * row, m_kv = (2 * 64 + 4 * 32) * row + 4 * 32 * 4,
             m_q = (2 * 64 + 4 * 32) * row;
-        int h_fwd = 64 * HD * 2 + 4 * QS * HD * 2 + 1024,
+        int fg = HD == 64 ? FWD_WGS_HD64 : FWD_WGS_HD128;  // the forward's groups a block
+        int h_fwd = fg * 64 * HD * 2 + 4 * QS * HD * 2 + 1024,
             h_kv = 2 * 64 * KV_WGS * HD * 2 + 4 * QS * HD * 2 + 4 * QS * 4 + 4 * KV_WGS * 16 * DS_ROW + 1024,
             h_q = 2 * (QS * QS * 2 + QS * HD * 2) + 1024;
         int tp = (T + 63) / 64 * 64;
@@ -126,7 +128,7 @@ int main() {
             if (i == 0)
                 fm<<<dim3(B * H, (T + 127) / 128), 128, m_fwd>>>(q, k, v, o[0], lse[0], H, KV, T, sl2);
             else
-                fh<<<dim3(B * H, (T + 63) / 64), WG, h_fwd>>>(
+                fh<<<dim3(B * H, (T + 64 * fg - 1) / (64 * fg)), WG * fg, h_fwd>>>(
                     q, k, v, o[1], lse[1], H, KV, T, sl2);
         };
         // Both backward passes from the mma.sync forward pass's O and log-sum-exp.

@@ -10,7 +10,9 @@
 # gpt2, d384, peers (the torch.compile peers of the 1B baseline and of GPT-2), ncu (flash
 # attention's kernels at the 1B shape: time, occupancy, stall reasons), wgmma (Hopper's
 # warpgroup products against the layouts a flash attention on them would use, wgmma_probe.cu,
-# compiled there), profile (every kernel of the Goedel stack's step at 2 layers, ncu's times), ncu-mhc
+# compiled there), profile (every kernel of the Goedel stack's step at 2 layers, ncu's times;
+# PROFILE=profile-gpt2: GPT-2 small's PreNorm, and the torch.compile peer's kernels;
+# PROFILE=profile-d384: the d384 width's Mhc, with the launch counts), ncu-mhc
 # (mHC's state-sized kernels under ncu's memory sections), gutenberg (the 1B pair trained 300 steps, pack.sh --gutenberg).
 # Everything goes to $OUT/all.txt, whose tail is printed last; the CPU reference runs are
 # written to $OUT/ref/ for the next lease.
@@ -95,11 +97,22 @@ fi
 if has profile; then
     step profile
     # Every kernel of the Goedel stack's step at 2 layers of the 1B shape (two steps, the
-    # second summed), through ncu's kernel times.
+    # second summed), through ncu's kernel times; PROFILE=profile-gpt2 takes GPT-2 small's
+    # PreNorm at 2 layers instead, with the torch.compile peer's kernels beside it.
+    # PROFILE=profile-d384 the d384 width's Mhc (PROFILE_SET='grid.residual=[...]' another).
+    P=${PROFILE:-profile-goedel}
+    PD=$D1
+    [ "$P" = profile-gpt2 ] && PD=$DT
+    [ "$P" = profile-d384 ] && PD=$DB
     $R ncu --clock-control none --metrics gpu__time_duration.sum --csv --print-units base \
-        $S bench benches/gpu/profile-goedel.ron --device cuda --steps 1 --warmup 1 --set "$D1" \
-        > "$OUT/profile.csv" 2>/tmp/profile.err || tail -5 /tmp/profile.err
-    python3 benches/gpu/kernel_times.py "$OUT/profile.csv"
+        $S bench benches/gpu/$P.ron --device cuda --steps 1 --warmup 1 --set "$PD" \
+        ${PROFILE_SET:+--set "$PROFILE_SET"} > "$OUT/profile-$P.csv" 2>/tmp/profile.err \
+        || tail -5 /tmp/profile.err
+    python3 benches/gpu/kernel_times.py "$OUT/profile-$P.csv"
+    if [ "$P" = profile-gpt2 ]; then
+        python3 benches/torch_peer.py --config gpt2 --compile --layers 2 --profile > "$OUT/torch-profile.txt" 2>&1
+        grep -E "tokens/s|Self CUDA time total" "$OUT/torch-profile.txt"
+    fi
 fi
 if has ncu-mhc; then
     step ncu-mhc

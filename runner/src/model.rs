@@ -167,7 +167,7 @@ impl Gpt {
     pub fn loss(&self, idx: &Tensor, targets: &Tensor) -> Result<Tensor> {
         let targets = targets.flatten_all()?;
         if self.outside || self.recompute {
-            return self.loss_outside(idx, &targets)? / targets.elem_count() as f64;
+            return self.loss_outside(idx, &targets);
         }
         let sum = if idx.device().is_cuda() {
             // The logits never reach the autograd graph (see fused::linear_cross_entropy_sum);
@@ -180,11 +180,13 @@ impl Gpt {
         sum / targets.elem_count() as f64
     }
 
-    /// The summed loss with the whole model outside the graph, one node of it over the
+    /// The mean loss with the whole model outside the graph, one node of it over the
     /// embedding's weight (trunk.rs `loss_outside`): its backward pass gives every gradient
-    /// to the sink, none to candle's gradient store.
+    /// to the sink, none to candle's gradient store. The mean's 1 / tokens is taken inside
+    /// the head, where the fused loss writes the logits' gradient already scaled.
     fn loss_outside(&self, idx: &Tensor, targets: &Tensor) -> Result<Tensor> {
         let (b, t) = idx.dims2()?;
+        let per_token = 1.0 / targets.elem_count() as f64;
         let c = self.wte.dim(1)?;
         let stream = &*self.stream;
         let expand = |x: &Tensor| -> Result<Detached> {
@@ -200,7 +202,7 @@ impl Gpt {
                 if let Some(normed) = self.norm_f.detached(&reduced.y)? {
                     let rows = reshaped(&normed.y, (b * t, c))?;
                     let loss = components::fused::linear_cross_entropy_outside(
-                        &rows.y, &self.wte, targets,
+                        &rows.y, &self.wte, targets, per_token,
                     )?;
                     return Ok(reduced.then(normed).then(rows).then(loss));
                 }
@@ -210,10 +212,13 @@ impl Gpt {
                     .norm_f
                     .forward(&stream.reduce(s)?)?
                     .reshape((b * t, c))?;
-                if x.device().is_cuda() {
-                    return components::fused::linear_cross_entropy_sum(&x, &self.wte, targets);
-                }
-                cross_entropy_sum(&x.matmul(&self.wte.to_dtype(self.compute)?.t()?)?, targets)
+                let sum = if x.device().is_cuda() {
+                    components::fused::linear_cross_entropy_sum(&x, &self.wte, targets)?
+                } else {
+                    let logits = x.matmul(&self.wte.to_dtype(self.compute)?.t()?)?;
+                    cross_entropy_sum(&logits, targets)?
+                };
+                sum * per_token
             };
             local(&composite, s)
         };

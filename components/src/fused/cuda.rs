@@ -1487,6 +1487,16 @@ const FLASH_THREADS: u32 = 128;
 const FLASH90_ROWS: usize = 64;
 const FLASH90_DS_ROW: usize = 144;
 
+/// flash_sm90.cu's FWD_WGS_HD<hd>: the forward kernel's warpgroups a block, which share its
+/// key and value tiles (two at heads of 128, one at 64, where a second did not pay).
+fn flash90_fwd_groups(hd: usize) -> usize {
+    if hd == 128 {
+        2
+    } else {
+        1
+    }
+}
+
 impl FlashKernels {
     /// The fastest the device runs: wgmma on a Hopper GPU, unless `SWEEP_FLASH=mma` asks for
     /// mma.sync (to compare the two in one process).
@@ -1568,7 +1578,7 @@ impl FlashDims {
     /// rows hd + 8 bf16 apart, what is loaded once and two buffers of what is loaded in the
     /// loop (Q, then K and V; K and V, then Q and dO of a step with two f32 per query; Q and
     /// dO, then K and V of a key step). flash_sm90.cu: tiles of 64 rows hd bf16 apart
-    /// (swizzled): Q and two of K and of V; K and V, two of Q and of dO, their f32 rows and
+    /// (swizzled): Q of the block's groups and two of K and of V; K and V, two of Q and of dO, their f32 rows and
     /// the warps' staging of dS^T; two of dS^T (64 x 64) and of K. And 1 KB to align them to.
     fn shared_bytes(&self, pass: FlashPass) -> u32 {
         let bytes = match self.kernels {
@@ -1585,7 +1595,7 @@ impl FlashDims {
             FlashKernels::Wgmma => {
                 let (tile, n) = (FLASH90_ROWS * self.hd * 2, FLASH90_ROWS);
                 1024 + match pass {
-                    FlashPass::Fwd => 5 * tile,
+                    FlashPass::Fwd => (flash90_fwd_groups(self.hd) + 4) * tile,
                     FlashPass::Kv => 6 * tile + 4 * n * 4 + 4 * 16 * FLASH90_DS_ROW,
                     FlashPass::Q => 2 * (n * n * 2 + tile),
                 }
@@ -1596,12 +1606,16 @@ impl FlashDims {
 
     /// Grid (heads, blocks) with the pass's threads and shared memory. flash.cu: blocks of
     /// FLASH_FWD_Q queries (forward) or FLASH_BLOCK queries or keys, 128 threads; flash_sm90.cu:
-    /// 64 rows, one warpgroup. Heads on x: blocks start x first, so the longest blocks of every
+    /// 64 rows a warpgroup, one a block but in the forward pass at heads of 128. Heads on x: blocks start x first, so the longest blocks of every
     /// head start first.
     fn config(&self, pass: FlashPass, heads: usize) -> LaunchConfig {
         let (rows, threads) = match (self.kernels, pass) {
             (FlashKernels::Mma, FlashPass::Fwd) => (FLASH_FWD_Q, FLASH_THREADS),
             (FlashKernels::Mma, _) => (FLASH_BLOCK, FLASH_THREADS),
+            (FlashKernels::Wgmma, FlashPass::Fwd) => {
+                let groups = flash90_fwd_groups(self.hd);
+                (FLASH90_ROWS * groups, 128 * groups as u32)
+            }
             (FlashKernels::Wgmma, _) => (FLASH90_ROWS, 128),
         };
         LaunchConfig {

@@ -298,33 +298,43 @@ __device__ __forceinline__ void fwd90(const bf16* q, const bf16* k, const bf16* 
 }
 
 // The forward pass with the next block's scores in flight under this block's softmax, as
-// FlashAttention-3 overlaps them within a warpgroup: one warpgroup of 64 queries a block;
-// shared: Q, two slots of K and two of V, each refilled as soon as the product reading it
-// has finished. Per key block kb: the scores S(kb + 1) = Q K(kb + 1)^T are issued, the
-// softmax of S(kb) runs while they and P(kb - 1) V(kb - 1) run, then P(kb) V(kb) is issued.
-template <int HD>
+// FlashAttention-3 overlaps them within a warpgroup: WGS warpgroups of 64 queries a block,
+// sharing the key and value tiles (shared: Q of the block, two slots of K and two of V,
+// each refilled as soon as the products reading it have finished). Per key block kb: the
+// scores S(kb + 1) = Q K(kb + 1)^T are issued, the softmax of S(kb) runs while they and
+// P(kb - 1) V(kb - 1) run, then P(kb) V(kb) is issued.
+//
+// Why several groups: a product of 64 x 64 scores reads its 64 x 16 operands from shared
+// memory at the rate the tensor cores consume them, so the tiles' own copies into shared
+// memory are what a step can shed; groups that share them copy half as much a query. The
+// groups move through the key blocks together (the barriers between the copies span the
+// block); the first group, whose queries end before the block's last key block, passes
+// that block's barriers without its products.
+template <int HD, int WGS>
 __device__ __forceinline__ void fwd90p(const bf16* q, const bf16* k, const bf16* v, bf16* o,
                                        float* lse, int H, int KV, int T, float scale_log2) {
+    constexpr int QB = 64 * WGS, NTH = WG * WGS;
     constexpr uint32_t KT = QS * HD * 2;
     const uint32_t qs = smem_base();
-    auto kslot = [&](int i) { return qs + KT + (i & 1) * KT; };
-    auto vslot = [&](int i) { return qs + 3 * KT + (i & 1) * KT; };
+    auto kslot = [&](int i) { return qs + WGS * KT + (i & 1) * KT; };
+    auto vslot = [&](int i) { return qs + (WGS + 2) * KT + (i & 1) * KT; };
     int qb = gridDim.y - 1 - blockIdx.y;
     int b = blockIdx.x / H, h = blockIdx.x % H, kvh = h / (H / KV);
     Lane ln = lane_of();  // named, not bound: the lambda below captures them
     int w0 = ln.w0;
-    int q0 = qb * QS;
+    int q0 = qb * QB + ln.wg * 64;       // the group's first query
+    const uint32_t qg = qs + ln.wg * 64 * 128;  // its rows of the Q tile
     const bf16* kp = k + (size_t)(b * KV + kvh) * T * HD;
     const bf16* vp = v + ((size_t)b * T * KV + kvh) * HD;
     size_t kvstride = (size_t)KV * HD;
-    int last = min(qb, (T - 1) / QS);
+    int last = min((qb * QB + QB - 1) / QS, (T - 1) / QS);
     // cp.async groups, in order: {Q, K0, V0}, {K1}, {} (V0's place), then per block kb
     // {K(kb + 2)} and {V(kb + 1)}, each possibly empty, so that the waits' counts are fixed.
-    stage_sw<HD, WG>(qs, QS, q + (size_t)(b * H + h) * T * HD, HD, q0, T);
-    stage_sw<HD, WG>(kslot(0), QS, kp, HD, 0, T);
-    stage_sw<HD, WG>(vslot(0), QS, vp, kvstride, 0, T);
+    stage_sw<HD, NTH>(qs, QB, q + (size_t)(b * H + h) * T * HD, HD, qb * QB, T);
+    stage_sw<HD, NTH>(kslot(0), QS, kp, HD, 0, T);
+    stage_sw<HD, NTH>(vslot(0), QS, vp, kvstride, 0, T);
     cp_commit();
-    if (last >= 1) stage_sw<HD, WG>(kslot(1), QS, kp, HD, QS, T);
+    if (last >= 1) stage_sw<HD, NTH>(kslot(1), QS, kp, HD, QS, T);
     cp_commit();
     cp_commit();
     float acc[HD / 2], s[QS / 2], sn[QS / 2];
@@ -334,7 +344,7 @@ __device__ __forceinline__ void fwd90p(const bf16* q, const bf16* k, const bf16*
     tiles_ready<2>();
     wg_fence();
 #pragma unroll
-    for (int st = 0; st < HD / 16; ++st) mma_ss64(s, desc_k(qs, QS, st), desc_k(kslot(0), QS, st), st);
+    for (int st = 0; st < HD / 16; ++st) mma_ss64(s, desc_k(qg, QB, st), desc_k(kslot(0), QS, st), st);
     wg_commit();
     wg_wait<0>();
     hold<QS / 2>(s);
@@ -347,13 +357,13 @@ __device__ __forceinline__ void fwd90p(const bf16* q, const bf16* k, const bf16*
     auto block = [&](int kb, auto next, float* s, float* sn) {
         constexpr bool NEXT = decltype(next)::value;
         tiles_ready<1>();  // K(kb + 1) has landed; every warp is done with S(kb)'s K slot
-        if (kb + 2 <= last) stage_sw<HD, WG>(kslot(kb), QS, kp, HD, (kb + 2) * QS, T);
+        if (kb + 2 <= last) stage_sw<HD, NTH>(kslot(kb), QS, kp, HD, (kb + 2) * QS, T);
         cp_commit();
         if constexpr (NEXT) {
             wg_fence();
 #pragma unroll
             for (int st = 0; st < HD / 16; ++st)
-                mma_ss64(sn, desc_k(qs, QS, st), desc_k(kslot(kb + 1), QS, st), st);
+                mma_ss64(sn, desc_k(qg, QB, st), desc_k(kslot(kb + 1), QS, st), st);
             wg_commit();
         }
         float alpha[2];
@@ -364,7 +374,7 @@ __device__ __forceinline__ void fwd90p(const bf16* q, const bf16* k, const bf16*
 #pragma unroll
         for (int i = 0; i < HD / 2; ++i) acc[i] *= alpha[(i & 3) >> 1];
         tiles_ready<1>();  // V(kb) has landed; every warp is done with V(kb - 1)'s slot
-        if (kb + 1 <= last) stage_sw<HD, WG>(vslot(kb + 1), QS, vp, kvstride, (kb + 1) * QS, T);
+        if (kb + 1 <= last) stage_sw<HD, NTH>(vslot(kb + 1), QS, vp, kvstride, (kb + 1) * QS, T);
         cp_commit();
         wg_fence();
         mma_rs_tile<HD>(acc, s, vslot(kb));  // O += P V
@@ -374,16 +384,27 @@ __device__ __forceinline__ void fwd90p(const bf16* q, const bf16* k, const bf16*
             hold<QS / 2>(sn);
         }
     };
+    // The group's own last key block: with two groups, the first one's queries end a block
+    // before the block's last key block.
+    int mine = min(last, (q0 + 63) / QS);
     int kb = 0;
-    for (; kb + 1 < last; kb += 2) {
+    for (; kb + 1 < mine; kb += 2) {
         block(kb, std::true_type{}, s, sn);
         block(kb + 1, std::true_type{}, sn, s);
     }
-    if (kb < last) {
+    if (kb < mine) {
         block(kb, std::true_type{}, s, sn);
-        block(last, std::false_type{}, sn, s);
+        block(mine, std::false_type{}, sn, s);
     } else {
-        block(last, std::false_type{}, s, sn);
+        block(mine, std::false_type{}, s, sn);
+    }
+    if (mine < last) {
+        // The other group's last block: this one only keeps the barriers and the copies'
+        // counts in step with it (there is nothing left to copy).
+        tiles_ready<1>();
+        cp_commit();
+        tiles_ready<1>();
+        cp_commit();
     }
     wg_wait<0>();
     hold<HD / 2>(acc);
@@ -604,17 +625,30 @@ __device__ __forceinline__ void dq90(const bf16* k, const bf16* dst, bf16* dq, i
 }
 
 // The entry points, one per head dimension: flash90_<pass>_hd<HD>, one warpgroup a block
-// (KV_WGS for the dK/dV kernel, cuda.rs: FLASH90_KV_WGS) and their blocks an SM.
-// Heads of 128: the pipelined forward pass (H200, (8, 16, 4, 1024, 128): 0.160 against
-// 0.165 ms; (1, 16, 4, 4096, 128): 0.264 against 0.288); heads of 64: the plain one (0.072
-// against 0.082 ms at (8, 12, 12, 1024, 64)).
+// (FWD_WGS_HD<HD> for the forward kernel and KV_WGS for the dK/dV kernel, cuda.rs:
+// FLASH90_FWD_WGS and FLASH90_KV_WGS) and their blocks an SM.
+// Heads of 128: the pipelined forward pass, two groups sharing the key tiles (H200, (8, 16,
+// 4, 1024, 128): one group 0.160 ms against 0.165 unpipelined); heads of 64: the plain one
+// (0.072 against 0.082 ms pipelined at (8, 12, 12, 1024, 64)). benches/gpu/flash90_check.cu
+// times the other choices (compiled with -DFWD_WGS_HD128=1 and so on).
+#ifndef FWD_WGS_HD128
+#define FWD_WGS_HD128 2
+#endif
+#ifndef FWD_WGS_HD64
+#define FWD_WGS_HD64 1
+#endif
+#ifndef FWD_PIPE_HD64
+#define FWD_PIPE_HD64 0
+#endif
 template <int HD>
 __device__ __forceinline__ void fwd_entry(const bf16* q, const bf16* k, const bf16* v, bf16* o,
                                           float* lse, int H, int KV, int T, float scale_log2) {
     if constexpr (HD == 128) {
-        fwd90p<HD>(q, k, v, o, lse, H, KV, T, scale_log2);
+        fwd90p<HD, FWD_WGS_HD128>(q, k, v, o, lse, H, KV, T, scale_log2);
+    } else if constexpr (FWD_PIPE_HD64) {
+        fwd90p<HD, FWD_WGS_HD64>(q, k, v, o, lse, H, KV, T, scale_log2);
     } else {
-        fwd90<HD, 1>(q, k, v, o, lse, H, KV, T, scale_log2);
+        fwd90<HD, FWD_WGS_HD64>(q, k, v, o, lse, H, KV, T, scale_log2);
     }
 }
 #ifndef KV_WGS
@@ -622,7 +656,7 @@ __device__ __forceinline__ void fwd_entry(const bf16* q, const bf16* k, const bf
 #define KV_MIN 2
 #endif
 #define FLASH90_KERNELS(HD)                                                                   \
-    extern "C" __global__ void __launch_bounds__(WG, 2)                       \
+    extern "C" __global__ void __launch_bounds__(WG * FWD_WGS_HD##HD, 2 / FWD_WGS_HD##HD)    \
         flash90_fwd_hd##HD(const bf16* q, const bf16* k, const bf16* v, bf16* o, float* lse,   \
                            int H, int KV, int T, float scale_log2) {                           \
         fwd_entry<HD>(q, k, v, o, lse, H, KV, T, scale_log2);                                 \

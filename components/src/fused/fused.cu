@@ -1675,6 +1675,9 @@ extern "C" __global__ void adam_multi(const uint64_t* table, float b1, float b2,
 template <typename T>
 __device__ void scale_by(T* x, const float* s, size_t n) {
     float f = s[0];
+    // The fused loss's gradients arrive already scaled (head_loss.rs): a factor of one,
+    // known only here on the device, leaves them alone without a pass over them.
+    if (f == 1.0f) return;
     size_t at = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     size_t stride = (size_t)gridDim.x * blockDim.x;
     constexpr int V = Pack<T>::N;

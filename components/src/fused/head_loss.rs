@@ -8,7 +8,9 @@
 //! Here the logits live only inside the forward call: the loss per row and the gradient of
 //! the logits (softmax - one-hot) are computed from them, the gradients of the head's input
 //! and weight follow from two matmuls, and the logits are freed. The backward pass scales
-//! the kept gradients by the incoming one.
+//! the kept gradients by the incoming one. Outside the graph the loss comes already scaled
+//! (the mean's 1 / tokens applied to the logits' gradient as it is written), so the incoming
+//! gradient is one and that scaling costs no pass over the head's 100M-value weight gradient.
 
 use std::sync::Mutex;
 
@@ -23,32 +25,47 @@ use super::{CrossEntropy, CrossEntropyBwd};
 /// in any float dtype: cast to x's inside, so the cast is no node of the graph) against
 /// `targets` (N, u32), as a scalar f32 with gradients for `x` and for `w` in w's dtype.
 pub fn linear_cross_entropy_sum(x: &Tensor, w: &Tensor, targets: &Tensor) -> Result<Tensor> {
-    let (sum, dx, dw) = loss_and_grads(x, w, targets)?;
+    let (sum, dx, dw) = loss_and_grads(x, w, targets, 1.0)?;
     let op = Attach {
         grads: Mutex::new(Some((dx, dw))),
     };
     sum.apply_op3(x, w, op)
 }
 
-/// The summed loss and the gradients of x and w for an incoming gradient of 1, computed
-/// outside the graph.
-fn loss_and_grads(x: &Tensor, w: &Tensor, targets: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+/// The summed loss times `scale` and the gradients of x and w for an incoming gradient of 1,
+/// computed outside the graph. The scale enters as every row's incoming gradient, in f32,
+/// so the logits' gradient is rounded to bf16 once, already scaled.
+fn loss_and_grads(
+    x: &Tensor,
+    w: &Tensor,
+    targets: &Tensor,
+    scale: f64,
+) -> Result<(Tensor, Tensor, Tensor)> {
     let (xd, wd) = (x.detach(), w.detach().to_dtype(x.dtype())?);
     let targets = targets.contiguous()?;
     let logits = xd.matmul(&wd.t()?)?;
     let rows = logits.apply_op2_no_bwd(&targets, &CrossEntropy)?;
-    let ones = Tensor::ones(rows.shape(), DType::F32, rows.device())?;
-    let dlogits = logits.apply_op3_no_bwd(&targets, &ones, &CrossEntropyBwd)?;
+    let each = Tensor::full(scale as f32, rows.shape(), rows.device())?;
+    let dlogits = logits.apply_op3_no_bwd(&targets, &each, &CrossEntropyBwd)?;
     drop(logits);
     let dx = dlogits.matmul(&wd)?;
     let dw = weight_grad(&dlogits, &xd, w.dtype())?;
-    Ok((rows.sum_all()?, dx, dw))
+    let sum = rows.sum_all()?;
+    let loss = if scale == 1.0 { sum } else { sum.affine(scale, 0.0)? };
+    Ok((loss, dx, dw))
 }
 
-/// [`linear_cross_entropy_sum`] outside the graph (registry's `Detached`): the summed loss,
-/// and a backward pass that scales the gradients it computed beside it by the incoming one.
-pub fn linear_cross_entropy_outside(x: &Tensor, w: &Tensor, targets: &Tensor) -> Result<Detached> {
-    let (sum, dx, dw) = loss_and_grads(x, w, targets)?;
+/// [`linear_cross_entropy_sum`] times `scale` outside the graph (registry's `Detached`): the
+/// mean for a scale of 1 / tokens, and a backward pass that scales the gradients it computed
+/// beside it by the incoming one (one, for the mean seeded as the step's loss: then the
+/// scaling is a launch that returns at once).
+pub fn linear_cross_entropy_outside(
+    x: &Tensor,
+    w: &Tensor,
+    targets: &Tensor,
+    scale: f64,
+) -> Result<Detached> {
+    let (sum, dx, dw) = loss_and_grads(x, w, targets, scale)?;
     let backward = move |g: &Tensor, into: Option<Tensor>| -> Result<Grads> {
         scale_in_place(&[&dx, &dw], g)?;
         Ok(Grads {
@@ -167,6 +184,41 @@ mod tests {
             let size = e.abs()?.max_all()?.to_scalar::<f32>()?;
             assert!(gap < 1e-5 * size.max(1.0), "gap {gap}");
             assert!(size > 1e-3, "a vanishing gradient proves nothing");
+        }
+        Ok(())
+    }
+
+    /// Outside the graph the mean's scale is applied as the logits' gradient is written: the
+    /// loss and both gradients equal the composite mean's, for an incoming gradient of one
+    /// (the step's seed, where the scaling returns at once) and of three (where it does not).
+    #[test]
+    fn the_head_loss_outside_the_graph_takes_the_mean_inside() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = Var::from_tensor(&(Tensor::randn(0f32, 1.0, (6, 4), &dev)?))?;
+        let w = Var::from_tensor(&(Tensor::randn(0f32, 1.0, (5, 4), &dev)?))?;
+        let t = Tensor::new(&[1u32, 4, 0, 2, 3, 3], &dev)?;
+        for incoming in [1.0f32, 3.0] {
+            let logits = x.as_tensor().matmul(&w.as_tensor().t()?)?;
+            let logp = logits
+                .log_sum_exp(1)?
+                .unsqueeze(1)?
+                .broadcast_sub(&logits)?;
+            let mean = (logp.gather(&t.unsqueeze(1)?, 1)?.sum_all()? / 6.0)?;
+            let want = (mean.clone() * incoming as f64)?.backward()?;
+            let got = linear_cross_entropy_outside(x.as_tensor(), w.as_tensor(), &t, 1.0 / 6.0)?;
+            let (a, b) = (got.y.to_scalar::<f32>()?, mean.to_scalar::<f32>()?);
+            assert!((a - b).abs() < 1e-6, "loss {a} vs {b}");
+            let g = Tensor::new(incoming, &dev)?;
+            let grads = (got.backward)(&g, None)?;
+            let dw = grads.weights[0].clone().expect("the head's weight has a gradient");
+            let dx = grads.input.expect("the head's input has a gradient");
+            for (v, f) in [(&x, dx), (&w, dw)] {
+                let e = want.get(v.as_tensor()).unwrap();
+                let gap = (e - f)?.abs()?.max_all()?.to_scalar::<f32>()?;
+                let size = e.abs()?.max_all()?.to_scalar::<f32>()?;
+                assert!(gap < 1e-6 * size.max(1.0), "gap {gap} at incoming {incoming}");
+                assert!(size > 1e-3, "a vanishing gradient proves nothing");
+            }
         }
         Ok(())
     }
