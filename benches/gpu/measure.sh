@@ -13,7 +13,8 @@
 # compiled there), profile (every kernel of the Goedel stack's step at 2 layers, ncu's times;
 # PROFILE=profile-gpt2: GPT-2 small's PreNorm, and the torch.compile peer's kernels;
 # PROFILE=profile-d384: the d384 width's Mhc, with the launch counts), ncu-mhc
-# (mHC's state-sized kernels under ncu's memory sections), gutenberg (the 1B pair trained 300 steps, pack.sh --gutenberg).
+# (mHC's state-sized kernels under ncu's memory sections), graph (train.graph: Step against
+# eager, losses and speed; GRAPH_1B=1 adds the 1B pair), gutenberg (the 1B pair trained 300 steps, pack.sh --gutenberg).
 # Everything goes to $OUT/all.txt, whose tail is printed last; the CPU reference runs are
 # written to $OUT/ref/ for the next lease.
 set -u
@@ -93,6 +94,34 @@ if has ncu; then
         $S bench --attention 8,16,4,1024,128 --device cuda --steps 1 --warmup 0 > "$OUT/ncu.txt" 2>&1
     grep -E "^  flash_|Duration|Achieved Occupancy|stalled_(barrier|long_scoreboard|short_scoreboard|wait|math_pipe_throttle|not_selected)_per" \
         "$OUT/ncu.txt"
+fi
+if has graph; then
+    step graph
+    # train.graph: Step against eager: the same kernels in the same order, so the losses of
+    # flash-check.ron (bf16, d_model 128) and of the Hc variants must agree exactly; then the
+    # d384 width, GPT-2 small and the 1B pair with the step replayed.
+    H='grid.residual=[Hc(streams: 4), Hc(streams: 4, dynamic: true), Laurel]'
+    for g in Off Step; do
+        $R $S run $G/flash-check.ron --db /tmp/graph-$g.db --device cuda --set train.precision=Bf16 \
+            --set train.graph=$g > /tmp/graph-$g.log 2>&1 || tail -5 /tmp/graph-$g.log
+        $R $S run $G/flash-check.ron --db /tmp/graph-hc-$g.db --device cuda --set train.precision=Bf16 \
+            --set train.graph=$g --set "$H" > /tmp/graph-hc-$g.log 2>&1 || tail -5 /tmp/graph-hc-$g.log
+    done
+    # Eager against eager: the floor that atomics' order leaves, if any.
+    $R $S run $G/flash-check.ron --db /tmp/graph-Off2.db --device cuda --set train.precision=Bf16 \
+        > /tmp/graph-Off2.log 2>&1 || tail -5 /tmp/graph-Off2.log
+    echo "eager against eager: $(python3 benches/gpu/cmp_losses.py /tmp/graph-Off.db /tmp/graph-Off2.db)"
+    echo "graph against eager: $(python3 benches/gpu/cmp_losses.py /tmp/graph-Off.db /tmp/graph-Step.db)"
+    echo "graph against eager, Hc: $(python3 benches/gpu/cmp_losses.py /tmp/graph-hc-Off.db /tmp/graph-hc-Step.db)"
+    python3 -c 'import sqlite3, sys
+for p in sys.argv[1:]:
+    for kind, message in sqlite3.connect(p).execute("select kind, message from events"):
+        print(p, kind, message[:300])' /tmp/graph-Step.db /tmp/graph-hc-Step.db
+    G1="train.graph=Step"
+    $R $S bench sweeps/bench-d384.ron --device cuda --steps 30 --warmup 5 --set "$DB" --set "$G1" 2>&1 | grep "^| [a-z]\|graph"
+    $R $S bench sweeps/bench-gpt2.ron --device cuda --steps 20 --warmup 5 --set "$DT" --set "$G1" 2>&1 | grep "^| [a-z]\|graph"
+    [ -n "${GRAPH_1B:-}" ] && $R $S bench sweeps/bench-1b.ron --device cuda --steps 4 --warmup 2 \
+        --set "$D1" --set "$G1" 2>&1 | grep "^| [a-z]\|graph"
 fi
 if has profile; then
     step profile

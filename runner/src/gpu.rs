@@ -37,7 +37,10 @@ pub fn describe(device: &Device) -> String {
 pub fn peak_bytes(device: &Device) -> Option<u64> {
     match device {
         #[cfg(feature = "cuda")]
-        Device::Cuda(d) => cuda::pool_attribute(d, cuda::USED_HIGH).ok(),
+        // A captured step's memory is the graph's, outside the pool (graph.rs).
+        Device::Cuda(d) => {
+            Some(cuda::pool_attribute(d, cuda::USED_HIGH).ok()? + cuda::graph_peak(d).ok()?)
+        }
         _ => None,
     }
 }
@@ -47,6 +50,18 @@ pub fn reset_peak(device: &Device) -> Result<()> {
     #[cfg(feature = "cuda")]
     if let Device::Cuda(d) = device {
         cuda::set_pool_attribute(d, cuda::USED_HIGH, 0)?;
+        cuda::reset_graph_peak(d)?;
+    }
+    let _ = device;
+    Ok(())
+}
+
+/// Returns the memory pool's unused memory to the driver (after a synchronization); a
+/// no-op on the CPU.
+pub fn trim(device: &Device) -> Result<()> {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(d) = device {
+        cuda::trim(d)?;
     }
     let _ = device;
     Ok(())
@@ -145,6 +160,40 @@ mod cuda {
         let pool = pool(d)?;
         // SAFETY: the memory attributes written here are cuuint64_t.
         check(unsafe { sys::cuMemPoolSetAttribute(pool, attr, (&mut value as *mut u64).cast()) })
+    }
+
+    pub fn trim(d: &CudaDevice) -> Result<()> {
+        let pool = pool(d)?;
+        // SAFETY: a valid pool; keeping 0 bytes releases all it holds unused.
+        check(unsafe { sys::cuMemPoolTrimTo(pool, 0) })
+    }
+
+    /// The most memory captured graphs' allocations used at once (graph.rs).
+    pub fn graph_peak(d: &CudaDevice) -> Result<u64> {
+        let ctx = d.cuda_stream().context().clone();
+        ctx.bind_to_thread().map_err(candle_core::Error::wrap)?;
+        let mut value = 0u64;
+        let attr = sys::CUgraphMem_attribute::CU_GRAPH_MEM_ATTR_USED_MEM_HIGH;
+        // SAFETY: the attribute is a cuuint64_t, the device the context's.
+        check(unsafe {
+            sys::cuDeviceGetGraphMemAttribute(
+                ctx.cu_device(),
+                attr,
+                (&mut value as *mut u64).cast(),
+            )
+        })?;
+        Ok(value)
+    }
+
+    pub fn reset_graph_peak(d: &CudaDevice) -> Result<()> {
+        let ctx = d.cuda_stream().context().clone();
+        ctx.bind_to_thread().map_err(candle_core::Error::wrap)?;
+        let mut zero = 0u64;
+        let attr = sys::CUgraphMem_attribute::CU_GRAPH_MEM_ATTR_USED_MEM_HIGH;
+        // SAFETY: as in `graph_peak`; the high mark may only be reset to 0.
+        check(unsafe {
+            sys::cuDeviceSetGraphMemAttribute(ctx.cu_device(), attr, (&mut zero as *mut u64).cast())
+        })
     }
 
     /// See [`super::hold_all_but`]: one cuMemAlloc of the free memory less `keep`, outside

@@ -15,6 +15,7 @@ pub mod error;
 pub mod export;
 pub mod flops;
 pub mod gpu;
+pub mod graph;
 pub mod memory;
 pub mod model;
 pub mod owner;

@@ -14,9 +14,10 @@ use crate::benchmarks::Benchmark;
 use crate::checkpoint::{Checkpoints, Manifest};
 
 use crate::data::{bits_per_byte, Dataset, Split, Tokenizer};
+use crate::graph::Replay;
 use crate::model::{cross_entropy_sum, Gpt};
 use crate::parallel::{self, Group};
-use crate::spec::{Precision, TrainSpec, Trial};
+use crate::spec::{Graph, Precision, TrainSpec, Trial};
 
 /// Where a trial's metrics and progress go (the results store and the progress bar).
 pub trait Observer {
@@ -256,6 +257,52 @@ pub(crate) fn scale_grads(grads: &mut GradStore, params: &[Param], factor: f64) 
     Ok(())
 }
 
+/// A trial's captured step (`train.graph: Step`): captured at its first step of one
+/// micro-batch; a capture that fails leaves the trial's steps eager.
+pub struct Captured {
+    wanted: bool,
+    replay: Option<Replay>,
+}
+
+impl Captured {
+    pub fn new(spec: &TrainSpec) -> Self {
+        Self {
+            wanted: spec.graph == Graph::Step,
+            replay: None,
+        }
+    }
+
+    /// Captures the step on `micro`'s batch shapes, once; what a failed capture said, for
+    /// the trial's events (the steps then run eagerly).
+    pub fn prepare(&mut self, model: &Gpt, micro: &[(Tensor, Tensor)]) -> Option<String> {
+        if !self.wanted || self.replay.is_some() {
+            return None;
+        }
+        self.wanted = false;
+        let [(x, y)] = micro else {
+            return Some(format!(
+                "train.graph: Step captures a step of one micro-batch, not {} \
+                 (grad_accum); the steps run without a graph",
+                micro.len()
+            ));
+        };
+        match Replay::capture(model, x, y) {
+            Ok(replay) => {
+                self.replay = Some(replay);
+                None
+            }
+            Err(e) => Some(format!(
+                "train.graph: Step: the step could not be captured ({e}); the steps run \
+                 without a graph"
+            )),
+        }
+    }
+
+    pub fn replay(&self) -> Option<&Replay> {
+        self.replay.as_ref()
+    }
+}
+
 /// One optimizer step: what it trains on and how.
 pub struct Step<'a> {
     /// This rank's micro-batches (x, y) of the global batch ([`micro_batches`]).
@@ -267,6 +314,9 @@ pub struct Step<'a> {
     /// Whether this rank wants to stop after the step (see [`Observer::interrupted`]); asked
     /// as late in the step as the ranks can still agree on it.
     pub stop: &'a dyn Fn() -> bool,
+    /// The forward and backward passes as a captured graph (`train.graph: Step`), for a
+    /// step of one micro-batch.
+    pub replay: Option<&'a Replay>,
 }
 
 /// What a step measured, the same on every rank.
@@ -299,9 +349,15 @@ pub fn step_on(
     let params = model.params();
     let mut sum: Option<(Tensor, GradStore)> = None;
     for (x, y) in step.micro {
-        let l = model.loss(x, y)?;
-        mark("forward and loss")?;
-        let g = model.gradients(&l)?;
+        let (l, g) = match step.replay {
+            Some(replay) if step.micro.len() == 1 => replay.run(x, y)?,
+            _ => {
+                let l = model.loss(x, y)?;
+                mark("forward and loss")?;
+                let g = model.gradients(&l)?;
+                (l, g)
+            }
+        };
         sum = Some(match sum {
             None => (l, g),
             Some((total, mut grads)) => {
@@ -470,17 +526,22 @@ pub fn train(
             start = m.step;
         }
     }
+    let mut graph = Captured::new(spec);
     for step in start..spec.steps {
         let started = Instant::now();
         let factor = trial.cell.schedule.factor(step, spec.steps);
         let lr = peak * factor;
         inject_fault(model, group.rank(), step + 1)?;
         let micro = micro_batches(data, &mut rng, spec, group, device)?;
+        if let Some(failed) = graph.prepare(model, &micro) {
+            obs.event(step + 1, "graph_not_captured", &failed)?;
+        }
         let this = Step {
             micro: &micro,
             clip: spec.grad_clip,
             factor,
             stop: &|| obs.interrupted(),
+            replay: graph.replay(),
         };
         let done = match step_on(model, opt.as_mut(), group, this, None)? {
             Ok(done) => done,
@@ -807,6 +868,30 @@ mod tests {
         joined.extend(second.rows);
         assert_same_curve(&joined, &reference.rows);
         let _ = std::fs::remove_dir_all(&bench.dir);
+        Ok(())
+    }
+
+    #[test]
+    fn a_graph_that_cannot_be_captured_is_an_event_and_the_steps_run_eagerly() -> Result<()> {
+        // The CPU has no CUDA graphs: the trial says so once and trains as without the option.
+        let mut bench = Bench::new("graph")?;
+        let (eager, reference) = bench.run(None, None, None);
+        assert!(matches!(eager?, Outcome::Done { .. }));
+        bench.sweep.train.graph = Graph::Step;
+        let (replayed, log) = bench.run(None, None, None);
+        assert!(matches!(replayed?, Outcome::Done { .. }));
+        let kinds: Vec<_> = log
+            .events
+            .iter()
+            .map(|(s, k, _)| (*s, k.as_str()))
+            .collect();
+        assert_eq!(kinds, vec![(1, "graph_not_captured")]);
+        assert!(
+            log.events[0].2.contains("train.graph: Off"),
+            "{}",
+            log.events[0].2
+        );
+        assert_same_curve(&log.rows, &reference.rows);
         Ok(())
     }
 

@@ -812,7 +812,7 @@ fn per_token(
 }
 
 /// The multi-stream schemes' coefficients (`dout` none) or their backward rows, one thread
-/// (or quad) per token; see stream_coef.rs.
+/// (or 16, mHC of 4 streams) per token; see stream_coef.rs.
 pub fn stream_coef(
     op: &super::StreamCoef,
     (z, lz): (&CudaStorage, &Layout),
@@ -828,14 +828,14 @@ pub fn stream_coef(
         Scheme::Mhc { iters } => (iters, "mhc"),
         Scheme::Hc => (0, "hc"),
     };
-    // mHC's four streams take a quad of threads a token (fused.cu `mhc_res_fwd4`).
-    let quad = stem == "mhc" && op.part == CoefPart::Res && n == 4;
+    // mHC's four streams take 16 threads a token, one an element (fused.cu `mhc_res_fwd16`).
+    let wide = stem == "mhc" && op.part == CoefPart::Res && n == 4;
     let part = match op.part {
         CoefPart::Pre => "pre",
         CoefPart::Res => "res",
     };
     let pass = if dout.is_some() { "bwd" } else { "fwd" };
-    let name = format!("{stem}_{part}_{pass}{}", if quad { "4" } else { "" });
+    let name = format!("{stem}_{part}_{pass}{}", if wide { "16" } else { "" });
     let width = match (op.part, dout.is_some()) {
         (_, true) => w + op.scheme.packed_len(n),
         (CoefPart::Pre, false) => n,
@@ -851,8 +851,55 @@ pub fn stream_coef(
         rows * width,
         &args,
         rows,
-        if quad { 4 } else { 1 },
+        if wide { 16 } else { 1 },
     )
+}
+
+/// [dp (np) | dz (rows w)] from the coefficient ops' backward rows a and b, or a's token sums
+/// alone (b none, w 0); see coef_grads.rs.
+pub fn coef_grads(
+    (a, la): (&CudaStorage, &Layout),
+    b: Option<(&CudaStorage, &Layout)>,
+    rows: usize,
+    w: usize,
+    np: usize,
+) -> Result<CudaStorage> {
+    let dev = a.device();
+    let av = view::<f32>(a, la)?;
+    let bv = b.map(|(b, lb)| view::<f32>(b, lb)).transpose()?;
+    let null = 0u64;
+    // Blocks of 64 rows or more, at most 128 of them: the final sum reads blocks x np values.
+    let blocks = rows.div_ceil(64).clamp(1, 128);
+    let y = out::<f32>(dev, np + rows * w)?;
+    let partial = out::<f32>(dev, blocks * np)?;
+    let (r32, w32, np32, b32) = (rows as i32, w as i32, np as i32, blocks as i32);
+    let part = dev.get_or_load_custom_func("coef_grads_part", MODULE, PTX)?;
+    let mut p = part.builder();
+    p.arg(&av);
+    match &bv {
+        Some(bv) => p.arg(bv),
+        None => p.arg(&null),
+    };
+    p.arg(&y).arg(&partial).arg(&r32).arg(&w32).arg(&np32);
+    let cfg = LaunchConfig {
+        grid_dim: (blocks as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: dz's elements are written once each over the grid, block x's partial row by
+    // block x only.
+    unsafe { p.launch(cfg) }.w()?;
+    let last = dev.get_or_load_custom_func("coef_grads_final", MODULE, PTX)?;
+    let mut f = last.builder();
+    f.arg(&partial).arg(&y).arg(&b32).arg(&np32);
+    let cfg = LaunchConfig {
+        grid_dim: (1, 1, 1),
+        block_dim: (128, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: one block; thread c writes dp's columns c, c + 128, ...
+    unsafe { f.launch(cfg) }.w()?;
+    Ok(CudaStorage::wrap_cuda_slice(y, dev.clone()))
 }
 
 /// The streams of x (tokens, n, c) summed into (tokens, c) (`spread` false) or y (tokens, c)
@@ -1841,11 +1888,11 @@ fn norm_proj_kernel(stem: &str, m: usize, dtype: DType) -> Result<String> {
 }
 
 /// Whether the tensor-core kernels (fused.cu `norm_proj_*_tc`) take this projection: a bf16
-/// state starting on 16 bytes, at most 32 logits, K whole blocks of 256 columns.
+/// state starting on 16 bytes, at most 32 logits, K whole steps of 64 columns.
 fn norm_proj_tc(x: &CudaStorage, lx: &Layout, k: usize, m: usize) -> bool {
     x.dtype() == DType::BF16
         && m <= 32
-        && k.is_multiple_of(256)
+        && k.is_multiple_of(64)
         && lx.start_offset().is_multiple_of(8)
 }
 

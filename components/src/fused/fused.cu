@@ -1385,164 +1385,172 @@ extern "C" __global__ void hc_res_bwd(const float* z, const float* p, const floa
     o[w + 1] = db;
 }
 
-// The same for 4 streams with a token's 4 x 4 matrix spread over a quad of threads, one row
-// each: a thread's row lives in registers (the width is a constant), column sums are two
-// shuffles, and a warp serves 8 tokens, so the GPU holds four times the threads of the
-// token-a-thread kernels above, whose chains of dependent local-memory accesses (a runtime n
-// indexes every array) left it waiting. The backward pass keeps each round's row of m, its
-// row sum and the column sums (9 floats) in local memory.
-#define Q4 4
+// The same for 4 streams with a token's 4 x 4 matrix spread over 16 threads, one element
+// each, lane 4 i + j of the token's 16 holding row i, column j: row sums are the shuffles
+// across lanes 1 and 2 apart, column sums across 4 and 8, and a warp serves 2 tokens. Each
+// thread's chain of Sinkhorn's rounds is then a quarter of a thread-a-row kernel's (at 8192
+// tokens that one left a multiprocessor 8 warps, each waiting on its own divisions), and the
+// GPU holds 16 times the threads of the token-a-thread kernels above. The backward pass
+// keeps each round's element, row sum and column sum (3 floats) in local memory.
+#define E16 4
 
-__device__ __forceinline__ float quad_sum(float v) {
+__device__ __forceinline__ float row_sum16(float v) {
     v += __shfl_xor_sync(0xffffffff, v, 1);
     return v + __shfl_xor_sync(0xffffffff, v, 2);
 }
 
-__device__ __forceinline__ float quad_max(float v) {
+__device__ __forceinline__ float col_sum16(float v) {
+    v += __shfl_xor_sync(0xffffffff, v, 4);
+    return v + __shfl_xor_sync(0xffffffff, v, 8);
+}
+
+__device__ __forceinline__ float row_max16(float v) {
     v = fmaxf(v, __shfl_xor_sync(0xffffffff, v, 1));
     return fmaxf(v, __shfl_xor_sync(0xffffffff, v, 2));
 }
 
-struct Sk4Round {
-    float m[Q4], rowsum, colsum[Q4];
+__device__ __forceinline__ float col_max16(float v) {
+    v = fmaxf(v, __shfl_xor_sync(0xffffffff, v, 4));
+    return fmaxf(v, __shfl_xor_sync(0xffffffff, v, 8));
+}
+
+struct Sk16Rounds {
+    float m[SK_IT], rowsum[SK_IT], colsum[SK_IT];
 };
 
-// Row i of Sinkhorn's result from row i of the logits (sk_forward's arithmetic): a_exp and
-// m0 of the first, log-domain, round; with `rounds`, every later round's state.
-__device__ __forceinline__ void sk4_forward(const float* l, int iters, float* a_exp, float* m0,
-                                            Sk4Round* rounds, float* out) {
-    float a[Q4];
-#pragma unroll
-    for (int j = 0; j < Q4; j++) {
-        float mx = quad_max(l[j]);
-        float lse = mx + logf(quad_sum(expf(l[j] - mx)));
-        a[j] = l[j] - lse;
-        a_exp[j] = expf(a[j]);
-    }
-    float mx = fmaxf(fmaxf(a[0], a[1]), fmaxf(a[2], a[3])), s = 0.0f;
-#pragma unroll
-    for (int j = 0; j < Q4; j++) s += expf(a[j] - mx);
-    float lse = mx + logf(s);
-    float prev[Q4];
-#pragma unroll
-    for (int j = 0; j < Q4; j++) prev[j] = m0[j] = expf(a[j] - lse);
+// This lane's element of Sinkhorn's result from its logit l (sk_forward's arithmetic):
+// a_exp and m0 of the first, log-domain, round; with `rounds`, every later round's state.
+__device__ __forceinline__ float sk16_forward(float l, int iters, float* a_exp, float* m0,
+                                              Sk16Rounds* rounds) {
+    float mx = col_max16(l);
+    float a = l - (mx + logf(col_sum16(expf(l - mx))));
+    *a_exp = expf(a);
+    float mr = row_max16(a);
+    float prev = expf(a - (mr + logf(row_sum16(expf(a - mr)))));
+    *m0 = prev;
     for (int k = 0; k + 1 < iters; k++) {
-        float c[Q4], colsum[Q4], rowsum = 0.0f;
-#pragma unroll
-        for (int j = 0; j < Q4; j++) {
-            colsum[j] = quad_sum(prev[j]);
-            c[j] = prev[j] / colsum[j];
-            rowsum += c[j];
-        }
-#pragma unroll
-        for (int j = 0; j < Q4; j++) prev[j] = c[j] / rowsum;
+        float colsum = col_sum16(prev);
+        float c = prev / colsum;
+        float rowsum = row_sum16(c);
+        prev = c / rowsum;
         if (rounds) {
-            Sk4Round* r = &rounds[k];
-#pragma unroll
-            for (int j = 0; j < Q4; j++) {
-                r->m[j] = prev[j];
-                r->colsum[j] = colsum[j];
-            }
-            r->rowsum = rowsum;
+            rounds->m[k] = prev;
+            rounds->colsum[k] = colsum;
+            rounds->rowsum[k] = rowsum;
         }
     }
-#pragma unroll
-    for (int j = 0; j < Q4; j++) out[j] = prev[j];
+    return prev;
 }
 
-// dl (row i) from dout (row i), as sk_backward; c = m rowsum is rebuilt from the round.
-__device__ __forceinline__ void sk4_backward(const float* l, const float* dout, float* dl,
-                                             int iters) {
-    float a_exp[Q4], m0[Q4], y[Q4], g[Q4];
-    Sk4Round rounds[SK_IT];
-    sk4_forward(l, iters, a_exp, m0, rounds, y);
-#pragma unroll
-    for (int j = 0; j < Q4; j++) g[j] = dout[j];
+// dl from dout at this lane's element, as sk_backward; c = m rowsum is rebuilt from the round.
+__device__ __forceinline__ float sk16_backward(float l, float dout, int iters) {
+    float a_exp, m0;
+    Sk16Rounds rounds;
+    sk16_forward(l, iters, &a_exp, &m0, &rounds);
+    float g = dout;
     for (int k = iters - 2; k >= 0; k--) {
-        const Sk4Round* r = &rounds[k];
-        float m[Q4], d = 0.0f;
-#pragma unroll
-        for (int j = 0; j < Q4; j++) {
-            m[j] = r->m[j];
-            d += g[j] * m[j];
-        }
-#pragma unroll
-        for (int j = 0; j < Q4; j++) {
-            g[j] = (g[j] - d) / r->rowsum;
-            float dc = quad_sum(g[j] * m[j] * r->rowsum);
-            g[j] = (g[j] - dc) / r->colsum[j];
-        }
+        float m = rounds.m[k], rs = rounds.rowsum[k];
+        g = (g - row_sum16(g * m)) / rs;
+        g = (g - col_sum16(g * m * rs)) / rounds.colsum[k];
     }
-    float s = 0.0f;
-#pragma unroll
-    for (int j = 0; j < Q4; j++) {
-        g[j] *= m0[j];
-        s += g[j];
-    }
-#pragma unroll
-    for (int j = 0; j < Q4; j++) {
-        g[j] -= m0[j] * s;
-        dl[j] = g[j] - a_exp[j] * quad_sum(g[j]);
-    }
+    g *= m0;
+    g -= m0 * row_sum16(g);
+    return g - a_exp * col_sum16(g);
 }
 
-extern "C" __global__ void mhc_res_fwd4(const float* z, const float* p, float* coef, int tokens,
-                                        int n_arg, int w, int iters) {
-    const int n = Q4;
-    int q = blockIdx.x * blockDim.x + threadIdx.x, i = q % Q4;
-    bool live = q / Q4 < tokens;
-    int tok = live ? q / Q4 : tokens - 1;  // a quad past the end computes the last token, unwritten
+extern "C" __global__ void mhc_res_fwd16(const float* z, const float* p, float* coef, int tokens,
+                                         int n_arg, int w, int iters) {
+    const int n = E16;
+    int q = blockIdx.x * blockDim.x + threadIdx.x, e = q % 16, i = e / n, j = e % n;
+    bool live = q / 16 < tokens;
+    int tok = live ? q / 16 : tokens - 1;  // lanes past the end compute the last token, unwritten
     const float* zr = z + (size_t)tok * w;
-    float l[Q4], res[Q4], a_exp[Q4], m0[Q4];
-#pragma unroll
-    for (int j = 0; j < Q4; j++) l[j] = p[2] * zr[2 * n + n * i + j] + p[3 + 2 * n + n * i + j];
-    sk4_forward(l, iters, a_exp, m0, nullptr, res);
+    float a_exp, m0;
+    float res = sk16_forward(p[2] * zr[2 * n + e] + p[3 + 2 * n + e], iters, &a_exp, &m0, nullptr);
     if (!live) return;
     float* c = coef + (size_t)tok * n * (n + 1) + i * (n + 1);
-#pragma unroll
-    for (int j = 0; j < Q4; j++) c[j] = res[j];
-    c[n] = 2.0f * sigmoid_t(p[1] * zr[n + i] + p[3 + n + i]);
+    c[j] = res;
+    if (j == 0) c[n] = 2.0f * sigmoid_t(p[1] * zr[n + i] + p[3 + n + i]);
 }
 
-// Thread i of a quad writes its row's columns of the output row (mhc_res_bwd's layout).
-extern "C" __global__ void mhc_res_bwd4(const float* z, const float* p, const float* dcoef,
-                                        float* out, int tokens, int n_arg, int w, int iters) {
-    const int n = Q4, np = 3 + 2 * n + n * n;
-    int q = blockIdx.x * blockDim.x + threadIdx.x, i = q % Q4;
-    bool live = q / Q4 < tokens;
-    int tok = live ? q / Q4 : tokens - 1;
+// Lane e of a token's 16 writes its element's columns of the output row (mhc_res_bwd's
+// layout), lanes 4 i the row's post and pre columns, lane 0 the token's a.
+extern "C" __global__ void mhc_res_bwd16(const float* z, const float* p, const float* dcoef,
+                                         float* out, int tokens, int n_arg, int w, int iters) {
+    const int n = E16, np = 3 + 2 * n + n * n;
+    int q = blockIdx.x * blockDim.x + threadIdx.x, e = q % 16, i = e / n, j = e % n;
+    bool live = q / 16 < tokens;
+    int tok = live ? q / 16 : tokens - 1;
     const float* zr = z + (size_t)tok * w;
     const float* dc = dcoef + (size_t)tok * n * (n + 1) + i * (n + 1);
-    float l[Q4], dres[Q4], dl[Q4];
-#pragma unroll
-    for (int j = 0; j < Q4; j++) {
-        l[j] = p[2] * zr[2 * n + n * i + j] + p[3 + 2 * n + n * i + j];
-        dres[j] = dc[j];
+    float zl = zr[2 * n + e];
+    float dl = sk16_backward(p[2] * zl + p[3 + 2 * n + e], dc[j], iters);
+    float d = 0.0f;
+    if (j == 0) {
+        float s = sigmoid_t(p[1] * zr[n + i] + p[3 + n + i]);
+        d = dc[n] * 2.0f * s * (1.0f - s);
     }
-    sk4_backward(l, dres, dl, iters);
-    float s = sigmoid_t(p[1] * zr[n + i] + p[3 + n + i]);
-    float d = dc[n] * 2.0f * s * (1.0f - s);
-    float da2 = 0.0f;
-#pragma unroll
-    for (int j = 0; j < Q4; j++) da2 += dl[j] * zr[2 * n + n * i + j];
-    float da1 = quad_sum(d * zr[n + i]);
-    da2 = quad_sum(da2);
+    float da1 = col_sum16(row_sum16(d * zr[n + i]));
+    float da2 = col_sum16(row_sum16(dl * zl));
     if (!live) return;
     float* o = out + (size_t)tok * (w + np);
-    o[i] = 0.0f;
-    o[n + i] = p[1] * d;
-#pragma unroll
-    for (int j = 0; j < Q4; j++) {
-        o[2 * n + n * i + j] = p[2] * dl[j];
-        o[w + 3 + 2 * n + n * i + j] = dl[j];
+    o[2 * n + e] = p[2] * dl;
+    o[w + 3 + 2 * n + e] = dl;
+    for (int c = 2 * n + n * n + e; c < w; c += 16) o[c] = 0.0f;
+    if (j == 0) {
+        o[i] = 0.0f;
+        o[n + i] = p[1] * d;
+        o[w + 3 + i] = 0.0f;
+        o[w + 3 + n + i] = d;
     }
-    for (int j = 2 * n + n * n + i; j < w; j += Q4) o[j] = 0.0f;
-    o[w + 3 + i] = 0.0f;
-    o[w + 3 + n + i] = d;
-    if (i == 0) {
+    if (e == 0) {
         o[w] = 0.0f;
         o[w + 1] = da1;
         o[w + 2] = da2;
+    }
+}
+
+// The two coefficient ops' backward rows a and b (rows, w + np) into [dp (np) | dz (rows w)]
+// (fused/coef_grads.rs): dz = a + b on the logits' columns, by every thread of the grid, and
+// block x's partial of dp over its rows, warp r of 8 taking rows r, r + 8, ..., lane c the
+// columns c, c + 32, ...; coef_grads_final adds the blocks' partials in order. Without b (and
+// with w = 0), the token sums of a alone (static HC's coefficient gradients).
+extern "C" __global__ void coef_grads_part(const float* a, const float* b, float* out,
+                                           float* partial, int rows, int w, int np) {
+    __shared__ float acc[8][32];
+    int width = w + np;
+    float* dz = out + np;
+    for (size_t e = (size_t)blockIdx.x * blockDim.x + threadIdx.x; e < (size_t)rows * w;
+         e += (size_t)gridDim.x * blockDim.x) {
+        size_t r = e / w, c = e % w;
+        dz[e] = a[r * width + c] + (b ? b[r * width + c] : 0.0f);
+    }
+    int per = (rows + gridDim.x - 1) / gridDim.x;
+    int r0 = blockIdx.x * per, r1 = min(rows, r0 + per);
+    int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    for (int c0 = 0; c0 < np; c0 += 32) {
+        int c = c0 + lane;
+        float s = 0.0f;
+        if (c < np)
+            for (int r = r0 + warp; r < r1; r += 8)
+                s += a[(size_t)r * width + w + c] + (b ? b[(size_t)r * width + w + c] : 0.0f);
+        acc[warp][lane] = s;
+        __syncthreads();
+        if (warp == 0 && c < np) {
+            float t = 0.0f;
+#pragma unroll
+            for (int q = 0; q < 8; q++) t += acc[q][lane];
+            partial[(size_t)blockIdx.x * np + c] = t;
+        }
+        __syncthreads();
+    }
+}
+
+extern "C" __global__ void coef_grads_final(const float* partial, float* out, int blocks, int np) {
+    for (int c = threadIdx.x; c < np; c += blockDim.x) {
+        float s = 0.0f;
+        for (int q = 0; q < blocks; q++) s += partial[(size_t)q * np + c];
+        out[c] = s;
     }
 }
 
@@ -1952,7 +1960,7 @@ __device__ void norm_proj_bwd_phi(const T* __restrict__ x, const float* __restri
 FOR_DTYPES(NP_KERNELS)
 
 // The same three products on the tensor cores, for a bf16 state, M <= 32 and K a multiple of
-// 256 (every mHC of up to 4 streams at the model's widths). On the CUDA cores above they are
+// 64 (mHC's n C and dynamic HC's C at the model's widths). On the CUDA cores above they are
 // bound by the multiply-adds (N K M of each, 1.6 G at the Goedel-1B shape); here by reading
 // the state. phi is split into a bf16 pair hi + lo (2^-17 of its value) and both halves are
 // multiplied, as are the pairs of dz in dx, so the sums keep f32's precision on the bf16
@@ -2123,8 +2131,8 @@ norm_proj_bwd_x_tc(const __nv_bfloat16* __restrict__ x,
 #pragma unroll
             for (int q = 0; q < 2; q++) {
                 int c = base + 4 * g + nt, j = 16 * s + 8 * q + 2 * t;
-                float v0 = j < m ? phi[(size_t)c * m + j] : 0.0f;
-                float v1 = j + 1 < m ? phi[(size_t)c * m + j + 1] : 0.0f;
+                float v0 = j < m && c < k ? phi[(size_t)c * m + j] : 0.0f;
+                float v1 = j + 1 < m && c < k ? phi[(size_t)c * m + j + 1] : 0.0f;
                 __nv_bfloat16 h0, l0, h1, l1;
                 split_bf16(v0, &h0, &l0);
                 split_bf16(v1, &h1, &l1);
@@ -2156,7 +2164,8 @@ norm_proj_bwd_x_tc(const __nv_bfloat16* __restrict__ x,
         for (int mt = 0; mt < NPT_TT / 16; mt++) {
             int r0 = 16 * mt;
             {
-                if (t0 + r0 >= n) break;
+                // A warp past K (K a multiple of 64, not of the block's 256) only stages.
+                if (t0 + r0 >= n || base >= k) break;
                 // The m-tile's x, add and pre-mix rows, requested before the products so that
                 // their latency overlaps them.
                 NptRows cur;

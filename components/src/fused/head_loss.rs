@@ -51,7 +51,11 @@ fn loss_and_grads(
     let dx = dlogits.matmul(&wd)?;
     let dw = weight_grad(&dlogits, &xd, w.dtype())?;
     let sum = rows.sum_all()?;
-    let loss = if scale == 1.0 { sum } else { sum.affine(scale, 0.0)? };
+    let loss = if scale == 1.0 {
+        sum
+    } else {
+        sum.affine(scale, 0.0)?
+    };
     Ok((loss, dx, dw))
 }
 
@@ -210,13 +214,18 @@ mod tests {
             assert!((a - b).abs() < 1e-6, "loss {a} vs {b}");
             let g = Tensor::new(incoming, &dev)?;
             let grads = (got.backward)(&g, None)?;
-            let dw = grads.weights[0].clone().expect("the head's weight has a gradient");
+            let dw = grads.weights[0]
+                .clone()
+                .expect("the head's weight has a gradient");
             let dx = grads.input.expect("the head's input has a gradient");
             for (v, f) in [(&x, dx), (&w, dw)] {
                 let e = want.get(v.as_tensor()).unwrap();
                 let gap = (e - f)?.abs()?.max_all()?.to_scalar::<f32>()?;
                 let size = e.abs()?.max_all()?.to_scalar::<f32>()?;
-                assert!(gap < 1e-6 * size.max(1.0), "gap {gap} at incoming {incoming}");
+                assert!(
+                    gap < 1e-6 * size.max(1.0),
+                    "gap {gap} at incoming {incoming}"
+                );
                 assert!(size > 1e-3, "a vanishing gradient proves nothing");
             }
         }

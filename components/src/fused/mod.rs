@@ -44,6 +44,7 @@ mod adam;
 mod add;
 mod attention;
 mod attention_sublayer;
+mod coef_grads;
 #[cfg(feature = "cuda")]
 mod cuda;
 mod embedding;
@@ -71,6 +72,7 @@ pub use attention::CausalAttention;
 pub use attention_sublayer::{
     attention_sublayer, attention_sublayer_detached, sublayer_fits, AttentionPlan, AttentionWeights,
 };
+pub use coef_grads::{stream_coef_backward, CoefGrads, TokenSums};
 pub use embedding::{Embedding, EmbeddingAdd, EmbeddingBwd};
 pub use flash::{FlashAttention, FlashKernels, FLASH_HEAD_DIMS};
 pub use gate::{SigmoidGate, SigmoidGateBwd};

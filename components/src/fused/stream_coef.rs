@@ -24,7 +24,7 @@ use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape,
 use super::cpu_values;
 use super::sinkhorn::{sinkhorn_backward, sinkhorn_forward, SINKHORN_MAX_ITERS};
 
-/// Most streams the kernels take: mHC's Sinkhorn (a thread or a quad a token) and HC's
+/// Most streams the kernels take: mHC's Sinkhorn (a thread or 16 a token) and HC's
 /// (a thread a token, the mixing kernels' limit).
 pub const MHC_COEF_MAX_STREAMS: usize = super::SINKHORN_MAX_STREAMS;
 pub const HC_COEF_MAX_STREAMS: usize = super::MAX_STREAMS;

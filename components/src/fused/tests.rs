@@ -784,8 +784,8 @@ fn mhc_coef_kernels_match_the_cpu_ops() -> Result<()> {
     let Some(gpu) = gpu() else {
         return Ok(());
     };
-    // A partial warp of tokens and the Goedel-1B shape's 8192 tokens with 4 streams (a quad
-    // of threads a token), 20 rounds; 3 streams (a thread a token) from rows of 16.
+    // A partial warp of tokens and the Goedel-1B shape's 8192 tokens with 4 streams (16
+    // threads a token), 20 rounds; 3 streams (a thread a token) from rows of 16.
     for (rows, n, w) in [(45, 4, 25), (8192, 4, 25), (45, 3, 16)] {
         let z = (randn(152, (rows, w), 1.0)? * 2.0)?;
         let cpu = mhc_coef_both(&z, n, 20, true)?;
@@ -796,6 +796,44 @@ fn mhc_coef_kernels_match_the_cpu_ops() -> Result<()> {
             1e-5,
             &format!("mHC, {rows} rows, {n} streams"),
         )?;
+    }
+    Ok(())
+}
+
+#[test]
+fn the_coefficient_gradients_are_the_rows_sums_and_their_tokens_sums() -> Result<()> {
+    // Hand-worked: two rows of w = 1 logit and P = 2 parameter columns.
+    let a = Tensor::new(&[[1f32, 10.0, 100.0], [2.0, 20.0, 200.0]], &Device::Cpu)?;
+    let b = Tensor::new(&[[3f32, 1.0, 2.0], [4.0, 3.0, 4.0]], &Device::Cpu)?;
+    let out = a.apply_op2_no_bwd(&b, &CoefGrads { w: 1 })?;
+    // [dp | dz]: dp = (10 + 1 + 20 + 3, 100 + 2 + 200 + 4), dz = (1 + 3, 2 + 4).
+    assert_eq!(out.to_vec1::<f32>()?, vec![34.0, 306.0, 4.0, 6.0]);
+    // The token sums alone: the columns of a.
+    let sums = a.apply_op1_no_bwd(&TokenSums)?;
+    assert_eq!(sums.to_vec1::<f32>()?, vec![3.0, 30.0, 300.0]);
+    Ok(())
+}
+
+#[cfg(feature = "cuda")]
+#[test]
+fn the_coefficient_gradients_kernels_match_the_cpu_op() -> Result<()> {
+    let Some(gpu) = gpu() else {
+        return Ok(());
+    };
+    // Rows that fill no whole block, the d384 width's 8192 tokens (128 blocks of 64), more
+    // parameter columns than a warp's lanes (HC of 8 streams: 82), and one row.
+    for (rows, w, np) in [(45, 25, 27), (8192, 25, 27), (300, 80, 82), (1, 4, 3)] {
+        let a = randn(160, (rows, w + np), 1.0)?;
+        let b = randn(161, (rows, w + np), 1.0)?;
+        let op = CoefGrads { w };
+        let cpu = a.apply_op2_no_bwd(&b, &op)?;
+        let on_gpu = a
+            .to_device(&gpu)?
+            .apply_op2_no_bwd(&b.to_device(&gpu)?, &op)?;
+        assert_close_rel(&[cpu], &[on_gpu], 1e-5, &format!("{rows} x ({w} + {np})"))?;
+        let cpu = a.apply_op1_no_bwd(&TokenSums)?;
+        let on_gpu = a.to_device(&gpu)?.apply_op1_no_bwd(&TokenSums)?;
+        assert_close_rel(&[cpu], &[on_gpu], 1e-5, &format!("sums of {rows} rows"))?;
     }
     Ok(())
 }
@@ -1255,12 +1293,14 @@ fn norm_proj_kernels_match_the_cpu_op() -> Result<()> {
         return Ok(());
     };
     // A partial token tile and K slice; the Goedel-1B shape's n C = 8192 (4 x 2048) and its
-    // 24 logits over 1030 tokens, and d384's 1536 over 45 (both on the tensor cores in bf16:
-    // K whole blocks of 256, partial token tiles); n = 5's 35 logits.
+    // 24 logits over 1030 tokens, d384's 1536 over 45, and dynamic HC's rows of d384's C =
+    // 384 and 6 logits (all on the tensor cores in bf16: K whole steps of 64, partial token
+    // tiles, and at 384 a block's 256 columns half used); n = 5's 35 logits.
     for (n, k, m) in [
         (77, 200, 24),
         (1030, 8192, 24),
         (45, 1536, 24),
+        (180, 384, 6),
         (300, 640, 35),
     ] {
         for dtype in [DType::F32, DType::BF16] {
@@ -1334,19 +1374,21 @@ fn norm_proj_backward_folds_the_pre_mix_part_as_its_own_op_adds_it() -> Result<(
 }
 
 /// On a GPU: the folded pre-mix part in both backward kernels (tensor cores: bf16, K whole
-/// blocks of 256; CUDA cores otherwise) against the CPU op.
+/// steps of 64; CUDA cores otherwise) against the CPU op.
 #[cfg(feature = "cuda")]
 #[test]
 fn norm_proj_backward_kernels_fold_the_pre_mix_part_as_the_cpu_op() -> Result<()> {
     let Some(gpu) = gpu() else {
         return Ok(());
     };
-    // The Goedel-1B width over a partial token tile; d384's; dynamic HC's rows of C; n = 3
-    // over a width no tensor-core block divides.
+    // The Goedel-1B width over a partial token tile; d384's; dynamic HC's rows of C, at 256
+    // and at d384's 384 (the second block of 256 columns half used); n = 3 over a width no
+    // tensor-core step divides.
     let cases = [
         ((70, 4, 2048, 24), false),
         ((45, 4, 384, 24), false),
         ((33, 4, 256, 6), true),
+        ((33, 4, 384, 6), true),
         ((20, 3, 40, 15), false),
     ];
     for (shape, hc_rows) in cases {

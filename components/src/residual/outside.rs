@@ -5,12 +5,12 @@
 //! part in its own kernel, where the graph zero-filled and added it (and the gradient store
 //! once more for the state as an op's input).
 
-use candle_core::{bail, CustomOp2, CustomOp3, DType, Result, Tensor};
+use candle_core::{bail, CustomOp3, DType, Result, Tensor};
 use registry::{add_into, Detached, Grads};
 
 use crate::fused::{
-    norm_proj_backward, pack_params, CoefPart, MixBwd, NormProj, NormProjBwdX, PostMix, PreMix,
-    Scheme, StreamCoef,
+    norm_proj_backward, pack_params, stream_coef_backward, CoefPart, MixBwd, NormProj,
+    NormProjBwdX, PostMix, PreMix, Scheme, StreamCoef, TokenSums,
 };
 
 /// From the coefficients' gradients (dpre (B, T, n), dcoef (B, T, n, n + 1)), the state's
@@ -87,12 +87,8 @@ pub(crate) fn projected(
     weights.extend(parts.iter().cloned());
     let phi_dtype = phi.dtype();
     let backward: CoefBackward = Box::new(move |dpre, dcoef, ds, premix| {
-        let (dz1, dp1) = op(CoefPart::Pre).bwd(&zt, &p, &pre, &dpre.reshape(pre.shape())?)?;
-        let (dz2, dp2) = op(CoefPart::Res).bwd(&zt, &p, &coef, &dcoef.reshape(coef.shape())?)?;
-        let (Some(dz1), Some(dp1), Some(dz2), Some(dp2)) = (dz1, dp1, dz2, dp2) else {
-            bail!("stream coefficients: a backward pass gave no gradient");
-        };
-        let dz = (dz1 + dz2)?.reshape(z.shape())?;
+        let (dz, dp) = stream_coef_backward(&zt, &p, (scheme, n), dpre, dcoef)?;
+        let dz = dz.reshape(z.shape())?;
         // The projection's backward pass adds the mixing's parts of the state's gradient, the
         // post-mix's and the pre-mix's, in its one pass over the state.
         let into = NormProjBwdX {
@@ -101,7 +97,7 @@ pub(crate) fn projected(
         };
         let (dx, dphi) = norm_proj_backward(&x, &phi32, &z, &dz, into)?;
         let mut grads = vec![Some(dphi.to_dtype(phi_dtype)?)];
-        grads.extend(unpack(&(dp1 + dp2)?, &parts)?);
+        grads.extend(unpack(&dp, &parts)?);
         Ok((dx, grads))
     });
     Ok(Coefficients {
@@ -132,10 +128,10 @@ pub(crate) fn fixed(
     let coef = spread(&coef1, &[b, t, n, n + 1])?;
     let backward: CoefBackward = Box::new(move |dpre, dcoef, ds, (pre, dh)| {
         let ds = pre.apply_op3_no_bwd(&dh, &ds, &MixBwd::PreStateAdd)?;
-        let dpre1 = dpre.reshape((b * t, n))?.sum(0)?;
+        let dpre1 = dpre.reshape((b * t, n))?.apply_op1_no_bwd(&TokenSums)?;
         let dcoef1 = dcoef
             .reshape((b * t, n * (n + 1)))?
-            .sum(0)?
+            .apply_op1_no_bwd(&TokenSums)?
             .reshape((n, n + 1))?;
         Ok((ds, grads(&dpre1, &dcoef1)?))
     });

@@ -95,6 +95,23 @@ pub struct TrainSpec {
     /// computes, not what: left out of its config and id, like the checkpoints' settings.
     #[serde(default, skip_serializing)]
     pub recompute: Recompute,
+    /// `Step`: on CUDA, each step's forward and backward passes replay one CUDA graph,
+    /// captured at the first step (runner/src/graph.rs), instead of launching their kernels
+    /// one by one from the host; for small models, whose steps the host's launches bound.
+    /// The same kernels in the same order: how a trial computes, not what, so it is left out
+    /// of its config and id.
+    #[serde(default, skip_serializing)]
+    pub graph: Graph,
+}
+
+/// Whether a step's passes run as a captured CUDA graph (`train.graph`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Graph {
+    /// Every kernel launched from the host.
+    #[default]
+    Off,
+    /// The forward and backward passes captured once and replayed each step.
+    Step,
 }
 
 /// What the backward pass rebuilds instead of the forward pass keeping it.

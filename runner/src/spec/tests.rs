@@ -94,6 +94,11 @@ fn trial_ids_depend_on_the_resolved_config_only() {
     assert_eq!(rebuilt.train.recompute, super::Recompute::Blocks);
     assert_eq!(a.trials[0].id, rebuilt.trials[0].id);
     assert!(!rebuilt.trials[0].config.contains("recompute"));
+    // So does replaying the step as a captured graph.
+    let replayed = sweep("(attention: [Mha], ffn: [Gelu])", &["train.graph=Step"]).unwrap();
+    assert_eq!(replayed.train.graph, super::Graph::Step);
+    assert_eq!(a.trials[0].id, replayed.trials[0].id);
+    assert!(!replayed.trials[0].config.contains("graph"));
 }
 
 fn expand_trial_id(config: &str) -> String {

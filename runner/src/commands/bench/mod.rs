@@ -325,13 +325,18 @@ fn time(
         .optimizer
         .build(model.params(), spec.precision.dtype())?;
     let mut rng = train::sampler(trial.seed);
+    let mut graph = train::Captured::new(spec);
     let mut step = |phases: Option<&mut Phases>| -> anyhow::Result<f64> {
         let micro = train::micro_batches(data, &mut rng, spec, group, device)?;
+        if let Some(failed) = graph.prepare(&model, &micro) {
+            eprintln!("{failed}");
+        }
         let this = Step {
             micro: &micro,
             clip: spec.grad_clip,
             factor: 1.0,
             stop: &|| false,
+            replay: graph.replay(),
         };
         match train::step_on(&model, opt.as_mut(), group, this, phases)? {
             Ok(done) => Ok(done.loss),
@@ -342,6 +347,11 @@ fn time(
         step(None)?;
     }
     device.synchronize()?;
+    // A captured step's warm-up pass ran eagerly beside the memory its graph then reserved;
+    // the peak reported is the timed steps'.
+    if spec.graph == crate::spec::Graph::Step && counts.warmup > 0 {
+        gpu::reset_peak(device)?;
+    }
     let mut times = Vec::with_capacity(counts.steps);
     let mut losses = Vec::with_capacity(counts.steps);
     for _ in 0..counts.steps {
