@@ -773,14 +773,15 @@ pub fn sinkhorn(
     let mut inputs = vec![view::<f32>(logits, l)?];
     inputs.extend(dout.map(|(s, l)| view::<f32>(s, l)).transpose()?);
     let args = [tokens as i32, n as i32, iters as i32];
-    per_token(dev, name, &inputs, tokens * n * n, &args, tokens, 1)
+    per_token(dev, name, &inputs, tokens * n * n, &args, tokens, 1, false)
 }
 
 /// Launches the per-token kernel `name` (Sinkhorn's, the stream coefficients'): its f32
-/// `inputs`, its f32 output of `len` values, then the i32 `args`; `threads` a token, 32
-/// tokens a block. A warp a block for a thread a token: a thread keeps Sinkhorn's rounds in
+/// `inputs`, its f32 output of `len` values (zero-filled first with `zeroed`), then the i32
+/// `args`; `threads` a token, 32 tokens a block. A warp a block for a thread a token: a thread keeps Sinkhorn's rounds in
 /// local memory (about 5 KB), so the kernels are bound by the multiprocessors they reach, and
 /// 8192 tokens in blocks of 128 left half of an H200's 132 idle.
+#[allow(clippy::too_many_arguments)]
 fn per_token(
     dev: &CudaDevice,
     name: &str,
@@ -789,9 +790,13 @@ fn per_token(
     args: &[i32],
     tokens: usize,
     threads: usize,
+    zeroed: bool,
 ) -> Result<CudaStorage> {
     let func = dev.get_or_load_custom_func(name, MODULE, PTX)?;
-    let y = out::<f32>(dev, len)?;
+    let y = match zeroed {
+        true => dev.alloc_zeros::<f32>(len)?,
+        false => out::<f32>(dev, len)?,
+    };
     let mut b = func.builder();
     for x in inputs {
         b.arg(x);
@@ -852,6 +857,7 @@ pub fn stream_coef(
         &args,
         rows,
         if wide { 16 } else { 1 },
+        dout.is_some(),
     )
 }
 

@@ -1236,8 +1236,10 @@ extern "C" __global__ void sinkhorn_bwd(const float* logits, const float* dout, 
 // and the packed parameters p = [a (3) | b_pre (n) | b_post (n) | b_res (n^2)], one thread a
 // token: pre = sigmoid(a0 z_pre + b_pre) (n); coef = [res | post] (n, n + 1) with
 // post = 2 sigmoid(a1 z_post + b_post) and res = Sinkhorn(a2 z_res + b_res). The backward
-// kernels write a row of w + P: z's gradient (zero past its own columns), then the token's
-// part of p's (summed over tokens by the caller).
+// kernels write a row of w + P: z's gradient, then the token's part of p's (summed over
+// tokens by the caller), into an output the launch zero-fills: each thread writes only its
+// own columns, where its loop over a whole row of zeros was a store 4 bytes wide at every
+// row's stride, the slowest of these kernels' passes.
 __device__ __forceinline__ float sigmoid_t(float v) { return 0.5f * (tanhf(0.5f * v) + 1.0f); }
 
 extern "C" __global__ void mhc_pre_fwd(const float* z, const float* p, float* pre, int tokens,
@@ -1255,7 +1257,6 @@ extern "C" __global__ void mhc_pre_bwd(const float* z, const float* p, const flo
     const float* zr = z + (size_t)tok * w;
     int np = 3 + 2 * n + n * n;
     float* o = out + (size_t)tok * (w + np);
-    for (int j = 0; j < w + np; j++) o[j] = 0.0f;
     float da = 0.0f;
     for (int i = 0; i < n; i++) {
         float s = sigmoid_t(p[0] * zr[i] + p[3 + i]);
@@ -1291,7 +1292,6 @@ extern "C" __global__ void mhc_res_bwd(const float* z, const float* p, const flo
     const float* dc = dcoef + (size_t)tok * n * (n + 1);
     int np = 3 + 2 * n + n * n;
     float* o = out + (size_t)tok * (w + np);
-    for (int j = 0; j < w + np; j++) o[j] = 0.0f;
     float l[SK_N * SK_N], dres[SK_N * SK_N], dl[SK_N * SK_N];
     for (int q = 0; q < n * n; q++) {
         l[q] = p[2] * zr[2 * n + q] + p[3 + 2 * n + q];
@@ -1334,7 +1334,6 @@ extern "C" __global__ void hc_pre_bwd(const float* z, const float* p, const floa
     const float* zr = z + (size_t)tok * w;
     int r = w / n, np = 2 + 2 * n + n * n;
     float* o = out + (size_t)tok * (w + np);
-    for (int j = 0; j < w + np; j++) o[j] = 0.0f;
     float ds = 0.0f;
     for (int i = 0; i < n; i++) {
         float u = tanhf(zr[i * r]), g = dpre[(size_t)tok * n + i];
@@ -1367,7 +1366,6 @@ extern "C" __global__ void hc_res_bwd(const float* z, const float* p, const floa
     const float* dc = dcoef + (size_t)tok * n * (n + 1);
     int r = w / n, np = 2 + 2 * n + n * n;
     float* o = out + (size_t)tok * (w + np);
-    for (int j = 0; j < w + np; j++) o[j] = 0.0f;
     float da = 0.0f, db = 0.0f;
     for (int j = 0; j < n; j++) {
         for (int i = 0; i < n; i++) {
@@ -1496,15 +1494,11 @@ extern "C" __global__ void mhc_res_bwd16(const float* z, const float* p, const f
     float* o = out + (size_t)tok * (w + np);
     o[2 * n + e] = p[2] * dl;
     o[w + 3 + 2 * n + e] = dl;
-    for (int c = 2 * n + n * n + e; c < w; c += 16) o[c] = 0.0f;
     if (j == 0) {
-        o[i] = 0.0f;
         o[n + i] = p[1] * d;
-        o[w + 3 + i] = 0.0f;
         o[w + 3 + n + i] = d;
     }
     if (e == 0) {
-        o[w] = 0.0f;
         o[w + 1] = da1;
         o[w + 2] = da2;
     }
