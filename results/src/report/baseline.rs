@@ -4,8 +4,11 @@
 //! `train.steps=300`, several joined by commas or spaces). A row's baseline is the
 //! configuration that matches the selector and agrees with the row on every other varying
 //! column; parameters of a selected component (`residual.streams` under `residual`) do not
-//! have to agree. When only one configuration matches the selector it is everyone's baseline,
-//! whatever else differs (two stacks compared as a whole).
+//! have to agree, nor, where a `model.scale` column names the shape, the shape's solved fields
+//! (`model.d_model`, `model.n_layers`): under `match` each stack solves its own width at a
+//! scale, so two stacks at one scale differ in width by design. When only one configuration
+//! matches the selector it is everyone's baseline, whatever else differs (two stacks compared
+//! as a whole).
 
 use super::stats::welch;
 use super::{Row, VsBaseline};
@@ -89,7 +92,12 @@ impl Selector {
         let candidates: Vec<usize> = (0..rows.len())
             .filter(|&j| self.matches(&rows[j]))
             .collect();
-        let others: Vec<&String> = columns.iter().filter(|c| !self.covers(c)).collect();
+        let scaled = columns.iter().any(|c| c == "model.scale");
+        let shape_field = |c: &str| scaled && (c == "model.d_model" || c == "model.n_layers");
+        let others: Vec<&String> = columns
+            .iter()
+            .filter(|c| !self.covers(c) && !shape_field(c))
+            .collect();
         let agree = |a: &Row, b: &Row| others.iter().all(|c| a.factor(c) == b.factor(c));
         for (n, &a) in candidates.iter().enumerate() {
             if let Some(&b) = candidates[n + 1..]

@@ -564,3 +564,52 @@ fn loss_spikes_get_a_column_only_when_a_trial_had_one() {
     assert_eq!(value("PreNorm"), "0.0");
     assert!(r.notes().contains("more than 10%"));
 }
+
+#[test]
+fn stacks_matched_at_a_scale_are_compared_within_it_whatever_their_widths() {
+    let dir = temp_dir("scaled-baseline");
+    let mut s = Store::open(&dir.join("s.db")).unwrap();
+    let sweep = s.begin_sweep("scaled", "s.ron", "Sweep()", "test").unwrap();
+    // (ffn, scale, the width `match` solved, val/bpb of seeds 0 and 1)
+    let cells = [
+        ("A", "S", 448, [1.70, 1.80]),
+        ("B", "S", 480, [2.00, 2.10]),
+        ("A", "L", 736, [1.60, 1.70]),
+        ("B", "L", 784, [2.20, 2.30]),
+    ];
+    let mut i = 0;
+    for (ffn, scale, d, bpb) in cells {
+        for (seed, v) in bpb.into_iter().enumerate() {
+            let id = format!("t{i}");
+            let config = format!("ffn={ffn};model.scale={scale};model.d_model={d}");
+            let trial = NewTrial {
+                id: &id,
+                seed: seed as u64,
+                label: "",
+                config: &config,
+            };
+            s.register_trial(sweep, i, &trial).unwrap();
+            s.start_trial(&id, "cpu", "test", None).unwrap();
+            s.record(&id, 100, "val/bpb", v).unwrap();
+            s.finish_trial(&id, Status::Done, None, 1.0).unwrap();
+            i += 1;
+        }
+    }
+    let trials = load(&s, 1, &flatten).unwrap();
+    let sel = Selector::parse("ffn=B").unwrap();
+    let r = summarize("scaled", trials, Some(&sel), None).unwrap();
+    let diff_at = |scale: &str| {
+        let row = r
+            .rows
+            .iter()
+            .find(|r| r.factor("ffn") == Some("A") && r.factor("model.scale") == Some(scale))
+            .unwrap();
+        match &row.vs_baseline {
+            Some(VsBaseline::Diff { diff, .. }) => *diff,
+            other => panic!("{scale}: {other:?}"),
+        }
+    };
+    // Each A against the B of its own scale: means 1.75 - 2.05 and 1.65 - 2.25.
+    assert!(close(diff_at("S"), -0.30, 1e-12), "{}", diff_at("S"));
+    assert!(close(diff_at("L"), -0.60, 1e-12), "{}", diff_at("L"));
+}
