@@ -92,13 +92,17 @@ impl Selector {
         let candidates: Vec<usize> = (0..rows.len())
             .filter(|&j| self.matches(&rows[j]))
             .collect();
-        let scaled = columns.iter().any(|c| c == "model.scale");
-        let shape_field = |c: &str| scaled && (c == "model.d_model" || c == "model.n_layers");
-        let others: Vec<&String> = columns
-            .iter()
-            .filter(|c| !self.covers(c) && !shape_field(c))
-            .collect();
-        let agree = |a: &Row, b: &Row| others.iter().all(|c| a.factor(c) == b.factor(c));
+        let others: Vec<&String> = columns.iter().filter(|c| !self.covers(c)).collect();
+        // Two rows that both name a scale (and agree on it) need not agree on its solved fields.
+        let scaled = |a: &Row, b: &Row| {
+            a.factor("model.scale").is_some() && b.factor("model.scale").is_some()
+        };
+        let agree = |a: &Row, b: &Row| {
+            others.iter().all(|c| {
+                let shape = c.as_str() == "model.d_model" || c.as_str() == "model.n_layers";
+                (shape && scaled(a, b)) || a.factor(c) == b.factor(c)
+            })
+        };
         for (n, &a) in candidates.iter().enumerate() {
             if let Some(&b) = candidates[n + 1..]
                 .iter()
