@@ -778,8 +778,9 @@ pub fn sinkhorn(
 
 /// Launches the per-token kernel `name` (Sinkhorn's, the stream coefficients'): its f32
 /// `inputs`, its f32 output of `len` values (zero-filled first with `zeroed`), then the i32
-/// `args`; `threads` a token, 32 tokens a block. A warp a block for a thread a token: a thread keeps Sinkhorn's rounds in
-/// local memory (about 5 KB), so the kernels are bound by the multiprocessors they reach, and
+/// `args`; `threads` a token, 32 tokens a block. A warp a block for a thread a token: a
+/// thread keeps Sinkhorn's rounds in local memory (about 5 KB), so the kernels are bound by
+/// the multiprocessors they reach, and
 /// 8192 tokens in blocks of 128 left half of an H200's 132 idle.
 #[allow(clippy::too_many_arguments)]
 fn per_token(

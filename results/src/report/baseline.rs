@@ -4,9 +4,9 @@
 //! `train.steps=300`, several joined by commas or spaces). A row's baseline is the
 //! configuration that matches the selector and agrees with the row on every other varying
 //! column; parameters of a selected component (`residual.streams` under `residual`) do not
-//! have to agree, nor, where a `model.scale` column names the shape, the shape's solved fields
-//! (`model.d_model`, `model.n_layers`): under `match` each stack solves its own width at a
-//! scale, so two stacks at one scale differ in width by design. When only one configuration
+//! have to agree, nor, between two rows that both name a `model.scale`, the shape's solved
+//! fields (`model.d_model`, `model.n_layers`): under `match` each stack solves its own width
+//! at a scale, so two stacks at one scale differ in width by design. When only one configuration
 //! matches the selector it is everyone's baseline, whatever else differs (two stacks compared
 //! as a whole).
 
