@@ -1294,11 +1294,13 @@ unsafe fn gemm_rows(
     .w()
 }
 
-/// One Newton-Schulz round on a bf16 stack x (k, rows, cols); see newton_schulz.rs.
-pub fn ns_round(
+/// A block of `rounds` Newton-Schulz rounds on a bf16 stack x (k, rows, cols), run on its
+/// Gram matrix; see newton_schulz.rs.
+pub fn ns_block(
     x: &CudaStorage,
     lx: &Layout,
     (k, rows, cols): (usize, usize, usize),
+    rounds: usize,
     (a, b, c): (f32, f32, f32),
 ) -> Result<CudaStorage> {
     use candle_core::cuda_backend::cudarc::driver::DevicePtr;
@@ -1307,98 +1309,157 @@ pub fn ns_round(
     let blas = dev.cublas_handle();
     let tall = rows > cols;
     let s = rows.min(cols);
-    let xv = view::<bf16>(x, lx)?;
-    let gram = out::<bf16>(dev, k * s * s)?;
-    let poly = out::<bf16>(dev, k * s * s)?;
-    let next = out::<bf16>(dev, k * rows * cols)?;
     let (xs, gs) = (rows * cols, s * s);
-    {
-        let (xp, _rx) = xv.device_ptr(&stream);
-        let (gp, _rg) = gram.device_ptr(&stream);
-        // SAFETY: x holds k matrices (rows, cols) at stride xs, gram k of (s, s) at gs.
+    let xv = view::<bf16>(x, lx)?;
+    // Every launch is on the device's one stream, in order, so a slice's read event may be
+    // recorded (its guard dropped) before the launch that reads it; every slice outlives
+    // its launches, and its stream-ordered free follows them.
+    let ptr = |m: &CudaSlice<bf16>| m.device_ptr(&stream).0;
+    // Every product below is a stack of k, each matrix at its stride (xs or gs).
+    let gemm = |trans, mnk, alpha, a_: u64, sa, b_: u64, sb, beta, c_: u64, sc| {
+        // SAFETY: the operands hold k matrices of the shapes `mnk` names at these strides.
         unsafe {
-            match tall {
-                true => gemm_bf16_rows(
-                    &blas,
-                    (true, false),
-                    (s, s, rows),
-                    1.0,
-                    (xp, xs),
-                    (xp, xs),
-                    0.0,
-                    (gp, gs),
-                    k,
-                )?,
-                false => gemm_bf16_rows(
-                    &blas,
-                    (false, true),
-                    (s, s, cols),
-                    1.0,
-                    (xp, xs),
-                    (xp, xs),
-                    0.0,
-                    (gp, gs),
-                    k,
-                )?,
-            }
+            gemm_bf16_rows(
+                &blas,
+                trans,
+                mnk,
+                alpha,
+                (a_, sa),
+                (b_, sb),
+                beta,
+                (c_, sc),
+                k,
+            )
         }
+    };
+    let xp = xv.device_ptr(&stream).0;
+    // R = X X^T, or X^T X for a tall X.
+    let mut gram = out::<bf16>(dev, k * gs)?;
+    match tall {
+        true => gemm(
+            (true, false),
+            (s, s, rows),
+            1.0,
+            xp,
+            xs,
+            xp,
+            xs,
+            0.0,
+            ptr(&gram),
+            gs,
+        )?,
+        false => gemm(
+            (false, true),
+            (s, s, cols),
+            1.0,
+            xp,
+            xs,
+            xp,
+            xs,
+            0.0,
+            ptr(&gram),
+            gs,
+        )?,
     }
     let func = dev.get_or_load_custom_func("ns_poly_init", MODULE, PTX)?;
     let n = k * gs;
     let (n64, s32) = (n as u64, s as i32);
-    let mut builder = func.builder();
-    builder
-        .arg(&gram)
-        .arg(&poly)
-        .arg(&n64)
-        .arg(&s32)
-        .arg(&a)
-        .arg(&b);
-    // SAFETY: reads and writes n values of the two stacks.
-    unsafe { builder.launch(flat_config(n)) }.w()?;
-    {
-        let (xp, _rx) = xv.device_ptr(&stream);
-        let (gp, _rg) = gram.device_ptr(&stream);
-        let (pp, _rp) = poly.device_ptr(&stream);
-        let (np, _rn) = next.device_ptr(&stream);
-        // SAFETY: as above; poly += c gram gram (s, s), then next = poly x or x poly.
-        unsafe {
-            gemm_bf16_rows(
-                &blas,
+    let mut q: Option<CudaSlice<bf16>> = None;
+    for t in 0..rounds {
+        // P = a I + b R (the kernel), then P += c R R.
+        let poly = out::<bf16>(dev, n)?;
+        let mut builder = func.builder();
+        builder
+            .arg(&gram)
+            .arg(&poly)
+            .arg(&n64)
+            .arg(&s32)
+            .arg(&a)
+            .arg(&b);
+        // SAFETY: reads and writes n values of the two stacks.
+        unsafe { builder.launch(flat_config(n)) }.w()?;
+        let (gp, pp) = (ptr(&gram), ptr(&poly));
+        gemm((false, false), (s, s, s), c, gp, gs, gp, gs, 1.0, pp, gs)?;
+        if t + 1 < rounds {
+            // R <- P (R P).
+            let rp = out::<bf16>(dev, n)?;
+            gemm(
                 (false, false),
                 (s, s, s),
-                c,
-                (gp, gs),
-                (gp, gs),
                 1.0,
-                (pp, gs),
-                k,
+                gp,
+                gs,
+                pp,
+                gs,
+                0.0,
+                ptr(&rp),
+                gs,
             )?;
-            match tall {
-                true => gemm_bf16_rows(
-                    &blas,
-                    (false, false),
-                    (rows, cols, cols),
-                    1.0,
-                    (xp, xs),
-                    (pp, gs),
-                    0.0,
-                    (np, xs),
-                    k,
-                )?,
-                false => gemm_bf16_rows(
-                    &blas,
-                    (false, false),
-                    (rows, cols, rows),
-                    1.0,
-                    (pp, gs),
-                    (xp, xs),
-                    0.0,
-                    (np, xs),
-                    k,
-                )?,
-            }
+            let next = out::<bf16>(dev, n)?;
+            gemm(
+                (false, false),
+                (s, s, s),
+                1.0,
+                pp,
+                gs,
+                ptr(&rp),
+                gs,
+                0.0,
+                ptr(&next),
+                gs,
+            )?;
+            gram = next;
         }
+        q = Some(match q {
+            None => poly,
+            Some(q) => {
+                let qp = out::<bf16>(dev, n)?;
+                gemm(
+                    (false, false),
+                    (s, s, s),
+                    1.0,
+                    ptr(&q),
+                    gs,
+                    pp,
+                    gs,
+                    0.0,
+                    ptr(&qp),
+                    gs,
+                )?;
+                qp
+            }
+        });
+    }
+    let Some(q) = q else {
+        bail!("newton-schulz: a block of no rounds");
+    };
+    let next = out::<bf16>(dev, k * xs)?;
+    let (qp, np) = (ptr(&q), ptr(&next));
+    match tall {
+        true => gemm(
+            (false, false),
+            (rows, cols, cols),
+            1.0,
+            xp,
+            xs,
+            qp,
+            gs,
+            0.0,
+            np,
+            xs,
+        )?,
+        false => gemm(
+            (false, false),
+            (rows, cols, rows),
+            1.0,
+            qp,
+            gs,
+            xp,
+            xs,
+            0.0,
+            np,
+            xs,
+        )?,
     }
     Ok(CudaStorage::wrap_cuda_slice(next, dev.clone()))
 }

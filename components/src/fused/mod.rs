@@ -29,8 +29,8 @@
 //!   each way), and the streams' mean and copy (streams.rs);
 //! - AdamW's update (adam.rs), in place, and Muon's element-wise work around Newton-Schulz
 //!   (muon_step.rs): its momentum, the rounds' normalized input, NorMuon's row sums, the
-//!   weight update in place; and Newton-Schulz's rounds as cuBLAS products with the a X
-//!   term folded into the polynomial (newton_schulz.rs).
+//!   weight update in place; and Newton-Schulz's rounds as cuBLAS products, in blocks on
+//!   the Gram matrix (newton_schulz.rs).
 //!
 //! Each is a candle CustomOp with `bwd`, so autograd runs through it. The CUDA kernels
 //! (fused.cu, compiled to PTX by build.rs under the `cuda` feature) do the work on the GPU;
@@ -84,7 +84,7 @@ pub use mlp::{mlp_outside, swiglu_mlp, swiglu_outside, FusedMlp};
 pub use muon_step::{
     muon_apply, muon_prepare, row_sum_squares, MuonApply, MuonMomentum, MuonScale, RowSumSq,
 };
-pub use newton_schulz::newton_schulz_round;
+pub use newton_schulz::{gram_pays, newton_schulz_block};
 #[cfg(feature = "cuda")]
 pub use node::scalar_zero_cuda;
 pub use node::{node, scalar_zero_cpu, HandOver};
