@@ -127,7 +127,10 @@ impl FrontierChart {
             .margin(18)
             .x_label_area_size(60)
             .y_label_area_size(80)
-            .build_cartesian_2d((x0..x1).log_scale(), y0..y1)?;
+            .build_cartesian_2d(
+                (x0..x1).log_scale().with_key_points(log_ticks(x0, x1)),
+                y0..y1,
+            )?;
         chart
             .configure_mesh()
             .x_desc(self.budget.describe())
@@ -191,4 +194,42 @@ impl Chart for FrontierChart {
     }
 
     chart_backends!();
+}
+
+/// Tick values for a log axis over [lo, hi]: 1, 2 and 5 times each power of ten inside it,
+/// or every integer multiple where that leaves fewer than three (plotters' own log axis marks
+/// powers of ten only, so a span inside one decade, as two sizes of one study are, had none).
+fn log_ticks(lo: f64, hi: f64) -> Vec<f64> {
+    let within = |steps: &[f64]| -> Vec<f64> {
+        let (first, last) = (lo.log10().floor() as i32, hi.log10().ceil() as i32);
+        (first..=last)
+            .flat_map(|e| steps.iter().map(move |m| m * 10f64.powi(e)))
+            .filter(|v| *v >= lo && *v <= hi)
+            .collect()
+    };
+    let coarse = within(&[1.0, 2.0, 5.0]);
+    match coarse.len() {
+        0..=2 => within(&[1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0]),
+        _ => coarse,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::log_ticks;
+
+    #[test]
+    fn a_span_inside_one_decade_still_gets_ticks() {
+        // The Goedel study's two sizes: 2.7e15 and 7.5e15 training FLOPs, padded by 1.25.
+        let ticks = log_ticks(2.7e15 / 1.25, 7.5e15 * 1.25);
+        let want = [3e15, 4e15, 5e15, 6e15, 7e15, 8e15, 9e15];
+        assert_eq!(ticks.len(), want.len(), "{ticks:?}");
+        for (t, w) in ticks.iter().zip(want) {
+            assert!((t / w - 1.0).abs() < 1e-12, "{ticks:?}");
+        }
+        // Over several decades: 1, 2 and 5 of each.
+        let wide = log_ticks(1.5e6, 3e8);
+        assert_eq!(wide.len(), 7, "{wide:?}");
+        assert!((wide[0] / 2e6 - 1.0).abs() < 1e-12 && (wide[6] / 2e8 - 1.0).abs() < 1e-12);
+    }
 }
