@@ -1316,51 +1316,38 @@ pub fn ns_block(
     // its launches, and its stream-ordered free follows them.
     let ptr = |m: &CudaSlice<bf16>| m.device_ptr(&stream).0;
     // Every product below is a stack of k, each matrix at its stride (xs or gs).
-    let gemm = |trans, mnk, alpha, a_: u64, sa, b_: u64, sb, beta, c_: u64, sc| {
+    let gemm = |trans, mnk, alpha, a_: (u64, usize), b_: (u64, usize), beta, c_: (u64, usize)| {
         // SAFETY: the operands hold k matrices of the shapes `mnk` names at these strides.
-        unsafe {
-            gemm_bf16_rows(
-                &blas,
-                trans,
-                mnk,
-                alpha,
-                (a_, sa),
-                (b_, sb),
-                beta,
-                (c_, sc),
-                k,
-            )
-        }
+        unsafe { gemm_bf16_rows(&blas, trans, mnk, alpha, a_, b_, beta, c_, k) }
+    };
+    // C = alpha A B + beta C on the (s, s) stacks.
+    let square = |alpha, a_: u64, b_: u64, beta, c_: u64| {
+        gemm(
+            (false, false),
+            (s, s, s),
+            alpha,
+            (a_, gs),
+            (b_, gs),
+            beta,
+            (c_, gs),
+        )
     };
     let xp = xv.device_ptr(&stream).0;
     // R = X X^T, or X^T X for a tall X.
     let mut gram = out::<bf16>(dev, k * gs)?;
-    match tall {
-        true => gemm(
-            (true, false),
-            (s, s, rows),
-            1.0,
-            xp,
-            xs,
-            xp,
-            xs,
-            0.0,
-            ptr(&gram),
-            gs,
-        )?,
-        false => gemm(
-            (false, true),
-            (s, s, cols),
-            1.0,
-            xp,
-            xs,
-            xp,
-            xs,
-            0.0,
-            ptr(&gram),
-            gs,
-        )?,
-    }
+    let (trans, inner) = match tall {
+        true => ((true, false), rows),
+        false => ((false, true), cols),
+    };
+    gemm(
+        trans,
+        (s, s, inner),
+        1.0,
+        (xp, xs),
+        (xp, xs),
+        0.0,
+        (ptr(&gram), gs),
+    )?;
     let func = dev.get_or_load_custom_func("ns_poly_init", MODULE, PTX)?;
     let n = k * gs;
     let (n64, s32) = (n as u64, s as i32);
@@ -1379,53 +1366,19 @@ pub fn ns_block(
         // SAFETY: reads and writes n values of the two stacks.
         unsafe { builder.launch(flat_config(n)) }.w()?;
         let (gp, pp) = (ptr(&gram), ptr(&poly));
-        gemm((false, false), (s, s, s), c, gp, gs, gp, gs, 1.0, pp, gs)?;
+        square(c, gp, gp, 1.0, pp)?;
         if t + 1 < rounds {
             // R <- P (R P).
-            let rp = out::<bf16>(dev, n)?;
-            gemm(
-                (false, false),
-                (s, s, s),
-                1.0,
-                gp,
-                gs,
-                pp,
-                gs,
-                0.0,
-                ptr(&rp),
-                gs,
-            )?;
-            let next = out::<bf16>(dev, n)?;
-            gemm(
-                (false, false),
-                (s, s, s),
-                1.0,
-                pp,
-                gs,
-                ptr(&rp),
-                gs,
-                0.0,
-                ptr(&next),
-                gs,
-            )?;
+            let (rp, next) = (out::<bf16>(dev, n)?, out::<bf16>(dev, n)?);
+            square(1.0, gp, pp, 0.0, ptr(&rp))?;
+            square(1.0, pp, ptr(&rp), 0.0, ptr(&next))?;
             gram = next;
         }
         q = Some(match q {
             None => poly,
             Some(q) => {
                 let qp = out::<bf16>(dev, n)?;
-                gemm(
-                    (false, false),
-                    (s, s, s),
-                    1.0,
-                    ptr(&q),
-                    gs,
-                    pp,
-                    gs,
-                    0.0,
-                    ptr(&qp),
-                    gs,
-                )?;
+                square(1.0, ptr(&q), pp, 0.0, ptr(&qp))?;
                 qp
             }
         });
@@ -1433,6 +1386,7 @@ pub fn ns_block(
     let Some(q) = q else {
         bail!("newton-schulz: a block of no rounds");
     };
+    // X' = Q X, or X Q for a tall X.
     let next = out::<bf16>(dev, k * xs)?;
     let (qp, np) = (ptr(&q), ptr(&next));
     match tall {
@@ -1440,25 +1394,19 @@ pub fn ns_block(
             (false, false),
             (rows, cols, cols),
             1.0,
-            xp,
-            xs,
-            qp,
-            gs,
+            (xp, xs),
+            (qp, gs),
             0.0,
-            np,
-            xs,
+            (np, xs),
         )?,
         false => gemm(
             (false, false),
             (rows, cols, rows),
             1.0,
-            qp,
-            gs,
-            xp,
-            xs,
+            (qp, gs),
+            (xp, xs),
             0.0,
-            np,
-            xs,
+            (np, xs),
         )?,
     }
     Ok(CudaStorage::wrap_cuda_slice(next, dev.clone()))
