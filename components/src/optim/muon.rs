@@ -141,6 +141,38 @@ fn rounds(mut x: Tensor, steps: usize) -> Result<Tensor> {
     Ok(x)
 }
 
+/// Multiply-adds of `steps` rounds on one (rows, cols) matrix as [`rounds`] takes them: for
+/// a short side m and a long side k m, (2k + 1) m^3 a plain round, (2k + 5) m^3 a block of two
+/// (newton_schulz.rs).
+fn rounds_cost(rows: usize, cols: usize, steps: usize) -> f64 {
+    let m = rows.min(cols) as f64;
+    let k = rows.max(cols) as f64 / m;
+    let (pairs, singles) = match gram_pays(rows, cols) {
+        true => (steps / 2, steps % 2),
+        false => (0, steps),
+    };
+    (pairs as f64 * (2.0 * k + 5.0) + singles as f64 * (2.0 * k + 1.0)) * m.powi(3)
+}
+
+/// The rank that orthogonalizes each group: the costliest first, each to the rank with the
+/// least work so far (the lowest on a tie), so the slowest rank's share stays near 1 / world
+/// even when the groups differ in size (the 1B model's 18 groups run from 0.2 to 2 T
+/// multiply-adds). The same on every rank, from the shapes alone.
+fn owners(costs: &[f64], world: usize) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..costs.len()).collect();
+    order.sort_by(|&a, &b| costs[b].total_cmp(&costs[a]));
+    let mut load = vec![0.0f64; world.max(1)];
+    let mut owner = vec![0; costs.len()];
+    for i in order {
+        let least = (0..load.len())
+            .min_by(|&a, &b| load[a].total_cmp(&load[b]))
+            .expect("at least one rank");
+        owner[i] = least;
+        load[least] += costs[i];
+    }
+    owner
+}
+
 /// Whether a parameter is trained by the Muon group: 2-D hidden matrices only.
 pub(crate) fn takes(p: &Param) -> bool {
     p.role == Role::Hidden && p.var.rank() == 2
@@ -252,10 +284,10 @@ struct Prepared {
 }
 
 impl MuonState {
-    /// The step, with the groups' orthogonalizations shared out over `ranks` (group i on rank
-    /// i mod world) and their results broadcast: every rank ends with the same update, the
-    /// single-rank one, having run 1 / world of the Newton-Schulz rounds. The momentum, a
-    /// pass over each stack, is kept on every rank.
+    /// The step, with the groups' orthogonalizations shared out over `ranks` (each group to
+    /// one rank, balanced by their products' cost: [`owners`]) and their results broadcast:
+    /// every rank ends with the same update, the single-rank one, having run about 1 / world
+    /// of the Newton-Schulz work. The momentum, a pass over each stack, is kept on every rank.
     fn step_on(
         &mut self,
         grads: &GradStore,
@@ -266,6 +298,15 @@ impl MuonState {
         let c = self.cfg.clone();
         let lr = c.lr * factor;
         let (rank, world) = ranks.map_or((0, 1), |r| (r.rank(), r.world()));
+        let costs = self
+            .groups
+            .iter()
+            .map(|g| {
+                let (k, rows, cols) = g.momentum.dims3()?;
+                Ok(k as f64 * rounds_cost(rows, cols, c.ns_steps))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let owner = owners(&costs, world);
         // First every group's momentum and this rank's orthogonalizations, so that no rank
         // waits on another's rounds before its own are done; then the exchange and updates.
         let mut prepared = Vec::with_capacity(self.groups.len());
@@ -286,7 +327,7 @@ impl MuonState {
                 })
                 .collect::<Result<Vec<_>>>()?;
             let g = Tensor::stack(&g, 0)?;
-            let mine = i % world == rank;
+            let mine = owner[i] == rank;
             let (momentum, o) = if self.fused {
                 let beta = (c.momentum, c.nesterov);
                 let prepared = muon_prepare(&group.momentum, &g, beta, grad_scale, self.compute);
@@ -331,7 +372,7 @@ impl MuonState {
                         Some(o) => o.to_dtype(DType::F32)?,
                         None => Tensor::zeros((k, rows, cols), DType::F32, p.momentum.device())?,
                     };
-                    r.broadcast(&mine, i % world)?.to_dtype(dtype)?
+                    r.broadcast(&mine, owner[i])?.to_dtype(dtype)?
                 }
                 (_, Some(o)) => o,
                 (_, None) => candle_core::bail!("muon: group {i} was orthogonalized nowhere"),
@@ -704,6 +745,31 @@ mod tests {
         eprintln!("bf16 blocks of two: {d:.3} from f32, top {top:.3}; one block: {one_top:.1}");
         assert!(one_top > 2.0, "one block of five: top {one_top}");
         Ok(())
+    }
+
+    #[test]
+    fn the_rounds_cost_what_their_products_count() {
+        // By hand, m = 2048: a square matrix's five plain rounds are 5 x 3 m^3; an FFN
+        // matrix (1:4, either way up) takes two blocks of two and one plain round,
+        // 2 x 13 + 9 = 35 m^3 (five plain rounds would be 45).
+        let m3 = 2048f64.powi(3);
+        assert_eq!(rounds_cost(2048, 2048, 5), 15.0 * m3);
+        assert_eq!(rounds_cost(2048, 8192, 5), 35.0 * m3);
+        assert_eq!(rounds_cost(8192, 2048, 5), 35.0 * m3);
+        assert_eq!(rounds_cost(2048, 3072, 4), 4.0 * 4.0 * m3);
+    }
+
+    #[test]
+    fn groups_go_to_ranks_by_cost_not_by_turn() {
+        // [4, 1, 4, 1] on two ranks: by turn rank 0 would take both 4s (8 against 2); by
+        // cost each rank takes a 4 and a 1 (5 and 5).
+        assert_eq!(owners(&[4.0, 1.0, 4.0, 1.0], 2), vec![0, 0, 1, 1]);
+        // The costliest first, ties to the lowest rank: 3 -> 0, 3 -> 1, then 2 -> 0, 2 -> 1,
+        // 2 -> 0 (loads 7 and 5).
+        assert_eq!(owners(&[2.0, 3.0, 2.0, 3.0, 2.0], 2), vec![0, 0, 1, 1, 0]);
+        // One rank takes everything; more ranks than groups leave some idle.
+        assert_eq!(owners(&[1.0, 2.0], 1), vec![0, 0]);
+        assert_eq!(owners(&[1.0, 2.0], 4), vec![1, 0]);
     }
 
     #[test]

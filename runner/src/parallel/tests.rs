@@ -274,8 +274,10 @@ fn a_failing_rank_fails_the_trial_with_its_reason_and_the_others_stop() {
 #[test]
 fn two_ranks_share_normuons_orthogonalizations_and_take_the_one_rank_step() {
     // Four groups of hidden matrices (two of one shape, one tall, one square, one wide) and
-    // NorMuon, two steps with the same gradients: each rank orthogonalizes every other
-    // group and broadcasts it; both end with the weights the single-rank step gives.
+    // NorMuon, two steps with the same gradients: each rank orthogonalizes the groups the
+    // cost balance gives it (both ranks get some: the two tall and wide ones take blocks on
+    // the Gram matrix) and broadcasts them; both end with the weights the single-rank step
+    // gives.
     let shapes = [(6usize, 10usize), (6, 10), (10, 4), (8, 8), (4, 12)];
     let run = |ranks: Option<&dyn registry::Ranks>| -> Vec<Vec<f32>> {
         let params: Vec<Param> = shapes
