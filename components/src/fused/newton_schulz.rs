@@ -45,11 +45,10 @@ pub fn newton_schulz_block(
         let out = super::cuda::ns_block(s, layout, (k, rows, cols), rounds, coeffs)?;
         return Ok(super::cuda_tensor(out, (k, rows, cols)));
     }
-    let gram = |x: &Tensor| match tall {
-        true => x.t()?.matmul(x),
-        false => x.matmul(&x.t()?),
+    let mut g = match tall {
+        true => x.t()?.matmul(x)?,
+        false => x.matmul(&x.t()?)?,
     };
-    let mut g = gram(x)?;
     let side = g.dim(r - 1)?;
     let eye = Tensor::eye(side, x.dtype(), x.device())?;
     let mut q: Option<Tensor> = None;
