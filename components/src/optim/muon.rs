@@ -128,30 +128,31 @@ pub fn newton_schulz(g: &Tensor, steps: usize, dtype: DType) -> Result<Tensor> {
 /// arithmetic; newton_schulz.rs says why not more than two), otherwise one at a time.
 fn rounds(mut x: Tensor, steps: usize) -> Result<Tensor> {
     let r = x.rank();
-    let block = match gram_pays(x.dim(r - 2)?, x.dim(r - 1)?) {
-        true => 2,
-        false => 1,
-    };
-    let mut left = steps;
-    while left > 0 {
-        let n = left.min(block);
+    for n in blocks(x.dim(r - 2)?, x.dim(r - 1)?, steps) {
         x = newton_schulz_block(&x, n, NS_COEFFS)?;
-        left -= n;
     }
     Ok(x)
 }
 
+/// The blocks [`rounds`] takes `steps` rounds in on a (rows, cols) matrix: of two where the
+/// Gram form pays, of one otherwise, the last holding what is left.
+fn blocks(rows: usize, cols: usize, steps: usize) -> impl Iterator<Item = usize> {
+    let size = if gram_pays(rows, cols) { 2 } else { 1 };
+    (0..steps)
+        .step_by(size)
+        .map(move |done| size.min(steps - done))
+}
+
 /// Multiply-adds of `steps` rounds on one (rows, cols) matrix as [`rounds`] takes them: for
-/// a short side m and a long side k m, (2k + 1) m^3 a plain round, (2k + 5) m^3 a block of two
-/// (newton_schulz.rs).
+/// a short side m and a long side k m, a block of n rounds is R (k m^3), n polynomials
+/// (m^3 each), n - 1 updates of R (2 m^3) and of Q (m^3), and Q X (k m^3): (2k + 4n - 3) m^3,
+/// so (2k + 1) m^3 a plain round and (2k + 5) m^3 a block of two (newton_schulz.rs).
 fn rounds_cost(rows: usize, cols: usize, steps: usize) -> f64 {
     let m = rows.min(cols) as f64;
     let k = rows.max(cols) as f64 / m;
-    let (pairs, singles) = match gram_pays(rows, cols) {
-        true => (steps / 2, steps % 2),
-        false => (0, steps),
-    };
-    (pairs as f64 * (2.0 * k + 5.0) + singles as f64 * (2.0 * k + 1.0)) * m.powi(3)
+    blocks(rows, cols, steps)
+        .map(|n| (2.0 * k + 4.0 * n as f64 - 3.0) * m.powi(3))
+        .sum()
 }
 
 /// The rank that orthogonalizes each group: the costliest first, each to the rank with the
@@ -754,6 +755,9 @@ mod tests {
         // matrix (1:4, either way up) takes two blocks of two and one plain round,
         // 2 x 13 + 9 = 35 m^3 (five plain rounds would be 45).
         let m3 = 2048f64.powi(3);
+        assert_eq!(blocks(2048, 8192, 5).collect::<Vec<_>>(), vec![2, 2, 1]);
+        assert_eq!(blocks(2048, 8192, 4).collect::<Vec<_>>(), vec![2, 2]);
+        assert_eq!(blocks(2048, 2048, 3).collect::<Vec<_>>(), vec![1, 1, 1]);
         assert_eq!(rounds_cost(2048, 2048, 5), 15.0 * m3);
         assert_eq!(rounds_cost(2048, 8192, 5), 35.0 * m3);
         assert_eq!(rounds_cost(8192, 2048, 5), 35.0 * m3);
