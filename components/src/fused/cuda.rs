@@ -1937,13 +1937,15 @@ pub fn norm_proj_fwd(
         let steps = k / 64;
         let span = 64 * steps.div_ceil((528 / token_blocks).clamp(1, steps));
         let ksplit = k.div_ceil(span);
+        let (ph, pl) = norm_proj_phi_split(dev, &p, k, m)?;
         let part = out::<f32>(dev, ksplit * n * (m + 1))?;
         let func = dev.get_or_load_custom_func("norm_proj_part_tc", MODULE, PTX)?;
         let xv = view::<bf16>(x, lx)?;
         let span32 = span as i32;
         let mut b = func.builder();
         b.arg(&xv)
-            .arg(&p)
+            .arg(&ph)
+            .arg(&pl)
             .arg(&part)
             .arg(&n32)
             .arg(&k32)
@@ -1955,7 +1957,8 @@ pub fn norm_proj_fwd(
             shared_mem_bytes: 0,
         };
         // SAFETY: block (i, s) reads tokens 256 i.. of x over columns [s span, (s + 1) span)
-        // and phi's rows there, and writes those tokens' partials of split s once.
+        // and the split phi's columns there, and writes those tokens' partials of split s
+        // once.
         unsafe { b.launch(cfg) }.w()?;
         (part, ksplit)
     } else {
@@ -1978,6 +1981,50 @@ pub fn norm_proj_fwd(
     // SAFETY: one thread per output reads its ksplit partials.
     unsafe { b.launch(flat_config(n * (m + 1))) }.w()?;
     Ok(CudaStorage::wrap_cuda_slice(z, dev.clone()))
+}
+
+/// phi (k, m) f32 as the tensor-core forward's operand: its transpose (32, k) as bf16 high
+/// and low halves (fused.cu `norm_proj_phi_split`).
+fn norm_proj_phi_split(
+    dev: &CudaDevice,
+    phi: &CudaView<'_, f32>,
+    k: usize,
+    m: usize,
+) -> Result<(CudaSlice<bf16>, CudaSlice<bf16>)> {
+    let (hi, lo) = (out::<bf16>(dev, 32 * k)?, out::<bf16>(dev, 32 * k)?);
+    let func = dev.get_or_load_custom_func("norm_proj_phi_split", MODULE, PTX)?;
+    let (k32, m32) = (k as i32, m as i32);
+    let mut b = func.builder();
+    b.arg(phi).arg(&hi).arg(&lo).arg(&k32).arg(&m32);
+    // SAFETY: one thread per element of the (32, k) halves.
+    unsafe { b.launch(flat_config(32 * k)) }.w()?;
+    Ok((hi, lo))
+}
+
+/// The backward's per-token operands in the tensor cores' fragment order, for
+/// [`norm_proj_bwd_x`] (fused.cu `norm_proj_dz_frag`): five 16-byte words a lane of each
+/// m-tile of 16 tokens.
+fn norm_proj_dz_frag(
+    dev: &CudaDevice,
+    dzz: &CudaView<'_, f32>,
+    n: usize,
+    k: usize,
+    m: usize,
+) -> Result<CudaSlice<u32>> {
+    let tiles = n.div_ceil(16);
+    let frag = out::<u32>(dev, tiles * 5 * 32 * 4)?;
+    let func = dev.get_or_load_custom_func("norm_proj_dz_frag", MODULE, PTX)?;
+    let (n32, k32, m32) = (n as i32, k as i32, m as i32);
+    let mut b = func.builder();
+    b.arg(dzz).arg(&frag).arg(&n32).arg(&k32).arg(&m32);
+    let cfg = LaunchConfig {
+        grid_dim: (tiles.div_ceil(8) as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: warp i of the grid writes m-tile i's 5 x 32 words, for every m-tile.
+    unsafe { b.launch(cfg) }.w()?;
+    Ok(frag)
 }
 
 /// The forward partials on the CUDA cores (fused.cu `norm_proj_part`), any dtype and width.
@@ -2063,11 +2110,16 @@ pub fn norm_proj_bwd_x(
     let func = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
     let (p, d) = (view::<f32>(phi, lphi)?, view::<f32>(dzz, ldzz)?);
     let (n32, k32, m32) = (n as i32, k as i32, m as i32);
-    // Column blocks (256 columns, as threads or as 8 warps of 32) times enough token strides
-    // for a few blocks a multiprocessor; each block loads its phi rows once for all its tiles
-    // of 64 tokens.
+    // Column blocks (256 columns, as threads or as 8 warps of 32) times token strides; each
+    // block loads its phi rows once for all its tiles. On the CUDA cores tiles of 64 tokens,
+    // a few blocks a multiprocessor; on the tensor cores, whose warps walk their m-tiles of
+    // 16 without a barrier, one wave of three blocks a multiprocessor (no tail).
     let column_blocks = k.div_ceil(NP_THREADS);
-    let strides = n.div_ceil(64).min((1056 / column_blocks).max(1));
+    let (tile, blocks) = if tc { (16, 3 * 132) } else { (64, 1056) };
+    let strides = n.div_ceil(tile).min((blocks / column_blocks).max(1));
+    let frag = tc
+        .then(|| norm_proj_dz_frag(dev, &d, n, k, m))
+        .transpose()?;
     let cfg = LaunchConfig {
         grid_dim: (column_blocks as u32, strides as u32, 1),
         block_dim: (NP_THREADS as u32, 1, 1),
@@ -2083,7 +2135,11 @@ pub fn norm_proj_bwd_x(
             let dx = out::<$t>(dev, n * k)?;
             let null = 0u64;
             let mut b = func.builder();
-            b.arg(&xv).arg(&p).arg(&d);
+            b.arg(&xv).arg(&p);
+            match &frag {
+                Some(f) => b.arg(f),
+                None => b.arg(&d),
+            };
             match &av {
                 Some(a) => b.arg(a),
                 None => b.arg(&null),
@@ -2094,7 +2150,8 @@ pub fn norm_proj_bwd_x(
             };
             b.arg(&dx).arg(&n32).arg(&k32).arg(&m32).arg(&ns).arg(&cs);
             // SAFETY: block (i, j) writes dx at columns 256 i.. of the token tiles j, j +
-            // strides, ..: every element once.
+            // strides, ..: every element once. The tensor-core kernel reads dz's fragments,
+            // written above for every m-tile.
             unsafe { b.launch(cfg) }.w()?;
             CudaStorage::wrap_cuda_slice(dx, dev.clone())
         }};

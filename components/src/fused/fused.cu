@@ -1962,8 +1962,6 @@ FOR_DTYPES(NP_KERNELS)
 #define NPT_WARPS 8
 #define NPT_KC 64                // K columns a forward step
 #define NPT_PS (NPT_KC + 32)     // phi^T's shared rows: 48 words apart, 16-byte reads conflict-free
-#define NPT_TT 64                // tokens a backward tile
-#define NPT_DS 40                // dz's shared rows: 20 words apart, 4-byte reads conflict-free
 
 __device__ __forceinline__ void split_bf16(float v, __nv_bfloat16* hi, __nv_bfloat16* lo) {
     *hi = __float2bfloat16(v);
@@ -1974,20 +1972,55 @@ __device__ __forceinline__ uint32_t word(const uint4& v, int i) {
     return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
 }
 
+// phi (K, M) f32 as the forward's B operand: its transpose in bf16 halves, ph[j][c] + pl[j][c]
+// = phi[c][j] to 2^-17, 32 rows (zero past M), once a call rather than in every block.
+extern "C" __global__ void norm_proj_phi_split(const float* __restrict__ phi,
+                                               __nv_bfloat16* __restrict__ ph,
+                                               __nv_bfloat16* __restrict__ pl, int k, int m) {
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (size_t)32 * k) return;
+    int j = i / k, c = i % k;
+    split_bf16(j < m ? phi[(size_t)c * m + j] : 0.0f, &ph[i], &pl[i]);
+}
+
 // Forward partials as norm_proj_part's: a warp owns 32 tokens (two m-tiles) of the block's
 // 256 and the block a K slice of `span` columns. Since a sum over K may take its terms in any
 // order, lane (g, t) loads 16 contiguous bytes, columns 8t..8t+7 of each 32-column half, of
 // its rows g and g + 8 and uses them as the fragment's k = 2t.., 2t+8.. of two products
 // (words 2s and 2s + 1 for step s); phi^T is read in the same order from shared memory. The
-// partial sums of squares come from the same registers.
-extern "C" __global__ void norm_proj_part_tc(const __nv_bfloat16* __restrict__ x,
-                                             const float* __restrict__ phi,
-                                             float* __restrict__ part, int n, int k, int m,
-                                             int span) {
-    __shared__ __align__(16) __nv_bfloat16 ph[32][NPT_PS], pl[32][NPT_PS];
+// partial sums of squares come from the same registers. Both operands of the next 64
+// columns are requested before the products of these (phi's into the other of two shared
+// buffers), so that a step waits on one barrier and its loads overlap the previous step's
+// work.
+extern "C" __global__ void __launch_bounds__(256, 2)
+norm_proj_part_tc(const __nv_bfloat16* __restrict__ x, const __nv_bfloat16* __restrict__ phi_hi,
+                  const __nv_bfloat16* __restrict__ phi_lo, float* __restrict__ part, int n,
+                  int k, int m, int span) {
+    // [buffer][high, low][logit][column]: rows 48 words apart, 16-byte reads conflict-free.
+    __shared__ __align__(16) __nv_bfloat16 ps[2][2][32][NPT_PS];
     int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
     int tok0 = (blockIdx.x * NPT_WARPS + warp) * 32;
     int kb = blockIdx.y * span, ke = min(k, kb + span);
+    // Thread e stages 16 bytes of each half of phi^T's 32 x 64 step: row e / 8, columns
+    // 8 (e % 8)..
+    int pr = threadIdx.x / 8, pc = 8 * (threadIdx.x % 8);
+    auto fetch_phi = [&](int c0, uint4* v) {
+        v[0] = *reinterpret_cast<const uint4*>(phi_hi + (size_t)pr * k + c0 + pc);
+        v[1] = *reinterpret_cast<const uint4*>(phi_lo + (size_t)pr * k + c0 + pc);
+    };
+    // [m-tile][rows g, g + 8][half]; rows past n read the last row, unused.
+    auto fetch_x = [&](int c0, uint4 (*v)[2][2]) {
+#pragma unroll
+        for (int mt = 0; mt < 2; mt++)
+#pragma unroll
+            for (int rh = 0; rh < 2; rh++) {
+                int row = min(tok0 + 16 * mt + 8 * rh + g, n - 1);
+#pragma unroll
+                for (int h = 0; h < 2; h++)
+                    v[mt][rh][h] =
+                        *reinterpret_cast<const uint4*>(x + (size_t)row * k + c0 + 32 * h + 8 * t);
+            }
+    };
     float acc[2][4][4], ss[2][2];
 #pragma unroll
     for (int i = 0; i < 2; i++) {
@@ -1997,40 +2030,40 @@ extern "C" __global__ void norm_proj_part_tc(const __nv_bfloat16* __restrict__ x
 #pragma unroll
             for (int e = 0; e < 4; e++) acc[i][nt][e] = 0.0f;
     }
-    for (int c0 = kb; c0 < ke; c0 += NPT_KC) {
-        __syncthreads();  // the previous step's phi is no longer read
-        for (int e = threadIdx.x; e < NPT_KC * 32; e += blockDim.x) {
-            int r = e % NPT_KC, j = e / NPT_KC;
-            float v = j < m ? phi[(size_t)(c0 + r) * m + j] : 0.0f;
-            split_bf16(v, &ph[j][r], &pl[j][r]);
-        }
+    uint4 pv[2], xa[2][2][2];
+    fetch_phi(kb, pv);
+    fetch_x(kb, xa);
+#pragma unroll 1
+    for (int c0 = kb, buf = 0; c0 < ke; c0 += NPT_KC, buf ^= 1) {
+        // The other buffer was last read two steps ago, before the previous barrier.
+        *reinterpret_cast<uint4*>(&ps[buf][0][pr][pc]) = pv[0];
+        *reinterpret_cast<uint4*>(&ps[buf][1][pr][pc]) = pv[1];
         __syncthreads();
-        uint4 xa[2][2][2];  // [m-tile][rows g, g + 8][half]
+        uint4 xn[2][2][2];
+        bool more = c0 + NPT_KC < ke;
+        if (more) {
+            fetch_phi(c0 + NPT_KC, pv);
+            fetch_x(c0 + NPT_KC, xn);
+        }
 #pragma unroll
         for (int mt = 0; mt < 2; mt++)
 #pragma unroll
-            for (int rh = 0; rh < 2; rh++) {
-                int row = tok0 + 16 * mt + 8 * rh + g;
+            for (int rh = 0; rh < 2; rh++)
 #pragma unroll
                 for (int h = 0; h < 2; h++) {
-                    uint4 v = make_uint4(0, 0, 0, 0);
-                    if (row < n)
-                        v = *reinterpret_cast<const uint4*>(x + (size_t)row * k + c0 + 32 * h + 8 * t);
-                    xa[mt][rh][h] = v;
-                    const __nv_bfloat16* b = reinterpret_cast<const __nv_bfloat16*>(&v);
+                    const __nv_bfloat16* b = reinterpret_cast<const __nv_bfloat16*>(&xa[mt][rh][h]);
 #pragma unroll
                     for (int i = 0; i < 8; i++) {
                         float f = __bfloat162float(b[i]);
                         ss[mt][rh] += f * f;
                     }
                 }
-            }
 #pragma unroll
         for (int h = 0; h < 2; h++)
 #pragma unroll
             for (int nt = 0; nt < 4; nt++) {
-                uint4 bh = *reinterpret_cast<const uint4*>(&ph[nt * 8 + g][32 * h + 8 * t]);
-                uint4 bl = *reinterpret_cast<const uint4*>(&pl[nt * 8 + g][32 * h + 8 * t]);
+                uint4 bh = *reinterpret_cast<const uint4*>(&ps[buf][0][nt * 8 + g][32 * h + 8 * t]);
+                uint4 bl = *reinterpret_cast<const uint4*>(&ps[buf][1][nt * 8 + g][32 * h + 8 * t]);
 #pragma unroll
                 for (int s = 0; s < 2; s++)
 #pragma unroll
@@ -2042,6 +2075,14 @@ extern "C" __global__ void norm_proj_part_tc(const __nv_bfloat16* __restrict__ x
                         mma(acc[mt][nt], a, word(bl, 2 * s), word(bl, 2 * s + 1));
                     }
             }
+        if (more) {
+#pragma unroll
+            for (int mt = 0; mt < 2; mt++)
+#pragma unroll
+                for (int rh = 0; rh < 2; rh++)
+#pragma unroll
+                    for (int h = 0; h < 2; h++) xa[mt][rh][h] = xn[mt][rh][h];
+        }
     }
 #pragma unroll
     for (int mt = 0; mt < 2; mt++)
@@ -2057,8 +2098,8 @@ extern "C" __global__ void norm_proj_part_tc(const __nv_bfloat16* __restrict__ x
             for (int nt = 0; nt < 4; nt++)
 #pragma unroll
                 for (int e = 0; e < 2; e++) {
-                    int j = nt * 8 + 2 * t + e;
-                    if (j < m) out[j] = acc[mt][nt][2 * rh + e];
+                    int j = nt * 8 + 2 * t;
+                    if (j + e < m) out[j + e] = acc[mt][nt][2 * rh + e];
                 }
             if (t == 0) out[m] = v;
         }
@@ -2092,29 +2133,85 @@ __device__ __forceinline__ void npt_fetch(NptRows& o, const __nv_bfloat16* __res
     }
 }
 
+// The backward's per-token operands in mma.sync's fragment order, once for all of
+// norm_proj_bwd_x_tc's column blocks (which staged them each from dzz, behind a block-wide
+// barrier, for every tile of tokens: half of the kernel's time went there). For m-tile i
+// (tokens 16 i..) and lane (g, t) of its warp, five uint4 at frag[(5 i + q) 32 + lane]:
+// q = 0, 1 the high bf16 halves of dz as the A fragments of k steps 0 and 1 (logits 0-15,
+// 16-31), q = 2, 3 the low halves, q = 4 the f32 r and -r^2 s / K of rows g and g + 8.
+// Tokens past n and logits past m are zero. A warp an m-tile.
+extern "C" __global__ void norm_proj_dz_frag(const float* __restrict__ dzz,
+                                             uint4* __restrict__ frag, int n, int k, int m) {
+    int tile = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+    int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+    if (tile * 16 >= n) return;  // a whole warp
+    int w = 2 * (m + 1);
+    uint32_t hi[2][4], lo[2][4];
+    float s[2] = {0.0f, 0.0f}, r[2] = {0.0f, 0.0f};
+#pragma unroll
+    for (int rh = 0; rh < 2; rh++) {
+        int tok = tile * 16 + 8 * rh + g;
+        bool in = tok < n;
+        const float* row = dzz + (size_t)min(tok, n - 1) * w;
+        if (in) r[rh] = row[2 * m + 1];
+#pragma unroll
+        for (int ks = 0; ks < 2; ks++)
+#pragma unroll
+            for (int half = 0; half < 2; half++) {
+                // a0..a3 of the fragment: (g, 2t..), (g + 8, 2t..), (g, 2t + 8..), (g + 8, ..).
+                int j = 16 * ks + 8 * half + 2 * t;
+                float v[2];
+#pragma unroll
+                for (int e = 0; e < 2; e++) {
+                    bool on = in && j + e < m;
+                    v[e] = on ? row[j + e] : 0.0f;
+                    if (on) s[rh] += v[e] * row[m + 1 + j + e];
+                }
+                __nv_bfloat16 h0, l0, h1, l1;
+                split_bf16(v[0], &h0, &l0);
+                split_bf16(v[1], &h1, &l1);
+                hi[ks][2 * half + rh] = pack(__bfloat162float(h0), __bfloat162float(h1));
+                lo[ks][2 * half + rh] = pack(__bfloat162float(l0), __bfloat162float(l1));
+            }
+    }
+    // The quad's four lanes hold between them every logit of rows g and g + 8.
+#pragma unroll
+    for (int rh = 0; rh < 2; rh++) {
+        s[rh] += __shfl_xor_sync(0xffffffff, s[rh], 1);
+        s[rh] += __shfl_xor_sync(0xffffffff, s[rh], 2);
+    }
+    uint4* out = frag + (size_t)5 * tile * 32 + lane;
+    out[0] = make_uint4(hi[0][0], hi[0][1], hi[0][2], hi[0][3]);
+    out[32] = make_uint4(hi[1][0], hi[1][1], hi[1][2], hi[1][3]);
+    out[64] = make_uint4(lo[0][0], lo[0][1], lo[0][2], lo[0][3]);
+    out[96] = make_uint4(lo[1][0], lo[1][1], lo[1][2], lo[1][3]);
+    out[128] = make_uint4(__float_as_uint(r[0]), __float_as_uint(-r[0] * r[0] * s[0] / k),
+                          __float_as_uint(r[1]), __float_as_uint(-r[1] * r[1] * s[1] / k));
+}
+
 // dx = r (dz phi^T) - x r^2 s / K (+ add, + pre dh as in norm_proj_bwd_x) with the M sums on
-// the tensor cores: a warp owns 32 columns of K, its block 256, and walks tiles of 64 tokens
-// (blockIdx.y, + gridDim.y, ...), staging their dz as bf16 pairs in shared memory. B's column n of tile nt is the state's
+// the tensor cores: a warp owns 32 columns of K, its block 256, and walks m-tiles of 16
+// tokens (blockIdx.y, + gridDim.y, ...) on its own, with no barrier: the tile's dz
+// fragments and coefficients come from norm_proj_dz_frag, requested with its x, add and
+// pre-mix rows before any product, so that all their latencies overlap. B's column n of tile nt is the state's
 // column 4 n + nt of the warp's 32, so that lane (g, t) ends with 8 contiguous columns,
 // 8t..8t+7, of its rows g and g + 8: x, add and dx move as 16 bytes. phi's fragments are
-// loaded once, into registers.
+// loaded once.
 extern "C" __global__ void __launch_bounds__(256, 3)
 norm_proj_bwd_x_tc(const __nv_bfloat16* __restrict__ x,
                                               const float* __restrict__ phi,
-                                              const float* __restrict__ dzz,
+                                              const uint4* __restrict__ dzf,
                                               const __nv_bfloat16* __restrict__ add,
                                               const float* __restrict__ pre,
                                               const __nv_bfloat16* __restrict__ dh_in,
                                               __nv_bfloat16* __restrict__ dx, int n, int k, int m,
                                               int ns, int cs) {
-    __shared__ __align__(16) __nv_bfloat16 dh[NPT_TT][NPT_DS], dl[NPT_TT][NPT_DS];
-    __shared__ float coef[NPT_TT][2];  // r, -r^2 s / K
     int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
     int base = (blockIdx.x * NPT_WARPS + warp) * 32;
-    int w = 2 * (m + 1);
+    if (base >= k) return;  // K a multiple of 64, not of the block's 256
     // phi's fragments, high and low bf16 halves, [tile][k step][b0, b1] at bh(..)/bl(..):
-    // in shared memory, a lane's own words 32 apart, so that a block's registers leave room
-    // for three blocks a multiprocessor (the kernel is bound by the latency of its loads).
+    // in shared memory, a lane's own words 32 apart (only the lane reads them, so no barrier),
+    // so that a block's registers leave room for three blocks a multiprocessor.
     __shared__ uint32_t frag[NPT_WARPS][32][32];
     auto bh = [&](int nt, int s, int q) { return frag[warp][(nt * 2 + s) * 2 + q][lane]; };
     auto bl = [&](int nt, int s, int q) { return frag[warp][16 + (nt * 2 + s) * 2 + q][lane]; };
@@ -2125,8 +2222,8 @@ norm_proj_bwd_x_tc(const __nv_bfloat16* __restrict__ x,
 #pragma unroll
             for (int q = 0; q < 2; q++) {
                 int c = base + 4 * g + nt, j = 16 * s + 8 * q + 2 * t;
-                float v0 = j < m && c < k ? phi[(size_t)c * m + j] : 0.0f;
-                float v1 = j + 1 < m && c < k ? phi[(size_t)c * m + j + 1] : 0.0f;
+                float v0 = j < m ? phi[(size_t)c * m + j] : 0.0f;
+                float v1 = j + 1 < m ? phi[(size_t)c * m + j + 1] : 0.0f;
                 __nv_bfloat16 h0, l0, h1, l1;
                 split_bf16(v0, &h0, &l0);
                 split_bf16(v1, &h1, &l1);
@@ -2135,78 +2232,49 @@ norm_proj_bwd_x_tc(const __nv_bfloat16* __restrict__ x,
                 frag[warp][16 + (nt * 2 + s) * 2 + q][lane] =
                     pack(__bfloat162float(l0), __bfloat162float(l1));
             }
-    for (int t0 = blockIdx.y * NPT_TT; t0 < n; t0 += gridDim.y * NPT_TT) {
-        __syncthreads();  // the previous tile is no longer read
-        // A warp stages a token at a time, lane j its dz_j, and sums dz_j z_j by shuffles.
-        for (int e = threadIdx.x; e < NPT_TT * 32; e += blockDim.x) {
-            int r = e / 32, j = e % 32, tok = t0 + r;
-            const float* row = dzz + (size_t)tok * w;
-            bool in = tok < n && j < m;
-            float v = in ? row[j] : 0.0f;
-            split_bf16(v, &dh[r][j], &dl[r][j]);
-            float s = in ? v * row[m + 1 + j] : 0.0f;
+    int tiles = (n + 15) / 16;
+#pragma unroll 1
+    for (int tile = blockIdx.y; tile < tiles; tile += gridDim.y) {
+        const uint4* f = dzf + (size_t)5 * tile * 32 + lane;
+        uint4 fa[5];
 #pragma unroll
-            for (int o = 16; o > 0; o /= 2) s += __shfl_xor_sync(0xffffffff, s, o);
-            if (j == 0) {
-                float rr = tok < n ? row[2 * m + 1] : 0.0f;
-                coef[r][0] = rr;
-                coef[r][1] = -rr * rr * s / k;
+        for (int q = 0; q < 5; q++) fa[q] = f[32 * q];
+        NptRows cur;
+        npt_fetch(cur, x, add, pre, dh_in, 16 * tile + g, n, k, base + 8 * t, ns, cs);
+        const uint32_t ah[2][4] = {{fa[0].x, fa[0].y, fa[0].z, fa[0].w},
+                                   {fa[1].x, fa[1].y, fa[1].z, fa[1].w}};
+        const uint32_t al[2][4] = {{fa[2].x, fa[2].y, fa[2].z, fa[2].w},
+                                   {fa[3].x, fa[3].y, fa[3].z, fa[3].w}};
+        float acc[4][4];
+#pragma unroll
+        for (int nt = 0; nt < 4; nt++) {
+#pragma unroll
+            for (int e = 0; e < 4; e++) acc[nt][e] = 0.0f;
+#pragma unroll
+            for (int s = 0; s < 2; s++) {
+                uint32_t h0 = bh(nt, s, 0), h1 = bh(nt, s, 1);
+                mma(acc[nt], ah[s], h0, h1);
+                mma(acc[nt], ah[s], bl(nt, s, 0), bl(nt, s, 1));
+                mma(acc[nt], al[s], h0, h1);
             }
         }
-        __syncthreads();
-#pragma unroll 1
-        for (int mt = 0; mt < NPT_TT / 16; mt++) {
-            int r0 = 16 * mt;
-            {
-                // A warp past K (K a multiple of 64, not of the block's 256) only stages.
-                if (t0 + r0 >= n || base >= k) break;
-                // The m-tile's x, add and pre-mix rows, requested before the products so that
-                // their latency overlaps them.
-                NptRows cur;
-                npt_fetch(cur, x, add, pre, dh_in, t0 + r0 + g, n, k, base + 8 * t, ns, cs);
-                uint32_t ah[2][4], al[2][4];
+        const float coef[2][2] = {{__uint_as_float(fa[4].x), __uint_as_float(fa[4].y)},
+                                  {__uint_as_float(fa[4].z), __uint_as_float(fa[4].w)}};
 #pragma unroll
-                for (int s = 0; s < 2; s++) {
-                    int j = 16 * s + 2 * t;
-                    ah[s][0] = *reinterpret_cast<const uint32_t*>(&dh[r0 + g][j]);
-                    ah[s][1] = *reinterpret_cast<const uint32_t*>(&dh[r0 + g + 8][j]);
-                    ah[s][2] = *reinterpret_cast<const uint32_t*>(&dh[r0 + g][j + 8]);
-                    ah[s][3] = *reinterpret_cast<const uint32_t*>(&dh[r0 + g + 8][j + 8]);
-                    al[s][0] = *reinterpret_cast<const uint32_t*>(&dl[r0 + g][j]);
-                    al[s][1] = *reinterpret_cast<const uint32_t*>(&dl[r0 + g + 8][j]);
-                    al[s][2] = *reinterpret_cast<const uint32_t*>(&dl[r0 + g][j + 8]);
-                    al[s][3] = *reinterpret_cast<const uint32_t*>(&dl[r0 + g + 8][j + 8]);
-                }
-                float acc[4][4];
+        for (int rh = 0; rh < 2; rh++) {
+            int tok = 16 * tile + 8 * rh + g;
+            if (tok >= n) continue;
+            float r = coef[rh][0], c1 = coef[rh][1];
+            size_t at = (size_t)tok * k + base + 8 * t;
+            Pack<__nv_bfloat16> o;
 #pragma unroll
-                for (int nt = 0; nt < 4; nt++) {
-#pragma unroll
-                    for (int e = 0; e < 4; e++) acc[nt][e] = 0.0f;
-#pragma unroll
-                    for (int s = 0; s < 2; s++) {
-                        uint32_t h0 = bh(nt, s, 0), h1 = bh(nt, s, 1);
-                        mma(acc[nt], ah[s], h0, h1);
-                        mma(acc[nt], ah[s], bl(nt, s, 0), bl(nt, s, 1));
-                        mma(acc[nt], al[s], h0, h1);
-                    }
-                }
-#pragma unroll
-                for (int rh = 0; rh < 2; rh++) {
-                    int rl = r0 + 8 * rh + g, tok = t0 + rl;
-                    if (tok >= n) continue;
-                    float r = coef[rl][0], c1 = coef[rl][1];
-                    size_t at = (size_t)tok * k + base + 8 * t;
-                    Pack<__nv_bfloat16> o;
-#pragma unroll
-                    for (int e = 0; e < 8; e++) {
-                        float d = acc[e % 4][2 * rh + e / 4];
-                        o.v[e] = __float2bfloat16(__bfloat162float(cur.a[rh].v[e]) +
-                                                  cur.p[rh] * __bfloat162float(cur.h[rh].v[e]) +
-                                                  r * d + c1 * __bfloat162float(cur.x[rh].v[e]));
-                    }
-                    store_pack(dx + at, 0, o);
-                }
+            for (int e = 0; e < 8; e++) {
+                float d = acc[e % 4][2 * rh + e / 4];
+                o.v[e] = __float2bfloat16(__bfloat162float(cur.a[rh].v[e]) +
+                                          cur.p[rh] * __bfloat162float(cur.h[rh].v[e]) +
+                                          r * d + c1 * __bfloat162float(cur.x[rh].v[e]));
             }
+            store_pack(dx + at, 0, o);
         }
     }
 }
