@@ -1350,6 +1350,7 @@ fn norm_proj_dx_with_mixing(
         let op = NormProjBwdX {
             add: Some(add),
             premix: Some((pre, dh)),
+            ..Default::default()
         };
         return x.apply_op3_no_bwd(&phi, &dzz, &op);
     }
@@ -1359,6 +1360,7 @@ fn norm_proj_dx_with_mixing(
     let op = NormProjBwdX {
         add: Some(sum.reshape((rows, k))?),
         premix: None,
+        ..Default::default()
     };
     x.apply_op3_no_bwd(&phi, &dzz, &op)
 }
