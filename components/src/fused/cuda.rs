@@ -1980,13 +1980,9 @@ pub fn norm_proj_fwd(
     Ok(CudaStorage::wrap_cuda_slice(z, dev.clone()))
 }
 
-/// 16-byte words a lane of each m-tile in [`norm_proj_dz_frag`]'s output (fused.cu
-/// NPT_FRAG).
-const NPT_FRAG: usize = 7;
-
 /// The backward's per-token operands in the tensor cores' fragment order, for
-/// [`norm_proj_bwd_x`] (fused.cu `norm_proj_dz_frag`): [`NPT_FRAG`] 16-byte words a lane of
-/// each m-tile of 16 tokens.
+/// [`norm_proj_bwd_x`] (fused.cu `norm_proj_dz_frag`): five 16-byte words a lane of each
+/// m-tile of 16 tokens.
 fn norm_proj_dz_frag(
     dev: &CudaDevice,
     dzz: &CudaView<'_, f32>,
@@ -1995,7 +1991,7 @@ fn norm_proj_dz_frag(
     m: usize,
 ) -> Result<CudaSlice<u32>> {
     let tiles = n.div_ceil(16);
-    let frag = out::<u32>(dev, tiles * NPT_FRAG * 32 * 4)?;
+    let frag = out::<u32>(dev, tiles * 5 * 32 * 4)?;
     let func = dev.get_or_load_custom_func("norm_proj_dz_frag", MODULE, PTX)?;
     let (n32, k32, m32) = (n as i32, k as i32, m as i32);
     let mut b = func.builder();
@@ -2005,7 +2001,7 @@ fn norm_proj_dz_frag(
         block_dim: (256, 1, 1),
         shared_mem_bytes: 0,
     };
-    // SAFETY: warp i of the grid writes m-tile i's NPT_FRAG x 32 words, for every m-tile.
+    // SAFETY: warp i of the grid writes m-tile i's 5 x 32 words, for every m-tile.
     unsafe { b.launch(cfg) }.w()?;
     Ok(frag)
 }
@@ -2066,8 +2062,7 @@ pub struct PreMixPart<'a> {
 }
 
 /// dx (n, k) in x's dtype of mHC's normed projection, plus `add` and the pre-mix's part
-/// where given; and dphi (k, m) f32 where the tensor-core kernel took it in the same pass
-/// over x (else [`norm_proj_bwd_phi`] makes it).
+/// where given.
 #[allow(clippy::too_many_arguments)]
 pub fn norm_proj_bwd_x(
     x: &CudaStorage,
@@ -2081,15 +2076,14 @@ pub fn norm_proj_bwd_x(
     n: usize,
     k: usize,
     m: usize,
-) -> Result<(CudaStorage, Option<CudaStorage>)> {
+) -> Result<CudaStorage> {
     let dev = x.device();
     let on16 = |l: &Layout| l.start_offset().is_multiple_of(8);
     let tc = norm_proj_tc(x, lx, k, m)
         && add.is_none_or(|(_, l)| on16(l))
         && premix.is_none_or(|p| on16(p.dh.1) && p.channels.is_multiple_of(8));
     let name = match tc {
-        // dphi's sums over tiles of 8 logits.
-        true => format!("norm_proj_bwd_x_tc{}", m.div_ceil(8)),
+        true => "norm_proj_bwd_x_tc".to_string(),
         false => norm_proj_kernel("norm_proj_bwd_x", m, x.dtype())?,
     };
     let func = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
@@ -2098,15 +2092,13 @@ pub fn norm_proj_bwd_x(
     // Column blocks (256 columns, as threads or as 8 warps of 32) times token strides; each
     // block loads its phi rows once for all its tiles. On the CUDA cores tiles of 64 tokens,
     // a few blocks a multiprocessor; on the tensor cores, whose warps walk their m-tiles of
-    // 16 without a barrier, one wave of two blocks a multiprocessor (no tail), each stride
-    // a partial of dphi.
+    // 16 without a barrier, one wave of three blocks a multiprocessor (no tail).
     let column_blocks = k.div_ceil(NP_THREADS);
-    let (tile, blocks) = if tc { (16, 2 * 132) } else { (64, 1056) };
+    let (tile, blocks) = if tc { (16, 3 * 132) } else { (64, 1056) };
     let strides = n.div_ceil(tile).min((blocks / column_blocks).max(1));
     let frag = tc
         .then(|| norm_proj_dz_frag(dev, &d, n, k, m))
         .transpose()?;
-    let dpart = tc.then(|| out::<f32>(dev, strides * k * 32)).transpose()?;
     let cfg = LaunchConfig {
         grid_dim: (column_blocks as u32, strides as u32, 1),
         block_dim: (NP_THREADS as u32, 1, 1),
@@ -2135,48 +2127,18 @@ pub fn norm_proj_bwd_x(
                 (Some(pre), Some(dh)) => b.arg(pre).arg(dh),
                 _ => b.arg(&null).arg(&null),
             };
-            b.arg(&dx);
-            if let Some(p) = &dpart {
-                b.arg(p);
-            }
-            b.arg(&n32).arg(&k32).arg(&m32).arg(&ns).arg(&cs);
+            b.arg(&dx).arg(&n32).arg(&k32).arg(&m32).arg(&ns).arg(&cs);
             // SAFETY: block (i, j) writes dx at columns 256 i.. of the token tiles j, j +
             // strides, ..: every element once. The tensor-core kernel reads dz's fragments,
-            // written above for every m-tile, and writes its warps' dphi partials of stride
-            // j, every column of K and every logit below 8 ceil(m / 8).
+            // written above for every m-tile.
             unsafe { b.launch(cfg) }.w()?;
             CudaStorage::wrap_cuda_slice(dx, dev.clone())
         }};
     }
-    let dx = by_dtype!(x.dtype(), run);
-    let dphi = match dpart {
-        Some(part) => Some(norm_proj_dphi_sum(dev, &part, k, m, strides)?),
-        None => None,
-    };
-    Ok((dx, dphi))
+    Ok(by_dtype!(x.dtype(), run))
 }
 
-/// dphi (k, m) from the tensor-core backward's partials (strides, k, 32), in stride order.
-fn norm_proj_dphi_sum(
-    dev: &CudaDevice,
-    part: &CudaSlice<f32>,
-    k: usize,
-    m: usize,
-    strides: usize,
-) -> Result<CudaStorage> {
-    let dphi = out::<f32>(dev, k * m)?;
-    let func = dev.get_or_load_custom_func("norm_proj_dphi_sum", MODULE, PTX)?;
-    let (k32, m32, s32) = (k as i32, m as i32, strides as i32);
-    let mut b = func.builder();
-    b.arg(part).arg(&dphi).arg(&k32).arg(&m32).arg(&s32);
-    // SAFETY: one thread per element of dphi reads its partials, written by the kernel
-    // before.
-    unsafe { b.launch(flat_config(k * m)) }.w()?;
-    Ok(CudaStorage::wrap_cuda_slice(dphi, dev.clone()))
-}
-
-/// dphi (k, m) f32 of mHC's normed projection on the CUDA cores, where the tensor-core
-/// kernel of [`norm_proj_bwd_x`] did not take it.
+/// dphi (k, m) f32 of mHC's normed projection.
 pub fn norm_proj_bwd_phi(
     x: &CudaStorage,
     lx: &Layout,
@@ -2187,6 +2149,9 @@ pub fn norm_proj_bwd_phi(
     m: usize,
 ) -> Result<CudaStorage> {
     let dev = x.device();
+    if norm_proj_tc(x, lx, k, m) {
+        return norm_proj_bwd_phi_blas(x, lx, dzz, ldzz, n, k, m);
+    }
     let func = dev.get_or_load_custom_func(
         &norm_proj_kernel("norm_proj_bwd_phi", m, x.dtype())?,
         MODULE,
@@ -2221,5 +2186,55 @@ pub fn norm_proj_bwd_phi(
         }};
     }
     by_dtype!(x.dtype(), run);
+    Ok(CudaStorage::wrap_cuda_slice(dphi, dev.clone()))
+}
+
+/// dphi = x^T g, g = r dz rounded to bf16 (N, M), on cuBLAS with f32 sums and output: a bf16
+/// state's phi gradient at the cost of reading the state once, as every linear layer's
+/// weight gradient is taken from bf16 operands.
+fn norm_proj_bwd_phi_blas(
+    x: &CudaStorage,
+    lx: &Layout,
+    dzz: &CudaStorage,
+    ldzz: &Layout,
+    n: usize,
+    k: usize,
+    m: usize,
+) -> Result<CudaStorage> {
+    use candle_core::cuda_backend::cudarc::driver::DevicePtr;
+    let dev = x.device();
+    let stream = dev.cuda_stream();
+    let d = view::<f32>(dzz, ldzz)?;
+    let g = out::<bf16>(dev, n * m)?;
+    let func = dev.get_or_load_custom_func("norm_proj_g_bf16", MODULE, PTX)?;
+    let (n32, m32) = (n as i32, m as i32);
+    let mut b = func.builder();
+    b.arg(&d).arg(&g).arg(&n32).arg(&m32);
+    // SAFETY: one thread per element of g reads its token's dz and r.
+    unsafe { b.launch(flat_config(n * m)) }.w()?;
+    let xv = view::<bf16>(x, lx)?;
+    let dphi = out::<f32>(dev, k * m)?;
+    let blas = dev.cublas_handle();
+    {
+        let (xp, _rx) = xv.device_ptr(&stream);
+        let (gp, _rg) = g.device_ptr(&stream);
+        let (pp, _rp) = dphi.device_ptr(&stream);
+        // SAFETY: x holds (n, k) and g (n, m) bf16, dphi (k, m) f32; one matrix, on the
+        // device's stream.
+        unsafe {
+            gemm_rows(
+                &blas,
+                (true, false),
+                (k, m, n),
+                1.0,
+                (xp, 0),
+                (gp, 0),
+                0.0,
+                (pp, 0),
+                true,
+                1,
+            )?;
+        }
+    }
     Ok(CudaStorage::wrap_cuda_slice(dphi, dev.clone()))
 }

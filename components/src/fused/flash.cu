@@ -32,6 +32,23 @@
 
 extern __shared__ __align__(16) unsigned char flash_smem[];
 
+// Four 8 x 8 bf16 matrices from shared memory; lane l gives the address of row l % 8 of
+// matrix l / 8, and register i receives matrix i in the fragment layout (row g, cols 2t..).
+__device__ __forceinline__ void ldsm4(uint32_t* r, const bf16* row) {
+    uint32_t a = (uint32_t)__cvta_generic_to_shared(row);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a));
+}
+
+// The same, each matrix transposed on the way (register i holds rows 2t..2t+1 of column g).
+__device__ __forceinline__ void ldsm4t(uint32_t* r, const bf16* row) {
+    uint32_t a = (uint32_t)__cvta_generic_to_shared(row);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a));
+}
+
 // A tile of shared rows, HD wide, HD + 8 apart.
 template <int HD>
 using Tile = bf16 (*)[HD + 8];

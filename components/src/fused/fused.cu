@@ -1954,13 +1954,11 @@ __device__ void norm_proj_bwd_phi(const T* __restrict__ x, const float* __restri
 FOR_DTYPES(NP_KERNELS)
 
 // The same three products on the tensor cores, for a bf16 state, M <= 32 and K a multiple of
-// 64 (mHC's n C and dynamic HC's C at the model's widths), in two kernels: the forward's, and
-// the backward's dx and dphi in one pass over the state. On the CUDA cores above they are
+// 64 (mHC's n C and dynamic HC's C at the model's widths). On the CUDA cores above they are
 // bound by the multiply-adds (N K M of each, 1.6 G at the Goedel-1B shape); here by reading
 // the state. phi is split into a bf16 pair hi + lo (2^-17 of its value) and both halves are
 // multiplied, as are the pairs of dz in dx, so the sums keep f32's precision on the bf16
-// products; the state is exact in bf16. dphi's g = r dz is rounded to bf16 once, as a linear
-// layer's weight gradient takes bf16 operands.
+// products; the state is exact in bf16. dphi runs through cuBLAS (cuda.rs).
 #define NPT_WARPS 8
 #define NPT_KC 64                // K columns a forward step
 #define NPT_PS (NPT_KC + 32)     // phi^T's shared rows: 48 words apart, 16-byte reads conflict-free
@@ -2132,12 +2130,8 @@ __device__ __forceinline__ void npt_fetch(NptRows& o, const __nv_bfloat16* __res
 // barrier, for every tile of tokens: half of the kernel's time went there). For m-tile i
 // (tokens 16 i..) and lane (g, t) of its warp, five uint4 at frag[(5 i + q) 32 + lane]:
 // q = 0, 1 the high bf16 halves of dz as the A fragments of k steps 0 and 1 (logits 0-15,
-// 16-31), q = 2, 3 the low halves, q = 4 the f32 r and -r^2 s / K of rows g and g + 8,
-// q = 5, 6 g = r dz in bf16 (as dphi's product on cuBLAS rounds it) as the B fragments of
-// dphi = x^T g: for logit tile nt, b0 = tokens 2t, 2t + 1 of logit 8 nt + g and b1 = tokens
-// 2t + 8, 2t + 9, words 2 nt and 2 nt + 1. Tokens past n and logits past m are zero. A warp
-// an m-tile.
-#define NPT_FRAG 7
+// 16-31), q = 2, 3 the low halves, q = 4 the f32 r and -r^2 s / K of rows g and g + 8.
+// Tokens past n and logits past m are zero. A warp an m-tile.
 extern "C" __global__ void norm_proj_dz_frag(const float* __restrict__ dzz,
                                              uint4* __restrict__ frag, int n, int k, int m) {
     int tile = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
@@ -2178,62 +2172,39 @@ extern "C" __global__ void norm_proj_dz_frag(const float* __restrict__ dzz,
         s[rh] += __shfl_xor_sync(0xffffffff, s[rh], 1);
         s[rh] += __shfl_xor_sync(0xffffffff, s[rh], 2);
     }
-    uint32_t gb[8];
-#pragma unroll
-    for (int nt = 0; nt < 4; nt++)
-#pragma unroll
-        for (int q = 0; q < 2; q++) {
-            int j = 8 * nt + g;
-            float v[2];
-#pragma unroll
-            for (int e = 0; e < 2; e++) {
-                int tok = tile * 16 + 8 * q + 2 * t + e;
-                const float* row = dzz + (size_t)tok * w;
-                v[e] = tok < n && j < m ? row[j] * row[2 * m + 1] : 0.0f;
-            }
-            gb[2 * nt + q] = pack(v[0], v[1]);
-        }
-    uint4* out = frag + (size_t)NPT_FRAG * tile * 32 + lane;
+    uint4* out = frag + (size_t)5 * tile * 32 + lane;
     out[0] = make_uint4(hi[0][0], hi[0][1], hi[0][2], hi[0][3]);
     out[32] = make_uint4(hi[1][0], hi[1][1], hi[1][2], hi[1][3]);
     out[64] = make_uint4(lo[0][0], lo[0][1], lo[0][2], lo[0][3]);
     out[96] = make_uint4(lo[1][0], lo[1][1], lo[1][2], lo[1][3]);
     out[128] = make_uint4(__float_as_uint(r[0]), __float_as_uint(-r[0] * r[0] * s[0] / k),
                           __float_as_uint(r[1]), __float_as_uint(-r[1] * r[1] * s[1] / k));
-    out[160] = make_uint4(gb[0], gb[1], gb[2], gb[3]);
-    out[192] = make_uint4(gb[4], gb[5], gb[6], gb[7]);
 }
 
 // dx = r (dz phi^T) - x r^2 s / K (+ add, + pre dh as in norm_proj_bwd_x) with the M sums on
-// the tensor cores, and in the same pass over x the partials of dphi = x^T g: a warp owns 32
-// columns of K, its block 256, and walks m-tiles of 16 tokens (blockIdx.y, + gridDim.y, ...)
-// on its own, with no barrier: the tile's dz and g fragments and coefficients come from
-// norm_proj_dz_frag, requested with its x, add and pre-mix rows before any product, so that
-// all their latencies overlap. For dx, B's column n of tile nt is the state's column 4 n + nt
-// of the warp's 32, so that lane (g, t) ends with 8 contiguous columns, 8t..8t+7, of its rows
-// g and g + 8: x, add and dx move as 16 bytes. For dphi the warp's x rows go through shared
-// memory and come back transposed (ldmatrix) as the A operand, columns by tokens, and its
-// sums over its tiles, (32 columns, 8 NT logits), are written once as the partial of stride
-// blockIdx.y: dpart (gridDim.y, K, 32), which norm_proj_dphi_sum adds in a fixed order.
-// phi's fragments are loaded once.
-template <int NT>
-__device__ void norm_proj_bwd_x_tc(const __nv_bfloat16* __restrict__ x,
-                                   const float* __restrict__ phi, const uint4* __restrict__ dzf,
-                                   const __nv_bfloat16* __restrict__ add,
-                                   const float* __restrict__ pre,
-                                   const __nv_bfloat16* __restrict__ dh_in,
-                                   __nv_bfloat16* __restrict__ dx, float* __restrict__ dpart,
-                                   int n, int k, int m, int ns, int cs) {
+// the tensor cores: a warp owns 32 columns of K, its block 256, and walks m-tiles of 16
+// tokens (blockIdx.y, + gridDim.y, ...) on its own, with no barrier: the tile's dz
+// fragments and coefficients come from norm_proj_dz_frag, requested with its x, add and
+// pre-mix rows before any product, so that all their latencies overlap. B's column n of tile nt is the state's
+// column 4 n + nt of the warp's 32, so that lane (g, t) ends with 8 contiguous columns,
+// 8t..8t+7, of its rows g and g + 8: x, add and dx move as 16 bytes. phi's fragments are
+// loaded once.
+extern "C" __global__ void __launch_bounds__(256, 3)
+norm_proj_bwd_x_tc(const __nv_bfloat16* __restrict__ x,
+                                              const float* __restrict__ phi,
+                                              const uint4* __restrict__ dzf,
+                                              const __nv_bfloat16* __restrict__ add,
+                                              const float* __restrict__ pre,
+                                              const __nv_bfloat16* __restrict__ dh_in,
+                                              __nv_bfloat16* __restrict__ dx, int n, int k, int m,
+                                              int ns, int cs) {
     int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
     int base = (blockIdx.x * NPT_WARPS + warp) * 32;
     if (base >= k) return;  // K a multiple of 64, not of the block's 256
     // phi's fragments, high and low bf16 halves, [tile][k step][b0, b1] at bh(..)/bl(..):
     // in shared memory, a lane's own words 32 apart (only the lane reads them, so no barrier),
-    // which leaves the registers to dphi's sums.
+    // so that a block's registers leave room for three blocks a multiprocessor.
     __shared__ uint32_t frag[NPT_WARPS][32][32];
-    // The warp's x rows for dphi: 40 values apart, so that ldmatrix's 8 rows of 16 bytes
-    // fall on distinct banks.
-    __shared__ __align__(16) __nv_bfloat16 xs[NPT_WARPS][16][40];
     auto bh = [&](int nt, int s, int q) { return frag[warp][(nt * 2 + s) * 2 + q][lane]; };
     auto bl = [&](int nt, int s, int q) { return frag[warp][16 + (nt * 2 + s) * 2 + q][lane]; };
 #pragma unroll
@@ -2253,20 +2224,13 @@ __device__ void norm_proj_bwd_x_tc(const __nv_bfloat16* __restrict__ x,
                 frag[warp][16 + (nt * 2 + s) * 2 + q][lane] =
                     pack(__bfloat162float(l0), __bfloat162float(l1));
             }
-    float dp[2][NT][4];  // dphi's sums: [16-column tile][logit tile][fragment]
-#pragma unroll
-    for (int ct = 0; ct < 2; ct++)
-#pragma unroll
-        for (int nt = 0; nt < NT; nt++)
-#pragma unroll
-            for (int e = 0; e < 4; e++) dp[ct][nt][e] = 0.0f;
     int tiles = (n + 15) / 16;
 #pragma unroll 1
     for (int tile = blockIdx.y; tile < tiles; tile += gridDim.y) {
-        const uint4* f = dzf + (size_t)NPT_FRAG * tile * 32 + lane;
-        uint4 fa[NPT_FRAG];
+        const uint4* f = dzf + (size_t)5 * tile * 32 + lane;
+        uint4 fa[5];
 #pragma unroll
-        for (int q = 0; q < NPT_FRAG; q++) fa[q] = f[32 * q];
+        for (int q = 0; q < 5; q++) fa[q] = f[32 * q];
         NptRows cur;
         npt_fetch(cur, x, add, pre, dh_in, 16 * tile + g, n, k, base + 8 * t, ns, cs);
         const uint32_t ah[2][4] = {{fa[0].x, fa[0].y, fa[0].z, fa[0].w},
@@ -2304,59 +2268,17 @@ __device__ void norm_proj_bwd_x_tc(const __nv_bfloat16* __restrict__ x,
             }
             store_pack(dx + at, 0, o);
         }
-        // dphi: rows past n hold the last row's x (npt_fetch) against g's zeros.
-        __syncwarp();  // the previous tile's rows are read
-        *reinterpret_cast<uint4*>(&xs[warp][g][8 * t]) = cur.x[0].raw;
-        *reinterpret_cast<uint4*>(&xs[warp][g + 8][8 * t]) = cur.x[1].raw;
-        __syncwarp();
-        const uint32_t gb[8] = {fa[5].x, fa[5].y, fa[5].z, fa[5].w,
-                                fa[6].x, fa[6].y, fa[6].z, fa[6].w};
-#pragma unroll
-        for (int ct = 0; ct < 2; ct++) {
-            // Matrix i of four: tokens 8 (i / 2).., columns 16 ct + 8 (i % 2).., transposed:
-            // a0..a3 of columns by tokens.
-            uint32_t a[4];
-            int i = lane / 8;
-            ldsm4t(a, &xs[warp][8 * (i / 2) + lane % 8][16 * ct + 8 * (i % 2)]);
-#pragma unroll
-            for (int nt = 0; nt < NT; nt++) mma(dp[ct][nt], a, gb[2 * nt], gb[2 * nt + 1]);
-        }
     }
-#pragma unroll
-    for (int ct = 0; ct < 2; ct++)
-#pragma unroll
-        for (int rh = 0; rh < 2; rh++) {
-            int col = base + 16 * ct + 8 * rh + g;
-            float* out = dpart + ((size_t)blockIdx.y * k + col) * 32;
-#pragma unroll
-            for (int nt = 0; nt < NT; nt++)
-                *reinterpret_cast<float2*>(out + 8 * nt + 2 * t) =
-                    make_float2(dp[ct][nt][2 * rh], dp[ct][nt][2 * rh + 1]);
-        }
 }
 
-#define NPT_BWD_X(NT)                                                                          \
-    extern "C" __global__ void __launch_bounds__(256, 2) norm_proj_bwd_x_tc##NT(                \
-        const __nv_bfloat16* x, const float* phi, const uint4* dzf, const __nv_bfloat16* add,   \
-        const float* pre, const __nv_bfloat16* dh, __nv_bfloat16* dx, float* dpart, int n,      \
-        int k, int m, int ns, int cs) {                                                        \
-        norm_proj_bwd_x_tc<NT>(x, phi, dzf, add, pre, dh, dx, dpart, n, k, m, ns, cs);         \
-    }
-NPT_BWD_X(1)
-NPT_BWD_X(2)
-NPT_BWD_X(3)
-NPT_BWD_X(4)
-
-// dphi (K, M) = the sum of norm_proj_bwd_x_tc's partials over its strides, in their order.
-extern "C" __global__ void norm_proj_dphi_sum(const float* part, float* dphi, int k, int m,
-                                              int strides) {
+// g = r dz (N, M) bf16 from dzz, the right operand of dphi = x^T g on cuBLAS.
+extern "C" __global__ void norm_proj_g_bf16(const float* dzz, __nv_bfloat16* g, int n, int m) {
     size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= (size_t)k * m) return;
-    size_t c = i / m;
+    if (i >= (size_t)n * m) return;
+    size_t tok = i / m;
     int j = i % m;
-    float v = 0.0f;
-    for (int s = 0; s < strides; s++) v += part[((size_t)s * k + c) * 32 + j];
-    dphi[i] = v;
+    const float* row = dzz + tok * 2 * (m + 1);
+    g[i] = __float2bfloat16(row[j] * row[2 * m + 1]);
 }
 
 // Muon / NorMuon's element-wise work over a stack of k matrices of `per` values each

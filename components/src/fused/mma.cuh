@@ -1,7 +1,6 @@
 // The tensor-core primitives the kernels share (flash.cu, and fused.cu's normed projection):
-// one warp-wide bf16 product on mma.sync m16n8k16 with f32 sums, two f32 values packed as a
-// bf16 pair, and ldmatrix's fragment loads from shared memory. Fragment layout (PTX ISA,
-// "Matrix Fragments for mma.m16n8k16"), lane = 4 g + t:
+// one warp-wide bf16 product on mma.sync m16n8k16 with f32 sums, and two f32 values packed as
+// a bf16 pair. Fragment layout (PTX ISA, "Matrix Fragments for mma.m16n8k16"), lane = 4 g + t:
 // A (16 x 16) a0: (g, 2t..2t+1), a1: (g+8, 2t..), a2: (g, 2t+8..), a3: (g+8, 2t+8..);
 // B (16 x 8) b0: (k 2t..2t+1, n g), b1: (k 2t+8.., n g); C (16 x 8) c0, c1: (g, 2t..2t+1),
 // c2, c3: (g+8, 2t..2t+1).
@@ -21,21 +20,4 @@ __device__ __forceinline__ void mma(float* c, const uint32_t* a, uint32_t b0, ui
 __device__ __forceinline__ uint32_t pack(float lo, float hi) {
     __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
     return *reinterpret_cast<uint32_t*>(&v);
-}
-
-// Four 8 x 8 bf16 matrices from shared memory; lane l gives the address of row l % 8 of
-// matrix l / 8, and register i receives matrix i in the fragment layout (row g, cols 2t..).
-__device__ __forceinline__ void ldsm4(uint32_t* r, const __nv_bfloat16* row) {
-    uint32_t a = (uint32_t)__cvta_generic_to_shared(row);
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(a));
-}
-
-// The same, each matrix transposed on the way (register i holds rows 2t..2t+1 of column g).
-__device__ __forceinline__ void ldsm4t(uint32_t* r, const __nv_bfloat16* row) {
-    uint32_t a = (uint32_t)__cvta_generic_to_shared(row);
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(a));
 }

@@ -9,9 +9,6 @@
 //! The op's output is z_ext = [z | r] (N, M + 1): the backward pass needs r and z, and an
 //! op has one output; [`norm_proj`] hands the model z alone.
 
-#[cfg(feature = "cuda")]
-use std::sync::{Arc, Mutex};
-
 use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
 
 use super::{cpu_storage, cpu_values, StateGrad};
@@ -34,42 +31,15 @@ pub struct NormProj {
 /// tokens n C values: pre[t][i] dh[t][ch] at x's flat index (t n + i) C + ch (mix.rs
 /// `MixBwd::PreState`, folded into this pass over the state rather than one of its own),
 /// whichever rows the projection takes: mHC's of n C, dynamic HC's of C.
-/// On the GPU's tensor-core path the kernel takes dphi in the same pass over x and leaves
-/// it in `dphi`, for a [`NormProjBwdPhi`] sharing the slot to hand over.
 #[derive(Clone, Debug, Default)]
 pub struct NormProjBwdX {
     pub add: Option<Tensor>,
     pub premix: Option<(Tensor, Tensor)>,
-    pub dphi: PhiSlot,
 }
 
-/// (x, dzz) -> dphi (K, M) f32: the one its [`NormProjBwdX`] left in `from_dx`, where it
-/// did, else computed.
-#[derive(Clone, Debug, Default)]
-pub struct NormProjBwdPhi {
-    pub from_dx: PhiSlot,
-}
-
-/// dphi as the dx kernel of the normed projection's backward pass left it (CUDA only).
-#[derive(Clone, Default)]
-pub struct PhiSlot(#[cfg(feature = "cuda")] Arc<Mutex<Option<candle_core::CudaStorage>>>);
-
-#[cfg(feature = "cuda")]
-impl PhiSlot {
-    fn put(&self, dphi: candle_core::CudaStorage) {
-        *self.0.lock().expect("the lock is never poisoned") = Some(dphi);
-    }
-
-    fn take(&self) -> Option<candle_core::CudaStorage> {
-        self.0.lock().expect("the lock is never poisoned").take()
-    }
-}
-
-impl std::fmt::Debug for PhiSlot {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("PhiSlot")
-    }
-}
+/// (x, dzz) -> dphi (K, M) f32.
+#[derive(Clone, Copy, Debug)]
+pub struct NormProjBwdPhi;
 
 /// z = rms(x) phi over rows of K = phi's rows consecutive values of `x` ((N, K), or any
 /// shape whose trailing axes make K: mHC passes its (B, T, n, C) state as it is, rows of
@@ -217,16 +187,8 @@ impl CustomOp2 for NormProj {
         // Upstream of the sublayer's mixing ops, this op's backward pass runs last: it adds
         // their part of the state's gradient and returns the whole.
         let add = self.acc.as_ref().and_then(StateGrad::take);
-        let (dx, dphi) = norm_proj_backward(
-            x,
-            phi,
-            z_ext,
-            dz_ext,
-            NormProjBwdX {
-                add,
-                ..Default::default()
-            },
-        )?;
+        let (dx, dphi) =
+            norm_proj_backward(x, phi, z_ext, dz_ext, NormProjBwdX { add, premix: None })?;
         Ok((Some(dx), Some(dphi)))
     }
 }
@@ -242,13 +204,8 @@ pub fn norm_proj_backward(
 ) -> Result<(Tensor, Tensor)> {
     // r's own column of dz_ext is zero: only z leaves the op (see `norm_proj`).
     let dzz = Tensor::cat(&[dz_ext, z_ext], 1)?.contiguous()?;
-    let slot = PhiSlot::default();
-    let into = NormProjBwdX {
-        dphi: slot.clone(),
-        ..into
-    };
     let dx = x.apply_op3_no_bwd(phi, &dzz, &into)?;
-    let dphi = x.apply_op2_no_bwd(&dzz, &NormProjBwdPhi { from_dx: slot })?;
+    let dphi = x.apply_op2_no_bwd(&dzz, &NormProjBwdPhi)?;
     Ok((dx, dphi))
 }
 
@@ -341,11 +298,7 @@ impl CustomOp3 for NormProjBwdX {
             streams,
             channels,
         });
-        let (dx, dphi) =
-            super::cuda::norm_proj_bwd_x(s1, l1, s2, l2, s3, l3, add, premix, n, k, m)?;
-        if let Some(dphi) = dphi {
-            self.dphi.put(dphi);
-        }
+        let dx = super::cuda::norm_proj_bwd_x(s1, l1, s2, l2, s3, l3, add, premix, n, k, m)?;
         Ok((dx, l1.shape().clone()))
     }
 }
@@ -426,10 +379,7 @@ impl CustomOp2 for NormProjBwdPhi {
         l2: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         let (n, k, m) = bwd_phi_dims(l1, l2)?;
-        let dphi = match self.from_dx.take() {
-            Some(dphi) => dphi,
-            None => super::cuda::norm_proj_bwd_phi(s1, l1, s2, l2, n, k, m)?,
-        };
+        let dphi = super::cuda::norm_proj_bwd_phi(s1, l1, s2, l2, n, k, m)?;
         Ok((dphi, Shape::from((k, m))))
     }
 }

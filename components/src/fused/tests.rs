@@ -1350,7 +1350,6 @@ fn norm_proj_dx_with_mixing(
         let op = NormProjBwdX {
             add: Some(add),
             premix: Some((pre, dh)),
-            ..Default::default()
         };
         return x.apply_op3_no_bwd(&phi, &dzz, &op);
     }
@@ -1360,7 +1359,6 @@ fn norm_proj_dx_with_mixing(
     let op = NormProjBwdX {
         add: Some(sum.reshape((rows, k))?),
         premix: None,
-        ..Default::default()
     };
     x.apply_op3_no_bwd(&phi, &dzz, &op)
 }

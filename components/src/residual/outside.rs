@@ -94,7 +94,6 @@ pub(crate) fn projected(
         let into = NormProjBwdX {
             add: Some(ds),
             premix: Some(premix),
-            ..Default::default()
         };
         let (dx, dphi) = norm_proj_backward(&x, &phi32, &z, &dz, into)?;
         let mut grads = vec![Some(dphi.to_dtype(phi_dtype)?)];
