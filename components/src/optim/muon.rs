@@ -175,6 +175,24 @@ fn owners(costs: &[f64], world: usize) -> Vec<usize> {
     owner
 }
 
+/// The slices (start, length) of a group of `k` matrices that ranks orthogonalize apart: on
+/// one rank the whole group (one batched product a round), on several as many slices as
+/// ranks (at most one a matrix), as even as they go, so that a group the size of a rank's
+/// share does not set the slowest rank's time (the 1B model's 16 groups of 2048 x 2048
+/// matrices bound 4 and 8 ranks at 27% and 16% of the work taken whole).
+fn slices(k: usize, world: usize) -> Vec<(usize, usize)> {
+    let parts = world.clamp(1, k.max(1));
+    let (base, extra) = (k / parts, k % parts);
+    let mut start = 0;
+    (0..parts)
+        .map(|i| {
+            let len = base + usize::from(i < extra);
+            start += len;
+            (start - len, len)
+        })
+        .collect()
+}
+
 /// Whether a parameter is trained by the Muon group: 2-D hidden matrices only.
 pub(crate) fn takes(p: &Param) -> bool {
     p.role == Role::Hidden && p.var.rank() == 2
@@ -278,18 +296,19 @@ pub(crate) fn normalize_rows(o: &Tensor, v: &Tensor, n: RowNorm) -> Result<(Tens
 }
 
 /// One group's orthogonalized update before it is shared: the matrices present, the new
-/// momentum, and the update itself on the rank that computed it.
+/// momentum, and the update of each of its [`slices`], on the rank that computed it.
 struct Prepared {
     present: Vec<bool>,
     momentum: Tensor,
-    o: Option<Tensor>,
+    o: Vec<Option<Tensor>>,
 }
 
 impl MuonState {
-    /// The step, with the groups' orthogonalizations shared out over `ranks` (each group to
-    /// one rank, balanced by their products' cost: [`owners`]) and their results broadcast:
-    /// every rank ends with the same update, the single-rank one, having run about 1 / world
-    /// of the Newton-Schulz work. The momentum, a pass over each stack, is kept on every rank.
+    /// The step, with the groups' orthogonalizations shared out over `ranks` (each group cut
+    /// into [`slices`], each slice to one rank, balanced by their products' cost: [`owners`])
+    /// and their results broadcast: every rank ends with the same update, the single-rank
+    /// one, having run about 1 / world of the Newton-Schulz work. The momentum, a pass over
+    /// each stack, is kept on every rank.
     fn step_on(
         &mut self,
         grads: &GradStore,
@@ -300,15 +319,23 @@ impl MuonState {
         let c = self.cfg.clone();
         let lr = c.lr * factor;
         let (rank, world) = ranks.map_or((0, 1), |r| (r.rank(), r.world()));
-        let costs = self
-            .groups
+        // Every group's slices, and the rank of each, in the groups' order.
+        let mut units = Vec::new();
+        let mut costs = Vec::new();
+        for g in &self.groups {
+            let (k, rows, cols) = g.momentum.dims3()?;
+            let cut = slices(k, world);
+            costs.extend(
+                cut.iter()
+                    .map(|&(_, len)| len as f64 * rounds_cost(rows, cols, c.ns_steps)),
+            );
+            units.push(cut);
+        }
+        let mut owned = owners(&costs, world).into_iter();
+        let owner: Vec<Vec<usize>> = units
             .iter()
-            .map(|g| {
-                let (k, rows, cols) = g.momentum.dims3()?;
-                Ok(k as f64 * rounds_cost(rows, cols, c.ns_steps))
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let owner = owners(&costs, world);
+            .map(|cut| owned.by_ref().take(cut.len()).collect())
+            .collect();
         // First every group's momentum and this rank's orthogonalizations, so that no rank
         // waits on another's rounds before its own are done; then the exchange and updates.
         let mut prepared = Vec::with_capacity(self.groups.len());
@@ -329,16 +356,24 @@ impl MuonState {
                 })
                 .collect::<Result<Vec<_>>>()?;
             let g = Tensor::stack(&g, 0)?;
-            let mine = owner[i] == rank;
+            // This rank's slices of the stack x, orthogonalized by `ortho`.
+            let mine = |x: &Tensor, ortho: &dyn Fn(Tensor) -> Result<Tensor>| {
+                units[i]
+                    .iter()
+                    .zip(&owner[i])
+                    .map(|(&(start, len), &o)| match o == rank {
+                        true if len == x.dim(0)? => ortho(x.clone()).map(Some),
+                        // A slice copied out: the batched rounds take a stack from its start.
+                        true => ortho(x.narrow(0, start, len)?.force_contiguous()?).map(Some),
+                        false => Ok(None),
+                    })
+                    .collect::<Result<Vec<_>>>()
+            };
             let (momentum, o) = if self.fused {
                 let beta = (c.momentum, c.nesterov);
                 let prepared = muon_prepare(&group.momentum, &g, beta, grad_scale, self.compute);
                 let (momentum, x) = prepared?;
-                let o = if mine {
-                    Some(rounds(x, c.ns_steps)?)
-                } else {
-                    None
-                };
+                let o = mine(&x, &|x| rounds(x, c.ns_steps))?;
                 (momentum, o)
             } else {
                 let g = match grad_scale {
@@ -351,10 +386,7 @@ impl MuonState {
                 } else {
                     momentum.clone()
                 };
-                let o = match mine {
-                    true => Some(newton_schulz(&u, c.ns_steps, self.compute)?),
-                    false => None,
-                };
+                let o = mine(&u, &|u| newton_schulz(&u, c.ns_steps, self.compute))?;
                 (momentum, o)
             };
             let present = present.iter().map(Option::is_some).collect();
@@ -365,19 +397,32 @@ impl MuonState {
             });
         }
         for (i, (group, p)) in self.groups.iter_mut().zip(prepared).enumerate() {
-            let o = match (ranks, p.o) {
-                (Some(r), o) if world > 1 => {
-                    // The owner's update on every rank (broadcasts carry f32).
-                    let (k, rows, cols) = p.momentum.dims3()?;
+            let o = match ranks {
+                Some(r) if world > 1 => {
+                    // Each slice's update from its owner on every rank (broadcasts carry f32).
+                    let (_, rows, cols) = p.momentum.dims3()?;
                     let dtype = if self.fused { self.compute } else { DType::F32 };
-                    let mine = match o {
-                        Some(o) => o.to_dtype(DType::F32)?,
-                        None => Tensor::zeros((k, rows, cols), DType::F32, p.momentum.device())?,
-                    };
-                    r.broadcast(&mine, owner[i])?.to_dtype(dtype)?
+                    let parts =
+                        p.o.into_iter()
+                            .zip(&units[i])
+                            .zip(&owner[i])
+                            .map(|((o, &(_, len)), &root)| {
+                                let mine = match o {
+                                    Some(o) => o.to_dtype(DType::F32)?,
+                                    None => {
+                                        let shape = (len, rows, cols);
+                                        Tensor::zeros(shape, DType::F32, p.momentum.device())?
+                                    }
+                                };
+                                r.broadcast(&mine, root)
+                            })
+                            .collect::<Result<Vec<_>>>()?;
+                    Tensor::cat(&parts, 0)?.to_dtype(dtype)?
                 }
-                (_, Some(o)) => o,
-                (_, None) => candle_core::bail!("muon: group {i} was orthogonalized nowhere"),
+                _ => match p.o.into_iter().next().flatten() {
+                    Some(o) => o,
+                    None => candle_core::bail!("muon: group {i} was orthogonalized nowhere"),
+                },
             };
             let present = p.present;
             let momentum = p.momentum;
@@ -775,6 +820,56 @@ mod tests {
         // One rank takes everything; more ranks than groups leave some idle.
         assert_eq!(owners(&[1.0, 2.0], 1), vec![0, 0]);
         assert_eq!(owners(&[1.0, 2.0], 4), vec![1, 0]);
+    }
+
+    #[test]
+    fn a_group_is_cut_into_as_many_even_slices_as_ranks() {
+        assert_eq!(slices(5, 1), vec![(0, 5)]);
+        assert_eq!(slices(5, 2), vec![(0, 3), (3, 2)]);
+        assert_eq!(slices(16, 3), vec![(0, 6), (6, 5), (11, 5)]);
+        // Never an empty slice: at most one a matrix.
+        assert_eq!(slices(2, 8), vec![(0, 1), (1, 1)]);
+    }
+
+    /// The slowest rank's share of the 1B model's Newton-Schulz work (24 layers: 48 square
+    /// (2048, 2048) Q and O matrices in groups of 16, the 48 K and V (512, 2048) in one, 24
+    /// (8192, 2048) and 24 (2048, 8192) FFN matrices in groups of 4), each group cut into
+    /// `slices` or taken whole.
+    fn slowest_share_at_1b(world: usize, cut: bool) -> f64 {
+        let mut groups = vec![(16, 2048, 2048); 3];
+        groups.push((48, 512, 2048));
+        groups.extend([(4, 8192, 2048); 6]);
+        groups.extend([(4, 2048, 8192); 6]);
+        let costs: Vec<f64> = groups
+            .iter()
+            .flat_map(|&(k, rows, cols)| {
+                let parts = if cut { slices(k, world) } else { vec![(0, k)] };
+                parts
+                    .into_iter()
+                    .map(move |(_, len)| len as f64 * rounds_cost(rows, cols, 5))
+            })
+            .collect();
+        let mut load = vec![0.0; world];
+        for (c, o) in costs.iter().zip(owners(&costs, world)) {
+            load[o] += c;
+        }
+        load.iter().cloned().fold(0.0, f64::max) / costs.iter().sum::<f64>()
+    }
+
+    #[test]
+    fn slices_share_the_1b_models_rounds_nearly_evenly() {
+        for (world, whole, sliced) in [(2, 0.503, 0.5), (4, 0.27, 0.25), (8, 0.16, 0.125)] {
+            let (a, b) = (
+                slowest_share_at_1b(world, false),
+                slowest_share_at_1b(world, true),
+            );
+            eprintln!("{world} ranks: whole groups {a:.4}, slices {b:.4}");
+            assert!(
+                (a - whole).abs() < 0.005,
+                "{world} ranks, whole groups: {a}"
+            );
+            assert!(b < sliced * 1.02, "{world} ranks, slices: {b}");
+        }
     }
 
     #[test]

@@ -272,12 +272,12 @@ fn a_failing_rank_fails_the_trial_with_its_reason_and_the_others_stop() {
 }
 
 #[test]
-fn two_ranks_share_normuons_orthogonalizations_and_take_the_one_rank_step() {
+fn ranks_share_normuons_orthogonalizations_and_take_the_one_rank_step() {
     // Four groups of hidden matrices (two of one shape, one tall, one square, one wide) and
     // NorMuon, two steps with the same gradients: each rank orthogonalizes the groups the
     // cost balance gives it (both ranks get some: the two tall and wide ones take blocks on
-    // the Gram matrix) and broadcasts them; both end with the weights the single-rank step
-    // gives.
+    // the Gram matrix), the group of two cut into a slice a rank, and broadcasts them; every
+    // rank ends with the weights the single-rank step gives.
     let shapes = [(6usize, 10usize), (6, 10), (10, 4), (8, 8), (4, 12)];
     let run = |ranks: Option<&dyn registry::Ranks>| -> Vec<Vec<f32>> {
         let params: Vec<Param> = shapes
@@ -329,15 +329,18 @@ fn two_ranks_share_normuons_orthogonalizations_and_take_the_one_rank_step() {
             .collect()
     };
     let alone = run(None);
-    let shared = on_ranks(2, 30 * SECOND, |g| run(Some(&AsRanks(&g))));
-    for (rank, weights) in shared.iter().enumerate() {
-        for (i, (a, b)) in alone.iter().zip(weights).enumerate() {
-            let d = a
-                .iter()
-                .zip(b)
-                .map(|(x, y)| (x - y).abs())
-                .fold(0f32, f32::max);
-            assert!(d <= 1e-6, "rank {rank}, matrix {i}: {d}");
+    // On three ranks the group of two is cut into two slices of one matrix.
+    for world in [2, 3] {
+        let shared = on_ranks(world, 30 * SECOND, |g| run(Some(&AsRanks(&g))));
+        for (rank, weights) in shared.iter().enumerate() {
+            for (i, (a, b)) in alone.iter().zip(weights).enumerate() {
+                let d = a
+                    .iter()
+                    .zip(b)
+                    .map(|(x, y)| (x - y).abs())
+                    .fold(0f32, f32::max);
+                assert!(d <= 1e-6, "{world} ranks: rank {rank}, matrix {i}: {d}");
+            }
         }
     }
     // The step moved the matrices: not the identity, which would pass trivially.
