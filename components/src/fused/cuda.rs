@@ -1886,6 +1886,17 @@ pub fn sum_squares(parts: &[(&CudaStorage, &Layout)]) -> Result<CudaStorage> {
     Ok(CudaStorage::wrap_cuda_slice(total, dev.clone()))
 }
 
+/// The device's multiprocessors, for grids of one wave.
+fn multiprocessors(dev: &CudaDevice) -> Result<usize> {
+    use candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute;
+    let count = dev
+        .cuda_stream()
+        .context()
+        .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+        .w()?;
+    Ok(count.max(1) as usize)
+}
+
 /// Threads of a normed-projection block: a token each forward, a column of K backward.
 const NP_THREADS: usize = 256;
 
@@ -2094,7 +2105,10 @@ pub fn norm_proj_bwd_x(
     // a few blocks a multiprocessor; on the tensor cores, whose warps walk their m-tiles of
     // 16 without a barrier, one wave of three blocks a multiprocessor (no tail).
     let column_blocks = k.div_ceil(NP_THREADS);
-    let (tile, blocks) = if tc { (16, 3 * 132) } else { (64, 1056) };
+    let (tile, blocks) = match tc {
+        true => (16, 3 * multiprocessors(dev)?),
+        false => (64, 1056),
+    };
     let strides = n.div_ceil(tile).min((blocks / column_blocks).max(1));
     let frag = tc
         .then(|| norm_proj_dz_frag(dev, &d, n, k, m))
