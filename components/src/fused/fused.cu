@@ -2029,7 +2029,8 @@ norm_proj_part_tc(const __nv_bfloat16* __restrict__ x, const float* __restrict__
     for (int c0 = kb, buf = 0; c0 < ke; c0 += NPT_KC, buf ^= 1) {
         // The other buffer was last read two steps ago, before the previous barrier.
 #pragma unroll
-        for (int i = 0; i < 8; i++) split_bf16(pv[i], &ps[buf][0][pj + i][pr], &ps[buf][1][pj + i][pr]);
+        for (int i = 0; i < 8; i++)
+            split_bf16(pv[i], &ps[buf][0][pj + i][pr], &ps[buf][1][pj + i][pr]);
         __syncthreads();
         uint4 xn[2][2][2];
         bool more = c0 + NPT_KC < ke;
@@ -2185,10 +2186,10 @@ extern "C" __global__ void norm_proj_dz_frag(const float* __restrict__ dzz,
 // the tensor cores: a warp owns 32 columns of K, its block 256, and walks m-tiles of 16
 // tokens (blockIdx.y, + gridDim.y, ...) on its own, with no barrier: the tile's dz
 // fragments and coefficients come from norm_proj_dz_frag, requested with its x, add and
-// pre-mix rows before any product, so that all their latencies overlap. B's column n of tile nt is the state's
-// column 4 n + nt of the warp's 32, so that lane (g, t) ends with 8 contiguous columns,
-// 8t..8t+7, of its rows g and g + 8: x, add and dx move as 16 bytes. phi's fragments are
-// loaded once.
+// pre-mix rows before any product, so that all their latencies overlap. B's column n of tile
+// nt is the state's column 4 n + nt of the warp's 32, so that lane (g, t) ends with 8
+// contiguous columns, 8t..8t+7, of its rows g and g + 8: x, add and dx move as 16 bytes.
+// phi's fragments are loaded once.
 extern "C" __global__ void __launch_bounds__(256, 3)
 norm_proj_bwd_x_tc(const __nv_bfloat16* __restrict__ x,
                                               const float* __restrict__ phi,
