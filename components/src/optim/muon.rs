@@ -178,8 +178,8 @@ fn owners(costs: &[f64], world: usize) -> Vec<usize> {
 /// The slices (start, length) of a group of `k` matrices that ranks orthogonalize apart: on
 /// one rank the whole group (one batched product a round), on several as many slices as
 /// ranks (at most one a matrix), as even as they go, so that a group the size of a rank's
-/// share does not set the slowest rank's time (the 1B model's 16 groups of 2048 x 2048
-/// matrices bound 4 and 8 ranks at 27% and 16% of the work taken whole).
+/// share does not set the slowest rank's time (the 1B model's three groups of 16 square
+/// 2048 x 2048 matrices bound 4 and 8 ranks at 27% and 16% of the work taken whole).
 fn slices(k: usize, world: usize) -> Vec<(usize, usize)> {
     let parts = world.clamp(1, k.max(1));
     let (base, extra) = (k / parts, k % parts);
@@ -363,7 +363,8 @@ impl MuonState {
                     .zip(&owner[i])
                     .map(|(&(start, len), &o)| match o == rank {
                         true if len == x.dim(0)? => ortho(x.clone()).map(Some),
-                        // A slice copied out: the batched rounds take a stack from its start.
+                        // A slice copied out into a stack of its own, as the batched
+                        // rounds (tested on whole stacks) always receive one.
                         true => ortho(x.narrow(0, start, len)?.force_contiguous()?).map(Some),
                         false => Ok(None),
                     })
